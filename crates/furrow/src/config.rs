@@ -1,0 +1,392 @@
+//! Configuration: defaults, then a TOML file, then `FURROW_*` environment
+//! variables, then command-line flags (the last one wins).
+//!
+//! Every key has a safe default, so `furrow serve` runs with no file at all.
+//! Unknown keys are errors, never ignored: a typo must not silently leave a
+//! limit at its default. Nested keys come from the environment with a
+//! double underscore: `FURROW_STORAGE__SYNCHRONOUS=normal` sets
+//! `storage.synchronous`. `furrow check-config` loads and validates without
+//! starting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Synchronous;
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Device listener address.
+    pub listen: SocketAddr,
+    /// Where the database lives.
+    pub data_dir: PathBuf,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Keepalive bounds.
+    pub keepalive: Keepalive,
+    /// Storage and group commit.
+    pub storage: Storage,
+    /// Session coordination.
+    pub sessions: Sessions,
+    /// Graceful shutdown.
+    pub shutdown: Shutdown,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
+            data_dir: PathBuf::from("./furrow-data"),
+            limits: Limits::default(),
+            keepalive: Keepalive::default(),
+            storage: Storage::default(),
+            sessions: Sessions::default(),
+            shutdown: Shutdown::default(),
+        }
+    }
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted value of a frame's length field (announced in WELCOME).
+    pub max_frame: u32,
+    /// Unacknowledged TELEMETRY a device may have outstanding (announced in WELCOME).
+    pub max_inflight: u16,
+    /// Time from accept until the whole HELLO must have arrived.
+    pub handshake_timeout_ms: u64,
+    /// Bytes read from a socket at a time. Allocated only while data flows:
+    /// an idle connection holds no read buffer.
+    pub read_chunk_bytes: usize,
+    /// Outgoing bytes a connection may have unsent before the gateway stops
+    /// reading it (a device that never reads its ACKs).
+    pub max_unsent_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: furrow_proto::DEFAULT_MAX_FRAME,
+            max_inflight: 256,
+            handshake_timeout_ms: 10_000,
+            read_chunk_bytes: 16 * 1024,
+            max_unsent_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Keepalive bounds, in seconds. A device's request is clamped into
+/// `[min_s, max_s]`; 0 asks for `default_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Keepalive {
+    /// Used when the device asks for 0.
+    pub default_s: u16,
+    /// Floor.
+    pub min_s: u16,
+    /// Ceiling.
+    pub max_s: u16,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            default_s: 60,
+            min_s: 5,
+            max_s: 900,
+        }
+    }
+}
+
+impl Keepalive {
+    /// The effective keepalive for a device's request (never 0).
+    pub fn effective(&self, requested: u16) -> u16 {
+        if requested == 0 {
+            self.default_s
+        } else {
+            requested.clamp(self.min_s, self.max_s)
+        }
+    }
+}
+
+/// Storage and group commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// SQLite durability: `full` (default: an ACK survives power loss),
+    /// `normal` or `off` (both logged as a warning at start).
+    pub synchronous: Synchronous,
+    /// A commit batch closes at this many rows...
+    pub batch_max_rows: usize,
+    /// ...or this many microseconds after its first row arrived.
+    pub batch_delay_us: u64,
+    /// Writer queue capacity, in jobs (one job is one read's worth of
+    /// telemetry from one connection).
+    pub queue_capacity: usize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            batch_max_rows: 8192,
+            batch_delay_us: 0,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+/// Session coordination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sessions {
+    /// How long a new session waits for the one it takes over to store what
+    /// it had read and close.
+    pub takeover_wait_ms: u64,
+    /// How often the gateway looks for devices revoked by another process
+    /// (such as `furrow device revoke`).
+    pub revocation_poll_ms: u64,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            takeover_wait_ms: 5_000,
+            revocation_poll_ms: 1_000,
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// Longest wait for sessions to store, ACK and say GOODBYE.
+    pub drain_timeout_ms: u64,
+    /// GOODBYE SERVER_SHUTDOWN carries a random `retry_after_ms` up to this,
+    /// so that devices do not all come back at the same instant.
+    pub retry_after_max_ms: u32,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+            retry_after_max_ms: 5_000,
+        }
+    }
+}
+
+/// Values from command-line flags; `None` leaves the layers below alone.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used. Messages name the source and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key is unknown or has a value of the wrong kind.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `FURROW_*` variables,
+    /// then `overrides`, and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Figment treats a missing file as empty; a named file must exist.
+            std::fs::metadata(path).map_err(|source| ConfigError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig
+            .merge(Env::prefixed("FURROW_").split("__"))
+            .merge(Serialized::defaults(overrides));
+        let cfg: Config = fig.extract().map_err(|e| {
+            ConfigError::Parse(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and relations between values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        // The largest HELLO (128-byte id, 256-byte token) must fit.
+        if self.limits.max_frame < 512 {
+            return bad(
+                "limits.max_frame",
+                format!("{} is below 512", self.limits.max_frame),
+            );
+        }
+        if self.limits.max_frame > 16 * 1024 * 1024 {
+            return bad(
+                "limits.max_frame",
+                format!("{} is above 16 MiB", self.limits.max_frame),
+            );
+        }
+        if self.limits.max_inflight == 0 {
+            return bad("limits.max_inflight", "must be at least 1".into());
+        }
+        if self.limits.handshake_timeout_ms == 0 {
+            return bad("limits.handshake_timeout_ms", "must be above 0".into());
+        }
+        if self.limits.read_chunk_bytes < 512 {
+            return bad("limits.read_chunk_bytes", "must be at least 512".into());
+        }
+        if self.limits.max_unsent_bytes < 1024 {
+            return bad("limits.max_unsent_bytes", "must be at least 1024".into());
+        }
+        let k = &self.keepalive;
+        if k.min_s == 0 || k.min_s > k.max_s || !(k.min_s..=k.max_s).contains(&k.default_s) {
+            return bad(
+                "keepalive",
+                format!(
+                    "need 1 <= min_s <= default_s <= max_s, got min_s={} default_s={} max_s={}",
+                    k.min_s, k.default_s, k.max_s
+                ),
+            );
+        }
+        if self.storage.batch_max_rows == 0 {
+            return bad("storage.batch_max_rows", "must be at least 1".into());
+        }
+        if self.storage.queue_capacity == 0 {
+            return bad("storage.queue_capacity", "must be at least 1".into());
+        }
+        if self.storage.batch_delay_us > 1_000_000 {
+            return bad("storage.batch_delay_us", "must be at most 1 s".into());
+        }
+        if self.sessions.revocation_poll_ms == 0 {
+            return bad("sessions.revocation_poll_ms", "must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// The handshake deadline as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.handshake_timeout_ms)
+    }
+
+    /// The SQLite database file inside the data directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("furrow.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn keepalive_clamps_and_never_zero() {
+        let k = Keepalive::default();
+        assert_eq!(k.effective(0), 60);
+        assert_eq!(k.effective(1), 5);
+        assert_eq!(k.effective(30), 30);
+        assert_eq!(k.effective(u16::MAX), 900);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                "listen = \"127.0.0.1:1\"\n[storage]\nsynchronous = \"normal\"\nbatch_max_rows = 10\n",
+            )?;
+            jail.set_env("FURROW_STORAGE__BATCH_MAX_ROWS", "20");
+            let o = Overrides {
+                listen: Some("127.0.0.1:2".parse().unwrap()),
+                data_dir: None,
+            };
+            let c = Config::load(Some(Path::new("f.toml")), &o).unwrap();
+            assert_eq!(c.listen.port(), 2, "flag wins over file");
+            assert_eq!(c.storage.batch_max_rows, 20, "env wins over file");
+            assert_eq!(c.storage.synchronous, Synchronous::Normal);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[storage]\nbatch_max_rowz = 1\n")?;
+            let e = Config::load(Some(Path::new("bad.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("batch_max_rowz"), "{e}");
+            assert!(e.contains("bad.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn wrong_type_and_range_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[limits]\nmax_frame = \"big\"\n")?;
+            let e = Config::load(Some(Path::new("t.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_frame") && e.contains("t.toml"), "{e}");
+            jail.create_file("r.toml", "[limits]\nmax_frame = 10\n")?;
+            let e = Config::load(Some(Path::new("r.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("limits.max_frame"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(
+            Some(Path::new("/nonexistent/f.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/f.toml"), "{e}");
+    }
+}

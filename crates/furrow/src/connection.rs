@@ -1,0 +1,197 @@
+//! A device connection's socket and buffers: bytes in, frames out, and
+//! encoded frames back to the socket.
+//!
+//! Memory is the point of this module. An idle connection holds no buffer:
+//! it waits for readiness ([`TcpStream::readable`]) with nothing allocated,
+//! and only then reserves `read_chunk` bytes and reads without blocking.
+//! Frames are split off the read buffer as `Bytes` (no copy), and the read
+//! buffer is released once it is empty. The write buffer likewise exists
+//! only while bytes wait to be sent. So a quiet fleet costs a task and a
+//! socket per device, not a buffer (see the idle-memory benchmark).
+//!
+//! All methods that await are cancel-safe: state lives in the struct, and
+//! `readable`/`writable` readiness waits lose nothing when dropped, so the
+//! session can use them as `select!` branches.
+
+use std::io;
+
+use bytes::BytesMut;
+use furrow_proto::message::encode_ack;
+use furrow_proto::{DecodeError, FrameDecoder, Message, RawFrame};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Counters for the close log line and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Complete frames decoded.
+    pub frames_in: u64,
+    /// Frames queued for sending.
+    pub frames_out: u64,
+    /// Bytes read.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+}
+
+/// The socket plus its read and write buffers.
+pub struct Connection {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    decoder: FrameDecoder,
+    read_chunk: usize,
+    /// Traffic counters.
+    pub stats: Stats,
+}
+
+impl Connection {
+    /// Wraps an accepted socket.
+    pub fn new(stream: TcpStream, max_frame: u32, read_chunk: usize) -> Self {
+        Self {
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            decoder: FrameDecoder::new(max_frame),
+            read_chunk,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Reads what the socket has, waiting for it without holding a buffer.
+    /// `Ok(0)` is end of stream. Cancel-safe.
+    pub async fn read_some(&mut self) -> io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            if let Some(n) = self.try_read()? {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Waits until the socket can be read (if `read`) or written (if
+    /// `write`), then does the non-blocking I/O that is possible: writes
+    /// queued bytes, reads one chunk. Returns `Some(n)` when a read
+    /// happened (`Some(0)`: end of stream). Cancel-safe: the only await is
+    /// the readiness wait, and nothing is consumed before it completes.
+    pub async fn io(&mut self, read: bool, write: bool) -> io::Result<Option<usize>> {
+        let interest = match (read, write) {
+            (true, true) => Interest::READABLE | Interest::WRITABLE,
+            (true, false) => Interest::READABLE,
+            (false, true) => Interest::WRITABLE,
+            (false, false) => return std::future::pending().await,
+        };
+        let ready = self.stream.ready(interest).await?;
+        if write && ready.is_writable() {
+            self.try_flush()?;
+        }
+        if read && (ready.is_readable() || ready.is_read_closed()) {
+            return self.try_read();
+        }
+        Ok(None)
+    }
+
+    /// One non-blocking read into a buffer reserved just for it. `None`
+    /// when the socket had nothing after all.
+    fn try_read(&mut self) -> io::Result<Option<usize>> {
+        // Size the read to the frame in progress when it is larger.
+        let want = match self.decoder.check_header(&self.rbuf) {
+            Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(self.read_chunk),
+            _ => self.read_chunk,
+        };
+        self.rbuf.reserve(want);
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(n) => {
+                self.stats.bytes_in += n as u64;
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The next complete frame in the read buffer, if any.
+    pub fn next_frame(&mut self) -> Result<Option<RawFrame>, DecodeError> {
+        let f = self.decoder.decode(&mut self.rbuf)?;
+        if f.is_some() {
+            self.stats.frames_in += 1;
+        }
+        Ok(f)
+    }
+
+    /// Whether the read buffer holds unparsed bytes.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    /// Gives back the read buffer's memory if it is empty (idle connections
+    /// hold none).
+    pub fn release_idle(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Queues a message for sending.
+    pub fn queue(&mut self, msg: &Message) {
+        // Gateway messages carry our own short strings; an encoding failure
+        // would be a bug, so it is logged and the frame skipped.
+        match msg.encode(&mut self.wbuf) {
+            Ok(()) => self.stats.frames_out += 1,
+            Err(e) => tracing::error!(error = %e, kind = msg.kind().name(), "cannot encode"),
+        }
+    }
+
+    /// Queues an ACK (the hot path's frame).
+    pub fn queue_ack(&mut self, seq: u64) {
+        encode_ack(seq, &mut self.wbuf);
+        self.stats.frames_out += 1;
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn unsent(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    /// Writes as much as the socket takes now, without waiting.
+    pub fn try_flush(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            match self.stream.try_write(&self.wbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.stats.bytes_out += n as u64;
+                    let _ = self.wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves when the socket can take more bytes. Cancel-safe.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// Writes everything queued, waiting as needed (bounded by the caller).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        loop {
+            self.try_flush()?;
+            if self.wbuf.is_empty() {
+                return Ok(());
+            }
+            self.writable().await?;
+        }
+    }
+
+    /// Flushes, then closes our sending side so the peer reads a clean end.
+    pub async fn close(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.flush().await?;
+        self.stream.shutdown().await
+    }
+}

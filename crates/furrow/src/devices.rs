@@ -1,0 +1,30 @@
+//! Device provisioning shared by the CLI and (later) the HTTP API: a new
+//! device gets a fresh token, shown once and stored only as its hash.
+
+use furrow_proto::message::valid_device_id;
+
+use crate::auth::{generate_token, hash_token};
+use crate::store::{Store, StoreError};
+
+/// Why a device could not be provisioned.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The id breaks furrow/1's rules.
+    #[error("invalid device id {0:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ : -")]
+    InvalidId(String),
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates a device and returns its token (the only time it is visible).
+pub async fn add_device(store: &dyn Store, device_id: &str) -> Result<String, ProvisionError> {
+    if !valid_device_id(device_id.as_bytes()) {
+        return Err(ProvisionError::InvalidId(device_id.to_owned()));
+    }
+    let token = generate_token();
+    store
+        .create_device(device_id, hash_token(token.as_bytes()))
+        .await?;
+    Ok(token)
+}

@@ -1,0 +1,38 @@
+//! # Furrow: a TCP gateway for IoT device fleets
+//!
+//! Devices hold long-lived connections and speak furrow/1 (`docs/protocol.md`,
+//! wire format in the `furrow-proto` crate). The gateway authenticates them,
+//! stores their telemetry durably and acknowledges only what is stored.
+//!
+//! The data path, one module per layer (ARCHITECTURE.md walks a frame
+//! through it):
+//!
+//! ```text
+//! listener ──► session (connection, acks) ──► writer ──► store (sqlite)
+//!                 │  ▲                          │
+//!                 ▼  └──── AckCell (commits) ◄──┘
+//!              registry (device → live session, takeover)
+//! ```
+//!
+//! * [`listener`]: accept loop, one task per connection.
+//! * [`session`]: the per-connection state machine (handshake, active,
+//!   draining) over a [`connection::Connection`].
+//! * [`registry`]: which session holds which device.
+//! * [`writer`]: group commit and ACK release.
+//! * [`store`]: the storage trait and its SQLite backend.
+//! * [`server`]: assembly and phased shutdown; [`config`]: settings.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod connection;
+pub mod devices;
+pub mod listener;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod writer;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,194 @@
+//! The `furrow` command: run the gateway and manage devices.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use furrow::config::{Config, Overrides};
+use furrow::store::Store;
+
+#[derive(Parser)]
+#[command(
+    name = "furrow",
+    version,
+    about = "A TCP gateway for IoT device fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (holds furrow.db).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Device listener address [default: 0.0.0.0:7700].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Manage devices.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Load and validate the configuration, print it, and exit.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Register a device; prints its token once, on its own line.
+    Add {
+        /// Device id: 1 to 128 characters of A-Z a-z 0-9 . _ : -
+        id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List devices.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke a device; a connected one is disconnected with GOODBYE DEVICE_REVOKED.
+    Revoke {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load(common: &Common, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        listen,
+        data_dir: common.data_dir.clone(),
+    };
+    Ok(Config::load(common.config.as_deref(), &overrides)?)
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn open_store(cfg: &Config) -> anyhow::Result<furrow::store::SqliteStore> {
+    furrow::server::open_store(cfg).with_context(|| "cannot open the device database")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve { common, listen } => {
+            let cfg = load(&common, listen)?;
+            let server = furrow::Server::bind(cfg).await?;
+            server.run(shutdown_signal()).await;
+        }
+        Cmd::CheckConfig { common } => {
+            let cfg = load(&common, None)?;
+            println!("{}", toml_string(&cfg)?);
+        }
+        Cmd::Device { cmd } => match cmd {
+            DeviceCmd::Add { id, common } => {
+                let store = open_store(&load(&common, None)?)?;
+                let token = furrow::devices::add_device(&store, &id).await?;
+                eprintln!("device {id} created; its token is shown once:");
+                println!("{token}");
+            }
+            DeviceCmd::List { common } => {
+                let store = open_store(&load(&common, None)?)?;
+                let mut after = None;
+                println!(
+                    "{:<40} {:>12} {:>8} created_ms",
+                    "device_id", "last_seq", "revoked"
+                );
+                loop {
+                    let page = store.list_devices(after.clone(), 500).await?;
+                    for d in &page {
+                        println!(
+                            "{:<40} {:>12} {:>8} {}",
+                            d.device_id,
+                            d.last_seq,
+                            if d.revoked_ms.is_some() { "yes" } else { "no" },
+                            d.created_ms
+                        );
+                    }
+                    match page.last() {
+                        Some(d) if page.len() == 500 => after = Some(d.device_id.clone()),
+                        _ => break,
+                    }
+                }
+            }
+            DeviceCmd::Revoke { id, common } => {
+                let store = open_store(&load(&common, None)?)?;
+                if store.revoke_device(&id).await? {
+                    eprintln!("device {id} revoked; a running gateway disconnects it within its poll interval");
+                } else {
+                    eprintln!("device {id} was already revoked");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn toml_string(cfg: &Config) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(cfg)?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The registry of live sessions: device id to the connection that holds it.
+//!
+//! One place decides takeover: [`Registry::claim`] installs the new session
+//! and hands back the old one, which the caller kicks and waits for. It also
+//! owns each connected device's [`DeviceSlot`], the per-device watermarks
+//! that make the duplicate rule hold across connections: the slot outlives
+//! a takeover (the new session inherits it) and is dropped when the last
+//! session of the device ends, by which time everything it took is stored.
+//!
+//! Later layers route commands and revocations through [`Registry::kick`]
+//! and the handles found here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use furrow_proto::GoodbyeCode;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Per-device sequence watermarks, shared by successive sessions.
+#[derive(Debug, Default)]
+pub struct DeviceSlot {
+    /// Highest seq *taken* (stored, being stored, or rejected).
+    taken: AtomicU64,
+    /// Every taken seq up to this one is durably stored or rejected.
+    resolved: AtomicU64,
+}
+
+impl DeviceSlot {
+    /// Takes `seq` if it is above every seq taken so far; false means the
+    /// frame is a duplicate.
+    pub fn take(&self, seq: u64) -> bool {
+        self.taken.fetch_max(seq, Ordering::AcqRel) < seq
+    }
+
+    /// Raises both watermarks to what the store holds (on session start).
+    pub fn observe_stored(&self, last_seq: u64) {
+        self.taken.fetch_max(last_seq, Ordering::AcqRel);
+        self.resolved.fetch_max(last_seq, Ordering::AcqRel);
+    }
+
+    /// Records that every taken seq up to `seq` is resolved.
+    pub fn resolve(&self, seq: u64) {
+        self.resolved.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The resolved watermark.
+    pub fn resolved(&self) -> u64 {
+        self.resolved.load(Ordering::Acquire)
+    }
+}
+
+/// How a registry asks a session to end. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    id: u64,
+    inner: Arc<HandleInner>,
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    kick: AtomicU16,
+    notify: Notify,
+    done: CancellationToken,
+}
+
+const NO_KICK: u16 = u16::MAX;
+
+impl SessionHandle {
+    /// A handle for connection `id`.
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            inner: Arc::new(HandleInner {
+                kick: AtomicU16::new(NO_KICK),
+                notify: Notify::new(),
+                done: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The connection id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks the session to say GOODBYE `code` and close. The first kick wins.
+    pub fn kick(&self, code: GoodbyeCode) {
+        let _ = self.inner.kick.compare_exchange(
+            NO_KICK,
+            code as u16,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.inner.notify.notify_one();
+    }
+
+    /// The kick received, if any.
+    pub fn kicked(&self) -> Option<GoodbyeCode> {
+        GoodbyeCode::from_u16(self.inner.kick.load(Ordering::Acquire))
+    }
+
+    /// Resolves when a kick arrives (cancel-safe; a kick before the call
+    /// is not lost, Notify keeps a permit).
+    pub async fn wait_kick(&self) -> GoodbyeCode {
+        loop {
+            if let Some(code) = self.kicked() {
+                return code;
+            }
+            self.inner.notify.notified().await;
+        }
+    }
+
+    /// Marks the session finished (called from its drop guard).
+    pub fn finish(&self) {
+        self.inner.done.cancel();
+    }
+
+    /// Resolves when the session has finished.
+    pub async fn finished(&self) {
+        self.inner.done.cancelled().await;
+    }
+}
+
+struct Entry {
+    session: SessionHandle,
+    slot: Arc<DeviceSlot>,
+}
+
+/// Device id to live session.
+#[derive(Default)]
+pub struct Registry {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // Every critical section below is a plain map update that cannot
+        // leave the map inconsistent, so a poisoned lock is still sound.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `session` the device's live session. Returns the session it
+    /// replaces (to be kicked) and the device's slot (inherited from the
+    /// old session, or new).
+    pub fn claim(
+        &self,
+        device_id: &str,
+        session: SessionHandle,
+    ) -> (Option<SessionHandle>, Arc<DeviceSlot>) {
+        let mut map = self.lock();
+        match map.get_mut(device_id) {
+            Some(e) => {
+                let old = std::mem::replace(&mut e.session, session);
+                (Some(old), Arc::clone(&e.slot))
+            }
+            None => {
+                let slot = Arc::new(DeviceSlot::default());
+                map.insert(
+                    device_id.to_owned(),
+                    Entry {
+                        session,
+                        slot: Arc::clone(&slot),
+                    },
+                );
+                (None, slot)
+            }
+        }
+    }
+
+    /// Removes the device's entry if `session_id` still holds it.
+    pub fn release(&self, device_id: &str, session_id: u64) {
+        let mut map = self.lock();
+        if map
+            .get(device_id)
+            .is_some_and(|e| e.session.id == session_id)
+        {
+            map.remove(device_id);
+        }
+    }
+
+    /// Kicks the device's live session, if any. Returns whether one was found.
+    pub fn kick(&self, device_id: &str, code: GoodbyeCode) -> bool {
+        let handle = self.lock().get(device_id).map(|e| e.session.clone());
+        match handle {
+            Some(h) => {
+                h.kick(code);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Kicks every live session.
+    pub fn kick_all(&self, code: GoodbyeCode) {
+        let handles: Vec<_> = self.lock().values().map(|e| e.session.clone()).collect();
+        for h in handles {
+            h.kick(code);
+        }
+    }
+
+    /// Number of devices online.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no device is online.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a device is online.
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.lock().contains_key(device_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_takes_each_seq_once() {
+        let s = DeviceSlot::default();
+        assert!(s.take(1));
+        assert!(!s.take(1));
+        assert!(s.take(5));
+        assert!(!s.take(3), "below the watermark is a duplicate, gap or not");
+        s.observe_stored(10);
+        assert!(!s.take(10));
+        assert!(s.take(11));
+        assert_eq!(s.resolved(), 10);
+    }
+
+    #[tokio::test]
+    async fn takeover_hands_back_old_and_shares_slot() {
+        let r = Registry::new();
+        let a = SessionHandle::new(1);
+        let (old, slot_a) = r.claim("d", a.clone());
+        assert!(old.is_none());
+        slot_a.take(7);
+        let (old, slot_b) = r.claim("d", SessionHandle::new(2));
+        assert_eq!(old.unwrap().id(), 1);
+        assert!(!slot_b.take(7), "the new session inherits the watermark");
+        // The old session's release does not remove the new one.
+        r.release("d", 1);
+        assert!(r.is_online("d"));
+        r.release("d", 2);
+        assert!(!r.is_online("d"));
+    }
+
+    #[tokio::test]
+    async fn kick_first_wins_and_is_not_lost() {
+        let h = SessionHandle::new(1);
+        h.kick(GoodbyeCode::SessionTakenOver);
+        h.kick(GoodbyeCode::DeviceRevoked);
+        assert_eq!(h.wait_kick().await, GoodbyeCode::SessionTakenOver);
+        let h2 = h.clone();
+        let t = tokio::spawn(async move { h2.finished().await });
+        h.finish();
+        t.await.unwrap();
+    }
+}

@@ -1,0 +1,230 @@
+//! The gateway assembled: store, writer, registry, listener, and the
+//! phased shutdown that ties them together.
+//!
+//! Shutdown runs in this order (see `tests/shutdown.rs`):
+//! 1. stop accepting and drop the listener;
+//! 2. signal every session: each stops reading, stores and ACKs every
+//!    TELEMETRY it has read, sends GOODBYE SERVER_SHUTDOWN (sessions still
+//!    in their handshake get it too) and closes;
+//! 3. wait for sessions, at most `shutdown.drain_timeout_ms`;
+//! 4. close the writer's queue and wait for its last commit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use furrow_proto::GoodbyeCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::listener::accept_loop;
+use crate::registry::Registry;
+use crate::session::{self, Shared};
+use crate::store::sqlite::SqliteOptions;
+use crate::store::{SqliteStore, Store, StoreError};
+use crate::writer::{self, WriterConfig};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory cannot be created or used.
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed to open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The device listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the SQLite store in `cfg.data_dir`, creating the directory.
+pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
+    let dir = &cfg.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let meta = std::fs::metadata(dir).map_err(|source| ServerError::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    if meta.permissions().readonly() {
+        return Err(ServerError::DataDir {
+            path: dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "read-only"),
+        });
+    }
+    let opts = SqliteOptions {
+        synchronous: cfg.storage.synchronous,
+        ..SqliteOptions::default()
+    };
+    Ok(SqliteStore::open(cfg.database_path(), opts)?)
+}
+
+/// A bound, not yet running gateway.
+pub struct Server {
+    cfg: Config,
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+}
+
+impl Server {
+    /// Opens the store and binds the device listener.
+    pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
+        let store_cfg = cfg.clone();
+        let store = tokio::task::spawn_blocking(move || open_store(&store_cfg))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Self::with_store(cfg, Arc::new(store)).await
+    }
+
+    /// Binds the device listener over an already open store.
+    pub async fn with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Self, ServerError> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Self {
+            cfg,
+            listener,
+            store,
+            registry: Arc::new(Registry::new()),
+        })
+    }
+
+    /// The device listener's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.cfg.listen)
+    }
+
+    /// The store.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// The registry of live sessions.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// Serves until `signal` resolves, then shuts down in phases.
+    pub async fn run(self, signal: impl std::future::Future<Output = ()>) {
+        let Server {
+            cfg,
+            listener,
+            store,
+            registry,
+        } = self;
+        let shutdown = CancellationToken::new();
+        let (writer_tx, writer_task) = writer::spawn(
+            Arc::clone(&store),
+            WriterConfig {
+                batch_max_rows: cfg.storage.batch_max_rows,
+                batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),
+                queue_capacity: cfg.storage.queue_capacity,
+            },
+        );
+        let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
+        let shared = Arc::new(Shared {
+            cfg,
+            store: Arc::clone(&store),
+            registry: Arc::clone(&registry),
+            writer: writer_tx,
+            shutdown: shutdown.clone(),
+        });
+        let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
+        let tracker = TaskTracker::new();
+        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "furrow listening");
+
+        let accept_shared = Arc::clone(&shared);
+        tokio::select! {
+            _ = signal => {}
+            _ = accept_loop(&listener, &tracker, &shutdown, move |stream, peer, at, id| {
+                session::run(stream, peer, at, id, Arc::clone(&accept_shared))
+            }) => {}
+        }
+
+        // Phase 1: stop accepting.
+        drop(listener);
+        info!(sessions = tracker.len(), "shutting down: listener closed");
+        // Phase 2: signal sessions to drain.
+        shutdown.cancel();
+        revocations.abort();
+        // Phase 3: wait for them, bounded.
+        tracker.close();
+        if tokio::time::timeout(drain + Duration::from_secs(1), tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = tracker.len(),
+                "drain time passed; closing the remaining connections"
+            );
+        }
+        // Phase 4: the writer finishes once every queue sender is gone.
+        drop(shared);
+        if tokio::time::timeout(Duration::from_secs(5), writer_task)
+            .await
+            .is_err()
+        {
+            warn!("storage writer did not finish in time");
+        }
+        info!("shutdown complete");
+    }
+}
+
+/// Kicks devices revoked by another process (`furrow device revoke`, or
+/// another instance) by polling the store's revocation log.
+async fn watch_revocations(shared: Arc<Shared>) {
+    let every = Duration::from_millis(shared.cfg.sessions.revocation_poll_ms);
+    // Start after what is already recorded: those devices cannot log in.
+    let mut cursor = 0;
+    loop {
+        match shared.store.revocations_since(cursor).await {
+            Ok(rows) if rows.is_empty() => break,
+            Ok(rows) => cursor = rows.last().map_or(cursor, |r| r.0),
+            Err(e) => {
+                warn!(error = %e, "cannot read revocations");
+                break;
+            }
+        }
+    }
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        match shared.store.revocations_since(cursor).await {
+            Ok(rows) => {
+                failing = false;
+                for (id, device) in rows {
+                    cursor = id;
+                    if shared.registry.kick(&device, GoodbyeCode::DeviceRevoked) {
+                        info!(device = %device, "revoked device disconnected");
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot read revocations");
+                    failing = true;
+                }
+            }
+        }
+    }
+}

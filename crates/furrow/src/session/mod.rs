@@ -1,0 +1,689 @@
+//! One device session: a connection's life from accept to close.
+//!
+//! The phases are an explicit state machine ([`Phase`]):
+//!
+//! ```text
+//! AwaitingHello --HELLO ok--> Active --kick/shutdown/GOODBYE/EOF--> Draining --> Closed
+//!       |                        |
+//!       +--error/timeout---------+--ERROR--------------------------------------> Closed
+//! ```
+//!
+//! * AwaitingHello: the whole HELLO must arrive before the handshake
+//!   deadline (counted from accept). Then authentication, takeover of an
+//!   older session (which is kicked and awaited, so WELCOME's `last_seq`
+//!   includes everything it had read), and WELCOME.
+//! * Active: frames are decoded from the read buffer and handled in order.
+//!   TELEMETRY is deduplicated against the device's taken watermark,
+//!   validated, and staged for the writer; ACKs follow commits (see
+//!   [`acks`]). The session stops reading when `max_inflight` frames are
+//!   unacknowledged, when the writer queue is full, or when too many bytes
+//!   wait to be sent: TCP backpressure, never a drop.
+//! * Draining: no more reading; everything taken is stored and ACKed, then
+//!   GOODBYE (for shutdown, takeover, revocation) and close.
+//!
+//! Whatever the exit, every frame this session took reaches the writer and
+//! is resolved before the session releases its device: the next session of
+//! the device then reads an exact `last_seq` from the store.
+
+pub mod acks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use furrow_proto::content;
+use furrow_proto::{
+    ErrorCode, ErrorMsg, Goodbye, GoodbyeCode, Message, MessageType, RawFrame, Reject, Str,
+    Telemetry, Welcome,
+};
+use rand::Rng;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth;
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::registry::{DeviceSlot, Registry, SessionHandle};
+use crate::store::{DeviceKey, Store, TelemetryRecord};
+use crate::writer::{AckCell, WriteJob, WriterTx};
+use acks::AckTracker;
+
+/// What every session shares.
+pub struct Shared {
+    /// The configuration in force.
+    pub cfg: Config,
+    /// The store (for HELLO lookups).
+    pub store: Arc<dyn Store>,
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// The writer's queue.
+    pub writer: WriterTx,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a connection closed; the `reason` of the close log line and metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The peer said GOODBYE.
+    DeviceGoodbye,
+    /// The gateway sent ERROR with this code.
+    Error(ErrorCode),
+    /// The gateway sent GOODBYE with this code.
+    Goodbye(GoodbyeCode),
+    /// The socket failed.
+    Io,
+}
+
+impl CloseReason {
+    /// A stable label (bounded set) for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::DeviceGoodbye => "device_goodbye",
+            Self::Error(c) => c.name(),
+            Self::Goodbye(c) => c.name(),
+            Self::Io => "io_error",
+        }
+    }
+}
+
+/// The connection's state machine.
+enum Phase {
+    AwaitingHello,
+    Active(Box<Active>),
+    Draining(Box<Active>, Drain),
+    Closed(CloseReason),
+}
+
+/// Why an active session drains.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    /// Say GOODBYE with this code after draining.
+    Goodbye(GoodbyeCode),
+    /// The device said GOODBYE: ACK what was read, then close.
+    DeviceGoodbye,
+    /// The device closed its side: store what was read, ACK if possible.
+    PeerClosed,
+}
+
+/// A fatal condition: ERROR `code` with `message`, then close.
+struct Fatal(ErrorCode, String);
+
+/// What handling buffered frames asks for next.
+enum Flow {
+    Continue,
+    Drain(Drain),
+    Fatal(Fatal),
+}
+
+/// State of an authenticated session.
+struct Active {
+    device_id: String,
+    key: DeviceKey,
+    slot: Arc<DeviceSlot>,
+    handle: SessionHandle,
+    cell: Arc<AckCell>,
+    acks: AckTracker,
+    /// Records read but not yet queued to the writer.
+    staged: Vec<TelemetryRecord>,
+    /// A job the writer queue had no room for.
+    pending_job: Option<WriteJob>,
+    /// Ticket of the last staged record.
+    ticket: u64,
+    keepalive: Duration,
+    /// The connection is dropped if no complete frame arrives before this.
+    idle_deadline: Instant,
+    /// When reading stopped for backpressure (time then does not count).
+    paused_at: Option<Instant>,
+    // Keeps the registry entry exactly as long as the session lives.
+    _guard: DeviceGuard,
+}
+
+/// Releases the device from the registry and signals a waiting successor,
+/// on every exit path including a panic.
+struct DeviceGuard {
+    registry: Arc<Registry>,
+    device_id: String,
+    handle: SessionHandle,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        self.registry.release(&self.device_id, self.handle.id());
+        self.handle.finish();
+    }
+}
+
+/// Decrements the open-connections gauge on every exit path.
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> Self {
+        metrics::gauge!("furrow_connections_open").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("furrow_connections_open").decrement(1.0);
+    }
+}
+
+/// Runs a connection to the end. Never fails: every outcome is a
+/// [`CloseReason`], logged once.
+pub async fn run(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    conn_id: u64,
+    shared: Arc<Shared>,
+) {
+    let span = tracing::info_span!("conn", id = conn_id, %peer, device = tracing::field::Empty);
+    async move {
+        let _gauge = OpenGauge::new();
+        let _ = stream.set_nodelay(true);
+        let cfg = &shared.cfg;
+        let conn = Connection::new(stream, cfg.limits.max_frame, cfg.limits.read_chunk_bytes);
+        debug!("connection opened");
+        let mut s = Session {
+            conn,
+            shared: Arc::clone(&shared),
+            conn_id,
+            accepted,
+        };
+        let (reason, device) = s.run().await;
+        let st = s.conn.stats;
+        metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
+            .increment(1);
+        info!(
+            device = device.as_deref().unwrap_or("-"),
+            duration_ms = accepted.elapsed().as_millis() as u64,
+            frames_in = st.frames_in,
+            frames_out = st.frames_out,
+            bytes_in = st.bytes_in,
+            bytes_out = st.bytes_out,
+            reason = reason.as_str(),
+            "connection closed"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    conn: Connection,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    accepted: Instant,
+}
+
+impl Session {
+    async fn run(&mut self) -> (CloseReason, Option<String>) {
+        let mut phase = Phase::AwaitingHello;
+        let mut device = None;
+        loop {
+            phase = match phase {
+                Phase::AwaitingHello => self.handshake().await,
+                Phase::Active(mut a) => {
+                    device = Some(a.device_id.clone());
+                    match self.active(&mut a).await {
+                        Ok(drain) => Phase::Draining(a, drain),
+                        Err(fatal) => {
+                            let reason = self.fail(fatal).await;
+                            // The socket is gone, but what was taken is stored.
+                            self.settle(&mut a, false).await;
+                            Phase::Closed(reason)
+                        }
+                    }
+                }
+                Phase::Draining(mut a, drain) => Phase::Closed(self.drain(&mut a, drain).await),
+                Phase::Closed(reason) => return (reason, device),
+            };
+        }
+    }
+
+    /// Sends ERROR (best effort, bounded) and reports the close.
+    async fn fail(&mut self, Fatal(code, message): Fatal) -> CloseReason {
+        debug!(code = code.name(), %message, "closing with ERROR");
+        self.conn.queue(&Message::Error(ErrorMsg {
+            code: code as u16,
+            message: Str::from(message),
+        }));
+        let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+        CloseReason::Error(code)
+    }
+
+    async fn goodbye(&mut self, code: GoodbyeCode) -> CloseReason {
+        let retry_after_ms = match code {
+            GoodbyeCode::ServerShutdown => {
+                let max = self.shared.cfg.shutdown.retry_after_max_ms;
+                rand::thread_rng().gen_range(0..=max)
+            }
+            _ => 0,
+        };
+        self.conn.queue(&Message::Goodbye(Goodbye {
+            code: code as u16,
+            retry_after_ms,
+        }));
+        let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+        CloseReason::Goodbye(code)
+    }
+
+    /// AwaitingHello: read HELLO by the deadline, authenticate, take over,
+    /// WELCOME.
+    async fn handshake(&mut self) -> Phase {
+        let deadline = self.accepted + self.shared.cfg.handshake_timeout();
+        let shutdown = self.shared.shutdown.clone();
+        let frame = loop {
+            match self.conn.next_frame() {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(e) => {
+                    return self
+                        .closed_by(Fatal(e.code(), e.to_string()), "hello")
+                        .await
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return Phase::Closed(self.goodbye(GoodbyeCode::ServerShutdown).await);
+                }
+                _ = sleep_until(deadline) => {
+                    let f = Fatal(ErrorCode::HandshakeTimeout, "HELLO not received in time".into());
+                    return self.closed_by(f, "timeout").await;
+                }
+                r = self.conn.read_some() => match r {
+                    Ok(0) => return Phase::Closed(CloseReason::PeerClosed),
+                    Ok(_) => {}
+                    Err(_) => return Phase::Closed(CloseReason::Io),
+                },
+            }
+        };
+        if frame.kind != MessageType::Hello {
+            let f = Fatal(
+                ErrorCode::ProtocolError,
+                "the first message must be HELLO".into(),
+            );
+            return self.closed_by(f, "not_hello").await;
+        }
+        let hello = match Message::from_frame(frame) {
+            Ok(Message::Hello(h)) => h,
+            Ok(_) => {
+                let f = Fatal(
+                    ErrorCode::Internal,
+                    "HELLO parsed as another message".into(),
+                );
+                return self.closed_by(f, "internal").await;
+            }
+            Err(e) => {
+                return self
+                    .closed_by(Fatal(e.code(), e.to_string()), "bad_hello")
+                    .await
+            }
+        };
+        let device_id = hello.device_id.as_str().to_owned();
+        tracing::Span::current().record("device", device_id.as_str());
+
+        let store = Arc::clone(&self.shared.store);
+        let found = match store.device_auth(&device_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "device lookup failed");
+                let f = Fatal(ErrorCode::Internal, "device lookup failed".into());
+                return self.closed_by(f, "internal").await;
+            }
+        };
+        if !auth::verify(found.as_ref(), hello.token.as_bytes()) {
+            let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
+            return self.closed_by(f, "auth_failed").await;
+        }
+        let Some(found) = found else {
+            return self
+                .closed_by(Fatal(ErrorCode::Internal, "lost device".into()), "internal")
+                .await;
+        };
+
+        // Takeover: the newest connection wins. The older one stores what it
+        // read and closes before this one announces last_seq.
+        let handle = SessionHandle::new(self.conn_id);
+        let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
+        let guard = DeviceGuard {
+            registry: Arc::clone(&self.shared.registry),
+            device_id: device_id.clone(),
+            handle: handle.clone(),
+        };
+        if let Some(old) = old {
+            metrics::counter!("furrow_session_takeovers_total").increment(1);
+            old.kick(GoodbyeCode::SessionTakenOver);
+            let wait = Duration::from_millis(self.shared.cfg.sessions.takeover_wait_ms);
+            if timeout(wait, old.finished()).await.is_err() {
+                warn!("previous session did not finish in time; continuing");
+            }
+        }
+        let last_seq = match store.last_seq(found.key).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "last_seq lookup failed");
+                let f = Fatal(ErrorCode::Internal, "storage unavailable".into());
+                return self.closed_by(f, "internal").await;
+            }
+        };
+        slot.observe_stored(last_seq);
+
+        let cfg = &self.shared.cfg;
+        let ka = cfg.keepalive.effective(hello.keepalive_s);
+        self.conn.queue(&Message::Welcome(Welcome {
+            version: furrow_proto::VERSION,
+            keepalive_s: ka,
+            max_frame: cfg.limits.max_frame,
+            max_inflight: cfg.limits.max_inflight,
+            last_seq,
+            server_time_ms: now_ms(),
+        }));
+        metrics::counter!("furrow_handshakes_total", "outcome" => "ok").increment(1);
+        let keepalive = Duration::from_millis(u64::from(ka) * 1500);
+        Phase::Active(Box::new(Active {
+            device_id,
+            key: found.key,
+            slot,
+            handle,
+            cell: Arc::new(AckCell::default()),
+            acks: AckTracker::new(),
+            staged: Vec::new(),
+            pending_job: None,
+            ticket: 0,
+            keepalive,
+            idle_deadline: Instant::now() + keepalive,
+            paused_at: None,
+            _guard: guard,
+        }))
+    }
+
+    /// Ends a failed handshake: count, ERROR, close.
+    async fn closed_by(&mut self, f: Fatal, outcome: &'static str) -> Phase {
+        metrics::counter!("furrow_handshakes_total", "outcome" => outcome).increment(1);
+        Phase::Closed(self.fail(f).await)
+    }
+
+    /// Active: the main loop. Returns why to drain, or a fatal error.
+    async fn active(&mut self, a: &mut Active) -> Result<Drain, Fatal> {
+        let shutdown = self.shared.shutdown.clone();
+        let handle = a.handle.clone();
+        let cell = Arc::clone(&a.cell);
+        let writer = self.shared.writer.clone();
+        let max_inflight = usize::from(self.shared.cfg.limits.max_inflight);
+        let max_unsent = self.shared.cfg.limits.max_unsent_bytes;
+        loop {
+            match self.handle_frames(a, max_inflight, max_unsent) {
+                Flow::Continue => {}
+                Flow::Drain(d) => return Ok(d),
+                Flow::Fatal(f) => return Err(f),
+            }
+            self.submit(a)?;
+            self.advance(a);
+            if self.conn.try_flush().is_err() {
+                return Ok(Drain::PeerClosed);
+            }
+            let can_read = a.acks.outstanding() < max_inflight
+                && a.pending_job.is_none()
+                && self.conn.unsent() < max_unsent;
+            // Time spent not reading (backpressure) does not count against
+            // the keepalive.
+            match (can_read, a.paused_at) {
+                (false, None) => a.paused_at = Some(Instant::now()),
+                (true, Some(p)) => {
+                    a.idle_deadline += p.elapsed();
+                    a.paused_at = None;
+                }
+                _ => {}
+            }
+            if can_read && !self.conn.has_buffered_input() {
+                self.conn.release_idle();
+            }
+            let waits_on_device = a.acks.waits_on_device(a.slot.resolved());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(Drain::Goodbye(GoodbyeCode::ServerShutdown)),
+                code = handle.wait_kick() => return Ok(Drain::Goodbye(code)),
+                permit = writer.reserve(), if a.pending_job.is_some() => match (permit, a.pending_job.take()) {
+                    (Ok(p), Some(job)) => p.send(job),
+                    _ => return Err(Fatal(ErrorCode::Internal, "storage writer stopped".into())),
+                },
+                _ = cell.changed() => {}
+                r = self.conn.io(can_read, self.conn.unsent() > 0), if can_read || self.conn.unsent() > 0 => match r {
+                    Ok(Some(0)) | Err(_) => return Ok(Drain::PeerClosed),
+                    Ok(_) => {}
+                },
+                _ = sleep_until(a.idle_deadline), if can_read => {
+                    return Err(Fatal(ErrorCode::KeepaliveTimeout, "no frame within 1.5 x keepalive".into()));
+                }
+                // A duplicate waiting on another connection's commit: poll.
+                _ = tokio::time::sleep(Duration::from_millis(20)), if waits_on_device => {}
+            }
+        }
+    }
+
+    /// Decodes and handles buffered frames while the limits allow.
+    fn handle_frames(&mut self, a: &mut Active, max_inflight: usize, max_unsent: usize) -> Flow {
+        let mut now_ms_cache = None;
+        let mut got_frame = false;
+        let mut flow = Flow::Continue;
+        while a.acks.outstanding() < max_inflight && self.conn.unsent() < max_unsent {
+            let frame = match self.conn.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    flow = Flow::Fatal(Fatal(e.code(), e.to_string()));
+                    break;
+                }
+            };
+            got_frame = true;
+            let now = *now_ms_cache.get_or_insert_with(now_ms);
+            if let Some(f) = self.handle_frame(a, frame, now) {
+                flow = f;
+                break;
+            }
+        }
+        if got_frame {
+            a.idle_deadline = Instant::now() + a.keepalive;
+        }
+        flow
+    }
+
+    /// Handles one frame; `Some` ends the active phase.
+    fn handle_frame(&mut self, a: &mut Active, frame: RawFrame, now: u64) -> Option<Flow> {
+        // The type is known; may it come now, from a device? Then the body.
+        let kind = frame.kind;
+        if !kind.sent_by_device() || kind == MessageType::Hello {
+            let msg = format!("{} is not allowed from a device now", kind.name());
+            return Some(Flow::Fatal(Fatal(ErrorCode::ProtocolError, msg)));
+        }
+        let msg = match Message::from_frame(frame) {
+            Ok(m) => m,
+            Err(e) => return Some(Flow::Fatal(Fatal(e.code(), e.to_string()))),
+        };
+        match msg {
+            Message::Telemetry(t) => self.on_telemetry(a, t, now),
+            Message::Ping { nonce } => self.conn.queue(&Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            Message::CommandResult(r) => {
+                // No commands are issued yet: every result is for an unknown id.
+                metrics::counter!("furrow_command_results_ignored_total").increment(1);
+                debug!(
+                    command_id = r.command_id,
+                    "result for unknown command ignored"
+                );
+            }
+            Message::Goodbye(_) => return Some(Flow::Drain(Drain::DeviceGoodbye)),
+            _ => {
+                let m = format!("{} is not allowed from a device", kind.name());
+                return Some(Flow::Fatal(Fatal(ErrorCode::ProtocolError, m)));
+            }
+        }
+        None
+    }
+
+    fn on_telemetry(&mut self, a: &mut Active, t: Telemetry, now: u64) {
+        if !a.slot.take(t.seq) {
+            metrics::counter!("furrow_telemetry_duplicate_total").increment(1);
+            a.acks.push_dup(t.seq);
+            return;
+        }
+        match content::validate(t.content_type, &t.payload) {
+            Err(e) => {
+                metrics::counter!("furrow_telemetry_rejected_total").increment(1);
+                self.conn.queue(&Message::Reject(Reject {
+                    seq: t.seq,
+                    code: e.code() as u16,
+                    reason: Str::from(e.to_string()),
+                }));
+                a.acks.push_rejected(t.seq);
+            }
+            Ok(_) => {
+                a.ticket += 1;
+                a.staged.push(TelemetryRecord {
+                    device: a.key,
+                    seq: t.seq,
+                    timestamp_ms: if t.timestamp_ms == 0 {
+                        now
+                    } else {
+                        t.timestamp_ms
+                    },
+                    received_ms: now,
+                    content_type: t.content_type,
+                    payload: t.payload,
+                });
+                a.acks.push_store(t.seq, a.ticket);
+            }
+        }
+    }
+
+    /// Moves staged records into a writer job and queues it if there is room.
+    fn submit(&mut self, a: &mut Active) -> Result<(), Fatal> {
+        if !a.staged.is_empty() {
+            let records = std::mem::take(&mut a.staged);
+            match &mut a.pending_job {
+                Some(job) => {
+                    job.records.extend(records);
+                    job.ticket = a.ticket;
+                }
+                None => {
+                    a.pending_job = Some(WriteJob {
+                        owner: Arc::clone(&a.cell),
+                        ticket: a.ticket,
+                        records,
+                    })
+                }
+            }
+        }
+        if let Some(job) = a.pending_job.take() {
+            match self.shared.writer.try_send(job) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(job)) => a.pending_job = Some(job),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(Fatal(ErrorCode::Internal, "storage writer stopped".into()))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pops resolved entries and queues the ACK they allow.
+    fn advance(&mut self, a: &mut Active) {
+        let adv = a.acks.advance(a.cell.committed(), a.slot.resolved());
+        if let Some(seq) = adv.resolved {
+            a.slot.resolve(seq);
+        }
+        if let Some(seq) = adv.ack {
+            self.conn.queue_ack(seq);
+        }
+    }
+
+    /// Hands every staged record to the writer and waits until all this
+    /// session took is resolved, sending ACKs when `ack` is true. Bounded by
+    /// the shutdown drain time once shutdown has begun.
+    async fn settle(&mut self, a: &mut Active, ack: bool) -> bool {
+        let shutdown = self.shared.shutdown.clone();
+        let drain = Duration::from_millis(self.shared.cfg.shutdown.drain_timeout_ms);
+        let cell = Arc::clone(&a.cell);
+        let writer = self.shared.writer.clone();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if self.submit(a).is_err() {
+                return false;
+            }
+            if ack {
+                self.advance(a);
+                if self.conn.try_flush().is_err() {
+                    return false;
+                }
+            } else {
+                let adv = a.acks.advance(a.cell.committed(), a.slot.resolved());
+                if let Some(seq) = adv.resolved {
+                    a.slot.resolve(seq);
+                }
+            }
+            if a.acks.outstanding() == 0 && a.pending_job.is_none() {
+                return true;
+            }
+            if deadline.is_none() && shutdown.is_cancelled() {
+                deadline = Some(Instant::now() + drain);
+            }
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                permit = writer.reserve(), if a.pending_job.is_some() => match (permit, a.pending_job.take()) {
+                    (Ok(p), Some(job)) => p.send(job),
+                    _ => return false,
+                },
+                _ = cell.changed() => {}
+                _ = shutdown.cancelled(), if deadline.is_none() => {}
+                _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    warn!(outstanding = a.acks.outstanding(), "drain deadline passed with telemetry unstored");
+                    return false;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// Draining: stop reading, handle what was already read, store and ACK
+    /// it all, then GOODBYE (if ours to say) and close.
+    async fn drain(&mut self, a: &mut Active, drain: Drain) -> CloseReason {
+        // Complete frames already in the buffer were read: handle them too
+        // (not after a device GOODBYE, which is its last word).
+        if !matches!(drain, Drain::DeviceGoodbye) {
+            loop {
+                match self.handle_frames(a, usize::MAX, usize::MAX) {
+                    Flow::Continue => break,
+                    Flow::Drain(_) => break,
+                    Flow::Fatal(f) => {
+                        let reason = self.fail(f).await;
+                        self.settle(a, false).await;
+                        return reason;
+                    }
+                }
+            }
+        }
+        let socket_ok = !matches!(drain, Drain::PeerClosed);
+        self.settle(a, true).await;
+        match drain {
+            Drain::Goodbye(code) => self.goodbye(code).await,
+            Drain::DeviceGoodbye => {
+                let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+                CloseReason::DeviceGoodbye
+            }
+            Drain::PeerClosed => {
+                if socket_ok {
+                    let _ = timeout(Duration::from_secs(1), self.conn.close()).await;
+                }
+                CloseReason::PeerClosed
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Storage: the [`Store`] trait the gateway talks to, and its backends.
+//!
+//! Sessions never see a backend: they hand records to the
+//! [`writer`](crate::writer), which calls [`Store::append`] with a whole
+//! group-commit batch. A backend must make a batch durable (under its
+//! durability setting) before `append` returns, and must store a
+//! `(device, seq)` pair at most once even when asked twice: the gateway
+//! deduplicates in memory, and the backend's key is the second line.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod sqlite;
+
+pub use sqlite::{SqliteStore, Synchronous};
+
+/// A device's internal key in the store (stable, compact; not its name).
+pub type DeviceKey = i64;
+
+/// One reading on its way to storage.
+#[derive(Debug, Clone)]
+pub struct TelemetryRecord {
+    /// Which device.
+    pub device: DeviceKey,
+    /// The device's seq.
+    pub seq: u64,
+    /// Device clock, or the receive time when the device sent 0.
+    pub timestamp_ms: u64,
+    /// When the gateway read the frame.
+    pub received_ms: u64,
+    /// Content type byte (validated).
+    pub content_type: u8,
+    /// The payload, a slice of the connection's read buffer.
+    pub payload: Bytes,
+}
+
+/// A stored reading, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTelemetry {
+    /// The device's seq.
+    pub seq: u64,
+    /// Device clock (or receive time when unknown), Unix ms.
+    pub timestamp_ms: u64,
+    /// Receive time, Unix ms.
+    pub received_ms: u64,
+    /// Content type byte.
+    pub content_type: u8,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// What HELLO needs to know about a device.
+#[derive(Debug, Clone)]
+pub struct DeviceAuth {
+    /// Internal key.
+    pub key: DeviceKey,
+    /// SHA-256 of the token.
+    pub token_hash: [u8; 32],
+    /// Whether the device was revoked.
+    pub revoked: bool,
+}
+
+/// A device as listed to operators.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// The device id.
+    pub device_id: String,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Revocation time, Unix ms, if revoked.
+    pub revoked_ms: Option<u64>,
+    /// Highest stored seq, 0 if none.
+    pub last_seq: u64,
+}
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database file or its folder cannot be used.
+    #[error("cannot use database at {path}: {source}")]
+    Open {
+        /// The path tried.
+        path: std::path::PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// A device with this id exists already.
+    #[error("device {0:?} already exists")]
+    DeviceExists(String),
+    /// No device with this id.
+    #[error("no device {0:?}")]
+    NoSuchDevice(String),
+    /// A blocking task died (panicked or was cancelled).
+    #[error("storage task failed: {0}")]
+    Task(String),
+    /// The schema in the database is newer than this binary knows.
+    #[error("database schema version {found} is newer than this gateway supports ({supported})")]
+    SchemaTooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+}
+
+/// The storage backend, shared by the writer, the sessions and the CLI.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch durably in one transaction; `(device, seq)` pairs that
+    /// are stored already are skipped, never stored twice.
+    async fn append(&self, batch: Arc<Vec<TelemetryRecord>>) -> Result<(), StoreError>;
+
+    /// Looks a device up for authentication.
+    async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError>;
+
+    /// Highest stored seq of a device, 0 if none.
+    async fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError>;
+
+    /// Registers a device with the hash of its token.
+    async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
+
+    /// Lists devices in id order, after `after` (exclusive), at most `limit`.
+    async fn list_devices(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceInfo>, StoreError>;
+
+    /// Revokes a device and records the revocation for running gateways.
+    /// Returns false if it was revoked already.
+    async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError>;
+
+    /// Revocations recorded after `cursor`: `(cursor, device_id)` pairs in
+    /// order. Gateways poll this to disconnect devices revoked elsewhere.
+    async fn revocations_since(&self, cursor: i64) -> Result<Vec<(i64, String)>, StoreError>;
+
+    /// A device's stored readings with `seq >= from_seq`, in seq order.
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError>;
+
+    /// A cheap query proving the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

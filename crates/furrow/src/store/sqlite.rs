@@ -1,0 +1,523 @@
+//! The embedded SQLite backend (the default).
+//!
+//! One writer connection serves the [`writer`](crate::writer)'s group
+//! commits; a second connection serves reads (HELLO lookups, listings), which
+//! WAL lets run beside a commit. Every call runs on Tokio's blocking pool,
+//! never on an async worker.
+//!
+//! Schema choices (measured, see `docs/storage.md`): telemetry is a
+//! `WITHOUT ROWID` table keyed by `(device, seq)` with `device` an integer
+//! surrogate. Rows of one device arrive in seq order, so within a
+//! group commit each device appends to the right edge of its own key range
+//! and dirties a page or two, and reading a device's history back is one
+//! range scan. `INSERT OR IGNORE` makes the key the last guard against
+//! storing a seq twice.
+//!
+//! Seqs are u64 on the wire and i64 in SQLite: they are stored as the same
+//! 64 bits. Values above `i64::MAX` sort below 0 as SQLite sees them, which
+//! [`Store::last_seq`] accounts for.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::{DeviceAuth, DeviceInfo, DeviceKey, StoreError, StoredTelemetry, TelemetryRecord};
+use super::{DeviceKey as Key, Store};
+use crate::clock::now_ms;
+
+/// SQLite's `synchronous` setting for the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit: an ACK survives a power cut (the default).
+    Full,
+    /// WAL is synced at checkpoints only: an ACK survives a process crash
+    /// but the last commits may be lost on power failure.
+    Normal,
+    /// No fsync at all: for benchmarks and throwaway data.
+    Off,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+            Self::Off => "OFF",
+        }
+    }
+}
+
+impl FromStr for Synchronous {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("expected full, normal or off, got {s:?}")),
+        }
+    }
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how
+/// many ran. Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE devices (
+    id          INTEGER PRIMARY KEY,
+    device_id   TEXT    NOT NULL UNIQUE,
+    token_hash  BLOB    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    revoked_ms  INTEGER
+);
+CREATE TABLE telemetry (
+    device       INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    received_ms  INTEGER NOT NULL,
+    content_type INTEGER NOT NULL,
+    payload      BLOB    NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE commands (
+    id            INTEGER PRIMARY KEY,
+    device        INTEGER NOT NULL REFERENCES devices(id),
+    name          TEXT    NOT NULL,
+    content_type  INTEGER NOT NULL,
+    payload       BLOB    NOT NULL,
+    status        TEXT    NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    expires_ms    INTEGER,
+    updated_ms    INTEGER NOT NULL,
+    result_status       INTEGER,
+    result_content_type INTEGER,
+    result_payload      BLOB
+);
+CREATE INDEX commands_by_device ON commands (device, status);
+CREATE TABLE revocations (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT    NOT NULL,
+    at_ms     INTEGER NOT NULL
+);
+"#];
+
+/// Options for opening the database.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// How long a connection waits for another process's lock (the CLI
+    /// and a running gateway share the file).
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn open_conn(path: &Path, opts: &SqliteOptions) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+    // journal_mode answers with a row, so it is queried, not executed.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), mode, "SQLite refused WAL mode");
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={}; PRAGMA foreign_keys=ON;",
+        opts.synchronous.pragma()
+    ))
+    .map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the database at `path`.
+    /// Blocking: call it before the runtime is busy, or on a blocking task.
+    pub fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer = open_conn(&path, &opts)?;
+        migrate(&mut writer)?;
+        let reader = open_conn(&path, &opts)?;
+        if opts.synchronous != Synchronous::Full {
+            tracing::warn!(
+                synchronous = opts.synchronous.pragma(),
+                "SQLite durability lowered: acknowledged telemetry may be lost on power failure"
+            );
+        }
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn with<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(conn);
+        tokio::task::spawn_blocking(move || {
+            // A poisoned lock only means a panic mid-call; SQLite rolled the
+            // transaction back, so the connection is still usable.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn last_seq_of(conn: &Connection, device: Key) -> Result<u64, StoreError> {
+    // u64 seqs above i64::MAX are stored as negative i64: they are the largest.
+    let v: Option<i64> = conn
+        .prepare_cached(
+            "SELECT COALESCE(
+                (SELECT MAX(seq) FROM telemetry WHERE device = ?1 AND seq < 0),
+                (SELECT MAX(seq) FROM telemetry WHERE device = ?1))",
+        )?
+        .query_row([device], |r| r.get(0))?;
+    Ok(v.map_or(0, |s| s as u64))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, batch: Arc<Vec<TelemetryRecord>>) -> Result<(), StoreError> {
+        Self::with(&self.writer, move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO telemetry
+                     (device, seq, timestamp_ms, received_ms, content_type, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for r in batch.iter() {
+                    stmt.execute(params![
+                        r.device,
+                        r.seq as i64,
+                        r.timestamp_ms as i64,
+                        r.received_ms as i64,
+                        r.content_type,
+                        &r.payload[..],
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
+        let id = device_id.to_owned();
+        Self::with(&self.reader, move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT id, token_hash, revoked_ms FROM devices WHERE device_id = ?1",
+                )?
+                .query_row([&id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                })
+                .optional()?;
+            Ok(row.and_then(|(key, hash, revoked)| {
+                // A hash of the wrong size cannot match any token.
+                let token_hash: [u8; 32] = hash.try_into().ok()?;
+                Some(DeviceAuth {
+                    key,
+                    token_hash,
+                    revoked: revoked.is_some(),
+                })
+            }))
+        })
+        .await
+    }
+
+    async fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+        Self::with(&self.reader, move |conn| last_seq_of(conn, device)).await
+    }
+
+    async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+        let id = device_id.to_owned();
+        Self::with(&self.writer, move |conn| {
+            let res = conn.execute(
+                "INSERT INTO devices (device_id, token_hash, created_ms) VALUES (?1, ?2, ?3)",
+                params![id, &token_hash[..], now_ms() as i64],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::DeviceExists(id))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn list_devices(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceInfo>, StoreError> {
+        Self::with(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, device_id, created_ms, revoked_ms FROM devices
+                 WHERE device_id > ?1 ORDER BY device_id LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![after.unwrap_or_default(), limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(key, device_id, created, revoked)| {
+                    Ok(DeviceInfo {
+                        device_id,
+                        created_ms: created as u64,
+                        revoked_ms: revoked.map(|v| v as u64),
+                        last_seq: last_seq_of(conn, key)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError> {
+        let id = device_id.to_owned();
+        Self::with(&self.writer, move |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms() as i64;
+            let revoked: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT revoked_ms FROM devices WHERE device_id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let changed = match revoked {
+                None => return Err(StoreError::NoSuchDevice(id)),
+                Some(Some(_)) => false,
+                Some(None) => {
+                    tx.execute(
+                        "UPDATE devices SET revoked_ms = ?2 WHERE device_id = ?1",
+                        params![id, now],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO revocations (device_id, at_ms) VALUES (?1, ?2)",
+                        params![id, now],
+                    )?;
+                    true
+                }
+            };
+            tx.commit()?;
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn revocations_since(&self, cursor: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        Self::with(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, device_id FROM revocations WHERE id > ?1 ORDER BY id LIMIT 1000",
+            )?;
+            let rows = stmt
+                .query_map([cursor], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let id = device_id.to_owned();
+        Self::with(&self.reader, move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
+                 FROM telemetry t JOIN devices d ON d.id = t.device
+                 WHERE d.device_id = ?1 AND t.seq >= ?2 ORDER BY t.seq LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![id, from_seq as i64, limit], |r| {
+                    Ok(StoredTelemetry {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        timestamp_ms: r.get::<_, i64>(1)? as u64,
+                        received_ms: r.get::<_, i64>(2)? as u64,
+                        content_type: r.get(3)?,
+                        payload: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Self::with(&self.reader, |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rec(device: Key, seq: u64) -> TelemetryRecord {
+        TelemetryRecord {
+            device,
+            seq,
+            timestamp_ms: 1,
+            received_ms: 2,
+            content_type: 1,
+            payload: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn append_is_idempotent_and_last_seq_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("f.db"), SqliteOptions::default()).unwrap();
+        store.create_device("d1", [7; 32]).await.unwrap();
+        let auth = store.device_auth("d1").await.unwrap().unwrap();
+        assert_eq!(store.last_seq(auth.key).await.unwrap(), 0);
+        let batch = Arc::new(vec![rec(auth.key, 1), rec(auth.key, 2), rec(auth.key, 2)]);
+        store.append(batch.clone()).await.unwrap();
+        store.append(batch).await.unwrap();
+        let rows = store.telemetry("d1", 0, 100).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(store.last_seq(auth.key).await.unwrap(), 2);
+        // A seq above i64::MAX is still the largest.
+        store
+            .append(Arc::new(vec![rec(auth.key, u64::MAX - 1)]))
+            .await
+            .unwrap();
+        assert_eq!(store.last_seq(auth.key).await.unwrap(), u64::MAX - 1);
+    }
+
+    #[tokio::test]
+    async fn devices_create_list_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("f.db"), SqliteOptions::default()).unwrap();
+        store.create_device("b", [1; 32]).await.unwrap();
+        store.create_device("a", [2; 32]).await.unwrap();
+        assert!(matches!(
+            store.create_device("a", [3; 32]).await,
+            Err(StoreError::DeviceExists(_))
+        ));
+        let list = store.list_devices(None, 10).await.unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].device_id, "a");
+        let page = store.list_devices(Some("a".into()), 10).await.unwrap();
+        assert_eq!(page.len(), 1);
+        assert!(store.revoke_device("a").await.unwrap());
+        assert!(!store.revoke_device("a").await.unwrap());
+        assert!(matches!(
+            store.revoke_device("zz").await,
+            Err(StoreError::NoSuchDevice(_))
+        ));
+        assert!(store.device_auth("a").await.unwrap().unwrap().revoked);
+        let revs = store.revocations_since(0).await.unwrap();
+        assert_eq!(revs.len(), 1);
+        assert_eq!(revs[0].1, "a");
+        assert!(store.revocations_since(revs[0].0).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn reopen_keeps_schema_and_refuses_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+        drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            SqliteStore::open(&path, SqliteOptions::default()),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,153 @@
+//! The storage writer: one task that group-commits telemetry and then
+//! releases the sessions' ACKs.
+//!
+//! Sessions send a [`WriteJob`] per read chunk (not per frame) over one
+//! bounded queue. The writer takes the first job, then whatever else is
+//! queued, waiting at most `batch_delay` for more until `batch_max_rows`;
+//! commits the batch through [`Store::append`]; and only then publishes each
+//! session's committed ticket through its [`AckCell`]. Nothing is ACKed
+//! before its commit because the ticket is the only way a session learns of
+//! one.
+//!
+//! Backpressure: the queue holds at most `queue_capacity` jobs. A full queue
+//! makes sessions stop reading their sockets (see `session`), so a slow disk
+//! slows devices down through TCP instead of growing memory.
+//!
+//! A failed commit is retried with capped exponential backoff, forever: an
+//! ACK is a promise, so the writer would rather stall ingest than drop a
+//! batch. Each change between healthy and failing is logged once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::store::{Store, TelemetryRecord};
+
+/// Where the writer reports a session's progress.
+#[derive(Debug, Default)]
+pub struct AckCell {
+    committed: AtomicU64,
+    notify: Notify,
+}
+
+impl AckCell {
+    /// Highest committed ticket of this session.
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the next commit that covers this session (cancel-safe;
+    /// a notification before the call is kept as a permit).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    fn publish(&self, ticket: u64) {
+        self.committed.fetch_max(ticket, Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+}
+
+/// Records of one session, up to and including ticket `ticket`.
+#[derive(Debug)]
+pub struct WriteJob {
+    /// Where to report the commit.
+    pub owner: Arc<AckCell>,
+    /// The session's ticket of the last record in `records`.
+    pub ticket: u64,
+    /// The records, in the session's read order.
+    pub records: Vec<TelemetryRecord>,
+}
+
+/// Writer tuning.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// A batch closes at this many rows.
+    pub batch_max_rows: usize,
+    /// ...or this long after its first job arrived.
+    pub batch_delay: Duration,
+    /// Queue capacity, in jobs.
+    pub queue_capacity: usize,
+}
+
+/// The sending side, cloned into every session.
+pub type WriterTx = mpsc::Sender<WriteJob>;
+
+/// Starts the writer. It runs until every [`WriterTx`] is dropped and the
+/// queue is drained, then the returned task completes.
+pub fn spawn(store: Arc<dyn Store>, cfg: WriterConfig) -> (WriterTx, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+    let task = tokio::spawn(run(store, cfg, rx));
+    (tx, task)
+}
+
+async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<WriteJob>) {
+    let mut healthy = true;
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let mut rows = jobs[0].records.len();
+        let deadline = tokio::time::Instant::now() + cfg.batch_delay;
+        while rows < cfg.batch_max_rows {
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if cfg.batch_delay.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => job,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            rows += job.records.len();
+            jobs.push(job);
+        }
+        metrics::gauge!("furrow_writer_queue_depth").set(rx.len() as f64);
+
+        let mut batch = Vec::with_capacity(rows);
+        let mut owners: Vec<(Arc<AckCell>, u64)> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            batch.extend(job.records);
+            match owners.last_mut() {
+                Some((cell, t)) if Arc::ptr_eq(cell, &job.owner) => *t = job.ticket,
+                _ => owners.push((job.owner, job.ticket)),
+            }
+        }
+        let batch = Arc::new(batch);
+
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let started = Instant::now();
+            match store.append(Arc::clone(&batch)).await {
+                Ok(()) => {
+                    metrics::histogram!("furrow_store_commit_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("furrow_store_batch_rows").record(batch.len() as f64);
+                    metrics::counter!("furrow_telemetry_stored_total")
+                        .increment(batch.len() as u64);
+                    if !healthy {
+                        tracing::info!("storage commits succeed again");
+                        healthy = true;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    metrics::counter!("furrow_store_commit_errors_total").increment(1);
+                    if healthy {
+                        tracing::error!(error = %e, rows = batch.len(), "storage commit failed; retrying, ACKs are held");
+                        healthy = false;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        for (cell, ticket) in owners {
+            cell.publish(ticket);
+        }
+    }
+}
