@@ -93,12 +93,12 @@ impl FrameDecoder {
                 max: self.max_frame,
             });
         }
-        if let Some(&flags) = buf.get(5) {
+        // Flags before type, and neither until both bytes are here: the
+        // answer must not depend on how the header was split across reads.
+        if let (Some(&kind), Some(&flags)) = (buf.get(4), buf.get(5)) {
             if flags != 0 {
                 return Err(DecodeError::Protocol("frame flags must be 0"));
             }
-        }
-        if let Some(&kind) = buf.get(4) {
             if MessageType::from_u8(kind).is_none() {
                 return Err(DecodeError::UnknownType(kind));
             }
