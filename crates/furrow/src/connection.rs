@@ -58,6 +58,11 @@ impl Connection {
         }
     }
 
+    /// Changes the size of subsequent reads.
+    pub fn set_read_chunk(&mut self, bytes: usize) {
+        self.read_chunk = bytes;
+    }
+
     /// Reads what the socket has, waiting for it without holding a buffer.
     /// `Ok(0)` is end of stream. Cancel-safe.
     pub async fn read_some(&mut self) -> io::Result<usize> {

@@ -11,12 +11,13 @@
 //! and the handles found here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use furrow_proto::GoodbyeCode;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+
+use crate::writer::AckCell;
 
 /// Per-device sequence watermarks, shared by successive sessions.
 #[derive(Debug, Default)]
@@ -61,21 +62,28 @@ pub struct SessionHandle {
 #[derive(Debug)]
 struct HandleInner {
     kick: AtomicU16,
-    notify: Notify,
-    done: CancellationToken,
+    /// The session's one wakeup, shared with the writer's commit reports,
+    /// so an idle session waits on a single Notify.
+    wake: Arc<AckCell>,
+    // A flag and a Notify rather than a CancellationToken: this lives once
+    // per connected device, and the token's tree node is several times
+    // larger.
+    done: AtomicBool,
+    done_notify: Notify,
 }
 
 const NO_KICK: u16 = u16::MAX;
 
 impl SessionHandle {
-    /// A handle for connection `id`.
-    pub fn new(id: u64) -> Self {
+    /// A handle for connection `id`, waking the session through `wake`.
+    pub fn new(id: u64, wake: Arc<AckCell>) -> Self {
         Self {
             id,
             inner: Arc::new(HandleInner {
                 kick: AtomicU16::new(NO_KICK),
-                notify: Notify::new(),
-                done: CancellationToken::new(),
+                wake,
+                done: AtomicBool::new(false),
+                done_notify: Notify::new(),
             }),
         }
     }
@@ -93,7 +101,7 @@ impl SessionHandle {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        self.inner.notify.notify_one();
+        self.inner.wake.wake();
     }
 
     /// The kick received, if any.
@@ -108,18 +116,29 @@ impl SessionHandle {
             if let Some(code) = self.kicked() {
                 return code;
             }
-            self.inner.notify.notified().await;
+            self.inner.wake.changed().await;
         }
     }
 
     /// Marks the session finished (called from its drop guard).
     pub fn finish(&self) {
-        self.inner.done.cancel();
+        self.inner.done.store(true, Ordering::Release);
+        self.inner.done_notify.notify_waiters();
     }
 
     /// Resolves when the session has finished.
     pub async fn finished(&self) {
-        self.inner.done.cancelled().await;
+        loop {
+            let notified = self.inner.done_notify.notified();
+            tokio::pin!(notified);
+            // Register before checking the flag, so a finish in between is
+            // not missed.
+            notified.as_mut().enable();
+            if self.inner.done.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -241,11 +260,11 @@ mod tests {
     #[tokio::test]
     async fn takeover_hands_back_old_and_shares_slot() {
         let r = Registry::new();
-        let a = SessionHandle::new(1);
+        let a = SessionHandle::new(1, Default::default());
         let (old, slot_a) = r.claim("d", a.clone());
         assert!(old.is_none());
         slot_a.take(7);
-        let (old, slot_b) = r.claim("d", SessionHandle::new(2));
+        let (old, slot_b) = r.claim("d", SessionHandle::new(2, Default::default()));
         assert_eq!(old.unwrap().id(), 1);
         assert!(!slot_b.take(7), "the new session inherits the watermark");
         // The old session's release does not remove the new one.
@@ -257,7 +276,7 @@ mod tests {
 
     #[tokio::test]
     async fn kick_first_wins_and_is_not_lost() {
-        let h = SessionHandle::new(1);
+        let h = SessionHandle::new(1, Default::default());
         h.kick(GoodbyeCode::SessionTakenOver);
         h.kick(GoodbyeCode::DeviceRevoked);
         assert_eq!(h.wait_kick().await, GoodbyeCode::SessionTakenOver);

@@ -164,8 +164,12 @@ impl Server {
         // Phase 1: stop accepting.
         drop(listener);
         info!(sessions = tracker.len(), "shutting down: listener closed");
-        // Phase 2: signal sessions to drain.
+        // Phase 2: signal sessions to drain. Handshaking sessions watch the
+        // token; active ones are woken through the registry (they check the
+        // token whenever they wake, so one that registers after kick_all
+        // still sees it).
         shutdown.cancel();
+        registry.kick_all(GoodbyeCode::ServerShutdown);
         revocations.abort();
         // Phase 3: wait for them, bounded.
         tracker.close();

@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::store::{Store, TelemetryRecord};
 
-/// Where the writer reports a session's progress.
+/// Where the writer reports a session's progress; also the session's one
+/// wakeup for other events (see [`crate::registry::SessionHandle::kick`]).
 #[derive(Debug, Default)]
 pub struct AckCell {
     committed: AtomicU64,
@@ -42,6 +43,11 @@ impl AckCell {
     /// a notification before the call is kept as a permit).
     pub async fn changed(&self) {
         self.notify.notified().await;
+    }
+
+    /// Wakes the session without a commit (a kick, say).
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     fn publish(&self, ticket: u64) {

@@ -50,6 +50,9 @@ use crate::store::{DeviceKey, Store, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob, WriterTx};
 use acks::AckTracker;
 
+/// Read size before WELCOME (the largest HELLO is 397 bytes).
+const HANDSHAKE_READ_CHUNK: usize = 512;
+
 /// What every session shares.
 pub struct Shared {
     /// The configuration in force.
@@ -177,33 +180,56 @@ impl Drop for OpenGauge {
 
 /// Runs a connection to the end. Never fails: every outcome is a
 /// [`CloseReason`], logged once.
-pub async fn run(
+///
+/// Not an `async fn`: the session is built first and moved into the
+/// future once, so the future does not also carry the socket and the
+/// arguments as captured values (measured: ~150 bytes per idle device).
+pub fn run(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     accepted: Instant,
     conn_id: u64,
     shared: Arc<Shared>,
-) {
-    let span = tracing::info_span!("conn", id = conn_id, %peer, device = tracing::field::Empty);
-    async move {
+) -> impl std::future::Future<Output = ()> + Send {
+    // A debug-level span: at the default level it is disabled and costs an
+    // idle connection nothing (span storage measured ~300 bytes each); the
+    // info lines carry peer and device as fields of their own.
+    let span = tracing::debug_span!("conn", id = conn_id, %peer, device = tracing::field::Empty);
+    let _ = stream.set_nodelay(true);
+    // HELLO is at most 397 bytes: small reads until WELCOME, so that a
+    // crowd of handshakes does not touch a full read chunk each.
+    let conn = Connection::new(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
+    let session = Session {
+        conn,
+        shared,
+        conn_id,
+        peer,
+        accepted,
+    };
+    session.run_logged().instrument(span)
+}
+
+struct Session {
+    conn: Connection,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    peer: SocketAddr,
+    accepted: Instant,
+}
+
+impl Session {
+    async fn run_logged(mut self) {
         let _gauge = OpenGauge::new();
-        let _ = stream.set_nodelay(true);
-        let cfg = &shared.cfg;
-        let conn = Connection::new(stream, cfg.limits.max_frame, cfg.limits.read_chunk_bytes);
-        debug!("connection opened");
-        let mut s = Session {
-            conn,
-            shared: Arc::clone(&shared),
-            conn_id,
-            accepted,
-        };
-        let (reason, device) = s.run().await;
-        let st = s.conn.stats;
+        info!(conn = self.conn_id, peer = %self.peer, "connection opened");
+        let (reason, device) = self.run().await;
+        let st = self.conn.stats;
         metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
             .increment(1);
         info!(
+            conn = self.conn_id,
+            peer = %self.peer,
             device = device.as_deref().unwrap_or("-"),
-            duration_ms = accepted.elapsed().as_millis() as u64,
+            duration_ms = self.accepted.elapsed().as_millis() as u64,
             frames_in = st.frames_in,
             frames_out = st.frames_out,
             bytes_in = st.bytes_in,
@@ -212,37 +238,28 @@ pub async fn run(
             "connection closed"
         );
     }
-    .instrument(span)
-    .await
-}
 
-struct Session {
-    conn: Connection,
-    shared: Arc<Shared>,
-    conn_id: u64,
-    accepted: Instant,
-}
-
-impl Session {
     async fn run(&mut self) -> (CloseReason, Option<String>) {
         let mut phase = Phase::AwaitingHello;
         let mut device = None;
         loop {
             phase = match phase {
-                Phase::AwaitingHello => self.handshake().await,
+                Phase::AwaitingHello => Box::pin(self.handshake()).await,
                 Phase::Active(mut a) => {
                     device = Some(a.device_id.clone());
                     match self.active(&mut a).await {
                         Ok(drain) => Phase::Draining(a, drain),
                         Err(fatal) => {
-                            let reason = self.fail(fatal).await;
+                            let reason = Box::pin(self.fail(fatal)).await;
                             // The socket is gone, but what was taken is stored.
-                            self.settle(&mut a, false).await;
+                            Box::pin(self.settle(&mut a, false)).await;
                             Phase::Closed(reason)
                         }
                     }
                 }
-                Phase::Draining(mut a, drain) => Phase::Closed(self.drain(&mut a, drain).await),
+                Phase::Draining(mut a, drain) => {
+                    Phase::Closed(Box::pin(self.drain(&mut a, drain)).await)
+                }
                 Phase::Closed(reason) => return (reason, device),
             };
         }
@@ -334,7 +351,7 @@ impl Session {
         let found = match store.device_auth(&device_id).await {
             Ok(found) => found,
             Err(e) => {
-                warn!(error = %e, "device lookup failed");
+                warn!(peer = %self.peer, device = %device_id, error = %e, "device lookup failed");
                 let f = Fatal(ErrorCode::Internal, "device lookup failed".into());
                 return self.closed_by(f, "internal").await;
             }
@@ -351,7 +368,8 @@ impl Session {
 
         // Takeover: the newest connection wins. The older one stores what it
         // read and closes before this one announces last_seq.
-        let handle = SessionHandle::new(self.conn_id);
+        let cell = Arc::new(AckCell::default());
+        let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell));
         let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
         let guard = DeviceGuard {
             registry: Arc::clone(&self.shared.registry),
@@ -363,13 +381,13 @@ impl Session {
             old.kick(GoodbyeCode::SessionTakenOver);
             let wait = Duration::from_millis(self.shared.cfg.sessions.takeover_wait_ms);
             if timeout(wait, old.finished()).await.is_err() {
-                warn!("previous session did not finish in time; continuing");
+                warn!(peer = %self.peer, device = %device_id, "previous session did not finish in time; continuing");
             }
         }
         let last_seq = match store.last_seq(found.key).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "last_seq lookup failed");
+                warn!(peer = %self.peer, device = %device_id, error = %e, "last_seq lookup failed");
                 let f = Fatal(ErrorCode::Internal, "storage unavailable".into());
                 return self.closed_by(f, "internal").await;
             }
@@ -387,13 +405,14 @@ impl Session {
             server_time_ms: now_ms(),
         }));
         metrics::counter!("furrow_handshakes_total", "outcome" => "ok").increment(1);
+        self.conn.set_read_chunk(cfg.limits.read_chunk_bytes);
         let keepalive = Duration::from_millis(u64::from(ka) * 1500);
         Phase::Active(Box::new(Active {
             device_id,
             key: found.key,
             slot,
             handle,
-            cell: Arc::new(AckCell::default()),
+            cell,
             acks: AckTracker::new(),
             staged: Vec::new(),
             pending_job: None,
@@ -412,14 +431,22 @@ impl Session {
     }
 
     /// Active: the main loop. Returns why to drain, or a fatal error.
+    ///
+    /// This is where idle devices spend their lives, so its await point is
+    /// kept small: one Notify (commits, kicks, shutdown), one readiness
+    /// wait, one timer. The rarer wait for room in the writer queue is a
+    /// boxed future of its own.
     async fn active(&mut self, a: &mut Active) -> Result<Drain, Fatal> {
-        let shutdown = self.shared.shutdown.clone();
-        let handle = a.handle.clone();
         let cell = Arc::clone(&a.cell);
-        let writer = self.shared.writer.clone();
         let max_inflight = usize::from(self.shared.cfg.limits.max_inflight);
         let max_unsent = self.shared.cfg.limits.max_unsent_bytes;
         loop {
+            if self.shared.shutdown.is_cancelled() {
+                return Ok(Drain::Goodbye(GoodbyeCode::ServerShutdown));
+            }
+            if let Some(code) = a.handle.kicked() {
+                return Ok(Drain::Goodbye(code));
+            }
             match self.handle_frames(a, max_inflight, max_unsent) {
                 Flow::Continue => {}
                 Flow::Drain(d) => return Ok(d),
@@ -443,30 +470,55 @@ impl Session {
                 }
                 _ => {}
             }
+            if a.pending_job.is_some() {
+                if !Box::pin(self.wait_for_writer(a)).await {
+                    return Err(Fatal(ErrorCode::Internal, "storage writer stopped".into()));
+                }
+                continue;
+            }
             if can_read && !self.conn.has_buffered_input() {
                 self.conn.release_idle();
             }
-            let waits_on_device = a.acks.waits_on_device(a.slot.resolved());
+            // One timer serves both the keepalive and, while a duplicate waits
+            // on another connection's commit, a short poll.
+            let poll_device = a.acks.waits_on_device(a.slot.resolved());
+            let wake_at = match (can_read, poll_device) {
+                (_, true) => Some(Instant::now() + Duration::from_millis(20)),
+                (true, false) => Some(a.idle_deadline),
+                (false, false) => None,
+            };
+            let write = self.conn.unsent() > 0;
             tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(Drain::Goodbye(GoodbyeCode::ServerShutdown)),
-                code = handle.wait_kick() => return Ok(Drain::Goodbye(code)),
-                permit = writer.reserve(), if a.pending_job.is_some() => match (permit, a.pending_job.take()) {
-                    (Ok(p), Some(job)) => p.send(job),
-                    _ => return Err(Fatal(ErrorCode::Internal, "storage writer stopped".into())),
-                },
                 _ = cell.changed() => {}
-                r = self.conn.io(can_read, self.conn.unsent() > 0), if can_read || self.conn.unsent() > 0 => match r {
+                r = self.conn.io(can_read, write), if can_read || write => match r {
                     Ok(Some(0)) | Err(_) => return Ok(Drain::PeerClosed),
                     Ok(_) => {}
                 },
-                _ = sleep_until(a.idle_deadline), if can_read => {
-                    return Err(Fatal(ErrorCode::KeepaliveTimeout, "no frame within 1.5 x keepalive".into()));
+                _ = sleep_until(wake_at.unwrap_or(a.idle_deadline)), if wake_at.is_some() => {
+                    if can_read && Instant::now() >= a.idle_deadline {
+                        return Err(Fatal(ErrorCode::KeepaliveTimeout, "no frame within 1.5 x keepalive".into()));
+                    }
                 }
-                // A duplicate waiting on another connection's commit: poll.
-                _ = tokio::time::sleep(Duration::from_millis(20)), if waits_on_device => {}
             }
         }
+    }
+
+    /// Waits for room in the writer queue and hands over the pending job,
+    /// meanwhile sending ACKs for commits and waking for kicks. Returns
+    /// false if the writer is gone.
+    async fn wait_for_writer(&mut self, a: &mut Active) -> bool {
+        let cell = Arc::clone(&a.cell);
+        let writer = self.shared.writer.clone();
+        let write = self.conn.unsent() > 0;
+        tokio::select! {
+            permit = writer.reserve() => match (permit, a.pending_job.take()) {
+                (Ok(p), Some(job)) => p.send(job),
+                _ => return false,
+            },
+            _ = cell.changed() => {}
+            _ = self.conn.io(false, write), if write => {}
+        }
+        true
     }
 
     /// Decodes and handles buffered frames while the limits allow.
@@ -644,7 +696,7 @@ impl Session {
                 _ = cell.changed() => {}
                 _ = shutdown.cancelled(), if deadline.is_none() => {}
                 _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                    warn!(outstanding = a.acks.outstanding(), "drain deadline passed with telemetry unstored");
+                    warn!(peer = %self.peer, device = %a.device_id, outstanding = a.acks.outstanding(), "drain deadline passed with telemetry unstored");
                     return false;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -658,16 +710,10 @@ impl Session {
         // Complete frames already in the buffer were read: handle them too
         // (not after a device GOODBYE, which is its last word).
         if !matches!(drain, Drain::DeviceGoodbye) {
-            loop {
-                match self.handle_frames(a, usize::MAX, usize::MAX) {
-                    Flow::Continue => break,
-                    Flow::Drain(_) => break,
-                    Flow::Fatal(f) => {
-                        let reason = self.fail(f).await;
-                        self.settle(a, false).await;
-                        return reason;
-                    }
-                }
+            if let Flow::Fatal(f) = self.handle_frames(a, usize::MAX, usize::MAX) {
+                let reason = self.fail(f).await;
+                self.settle(a, false).await;
+                return reason;
             }
         }
         let socket_ok = !matches!(drain, Drain::PeerClosed);
@@ -685,5 +731,39 @@ impl Session {
                 CloseReason::PeerClosed
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle device costs its task's future plus a few small objects; the
+    /// future is the bulk (docs/performance.md). This pins it, so that a new
+    /// `select!` branch or a captured value that doubles it is noticed.
+    /// Not a timing: sizes are deterministic for a given compiler.
+    #[tokio::test]
+    async fn idle_connection_future_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            data_dir: dir.path().into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let server = crate::Server::bind(cfg.clone()).await.unwrap();
+        let (writer, _rx) = tokio::sync::mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            cfg,
+            store: server.store(),
+            registry: server.registry(),
+            writer,
+            shutdown: CancellationToken::new(),
+        });
+        let fut = run(stream, addr, Instant::now(), 1, shared);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1280, "connection future grew to {size} bytes");
     }
 }
