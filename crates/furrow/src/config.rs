@@ -199,7 +199,7 @@ pub struct Overrides {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file cannot be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     File {
         /// The file.
         path: PathBuf,
@@ -238,7 +238,8 @@ impl Config {
         let cfg: Config = fig.extract().map_err(|e| {
             ConfigError::Parse(
                 e.into_iter()
-                    .map(|e| e.to_string())
+                    // Figment names keys with their profile; there is one.
+                    .map(|e| e.to_string().replace("key \"default.", "key \""))
                     .collect::<Vec<_>>()
                     .join("; "),
             )
@@ -312,6 +313,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment::Jail's closure signature returns its large error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -124,6 +124,17 @@ impl Connection {
         Ok(f)
     }
 
+    /// Whether the read buffer holds a complete frame (or a header that is
+    /// already an error): then the session must not read more, only handle
+    /// what it has, so the buffer never grows past one frame plus one read.
+    pub fn has_complete_frame(&self) -> bool {
+        match self.decoder.check_header(&self.rbuf) {
+            Ok(Some(total)) => self.rbuf.len() >= total,
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Whether the read buffer holds unparsed bytes.
     pub fn has_buffered_input(&self) -> bool {
         !self.rbuf.is_empty()

@@ -125,6 +125,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Device { cmd } => match cmd {
             DeviceCmd::Add { id, common } => {
+                // Refuse a bad id before creating anything on disk.
+                if !furrow_proto::message::valid_device_id(id.as_bytes()) {
+                    anyhow::bail!(furrow::devices::ProvisionError::InvalidId(id));
+                }
                 let store = open_store(&load(&common, None)?)?;
                 let token = furrow::devices::add_device(&store, &id).await?;
                 eprintln!("device {id} created; its token is shown once:");

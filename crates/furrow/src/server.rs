@@ -31,7 +31,7 @@ use crate::writer::{self, WriterConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The data directory cannot be created or used.
-    #[error("cannot use data directory {path}: {source}")]
+    #[error("cannot use data directory {path}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
@@ -42,7 +42,7 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The device listener could not bind.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -179,7 +179,7 @@ impl Server {
         {
             warn!(
                 remaining = tracker.len(),
-                "drain time passed; closing the remaining connections"
+                "drain time passed; exiting without the sessions still open (their devices resend what is unacknowledged)"
             );
         }
         // Phase 4: the writer finishes once every queue sender is gone.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::store::{Store, TelemetryRecord};
+use crate::store::{Batch, DeviceKey, Store, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
 /// wakeup for other events (see [`crate::registry::SessionHandle::kick`]).
@@ -61,10 +61,14 @@ impl AckCell {
 pub struct WriteJob {
     /// Where to report the commit.
     pub owner: Arc<AckCell>,
-    /// The session's ticket of the last record in `records`.
+    /// The session's last ticket covered by this job.
     pub ticket: u64,
+    /// The device.
+    pub device: DeviceKey,
     /// The records, in the session's read order.
     pub records: Vec<TelemetryRecord>,
+    /// Highest seq rejected since the last job, 0 if none.
+    pub rejected_upto: u64,
 }
 
 /// Writer tuning.
@@ -114,10 +118,16 @@ async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<Wr
         }
         metrics::gauge!("furrow_writer_queue_depth").set(rx.len() as f64);
 
-        let mut batch = Vec::with_capacity(rows);
+        let mut batch = Batch {
+            records: Vec::with_capacity(rows),
+            rejections: Vec::new(),
+        };
         let mut owners: Vec<(Arc<AckCell>, u64)> = Vec::with_capacity(jobs.len());
         for job in jobs {
-            batch.extend(job.records);
+            batch.records.extend(job.records);
+            if job.rejected_upto > 0 {
+                batch.rejections.push((job.device, job.rejected_upto));
+            }
             match owners.last_mut() {
                 Some((cell, t)) if Arc::ptr_eq(cell, &job.owner) => *t = job.ticket,
                 _ => owners.push((job.owner, job.ticket)),
@@ -132,9 +142,10 @@ async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<Wr
                 Ok(()) => {
                     metrics::histogram!("furrow_store_commit_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("furrow_store_batch_rows").record(batch.len() as f64);
+                    metrics::histogram!("furrow_store_batch_rows")
+                        .record(batch.records.len() as f64);
                     metrics::counter!("furrow_telemetry_stored_total")
-                        .increment(batch.len() as u64);
+                        .increment(batch.records.len() as u64);
                     if !healthy {
                         tracing::info!("storage commits succeed again");
                         healthy = true;
@@ -144,7 +155,7 @@ async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<Wr
                 Err(e) => {
                     metrics::counter!("furrow_store_commit_errors_total").increment(1);
                     if healthy {
-                        tracing::error!(error = %e, rows = batch.len(), "storage commit failed; retrying, ACKs are held");
+                        tracing::error!(error = %e, rows = batch.records.len(), "storage commit failed; retrying, ACKs are held");
                         healthy = false;
                     }
                     tokio::time::sleep(backoff).await;

@@ -136,8 +136,13 @@ struct Active {
     staged: Vec<TelemetryRecord>,
     /// A job the writer queue had no room for.
     pending_job: Option<WriteJob>,
-    /// Ticket of the last staged record.
+    /// Ticket of the last staged record or rejection.
     ticket: u64,
+    /// Highest seq rejected but not yet handed to the writer, 0 if none.
+    staged_reject: u64,
+    /// Ticket of the last rejection mark: the session holds its device until
+    /// the mark is committed, so the next session reads it back.
+    mark_ticket: u64,
     keepalive: Duration,
     /// The connection is dropped if no complete frame arrives before this.
     idle_deadline: Instant,
@@ -384,7 +389,7 @@ impl Session {
                 warn!(peer = %self.peer, device = %device_id, "previous session did not finish in time; continuing");
             }
         }
-        let last_seq = match store.last_seq(found.key).await {
+        let seqs = match store.device_seqs(found.key).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(peer = %self.peer, device = %device_id, error = %e, "last_seq lookup failed");
@@ -392,7 +397,9 @@ impl Session {
                 return self.closed_by(f, "internal").await;
             }
         };
-        slot.observe_stored(last_seq);
+        // Rejected seqs stay taken across sessions and restarts.
+        slot.observe_stored(seqs.stored.max(seqs.rejected));
+        let last_seq = seqs.stored;
 
         let cfg = &self.shared.cfg;
         let ka = cfg.keepalive.effective(hello.keepalive_s);
@@ -417,6 +424,8 @@ impl Session {
             staged: Vec::new(),
             pending_job: None,
             ticket: 0,
+            staged_reject: 0,
+            mark_ticket: 0,
             keepalive,
             idle_deadline: Instant::now() + keepalive,
             paused_at: None,
@@ -447,19 +456,31 @@ impl Session {
             if let Some(code) = a.handle.kicked() {
                 return Ok(Drain::Goodbye(code));
             }
+            // Free what commits resolved before taking more frames, so that
+            // a full window reopens as soon as it can.
+            self.advance(a);
             match self.handle_frames(a, max_inflight, max_unsent) {
                 Flow::Continue => {}
                 Flow::Drain(d) => return Ok(d),
                 Flow::Fatal(f) => return Err(f),
             }
             self.submit(a)?;
+            // Rejects and duplicates may resolve at once.
             self.advance(a);
             if self.conn.try_flush().is_err() {
                 return Ok(Drain::PeerClosed);
             }
-            let can_read = a.acks.outstanding() < max_inflight
+            let room = a.acks.outstanding() < max_inflight
                 && a.pending_job.is_none()
                 && self.conn.unsent() < max_unsent;
+            let buffered = self.conn.has_complete_frame();
+            if room && buffered {
+                // More complete frames already read: handle them first.
+                continue;
+            }
+            // Read only when nothing complete is waiting: the read buffer
+            // then stays within one frame plus one read chunk.
+            let can_read = room && !buffered;
             // Time spent not reading (backpressure) does not count against
             // the keepalive.
             match (can_read, a.paused_at) {
@@ -596,6 +617,11 @@ impl Session {
                     reason: Str::from(e.to_string()),
                 }));
                 a.acks.push_rejected(t.seq);
+                // The REJECT and its ACK go out now; the mark that keeps the
+                // seq taken is stored with the next commit.
+                a.ticket += 1;
+                a.mark_ticket = a.ticket;
+                a.staged_reject = t.seq;
             }
             Ok(_) => {
                 a.ticket += 1;
@@ -618,18 +644,22 @@ impl Session {
 
     /// Moves staged records into a writer job and queues it if there is room.
     fn submit(&mut self, a: &mut Active) -> Result<(), Fatal> {
-        if !a.staged.is_empty() {
+        if !a.staged.is_empty() || a.staged_reject > 0 {
             let records = std::mem::take(&mut a.staged);
+            let rejected = std::mem::take(&mut a.staged_reject);
             match &mut a.pending_job {
                 Some(job) => {
                     job.records.extend(records);
                     job.ticket = a.ticket;
+                    job.rejected_upto = job.rejected_upto.max(rejected);
                 }
                 None => {
                     a.pending_job = Some(WriteJob {
                         owner: Arc::clone(&a.cell),
                         ticket: a.ticket,
+                        device: a.key,
                         records,
+                        rejected_upto: rejected,
                     })
                 }
             }
@@ -681,7 +711,10 @@ impl Session {
                     a.slot.resolve(seq);
                 }
             }
-            if a.acks.outstanding() == 0 && a.pending_job.is_none() {
+            if a.acks.outstanding() == 0
+                && a.pending_job.is_none()
+                && a.cell.committed() >= a.mark_ticket
+            {
                 return true;
             }
             if deadline.is_none() && shutdown.is_cancelled() {

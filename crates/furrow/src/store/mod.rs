@@ -36,6 +36,27 @@ pub struct TelemetryRecord {
     pub payload: Bytes,
 }
 
+/// One group commit: readings to store, and per-device rejection
+/// watermarks to record with them.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Readings, each stored once.
+    pub records: Vec<TelemetryRecord>,
+    /// `(device, seq)`: the device's highest rejected seq is now at least
+    /// `seq`. A rejected seq stays *taken* (furrow/1): after a reconnect or
+    /// a restart, the same seq is a duplicate, never stored.
+    pub rejections: Vec<(DeviceKey, u64)>,
+}
+
+/// A device's sequence watermarks in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceSeqs {
+    /// Highest stored seq (WELCOME's `last_seq`), 0 if none.
+    pub stored: u64,
+    /// Highest rejected seq, 0 if none.
+    pub rejected: u64,
+}
+
 /// A stored reading, read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTelemetry {
@@ -82,7 +103,7 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The database file or its folder cannot be used.
-    #[error("cannot use database at {path}: {source}")]
+    #[error("cannot use database at {path}")]
     Open {
         /// The path tried.
         path: std::path::PathBuf,
@@ -113,13 +134,13 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Stores a batch durably in one transaction; `(device, seq)` pairs that
     /// are stored already are skipped, never stored twice.
-    async fn append(&self, batch: Arc<Vec<TelemetryRecord>>) -> Result<(), StoreError>;
+    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError>;
 
     /// Looks a device up for authentication.
     async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError>;
 
-    /// Highest stored seq of a device, 0 if none.
-    async fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError>;
+    /// A device's highest stored and highest rejected seqs.
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError>;
 
     /// Registers a device with the hash of its token.
     async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;

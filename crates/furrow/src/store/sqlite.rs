@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{DeviceAuth, DeviceInfo, DeviceKey, StoreError, StoredTelemetry, TelemetryRecord};
+use super::{Batch, DeviceAuth, DeviceInfo, DeviceKey, DeviceSeqs, StoreError, StoredTelemetry};
 use super::{DeviceKey as Key, Store};
 use crate::clock::now_ms;
 
@@ -72,7 +72,9 @@ CREATE TABLE devices (
     device_id   TEXT    NOT NULL UNIQUE,
     token_hash  BLOB    NOT NULL,
     created_ms  INTEGER NOT NULL,
-    revoked_ms  INTEGER
+    revoked_ms  INTEGER,
+    -- highest rejected seq (u64 bits): rejected seqs stay taken
+    rejected_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE telemetry (
     device       INTEGER NOT NULL,
@@ -280,7 +282,7 @@ fn last_seq_of(conn: &Connection, device: Key) -> Result<u64, StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, batch: Arc<Vec<TelemetryRecord>>) -> Result<(), StoreError> {
+    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
         self.writer
             .call(move |conn| {
                 let tx = conn.transaction()?;
@@ -290,7 +292,7 @@ impl Store for SqliteStore {
                      (device, seq, timestamp_ms, received_ms, content_type, payload)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )?;
-                    for r in batch.iter() {
+                    for r in &batch.records {
                         stmt.execute(params![
                             r.device,
                             r.seq as i64,
@@ -299,6 +301,18 @@ impl Store for SqliteStore {
                             r.content_type,
                             &r.payload[..],
                         ])?;
+                    }
+                    // Raise the rejection watermark, comparing as u64: same
+                    // sign compares as signed; negative (>= 2^63) is larger.
+                    let mut mark = tx.prepare_cached(
+                        "UPDATE devices SET rejected_seq = CASE
+                            WHEN (rejected_seq < 0) = (?2 < 0) THEN max(rejected_seq, ?2)
+                            WHEN ?2 < 0 THEN ?2
+                            ELSE rejected_seq END
+                         WHERE id = ?1",
+                    )?;
+                    for (device, seq) in &batch.rejections {
+                        mark.execute(params![device, *seq as i64])?;
                     }
                 }
                 tx.commit()?;
@@ -336,9 +350,19 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn last_seq(&self, device: DeviceKey) -> Result<u64, StoreError> {
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
         self.reader
-            .call(move |conn| last_seq_of(conn, device))
+            .call(move |conn| {
+                let rejected: i64 = conn
+                    .prepare_cached("SELECT rejected_seq FROM devices WHERE id = ?1")?
+                    .query_row([device], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                Ok(DeviceSeqs {
+                    stored: last_seq_of(conn, device)?,
+                    rejected: rejected as u64,
+                })
+            })
             .await
     }
 
@@ -489,6 +513,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::TelemetryRecord;
     use bytes::Bytes;
 
     fn rec(device: Key, seq: u64) -> TelemetryRecord {
@@ -508,19 +533,44 @@ mod tests {
         let store = SqliteStore::open(dir.path().join("f.db"), SqliteOptions::default()).unwrap();
         store.create_device("d1", [7; 32]).await.unwrap();
         let auth = store.device_auth("d1").await.unwrap().unwrap();
-        assert_eq!(store.last_seq(auth.key).await.unwrap(), 0);
-        let batch = Arc::new(vec![rec(auth.key, 1), rec(auth.key, 2), rec(auth.key, 2)]);
+        assert_eq!(
+            store.device_seqs(auth.key).await.unwrap(),
+            DeviceSeqs::default()
+        );
+        let batch = Arc::new(Batch {
+            records: vec![rec(auth.key, 1), rec(auth.key, 2), rec(auth.key, 2)],
+            rejections: vec![(auth.key, 3)],
+        });
         store.append(batch.clone()).await.unwrap();
         store.append(batch).await.unwrap();
         let rows = store.telemetry("d1", 0, 100).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(store.last_seq(auth.key).await.unwrap(), 2);
-        // A seq above i64::MAX is still the largest.
-        store
-            .append(Arc::new(vec![rec(auth.key, u64::MAX - 1)]))
-            .await
-            .unwrap();
-        assert_eq!(store.last_seq(auth.key).await.unwrap(), u64::MAX - 1);
+        let seqs = store.device_seqs(auth.key).await.unwrap();
+        assert_eq!((seqs.stored, seqs.rejected), (2, 3));
+        // A lower rejection does not lower the watermark.
+        let low = Batch {
+            records: vec![],
+            rejections: vec![(auth.key, 1)],
+        };
+        store.append(Arc::new(low)).await.unwrap();
+        assert_eq!(store.device_seqs(auth.key).await.unwrap().rejected, 3);
+        // Seqs above i64::MAX are still the largest.
+        let high = Batch {
+            records: vec![rec(auth.key, u64::MAX - 1)],
+            rejections: vec![(auth.key, u64::MAX)],
+        };
+        store.append(Arc::new(high)).await.unwrap();
+        let seqs = store.device_seqs(auth.key).await.unwrap();
+        assert_eq!((seqs.stored, seqs.rejected), (u64::MAX - 1, u64::MAX));
+        let back = Batch {
+            records: vec![],
+            rejections: vec![(auth.key, 5)],
+        };
+        store.append(Arc::new(back)).await.unwrap();
+        assert_eq!(
+            store.device_seqs(auth.key).await.unwrap().rejected,
+            u64::MAX
+        );
     }
 
     #[tokio::test]
