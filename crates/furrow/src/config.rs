@@ -323,6 +323,22 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// The documented example lists every key with its real default.
+    #[test]
+    fn example_file_matches_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../furrow.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let parsed: Config = toml_from_str(&text);
+        assert_eq!(parsed, Config::default());
+        let documented: toml::Table = text.parse().unwrap();
+        let all = toml::Table::try_from(Config::default()).unwrap();
+        assert_eq!(documented, all, "every key is in the example file");
+    }
+
+    fn toml_from_str(text: &str) -> Config {
+        Figment::from(Toml::string(text)).extract().unwrap()
+    }
+
     #[test]
     fn keepalive_clamps_and_never_zero() {
         let k = Keepalive::default();
