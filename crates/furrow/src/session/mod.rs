@@ -688,9 +688,10 @@ impl Session {
     }
 
     /// Hands every staged record to the writer and waits until all this
-    /// session took is resolved, sending ACKs when `ack` is true. Bounded by
-    /// the shutdown drain time once shutdown has begun.
-    async fn settle(&mut self, a: &mut Active, ack: bool) -> bool {
+    /// session took is resolved, sending ACKs when `ack` is true (and while
+    /// the socket takes them: a dead socket stops the ACKs, not the wait).
+    /// Bounded by the shutdown drain time once shutdown has begun.
+    async fn settle(&mut self, a: &mut Active, mut ack: bool) -> bool {
         let shutdown = self.shared.shutdown.clone();
         let drain = Duration::from_millis(self.shared.cfg.shutdown.drain_timeout_ms);
         let cell = Arc::clone(&a.cell);
@@ -703,7 +704,7 @@ impl Session {
             if ack {
                 self.advance(a);
                 if self.conn.try_flush().is_err() {
-                    return false;
+                    ack = false;
                 }
             } else {
                 let adv = a.acks.advance(a.cell.committed(), a.slot.resolved());
