@@ -393,3 +393,114 @@ async fn serve_exits_zero_on_sigterm_after_goodbye() {
         "stored",
     );
 }
+
+/// CPU time (user + system) of a process, from /proc, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz: f64 = text(
+        &Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    ticks / hz
+}
+
+/// Out of file descriptors, `accept` fails at once, again and again. The
+/// gateway must back off (not spin a core), say so once, and serve again as
+/// soon as descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_backs_off_when_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log_path = dir.path().join("serve.log");
+    let token = device_add(&data, "fd-1");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // An idle gateway holds ~17 descriptors; 40 leaves room for ~20 sessions.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=40:40").arg(env!("CARGO_BIN_EXE_furrow"));
+    cmd.args([
+        "serve",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FURROW_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("prlimit (util-linux) runs furrow serve");
+    let pid = child.id();
+    let _child = ServeChild(Some(child));
+    let logs = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never listened:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // More connections than descriptors: the kernel completes them all
+    // (backlog), the gateway cannot accept them all.
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(pid) - before;
+    // A spinning accept loop burns ~2 s of CPU in 2 s; backing off, ~none.
+    assert!(
+        used < 0.5,
+        "gateway used {used:.2} s of CPU in 2 s out of descriptors:\n{}",
+        logs()
+    );
+    let log = logs();
+    assert_eq!(
+        log.matches("accept failed for lack of resources").count(),
+        1,
+        "logged once per streak:\n{log}"
+    );
+
+    // Free the descriptors: the gateway serves a real device again.
+    drop(flood);
+    let stream = within(Duration::from_secs(10), "reconnect", async {
+        loop {
+            // Handshake-timeout closes of the flood free descriptors too;
+            // retry until a connection is accepted and welcomed.
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut dev = RawDevice::from_stream(s);
+            dev.send(&hello_msg("fd-1", &token, 0)).await;
+            if let Some(Message::Welcome(_)) = dev.recv_within(Duration::from_secs(2)).await {
+                break dev;
+            }
+        }
+    })
+    .await;
+    let mut dev = stream;
+    dev.telemetry_batch(1..=3).await;
+    dev.until_ack(3).await;
+}
