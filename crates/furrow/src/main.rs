@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use furrow::config::{Config, Overrides};
 use furrow::store::Store;
 
+mod sim;
+
 #[derive(Parser)]
 #[command(
     name = "furrow",
@@ -44,6 +46,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Simulate a fleet of devices (on the device SDK) against a gateway.
+    Sim(sim::SimArgs),
     /// Load and validate the configuration, print it, and exit.
     CheckConfig {
         #[command(flatten)]
@@ -119,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server = furrow::Server::bind(cfg).await?;
             server.run(shutdown_signal()).await;
         }
+        Cmd::Sim(args) => sim::run(args).await?,
         Cmd::CheckConfig { common } => {
             let cfg = load(&common, None)?;
             println!("{}", toml_string(&cfg)?);

@@ -1,0 +1,789 @@
+//! The client: the application's handle ([`Client`]) and the background
+//! task that keeps one furrow/1 session alive.
+//!
+//! The promise: every reading passed to [`Client::send`] stays in the
+//! outbox until the gateway acknowledges it (or refuses it for good with
+//! REJECT). After any disconnect the task reconnects with backoff, learns
+//! from WELCOME's `last_seq` what the gateway already stored, drops that
+//! from the outbox, and sends the rest in order. The gateway stores each
+//! seq once, so nothing is lost and nothing is stored twice.
+//!
+//! Concurrency: the outbox sits behind a short-held lock shared by `send`
+//! (pushes) and the session task (acks, resends). A reader task per
+//! connection decodes frames into a channel, so the session loop never
+//! awaits a socket read inside `select!` (writes are awaited in the loop
+//! body, bounded by a timeout).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use furrow_proto::content::{self, ContentError};
+use furrow_proto::message::encode_telemetry;
+use furrow_proto::{CommandResult, FrameDecoder, Goodbye, GoodbyeCode, Hello, Message, Str};
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::backoff::Backoff;
+use crate::commands::{Command, CommandReply, Handler, Recent, Seen};
+use crate::outbox::{FileOutbox, FileOutboxOptions, MemoryOutbox, Outbox, OutboxError};
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Gateway address, `host:port`.
+    pub addr: String,
+    /// This device's id.
+    pub device_id: String,
+    /// This device's token.
+    pub token: String,
+    /// Requested keepalive in seconds (0: the gateway's default).
+    pub keepalive_s: u16,
+    /// Readings the outbox may hold; `send` waits when it is full.
+    pub outbox_capacity: usize,
+    /// Keep the outbox in this file (durable across restarts) instead of
+    /// memory.
+    pub outbox_path: Option<PathBuf>,
+    /// fsync the outbox file on every change (survives power loss, not only
+    /// a crash of the device process).
+    pub outbox_sync: bool,
+    /// Reconnect policy.
+    pub backoff: Backoff,
+    /// Limit for TCP connect and for the handshake.
+    pub connect_timeout: Duration,
+    /// Command ids remembered with their answers, for redeliveries.
+    pub command_memory: usize,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(
+        addr: impl Into<String>,
+        device_id: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Self {
+        Self {
+            addr: addr.into(),
+            device_id: device_id.into(),
+            token: token.into(),
+            keepalive_s: 30,
+            outbox_capacity: 10_000,
+            outbox_path: None,
+            outbox_sync: false,
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(10),
+            command_memory: 1024,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disconnect {
+    /// TCP connect or the handshake failed.
+    ConnectFailed(String),
+    /// The connection broke.
+    Io(String),
+    /// The gateway said GOODBYE with this code.
+    Goodbye {
+        /// GOODBYE code (see `furrow_proto::GoodbyeCode`).
+        code: u16,
+        /// The gateway's advice.
+        retry_after_ms: u32,
+    },
+    /// The gateway sent ERROR (AUTH_FAILED, BUSY, ...).
+    Error {
+        /// ERROR code.
+        code: u16,
+        /// Its message.
+        message: String,
+    },
+    /// Nothing arrived from the gateway for 1.5 x the keepalive.
+    KeepaliveTimeout,
+    /// The gateway broke the protocol.
+    Protocol(String),
+    /// The application closed the client.
+    Closed,
+}
+
+/// What happens to the client, for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session is up; the gateway had stored everything up to `last_seq`.
+    Connected {
+        /// WELCOME's `last_seq`.
+        last_seq: u64,
+    },
+    /// A session ended, or an attempt failed; the next attempt follows after
+    /// `retry_in` (unless the client was closed).
+    Disconnected {
+        /// Why.
+        reason: Disconnect,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Everything up to this seq is stored (or was rejected).
+    Acked(u64),
+    /// The gateway refused a reading for good; it was dropped.
+    Rejected {
+        /// The reading's seq.
+        seq: u64,
+        /// REJECT code.
+        code: u16,
+        /// The gateway's reason.
+        reason: String,
+    },
+}
+
+/// Errors of the client API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The payload does not match its content type; the gateway would REJECT it.
+    #[error("payload refused before sending: {0}")]
+    InvalidPayload(ContentError),
+    /// The payload does not fit in one frame.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit (from WELCOME's max_frame).
+        max: usize,
+    },
+    /// The client is closed.
+    #[error("client closed")]
+    Closed,
+}
+
+/// TELEMETRY header bytes inside the length field: type, flags, seq,
+/// timestamp, content type.
+const TELEMETRY_OVERHEAD: usize = 2 + 8 + 8 + 1;
+
+struct Shared {
+    cfg: Config,
+    outbox: Mutex<Box<dyn Outbox>>,
+    /// Woken when the outbox shrinks (send may proceed).
+    space: Notify,
+    /// Woken when the outbox grows (the session may send).
+    work: Notify,
+    acked: watch::Sender<u64>,
+    events: broadcast::Sender<Event>,
+    /// Gateway clock minus local clock, ms; i64::MIN until known.
+    clock_offset: AtomicI64,
+    max_payload: AtomicU64,
+    closing: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Box<dyn Outbox>> {
+        // Outbox methods leave it consistent at every return; a panic in
+        // one (a bug) does not make the queue unusable.
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A device's connection to a Furrow gateway. Cheap to share (`Arc`).
+pub struct Client {
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Client {
+    /// Opens the outbox and starts connecting in the background. Commands
+    /// are answered "unknown command".
+    pub fn start(cfg: Config) -> Result<Self, ClientError> {
+        Self::start_inner(cfg, None)
+    }
+
+    /// Like [`Client::start`], with a command handler.
+    pub fn start_with_handler(cfg: Config, handler: Handler) -> Result<Self, ClientError> {
+        Self::start_inner(cfg, Some(handler))
+    }
+
+    fn start_inner(cfg: Config, handler: Option<Handler>) -> Result<Self, ClientError> {
+        let outbox: Box<dyn Outbox> = match &cfg.outbox_path {
+            Some(path) => Box::new(FileOutbox::open(
+                path,
+                FileOutboxOptions {
+                    sync: cfg.outbox_sync,
+                    ..FileOutboxOptions::default()
+                },
+            )?),
+            None => Box::new(MemoryOutbox::default()),
+        };
+        let (acked, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(1024);
+        let (closing, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(outbox),
+            space: Notify::new(),
+            work: Notify::new(),
+            acked,
+            events,
+            clock_offset: AtomicI64::new(i64::MIN),
+            max_payload: AtomicU64::new(
+                (furrow_proto::DEFAULT_MAX_FRAME as usize - TELEMETRY_OVERHEAD) as u64,
+            ),
+            closing,
+            cfg,
+        });
+        let task = tokio::spawn(run(Arc::clone(&shared), handler));
+        Ok(Self {
+            shared,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Queues a reading stamped with the device clock now. Returns its seq
+    /// once it is in the outbox; waits while the outbox is full.
+    pub async fn send(
+        &self,
+        content_type: u8,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.send_at(now_ms(), content_type, payload).await
+    }
+
+    /// Queues a reading with an explicit timestamp (Unix ms; 0: unknown, the
+    /// gateway stamps it on receipt).
+    pub async fn send_at(
+        &self,
+        timestamp_ms: u64,
+        content_type: u8,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        let payload = payload.into();
+        content::validate(content_type, &payload).map_err(ClientError::InvalidPayload)?;
+        let max = self.shared.max_payload.load(Ordering::Relaxed) as usize;
+        if payload.len() > max {
+            return Err(ClientError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        loop {
+            let space = self.shared.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if self.shared.closing() {
+                return Err(ClientError::Closed);
+            }
+            {
+                let mut ob = self.shared.outbox();
+                if ob.len() < self.shared.cfg.outbox_capacity {
+                    let seq = ob.push(timestamp_ms, content_type, payload)?;
+                    drop(ob);
+                    self.shared.work.notify_one();
+                    return Ok(seq);
+                }
+            }
+            space.await;
+        }
+    }
+
+    /// Waits until every reading sent before this call is acknowledged (or
+    /// was rejected).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let target = self.shared.outbox().last_seq();
+        let mut rx = self.shared.acked.subscribe();
+        loop {
+            let first = self.shared.outbox().after(0, 1).first().map(|e| e.seq);
+            if first.is_none_or(|s| s > target) {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// The highest acknowledged seq, as a watch (changes on every ACK).
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.shared.acked.subscribe()
+    }
+
+    /// Connection, ACK and REJECT events. A slow receiver may miss events
+    /// (`RecvError::Lagged`); the outbox and [`Client::acked`] are the truth.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Readings waiting for their ACK.
+    pub fn pending(&self) -> usize {
+        self.shared.outbox().len()
+    }
+
+    /// The highest seq assigned so far.
+    pub fn last_seq(&self) -> u64 {
+        self.shared.outbox().last_seq()
+    }
+
+    /// The gateway's clock now, Unix ms, for devices without a clock of
+    /// their own; `None` until the first WELCOME.
+    pub fn server_time_ms(&self) -> Option<u64> {
+        match self.shared.clock_offset.load(Ordering::Relaxed) {
+            i64::MIN => None,
+            off => Some((now_ms() as i64).saturating_add(off).max(0) as u64),
+        }
+    }
+
+    /// Stops the client: says GOODBYE, lets the gateway store and ACK what
+    /// it has read, and stops reconnecting. Unacknowledged readings stay in
+    /// the outbox (on disk, for a durable one).
+    pub async fn close(&self) {
+        self.shared.closing.send_replace(true);
+        self.shared.space.notify_waiters();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shared.closing.send_replace(true);
+    }
+}
+
+/// How one connection attempt ended.
+struct Outcome {
+    reason: Disconnect,
+    welcomed: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Outcome {
+    fn failed(reason: Disconnect) -> Self {
+        Self {
+            reason,
+            welcomed: false,
+            retry_after: None,
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, handler: Option<Handler>) {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut attempt: u32 = 0;
+    let mut recent = Recent::new(shared.cfg.command_memory);
+    let (results_tx, mut results_rx) = mpsc::channel(1024);
+    let mut closing = shared.closing.subscribe();
+    loop {
+        if shared.closing() {
+            return;
+        }
+        let outcome = serve_connection(
+            &shared,
+            handler.as_ref(),
+            &mut recent,
+            &results_tx,
+            &mut results_rx,
+            &mut closing,
+        )
+        .await;
+        if outcome.welcomed {
+            attempt = 0;
+        }
+        if shared.closing() {
+            shared.emit(Event::Disconnected {
+                reason: Disconnect::Closed,
+                retry_in: Duration::ZERO,
+            });
+            return;
+        }
+        let mut delay = shared.cfg.backoff.delay(attempt, &mut rng);
+        attempt = attempt.saturating_add(1);
+        if let Some(after) = outcome.retry_after {
+            delay = delay.max(after);
+        }
+        tracing::debug!(reason = ?outcome.reason, ?delay, "disconnected");
+        shared.emit(Event::Disconnected {
+            reason: outcome.reason,
+            retry_in: delay,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = closing.changed() => return,
+        }
+    }
+}
+
+/// Decodes frames from the gateway into a channel until the connection ends.
+async fn read_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<Result<Message, String>>) {
+    // The gateway is trusted but still bounded: no frame above 16 MiB.
+    let decoder = FrameDecoder::new(16 * 1024 * 1024);
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(f)) => {
+                    let m = Message::from_frame(f).map_err(|e| e.to_string());
+                    let stop = m.is_err();
+                    if tx.send(m).await.is_err() || stop {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+        buf.reserve(8 * 1024);
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Aborts the reader task when the session ends, on every path.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn write_all(
+    wr: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), Disconnect> {
+    match timeout(limit, wr.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Disconnect::Io(e.to_string())),
+        Err(_) => Err(Disconnect::Io("write timed out".into())),
+    }
+}
+
+fn encode(msg: &Message) -> Result<Bytes, Disconnect> {
+    msg.to_bytes()
+        .map_err(|e| Disconnect::Protocol(e.to_string()))
+}
+
+fn result_frame(id: u64, reply: &CommandReply) -> Result<Bytes, Disconnect> {
+    encode(&Message::CommandResult(CommandResult {
+        command_id: id,
+        status: reply.status,
+        content_type: reply.content_type,
+        payload: reply.payload.clone(),
+    }))
+}
+
+#[allow(clippy::too_many_lines)]
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    handler: Option<&Handler>,
+    recent: &mut Recent,
+    results_tx: &mpsc::Sender<(u64, CommandReply)>,
+    results_rx: &mut mpsc::Receiver<(u64, CommandReply)>,
+    closing: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let cfg = &shared.cfg;
+    let stream = match timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Outcome::failed(Disconnect::ConnectFailed(e.to_string())),
+        Err(_) => return Outcome::failed(Disconnect::ConnectFailed("connect timed out".into())),
+    };
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let (msg_tx, mut msgs) = mpsc::channel(256);
+    let _reader = AbortOnDrop(tokio::spawn(read_loop(rd, msg_tx)));
+
+    let hello = Message::Hello(Hello {
+        version: furrow_proto::VERSION,
+        keepalive_s: cfg.keepalive_s,
+        device_id: Str::from(cfg.device_id.as_str()),
+        token: Str::from(cfg.token.as_str()),
+    });
+    let hello = match encode(&hello) {
+        Ok(b) => b,
+        Err(e) => return Outcome::failed(e),
+    };
+    if let Err(e) = write_all(&mut wr, &hello, cfg.connect_timeout).await {
+        return Outcome::failed(e);
+    }
+    let welcome = match timeout(cfg.connect_timeout, msgs.recv()).await {
+        Err(_) => return Outcome::failed(Disconnect::ConnectFailed("no WELCOME in time".into())),
+        Ok(None) => {
+            return Outcome::failed(Disconnect::ConnectFailed("closed during handshake".into()))
+        }
+        Ok(Some(Err(e))) => return Outcome::failed(Disconnect::Protocol(e)),
+        Ok(Some(Ok(Message::Welcome(w)))) => w,
+        Ok(Some(Ok(Message::Error(e)))) => {
+            return Outcome::failed(Disconnect::Error {
+                code: e.code,
+                message: e.message.to_string(),
+            })
+        }
+        Ok(Some(Ok(Message::Goodbye(g)))) => {
+            return Outcome {
+                reason: Disconnect::Goodbye {
+                    code: g.code,
+                    retry_after_ms: g.retry_after_ms,
+                },
+                welcomed: false,
+                retry_after: Some(Duration::from_millis(u64::from(g.retry_after_ms))),
+            }
+        }
+        Ok(Some(Ok(other))) => {
+            return Outcome::failed(Disconnect::Protocol(format!(
+                "expected WELCOME, got {}",
+                other.kind().name()
+            )))
+        }
+    };
+
+    // The gateway has everything up to last_seq: drop it from the outbox.
+    // If our counter is behind it, we lost our state (see Outbox::rebase):
+    // renumber what is pending instead, or the gateway would take new
+    // readings for duplicates.
+    {
+        let mut ob = shared.outbox();
+        let res = if welcome.last_seq > ob.last_seq() {
+            tracing::warn!(
+                local = ob.last_seq(),
+                gateway = welcome.last_seq,
+                "seq counter behind the gateway (device state lost?): renumbering pending readings"
+            );
+            ob.rebase(welcome.last_seq)
+        } else {
+            ob.ack(welcome.last_seq)
+        };
+        if let Err(e) = res {
+            tracing::error!(error = %e, "outbox update after WELCOME failed");
+        }
+    }
+    shared.acked.send_if_modified(|v| {
+        let raise = welcome.last_seq > *v;
+        if raise {
+            *v = welcome.last_seq;
+        }
+        raise
+    });
+    shared.space.notify_waiters();
+    let offset = welcome.server_time_ms as i64 - now_ms() as i64;
+    shared.clock_offset.store(offset, Ordering::Relaxed);
+    let max_payload = (welcome.max_frame as usize).saturating_sub(TELEMETRY_OVERHEAD);
+    shared
+        .max_payload
+        .store(max_payload as u64, Ordering::Relaxed);
+    shared.emit(Event::Connected {
+        last_seq: welcome.last_seq,
+    });
+
+    let ka = Duration::from_secs(u64::from(welcome.keepalive_s.max(1)));
+    let write_limit = ka + ka / 2;
+    let window = usize::from(welcome.max_inflight.max(1));
+    let mut inflight: VecDeque<u64> = VecDeque::with_capacity(window.min(1024));
+    let mut sent_upto = welcome.last_seq;
+    let mut last_rx = Instant::now();
+    let mut last_tx = Instant::now();
+    let mut ping_nonce = 0u64;
+    let mut out = BytesMut::new();
+    let session = |reason| Outcome {
+        reason,
+        welcomed: true,
+        retry_after: None,
+    };
+
+    loop {
+        // Fill the window with what the outbox holds beyond what was sent.
+        if inflight.len() < window {
+            let batch = shared.outbox().after(sent_upto, window - inflight.len());
+            if !batch.is_empty() {
+                out.clear();
+                for e in &batch {
+                    if let Err(err) = encode_telemetry(
+                        e.seq,
+                        e.timestamp_ms,
+                        e.content_type,
+                        &e.payload,
+                        &mut out,
+                    ) {
+                        return session(Disconnect::Protocol(err.to_string()));
+                    }
+                    inflight.push_back(e.seq);
+                    sent_upto = e.seq;
+                }
+                if let Err(e) = write_all(&mut wr, &out, write_limit).await {
+                    return session(e);
+                }
+                last_tx = Instant::now();
+            }
+        }
+        let ping_at = last_tx + ka;
+        let dead_at = last_rx + ka + ka / 2;
+        tokio::select! {
+            biased;
+            _ = closing.changed() => {
+                // GOODBYE, then keep reading until the gateway has ACKed what
+                // it read and closed.
+                let bye = Message::Goodbye(Goodbye { code: GoodbyeCode::Normal as u16, retry_after_ms: 0 });
+                if let Ok(b) = encode(&bye) {
+                    let _ = write_all(&mut wr, &b, write_limit).await;
+                }
+                let _ = timeout(Duration::from_secs(5), async {
+                    while let Some(Ok(m)) = msgs.recv().await {
+                        if let Message::Ack { seq } = m {
+                            on_ack(shared, &mut inflight, seq);
+                        }
+                    }
+                }).await;
+                return session(Disconnect::Closed);
+            }
+            m = msgs.recv() => {
+                last_rx = Instant::now();
+                let msg = match m {
+                    None => return session(Disconnect::Io("connection closed by the gateway".into())),
+                    Some(Err(e)) => return session(Disconnect::Io(e)),
+                    Some(Ok(m)) => m,
+                };
+                match msg {
+                    Message::Ack { seq } => on_ack(shared, &mut inflight, seq),
+                    Message::Reject(r) => {
+                        if let Err(e) = shared.outbox().remove(r.seq) {
+                            tracing::error!(error = %e, "outbox remove failed");
+                        }
+                        inflight.retain(|s| *s != r.seq);
+                        shared.space.notify_waiters();
+                        shared.acked.send_modify(|_| {});
+                        shared.emit(Event::Rejected { seq: r.seq, code: r.code, reason: r.reason.to_string() });
+                    }
+                    Message::Command(c) => {
+                        let cmd = Command {
+                            id: c.command_id,
+                            name: c.name.to_string(),
+                            content_type: c.content_type,
+                            payload: c.payload,
+                        };
+                        match recent.begin(cmd.id) {
+                            Seen::Done(reply) => {
+                                let frame = match result_frame(cmd.id, &reply) {
+                                    Ok(f) => f,
+                                    Err(e) => return session(e),
+                                };
+                                if let Err(e) = write_all(&mut wr, &frame, write_limit).await {
+                                    return session(e);
+                                }
+                            }
+                            Seen::Running => {}
+                            Seen::New => {
+                                let tx = results_tx.clone();
+                                let id = cmd.id;
+                                match handler {
+                                    Some(h) => {
+                                        let fut = h(cmd);
+                                        tokio::spawn(async move {
+                                            let _ = tx.send((id, fut.await)).await;
+                                        });
+                                    }
+                                    None => {
+                                        let _ = tx.try_send((id, CommandReply::unknown()));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Message::Ping { nonce } => {
+                        let pong = match encode(&Message::Pong { nonce }) {
+                            Ok(b) => b,
+                            Err(e) => return session(e),
+                        };
+                        if let Err(e) = write_all(&mut wr, &pong, write_limit).await {
+                            return session(e);
+                        }
+                        last_tx = Instant::now();
+                    }
+                    Message::Pong { .. } => {}
+                    Message::Goodbye(g) => {
+                        return Outcome {
+                            reason: Disconnect::Goodbye { code: g.code, retry_after_ms: g.retry_after_ms },
+                            welcomed: true,
+                            retry_after: Some(Duration::from_millis(u64::from(g.retry_after_ms))),
+                        };
+                    }
+                    Message::Error(e) => {
+                        return session(Disconnect::Error { code: e.code, message: e.message.to_string() });
+                    }
+                    other => {
+                        return session(Disconnect::Protocol(format!("unexpected {}", other.kind().name())));
+                    }
+                }
+            }
+            Some((id, reply)) = results_rx.recv() => {
+                recent.finish(id, reply.clone());
+                let frame = match result_frame(id, &reply) {
+                    Ok(f) => f,
+                    Err(e) => return session(e),
+                };
+                if let Err(e) = write_all(&mut wr, &frame, write_limit).await {
+                    return session(e);
+                }
+                last_tx = Instant::now();
+            }
+            _ = shared.work.notified(), if inflight.len() < window => {}
+            _ = sleep_until(ping_at) => {
+                ping_nonce += 1;
+                let ping = match encode(&Message::Ping { nonce: ping_nonce }) {
+                    Ok(b) => b,
+                    Err(e) => return session(e),
+                };
+                if let Err(e) = write_all(&mut wr, &ping, write_limit).await {
+                    return session(e);
+                }
+                last_tx = Instant::now();
+            }
+            _ = sleep_until(dead_at) => return session(Disconnect::KeepaliveTimeout),
+        }
+    }
+}
+
+fn on_ack(shared: &Shared, inflight: &mut VecDeque<u64>, seq: u64) {
+    if let Err(e) = shared.outbox().ack(seq) {
+        tracing::error!(error = %e, "outbox ack failed");
+    }
+    while inflight.front().is_some_and(|s| *s <= seq) {
+        inflight.pop_front();
+    }
+    shared.acked.send_if_modified(|v| {
+        let raise = seq > *v;
+        if raise {
+            *v = seq;
+        }
+        raise
+    });
+    shared.space.notify_waiters();
+    shared.emit(Event::Acked(seq));
+}

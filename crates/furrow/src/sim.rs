@@ -1,0 +1,311 @@
+//! `furrow sim`: a fleet simulator on the device SDK.
+//!
+//! Each simulated device is a real `furrow_client::Client`: it reconnects,
+//! resends and deduplicates exactly as a field device would. Devices are
+//! provisioned into the gateway's data directory (`--data-dir`, fresh ids
+//! `PREFIX-0..N`) or read from a file of `device_id token` lines
+//! (`--devices-file`). A live line shows devices connected, messages per
+//! second sent and acknowledged, and reconnects; a summary follows at the
+//! end.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use furrow_client::{Client, Config, Disconnect, Event};
+
+/// `furrow sim` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Gateway device address.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub addr: String,
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Readings per second per device.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Size of each JSON reading, in bytes.
+    #[arg(long, default_value_t = 120)]
+    pub payload_bytes: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub duration: u64,
+    /// Provision fresh devices PREFIX-0.. into this gateway data directory.
+    #[arg(long, conflicts_with = "devices_file")]
+    pub data_dir: Option<PathBuf>,
+    /// Read devices from this file: one `device_id token` per line.
+    #[arg(long)]
+    pub devices_file: Option<PathBuf>,
+    /// Device id prefix for provisioned devices.
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// Write the provisioned devices (`device_id token` lines) here, for
+    /// another run with --devices-file.
+    #[arg(long)]
+    pub save_devices: Option<PathBuf>,
+    /// Keep each device's outbox durable in DIR/<device_id>.outbox: kill the
+    /// simulator and start it again, and every unacknowledged reading (and
+    /// the seq counter) comes back.
+    #[arg(long)]
+    pub outbox_dir: Option<PathBuf>,
+}
+
+/// Descriptors the simulator needs besides one per device.
+const FD_MARGIN: usize = 64;
+
+/// The soft limit on open files, from /proc (Linux).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+async fn load_devices(args: &SimArgs) -> anyhow::Result<Vec<(String, String)>> {
+    if let Some(path) = &args.devices_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read devices file {}", path.display()))?;
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(id), Some(token), None) => out.push((id.to_owned(), token.to_owned())),
+                _ => bail!("{}:{}: expected `device_id token`", path.display(), n + 1),
+            }
+            if out.len() == args.devices {
+                break;
+            }
+        }
+        if out.len() < args.devices {
+            bail!(
+                "{} lists {} devices, fewer than --devices {}",
+                path.display(),
+                out.len(),
+                args.devices
+            );
+        }
+        return Ok(out);
+    }
+    let Some(dir) = &args.data_dir else {
+        bail!("say where the devices come from: --data-dir DIR (provision) or --devices-file FILE");
+    };
+    let cfg = furrow::Config {
+        data_dir: dir.clone(),
+        ..furrow::Config::default()
+    };
+    let store = furrow::server::open_store(&cfg)?;
+    let mut out = Vec::with_capacity(args.devices);
+    for i in 0..args.devices {
+        let id = format!("{}-{i}", args.prefix);
+        let token = furrow::devices::add_device(&store, &id)
+            .await
+            .with_context(|| format!("provisioning {id} (choose a new --prefix)"))?;
+        out.push((id, token));
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    rejected: AtomicU64,
+    connected: AtomicUsize,
+    reconnects: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn payload(bytes: usize, value: f64) -> Vec<u8> {
+    let head = format!(r#"{{"v":{value:.3},"p":""#);
+    let pad = bytes.saturating_sub(head.len() + 2);
+    let mut s = head;
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s.into_bytes()
+}
+
+async fn device(
+    args: Arc<SimArgs>,
+    id: String,
+    token: String,
+    counters: Arc<Counters>,
+    stop_at: Instant,
+) -> anyhow::Result<()> {
+    let mut cfg = Config::new(args.addr.clone(), id.clone(), token);
+    if let Some(dir) = &args.outbox_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
+        cfg.outbox_path = Some(dir.join(format!("{id}.outbox")));
+    }
+    let client = Client::start(cfg)?;
+    let mut events = client.events();
+    let c = Arc::clone(&counters);
+    let watcher = tokio::spawn(async move {
+        let mut up = false;
+        let mut last_acked = 0;
+        loop {
+            match events.recv().await {
+                Ok(Event::Connected { last_seq }) => {
+                    // Count ACKs from what the gateway already had.
+                    last_acked = last_acked.max(last_seq);
+                    if !up {
+                        c.connected.fetch_add(1, Ordering::Relaxed);
+                        up = true;
+                    }
+                }
+                Ok(Event::Disconnected { reason, .. }) => {
+                    if up {
+                        c.connected.fetch_sub(1, Ordering::Relaxed);
+                        up = false;
+                        if reason != Disconnect::Closed {
+                            c.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Event::Acked(n)) => {
+                    if n > last_acked {
+                        c.acked.fetch_add(n - last_acked, Ordering::Relaxed);
+                        last_acked = n;
+                    }
+                }
+                Ok(Event::Rejected { .. }) => {
+                    c.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        if up {
+            c.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+    // Spread the fleet's first readings over one period.
+    let period = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
+    tokio::time::sleep(period.mul_f64(rand::random::<f64>())).await;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut value = 20.0;
+    while Instant::now() < stop_at {
+        tick.tick().await;
+        value += 0.01;
+        match client.send(1, payload(args.payload_bytes, value)).await {
+            Ok(_) => {
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "send failed");
+                break;
+            }
+        }
+    }
+    // Up to 10 s for the last ACKs, then close.
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.flush()).await;
+    client.close().await;
+    drop(client);
+    let _ = watcher.await;
+    Ok(())
+}
+
+/// Runs the simulation and prints the summary.
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be a positive number of readings per second");
+    }
+    if let Some(limit) = open_files_limit() {
+        if args.devices + FD_MARGIN > limit {
+            bail!(
+                "{} devices need about {} open files, but this process may open at most {} \
+                 (ulimit -n). Run several simulator processes, each with at most {} devices \
+                 (distinct --prefix, or split --devices-file).",
+                args.devices,
+                args.devices + FD_MARGIN,
+                limit,
+                limit.saturating_sub(FD_MARGIN)
+            );
+        }
+    }
+    let devices = load_devices(&args).await?;
+    if let Some(path) = &args.save_devices {
+        let text: String = devices.iter().map(|(i, t)| format!("{i} {t}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let args = Arc::new(args);
+    let counters = Arc::new(Counters::default());
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs(args.duration);
+    let mut tasks = Vec::with_capacity(devices.len());
+    for (id, token) in devices {
+        tasks.push(tokio::spawn(device(
+            Arc::clone(&args),
+            id,
+            token,
+            Arc::clone(&counters),
+            stop_at,
+        )));
+    }
+
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let (mut last_sent, mut last_acked, mut last_t) = (0, 0, Instant::now());
+    let all_done = async {
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                tracing::warn!(error = %e, "device failed");
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    tokio::pin!(all_done);
+    loop {
+        tokio::select! {
+            _ = &mut all_done => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let (s, a) = (counters.sent.load(Ordering::Relaxed), counters.acked.load(Ordering::Relaxed));
+                let dt = last_t.elapsed().as_secs_f64().max(1e-3);
+                bar.set_message(format!(
+                    "devices connected {}/{}  sent {:.0}/s  acked {:.0}/s  reconnects {}",
+                    counters.connected.load(Ordering::Relaxed),
+                    args.devices,
+                    (s - last_sent) as f64 / dt,
+                    (a - last_acked) as f64 / dt,
+                    counters.reconnects.load(Ordering::Relaxed),
+                ));
+                bar.tick();
+                (last_sent, last_acked, last_t) = (s, a, Instant::now());
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let sent = counters.sent.load(Ordering::Relaxed);
+    let acked = counters.acked.load(Ordering::Relaxed);
+    println!(
+        "sim: {} devices for {:.1} s: sent {} ({:.0}/s), acked {} ({:.0}/s), rejected {}, \
+         unacknowledged {}, reconnects {}, errors {}",
+        args.devices,
+        secs,
+        sent,
+        sent as f64 / secs,
+        acked,
+        acked as f64 / secs,
+        counters.rejected.load(Ordering::Relaxed),
+        sent.saturating_sub(acked + counters.rejected.load(Ordering::Relaxed)),
+        counters.reconnects.load(Ordering::Relaxed),
+        counters.errors.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
