@@ -180,6 +180,9 @@ struct Shared {
     /// Gateway clock minus local clock, ms; i64::MIN until known.
     clock_offset: AtomicI64,
     max_payload: AtomicU64,
+    /// Bumped (under the outbox lock) whenever a rebase renumbers readings,
+    /// so a waiting `flush` re-reads its target.
+    rebases: AtomicU64,
     closing: watch::Sender<bool>,
 }
 
@@ -247,6 +250,7 @@ impl Client {
             max_payload: AtomicU64::new(
                 (furrow_proto::DEFAULT_MAX_FRAME as usize - TELEMETRY_OVERHEAD) as u64,
             ),
+            rebases: AtomicU64::new(0),
             closing,
             cfg,
         });
@@ -305,17 +309,35 @@ impl Client {
     }
 
     /// Waits until every reading sent before this call is acknowledged (or
-    /// was rejected).
+    /// was rejected). Returns [`ClientError::Closed`] if the client is
+    /// closed first (the readings stay in the outbox).
     pub async fn flush(&self) -> Result<(), ClientError> {
-        let target = self.shared.outbox().last_seq();
         let mut rx = self.shared.acked.subscribe();
+        let mut closing = self.shared.closing.subscribe();
+        let (mut target, mut epoch) = {
+            let ob = self.shared.outbox();
+            (ob.last_seq(), self.shared.rebases.load(Ordering::Acquire))
+        };
         loop {
-            let first = self.shared.outbox().after(0, 1).first().map(|e| e.seq);
-            if first.is_none_or(|s| s > target) {
-                return Ok(());
+            {
+                let ob = self.shared.outbox();
+                // A rebase renumbered what was pending: everything queued
+                // up to it is what this call waits for now.
+                let now = self.shared.rebases.load(Ordering::Acquire);
+                if now != epoch {
+                    (target, epoch) = (ob.last_seq(), now);
+                }
+                let first = ob.after(0, 1).first().map(|e| e.seq);
+                if first.is_none_or(|s| s > target) {
+                    return Ok(());
+                }
             }
-            if rx.changed().await.is_err() {
+            if *closing.borrow_and_update() {
                 return Err(ClientError::Closed);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(ClientError::Closed) },
+                _ = closing.changed() => {}
             }
         }
     }
@@ -356,6 +378,7 @@ impl Client {
     pub async fn close(&self) {
         self.shared.closing.send_replace(true);
         self.shared.space.notify_waiters();
+        self.shared.acked.send_modify(|_| {});
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
@@ -405,7 +428,10 @@ async fn run(shared: Arc<Shared>, handler: Option<Handler>) {
             &mut closing,
         )
         .await;
-        if outcome.welcomed {
+        // A session that was welcomed resets the backoff, unless the gateway
+        // ended it with ERROR: then something about this device is wrong and
+        // reconnecting at once would only repeat it.
+        if outcome.welcomed && !matches!(outcome.reason, Disconnect::Error { .. }) {
             attempt = 0;
         }
         if shared.closing() {
@@ -511,10 +537,14 @@ async fn serve_connection(
     closing: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let cfg = &shared.cfg;
-    let stream = match timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Outcome::failed(Disconnect::ConnectFailed(e.to_string())),
-        Err(_) => return Outcome::failed(Disconnect::ConnectFailed("connect timed out".into())),
+    let connect = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr));
+    let stream = match unless_closing(closing, connect).await {
+        None => return Outcome::failed(Disconnect::Closed),
+        Some(Ok(Ok(s))) => s,
+        Some(Ok(Err(e))) => return Outcome::failed(Disconnect::ConnectFailed(e.to_string())),
+        Some(Err(_)) => {
+            return Outcome::failed(Disconnect::ConnectFailed("connect timed out".into()))
+        }
     };
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();
@@ -534,7 +564,11 @@ async fn serve_connection(
     if let Err(e) = write_all(&mut wr, &hello, cfg.connect_timeout).await {
         return Outcome::failed(e);
     }
-    let welcome = match timeout(cfg.connect_timeout, msgs.recv()).await {
+    let answer = match unless_closing(closing, timeout(cfg.connect_timeout, msgs.recv())).await {
+        None => return Outcome::failed(Disconnect::Closed),
+        Some(a) => a,
+    };
+    let welcome = match answer {
         Err(_) => return Outcome::failed(Disconnect::ConnectFailed("no WELCOME in time".into())),
         Ok(None) => {
             return Outcome::failed(Disconnect::ConnectFailed("closed during handshake".into()))
@@ -569,7 +603,11 @@ async fn serve_connection(
     // If our counter is behind it, we lost our state (see Outbox::rebase):
     // renumber what is pending instead, or the gateway would take new
     // readings for duplicates.
-    {
+    let max_payload = (welcome.max_frame as usize).saturating_sub(TELEMETRY_OVERHEAD);
+    shared
+        .max_payload
+        .store(max_payload as u64, Ordering::Relaxed);
+    let too_large = {
         let mut ob = shared.outbox();
         let res = if welcome.last_seq > ob.last_seq() {
             tracing::warn!(
@@ -577,13 +615,37 @@ async fn serve_connection(
                 gateway = welcome.last_seq,
                 "seq counter behind the gateway (device state lost?): renumbering pending readings"
             );
-            ob.rebase(welcome.last_seq)
+            let r = ob.rebase(welcome.last_seq);
+            shared.rebases.fetch_add(1, Ordering::AcqRel);
+            r
         } else {
             ob.ack(welcome.last_seq)
         };
         if let Err(e) = res {
             tracing::error!(error = %e, "outbox update after WELCOME failed");
         }
+        // Readings queued before this gateway's max_frame was known may not
+        // fit it: the gateway would refuse the frame and close, every time.
+        // Drop them and say so rather than wedge the outbox.
+        let big: Vec<(u64, usize)> = ob
+            .after(0, usize::MAX)
+            .iter()
+            .filter(|e| e.payload.len() > max_payload)
+            .map(|e| (e.seq, e.payload.len()))
+            .collect();
+        for (seq, _) in &big {
+            if let Err(e) = ob.remove(*seq) {
+                tracing::error!(error = %e, "outbox remove failed");
+            }
+        }
+        big
+    };
+    for (seq, len) in too_large {
+        shared.emit(Event::Rejected {
+            seq,
+            code: furrow_proto::ErrorCode::FrameTooLarge as u16,
+            reason: format!("payload of {len} bytes exceeds the gateway's limit of {max_payload}"),
+        });
     }
     shared.acked.send_if_modified(|v| {
         let raise = welcome.last_seq > *v;
@@ -595,10 +657,6 @@ async fn serve_connection(
     shared.space.notify_waiters();
     let offset = welcome.server_time_ms as i64 - now_ms() as i64;
     shared.clock_offset.store(offset, Ordering::Relaxed);
-    let max_payload = (welcome.max_frame as usize).saturating_sub(TELEMETRY_OVERHEAD);
-    shared
-        .max_payload
-        .store(max_payload as u64, Ordering::Relaxed);
     shared.emit(Event::Connected {
         last_seq: welcome.last_seq,
     });
@@ -767,6 +825,20 @@ async fn serve_connection(
             }
             _ = sleep_until(dead_at) => return session(Disconnect::KeepaliveTimeout),
         }
+    }
+}
+
+/// Runs `fut` unless the client is closed first (`None`).
+async fn unless_closing<F: std::future::Future>(
+    closing: &mut watch::Receiver<bool>,
+    fut: F,
+) -> Option<F::Output> {
+    if *closing.borrow_and_update() {
+        return None;
+    }
+    tokio::select! {
+        out = fut => Some(out),
+        _ = closing.changed() => None,
     }
 }
 
