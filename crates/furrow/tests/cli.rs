@@ -504,3 +504,34 @@ async fn accept_backs_off_when_out_of_file_descriptors() {
     dev.telemetry_batch(1..=3).await;
     dev.until_ack(3).await;
 }
+
+/// More devices than the process may open files: `furrow sim` says so
+/// plainly, before provisioning or connecting anything.
+#[test]
+fn sim_refuses_more_devices_than_open_files_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new("prlimit")
+        .arg("--nofile=1000:1000")
+        .arg(env!("CARGO_BIN_EXE_furrow"))
+        .args([
+            "sim",
+            "--devices",
+            "2000",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("prlimit (util-linux) runs furrow sim");
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("2000 devices")
+            && err.contains("at most 1000")
+            && err.contains("several simulator processes"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!data.exists(), "nothing provisioned before refusing");
+}
