@@ -165,6 +165,7 @@ async fn gateway_stops_reading_instead_of_buffering_a_fast_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_time_does_not_count_against_the_keepalive() {
+    init_test_logs();
     // Keepalive 1 s (timeout 1.5 s). The device streams without reading its
     // ACKs for 3 s, through a tiny receive buffer: the gateway's unsent ACKs
     // reach max_unsent_bytes and it stops reading. That pause must not end

@@ -50,6 +50,10 @@ use crate::store::{DeviceKey, Store, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob, WriterTx};
 use acks::AckTracker;
 
+/// After backpressure ends, how long the gateway waits at least for bytes to
+/// flow again before judging the peer dead (see `Session::active`).
+const RESUME_GRACE: Duration = Duration::from_secs(10);
+
 /// Read size before WELCOME (the largest HELLO is 397 bytes).
 const HANDSHAKE_READ_CHUNK: usize = 512;
 
@@ -148,6 +152,9 @@ struct Active {
     idle_deadline: Instant,
     /// When reading stopped for backpressure (time then does not count).
     paused_at: Option<Instant>,
+    /// When reading resumed after a pause, until bytes flow again (that
+    /// time does not count either, up to [`RESUME_GRACE`]).
+    resumed_at: Option<Instant>,
     // Keeps the registry entry exactly as long as the session lives.
     _guard: DeviceGuard,
 }
@@ -429,6 +436,7 @@ impl Session {
             keepalive,
             idle_deadline: Instant::now() + keepalive,
             paused_at: None,
+            resumed_at: None,
             _guard: guard,
         }))
     }
@@ -482,12 +490,16 @@ impl Session {
             // then stays within one frame plus one read chunk.
             let can_read = room && !buffered;
             // Time spent not reading (backpressure) does not count against
-            // the keepalive.
+            // the keepalive; nor does the time after resuming until bytes
+            // flow again: a sender that met a closed TCP window retries on
+            // the zero-window persist timer, which backs off (seen: seconds
+            // of silence on loopback after the gateway had resumed reading).
             match (can_read, a.paused_at) {
                 (false, None) => a.paused_at = Some(Instant::now()),
                 (true, Some(p)) => {
                     a.idle_deadline += p.elapsed();
                     a.paused_at = None;
+                    a.resumed_at.get_or_insert_with(Instant::now);
                 }
                 _ => {}
             }
@@ -503,9 +515,15 @@ impl Session {
             // One timer serves both the keepalive and, while a duplicate waits
             // on another connection's commit, a short poll.
             let poll_device = a.acks.waits_on_device(a.slot.resolved());
+            // While waiting for the flow to resume, a dead peer is still
+            // noticed, after a longer grace.
+            let deadline = match a.resumed_at {
+                Some(r) => r + (a.keepalive * 2).max(RESUME_GRACE),
+                None => a.idle_deadline,
+            };
             let wake_at = match (can_read, poll_device) {
                 (_, true) => Some(Instant::now() + Duration::from_millis(20)),
-                (true, false) => Some(a.idle_deadline),
+                (true, false) => Some(deadline),
                 (false, false) => None,
             };
             let write = self.conn.unsent() > 0;
@@ -513,10 +531,16 @@ impl Session {
                 _ = cell.changed() => {}
                 r = self.conn.io(can_read, write), if can_read || write => match r {
                     Ok(Some(0)) | Err(_) => return Ok(Drain::PeerClosed),
-                    Ok(_) => {}
+                    Ok(Some(_)) => {
+                        // Bytes flow again: the wait since resuming was not idleness.
+                        if let Some(r) = a.resumed_at.take() {
+                            a.idle_deadline += r.elapsed();
+                        }
+                    }
+                    Ok(None) => {}
                 },
-                _ = sleep_until(wake_at.unwrap_or(a.idle_deadline)), if wake_at.is_some() => {
-                    if can_read && Instant::now() >= a.idle_deadline {
+                _ = sleep_until(wake_at.unwrap_or(deadline)), if wake_at.is_some() => {
+                    if can_read && Instant::now() >= deadline {
                         return Err(Fatal(ErrorCode::KeepaliveTimeout, "no frame within 1.5 x keepalive".into()));
                     }
                 }
