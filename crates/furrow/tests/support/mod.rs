@@ -317,6 +317,22 @@ impl DeviceReader {
         }
     }
 
+    /// Reads raw bytes until the gateway closes (EOF or reset): true, or
+    /// the wait passes: false. For a device the gateway gave up on, whose
+    /// last frame may be cut off (best-effort flush), like a network cut.
+    pub async fn until_closed(&mut self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            self.buf.clear();
+            self.buf.reserve(16 * 1024);
+            match tokio::time::timeout_at(deadline, self.rd.read_buf(&mut self.buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
     /// The next complete frame's wire bytes, EOF, reset or timeout.
     pub async fn next_raw(&mut self, wait: Duration) -> Result<Bytes, Event> {
         let deadline = Instant::now() + wait;
