@@ -10,19 +10,6 @@ use std::time::{Duration, Instant};
 use furrow_proto::Message;
 use support::*;
 
-/// A `furrow` command with a clean environment (no FURROW_* leaking in).
-fn furrow_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_furrow"));
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FURROW_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
-
 /// Runs `furrow args...` to completion, bounded to 20 s.
 fn furrow(args: &[&str]) -> Output {
     let mut child = furrow_cmd(args)
@@ -304,11 +291,6 @@ impl Drop for ServeChild {
             }
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,25 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use furrow_client::{Backoff, Client, Config, Disconnect, Event as ClientEvent};
-use support::{assert_seqs, stored_seqs_in, within};
+use support::{assert_seqs, free_port, furrow_cmd, stored_seqs_in, within};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 const DEVICES: usize = 50;
 const N: u64 = 400;
-
-/// A `furrow` command with a clean environment (no FURROW_* leaking in).
-fn furrow_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_furrow"));
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FURROW_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
 
 /// A `furrow serve` child, killed on drop if still running.
 struct ServeChild {
@@ -95,11 +82,6 @@ impl Drop for ServeChild {
             let _ = self.child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// A read-only connection of our own to the gateway's database.

@@ -8,28 +8,15 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use faults::{FaultConfig, FaultProxy};
 use furrow_client::outbox::{FileOutbox, FileOutboxOptions, Outbox};
 use furrow_client::{Backoff, Client, Config, Event as ClientEvent};
-use support::{assert_seqs, stored_seqs_async, within, TestGateway};
+use support::{assert_seqs, furrow_cmd, stored_seqs_async, within, TestGateway};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-
-/// A `furrow` command with a clean environment (no FURROW_* leaking in).
-fn furrow_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_furrow"));
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FURROW_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
 
 /// A child process, killed on drop if still running.
 struct ChildGuard(Child);

@@ -773,3 +773,23 @@ pub fn init_test_logs() {
             .try_init();
     }
 }
+
+/// A `furrow` command (the binary under test) with a clean environment: no
+/// FURROW_* variable of the caller leaks in.
+pub fn furrow_cmd(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_furrow"));
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FURROW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
