@@ -4,6 +4,8 @@
 //! * `flat`: every device keeps up to `--window` TELEMETRY unacknowledged
 //!   and sends as fast as ACKs allow; reports ACKed messages per second and
 //!   ACK latency percentiles (HdrHistogram, microseconds).
+//! * `steady`: every device sends at `--rate` messages per second (never
+//!   beyond WELCOME's max_inflight); reports ACK latency below saturation.
 //! * `idle`: connects and authenticates N devices, then holds them; with
 //!   `--gateway-pid`, reports the gateway's resident memory per connection.
 //!
@@ -27,6 +29,8 @@ use furrow_proto::{FrameDecoder, Hello, Message, Str};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod steady;
 
 #[derive(Parser)]
 #[command(name = "furrow-bench", about = "Load generator for furrow/1 gateways")]
@@ -63,6 +67,21 @@ enum Mode {
         /// Unacknowledged messages per device (capped by WELCOME.max_inflight).
         #[arg(long, default_value_t = 64)]
         window: usize,
+        /// JSON payload size in bytes.
+        #[arg(long, default_value_t = 120)]
+        payload_bytes: usize,
+        /// Seconds to measure (after a 2 s warm-up).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Each device sends at a fixed rate; measures ACK latency below
+    /// saturation.
+    Steady {
+        #[command(flatten)]
+        common: Common,
+        /// Messages per second per device.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
         /// JSON payload size in bytes.
         #[arg(long, default_value_t = 120)]
         payload_bytes: usize,
@@ -207,6 +226,13 @@ async fn flat_device(
     Ok(hist)
 }
 
+/// A JSON object padded to the requested size.
+fn json_payload(bytes: usize) -> Vec<u8> {
+    let base = r#"{"t":21.5,"h":40.2,"p":""}"#;
+    let pad = bytes.saturating_sub(base.len());
+    format!(r#"{{"t":21.5,"h":40.2,"p":"{}"}}"#, "x".repeat(pad)).into_bytes()
+}
+
 fn run_flat(
     common: Common,
     window: usize,
@@ -214,11 +240,7 @@ fn run_flat(
     duration: u64,
 ) -> anyhow::Result<()> {
     let devices = provision(&common)?;
-    // A JSON object padded to the requested size.
-    let base = r#"{"t":21.5,"h":40.2,"p":""}"#;
-    let pad = payload_bytes.saturating_sub(base.len());
-    let payload =
-        Arc::new(format!(r#"{{"t":21.5,"h":40.2,"p":"{}"}}"#, "x".repeat(pad)).into_bytes());
+    let payload = Arc::new(json_payload(payload_bytes));
     let stats = Arc::new(FlatStats {
         acked: AtomicU64::new(0),
         measuring: AtomicBool::new(false),
@@ -368,6 +390,12 @@ fn main() -> anyhow::Result<()> {
             payload_bytes,
             duration,
         } => run_flat(common, window, payload_bytes, duration),
+        Mode::Steady {
+            common,
+            rate,
+            payload_bytes,
+            duration,
+        } => steady::run(common, rate, payload_bytes, duration),
         Mode::Idle {
             common,
             gateway_pid,
