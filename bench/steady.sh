@@ -2,6 +2,8 @@
 # ACK latency below saturation: every device sends at a fixed rate.
 #
 #   bench/steady.sh [DEVICES] [RATE_PER_DEVICE] [SYNCHRONOUS] [SECONDS]
+#
+# FURROW_STORAGE__BATCH_DELAY_US in the environment sets the group-commit delay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices=${1:-100}
@@ -11,7 +13,7 @@ secs=${4:-10}
 cargo build --release -q -p furrow -p furrow-bench
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
-FURROW_STORAGE__SYNCHRONOUS=$sync RUST_LOG=warn taskset -c 0 target/release/furrow serve \
+FURROW_STORAGE__SYNCHRONOUS=$sync FURROW_STORAGE__BATCH_DELAY_US=${FURROW_STORAGE__BATCH_DELAY_US:-0} RUST_LOG=warn taskset -c 0 target/release/furrow serve \
     --data-dir "$dir" --listen "127.0.0.1:$port" 2>"$dir/gateway.log" &
 gw=$!
 trap 'kill -INT $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT
