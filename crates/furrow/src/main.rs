@@ -48,7 +48,8 @@ enum Cmd {
     },
     /// Simulate a fleet of devices (on the device SDK) against a gateway.
     Sim(sim::SimArgs),
-    /// Load and validate the configuration, print it, and exit.
+    /// Load and validate the configuration, print the effective settings as
+    /// TOML, and exit.
     CheckConfig {
         #[command(flatten)]
         common: Common,
@@ -176,8 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The effective configuration as TOML, ready to paste into a config file.
 fn toml_string(cfg: &Config) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(cfg)?)
+    Ok(toml::to_string_pretty(cfg)?)
 }
 
 fn main() -> ExitCode {

@@ -517,3 +517,24 @@ fn sim_refuses_more_devices_than_open_files_clearly() {
     );
     assert!(!data.exists(), "nothing provisioned before refusing");
 }
+
+/// `check-config` prints the effective settings as TOML that loads back as a
+/// config file with the same effect.
+#[test]
+fn check_config_prints_toml_that_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = furrow_cmd(&["check-config"])
+        .env("FURROW_LIMITS__MAX_INFLIGHT", "77")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let printed = text(&out.stdout);
+    assert!(printed.contains("max_inflight = 77"), "{printed}");
+    let path = dir.path().join("effective.toml");
+    std::fs::write(&path, &printed).unwrap();
+    let again = furrow_cmd(&["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", describe(&again));
+    assert_eq!(text(&again.stdout), printed);
+}
