@@ -173,7 +173,7 @@ async fn flat_device(
     payload: Arc<Vec<u8>>,
     stats: Arc<FlatStats>,
 ) -> anyhow::Result<Histogram<u64>> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = new_hist()?;
     let mut dev = connect(addr, &id, &token).await?;
     let window = window.min(dev.max_inflight).max(1);
     let dec = FrameDecoder::default();
@@ -226,6 +226,38 @@ async fn flat_device(
     Ok(hist)
 }
 
+/// An empty latency histogram: 1 us to 60 s, 3 significant digits.
+fn new_hist() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// Awaits every device task and merges their histograms.
+async fn merge(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = new_hist()?;
+    for t in tasks {
+        hist.add(t.await??)?;
+    }
+    Ok(hist)
+}
+
+/// ACK latency percentiles, microseconds: a human line and a JSON object.
+fn latency(hist: &Histogram<u64>) -> (String, serde_json::Value) {
+    let q = |p| hist.value_at_quantile(p);
+    let line = format!(
+        "ack latency us: p50={} p90={} p99={} p99.9={} max={}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        hist.max()
+    );
+    let json = serde_json::json!({"p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+                                  "p999": q(0.999), "max": hist.max()});
+    (line, json)
+}
+
 /// A JSON object padded to the requested size.
 fn json_payload(bytes: usize) -> Vec<u8> {
     let base = r#"{"t":21.5,"h":40.2,"p":""}"#;
@@ -273,11 +305,7 @@ fn run_flat(
                             Arc::clone(&stats),
                         )));
                     }
-                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-                    for t in tasks {
-                        hist.add(t.await??)?;
-                    }
-                    Ok(hist)
+                    merge(tasks).await
                 })
             },
         ));
@@ -296,7 +324,7 @@ fn run_flat(
     stats.measuring.store(false, Ordering::Relaxed);
     let acked = stats.acked.load(Ordering::Relaxed);
     stats.stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = new_hist()?;
     for h in handles {
         match h.join() {
             Ok(Ok(h)) => hist.add(h)?,
@@ -305,29 +333,22 @@ fn run_flat(
         }
     }
     let rate = acked as f64 / elapsed;
+    let (line, ack_us) = latency(&hist);
     println!(
-        "flat: devices={} window={} payload={}B  acked={} in {:.1}s = {:.0} msg/s  ack latency us: p50={} p90={} p99={} p99.9={} max={}",
+        "flat: devices={} window={} payload={}B  acked={} in {:.1}s = {:.0} msg/s  {line}",
         common.devices,
         window,
         payload.len(),
         acked,
         elapsed,
         rate,
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.9),
-        hist.value_at_quantile(0.99),
-        hist.value_at_quantile(0.999),
-        hist.max()
     );
     println!(
         "{}",
         serde_json::json!({
             "mode": "flat", "devices": common.devices, "window": window,
             "payload_bytes": payload.len(), "seconds": elapsed, "acked": acked,
-            "msgs_per_s": rate,
-            "ack_us": {"p50": hist.value_at_quantile(0.5), "p90": hist.value_at_quantile(0.9),
-                        "p99": hist.value_at_quantile(0.99), "p999": hist.value_at_quantile(0.999),
-                        "max": hist.max()}
+            "msgs_per_s": rate, "ack_us": ack_us
         })
     );
     Ok(())

@@ -16,7 +16,7 @@ use furrow_proto::{FrameDecoder, Message};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{connect, json_payload, provision, Common, FlatStats};
+use super::{connect, json_payload, latency, merge, new_hist, provision, Common, FlatStats};
 
 /// Seqs sent and not yet ACKed, with their send times.
 type Sent = Arc<Mutex<VecDeque<(u64, Instant)>>>;
@@ -66,7 +66,7 @@ async fn device(
         }
         Ok::<_, anyhow::Error>(())
     });
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = new_hist()?;
     let dec = FrameDecoder::default();
     while !stats.stop.load(Ordering::Relaxed) {
         rbuf.reserve(4096);
@@ -134,11 +134,7 @@ pub(super) fn run(
                     tokio::spawn(device(addr, id, token, period, p, s))
                 })
                 .collect();
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            for t in tasks {
-                hist.add(t.await??)?;
-            }
-            Ok(hist)
+            merge(tasks).await
         })
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -154,25 +150,17 @@ pub(super) fn run(
         Err(_) => bail!("the worker thread panicked"),
     };
     let offered = rate * common.devices as f64;
-    let q = |p| hist.value_at_quantile(p);
+    let (line, ack_us) = latency(&hist);
     println!(
-        "steady: devices={} offered={offered:.0} msg/s acked={:.0} msg/s  ack latency us: \
-         p50={} p90={} p99={} p99.9={} max={}",
+        "steady: devices={} offered={offered:.0} msg/s acked={:.0} msg/s  {line}",
         common.devices,
         acked as f64 / secs,
-        q(0.5),
-        q(0.9),
-        q(0.99),
-        q(0.999),
-        hist.max()
     );
     println!(
         "{}",
         serde_json::json!({
             "mode": "steady", "devices": common.devices, "offered_msgs_per_s": offered,
-            "msgs_per_s": acked as f64 / secs,
-            "ack_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
-                        "max": hist.max()}
+            "msgs_per_s": acked as f64 / secs, "ack_us": ack_us
         })
     );
     Ok(())
