@@ -406,13 +406,7 @@ impl Outbox for FileOutbox {
     }
 
     fn after(&self, after: u64, limit: usize) -> Vec<Entry> {
-        let start = self.entries.partition_point(|e| e.seq <= after);
-        self.entries
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect()
+        super::memory::entries_after(&self.entries, after, limit)
     }
 
     fn len(&self) -> usize {

@@ -66,18 +66,19 @@ impl Outbox for MemoryOutbox {
     }
 
     fn after(&self, after: u64, limit: usize) -> Vec<Entry> {
-        let start = self.entries.partition_point(|e| e.seq <= after);
-        self.entries
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect()
+        entries_after(&self.entries, after, limit)
     }
 
     fn len(&self) -> usize {
         self.entries.len()
     }
+}
+
+/// Up to `limit` of the seq-ordered `entries` with `seq > after` (cloning an
+/// entry shares its payload).
+pub(super) fn entries_after(entries: &VecDeque<Entry>, after: u64, limit: usize) -> Vec<Entry> {
+    let start = entries.partition_point(|e| e.seq <= after);
+    entries.iter().skip(start).take(limit).cloned().collect()
 }
 
 /// Renumbers `entries` consecutively after `after`; returns the last seq.
