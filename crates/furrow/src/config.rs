@@ -68,6 +68,11 @@ pub struct Limits {
     /// Outgoing bytes a connection may have unsent before the gateway stops
     /// reading it (a device that never reads its ACKs).
     pub max_unsent_bytes: usize,
+    /// Connections the kernel may hold completed but not yet accepted
+    /// (the listen backlog; Linux caps it at net.core.somaxconn). Too small
+    /// and a reconnect storm loses SYNs, which devices retry only after a
+    /// second.
+    pub listen_backlog: u32,
 }
 
 impl Default for Limits {
@@ -78,6 +83,7 @@ impl Default for Limits {
             handshake_timeout_ms: 10_000,
             read_chunk_bytes: 16 * 1024,
             max_unsent_bytes: 64 * 1024,
+            listen_backlog: 4096,
         }
     }
 }
@@ -275,6 +281,9 @@ impl Config {
         }
         if self.limits.max_unsent_bytes < 1024 {
             return bad("limits.max_unsent_bytes", "must be at least 1024".into());
+        }
+        if self.limits.listen_backlog == 0 {
+            return bad("limits.listen_backlog", "must be at least 1".into());
         }
         let k = &self.keepalive;
         if k.min_s == 0 || k.min_s > k.max_s || !(k.min_s..=k.max_s).contains(&k.default_s) {

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use furrow::config::{Config, Overrides};
 use furrow::store::Store;
 
+mod bench;
+mod fleet;
 mod sim;
 
 #[derive(Parser)]
@@ -48,6 +50,12 @@ enum Cmd {
     },
     /// Simulate a fleet of devices (on the device SDK) against a gateway.
     Sim(sim::SimArgs),
+    /// Load-test a gateway (furrow/1) or an MQTT broker: flat, steady,
+    /// idle or storm.
+    Bench(bench::BenchCmd),
+    /// A worker process of `furrow bench` (started by it; reads stdin).
+    #[command(hide = true)]
+    BenchWorker,
     /// Load and validate the configuration, print the effective settings as
     /// TOML, and exit.
     CheckConfig {
@@ -125,6 +133,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server.run(shutdown_signal()).await;
         }
         Cmd::Sim(args) => sim::run(args).await?,
+        Cmd::Bench(cmd) => bench::run(cmd).await?,
+        Cmd::BenchWorker => tokio::task::spawn_blocking(furrow_bench::worker_main).await??,
         Cmd::CheckConfig { common } => {
             let cfg = load(&common, None)?;
             println!("{}", toml_string(&cfg)?);

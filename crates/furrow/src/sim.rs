@@ -64,54 +64,6 @@ fn open_files_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-async fn load_devices(args: &SimArgs) -> anyhow::Result<Vec<(String, String)>> {
-    if let Some(path) = &args.devices_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read devices file {}", path.display()))?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(id), Some(token), None) => out.push((id.to_owned(), token.to_owned())),
-                _ => bail!("{}:{}: expected `device_id token`", path.display(), n + 1),
-            }
-            if out.len() == args.devices {
-                break;
-            }
-        }
-        if out.len() < args.devices {
-            bail!(
-                "{} lists {} devices, fewer than --devices {}",
-                path.display(),
-                out.len(),
-                args.devices
-            );
-        }
-        return Ok(out);
-    }
-    let Some(dir) = &args.data_dir else {
-        bail!("say where the devices come from: --data-dir DIR (provision) or --devices-file FILE");
-    };
-    let cfg = furrow::Config {
-        data_dir: dir.clone(),
-        ..furrow::Config::default()
-    };
-    let store = furrow::server::open_store(&cfg)?;
-    let mut out = Vec::with_capacity(args.devices);
-    for i in 0..args.devices {
-        let id = format!("{}-{i}", args.prefix);
-        let token = furrow::devices::add_device(&store, &id)
-            .await
-            .with_context(|| format!("provisioning {id} (choose a new --prefix)"))?;
-        out.push((id, token));
-    }
-    Ok(out)
-}
-
 #[derive(Default)]
 struct Counters {
     sent: AtomicU64,
@@ -235,7 +187,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let devices = load_devices(&args).await?;
+    let devices = crate::fleet::load_devices(
+        args.devices_file.as_deref(),
+        args.data_dir.as_deref(),
+        &args.prefix,
+        args.devices,
+    )
+    .await?;
     if let Some(path) = &args.save_devices {
         let text: String = devices.iter().map(|(i, t)| format!("{i} {t}\n")).collect();
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;

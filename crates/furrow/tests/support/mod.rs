@@ -31,6 +31,8 @@ use tokio::time::{timeout, Instant};
 /// The longest a test waits for any single message from the gateway.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
+pub mod mosquitto;
+
 /// ERROR / REJECT codes (docs/protocol.md, "Codes").
 pub mod code {
     pub const PROTOCOL_ERROR: u16 = 1;

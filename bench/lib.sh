@@ -1,0 +1,24 @@
+# Shared by the bench scripts: build once, start a gateway pinned to CPU 0
+# on a fresh data directory and a free port, stop it on exit.
+#   start_gateway [ENV=VALUE ...]   sets $gw (pid), $dir and $addr
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release -q -p furrow
+furrow=target/release/furrow
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+start_gateway() {
+    dir=$(mktemp -d)
+    port=$((20000 + RANDOM % 20000))
+    addr="127.0.0.1:$port"
+    env RUST_LOG=warn "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
+        2>"$dir/gateway.log" &
+    gw=$!
+    trap 'kill -INT $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT
+    for _ in $(seq 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "the gateway did not start: $(cat "$dir/gateway.log")" >&2
+    return 1
+}

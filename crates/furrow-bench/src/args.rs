@@ -1,0 +1,162 @@
+//! What a run is asked to do: the options of `furrow bench`, shared by the
+//! coordinator and (serialized as JSON) by its worker processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The workload.
+#[derive(clap::ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Each device sends at `--rate` messages per second (never beyond its
+    /// window): ACK latency below saturation.
+    Steady,
+    /// Each device keeps `--window` messages unacknowledged and sends as
+    /// fast as ACKs allow: the maximum rate.
+    Flat,
+    /// Hold N connections and report (with `--server-pid`, the server's
+    /// resident memory per connection).
+    Idle,
+    /// Devices stream at `--rate`; then all drop their connections at once
+    /// and reconnect: time until every one is back and streaming.
+    Storm,
+}
+
+/// The protocol spoken to the server.
+#[derive(clap::ValueEnum, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// furrow/1 TELEMETRY, cumulative ACKs.
+    Furrow,
+    /// MQTT 3.1.1 QoS 1 PUBLISH to `PREFIX/ID`, one PUBACK per message.
+    Mqtt,
+}
+
+/// Options of one benchmark run.
+#[derive(clap::Args, Serialize, Deserialize, Clone, Debug)]
+pub struct BenchArgs {
+    /// The workload.
+    #[arg(value_enum)]
+    pub mode: Mode,
+    /// Protocol: furrow/1, or MQTT QoS 1 for a broker such as Mosquitto.
+    #[arg(long, value_enum, default_value = "furrow")]
+    pub protocol: Protocol,
+    /// Server address; repeat to spread devices over several (device i
+    /// goes to address i mod count).
+    #[arg(long = "addr", default_value = "127.0.0.1:7700")]
+    pub addrs: Vec<SocketAddr>,
+    /// Number of devices (connections).
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// New connections per second while connecting (0: no limit).
+    #[arg(long, default_value_t = 5000)]
+    pub ramp: u32,
+    /// Unacknowledged messages per device (furrow/1 caps it at WELCOME's
+    /// max_inflight).
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Messages per second per device (steady and storm).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// JSON payload size in bytes.
+    #[arg(long, default_value_t = 120)]
+    pub payload_bytes: usize,
+    /// Seconds of warm-up before measuring (flat and steady).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Seconds to measure (storm: the longest to wait for all to be back).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Worker processes (0: one per 19,000 devices, as one process may
+    /// open at most 20,000 files here).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Threads per worker process, each with its own single-threaded
+    /// runtime (fairer than one multi-threaded runtime under saturation).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.1,
+    /// 127.0.0.2, ...; 0: one per 20,000 devices). One source address
+    /// reaches one server port through about 28,000 ephemeral ports.
+    #[arg(long, default_value_t = 0)]
+    pub sources: u32,
+    /// Seconds the server may take to answer a handshake.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Keepalive asked for in HELLO / CONNECT, seconds; the device pings
+    /// at half of it when it has nothing else to send.
+    #[arg(long, default_value_t = 60)]
+    pub keepalive: u16,
+    /// MQTT topic prefix (topics are PREFIX/DEVICE_ID).
+    #[arg(long, default_value = "furrow-bench")]
+    pub topic_prefix: String,
+    /// Process id of the server, to report its resident memory (idle mode:
+    /// bytes per connection).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG chart of throughput and p99 latency over time here.
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
+    /// No progress bar (it is also off when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The most devices one worker process takes: 20,000 open files per
+/// process here, less a margin for the runtime and pipes.
+pub const DEVICES_PER_WORKER: usize = 19_000;
+
+/// Connections per loopback source address before the next one is used.
+pub const DEVICES_PER_SOURCE: usize = 20_000;
+
+impl BenchArgs {
+    /// Checks the options before anything connects.
+    pub fn validate(&self) -> Result<(), crate::BenchError> {
+        let bad = |m: &str| Err(crate::BenchError::Invalid(m.to_owned()));
+        if self.devices == 0 {
+            return bad("--devices must be at least 1");
+        }
+        if self.addrs.is_empty() {
+            return bad("give at least one --addr");
+        }
+        if matches!(self.mode, Mode::Steady | Mode::Storm)
+            && !(self.rate > 0.0 && self.rate.is_finite())
+        {
+            return bad("--rate must be a positive number of messages per second");
+        }
+        if self.window == 0 || (self.protocol == Protocol::Mqtt && self.window > 65_535) {
+            return bad("--window must be 1 to 65,535");
+        }
+        if self.threads == 0 {
+            return bad("--threads must be at least 1");
+        }
+        if self.keepalive == 0 {
+            return bad("--keepalive must be at least 1 second");
+        }
+        if self.sources > 255 * 255 {
+            return bad("--sources: at most 65,025 addresses of 127.0.0.0/8");
+        }
+        Ok(())
+    }
+
+    /// Worker processes this run uses.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => self.devices.div_ceil(DEVICES_PER_WORKER),
+            n => n.min(self.devices),
+        }
+    }
+
+    /// Loopback source addresses this run spreads connections over.
+    pub fn source_count(&self) -> u32 {
+        match self.sources {
+            0 => u32::try_from(self.devices.div_ceil(DEVICES_PER_SOURCE)).unwrap_or(u32::MAX),
+            n => n,
+        }
+    }
+}

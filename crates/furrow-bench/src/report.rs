@@ -1,0 +1,196 @@
+//! The result of a run: a JSON report (every figure, and the timeline) and
+//! a human summary of it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::args::{Mode, Protocol};
+use crate::stats::Percentiles;
+
+/// One sampling interval of the timeline.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Point {
+    /// Seconds since the run started, at the end of the interval.
+    pub t_s: f64,
+    /// connect, warmup, measure, hold, storm.
+    pub phase: String,
+    /// Devices connected at the end of the interval.
+    pub connected: u64,
+    /// Messages acknowledged per second over the interval.
+    pub acked_per_s: f64,
+    /// p99 ACK latency over the interval, microseconds (none without ACKs).
+    pub p99_us: Option<u64>,
+    /// Errors so far.
+    pub errors: u64,
+}
+
+/// The storm's outcome.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct StormReport {
+    /// Devices connected when the storm began.
+    pub devices: u64,
+    /// Devices reconnected and acknowledged again.
+    pub back: u64,
+    /// Time until the last one was back, ms (none if some never came back).
+    pub all_back_ms: Option<f64>,
+    /// Per-device time from the storm to the first acknowledgement after it.
+    pub back_us: Percentiles,
+}
+
+/// The server's memory around an idle hold.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct MemoryReport {
+    /// Resident memory before any device connected, KiB.
+    pub rss_before_kib: u64,
+    /// Resident memory with every device connected, KiB.
+    pub rss_after_kib: u64,
+    /// The growth divided by the connections held.
+    pub bytes_per_connection: f64,
+}
+
+/// Everything a run measured.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Report {
+    /// The workload.
+    pub mode: Mode,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The servers.
+    pub addrs: Vec<String>,
+    /// Devices asked for.
+    pub devices: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Threads per worker.
+    pub threads: usize,
+    /// Loopback source addresses.
+    pub sources: u32,
+    /// Window per device.
+    pub window: usize,
+    /// Messages per second per device (steady, storm).
+    pub rate: f64,
+    /// Payload bytes.
+    pub payload_bytes: usize,
+    /// Devices connected at the end of the connect phase.
+    pub connected: u64,
+    /// Seconds until they were.
+    pub connect_s: f64,
+    /// Connect plus handshake latency, every connection of the run.
+    pub connect_us: Percentiles,
+    /// Seconds measured.
+    pub measured_s: f64,
+    /// Messages sent in the measured window.
+    pub sent: u64,
+    /// Messages acknowledged in the measured window.
+    pub acked: u64,
+    /// Acknowledged messages per second in the measured window.
+    pub msgs_per_s: f64,
+    /// ACK latency (send to acknowledgement) in the measured window.
+    pub ack_us: Percentiles,
+    /// Reconnections over the run.
+    pub reconnects: u64,
+    /// Errors by kind over the run.
+    pub errors: BTreeMap<String, u64>,
+    /// Storm mode's outcome.
+    pub storm: Option<StormReport>,
+    /// The server's memory (with `--server-pid`).
+    pub memory: Option<MemoryReport>,
+    /// Per-interval figures.
+    pub timeline: Vec<Point>,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn pct(p: &Percentiles) -> String {
+    format!(
+        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        ms(p.p50),
+        ms(p.p90),
+        ms(p.p99),
+        ms(p.p999),
+        ms(p.max)
+    )
+}
+
+impl Report {
+    /// A human summary, a few lines.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:?} over {:?}: {} devices on {} ({} worker(s) x {} thread(s), {} source address(es)), {} B JSON",
+            self.mode,
+            self.protocol,
+            self.devices,
+            self.addrs.join(","),
+            self.workers,
+            self.threads,
+            self.sources,
+            self.payload_bytes
+        );
+        let _ = writeln!(
+            s,
+            "  connect    {}/{} in {:.2} s; connect+handshake {}",
+            self.connected,
+            self.devices,
+            self.connect_s,
+            pct(&self.connect_us)
+        );
+        if matches!(self.mode, Mode::Flat | Mode::Steady) {
+            let _ = writeln!(
+                s,
+                "  throughput {:.0} msg/s acknowledged ({} in {:.1} s; window {}{})",
+                self.msgs_per_s,
+                self.acked,
+                self.measured_s,
+                self.window,
+                if self.mode == Mode::Steady {
+                    format!(", offered {:.0} msg/s", self.rate * self.devices as f64)
+                } else {
+                    String::new()
+                }
+            );
+            let _ = writeln!(s, "  ack        {}", pct(&self.ack_us));
+        }
+        if let Some(st) = &self.storm {
+            let all = st.all_back_ms.map_or_else(
+                || "NOT all back".to_owned(),
+                |m| format!("all back in {m:.0} ms"),
+            );
+            let _ = writeln!(
+                s,
+                "  storm      {}/{} back, {all}; per device {}",
+                st.back,
+                st.devices,
+                pct(&st.back_us)
+            );
+        }
+        if let Some(m) = &self.memory {
+            let _ = writeln!(
+                s,
+                "  memory     server RSS {} -> {} KiB: {:.0} bytes per connection",
+                m.rss_before_kib, m.rss_after_kib, m.bytes_per_connection
+            );
+        }
+        if self.errors.is_empty() {
+            let _ = writeln!(s, "  errors     none; {} reconnects", self.reconnects);
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  errors     {}; {} reconnects",
+                list.join(", "),
+                self.reconnects
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,309 @@
+//! The coordinator: starts the workers (in this process, or as worker
+//! processes), moves them through the phases of the mode, samples them at
+//! a fixed interval into the timeline and the progress bar, and builds
+//! the report.
+//!
+//! Phases: connect (at the ramp rate, until every device is connected or
+//! the connect deadline passes), then by mode:
+//! * flat, steady: warm-up, then the measured window;
+//! * idle: hold, then read the server's memory;
+//! * storm: stream for the warm-up, then every device drops its connection
+//!   at once and reconnects; until all are back or `--duration` passes.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::args::{BenchArgs, Mode};
+use crate::device::Phase;
+use crate::report::{MemoryReport, Point, Report, StormReport};
+use crate::stats::{new_hist, Percentiles, Sample};
+use crate::worker::{ChildWorker, Engine, Launcher};
+use crate::{BenchError, Cred};
+
+enum Worker {
+    Local(Engine),
+    Child(ChildWorker),
+}
+
+impl Worker {
+    fn phase(&mut self, p: Phase) -> Result<(), BenchError> {
+        match self {
+            Worker::Local(e) => {
+                e.set_phase(p);
+                Ok(())
+            }
+            Worker::Child(c) => c.send(match p {
+                Phase::Connect => return Ok(()),
+                Phase::Run => "run",
+                Phase::Storm(_) => "storm",
+                Phase::Stop => "stop",
+            }),
+        }
+    }
+
+    fn sample(&mut self) -> Result<Sample, BenchError> {
+        match self {
+            Worker::Local(e) => Ok(e.sample()),
+            Worker::Child(c) => c.sample(),
+        }
+    }
+
+    fn finish(self) -> Result<(), BenchError> {
+        match self {
+            Worker::Local(e) => e.finish(),
+            Worker::Child(c) => c.finish(),
+        }
+    }
+}
+
+/// The server's resident memory, KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| BenchError::Invalid(format!("no VmRSS for pid {pid}")))
+}
+
+struct Coordinator {
+    args: BenchArgs,
+    workers: Vec<Worker>,
+    t0: Instant,
+    last_at: Instant,
+    last: Sample,
+    timeline: Vec<Point>,
+    connect_us: Histogram<u64>,
+    bar: ProgressBar,
+}
+
+impl Coordinator {
+    /// Sleeps until `every` after the previous sample, then samples every
+    /// worker at once and records the interval.
+    fn tick(&mut self, every: Duration, phase: &str) -> Result<Sample, BenchError> {
+        let next = self.last_at + every;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let mut s = Sample::default();
+        for w in &mut self.workers {
+            s.merge(w.sample()?);
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_at).as_secs_f64().max(1e-6);
+        s.connect_us.add_to(&mut self.connect_us);
+        let mut interval = new_hist();
+        s.ack_us.add_to(&mut interval);
+        let rate = s.acked.saturating_sub(self.last.acked) as f64 / dt;
+        let errors: u64 = s.errors.values().sum();
+        let p99 = (!interval.is_empty()).then(|| interval.value_at_quantile(0.99));
+        self.timeline.push(Point {
+            t_s: now.duration_since(self.t0).as_secs_f64(),
+            phase: phase.to_owned(),
+            connected: s.connected,
+            acked_per_s: rate,
+            p99_us: p99,
+            errors,
+        });
+        self.bar.set_message(format!(
+            "{phase:<8} connected {}/{}  acked {:>9.0}/s  p99 {}  errors {errors}  reconnects {}",
+            s.connected,
+            self.args.devices,
+            rate,
+            p99.map_or_else(
+                || "-".to_owned(),
+                |v| format!("{:.1} ms", v as f64 / 1000.0)
+            ),
+            s.reconnects,
+        ));
+        self.bar.tick();
+        self.last_at = now;
+        self.last = s.clone();
+        Ok(s)
+    }
+
+    fn phase(&mut self, p: Phase) -> Result<(), BenchError> {
+        for w in &mut self.workers {
+            w.phase(p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a benchmark with these devices (the first `args.devices` of
+/// `creds` are used). With more than one worker, `launcher` starts the
+/// worker processes. Prints nothing but the progress bar; the caller
+/// prints or writes the report.
+pub fn run(
+    args: BenchArgs,
+    creds: Vec<Cred>,
+    launcher: Option<&Launcher>,
+) -> Result<Report, BenchError> {
+    args.validate()?;
+    if creds.len() < args.devices {
+        return Err(BenchError::Invalid(format!(
+            "{} devices asked for, {} given",
+            args.devices,
+            creds.len()
+        )));
+    }
+    let rss_before = args.server_pid.map(rss_kib).transpose()?;
+    let n_workers = args.worker_count();
+    let mut slices: Vec<Vec<(usize, Cred)>> = (0..n_workers).map(|_| Vec::new()).collect();
+    for (i, c) in creds.into_iter().take(args.devices).enumerate() {
+        slices[i % n_workers].push((i, c));
+    }
+    let mut workers = Vec::with_capacity(n_workers);
+    for slice in slices {
+        workers.push(if n_workers == 1 {
+            Worker::Local(Engine::start(args.clone(), slice)?)
+        } else {
+            let l = launcher.ok_or_else(|| {
+                BenchError::Invalid("several worker processes need a launcher".into())
+            })?;
+            Worker::Child(ChildWorker::spawn(l, &args, slice)?)
+        });
+    }
+    let bar = if args.quiet {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed:>4} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let t0 = Instant::now();
+    let mut c = Coordinator {
+        args: args.clone(),
+        workers,
+        t0,
+        last_at: t0,
+        last: Sample::default(),
+        timeline: Vec::new(),
+        connect_us: new_hist(),
+        bar,
+    };
+    let result = drive(&mut c, rss_before);
+    c.bar.finish_and_clear();
+    let stop = c.phase(Phase::Stop);
+    let mut finish = Ok(());
+    for w in c.workers.drain(..) {
+        if let Err(e) = w.finish() {
+            finish = Err(e);
+        }
+    }
+    let report = result?;
+    stop?;
+    finish?;
+    Ok(report)
+}
+
+fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchError> {
+    let args = c.args.clone();
+    let second = Duration::from_secs(1);
+    let n = args.devices as u64;
+
+    // Connect, at the ramp rate, until all are connected or the deadline.
+    let ramp_s = match args.ramp {
+        0 => 0.0,
+        r => args.devices as f64 / f64::from(r),
+    };
+    let deadline = c.t0 + Duration::from_secs_f64(ramp_s + args.handshake_timeout as f64 + 5.0);
+    let mut s = loop {
+        let s = c.tick(Duration::from_millis(200), "connect")?;
+        if s.connected >= n || Instant::now() >= deadline {
+            break s;
+        }
+    };
+    let connected = s.connected;
+    let connect_s = c.last_at.duration_since(c.t0).as_secs_f64();
+
+    let mut ack = new_hist();
+    let mut storm = None;
+    let mut memory = None;
+    let (mut measured_s, mut sent, mut acked) = (0.0, 0, 0);
+    match args.mode {
+        Mode::Flat | Mode::Steady => {
+            c.phase(Phase::Run)?;
+            for _ in 0..args.warmup {
+                s = c.tick(second, "warmup")?;
+            }
+            let (start, start_at) = (s.clone(), c.last_at);
+            for _ in 0..args.duration {
+                s = c.tick(second, "measure")?;
+                s.ack_us.add_to(&mut ack);
+            }
+            measured_s = c.last_at.duration_since(start_at).as_secs_f64();
+            sent = s.sent.saturating_sub(start.sent);
+            acked = s.acked.saturating_sub(start.acked);
+        }
+        Mode::Idle => {
+            for _ in 0..args.duration {
+                s = c.tick(second, "hold")?;
+            }
+            if let (Some(pid), Some(before)) = (args.server_pid, rss_before) {
+                let after = rss_kib(pid)?;
+                memory = Some(MemoryReport {
+                    rss_before_kib: before,
+                    rss_after_kib: after,
+                    bytes_per_connection: after.saturating_sub(before) as f64 * 1024.0
+                        / s.connected.max(1) as f64,
+                });
+            }
+        }
+        Mode::Storm => {
+            c.phase(Phase::Run)?;
+            for _ in 0..args.warmup.max(1) {
+                s = c.tick(second, "stream")?;
+            }
+            let devices = s.connected;
+            c.phase(Phase::Storm(Instant::now()))?;
+            let until = Instant::now() + Duration::from_secs(args.duration);
+            let mut back = new_hist();
+            loop {
+                s = c.tick(Duration::from_millis(200), "storm")?;
+                s.storm_us.add_to(&mut back);
+                if s.storm_back >= devices || Instant::now() >= until {
+                    break;
+                }
+            }
+            storm = Some(StormReport {
+                devices,
+                back: s.storm_back,
+                all_back_ms: (s.storm_back >= devices).then(|| back.max() as f64 / 1000.0),
+                back_us: Percentiles::of(&back),
+            });
+        }
+    }
+    Ok(Report {
+        mode: args.mode,
+        protocol: args.protocol,
+        addrs: args.addrs.iter().map(|a| a.to_string()).collect(),
+        devices: args.devices,
+        workers: c.workers.len(),
+        threads: args.threads,
+        sources: args.source_count(),
+        window: args.window,
+        rate: args.rate,
+        payload_bytes: crate::worker::json_payload(args.payload_bytes).len(),
+        connected,
+        connect_s,
+        connect_us: Percentiles::of(&c.connect_us),
+        measured_s,
+        sent,
+        acked,
+        msgs_per_s: if measured_s > 0.0 {
+            acked as f64 / measured_s
+        } else {
+            0.0
+        },
+        ack_us: Percentiles::of(&ack),
+        reconnects: s.reconnects,
+        errors: s.errors.clone(),
+        storm,
+        memory,
+        timeline: c.timeline.clone(),
+    })
+}

@@ -1,0 +1,74 @@
+//! `furrow bench`: the load generator (the `furrow-bench` crate) with the
+//! gateway's provisioning in front of it. furrow/1 devices are provisioned
+//! fresh into the gateway's data directory (`--data-dir`) or read from a
+//! file (`--devices-file`); MQTT devices need no provisioning (client ids
+//! PREFIX-N, no password) unless a file gives them.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use furrow_bench::{BenchArgs, Cred, Launcher, Protocol};
+
+/// `furrow bench` options.
+#[derive(clap::Args, Debug)]
+pub struct BenchCmd {
+    #[command(flatten)]
+    bench: BenchArgs,
+    /// Provision fresh devices PREFIX-0.. into this gateway data directory.
+    #[arg(long, conflicts_with = "devices_file")]
+    data_dir: Option<PathBuf>,
+    /// Read devices from this file: one `device_id token` per line.
+    #[arg(long)]
+    devices_file: Option<PathBuf>,
+    /// Device id prefix for provisioned devices (use a new one per run
+    /// against the same data directory).
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+}
+
+/// Runs the benchmark and prints its summary.
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    let BenchCmd {
+        bench,
+        data_dir,
+        devices_file,
+        prefix,
+    } = cmd;
+    bench.validate()?;
+    let creds: Vec<Cred> = if bench.protocol == Protocol::Mqtt && devices_file.is_none() {
+        (0..bench.devices)
+            .map(|i| Cred {
+                id: format!("{prefix}-{i}"),
+                token: String::new(),
+            })
+            .collect()
+    } else {
+        crate::fleet::load_devices(
+            devices_file.as_deref(),
+            data_dir.as_deref(),
+            &prefix,
+            bench.devices,
+        )
+        .await?
+        .into_iter()
+        .map(|(id, token)| Cred { id, token })
+        .collect()
+    };
+    let launcher = Launcher {
+        program: std::env::current_exe().context("cannot find the furrow executable")?,
+        args: vec!["bench-worker".into()],
+    };
+    let (json, chart) = (bench.json.clone(), bench.chart.clone());
+    let report =
+        tokio::task::spawn_blocking(move || furrow_bench::run(bench, creds, Some(&launcher)))
+            .await??;
+    print!("{}", report.summary());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = chart {
+        furrow_bench::chart::write_svg(&report, &path)?;
+    }
+    Ok(())
+}

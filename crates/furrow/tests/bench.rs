@@ -1,0 +1,298 @@
+//! `furrow bench` end to end: the real binary against a real gateway (and,
+//! for the MQTT mode, a throwaway Mosquitto). The figures of a run on a
+//! shared machine are not asserted; what is asserted is that the report is
+//! complete and true: every device connected, what was acknowledged is
+//! stored exactly once, errors are counted by kind, the storm's devices all
+//! come back, and the files it writes are what they claim to be.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::mosquitto::Mosquitto;
+use support::*;
+
+/// Runs `furrow bench ARGS --json FILE --quiet` and returns the report.
+async fn bench(dir: &Path, args: &[&str]) -> Value {
+    let json = dir.join(format!("report-{}.json", rand::random::<u32>()));
+    let mut all: Vec<&str> = vec!["bench"];
+    all.extend_from_slice(args);
+    let json_s = json.to_string_lossy().into_owned();
+    all.extend_from_slice(&["--json", &json_s, "--quiet"]);
+    let mut cmd = tokio::process::Command::from(furrow_cmd(&all));
+    let out = within(Duration::from_secs(120), "furrow bench", cmd.output())
+        .await
+        .expect("furrow bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "furrow bench {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).expect("the JSON report is written");
+    let report: Value = serde_json::from_str(&text).expect("the report is JSON");
+    assert!(stdout.contains("connect "), "a human summary: {stdout}");
+    report
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    v.pointer(path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{path} in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flat_run_reports_and_what_was_acked_is_stored_once() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = gw.addr().to_string();
+    let data = gw.config().data_dir.to_string_lossy().into_owned();
+    let chart = dir.path().join("chart.svg");
+    let chart_s = chart.to_string_lossy().into_owned();
+    let r = bench(
+        dir.path(),
+        &[
+            "flat",
+            "--addr",
+            &addr,
+            "--data-dir",
+            &data,
+            "--devices",
+            "20",
+            "--window",
+            "16",
+            "--warmup",
+            "1",
+            "--duration",
+            "2",
+            "--chart",
+            &chart_s,
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 20);
+    assert_eq!(u(&r, "/connect_us/count"), 20);
+    assert!(u(&r, "/acked") > 0, "{r}");
+    assert_eq!(u(&r, "/ack_us/count"), u(&r, "/acked"));
+    assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+    assert!(r["timeline"].as_array().unwrap().len() >= 3, "{r}");
+    // Each device's stored seqs are exactly 1..=n: nothing acked lost,
+    // nothing stored twice.
+    let db = gw.db_path();
+    let mut total = 0;
+    for i in 0..20 {
+        let seqs = stored_seqs_async(&db, &format!("bench-{i}")).await;
+        assert!(!seqs.is_empty());
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        total += seqs.len() as u64;
+    }
+    assert!(total >= u(&r, "/acked"));
+    let svg = std::fs::read_to_string(&chart).expect("the chart is written");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "an SVG with lines"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_run_sends_at_the_offered_rate_within_the_window() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, data) = (
+        gw.addr().to_string(),
+        gw.config().data_dir.to_string_lossy().into_owned(),
+    );
+    let r = bench(
+        dir.path(),
+        &[
+            "steady",
+            "--addr",
+            &addr,
+            "--data-dir",
+            &data,
+            "--devices",
+            "10",
+            "--rate",
+            "50",
+            "--warmup",
+            "1",
+            "--duration",
+            "2",
+        ],
+    )
+    .await;
+    let (sent, acked) = (u(&r, "/sent"), u(&r, "/acked"));
+    // 10 devices x 50/s x ~2 s = ~1,000 offered; a paced sender cannot
+    // send far more than that, and what it sent is acknowledged.
+    assert!((500..=1_300).contains(&sent), "sent {sent}: {r}");
+    assert!(acked + 10 * 64 >= sent && acked > 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_over_two_worker_processes_brings_every_device_back() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, data) = (
+        gw.addr().to_string(),
+        gw.config().data_dir.to_string_lossy().into_owned(),
+    );
+    let r = bench(
+        dir.path(),
+        &[
+            "storm",
+            "--addr",
+            &addr,
+            "--data-dir",
+            &data,
+            "--devices",
+            "300",
+            "--rate",
+            "5",
+            "--workers",
+            "2",
+            "--sources",
+            "3",
+            "--warmup",
+            "1",
+            "--duration",
+            "30",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/workers"), 2);
+    assert_eq!(u(&r, "/connected"), 300);
+    assert_eq!(u(&r, "/storm/devices"), 300);
+    assert_eq!(u(&r, "/storm/back"), 300, "{r}");
+    assert!(r["storm"]["all_back_ms"].as_f64().is_some(), "{r}");
+    assert_eq!(u(&r, "/storm/back_us/count"), 300);
+    assert!(u(&r, "/reconnects") >= 300, "{r}");
+    // Devices on two processes and three source addresses all streamed.
+    for i in [0, 1, 2, 299] {
+        assert!(!stored_seqs_async(&gw.db_path(), &format!("bench-{i}"))
+            .await
+            .is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_run_reports_the_servers_memory_per_connection() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, data) = (
+        gw.addr().to_string(),
+        gw.config().data_dir.to_string_lossy().into_owned(),
+    );
+    let pid = std::process::id().to_string();
+    let r = bench(
+        dir.path(),
+        &[
+            "idle",
+            "--addr",
+            &addr,
+            "--data-dir",
+            &data,
+            "--devices",
+            "200",
+            "--duration",
+            "1",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 200);
+    assert!(u(&r, "/memory/rss_after_kib") > 0, "{r}");
+    assert!(
+        r["memory"]["bytes_per_connection"].as_f64().is_some(),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_counted_by_kind() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Devices with wrong tokens: refused at the handshake, every attempt.
+    let file = dir.path().join("devices.txt");
+    gw.add_device("real").await;
+    std::fs::write(&file, "real not-its-token\n").unwrap();
+    let (addr, file_s) = (gw.addr().to_string(), file.to_string_lossy().into_owned());
+    let r = bench(
+        dir.path(),
+        &[
+            "idle",
+            "--addr",
+            &addr,
+            "--devices-file",
+            &file_s,
+            "--devices",
+            "1",
+            "--handshake-timeout",
+            "1",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 0);
+    assert!(
+        u(&r, &format!("/errors/ERROR {}", code::AUTH_FAILED)) >= 1,
+        "{r}"
+    );
+
+    // Nothing listening: connection refused.
+    let port = free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let r = bench(
+        dir.path(),
+        &[
+            "idle",
+            "--protocol",
+            "mqtt",
+            "--addr",
+            &addr,
+            "--devices",
+            "2",
+            "--handshake-timeout",
+            "1",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 0);
+    assert!(u(&r, "/errors/connect: ConnectionRefused") >= 2, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_mode_measures_a_real_mosquitto() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = broker.addr().to_string();
+    let r = bench(
+        dir.path(),
+        &[
+            "flat",
+            "--protocol",
+            "mqtt",
+            "--addr",
+            &addr,
+            "--devices",
+            "20",
+            "--window",
+            "16",
+            "--warmup",
+            "1",
+            "--duration",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(r["protocol"], "mqtt");
+    assert_eq!(u(&r, "/connected"), 20);
+    assert!(u(&r, "/acked") > 0, "{r}");
+    assert_eq!(u(&r, "/ack_us/count"), u(&r, "/acked"));
+    assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+}
