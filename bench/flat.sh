@@ -14,4 +14,4 @@ shift $(( $# < 4 ? $# : 4 ))
 start_gateway FURROW_STORAGE__SYNCHRONOUS="$sync"
 echo "gateway: synchronous=$sync"
 taskset -c 1 "$furrow" bench flat --addr "$addr" --data-dir "$dir" \
-    --devices "$devices" --window "$window" --duration "$secs" "$@"
+    --devices "$devices" --window "$window" --duration "$secs" --server-pid "$gw" "$@"

@@ -13,4 +13,4 @@ shift $(( $# < 4 ? $# : 4 ))
 start_gateway FURROW_STORAGE__SYNCHRONOUS="$sync" \
     FURROW_STORAGE__BATCH_DELAY_US="${FURROW_STORAGE__BATCH_DELAY_US:-0}"
 taskset -c 1 "$furrow" bench steady --addr "$addr" --data-dir "$dir" \
-    --devices "$devices" --rate "$rate" --duration "$secs" "$@"
+    --devices "$devices" --rate "$rate" --duration "$secs" --server-pid "$gw" "$@"

@@ -89,6 +89,19 @@ pub struct BenchArgs {
     /// at half of it when it has nothing else to send.
     #[arg(long, default_value_t = 60)]
     pub keepalive: u16,
+    /// Connect over TLS (the server's certificate is checked against
+    /// `--tls-ca`).
+    #[arg(long, requires = "tls_ca")]
+    pub tls: bool,
+    /// PEM file of the certificate authorities to trust.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
+    /// Full handshakes only: no TLS session resumption.
+    #[arg(long)]
+    pub tls_no_resume: bool,
     /// MQTT topic prefix (topics are PREFIX/DEVICE_ID).
     #[arg(long, default_value = "furrow-bench")]
     pub topic_prefix: String,

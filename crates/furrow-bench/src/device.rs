@@ -14,6 +14,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::conn::{Conn, Tls};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
@@ -43,6 +45,8 @@ pub struct Shared {
     pub rec: Recorder,
     /// The payload every message carries.
     pub payload: Bytes,
+    /// TLS, when asked for.
+    pub tls: Option<Tls>,
 }
 
 /// Messages sent and not yet acknowledged, oldest first.
@@ -164,10 +168,11 @@ impl Device {
             }
             let started = Instant::now();
             let timeout = Duration::from_secs(args.handshake_timeout);
-            let outcome = match tokio::time::timeout(timeout, self.connect(&mut wire, args)).await {
-                Err(_) => Err(DeviceError::HandshakeTimeout),
-                Ok(r) => r,
-            };
+            let outcome =
+                match tokio::time::timeout(timeout, self.connect(&mut wire, &shared)).await {
+                    Err(_) => Err(DeviceError::HandshakeTimeout),
+                    Ok(r) => r,
+                };
             let ended = match outcome {
                 Ok((stream, rbuf, granted)) => {
                     shared.rec.connected(started.elapsed().as_micros() as u64);
@@ -220,14 +225,20 @@ impl Device {
     async fn connect(
         &self,
         wire: &mut Wire,
-        args: &BenchArgs,
-    ) -> Result<(TcpStream, BytesMut, Granted), DeviceError> {
-        let mut stream = open(self.addr, self.source)
+        shared: &Shared,
+    ) -> Result<(Conn, BytesMut, Granted), DeviceError> {
+        let args = &shared.args;
+        let tcp = open(self.addr, self.source)
             .await
             .map_err(DeviceError::Connect)?;
+        let mut stream = match &shared.tls {
+            Some(tls) => tls.connect(tcp).await?,
+            None => Conn::Plain(tcp),
+        };
         let mut out = BytesMut::with_capacity(256);
         wire.hello(&self.cred.id, &self.cred.token, args.keepalive, &mut out)?;
         stream.write_all(&out).await?;
+        stream.flush().await?;
         let mut rbuf = BytesMut::with_capacity(512);
         loop {
             if let Some(g) = wire.handshake(&mut rbuf)? {
@@ -244,7 +255,7 @@ impl Device {
 struct Session<'a> {
     shared: &'a Shared,
     wire: &'a mut Wire,
-    stream: TcpStream,
+    stream: Conn,
     rbuf: BytesMut,
     granted: Granted,
     next_seq: &'a mut u64,
@@ -291,11 +302,17 @@ impl Session<'_> {
         let mut ping =
             tokio::time::interval_at((Instant::now() + half_keepalive).into(), half_keepalive);
         // Paced devices start at a random phase of their period so that a
-        // fleet does not send in lockstep.
-        let period = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
-        let offset = period.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
-        let mut tick = tokio::time::interval_at((Instant::now() + offset).into(), period);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        // fleet does not send in lockstep. The timer wakes at most every
+        // millisecond (Tokio's resolution) and each wake-up sends every
+        // message due by then in one write: one syscall per message would
+        // make the generator, not the server, the bottleneck at high rates.
+        let period_s = 1.0 / args.rate.max(1e-3);
+        let period = Duration::from_secs_f64(period_s);
+        let first = Instant::now() + period.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        let wake = period.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(first.into(), wake);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut scheduled = 0u64;
         loop {
             let now_phase = *phase.borrow_and_update();
             if let Some(end) = self.ends(now_phase) {
@@ -334,6 +351,10 @@ impl Session<'_> {
                 last_write = Instant::now();
             }
             wbuf.clear();
+            // TLS may hold records back until flushed; plain TCP does not.
+            if matches!(self.stream, Conn::Tls(_)) {
+                self.stream.flush().await?;
+            }
             if self.rbuf.capacity() - self.rbuf.len() < 1024 {
                 self.rbuf.reserve(8 * 1024);
             }
@@ -359,12 +380,22 @@ impl Session<'_> {
                     }
                 }
                 _ = tick.tick(), if sending && paced => {
-                    if window.len() < window_cap {
-                        self.wire.message(*self.next_seq, &mut wbuf)?;
-                        window.push(*self.next_seq, Instant::now());
-                        *self.next_seq += 1;
-                        self.shared.rec.sent.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let due = (now.saturating_duration_since(first).as_secs_f64() / period_s) as u64 + 1;
+                    let mut n = 0;
+                    // A message due while the window is full is not sent
+                    // later: the offered rate never exceeds what the
+                    // window allows.
+                    while scheduled < due {
+                        scheduled += 1;
+                        if window.len() < window_cap {
+                            self.wire.message(*self.next_seq, &mut wbuf)?;
+                            window.push(*self.next_seq, now);
+                            *self.next_seq += 1;
+                            n += 1;
+                        }
                     }
+                    self.shared.rec.sent.fetch_add(n, Ordering::Relaxed);
                 }
                 _ = ping.tick() => {
                     if last_write.elapsed() >= half_keepalive {

@@ -8,6 +8,7 @@
 //!
 //! The layers, from the socket up:
 //!
+//! * [`conn`]: plain TCP or TLS (rustls);
 //! * [`wire`]: the two protocols behind one interface (handshake, message,
 //!   ping, acknowledgements);
 //! * [`device`]: one device's connect, send and acknowledge loop, with
@@ -24,6 +25,7 @@
 
 pub mod args;
 pub mod chart;
+pub mod conn;
 pub mod device;
 pub mod report;
 pub mod run;
@@ -101,6 +103,9 @@ pub enum DeviceError {
     /// A message could not be encoded.
     #[error("encode: {0}")]
     Encode(String),
+    /// The TLS handshake failed.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl DeviceError {
@@ -119,6 +124,8 @@ impl DeviceError {
             Self::Decode(_) => "decode".into(),
             Self::Protocol(_) => "protocol".into(),
             Self::Encode(_) => "encode".into(),
+            // rustls errors name what failed, from a small fixed set.
+            Self::Tls(e) => format!("tls: {e}"),
         }
     }
 }

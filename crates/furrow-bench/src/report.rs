@@ -89,6 +89,12 @@ pub struct Report {
     pub msgs_per_s: f64,
     /// ACK latency (send to acknowledgement) in the measured window.
     pub ack_us: Percentiles,
+    /// The server's CPU time over the measured window, seconds (with
+    /// `--server-pid`).
+    pub server_cpu_s: Option<f64>,
+    /// The server's CPU time per acknowledged message, microseconds: the
+    /// cost per message, comparable across connection counts.
+    pub server_cpu_us_per_msg: Option<f64>,
     /// Reconnections over the run.
     pub reconnects: u64,
     /// Errors by kind over the run.
@@ -155,6 +161,12 @@ impl Report {
                 }
             );
             let _ = writeln!(s, "  ack        {}", pct(&self.ack_us));
+            if let (Some(cpu), Some(per)) = (self.server_cpu_s, self.server_cpu_us_per_msg) {
+                let _ = writeln!(
+                    s,
+                    "  server     {cpu:.2} CPU-s over the window: {per:.2} us of CPU per message"
+                );
+            }
         }
         if let Some(st) = &self.storm {
             let all = st.all_back_ms.map_or_else(

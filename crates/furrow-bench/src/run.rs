@@ -69,6 +69,24 @@ pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Invalid(format!("no VmRSS for pid {pid}")))
 }
 
+/// The server's CPU time (user + system), seconds, from /proc. Linux
+/// reports it in USER_HZ ticks, 100 per second by ABI.
+pub fn cpu_s(pid: u32) -> Result<f64, BenchError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may itself contain spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| BenchError::Invalid(format!("unreadable /proc/{pid}/stat")))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => Ok((u + s) as f64 / 100.0),
+        _ => Err(BenchError::Invalid(format!("unreadable /proc/{pid}/stat"))),
+    }
+}
+
 struct Coordinator {
     args: BenchArgs,
     workers: Vec<Worker>,
@@ -148,6 +166,10 @@ pub fn run(
             creds.len()
         )));
     }
+    if let (true, Some(ca)) = (args.tls, &args.tls_ca) {
+        // Check the CA file here, before any worker process starts.
+        crate::conn::Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?;
+    }
     let rss_before = args.server_pid.map(rss_kib).transpose()?;
     let n_workers = args.worker_count();
     let mut slices: Vec<Vec<(usize, Cred)>> = (0..n_workers).map(|_| Vec::new()).collect();
@@ -223,6 +245,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
     let mut ack = new_hist();
     let mut storm = None;
     let mut memory = None;
+    let mut server_cpu_s = None;
     let (mut measured_s, mut sent, mut acked) = (0.0, 0, 0);
     match args.mode {
         Mode::Flat | Mode::Steady => {
@@ -231,11 +254,15 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
                 s = c.tick(second, "warmup")?;
             }
             let (start, start_at) = (s.clone(), c.last_at);
+            let cpu_start = args.server_pid.map(cpu_s).transpose()?;
             for _ in 0..args.duration {
                 s = c.tick(second, "measure")?;
                 s.ack_us.add_to(&mut ack);
             }
             measured_s = c.last_at.duration_since(start_at).as_secs_f64();
+            if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
+                server_cpu_s = Some(cpu_s(pid)? - before);
+            }
             sent = s.sent.saturating_sub(start.sent);
             acked = s.acked.saturating_sub(start.acked);
         }
@@ -300,10 +327,34 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
             0.0
         },
         ack_us: Percentiles::of(&ack),
+        server_cpu_s,
+        server_cpu_us_per_msg: server_cpu_s
+            .filter(|_| acked > 0)
+            .map(|cpu| cpu * 1e6 / acked as f64),
         reconnects: s.reconnects,
         errors: s.errors.clone(),
         storm,
         memory,
         timeline: c.timeline.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_cpu_and_memory_are_readable() {
+        let pid = std::process::id();
+        // Burn a little CPU so the figure is above zero at 10 ms ticks.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        assert!(x != 1);
+        assert!(cpu_s(pid).expect("cpu") > 0.0);
+        assert!(rss_kib(pid).expect("rss") > 0);
+        assert!(cpu_s(u32::MAX).is_err());
+    }
 }

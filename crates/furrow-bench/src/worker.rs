@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::args::BenchArgs;
+use crate::conn::Tls;
 use crate::device::{source_addr, Device, Phase, Shared};
 use crate::stats::{Recorder, Sample};
 use crate::{BenchError, Cred};
@@ -86,9 +87,15 @@ impl Engine {
                 start_at,
             });
         }
+        let tls = match (&args.tls, &args.tls_ca) {
+            (true, Some(ca)) => Some(Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?),
+            (true, None) => return Err(BenchError::Invalid("--tls needs --tls-ca".into())),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             payload: json_payload(args.payload_bytes),
             rec: Recorder::default(),
+            tls,
             args,
         });
         let mut handles = Vec::with_capacity(threads);

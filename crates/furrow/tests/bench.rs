@@ -296,3 +296,63 @@ async fn mqtt_mode_measures_a_real_mosquitto() {
     assert_eq!(u(&r, "/ack_us/count"), u(&r, "/acked"));
     assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_option_connects_through_a_real_tls_server_and_checks_its_certificate() {
+    let (broker, ca) = Mosquitto::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, ca_s) = (broker.addr().to_string(), ca.to_string_lossy().into_owned());
+    let r = bench(
+        dir.path(),
+        &[
+            "flat",
+            "--protocol",
+            "mqtt",
+            "--addr",
+            &addr,
+            "--tls",
+            "--tls-ca",
+            &ca_s,
+            "--devices",
+            "10",
+            "--window",
+            "16",
+            "--warmup",
+            "1",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 10);
+    assert!(u(&r, "/acked") > 0, "{r}");
+    assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+
+    // A CA that did not sign the server's certificate: every handshake fails.
+    let other = tempfile::tempdir().unwrap();
+    support::mosquitto::dev_certs(other.path());
+    let other_ca = other.path().join("ca.pem").to_string_lossy().into_owned();
+    let r = bench(
+        dir.path(),
+        &[
+            "idle",
+            "--protocol",
+            "mqtt",
+            "--addr",
+            &addr,
+            "--tls",
+            "--tls-ca",
+            &other_ca,
+            "--devices",
+            "2",
+            "--handshake-timeout",
+            "1",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 0);
+    let errors = r["errors"].as_object().unwrap();
+    assert!(errors.keys().any(|k| k.starts_with("tls: ")), "{r}");
+}

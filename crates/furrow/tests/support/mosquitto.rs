@@ -29,25 +29,66 @@ fn program() -> PathBuf {
     panic!("mosquitto is not installed: run `apt-get install mosquitto` (scripts/test.sh does)");
 }
 
+/// A development CA and a server certificate for `localhost` signed by
+/// it (rcgen), as PEM files in `dir`: `ca.pem`, `server.pem`, `server.key`.
+pub fn dev_certs(dir: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "furrow test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca_cert, &ca_key)
+        .expect("server cert");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+    std::fs::write(dir.join("server.pem"), server.pem()).expect("write");
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+}
+
 impl Mosquitto {
     /// Starts a broker: anonymous, persistence off, loopback only.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a broker that speaks TLS only, with a certificate for
+    /// `localhost` from [`dev_certs`]; returns it and the CA file.
+    pub fn start_tls() -> (Self, PathBuf) {
+        let certs = tempfile::tempdir().expect("temp dir");
+        dev_certs(certs.path());
+        let p = |f: &str| certs.path().join(f).display().to_string();
+        let extra = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        );
+        let m = Self::start_with(&extra);
+        let ca = m._dir.path().join("ca.pem");
+        std::fs::copy(certs.path().join("ca.pem"), &ca).expect("copy CA");
+        (m, ca)
+    }
+
+    fn start_with(listener_options: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = super::free_port();
         let conf = dir.path().join("mosquitto.conf");
+        // `user root`: run as root, mosquitto would otherwise drop to its own
+        // user, which cannot read our temporary files.
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stdout\n"
+                "user root\nlistener {port} 127.0.0.1\n{listener_options}allow_anonymous true\n\
+                 persistence false\nlog_dest stdout\n"
             ),
         )
         .expect("write mosquitto.conf");
         let child = Command::new(program())
             .arg("-c")
             .arg(&conf)
-            // Run as root, mosquitto drops to its own user, which cannot
-            // write into our directory: we open its log for it.
             .stdout(std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file"))
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Runs the standard scenarios side by side and writes BENCHMARKS.md.
+
+    python3 bench/compare.py [--quick] [--out BENCHMARKS.md]
+
+Scenarios (issue 4), every server pinned to CPU 0 and the generator
+(`furrow bench`) to CPU 1, loopback only, a fresh server per run:
+
+  a. 100 devices flat out, 120-byte JSON: Furrow on SQLite at
+     synchronous=full, Furrow with durability lowered (synchronous=off,
+     labelled as such), Mosquitto at QoS 1 with persistence off. The three
+     alternate round by round, so that the machine's drift hits all alike.
+  b. idle connections at 1k, 10k and 19k (one generator process each):
+     server RSS growth per connection, Furrow against Mosquitto.
+  c. storm: 10,000 devices reconnecting at once.
+  d. growth: the same total rate (50,000 msgs/s) over 100, 1,000 and 10,000
+     connections: rate, latency, and server CPU per message.
+  e. latency below saturation: steady at half of (a)'s Furrow rate.
+
+Needs: cargo, taskset, mosquitto (Debian's package). Takes about 5 minutes
+(--quick: about 2, shorter runs and one round).
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FURROW = os.path.join(ROOT, "target", "release", "furrow")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, what):
+    for _ in range(100):
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited at start (code {proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not listen on port {port}")
+
+
+class Server:
+    """A server on CPU 0: a Furrow gateway or a Mosquitto broker."""
+
+    def __init__(self, kind, sync="full"):
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix="furrow-bench-")
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        log = open(os.path.join(self.dir, "server.log"), "w")
+        if kind == "furrow":
+            env = dict(os.environ, RUST_LOG="warn", FURROW_STORAGE__SYNCHRONOUS=sync)
+            cmd = [FURROW, "serve", "--data-dir", self.dir, "--listen", self.addr]
+        else:
+            conf = os.path.join(self.dir, "mosquitto.conf")
+            with open(conf, "w") as f:
+                f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nlog_dest stdout\n")
+            env = dict(os.environ)
+            cmd = [mosquitto(), "-c", conf]
+        self.proc = subprocess.Popen(["taskset", "-c", "0"] + cmd, env=env,
+                                     stdout=log, stderr=log)
+        wait_listening(self.port, self.proc, kind)
+
+    def stop(self):
+        self.proc.send_signal(2)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def mosquitto():
+    for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto"):
+        if os.path.exists(p):
+            return p
+    sys.exit("mosquitto is not installed: apt-get install mosquitto")
+
+
+def bench(server, mode, *args):
+    """Runs `furrow bench` on CPU 1 against `server`; returns its report."""
+    out = os.path.join(server.dir, f"report-{random.getrandbits(32)}.json")
+    cmd = ["taskset", "-c", "1", FURROW, "bench", mode, "--addr", server.addr,
+           "--server-pid", str(server.proc.pid), "--json", out, "--quiet"]
+    if server.kind == "furrow":
+        cmd += ["--data-dir", server.dir, "--prefix", f"b{random.getrandbits(32)}"]
+    else:
+        cmd += ["--protocol", "mqtt"]
+    cmd += [str(a) for a in args]
+    print("  $ furrow bench " + " ".join(cmd[cmd.index("bench") + 1:]), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"furrow bench failed:\n{r.stderr}\n{r.stdout}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def one(kind, mode, *args, sync="full"):
+    s = Server(kind, sync)
+    try:
+        return bench(s, mode, *args)
+    finally:
+        s.stop()
+
+
+def ms(us):
+    return f"{us / 1000:.1f} ms"
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mq = subprocess.run([mosquitto(), "-h"], capture_output=True, text=True).stdout.splitlines()
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB, Linux {platform.release()}; "
+            f"{mq[0] if mq else 'mosquitto'}; "
+            f"furrow {subprocess.run([FURROW, '--version'], capture_output=True, text=True).stdout.strip()}, "
+            f"git {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    opts = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "furrow"], cwd=ROOT, check=True)
+    secs, rounds = (4, 1) if opts.quick else (8, 3)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    md = []
+
+    # a. flat out, 100 devices.
+    print("a. 100 devices flat out", flush=True)
+    systems = [("Furrow, SQLite synchronous=full (durable)", "furrow", "full"),
+               ("Furrow, SQLite synchronous=off (NOT durable: comparison only)", "furrow", "off"),
+               ("Mosquitto QoS 1, persistence off (not durable)", "mosquitto", None)]
+    runs = {label: [] for label, _, _ in systems}
+    for _ in range(rounds):
+        for label, kind, sync in systems:
+            runs[label].append(one(kind, "flat", "--devices", 100, "--window", 64,
+                                   "--warmup", 2, "--duration", secs, sync=sync or "full"))
+    med = {}
+    md.append("## a. 100 devices, flat out, 120-byte JSON\n")
+    md.append(f"Each device keeps 64 messages unacknowledged. {rounds} round(s) of {secs} s, "
+              "the systems alternating; the median round is shown, with every round's rate.\n")
+    md.append("| system | acked msgs/s (median) | all rounds | ACK p50 | p99 | server CPU per msg |")
+    md.append("|---|---|---|---|---|---|")
+    for label, _, _ in systems:
+        rs = sorted(runs[label], key=lambda r: r["msgs_per_s"])
+        m = rs[len(rs) // 2]
+        med[label] = m
+        cpu = m.get("server_cpu_us_per_msg")
+        rates = ", ".join(f"{r['msgs_per_s']:,.0f}" for r in runs[label])
+        cpu_s = f"{cpu:.2f} us" if cpu else "n/a"
+        md.append(f"| {label} | {m['msgs_per_s']:,.0f} | {rates} | "
+                  f"{ms(m['ack_us']['p50'])} | {ms(m['ack_us']['p99'])} | {cpu_s} |")
+    furrow_rate = med[systems[0][0]]["msgs_per_s"]
+    mq_rate = med[systems[2][0]]["msgs_per_s"]
+    md.append("")
+    md.append(f"Durable Furrow against Mosquitto QoS 1: **{furrow_rate / mq_rate:.2f}x** "
+              f"(goal: at least 1.5x, and at least 150,000 durable msgs/s: "
+              f"{'met' if furrow_rate >= 150_000 else 'NOT met'}).\n")
+
+    # e. latency below saturation, at half the durable maximum.
+    print("e. steady at half the maximum", flush=True)
+    half = furrow_rate / 2
+    rate = max(1, round(half / 100))
+    st = one("furrow", "steady", "--devices", 100, "--rate", rate, "--window", 256,
+             "--warmup", 2, "--duration", secs)
+    md.append("## e. ACK latency below saturation\n")
+    md.append(f"100 devices at {rate} msgs/s each ({rate * 100:,} msgs/s offered, half of (a)'s "
+              f"durable rate), `synchronous=full`.\n")
+    md.append("| acked msgs/s | p50 | p90 | p99 | p99.9 | max |")
+    md.append("|---|---|---|---|---|---|")
+    a = st["ack_us"]
+    md.append(f"| {st['msgs_per_s']:,.0f} | {ms(a['p50'])} | {ms(a['p90'])} | {ms(a['p99'])} | "
+              f"{ms(a['p999'])} | {ms(a['max'])} |")
+    md.append(f"\nGoal: p99 at most 5 ms: **{'met' if a['p99'] <= 5000 else 'NOT met'}**.\n")
+
+    # b. idle memory.
+    print("b. idle connections", flush=True)
+    md.append("## b. Memory per idle connection\n")
+    md.append("Server RSS growth while N authenticated connections are held, divided by N "
+              "(kernel socket memory not included, the same for both).\n")
+    md.append("| connections | Furrow bytes/conn | Mosquitto bytes/conn | ratio |")
+    md.append("|---|---|---|---|")
+    for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
+        f = one("furrow", "idle", "--devices", n, "--duration", 2)
+        m = one("mosquitto", "idle", "--devices", n, "--duration", 2)
+        fb = f["memory"]["bytes_per_connection"]
+        mb = m["memory"]["bytes_per_connection"]
+        md.append(f"| {n:,} | {fb:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+    md.append("\nGoal: no higher than Mosquitto's.\n")
+
+    # c. storm.
+    print("c. storm", flush=True)
+    s = one("furrow", "storm", "--devices", 10000, "--rate", 1, "--warmup", 3, "--duration", 30)
+    st = s["storm"]
+    md.append("## c. Reconnect storm\n")
+    md.append("10,000 devices stream at 1 msg/s, then all drop their connections at once and "
+              "reconnect; a device is back at its first ACK after reconnecting.\n")
+    md.append("| devices | back | all back in | per device p50 | p99 |")
+    md.append("|---|---|---|---|---|")
+    allb = f"{st['all_back_ms']:,.0f} ms" if st["all_back_ms"] is not None else "NOT all back"
+    md.append(f"| {st['devices']:,} | {st['back']:,} | {allb} | {ms(st['back_us']['p50'])} | "
+              f"{ms(st['back_us']['p99'])} |")
+    md.append("\nGoal: all back within 3 s.\n")
+
+    # d. growth.
+    print("d. growth", flush=True)
+    total = 50_000
+    md.append("## d. Growth: cost per message as connections grow\n")
+    md.append(f"The same {total:,} msgs/s offered in total, spread over more and more "
+              "connections (steady mode), `synchronous=full`. The cost per message should "
+              "stay flat.\n")
+    md.append("| connections | msgs/s per device | acked msgs/s | ACK p50 | p99 | server CPU per msg |")
+    md.append("|---|---|---|---|---|---|")
+    for n in (100, 1000, 10000):
+        g = one("furrow", "steady", "--devices", n, "--rate", total / n, "--window", 256,
+                "--warmup", 3, "--duration", secs)
+        md.append(f"| {n:,} | {total / n:g} | {g['msgs_per_s']:,.0f} | {ms(g['ack_us']['p50'])} | "
+                  f"{ms(g['ack_us']['p99'])} | {g['server_cpu_us_per_msg']:.2f} us |")
+    md.append("")
+
+    head = ["# Benchmarks\n",
+            f"Written by `python3 bench/compare.py{' --quick' if opts.quick else ''}` on {started}.",
+            f"Machine: {machine()}.\n",
+            "Servers pinned to CPU 0, the load generator (`furrow bench`) to CPU 1, loopback "
+            "only. The machine is shared and noisy: compare the ratios within this file, not "
+            "absolute figures across runs. Every command is printed by the script as it runs; "
+            "`furrow bench --help` documents the options.\n"]
+    with open(opts.out, "w") as f:
+        f.write("\n".join(head + md) + "\n")
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
