@@ -9,7 +9,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 start_gateway() {
     dir=$(mktemp -d)
-    port=$((20000 + RANDOM % 20000))
+    port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     addr="127.0.0.1:$port"
     env RUST_LOG=warn "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
         2>"$dir/gateway.log" &

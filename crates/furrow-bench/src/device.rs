@@ -308,7 +308,13 @@ impl Session<'_> {
         // make the generator, not the server, the bottleneck at high rates.
         let period_s = 1.0 / args.rate.max(1e-3);
         let period = Duration::from_secs_f64(period_s);
-        let first = Instant::now() + period.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+        // After the storm a device sends at once, as a reconnecting device
+        // flushes what it queued: "back" is then the reconnection, not the
+        // wait for the next tick.
+        let first = match self.storm.pending {
+            Some(_) => Instant::now(),
+            None => Instant::now() + period.mul_f64(rand::thread_rng().gen_range(0.0..1.0)),
+        };
         let wake = period.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval_at(first.into(), wake);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
