@@ -58,6 +58,17 @@ impl Worker {
     }
 }
 
+/// Descriptors a worker needs besides one per device.
+const FD_MARGIN: usize = 64;
+
+/// This process's soft limit on open files, from /proc (Linux); worker
+/// processes inherit it.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// The server's resident memory, KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -172,6 +183,16 @@ pub fn run(
     }
     let rss_before = args.server_pid.map(rss_kib).transpose()?;
     let n_workers = args.worker_count();
+    let per_worker = args.devices.div_ceil(n_workers);
+    if let Some(limit) = open_files_limit() {
+        if per_worker + FD_MARGIN > limit {
+            return Err(BenchError::Invalid(format!(
+                "{per_worker} devices per process need about {} open files, above this \
+                 process's limit of {limit}: raise it (ulimit -n), or use more --workers",
+                per_worker + FD_MARGIN
+            )));
+        }
+    }
     let mut slices: Vec<Vec<(usize, Cred)>> = (0..n_workers).map(|_| Vec::new()).collect();
     for (i, c) in creds.into_iter().take(args.devices).enumerate() {
         slices[i % n_workers].push((i, c));

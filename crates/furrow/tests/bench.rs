@@ -356,3 +356,34 @@ async fn tls_option_connects_through_a_real_tls_server_and_checks_its_certificat
     let errors = r["errors"].as_object().unwrap();
     assert!(errors.keys().any(|k| k.starts_with("tls: ")), "{r}");
 }
+
+/// More devices per process than it may open files: refused before any
+/// connection, with what to do about it.
+#[test]
+fn more_devices_than_open_files_is_refused_before_connecting() {
+    let out = std::process::Command::new("prlimit")
+        .arg("--nofile=256:256")
+        .arg(env!("CARGO_BIN_EXE_furrow"))
+        .args([
+            "bench",
+            "idle",
+            "--protocol",
+            "mqtt",
+            "--addr",
+            "127.0.0.1:1",
+            "--devices",
+            "500",
+            "--workers",
+            "1",
+            "--quiet",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("prlimit (util-linux) runs furrow bench");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ulimit -n") && err.contains("--workers"),
+        "{err}"
+    );
+}
