@@ -65,7 +65,8 @@ class Server:
         self.addr = f"127.0.0.1:{self.port}"
         log = open(os.path.join(self.dir, "server.log"), "w")
         if kind == "furrow":
-            env = dict(os.environ, RUST_LOG="warn", FURROW_STORAGE__SYNCHRONOUS=sync)
+            env = dict(os.environ, RUST_LOG="warn", FURROW_STORAGE__SYNCHRONOUS=sync,
+                       FURROW_API__LISTEN="127.0.0.1:0")
             cmd = [FURROW, "serve", "--data-dir", self.dir, "--listen", self.addr]
         else:
             conf = os.path.join(self.dir, "mosquitto.conf")

@@ -11,7 +11,7 @@ start_gateway() {
     dir=$(mktemp -d)
     port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     addr="127.0.0.1:$port"
-    env RUST_LOG=warn "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
+    env RUST_LOG=warn FURROW_API__LISTEN=127.0.0.1:0 "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
         2>"$dir/gateway.log" &
     gw=$!
     trap 'kill -INT $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT

@@ -36,6 +36,8 @@ pub struct Config {
     pub sessions: Sessions,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
+    /// The operator's HTTP API and /metrics.
+    pub api: Api,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             storage: Storage::default(),
             sessions: Sessions::default(),
             shutdown: Shutdown::default(),
+            api: Api::default(),
         }
     }
 }
@@ -190,6 +193,33 @@ impl Default for Shutdown {
     }
 }
 
+/// The operator's HTTP API (and Prometheus /metrics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Api {
+    /// Serve the API at all.
+    pub enabled: bool,
+    /// Listen address. Loopback by default; any other address needs a token.
+    pub listen: SocketAddr,
+    /// Bearer token required by every route but /healthz and /readyz (at
+    /// least 16 characters). Empty: no token, allowed on loopback only.
+    /// Prefer FURROW_API__TOKEN to writing it into a file.
+    pub token: String,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            token: String::new(),
+        }
+    }
+}
+
+/// The shortest admin token accepted.
+pub const MIN_API_TOKEN: usize = 16;
+
 /// Values from command-line flags; `None` leaves the layers below alone.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Overrides {
@@ -281,6 +311,21 @@ impl Config {
         }
         if self.limits.max_unsent_bytes < 1024 {
             return bad("limits.max_unsent_bytes", "must be at least 1024".into());
+        }
+        if self.api.enabled && self.api.token.is_empty() && !self.api.listen.ip().is_loopback() {
+            return bad(
+                "api.token",
+                format!(
+                    "the API on {} (not loopback) needs a token: set api.token or FURROW_API__TOKEN",
+                    self.api.listen
+                ),
+            );
+        }
+        if !self.api.token.is_empty() && self.api.token.chars().count() < MIN_API_TOKEN {
+            return bad(
+                "api.token",
+                format!("must be at least {MIN_API_TOKEN} characters"),
+            );
         }
         if self.limits.listen_backlog == 0 {
             return bad("limits.listen_backlog", "must be at least 1".into());
@@ -416,5 +461,24 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/nonexistent/f.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_api_fails_closed() {
+        let mut c = Config::default();
+        c.api.listen = "0.0.0.0:7780".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("api.token") && e.contains("0.0.0.0:7780"), "{e}");
+        c.api.token = "short".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+        c.api.token = "a-long-enough-admin-token".into();
+        c.validate().unwrap();
+        // Off, or on loopback, it needs no token.
+        let mut off = Config::default();
+        off.api.enabled = false;
+        off.api.listen = "0.0.0.0:7780".parse().unwrap();
+        off.validate().unwrap();
+        Config::default().validate().unwrap();
     }
 }

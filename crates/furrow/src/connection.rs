@@ -17,7 +17,7 @@ use std::io;
 
 use bytes::BytesMut;
 use furrow_proto::message::encode_ack;
-use furrow_proto::{DecodeError, FrameDecoder, Message, RawFrame};
+use furrow_proto::{DecodeError, FrameDecoder, Message, MessageType, RawFrame};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -108,6 +108,7 @@ impl Connection {
         match self.stream.try_read_buf(&mut self.rbuf) {
             Ok(n) => {
                 self.stats.bytes_in += n as u64;
+                crate::metrics::wire().bytes_in.increment(n as u64);
                 Ok(Some(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -118,8 +119,9 @@ impl Connection {
     /// The next complete frame in the read buffer, if any.
     pub fn next_frame(&mut self) -> Result<Option<RawFrame>, DecodeError> {
         let f = self.decoder.decode(&mut self.rbuf)?;
-        if f.is_some() {
+        if let Some(f) = &f {
             self.stats.frames_in += 1;
+            crate::metrics::wire().frame_in(f.kind);
         }
         Ok(f)
     }
@@ -156,7 +158,10 @@ impl Connection {
         // Gateway messages carry our own short strings; an encoding failure
         // would be a bug, so it is logged and the frame skipped.
         match msg.encode(&mut self.wbuf) {
-            Ok(()) => self.stats.frames_out += 1,
+            Ok(()) => {
+                self.stats.frames_out += 1;
+                crate::metrics::wire().frame_out(msg.kind());
+            }
             Err(e) => tracing::error!(error = %e, kind = msg.kind().name(), "cannot encode"),
         }
     }
@@ -165,6 +170,7 @@ impl Connection {
     pub fn queue_ack(&mut self, seq: u64) {
         encode_ack(seq, &mut self.wbuf);
         self.stats.frames_out += 1;
+        crate::metrics::wire().frame_out(MessageType::Ack);
     }
 
     /// Bytes queued but not yet written.
@@ -179,6 +185,7 @@ impl Connection {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.stats.bytes_out += n as u64;
+                    crate::metrics::wire().bytes_out.increment(n as u64);
                     let _ = self.wbuf.split_to(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -22,12 +22,14 @@
 //! * [`store`]: the storage trait and its SQLite backend.
 //! * [`server`]: assembly and phased shutdown; [`config`]: settings.
 
+pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod devices;
 pub mod listener;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;

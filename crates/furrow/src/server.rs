@@ -7,9 +7,11 @@
 //!    TELEMETRY it has read, sends GOODBYE SERVER_SHUTDOWN (sessions still
 //!    in their handshake get it too) and closes;
 //! 3. wait for sessions, at most `shutdown.drain_timeout_ms`;
-//! 4. close the writer's queue and wait for its last commit.
+//! 4. close the writer's queue and wait for its last commit;
+//! 5. stop the HTTP API (which reports not ready from step 1 on).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::api::ApiState;
 use crate::config::Config;
 use crate::listener::accept_loop;
 use crate::registry::Registry;
@@ -79,6 +82,7 @@ pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
 pub struct Server {
     cfg: Config,
     listener: TcpListener,
+    api_listener: Option<TcpListener>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
 }
@@ -114,12 +118,28 @@ impl Server {
                 addr: cfg.listen,
                 source,
             })?;
+        let api_listener = if cfg.api.enabled {
+            let addr = cfg.api.listen;
+            Some(
+                crate::api::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             listener,
+            api_listener,
             store,
             registry: Arc::new(Registry::new()),
         })
+    }
+
+    /// The HTTP API's address, if it is enabled (useful with port 0).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The device listener's address (useful with port 0).
@@ -142,10 +162,37 @@ impl Server {
         let Server {
             cfg,
             listener,
+            api_listener,
             store,
             registry,
         } = self;
         let shutdown = CancellationToken::new();
+        let accepting = Arc::new(AtomicBool::new(false));
+        let api_stop = CancellationToken::new();
+        let metrics = crate::metrics::handle();
+        let upkeep = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(crate::metrics::UPKEEP_EVERY).await;
+                    metrics.run_upkeep();
+                }
+            }
+        });
+        let api_task = api_listener.map(|l| {
+            let state = ApiState {
+                store: Arc::clone(&store),
+                registry: Arc::clone(&registry),
+                metrics,
+                accepting: Arc::clone(&accepting),
+                token_digest: crate::api::auth::digest(&cfg.api.token),
+            };
+            tokio::spawn(crate::api::serve(
+                l,
+                crate::api::app(state),
+                api_stop.clone(),
+            ))
+        });
         let (writer_tx, writer_task) = writer::spawn(
             Arc::clone(&store),
             WriterConfig {
@@ -167,6 +214,7 @@ impl Server {
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "furrow listening");
 
         let accept_shared = Arc::clone(&shared);
+        accepting.store(true, Ordering::Release);
         tokio::select! {
             _ = signal => {}
             _ = accept_loop(&listener, &tracker, &shutdown, move |stream, peer, at, id| {
@@ -174,7 +222,9 @@ impl Server {
             }) => {}
         }
 
-        // Phase 1: stop accepting.
+        // Phase 1: stop accepting (and say so on /readyz, which stays up
+        // through the drain).
+        accepting.store(false, Ordering::Release);
         drop(listener);
         info!(sessions = tracker.len(), "shutting down: listener closed");
         // Phase 2: signal sessions to drain. Handshaking sessions watch the
@@ -203,6 +253,17 @@ impl Server {
         {
             warn!("storage writer did not finish in time");
         }
+        // Phase 5: the API finishes its requests in flight.
+        api_stop.cancel();
+        if let Some(t) = api_task {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                warn!("HTTP API did not finish in time");
+            }
+        }
+        upkeep.abort();
         info!("shutdown complete");
     }
 }

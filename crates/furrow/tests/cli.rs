@@ -411,6 +411,7 @@ async fn accept_backs_off_when_out_of_file_descriptors() {
     // An idle gateway holds ~17 descriptors; 40 leaves room for ~20 sessions.
     let mut cmd = Command::new("prlimit");
     cmd.arg("--nofile=40:40").arg(env!("CARGO_BIN_EXE_furrow"));
+    cmd.env("FURROW_API__LISTEN", "127.0.0.1:0");
     cmd.args([
         "serve",
         "--listen",

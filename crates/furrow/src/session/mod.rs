@@ -138,6 +138,9 @@ struct Active {
     acks: AckTracker,
     /// Records read but not yet queued to the writer.
     staged: Vec<TelemetryRecord>,
+    /// `(last ticket, when read)` of each read that staged telemetry, for
+    /// the ACK latency histogram (one sample per ACK: its oldest read).
+    read_marks: std::collections::VecDeque<(u64, Instant)>,
     /// A job the writer queue had no room for.
     pending_job: Option<WriteJob>,
     /// Ticket of the last staged record or rejection.
@@ -429,6 +432,7 @@ impl Session {
             cell,
             acks: AckTracker::new(),
             staged: Vec::new(),
+            read_marks: std::collections::VecDeque::new(),
             pending_job: None,
             ticket: 0,
             staged_reject: 0,
@@ -511,6 +515,9 @@ impl Session {
             }
             if can_read && !self.conn.has_buffered_input() {
                 self.conn.release_idle();
+                if a.read_marks.is_empty() && a.read_marks.capacity() > 0 {
+                    a.read_marks = std::collections::VecDeque::new();
+                }
             }
             // One timer serves both the keepalive and, while a duplicate waits
             // on another connection's commit, a short poll.
@@ -570,6 +577,7 @@ impl Session {
     fn handle_frames(&mut self, a: &mut Active, max_inflight: usize, max_unsent: usize) -> Flow {
         let mut now_ms_cache = None;
         let mut got_frame = false;
+        let ticket_before = a.ticket;
         let mut flow = Flow::Continue;
         while a.acks.outstanding() < max_inflight && self.conn.unsent() < max_unsent {
             let frame = match self.conn.next_frame() {
@@ -588,7 +596,11 @@ impl Session {
             }
         }
         if got_frame {
-            a.idle_deadline = Instant::now() + a.keepalive;
+            let now = Instant::now();
+            a.idle_deadline = now + a.keepalive;
+            if a.ticket > ticket_before {
+                a.read_marks.push_back((a.ticket, now));
+            }
         }
         flow
     }
@@ -708,6 +720,20 @@ impl Session {
         }
         if let Some(seq) = adv.ack {
             self.conn.queue_ack(seq);
+            let committed = a.cell.committed();
+            let mut oldest = None;
+            while let Some(&(ticket, at)) = a.read_marks.front() {
+                if ticket > committed {
+                    break;
+                }
+                oldest.get_or_insert(at);
+                a.read_marks.pop_front();
+            }
+            if let Some(at) = oldest {
+                crate::metrics::wire()
+                    .ack_latency
+                    .record(at.elapsed().as_secs_f64());
+            }
         }
     }
 

@@ -74,6 +74,7 @@ pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = T>) ->
 /// A gateway running on the test's runtime.
 pub struct TestGateway {
     addr: SocketAddr,
+    api: Option<SocketAddr>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     cfg: Config,
@@ -93,6 +94,8 @@ pub fn base_config(data_dir: &Path) -> Config {
     };
     // Keep shutdown of a test gateway short when something is stuck.
     cfg.shutdown.drain_timeout_ms = 5_000;
+    // Tests run side by side: no gateway may take the API's fixed port.
+    cfg.api.listen = "127.0.0.1:0".parse().unwrap();
     cfg
 }
 
@@ -117,6 +120,7 @@ impl TestGateway {
         .await
         .expect("the gateway binds");
         let addr = server.local_addr();
+        let api = server.api_addr();
         let store = server.store();
         let registry = server.registry();
         let (tx, rx) = oneshot::channel::<()>();
@@ -125,6 +129,7 @@ impl TestGateway {
         }));
         Self {
             addr,
+            api,
             store,
             registry,
             cfg,
@@ -132,6 +137,11 @@ impl TestGateway {
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// `http://API_ADDR{path}` (panics if the API is disabled).
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api.expect("the API is enabled"))
     }
 
     /// The device listener's address.
@@ -787,6 +797,8 @@ pub fn furrow_cmd(args: &[&str]) -> std::process::Command {
         }
     }
     cmd.env("RUST_LOG", "info");
+    // Tests run side by side: no gateway may take the API's fixed port.
+    cmd.env("FURROW_API__LISTEN", "127.0.0.1:0");
     cmd
 }
 

@@ -1,0 +1,123 @@
+//! The operator's HTTP API (axum), on its own listener: JSON under `/v1`,
+//! health checks, and Prometheus `/metrics`. Every route but `/healthz`
+//! and `/readyz` is behind the admin bearer token when one is configured
+//! (the configuration refuses a non-loopback listener without one).
+//!
+//! [`app`] builds the router from state alone, so tests can drive it
+//! without a socket.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::store::Store;
+
+pub mod auth;
+pub mod error;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The store (source of truth).
+    pub store: Arc<dyn Store>,
+    /// Live sessions on this instance.
+    pub registry: Arc<Registry>,
+    /// Prometheus rendering.
+    pub metrics: PrometheusHandle,
+    /// True while the device listener accepts.
+    pub accepting: Arc<AtomicBool>,
+    /// SHA-256 of the admin token, if one is configured.
+    pub token_digest: Option<[u8; 32]>,
+}
+
+/// The router.
+pub fn app(state: ApiState) -> Router {
+    let protected = Router::new().route("/metrics", get(metrics)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), auth::require_token),
+    );
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+/// The process is up.
+async fn healthz() -> impl IntoResponse {
+    axum::Json(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+struct Ready {
+    ready: bool,
+    store: bool,
+    device_listener: bool,
+}
+
+/// The store answers and the device listener accepts.
+async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
+    let store = matches!(
+        tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let device_listener = s.accepting.load(Ordering::Acquire);
+    let ready = store && device_listener;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(Ready {
+            ready,
+            store,
+            device_listener,
+        }),
+    )
+}
+
+/// Prometheus text format.
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+/// Binds the API listener (fail closed: an address in use stops the start).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until `stop` is cancelled, then finishes the requests in flight.
+pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(addr, "HTTP API listening");
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "HTTP API server failed");
+    }
+}

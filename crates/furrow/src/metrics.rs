@@ -1,0 +1,173 @@
+//! Prometheus exposition of the gateway's metrics.
+//!
+//! The gateway emits through the `metrics` facade everywhere (free until a
+//! recorder is installed); this module installs the Prometheus recorder once
+//! per process and renders the text format for the API's `/metrics` route.
+//! Label sets are bounded by construction: reasons, outcomes, message types
+//! and statuses, never a device id.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use furrow_proto::MessageType;
+use metrics::Counter;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets, seconds: 0.25 ms to 10 s.
+const SECONDS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Batch size buckets, rows.
+const ROWS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
+
+/// How often histograms are folded (the exporter keeps raw samples until then).
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The process's Prometheus handle, installing the recorder on first use.
+/// If another recorder was installed first (a library user's), the handle
+/// renders an empty page and a warning says why.
+pub fn handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS));
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                // The bucket lists are constants and not empty.
+                Err(e) => {
+                    tracing::warn!(error = %e, "metric buckets refused; using summaries");
+                    PrometheusBuilder::new().build_recorder()
+                }
+            };
+            let handle = recorder.handle();
+            if let Err(e) = metrics::set_global_recorder(recorder) {
+                tracing::warn!(error = %e, "another metrics recorder is installed: /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("furrow_connections_open", "Device connections open now.");
+    describe_counter!(
+        "furrow_connections_accepted_total",
+        "Device connections accepted."
+    );
+    describe_counter!(
+        "furrow_connections_closed_total",
+        "Device connections closed, by reason."
+    );
+    describe_counter!("furrow_handshakes_total", "Handshakes, by outcome.");
+    describe_counter!(
+        "furrow_frames_in_total",
+        "Frames received, by message type."
+    );
+    describe_counter!("furrow_frames_out_total", "Frames sent, by message type.");
+    describe_counter!(
+        "furrow_bytes_in_total",
+        Unit::Bytes,
+        "Bytes received from devices."
+    );
+    describe_counter!(
+        "furrow_bytes_out_total",
+        Unit::Bytes,
+        "Bytes sent to devices."
+    );
+    describe_counter!(
+        "furrow_telemetry_stored_total",
+        "Telemetry committed to the store."
+    );
+    describe_counter!(
+        "furrow_telemetry_duplicate_total",
+        "Telemetry already stored (ACKed, not stored again)."
+    );
+    describe_counter!("furrow_telemetry_rejected_total", "Telemetry REJECTed.");
+    describe_histogram!(
+        "furrow_ack_latency_seconds",
+        Unit::Seconds,
+        "From reading a frame to sending the ACK that covers it (oldest frame of each ACK)."
+    );
+    describe_histogram!(
+        "furrow_store_commit_seconds",
+        Unit::Seconds,
+        "Store commit time."
+    );
+    describe_histogram!("furrow_store_batch_rows", "Rows per store commit.");
+    describe_gauge!(
+        "furrow_writer_queue_depth",
+        "Jobs waiting for the storage writer."
+    );
+    describe_gauge!(
+        "furrow_sqlite_wal_pages",
+        "Pages in SQLite's WAL at the last checkpoint."
+    );
+    describe_counter!(
+        "furrow_store_commit_errors_total",
+        "Failed store commits (retried)."
+    );
+    describe_counter!("furrow_accept_errors_total", "accept() failures, by kind.");
+    describe_counter!(
+        "furrow_session_takeovers_total",
+        "Sessions taken over by a new connection of the same device."
+    );
+    describe_counter!(
+        "furrow_api_requests_total",
+        "HTTP API requests, by route and status class."
+    );
+}
+
+/// Counters of the wire, looked up once: the hot path pays one atomic add
+/// per frame, not a registry lookup.
+pub struct Wire {
+    frames_in: Vec<Counter>,
+    frames_out: Vec<Counter>,
+    /// Bytes read from devices.
+    pub bytes_in: Counter,
+    /// Bytes written to devices.
+    pub bytes_out: Counter,
+    /// From reading a frame to queueing the ACK that covers it.
+    pub ack_latency: metrics::Histogram,
+}
+
+static WIRE: OnceLock<Wire> = OnceLock::new();
+
+/// The wire counters (bound to the recorder installed when first called:
+/// [`crate::server::Server::run`] installs it before any connection).
+pub fn wire() -> &'static Wire {
+    WIRE.get_or_init(|| {
+        let by_type = |name: &'static str| {
+            (0..=u8::MAX)
+                .map(|b| match MessageType::from_u8(b) {
+                    Some(t) => metrics::counter!(name, "type" => t.name()),
+                    None => Counter::noop(),
+                })
+                .collect()
+        };
+        Wire {
+            frames_in: by_type("furrow_frames_in_total"),
+            frames_out: by_type("furrow_frames_out_total"),
+            bytes_in: metrics::counter!("furrow_bytes_in_total"),
+            bytes_out: metrics::counter!("furrow_bytes_out_total"),
+            ack_latency: metrics::histogram!("furrow_ack_latency_seconds"),
+        }
+    })
+}
+
+impl Wire {
+    /// Counts a frame received.
+    pub fn frame_in(&self, t: MessageType) {
+        self.frames_in[t as u8 as usize].increment(1);
+    }
+
+    /// Counts a frame sent.
+    pub fn frame_out(&self, t: MessageType) {
+        self.frames_out[t as u8 as usize].increment(1);
+    }
+}
