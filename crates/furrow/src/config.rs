@@ -22,6 +22,9 @@ use crate::store::Synchronous;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// This gateway instance's name, shown with its devices and (with
+    /// several instances) used to route to them. Empty: the host name.
+    pub instance_id: String,
     /// Device listener address.
     pub listen: SocketAddr,
     /// Where the database lives.
@@ -43,6 +46,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            instance_id: String::new(),
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
             data_dir: PathBuf::from("./furrow-data"),
             limits: Limits::default(),
@@ -214,6 +218,20 @@ impl Default for Api {
             listen: SocketAddr::from(([127, 0, 0, 1], 7780)),
             token: String::new(),
         }
+    }
+}
+
+impl Config {
+    /// `instance_id`, or the host name when it is empty.
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "furrow".to_owned())
     }
 }
 

@@ -1,4 +1,4 @@
-//! Device provisioning shared by the CLI and (later) the HTTP API: a new
+//! Device provisioning shared by the CLI and the HTTP API: a new
 //! device gets a fresh token, shown once and stored only as its hash.
 
 use furrow_proto::message::valid_device_id;
@@ -25,6 +25,16 @@ pub async fn add_device(store: &dyn Store, device_id: &str) -> Result<String, Pr
     let token = generate_token();
     store
         .create_device(device_id, hash_token(token.as_bytes()))
+        .await?;
+    Ok(token)
+}
+
+/// Gives a device a fresh token and returns it (the only time it is
+/// visible); the old token stops working at the device's next handshake.
+pub async fn rotate_token(store: &dyn Store, device_id: &str) -> Result<String, ProvisionError> {
+    let token = generate_token();
+    store
+        .rotate_token(device_id, hash_token(token.as_bytes()))
         .await?;
     Ok(token)
 }

@@ -70,13 +70,29 @@ struct HandleInner {
     // larger.
     done: AtomicBool,
     done_notify: Notify,
+    /// For operators (the API's device view).
+    peer: std::net::SocketAddr,
+    connected_ms: u64,
+    last_seen_ms: AtomicU64,
+}
+
+/// What the registry knows of a live session, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveInfo {
+    /// The device's address (as the gateway sees it).
+    pub peer: std::net::SocketAddr,
+    /// When the session was established, Unix ms.
+    pub connected_ms: u64,
+    /// When the device last sent a frame, Unix ms.
+    pub last_seen_ms: u64,
 }
 
 const NO_KICK: u16 = u16::MAX;
 
 impl SessionHandle {
-    /// A handle for connection `id`, waking the session through `wake`.
-    pub fn new(id: u64, wake: Arc<AckCell>) -> Self {
+    /// A handle for connection `id` from `peer`, established at
+    /// `connected_ms`, waking the session through `wake`.
+    pub fn new(id: u64, wake: Arc<AckCell>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
         Self {
             id,
             inner: Arc::new(HandleInner {
@@ -84,7 +100,24 @@ impl SessionHandle {
                 wake,
                 done: AtomicBool::new(false),
                 done_notify: Notify::new(),
+                peer,
+                connected_ms,
+                last_seen_ms: AtomicU64::new(connected_ms),
             }),
+        }
+    }
+
+    /// Records that the device sent something at `ms`.
+    pub fn seen(&self, ms: u64) {
+        self.inner.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The session as operators see it.
+    pub fn info(&self) -> LiveInfo {
+        LiveInfo {
+            peer: self.inner.peer,
+            connected_ms: self.inner.connected_ms,
+            last_seen_ms: self.inner.last_seen_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -238,6 +271,11 @@ impl Registry {
     pub fn is_online(&self, device_id: &str) -> bool {
         self.lock().contains_key(device_id)
     }
+
+    /// The device's live session, if it is online here.
+    pub fn info(&self, device_id: &str) -> Option<LiveInfo> {
+        self.lock().get(device_id).map(|e| e.session.info())
+    }
 }
 
 #[cfg(test)]
@@ -260,11 +298,14 @@ mod tests {
     #[tokio::test]
     async fn takeover_hands_back_old_and_shares_slot() {
         let r = Registry::new();
-        let a = SessionHandle::new(1, Default::default());
+        let a = SessionHandle::new(1, Default::default(), "127.0.0.1:1".parse().unwrap(), 0);
         let (old, slot_a) = r.claim("d", a.clone());
         assert!(old.is_none());
         slot_a.take(7);
-        let (old, slot_b) = r.claim("d", SessionHandle::new(2, Default::default()));
+        let (old, slot_b) = r.claim(
+            "d",
+            SessionHandle::new(2, Default::default(), "127.0.0.1:1".parse().unwrap(), 0),
+        );
         assert_eq!(old.unwrap().id(), 1);
         assert!(!slot_b.take(7), "the new session inherits the watermark");
         // The old session's release does not remove the new one.
@@ -276,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn kick_first_wins_and_is_not_lost() {
-        let h = SessionHandle::new(1, Default::default());
+        let h = SessionHandle::new(1, Default::default(), "127.0.0.1:1".parse().unwrap(), 0);
         h.kick(GoodbyeCode::SessionTakenOver);
         h.kick(GoodbyeCode::DeviceRevoked);
         assert_eq!(h.wait_kick().await, GoodbyeCode::SessionTakenOver);

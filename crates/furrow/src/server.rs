@@ -186,6 +186,7 @@ impl Server {
                 metrics,
                 accepting: Arc::clone(&accepting),
                 token_digest: crate::api::auth::digest(&cfg.api.token),
+                instance: cfg.instance(),
             };
             tokio::spawn(crate::api::serve(
                 l,

@@ -445,6 +445,15 @@ async fn accept_backs_off_when_out_of_file_descriptors() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The probe connection above must be closed and released before the
+    // flood: its late release would free a descriptor mid-streak.
+    within(Duration::from_secs(10), "probe released", async {
+        while !logs().contains("connection closed") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
     // More connections than descriptors: the kernel completes them all
     // (backlog), the gateway cannot accept them all.
     let mut flood = Vec::new();

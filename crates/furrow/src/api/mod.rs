@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -25,7 +25,42 @@ use crate::registry::Registry;
 use crate::store::Store;
 
 pub mod auth;
+pub mod devices;
 pub mod error;
+pub mod telemetry;
+
+/// The OpenAPI document, generated from the handlers and their types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Furrow operator API", version = "1"),
+    paths(
+        devices::create,
+        devices::list,
+        devices::get,
+        devices::revoke,
+        devices::rotate,
+        telemetry::list
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "devices", description = "Provisioning and fleet state"),
+        (name = "telemetry", description = "Stored readings")
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -40,13 +75,24 @@ pub struct ApiState {
     pub accepting: Arc<AtomicBool>,
     /// SHA-256 of the admin token, if one is configured.
     pub token_digest: Option<[u8; 32]>,
+    /// This instance's name.
+    pub instance: String,
 }
 
 /// The router.
 pub fn app(state: ApiState) -> Router {
-    let protected = Router::new().route("/metrics", get(metrics)).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), auth::require_token),
-    );
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/devices", get(devices::list).post(devices::create))
+        .route("/v1/devices/{device_id}", get(devices::get))
+        .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
+        .route("/v1/devices/{device_id}/token", post(devices::rotate))
+        .route("/v1/devices/{device_id}/telemetry", get(telemetry::list))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -92,6 +138,11 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
             device_listener,
         }),
     )
+}
+
+/// The OpenAPI document.
+async fn openapi() -> impl IntoResponse {
+    axum::Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// Prometheus text format.

@@ -384,7 +384,7 @@ impl Session {
         // Takeover: the newest connection wins. The older one stores what it
         // read and closes before this one announces last_seq.
         let cell = Arc::new(AckCell::default());
-        let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell));
+        let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell), self.peer, now_ms());
         let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
         let guard = DeviceGuard {
             registry: Arc::clone(&self.shared.registry),
@@ -596,6 +596,9 @@ impl Session {
             }
         }
         if got_frame {
+            if let Some(ms) = now_ms_cache {
+                a.handle.seen(ms);
+            }
             let now = Instant::now();
             a.idle_deadline = now + a.keepalive;
             if a.ticket > ticket_before {

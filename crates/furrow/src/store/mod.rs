@@ -72,6 +72,32 @@ pub struct StoredTelemetry {
     pub payload: Vec<u8>,
 }
 
+/// Which stored readings to read back: both bounds inclusive, all given
+/// bounds must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryRange {
+    /// Lowest seq.
+    pub from_seq: u64,
+    /// Highest seq.
+    pub to_seq: u64,
+    /// Earliest timestamp (device clock, or receive time), Unix ms.
+    pub from_ms: u64,
+    /// Latest timestamp, Unix ms.
+    pub to_ms: u64,
+}
+
+impl Default for TelemetryRange {
+    fn default() -> Self {
+        // Seqs and times are stored as i64: the bounds stay within it.
+        Self {
+            from_seq: 0,
+            to_seq: i64::MAX as u64,
+            from_ms: 0,
+            to_ms: i64::MAX as u64,
+        }
+    }
+}
+
 /// What HELLO needs to know about a device.
 #[derive(Debug, Clone)]
 pub struct DeviceAuth {
@@ -94,6 +120,8 @@ pub struct DeviceInfo {
     pub revoked_ms: Option<u64>,
     /// Highest stored seq, 0 if none.
     pub last_seq: u64,
+    /// When the reading with that seq was received, Unix ms, if any.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// Storage failures.
@@ -152,6 +180,13 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<DeviceInfo>, StoreError>;
 
+    /// One device, by id.
+    async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError>;
+
+    /// Replaces a device's token hash (the old token stops working at the
+    /// device's next handshake). [`StoreError::NoSuchDevice`] if unknown.
+    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
+
     /// Revokes a device and records the revocation for running gateways.
     /// Returns false if it was revoked already.
     async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError>;
@@ -160,11 +195,12 @@ pub trait Store: Send + Sync + 'static {
     /// order. Gateways poll this to disconnect devices revoked elsewhere.
     async fn revocations_since(&self, cursor: i64) -> Result<Vec<(i64, String)>, StoreError>;
 
-    /// A device's stored readings with `seq >= from_seq`, in seq order.
+    /// A device's stored readings within `range`, in seq order, at most
+    /// `limit`.
     async fn telemetry(
         &self,
         device_id: &str,
-        from_seq: u64,
+        range: TelemetryRange,
         limit: u32,
     ) -> Result<Vec<StoredTelemetry>, StoreError>;
 

@@ -28,7 +28,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{Batch, DeviceAuth, DeviceInfo, DeviceKey, DeviceSeqs, StoreError, StoredTelemetry};
+use super::{
+    Batch, DeviceAuth, DeviceInfo, DeviceKey, DeviceSeqs, StoreError, StoredTelemetry,
+    TelemetryRange,
+};
 use super::{DeviceKey as Key, Store};
 use crate::clock::now_ms;
 
@@ -331,6 +334,29 @@ impl SqliteStore {
     }
 }
 
+/// A device row with its stored watermark and when that reading arrived.
+fn device_info(
+    conn: &Connection,
+    key: Key,
+    device_id: String,
+    created: i64,
+    revoked: Option<i64>,
+) -> Result<DeviceInfo, StoreError> {
+    let last_seq = last_seq_of(conn, key)?;
+    let last_seen_ms = conn
+        .prepare_cached("SELECT received_ms FROM telemetry WHERE device = ?1 AND seq = ?2")?
+        .query_row(params![key, last_seq as i64], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|v| v as u64);
+    Ok(DeviceInfo {
+        device_id,
+        created_ms: created as u64,
+        revoked_ms: revoked.map(|v| v as u64),
+        last_seq,
+        last_seen_ms,
+    })
+}
+
 fn last_seq_of(conn: &Connection, device: Key) -> Result<u64, StoreError> {
     // u64 seqs above i64::MAX are stored as negative i64: they are the largest.
     let v: Option<i64> = conn
@@ -473,14 +499,50 @@ impl Store for SqliteStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 rows.into_iter()
                     .map(|(key, device_id, created, revoked)| {
-                        Ok(DeviceInfo {
-                            device_id,
-                            created_ms: created as u64,
-                            revoked_ms: revoked.map(|v| v as u64),
-                            last_seq: last_seq_of(conn, key)?,
-                        })
+                        device_info(conn, key, device_id, created, revoked)
                     })
                     .collect()
+            })
+            .await
+    }
+
+    async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError> {
+        let id = device_id.to_owned();
+        self.reader
+            .call(move |conn| {
+                let row = conn
+                    .prepare_cached(
+                        "SELECT id, device_id, created_ms, revoked_ms FROM devices WHERE device_id = ?1",
+                    )?
+                    .query_row([&id], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                        ))
+                    })
+                    .optional()?;
+                row.map(|(key, device_id, created, revoked)| {
+                    device_info(conn, key, device_id, created, revoked)
+                })
+                .transpose()
+            })
+            .await
+    }
+
+    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+        let id = device_id.to_owned();
+        self.writer
+            .call(move |conn| {
+                let n = conn.execute(
+                    "UPDATE devices SET token_hash = ?2 WHERE device_id = ?1",
+                    params![id, &token_hash[..]],
+                )?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchDevice(id));
+                }
+                Ok(())
             })
             .await
     }
@@ -536,19 +598,32 @@ impl Store for SqliteStore {
     async fn telemetry(
         &self,
         device_id: &str,
-        from_seq: u64,
+        range: TelemetryRange,
         limit: u32,
     ) -> Result<Vec<StoredTelemetry>, StoreError> {
         let id = device_id.to_owned();
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
         self.reader
             .call(move |conn| {
+                // The key range narrows the scan to the seqs asked for; the
+                // time bounds filter within it.
                 let mut stmt = conn.prepare_cached(
                     "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
                  FROM telemetry t JOIN devices d ON d.id = t.device
-                 WHERE d.device_id = ?1 AND t.seq >= ?2 ORDER BY t.seq LIMIT ?3",
+                 WHERE d.device_id = ?1 AND t.seq >= ?2 AND t.seq <= ?3
+                   AND t.timestamp_ms >= ?4 AND t.timestamp_ms <= ?5
+                 ORDER BY t.seq LIMIT ?6",
                 )?;
+                let args = params![
+                    id,
+                    clamp(range.from_seq),
+                    clamp(range.to_seq),
+                    clamp(range.from_ms),
+                    clamp(range.to_ms),
+                    limit
+                ];
                 let rows = stmt
-                    .query_map(params![id, from_seq as i64, limit], |r| {
+                    .query_map(args, |r| {
                         Ok(StoredTelemetry {
                             seq: r.get::<_, i64>(0)? as u64,
                             timestamp_ms: r.get::<_, i64>(1)? as u64,
@@ -642,7 +717,10 @@ mod tests {
         });
         store.append(batch.clone()).await.unwrap();
         store.append(batch).await.unwrap();
-        let rows = store.telemetry("d1", 0, 100).await.unwrap();
+        let rows = store
+            .telemetry("d1", TelemetryRange::default(), 100)
+            .await
+            .unwrap();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
         let seqs = store.device_seqs(auth.key).await.unwrap();
         assert_eq!((seqs.stored, seqs.rejected), (2, 3));

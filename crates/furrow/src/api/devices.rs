@@ -1,0 +1,206 @@
+//! `/v1/devices`: provision, list, inspect, revoke, rotate tokens.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use furrow_proto::GoodbyeCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, Json, Query};
+use super::ApiState;
+use crate::devices::{self, ProvisionError};
+use crate::store::DeviceInfo;
+
+/// Body of `POST /v1/devices`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDevice {
+    /// 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+    pub device_id: String,
+}
+
+/// A device's credentials, shown once.
+#[derive(Serialize, ToSchema)]
+pub struct Credentials {
+    /// The device id.
+    pub device_id: String,
+    /// The token: shown here only; the gateway keeps its hash.
+    pub token: String,
+}
+
+/// A device as operators see it.
+#[derive(Serialize, ToSchema)]
+pub struct Device {
+    /// The device id.
+    pub device_id: String,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Revocation time, Unix ms; absent while active.
+    pub revoked_ms: Option<u64>,
+    /// Highest stored seq, 0 if none.
+    pub last_seq: u64,
+    /// Connected now.
+    pub online: bool,
+    /// The gateway instance holding its connection.
+    pub instance: Option<String>,
+    /// Its address as the gateway sees it.
+    pub peer: Option<String>,
+    /// When its session began, Unix ms.
+    pub connected_since_ms: Option<u64>,
+    /// When it last sent anything (online) or when its last stored reading
+    /// arrived (offline), Unix ms.
+    pub last_seen_ms: Option<u64>,
+}
+
+impl Device {
+    fn of(s: &ApiState, d: DeviceInfo) -> Self {
+        let live = s.registry.info(&d.device_id);
+        Self {
+            online: live.is_some(),
+            instance: live.map(|_| s.instance.clone()),
+            peer: live.map(|l| l.peer.to_string()),
+            connected_since_ms: live.map(|l| l.connected_ms),
+            last_seen_ms: live.map(|l| l.last_seen_ms).or(d.last_seen_ms),
+            device_id: d.device_id,
+            created_ms: d.created_ms,
+            revoked_ms: d.revoked_ms,
+            last_seq: d.last_seq,
+        }
+    }
+}
+
+/// A page of devices.
+#[derive(Serialize, ToSchema)]
+pub struct DevicePage {
+    /// Devices in id order.
+    pub devices: Vec<Device>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+/// Paging of `GET /v1/devices`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Start after this device id.
+    pub after: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// Outcome of a revocation.
+#[derive(Serialize, ToSchema)]
+pub struct Revoked {
+    /// The device id.
+    pub device_id: String,
+    /// False if it was revoked already.
+    pub revoked: bool,
+    /// A live connection on this instance was told GOODBYE DEVICE_REVOKED.
+    pub disconnected: bool,
+}
+
+fn provision_err(e: ProvisionError) -> ApiError {
+    match e {
+        ProvisionError::InvalidId(_) => ApiError::BadRequest(e.to_string()),
+        ProvisionError::Store(s) => s.into(),
+    }
+}
+
+/// Creates a device; its token is in the answer and nowhere else.
+#[utoipa::path(post, path = "/v1/devices", tag = "devices",
+    request_body = CreateDevice,
+    responses(
+        (status = 201, body = Credentials),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 409, description = "the id exists", body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(s): State<ApiState>,
+    Json(body): Json<CreateDevice>,
+) -> Result<(StatusCode, Json<Credentials>), ApiError> {
+    let token = devices::add_device(s.store.as_ref(), &body.device_id)
+        .await
+        .map_err(provision_err)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Credentials {
+            device_id: body.device_id,
+            token,
+        }),
+    ))
+}
+
+/// Lists devices in id order, a page at a time.
+#[utoipa::path(get, path = "/v1/devices", tag = "devices", params(ListQuery),
+    responses((status = 200, body = DevicePage), (status = 400, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(s): State<ApiState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to 1000, got {limit}"
+        )));
+    }
+    let rows = s.store.list_devices(q.after, limit).await?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|d| d.device_id.clone()))
+        .flatten();
+    Ok(Json(DevicePage {
+        devices: rows.into_iter().map(|d| Device::of(&s, d)).collect(),
+        next,
+    }))
+}
+
+/// One device, with its connection if it is online.
+#[utoipa::path(get, path = "/v1/devices/{device_id}", tag = "devices",
+    params(("device_id" = String, Path)),
+    responses((status = 200, body = Device), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    match s.store.device(&device_id).await? {
+        Some(d) => Ok(Json(Device::of(&s, d))),
+        None => Err(ApiError::NotFound(format!("no device {device_id:?}"))),
+    }
+}
+
+/// Revokes a device: it cannot connect again, and a live connection is
+/// told GOODBYE DEVICE_REVOKED (on other instances, within their
+/// revocation poll).
+#[utoipa::path(post, path = "/v1/devices/{device_id}/revoke", tag = "devices",
+    params(("device_id" = String, Path)),
+    responses((status = 200, body = Revoked), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+) -> Result<Json<Revoked>, ApiError> {
+    let revoked = s.store.revoke_device(&device_id).await?;
+    let disconnected = s.registry.kick(&device_id, GoodbyeCode::DeviceRevoked);
+    Ok(Json(Revoked {
+        device_id,
+        revoked,
+        disconnected,
+    }))
+}
+
+/// Gives a device a new token (shown once). The old one stops working at
+/// the next handshake; a live connection is not cut (revoke does that).
+#[utoipa::path(post, path = "/v1/devices/{device_id}/token", tag = "devices",
+    params(("device_id" = String, Path)),
+    responses((status = 200, body = Credentials), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rotate(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+) -> Result<Json<Credentials>, ApiError> {
+    let token = devices::rotate_token(s.store.as_ref(), &device_id)
+        .await
+        .map_err(provision_err)?;
+    Ok(Json(Credentials { device_id, token }))
+}

@@ -1,0 +1,124 @@
+//! `/v1/devices/{id}/telemetry`: a device's stored readings by seq range or
+//! time range, a page at a time. JSON payloads come back as JSON; CBOR,
+//! text and octets as base64.
+
+use axum::extract::{Path, State};
+use base64::Engine;
+use furrow_proto::ContentType;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, Json, Query};
+use super::ApiState;
+use crate::store::{StoredTelemetry, TelemetryRange};
+
+/// Range and paging.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RangeQuery {
+    /// Lowest seq (inclusive).
+    pub from_seq: Option<u64>,
+    /// Highest seq (inclusive).
+    pub to_seq: Option<u64>,
+    /// Earliest timestamp, Unix ms (inclusive; the device's clock, or the
+    /// receive time when the device sent none).
+    pub from_ms: Option<u64>,
+    /// Latest timestamp, Unix ms (inclusive).
+    pub to_ms: Option<u64>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// One stored reading.
+#[derive(Serialize, ToSchema)]
+pub struct Reading {
+    /// The device's seq.
+    pub seq: u64,
+    /// Device clock (or receive time), Unix ms.
+    pub timestamp_ms: u64,
+    /// When the gateway received it, Unix ms.
+    pub received_ms: u64,
+    /// json, cbor, text or octets.
+    pub content_type: String,
+    /// The payload: JSON as JSON, anything else as standard base64.
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+}
+
+/// A page of readings.
+#[derive(Serialize, ToSchema)]
+pub struct ReadingPage {
+    /// The device id.
+    pub device_id: String,
+    /// Readings in seq order.
+    pub readings: Vec<Reading>,
+    /// Pass as `from_seq` for the next page; absent on the last one.
+    pub next_from_seq: Option<u64>,
+}
+
+fn reading(t: StoredTelemetry) -> Reading {
+    let ct = ContentType::from_u8(t.content_type);
+    let payload = match ct {
+        // Stored JSON was validated on the way in; should it not parse
+        // (written by something else), it is returned as base64 instead.
+        Some(ContentType::Json) => serde_json::from_slice(&t.payload).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| {
+        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&t.payload))
+    });
+    Reading {
+        seq: t.seq,
+        timestamp_ms: t.timestamp_ms,
+        received_ms: t.received_ms,
+        content_type: ct.map_or_else(
+            || format!("0x{:02x}", t.content_type),
+            |c| c.name().to_owned(),
+        ),
+        payload,
+    }
+}
+
+/// A device's stored readings.
+#[utoipa::path(get, path = "/v1/devices/{device_id}/telemetry", tag = "telemetry",
+    params(("device_id" = String, Path), RangeQuery),
+    responses((status = 200, body = ReadingPage), (status = 400, body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+    Query(q): Query<RangeQuery>,
+) -> Result<Json<ReadingPage>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to 1000, got {limit}"
+        )));
+    }
+    let d = TelemetryRange::default();
+    let range = TelemetryRange {
+        from_seq: q.from_seq.unwrap_or(d.from_seq),
+        to_seq: q.to_seq.unwrap_or(d.to_seq),
+        from_ms: q.from_ms.unwrap_or(d.from_ms),
+        to_ms: q.to_ms.unwrap_or(d.to_ms),
+    };
+    if range.from_seq > range.to_seq || range.from_ms > range.to_ms {
+        return Err(ApiError::BadRequest(
+            "an empty range: from is after to".into(),
+        ));
+    }
+    if s.store.device(&device_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no device {device_id:?}")));
+    }
+    let rows = s.store.telemetry(&device_id, range, limit).await?;
+    let next_from_seq = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.seq + 1))
+        .flatten()
+        .filter(|n| *n <= range.to_seq);
+    Ok(Json(ReadingPage {
+        device_id,
+        readings: rows.into_iter().map(reading).collect(),
+        next_from_seq,
+    }))
+}
