@@ -41,6 +41,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The operator's HTTP API and /metrics.
     pub api: Api,
+    /// Events to an MQTT broker.
+    pub mqtt: Mqtt,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             sessions: Sessions::default(),
             shutdown: Shutdown::default(),
             api: Api::default(),
+            mqtt: Mqtt::default(),
         }
     }
 }
@@ -235,6 +238,41 @@ impl Config {
     }
 }
 
+/// Events to an MQTT broker (see `publish`). Off unless `url` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mqtt {
+    /// `mqtt://host[:port]`; empty: no events.
+    pub url: String,
+    /// Topics start with this.
+    pub topic_prefix: String,
+    /// 0 or 1.
+    pub qos: u8,
+    /// Empty: `furrow-<instance>`.
+    pub client_id: String,
+    /// Broker credentials (empty: none).
+    pub username: String,
+    /// Broker password.
+    pub password: String,
+    /// Events that may wait for the broker; beyond, they are counted and
+    /// dropped (ingest never waits for the broker).
+    pub queue_capacity: usize,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            topic_prefix: "furrow".into(),
+            qos: 1,
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            queue_capacity: 10_000,
+        }
+    }
+}
+
 /// The shortest admin token accepted.
 pub const MIN_API_TOKEN: usize = 16;
 
@@ -247,6 +285,16 @@ pub struct Overrides {
     /// `--data-dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// `--mqtt URL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttOverride>,
+}
+
+/// `--mqtt URL`, as the nested key `mqtt.url`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MqttOverride {
+    /// The broker URL.
+    pub url: String,
 }
 
 /// A configuration that cannot be used. Messages name the source and key.
@@ -345,6 +393,17 @@ impl Config {
                 format!("must be at least {MIN_API_TOKEN} characters"),
             );
         }
+        if !self.mqtt.url.is_empty() {
+            if let Err(e) = crate::publish::mqtt::check_url(&self.mqtt.url) {
+                return bad("mqtt.url", e.to_string());
+            }
+        }
+        if self.mqtt.qos > 1 {
+            return bad("mqtt.qos", format!("must be 0 or 1, got {}", self.mqtt.qos));
+        }
+        if self.mqtt.queue_capacity == 0 {
+            return bad("mqtt.queue_capacity", "must be at least 1".into());
+        }
         if self.limits.listen_backlog == 0 {
             return bad("limits.listen_backlog", "must be at least 1".into());
         }
@@ -431,9 +490,20 @@ mod tests {
             let o = Overrides {
                 listen: Some("127.0.0.1:2".parse().unwrap()),
                 data_dir: None,
+                mqtt: Some(MqttOverride {
+                    url: "mqtt://127.0.0.1:1999".into(),
+                }),
             };
             let c = Config::load(Some(Path::new("f.toml")), &o).unwrap();
             assert_eq!(c.listen.port(), 2, "flag wins over file");
+            assert_eq!(
+                c.mqtt.url, "mqtt://127.0.0.1:1999",
+                "a nested key from a flag"
+            );
+            assert_eq!(
+                c.mqtt.topic_prefix, "furrow",
+                "and its siblings keep defaults"
+            );
             assert_eq!(c.storage.batch_max_rows, 20, "env wins over file");
             assert_eq!(c.storage.synchronous, Synchronous::Normal);
             Ok(())

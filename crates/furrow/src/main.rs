@@ -42,6 +42,9 @@ enum Cmd {
         /// Device listener address [default: 0.0.0.0:7700].
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
+        /// Publish events to this MQTT broker (mqtt://host[:port]).
+        #[arg(long, value_name = "URL")]
+        mqtt: Option<String>,
     },
     /// Manage devices.
     Device {
@@ -88,9 +91,18 @@ enum DeviceCmd {
 }
 
 fn load(common: &Common, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
+    load_with(common, listen, None)
+}
+
+fn load_with(
+    common: &Common,
+    listen: Option<std::net::SocketAddr>,
+    mqtt: Option<String>,
+) -> anyhow::Result<Config> {
     let overrides = Overrides {
         listen,
         data_dir: common.data_dir.clone(),
+        mqtt: mqtt.map(|url| furrow::config::MqttOverride { url }),
     };
     Ok(Config::load(common.config.as_deref(), &overrides)?)
 }
@@ -127,8 +139,12 @@ fn open_store(cfg: &Config) -> anyhow::Result<furrow::store::SqliteStore> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve { common, listen } => {
-            let cfg = load(&common, listen)?;
+        Cmd::Serve {
+            common,
+            listen,
+            mqtt,
+        } => {
+            let cfg = load_with(&common, listen, mqtt)?;
             let server = furrow::Server::bind(cfg).await?;
             server.run(shutdown_signal()).await;
         }

@@ -226,15 +226,18 @@ impl Registry {
         }
     }
 
-    /// Removes the device's entry if `session_id` still holds it.
-    pub fn release(&self, device_id: &str, session_id: u64) {
+    /// Removes the device's entry if `session_id` still holds it; returns
+    /// whether it did (false: a newer session took the device over).
+    pub fn release(&self, device_id: &str, session_id: u64) -> bool {
         let mut map = self.lock();
         if map
             .get(device_id)
             .is_some_and(|e| e.session.id == session_id)
         {
             map.remove(device_id);
+            return true;
         }
+        false
     }
 
     /// Kicks the device's live session, if any. Returns whether one was found.

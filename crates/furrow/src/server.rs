@@ -24,6 +24,8 @@ use tracing::{info, warn};
 use crate::api::ApiState;
 use crate::config::Config;
 use crate::listener::accept_loop;
+use crate::publish::mqtt::Publisher;
+use crate::publish::Events;
 use crate::registry::Registry;
 use crate::session::{self, Shared};
 use crate::store::sqlite::SqliteOptions;
@@ -194,6 +196,20 @@ impl Server {
                 api_stop.clone(),
             ))
         });
+        let mqtt_stop = CancellationToken::new();
+        let events = if cfg.mqtt.url.is_empty() {
+            Events::off()
+        } else {
+            match Publisher::start(&cfg.mqtt, &cfg.instance(), mqtt_stop.clone()) {
+                Ok(p) => Events::mqtt(p),
+                // validate() checked the URL; should it fail anyway, ingest
+                // goes on without events.
+                Err(e) => {
+                    warn!(error = %e, "MQTT events off");
+                    Events::off()
+                }
+            }
+        };
         let (writer_tx, writer_task) = writer::spawn(
             Arc::clone(&store),
             WriterConfig {
@@ -201,6 +217,7 @@ impl Server {
                 batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),
                 queue_capacity: cfg.storage.queue_capacity,
             },
+            events.clone(),
         );
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
         let shared = Arc::new(Shared {
@@ -209,6 +226,7 @@ impl Server {
             registry: Arc::clone(&registry),
             writer: writer_tx,
             shutdown: shutdown.clone(),
+            events,
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let tracker = TaskTracker::new();
@@ -265,6 +283,7 @@ impl Server {
             }
         }
         upkeep.abort();
+        mqtt_stop.cancel();
         info!("shutdown complete");
     }
 }

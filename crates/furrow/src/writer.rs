@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::publish::Events;
 use crate::store::{Batch, DeviceKey, Store, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
@@ -65,6 +66,8 @@ pub struct WriteJob {
     pub ticket: u64,
     /// The device.
     pub device: DeviceKey,
+    /// Its id, for the events published after the commit.
+    pub device_id: Arc<str>,
     /// The records, in the session's read order.
     pub records: Vec<TelemetryRecord>,
     /// Highest seq rejected since the last job, 0 if none.
@@ -87,13 +90,22 @@ pub type WriterTx = mpsc::Sender<WriteJob>;
 
 /// Starts the writer. It runs until every [`WriterTx`] is dropped and the
 /// queue is drained, then the returned task completes.
-pub fn spawn(store: Arc<dyn Store>, cfg: WriterConfig) -> (WriterTx, tokio::task::JoinHandle<()>) {
+pub fn spawn(
+    store: Arc<dyn Store>,
+    cfg: WriterConfig,
+    events: Events,
+) -> (WriterTx, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-    let task = tokio::spawn(run(store, cfg, rx));
+    let task = tokio::spawn(run(store, cfg, events, rx));
     (tx, task)
 }
 
-async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<WriteJob>) {
+async fn run(
+    store: Arc<dyn Store>,
+    cfg: WriterConfig,
+    events: Events,
+    mut rx: mpsc::Receiver<WriteJob>,
+) {
     let mut healthy = true;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -123,7 +135,12 @@ async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<Wr
             rejections: Vec::new(),
         };
         let mut owners: Vec<(Arc<AckCell>, u64)> = Vec::with_capacity(jobs.len());
+        // (device id, its records in the batch), for events after the commit.
+        let mut names: Vec<(Arc<str>, usize)> = Vec::new();
         for job in jobs {
+            if events.enabled() {
+                names.push((Arc::clone(&job.device_id), job.records.len()));
+            }
             batch.records.extend(job.records);
             if job.rejected_upto > 0 {
                 batch.rejections.push((job.device, job.rejected_upto));
@@ -165,6 +182,13 @@ async fn run(store: Arc<dyn Store>, cfg: WriterConfig, mut rx: mpsc::Receiver<Wr
         }
         for (cell, ticket) in owners {
             cell.publish(ticket);
+        }
+        // After the ACKs are released: events never delay them.
+        let mut records = batch.records.iter();
+        for (device_id, n) in &names {
+            for r in records.by_ref().take(*n) {
+                events.telemetry(device_id, r);
+            }
         }
     }
 }

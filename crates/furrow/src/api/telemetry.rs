@@ -3,13 +3,12 @@
 //! text and octets as base64.
 
 use axum::extract::{Path, State};
-use base64::Engine;
-use furrow_proto::ContentType;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Json, Query};
 use super::ApiState;
+use crate::envelope;
 use crate::store::{StoredTelemetry, TelemetryRange};
 
 /// Range and paging.
@@ -57,25 +56,12 @@ pub struct ReadingPage {
 }
 
 fn reading(t: StoredTelemetry) -> Reading {
-    let ct = ContentType::from_u8(t.content_type);
-    let payload = match ct {
-        // Stored JSON was validated on the way in; should it not parse
-        // (written by something else), it is returned as base64 instead.
-        Some(ContentType::Json) => serde_json::from_slice(&t.payload).ok(),
-        _ => None,
-    }
-    .unwrap_or_else(|| {
-        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&t.payload))
-    });
     Reading {
         seq: t.seq,
         timestamp_ms: t.timestamp_ms,
         received_ms: t.received_ms,
-        content_type: ct.map_or_else(
-            || format!("0x{:02x}", t.content_type),
-            |c| c.name().to_owned(),
-        ),
-        payload,
+        content_type: envelope::content_type_name(t.content_type),
+        payload: envelope::payload_value(t.content_type, &t.payload),
     }
 }
 

@@ -45,6 +45,7 @@ use crate::auth;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::connection::Connection;
+use crate::publish::Events;
 use crate::registry::{DeviceSlot, Registry, SessionHandle};
 use crate::store::{DeviceKey, Store, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob, WriterTx};
@@ -69,6 +70,8 @@ pub struct Shared {
     pub writer: WriterTx,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// Device status events.
+    pub events: Events,
 }
 
 /// Why a connection closed; the `reason` of the close log line and metric.
@@ -130,7 +133,7 @@ enum Flow {
 
 /// State of an authenticated session.
 struct Active {
-    device_id: String,
+    device_id: Arc<str>,
     key: DeviceKey,
     slot: Arc<DeviceSlot>,
     handle: SessionHandle,
@@ -166,13 +169,17 @@ struct Active {
 /// on every exit path including a panic.
 struct DeviceGuard {
     registry: Arc<Registry>,
-    device_id: String,
+    device_id: Arc<str>,
     handle: SessionHandle,
+    events: Events,
 }
 
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
-        self.registry.release(&self.device_id, self.handle.id());
+        // Offline only if no newer session of the device took over.
+        if self.registry.release(&self.device_id, self.handle.id()) {
+            self.events.status(&self.device_id, false);
+        }
         self.handle.finish();
     }
 }
@@ -261,7 +268,7 @@ impl Session {
             phase = match phase {
                 Phase::AwaitingHello => Box::pin(self.handshake()).await,
                 Phase::Active(mut a) => {
-                    device = Some(a.device_id.clone());
+                    device = Some(a.device_id.to_string());
                     match self.active(&mut a).await {
                         Ok(drain) => Phase::Draining(a, drain),
                         Err(fatal) => {
@@ -386,10 +393,12 @@ impl Session {
         let cell = Arc::new(AckCell::default());
         let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell), self.peer, now_ms());
         let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
+        let device_id: Arc<str> = Arc::from(device_id);
         let guard = DeviceGuard {
             registry: Arc::clone(&self.shared.registry),
-            device_id: device_id.clone(),
+            device_id: Arc::clone(&device_id),
             handle: handle.clone(),
+            events: self.shared.events.clone(),
         };
         if let Some(old) = old {
             metrics::counter!("furrow_session_takeovers_total").increment(1);
@@ -422,6 +431,7 @@ impl Session {
             server_time_ms: now_ms(),
         }));
         metrics::counter!("furrow_handshakes_total", "outcome" => "ok").increment(1);
+        self.shared.events.status(&device_id, true);
         self.conn.set_read_chunk(cfg.limits.read_chunk_bytes);
         let keepalive = Duration::from_millis(u64::from(ka) * 1500);
         Phase::Active(Box::new(Active {
@@ -697,6 +707,7 @@ impl Session {
                         owner: Arc::clone(&a.cell),
                         ticket: a.ticket,
                         device: a.key,
+                        device_id: Arc::clone(&a.device_id),
                         records,
                         rejected_upto: rejected,
                     })
@@ -835,11 +846,12 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config {
+        let mut cfg = Config {
             data_dir: dir.path().into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
         };
+        cfg.api.listen = "127.0.0.1:0".parse().unwrap();
         let server = crate::Server::bind(cfg.clone()).await.unwrap();
         let (writer, _rx) = tokio::sync::mpsc::channel(1);
         let shared = Arc::new(Shared {
@@ -848,6 +860,7 @@ mod tests {
             registry: server.registry(),
             writer,
             shutdown: CancellationToken::new(),
+            events: Events::off(),
         });
         let fut = run(stream, addr, Instant::now(), 1, shared);
         let size = std::mem::size_of_val(&fut);

@@ -72,9 +72,17 @@ impl Mosquitto {
         (m, ca)
     }
 
+    /// Starts a plain broker on `port` (to bring one back where it was).
+    pub fn start_on(port: u16) -> Self {
+        Self::start_at(port, "")
+    }
+
     fn start_with(listener_options: &str) -> Self {
+        Self::start_at(super::free_port(), listener_options)
+    }
+
+    fn start_at(port: u16, listener_options: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = super::free_port();
         let conf = dir.path().join("mosquitto.conf");
         // `user root`: run as root, mosquitto would otherwise drop to its own
         // user, which cannot read our temporary files.
@@ -117,6 +125,18 @@ impl Mosquitto {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `mqtt://ADDR`.
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+
+    /// Kills the broker at once (as a crash would).
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.addr.port()
     }
 }
 

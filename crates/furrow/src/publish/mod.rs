@@ -1,0 +1,57 @@
+//! Events for real-time consumers, published to an MQTT broker (off unless
+//! configured). The store stays the source of truth: publishing never
+//! blocks ingest. Events wait in a bounded queue (rumqttc's request
+//! channel); when it is full, as while the broker is away, an event is
+//! counted (`furrow_mqtt_events_dropped_total`) and dropped.
+//!
+//! Topics, under `mqtt.topic_prefix`:
+//! * `devices/{id}/telemetry`: each reading, after its commit;
+//! * `devices/{id}/status`: retained `{online, instance, at}`;
+//! * `instances/{instance}/status`: retained `{online, at}`, and the
+//!   instance's MQTT will sets it to offline: a device status naming an
+//!   offline instance is stale.
+
+pub mod mqtt;
+
+use std::sync::Arc;
+
+use crate::store::TelemetryRecord;
+
+/// Where events go. Cheap to clone; does nothing when MQTT is off.
+#[derive(Clone, Default)]
+pub struct Events {
+    mqtt: Option<Arc<mqtt::Publisher>>,
+}
+
+impl Events {
+    /// No events.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    /// Events through `publisher`.
+    pub fn mqtt(publisher: Arc<mqtt::Publisher>) -> Self {
+        Self {
+            mqtt: Some(publisher),
+        }
+    }
+
+    /// Whether events are published at all.
+    pub fn enabled(&self) -> bool {
+        self.mqtt.is_some()
+    }
+
+    /// A reading was committed.
+    pub fn telemetry(&self, device_id: &str, r: &TelemetryRecord) {
+        if let Some(m) = &self.mqtt {
+            m.telemetry(device_id, r);
+        }
+    }
+
+    /// A device connected or disconnected on this instance.
+    pub fn status(&self, device_id: &str, online: bool) {
+        if let Some(m) = &self.mqtt {
+            m.status(device_id, online);
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The MQTT publisher (rumqttc). One client per instance; its event loop
+//! runs in its own task and reconnects by itself, logging each change of
+//! state once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::config::Mqtt as MqttConfig;
+use crate::envelope;
+use crate::store::TelemetryRecord;
+
+/// Why the MQTT settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// The URL is not `mqtt://host[:port]`.
+    #[error("mqtt.url {0:?}: expected mqtt://host[:port]")]
+    Url(String),
+}
+
+/// Publishes events; see the module docs of [`crate::publish`].
+pub struct Publisher {
+    client: AsyncClient,
+    prefix: String,
+    qos: QoS,
+    instance: String,
+    dropped: Counter,
+}
+
+#[derive(Serialize)]
+struct TelemetryEvent<'a> {
+    device_id: &'a str,
+    seq: u64,
+    timestamp_ms: u64,
+    received_ms: u64,
+    content_type: String,
+    payload: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct DeviceStatus<'a> {
+    online: bool,
+    instance: &'a str,
+    at: u64,
+}
+
+#[derive(Serialize)]
+struct InstanceStatus {
+    online: bool,
+    at: u64,
+}
+
+fn host_port(url: &str) -> Result<(String, u16), MqttError> {
+    let bad = || MqttError::Url(url.to_owned());
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(bad)?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => Ok((h.to_owned(), p.parse().map_err(|_| bad())?)),
+        None if !rest.is_empty() => Ok((rest.to_owned(), 1883)),
+        _ => Err(bad()),
+    }
+}
+
+/// Checks `mqtt.url` without connecting.
+pub fn check_url(url: &str) -> Result<(), MqttError> {
+    host_port(url).map(drop)
+}
+
+impl Publisher {
+    /// Connects (in the background) and returns the publisher; the event
+    /// loop stops when `stop` is cancelled.
+    pub fn start(
+        cfg: &MqttConfig,
+        instance: &str,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, MqttError> {
+        let (host, port) = host_port(&cfg.url)?;
+        let client_id = if cfg.client_id.is_empty() {
+            format!("furrow-{instance}")
+        } else {
+            cfg.client_id.clone()
+        };
+        let prefix = cfg.topic_prefix.trim_end_matches('/').to_owned();
+        let qos = if cfg.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let instance_topic = format!("{prefix}/instances/{instance}/status");
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        if !cfg.username.is_empty() {
+            opts.set_credentials(cfg.username.clone(), cfg.password.clone());
+        }
+        let gone = serde_json::to_vec(&InstanceStatus {
+            online: false,
+            at: 0,
+        })
+        .unwrap_or_default();
+        opts.set_last_will(LastWill::new(&instance_topic, gone, QoS::AtLeastOnce, true));
+        let (client, eventloop) = AsyncClient::new(opts, cfg.queue_capacity.max(1));
+        let me = Arc::new(Self {
+            client,
+            prefix,
+            qos,
+            instance: instance.to_owned(),
+            dropped: metrics::counter!("furrow_mqtt_events_dropped_total"),
+        });
+        tokio::spawn(run(eventloop, Arc::clone(&me), instance_topic, stop));
+        Ok(me)
+    }
+
+    fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
+        if self
+            .client
+            .try_publish(topic, self.qos, retain, payload)
+            .is_err()
+        {
+            self.dropped.increment(1);
+        }
+    }
+
+    /// Publishes a committed reading.
+    pub fn telemetry(&self, device_id: &str, r: &TelemetryRecord) {
+        let ev = TelemetryEvent {
+            device_id,
+            seq: r.seq,
+            timestamp_ms: r.timestamp_ms,
+            received_ms: r.received_ms,
+            content_type: envelope::content_type_name(r.content_type),
+            payload: envelope::payload_value(r.content_type, &r.payload),
+        };
+        if let Ok(body) = serde_json::to_vec(&ev) {
+            self.publish(
+                format!("{}/devices/{device_id}/telemetry", self.prefix),
+                false,
+                body,
+            );
+        }
+    }
+
+    /// Publishes a device's retained status.
+    pub fn status(&self, device_id: &str, online: bool) {
+        let st = DeviceStatus {
+            online,
+            instance: &self.instance,
+            at: now_ms(),
+        };
+        if let Ok(body) = serde_json::to_vec(&st) {
+            self.publish(
+                format!("{}/devices/{device_id}/status", self.prefix),
+                true,
+                body,
+            );
+        }
+    }
+}
+
+/// Drives the connection: reconnects with backoff after a failure, logs
+/// each change of state once, counts what reaches the network, and says
+/// the instance is online after each connection.
+async fn run(
+    mut eventloop: rumqttc::EventLoop,
+    me: Arc<Publisher>,
+    instance_topic: String,
+    stop: CancellationToken,
+) {
+    let published = metrics::counter!("furrow_mqtt_events_published_total");
+    let connected = AtomicBool::new(false);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                if !connected.swap(true, Ordering::Relaxed) {
+                    tracing::info!("MQTT broker connected");
+                }
+                let online = serde_json::to_vec(&InstanceStatus {
+                    online: true,
+                    at: now_ms(),
+                })
+                .unwrap_or_default();
+                // Through the same queue; if it is full, the will's
+                // offline stays until the next connection.
+                me.publish(instance_topic.clone(), true, online);
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => published.increment(1),
+            Ok(_) => {}
+            Err(e) => {
+                if connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "MQTT broker connection lost; events queue, then drop, until it returns");
+                } else if backoff == Duration::from_millis(100) {
+                    tracing::warn!(error = %e, "MQTT broker unreachable; retrying");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let _ = me.client.try_disconnect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            host_port("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(host_port("mqtt://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(host_port("tcp://b:1/").unwrap(), ("b".into(), 1));
+        for bad in ["", "http://x", "mqtt://", "mqtt://:1", "mqtt://h:port"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
+    }
+}

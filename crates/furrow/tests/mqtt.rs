@@ -1,0 +1,191 @@
+//! MQTT events against a real Mosquitto that the test starts: a subscriber
+//! sees every telemetry and status event; with the broker gone, ingest and
+//! ACKs go on and the dropped events are counted; when it returns,
+//! publishing resumes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use support::mosquitto::Mosquitto;
+use support::*;
+use tokio::sync::mpsc;
+
+/// A subscriber to `furrow/#`; yields (topic, JSON payload, retained).
+async fn subscribe(
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> mpsc::UnboundedReceiver<(String, Value, bool)> {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    tokio::spawn(async move {
+        let _client = client.clone();
+        client.subscribe("furrow/#", QoS::AtLeastOnce).await.ok();
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = subscribed_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: Value = serde_json::from_slice(&p.payload).expect("events are JSON");
+                    if tx.send((p.topic.clone(), v, p.retain)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    within(Duration::from_secs(10), "SUBACK", subscribed_rx)
+        .await
+        .expect("subscribed");
+    rx
+}
+
+/// Receives until `pred` has seen what it needs; fails after 15 s.
+async fn until(
+    rx: &mut mpsc::UnboundedReceiver<(String, Value, bool)>,
+    what: &str,
+    mut done: impl FnMut(&str, &Value, bool) -> bool,
+) {
+    within(Duration::from_secs(15), what, async {
+        loop {
+            let (topic, v, retained) = rx.recv().await.expect("subscriber alive");
+            if done(&topic, &v, retained) {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_sees_every_telemetry_and_status_event() {
+    let broker = Mosquitto::start();
+    let mut rx = subscribe(broker.addr(), "sub-1").await;
+    let url = broker.url();
+    let gw = TestGateway::start_with(move |c| {
+        c.mqtt.url = url;
+        c.instance_id = "gw-test".into();
+    })
+    .await;
+    // The instance says it is online (retained).
+    until(&mut rx, "instance online", |t, v, _| {
+        t == "furrow/instances/gw-test/status" && v["online"] == true
+    })
+    .await;
+
+    let token = gw.add_device("ev-1").await;
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.hello("ev-1", &token, 30).await;
+    until(&mut rx, "status online", |t, v, _| {
+        t == "furrow/devices/ev-1/status" && v["online"] == true && v["instance"] == "gw-test"
+    })
+    .await;
+    dev.telemetry_batch(1..=50).await;
+    dev.until_ack(50).await;
+    let mut seqs = BTreeSet::new();
+    until(&mut rx, "50 telemetry events", |t, v, retained| {
+        if t == "furrow/devices/ev-1/telemetry" {
+            assert!(!retained);
+            assert_eq!(v["device_id"], "ev-1");
+            assert_eq!(v["content_type"], "json");
+            assert!(v["payload"].is_object(), "JSON payloads as JSON: {v}");
+            assert!(v["received_ms"].as_u64().unwrap() > 0);
+            seqs.insert(v["seq"].as_u64().unwrap());
+        }
+        seqs.len() == 50
+    })
+    .await;
+    assert_eq!(seqs, (1..=50).collect());
+    drop(dev);
+    until(&mut rx, "status offline", |t, v, _| {
+        t == "furrow/devices/ev-1/status" && v["online"] == false
+    })
+    .await;
+    // Retained: a late subscriber learns the device's last status at once.
+    let mut late = subscribe(broker.addr(), "sub-late").await;
+    until(&mut late, "retained status", |t, v, retained| {
+        t == "furrow/devices/ev-1/status" && retained && v["online"] == false
+    })
+    .await;
+}
+
+fn dropped(page: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix("furrow_mqtt_events_dropped_total "))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_broker_ingest_goes_on_and_drops_are_counted_then_publishing_resumes() {
+    let broker = Mosquitto::start();
+    let url = broker.url();
+    let gw = TestGateway::start_with(move |c| {
+        c.mqtt.url = url;
+        c.mqtt.queue_capacity = 20;
+    })
+    .await;
+    let token = gw.add_device("ev-2").await;
+    let mut rx = subscribe(broker.addr(), "sub-2").await;
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.hello("ev-2", &token, 30).await;
+    dev.telemetry_batch(1..=10).await;
+    dev.until_ack(10).await;
+    until(&mut rx, "seq 10 published", |t, v, _| {
+        t.ends_with("/telemetry") && v["seq"] == 10
+    })
+    .await;
+
+    // The broker dies: every reading is still stored and ACKed.
+    let port = broker.kill();
+    dev.telemetry_batch(11..=500).await;
+    dev.until_ack(500).await;
+    let stored = stored_seqs_async(&gw.db_path(), "ev-2").await;
+    assert_eq!(stored, (1..=500).collect::<Vec<_>>());
+    let metrics = reqwest::get(gw.api_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        dropped(&metrics) > 0.0,
+        "events beyond the queue are counted as dropped"
+    );
+
+    // It comes back: publishing resumes by itself.
+    let broker = Mosquitto::start_on(port);
+    let mut rx = subscribe(broker.addr(), "sub-3").await;
+    within(Duration::from_secs(20), "publishing resumes", async {
+        let mut seq = 501;
+        loop {
+            dev.telemetry(seq, r#"{"after":"outage"}"#).await;
+            dev.until_ack(seq).await;
+            let got = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    let (t, v, _) = rx.recv().await.expect("subscriber alive");
+                    if t.ends_with("/telemetry") && v["seq"].as_u64().unwrap() >= 501 {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_ok() {
+                return;
+            }
+            seq += 1;
+        }
+    })
+    .await;
+}
