@@ -37,6 +37,17 @@ async fn bench(dir: &Path, args: &[&str]) -> Value {
     report
 }
 
+/// Runs `furrow bench MODE --addr GW --data-dir GW_DATA ARGS`.
+async fn bench_gw(gw: &TestGateway, dir: &Path, mode: &str, args: &[&str]) -> Value {
+    let (addr, data) = (
+        gw.addr().to_string(),
+        gw.config().data_dir.to_string_lossy().into_owned(),
+    );
+    let mut all = vec![mode, "--addr", &addr, "--data-dir", &data];
+    all.extend_from_slice(args);
+    bench(dir, &all).await
+}
+
 fn u(v: &Value, path: &str) -> u64 {
     v.pointer(path)
         .and_then(Value::as_u64)
@@ -47,18 +58,13 @@ fn u(v: &Value, path: &str) -> u64 {
 async fn flat_run_reports_and_what_was_acked_is_stored_once() {
     let gw = TestGateway::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let addr = gw.addr().to_string();
-    let data = gw.config().data_dir.to_string_lossy().into_owned();
     let chart = dir.path().join("chart.svg");
     let chart_s = chart.to_string_lossy().into_owned();
-    let r = bench(
+    let r = bench_gw(
+        &gw,
         dir.path(),
+        "flat",
         &[
-            "flat",
-            "--addr",
-            &addr,
-            "--data-dir",
-            &data,
             "--devices",
             "20",
             "--window",
@@ -100,18 +106,11 @@ async fn flat_run_reports_and_what_was_acked_is_stored_once() {
 async fn steady_run_sends_at_the_offered_rate_within_the_window() {
     let gw = TestGateway::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (addr, data) = (
-        gw.addr().to_string(),
-        gw.config().data_dir.to_string_lossy().into_owned(),
-    );
-    let r = bench(
+    let r = bench_gw(
+        &gw,
         dir.path(),
+        "steady",
         &[
-            "steady",
-            "--addr",
-            &addr,
-            "--data-dir",
-            &data,
             "--devices",
             "10",
             "--rate",
@@ -134,18 +133,11 @@ async fn steady_run_sends_at_the_offered_rate_within_the_window() {
 async fn storm_over_two_worker_processes_brings_every_device_back() {
     let gw = TestGateway::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (addr, data) = (
-        gw.addr().to_string(),
-        gw.config().data_dir.to_string_lossy().into_owned(),
-    );
-    let r = bench(
+    let r = bench_gw(
+        &gw,
         dir.path(),
+        "storm",
         &[
-            "storm",
-            "--addr",
-            &addr,
-            "--data-dir",
-            &data,
             "--devices",
             "300",
             "--rate",
@@ -180,26 +172,12 @@ async fn storm_over_two_worker_processes_brings_every_device_back() {
 async fn idle_run_reports_the_servers_memory_per_connection() {
     let gw = TestGateway::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (addr, data) = (
-        gw.addr().to_string(),
-        gw.config().data_dir.to_string_lossy().into_owned(),
-    );
     let pid = std::process::id().to_string();
-    let r = bench(
+    let r = bench_gw(
+        &gw,
         dir.path(),
-        &[
-            "idle",
-            "--addr",
-            &addr,
-            "--data-dir",
-            &data,
-            "--devices",
-            "200",
-            "--duration",
-            "1",
-            "--server-pid",
-            &pid,
-        ],
+        "idle",
+        &["--devices", "200", "--duration", "1", "--server-pid", &pid],
     )
     .await;
     assert_eq!(u(&r, "/connected"), 200);

@@ -138,12 +138,7 @@ pub async fn list(
     State(s): State<ApiState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<DevicePage>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to 1000, got {limit}"
-        )));
-    }
+    let limit = super::page_limit(q.limit)?;
     let rows = s.store.list_devices(q.after, limit).await?;
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|d| d.device_id.clone()))

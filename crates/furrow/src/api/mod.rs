@@ -79,6 +79,16 @@ pub struct ApiState {
     pub instance: String,
 }
 
+/// A page size: 1 to 1000, 100 when not given.
+pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, error::ApiError> {
+    match limit.unwrap_or(100) {
+        n @ 1..=1000 => Ok(n),
+        n => Err(error::ApiError::BadRequest(format!(
+            "limit must be 1 to 1000, got {n}"
+        ))),
+    }
+}
+
 /// The router.
 pub fn app(state: ApiState) -> Router {
     let protected = Router::new()

@@ -76,12 +76,7 @@ pub async fn list(
     Path(device_id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> Result<Json<ReadingPage>, ApiError> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to 1000, got {limit}"
-        )));
-    }
+    let limit = super::page_limit(q.limit)?;
     let d = TelemetryRange::default();
     let range = TelemetryRange {
         from_seq: q.from_seq.unwrap_or(d.from_seq),
