@@ -144,7 +144,16 @@ fn garbage(rng: &mut impl Rng, hello: &[u8]) -> Garbage {
             let cut = rng.gen_range(1..hello.len());
             let mut v = hello[..cut].to_vec();
             let n = rng.gen_range(0..256);
-            v.extend(junk(rng, n));
+            let mut j = junk(rng, n);
+            // The junk must not complete the real HELLO: with the cut one
+            // byte before the end, 1 junk byte in 256 did (seen in CI, seed
+            // 2718533669590640253), and the gateway rightly said WELCOME.
+            if let Some(first) = j.first_mut() {
+                if *first == hello[cut] {
+                    *first ^= 0xFF;
+                }
+            }
+            v.extend(j);
             Garbage::HelloThenJunk(v)
         }
         _ => Garbage::Nothing,
