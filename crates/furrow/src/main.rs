@@ -204,8 +204,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The effective configuration as TOML, ready to paste into a config file.
+/// Secrets (the admin token, the broker password) are not printed: they
+/// are emptied, and a comment says which were set.
 fn toml_string(cfg: &Config) -> anyhow::Result<String> {
-    Ok(toml::to_string_pretty(cfg)?)
+    let mut shown = cfg.clone();
+    let mut hidden = Vec::new();
+    if !shown.api.token.is_empty() {
+        shown.api.token.clear();
+        hidden.push("api.token");
+    }
+    if !shown.mqtt.password.is_empty() {
+        shown.mqtt.password.clear();
+        hidden.push("mqtt.password");
+    }
+    let mut out = String::new();
+    for key in hidden {
+        out.push_str(&format!("# {key} is set; not shown\n"));
+    }
+    out.push_str(&toml::to_string_pretty(&shown)?);
+    Ok(out)
 }
 
 fn main() -> ExitCode {

@@ -118,8 +118,20 @@ fn describe() {
         "Sessions taken over by a new connection of the same device."
     );
     describe_counter!(
-        "furrow_api_requests_total",
-        "HTTP API requests, by route and status class."
+        "furrow_connection_panics_total",
+        "Connection tasks that panicked (the server goes on)."
+    );
+    describe_counter!(
+        "furrow_command_results_ignored_total",
+        "COMMAND_RESULTs for unknown command ids."
+    );
+    describe_counter!(
+        "furrow_mqtt_events_published_total",
+        "MQTT events written to the broker connection."
+    );
+    describe_counter!(
+        "furrow_mqtt_events_dropped_total",
+        "MQTT events dropped because the queue was full."
     );
 }
 

@@ -245,6 +245,25 @@ fn check_config_names_the_file_and_the_unknown_key() {
     assert!(o.status.success(), "{}", describe(&o));
     assert!(text(&o.stdout).contains("99"), "{}", describe(&o));
 
+    // Secrets are not printed, only said to be set.
+    let secret = dir.path().join("secret.toml");
+    std::fs::write(
+        &secret,
+        "[api]\ntoken = \"a-secret-admin-token-123\"\n[mqtt]\npassword = \"broker-secret\"\n",
+    )
+    .unwrap();
+    let o = furrow(&["check-config", "--config", secret.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = text(&o.stdout);
+    assert!(
+        !out.contains("a-secret-admin-token-123") && !out.contains("broker-secret"),
+        "{out}"
+    );
+    assert!(
+        out.contains("# api.token is set") && out.contains("# mqtt.password is set"),
+        "{out}"
+    );
+
     // A missing file is named.
     let missing = dir.path().join("missing.toml");
     let o = furrow(&["check-config", "--config", missing.to_str().unwrap()]);
