@@ -118,6 +118,10 @@ fn describe() {
         "Sessions taken over by a new connection of the same device."
     );
     describe_counter!(
+        "furrow_commands_total",
+        "Command state changes, by the state entered (queued, delivered, succeeded, failed, expired)."
+    );
+    describe_counter!(
         "furrow_connection_panics_total",
         "Connection tasks that panicked (the server goes on)."
     );

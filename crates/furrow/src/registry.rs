@@ -74,6 +74,9 @@ struct HandleInner {
     peer: std::net::SocketAddr,
     connected_ms: u64,
     last_seen_ms: AtomicU64,
+    /// Set when the device may have commands to (re)send; the session
+    /// looks them up in the store.
+    commands: AtomicBool,
 }
 
 /// What the registry knows of a live session, for operators.
@@ -103,8 +106,22 @@ impl SessionHandle {
                 peer,
                 connected_ms,
                 last_seen_ms: AtomicU64::new(connected_ms),
+                // A new session first looks for open commands (delivery
+                // after a reconnect).
+                commands: AtomicBool::new(true),
             }),
         }
+    }
+
+    /// Tells the session it has commands to send.
+    pub fn notify_commands(&self) {
+        self.inner.commands.store(true, Ordering::Release);
+        self.inner.wake.wake();
+    }
+
+    /// Whether commands were announced since the last call.
+    pub fn take_commands(&self) -> bool {
+        self.inner.commands.swap(false, Ordering::AcqRel)
     }
 
     /// Records that the device sent something at `ms`.
@@ -273,6 +290,13 @@ impl Registry {
     /// Whether a device is online.
     pub fn is_online(&self, device_id: &str) -> bool {
         self.lock().contains_key(device_id)
+    }
+
+    /// Tells the device's live session, if any, to send its open commands.
+    /// Returns whether the device is online here.
+    pub fn notify_commands(&self, device_id: &str) -> bool {
+        let handle = self.lock().get(device_id).map(|e| e.session.clone());
+        handle.map(|h| h.notify_commands()).is_some()
     }
 
     /// The device's live session, if it is online here.

@@ -181,21 +181,6 @@ impl Server {
                 }
             }
         });
-        let api_task = api_listener.map(|l| {
-            let state = ApiState {
-                store: Arc::clone(&store),
-                registry: Arc::clone(&registry),
-                metrics,
-                accepting: Arc::clone(&accepting),
-                token_digest: crate::api::auth::digest(&cfg.api.token),
-                instance: cfg.instance(),
-            };
-            tokio::spawn(crate::api::serve(
-                l,
-                crate::api::app(state),
-                api_stop.clone(),
-            ))
-        });
         let mqtt_stop = CancellationToken::new();
         let events = if cfg.mqtt.url.is_empty() {
             Events::off()
@@ -210,6 +195,23 @@ impl Server {
                 }
             }
         };
+        let api_task = api_listener.map(|l| {
+            let state = ApiState {
+                store: Arc::clone(&store),
+                registry: Arc::clone(&registry),
+                metrics,
+                accepting: Arc::clone(&accepting),
+                token_digest: crate::api::auth::digest(&cfg.api.token),
+                instance: cfg.instance(),
+                events: events.clone(),
+                max_frame: cfg.limits.max_frame,
+            };
+            tokio::spawn(crate::api::serve(
+                l,
+                crate::api::app(state),
+                api_stop.clone(),
+            ))
+        });
         let (writer_tx, writer_task) = writer::spawn(
             Arc::clone(&store),
             WriterConfig {
@@ -229,6 +231,7 @@ impl Server {
             events,
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
+        let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         let tracker = TaskTracker::new();
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "furrow listening");
 
@@ -253,6 +256,7 @@ impl Server {
         shutdown.cancel();
         registry.kick_all(GoodbyeCode::ServerShutdown);
         revocations.abort();
+        expiry.abort();
         // Phase 3: wait for them, bounded.
         tracker.close();
         if tokio::time::timeout(drain + Duration::from_secs(1), tracker.wait())
@@ -285,6 +289,30 @@ impl Server {
         upkeep.abort();
         mqtt_stop.cancel();
         info!("shutdown complete");
+    }
+}
+
+/// Expires commands whose time to live ran out, every second, and says so
+/// (metrics, MQTT). Sessions never send an expired command: the store
+/// leaves them out of a device's open commands.
+async fn expire_commands(shared: Arc<Shared>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match shared.store.expire_commands(crate::clock::now_ms()).await {
+            Ok(expired) => {
+                failing = false;
+                for c in &expired {
+                    shared.events.command(c);
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot expire commands");
+                    failing = true;
+                }
+            }
+        }
     }
 }
 

@@ -108,6 +108,44 @@ async fn subscriber_sees_every_telemetry_and_status_event() {
     })
     .await;
     assert_eq!(seqs, (1..=50).collect());
+
+    // A command's every state change is an event.
+    let created: Value = reqwest::Client::new()
+        .post(gw.api_url("/v1/devices/ev-1/commands"))
+        .json(&serde_json::json!({"name": "blink"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["command_id"].as_u64().unwrap();
+    match dev.recv().await {
+        Some(furrow_proto::Message::Command(c)) => assert_eq!(c.command_id, id),
+        other => panic!("expected COMMAND, got {other:?}"),
+    }
+    dev.send(&command_result_msg(
+        id,
+        furrow_proto::CommandStatus::Succeeded,
+    ))
+    .await;
+    let topic = format!("furrow/devices/ev-1/commands/{id}");
+    let mut states = Vec::new();
+    until(&mut rx, "command events", |t, v, _| {
+        if t == topic {
+            states.push(v["state"].as_str().unwrap().to_owned());
+        }
+        states.last().is_some_and(|s| s == "succeeded")
+    })
+    .await;
+    // delivered is recorded in the background: it may be overtaken by an
+    // answer that comes first, which then finds the command still queued.
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("queued"),
+        "{states:?}"
+    );
+    assert!(states.len() <= 3, "{states:?}");
     drop(dev);
     until(&mut rx, "status offline", |t, v, _| {
         t == "furrow/devices/ev-1/status" && v["online"] == false

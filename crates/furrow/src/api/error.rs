@@ -35,6 +35,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::DeviceExists(id) => Self::Conflict(format!("device {id:?} already exists")),
             StoreError::NoSuchDevice(id) => Self::NotFound(format!("no device {id:?}")),
+            StoreError::Revoked(id) => Self::Conflict(format!("device {id:?} is revoked")),
             other => Self::Store(other),
         }
     }

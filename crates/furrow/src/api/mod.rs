@@ -25,6 +25,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 
 pub mod auth;
+pub mod commands;
 pub mod devices;
 pub mod error;
 pub mod telemetry;
@@ -39,12 +40,16 @@ pub mod telemetry;
         devices::get,
         devices::revoke,
         devices::rotate,
-        telemetry::list
+        telemetry::list,
+        commands::create,
+        commands::get,
+        commands::list
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "devices", description = "Provisioning and fleet state"),
-        (name = "telemetry", description = "Stored readings")
+        (name = "telemetry", description = "Stored readings"),
+        (name = "commands", description = "Commands to devices")
     )
 )]
 pub struct ApiDoc;
@@ -77,6 +82,10 @@ pub struct ApiState {
     pub token_digest: Option<[u8; 32]>,
     /// This instance's name.
     pub instance: String,
+    /// Events (command state changes).
+    pub events: crate::publish::Events,
+    /// limits.max_frame: a command must fit in one frame.
+    pub max_frame: u32,
 }
 
 /// A page size: 1 to 1000, 100 when not given.
@@ -99,6 +108,11 @@ pub fn app(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}/revoke", post(devices::revoke))
         .route("/v1/devices/{device_id}/token", post(devices::rotate))
         .route("/v1/devices/{device_id}/telemetry", get(telemetry::list))
+        .route(
+            "/v1/devices/{device_id}/commands",
+            get(commands::list).post(commands::create),
+        )
+        .route("/v1/commands/{command_id}", get(commands::get))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

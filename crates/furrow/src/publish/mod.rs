@@ -7,6 +7,7 @@
 //! Topics, under `mqtt.topic_prefix`:
 //! * `devices/{id}/telemetry`: each reading, after its commit;
 //! * `devices/{id}/status`: retained `{online, instance, at}`;
+//! * `devices/{id}/commands/{command_id}`: each state change of a command;
 //! * `instances/{instance}/status`: retained `{online, at}`, and the
 //!   instance's MQTT will sets it to offline: a device status naming an
 //!   offline instance is stale.
@@ -15,7 +16,7 @@ pub mod mqtt;
 
 use std::sync::Arc;
 
-use crate::store::TelemetryRecord;
+use crate::store::{CommandRecord, TelemetryRecord};
 
 /// Where events go. Cheap to clone; does nothing when MQTT is off.
 #[derive(Clone, Default)]
@@ -45,6 +46,14 @@ impl Events {
     pub fn telemetry(&self, device_id: &str, r: &TelemetryRecord) {
         if let Some(m) = &self.mqtt {
             m.telemetry(device_id, r);
+        }
+    }
+
+    /// A command changed state.
+    pub fn command(&self, c: &CommandRecord) {
+        metrics::counter!("furrow_commands_total", "state" => c.state.as_str()).increment(1);
+        if let Some(m) = &self.mqtt {
+            m.command(c);
         }
     }
 

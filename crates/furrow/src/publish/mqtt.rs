@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::config::Mqtt as MqttConfig;
 use crate::envelope;
-use crate::store::TelemetryRecord;
+use crate::store::{CommandRecord, TelemetryRecord};
 
 /// Why the MQTT settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +145,15 @@ impl Publisher {
                 false,
                 body,
             );
+        }
+    }
+
+    /// Publishes a command's state change.
+    pub fn command(&self, c: &CommandRecord) {
+        let view = crate::api::commands::CommandView::of(c);
+        if let Ok(body) = serde_json::to_vec(&view) {
+            let topic = format!("{}/devices/{}/commands/{}", self.prefix, c.device_id, c.id);
+            self.publish(topic, false, body);
         }
     }
 

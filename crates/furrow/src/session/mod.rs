@@ -47,7 +47,7 @@ use crate::config::Config;
 use crate::connection::Connection;
 use crate::publish::Events;
 use crate::registry::{DeviceSlot, Registry, SessionHandle};
-use crate::store::{DeviceKey, Store, TelemetryRecord};
+use crate::store::{CommandOutcome, DeviceKey, Store, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob, WriterTx};
 use acks::AckTracker;
 
@@ -141,6 +141,8 @@ struct Active {
     acks: AckTracker,
     /// Records read but not yet queued to the writer.
     staged: Vec<TelemetryRecord>,
+    /// Commands sent on this connection and not yet answered.
+    sent_commands: Vec<u64>,
     /// `(last ticket, when read)` of each read that staged telemetry, for
     /// the ACK latency histogram (one sample per ACK: its oldest read).
     read_marks: std::collections::VecDeque<(u64, Instant)>,
@@ -443,6 +445,7 @@ impl Session {
             acks: AckTracker::new(),
             staged: Vec::new(),
             read_marks: std::collections::VecDeque::new(),
+            sent_commands: Vec::new(),
             pending_job: None,
             ticket: 0,
             staged_reject: 0,
@@ -477,6 +480,9 @@ impl Session {
             }
             if let Some(code) = a.handle.kicked() {
                 return Ok(Drain::Goodbye(code));
+            }
+            if a.handle.take_commands() {
+                Box::pin(self.send_commands(a)).await;
             }
             // Free what commits resolved before taking more frames, so that
             // a full window reopens as soon as it can.
@@ -565,6 +571,44 @@ impl Session {
         }
     }
 
+    /// Sends the device's open commands that this connection has not sent
+    /// yet (all of them after a reconnect: delivery is at least once), and
+    /// marks them delivered in the background.
+    async fn send_commands(&mut self, a: &mut Active) {
+        let open = match self.shared.store.open_commands(a.key).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(device = %a.device_id, error = %e, "cannot read commands; retrying at the next wake-up");
+                a.handle.notify_commands();
+                return;
+            }
+        };
+        let mut fresh = Vec::new();
+        for c in open {
+            if a.sent_commands.contains(&c.id) {
+                continue;
+            }
+            self.conn.queue(&Message::Command(furrow_proto::Command {
+                command_id: c.id,
+                name: Str::from(c.name.as_str()),
+                content_type: c.content_type,
+                payload: c.payload.into(),
+            }));
+            a.sent_commands.push(c.id);
+            fresh.push(c.id);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let (store, events) = (Arc::clone(&self.shared.store), self.shared.events.clone());
+        tokio::spawn(async move {
+            match store.mark_delivered(fresh).await {
+                Ok(changed) => changed.iter().for_each(|c| events.command(c)),
+                Err(e) => warn!(error = %e, "cannot mark commands delivered"),
+            }
+        });
+    }
+
     /// Waits for room in the writer queue and hands over the pending job,
     /// meanwhile sending ACKs for commits and waking for kicks. Returns
     /// false if the writer is gone.
@@ -635,12 +679,30 @@ impl Session {
             Message::Ping { nonce } => self.conn.queue(&Message::Pong { nonce }),
             Message::Pong { .. } => {}
             Message::CommandResult(r) => {
-                // No commands are issued yet: every result is for an unknown id.
-                metrics::counter!("furrow_command_results_ignored_total").increment(1);
-                debug!(
-                    command_id = r.command_id,
-                    "result for unknown command ignored"
+                a.sent_commands.retain(|id| *id != r.command_id);
+                let (store, events, key) = (
+                    Arc::clone(&self.shared.store),
+                    self.shared.events.clone(),
+                    a.key,
                 );
+                let outcome = CommandOutcome {
+                    status: r.status as u8,
+                    content_type: r.content_type,
+                    payload: r.payload.to_vec(),
+                };
+                tokio::spawn(async move {
+                    match store.complete_command(key, r.command_id, outcome).await {
+                        Ok(Some(c)) => events.command(&c),
+                        Ok(None) => {
+                            metrics::counter!("furrow_command_results_ignored_total").increment(1);
+                            debug!(
+                                command_id = r.command_id,
+                                "result for an unknown, expired or answered command ignored"
+                            );
+                        }
+                        Err(e) => warn!(error = %e, "cannot record a command result"),
+                    }
+                });
             }
             Message::Goodbye(_) => return Some(Flow::Drain(Drain::DeviceGoodbye)),
             _ => {

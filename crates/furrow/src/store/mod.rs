@@ -124,6 +124,105 @@ pub struct DeviceInfo {
     pub last_seen_ms: Option<u64>,
 }
 
+/// Where a command is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    /// Stored, not yet sent.
+    Queued,
+    /// Sent to the device (again after each reconnect until answered).
+    Delivered,
+    /// COMMAND_RESULT status 0.
+    Succeeded,
+    /// COMMAND_RESULT status 1 (failed) or 2 (unknown command).
+    Failed,
+    /// Its time to live ran out before an answer.
+    Expired,
+    /// The device was revoked before an answer.
+    Cancelled,
+}
+
+impl CommandState {
+    /// Lower-case name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Delivered => "delivered",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "delivered" => Self::Delivered,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the command may still be delivered and answered.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Queued | Self::Delivered)
+    }
+}
+
+/// A new command.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// Its name.
+    pub name: String,
+    /// Content type byte of the payload (validated).
+    pub content_type: u8,
+    /// Arguments.
+    pub payload: Vec<u8>,
+    /// When it expires, Unix ms.
+    pub expires_ms: u64,
+}
+
+/// The device's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// COMMAND_RESULT status byte (0 succeeded, 1 failed, 2 unknown).
+    pub status: u8,
+    /// Content type byte of the result.
+    pub content_type: u8,
+    /// Result data.
+    pub payload: Vec<u8>,
+}
+
+/// A stored command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRecord {
+    /// Its id (the wire's command_id).
+    pub id: u64,
+    /// The device.
+    pub device_id: String,
+    /// Its name.
+    pub name: String,
+    /// Content type byte of the payload.
+    pub content_type: u8,
+    /// Arguments.
+    pub payload: Vec<u8>,
+    /// Where it is.
+    pub state: CommandState,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Expires, Unix ms.
+    pub expires_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+    /// The device's answer, once there is one.
+    pub outcome: Option<CommandOutcome>,
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -144,6 +243,9 @@ pub enum StoreError {
     /// No device with this id.
     #[error("no device {0:?}")]
     NoSuchDevice(String),
+    /// The device is revoked.
+    #[error("device {0:?} is revoked")]
+    Revoked(String),
     /// A blocking task died (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
@@ -203,6 +305,46 @@ pub trait Store: Send + Sync + 'static {
         range: TelemetryRange,
         limit: u32,
     ) -> Result<Vec<StoredTelemetry>, StoreError>;
+
+    /// Stores a command for a device, queued. [`StoreError::NoSuchDevice`]
+    /// if unknown; [`StoreError::Revoked`] if revoked.
+    async fn create_command(
+        &self,
+        device_id: &str,
+        cmd: NewCommand,
+    ) -> Result<CommandRecord, StoreError>;
+
+    /// One command.
+    async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// A device's commands, newest first, with ids below `before` (all
+    /// when `None`), at most `limit`.
+    async fn commands_of(
+        &self,
+        device_id: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// A device's open (queued or delivered), unexpired commands, oldest
+    /// first: what a session must (re)send.
+    async fn open_commands(&self, device: DeviceKey) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Marks queued commands delivered; returns those that changed.
+    async fn mark_delivered(&self, ids: Vec<u64>) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// Records the device's answer to an open, unexpired command of its
+    /// own; `None` (nothing changed) for an unknown, foreign, expired or
+    /// already answered id.
+    async fn complete_command(
+        &self,
+        device: DeviceKey,
+        id: u64,
+        outcome: CommandOutcome,
+    ) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Expires open commands whose time ran out by `now_ms`; returns them.
+    async fn expire_commands(&self, now_ms: u64) -> Result<Vec<CommandRecord>, StoreError>;
 
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

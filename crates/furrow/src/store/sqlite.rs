@@ -29,8 +29,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::{
-    Batch, DeviceAuth, DeviceInfo, DeviceKey, DeviceSeqs, StoreError, StoredTelemetry,
-    TelemetryRange,
+    Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
+    DeviceSeqs, NewCommand, StoreError, StoredTelemetry, TelemetryRange,
 };
 use super::{DeviceKey as Key, Store};
 use crate::clock::now_ms;
@@ -72,7 +72,8 @@ impl FromStr for Synchronous {
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id          INTEGER PRIMARY KEY,
     device_id   TEXT    NOT NULL UNIQUE,
@@ -111,7 +112,12 @@ CREATE TABLE revocations (
     device_id TEXT    NOT NULL,
     at_ms     INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Open commands by expiry, for the expiry sweep.
+CREATE INDEX commands_open ON commands (status, expires_ms);
+"#,
+];
 
 /// Options for opening the database.
 #[derive(Debug, Clone)]
@@ -332,6 +338,45 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Columns of a command row joined with its device, in [`command_row`]'s order.
+const COMMAND_COLS: &str = "c.id, d.device_id, c.name, c.content_type, c.payload, c.status,
+    c.created_ms, c.expires_ms, c.updated_ms, c.result_status, c.result_content_type,
+    c.result_payload";
+
+fn command_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
+    let state: String = r.get(5)?;
+    let result_status: Option<u8> = r.get(9)?;
+    Ok(CommandRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        device_id: r.get(1)?,
+        name: r.get(2)?,
+        content_type: r.get(3)?,
+        payload: r.get(4)?,
+        // Only this code writes the column; an unknown value reads as failed.
+        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
+        created_ms: r.get::<_, i64>(6)? as u64,
+        expires_ms: r.get::<_, Option<i64>>(7)?.unwrap_or(i64::MAX) as u64,
+        updated_ms: r.get::<_, i64>(8)? as u64,
+        outcome: match result_status {
+            Some(status) => Some(CommandOutcome {
+                status,
+                content_type: r.get::<_, Option<u8>>(10)?.unwrap_or(0),
+                payload: r.get::<_, Option<Vec<u8>>>(11)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+    })
+}
+
+fn command_by_id(conn: &Connection, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device WHERE c.id = ?1"
+        ))?
+        .query_row([id as i64], command_row)
+        .optional()?)
 }
 
 /// A device row with its stored watermark and when that reading arrived.
@@ -572,6 +617,12 @@ impl Store for SqliteStore {
                             "INSERT INTO revocations (device_id, at_ms) VALUES (?1, ?2)",
                             params![id, now],
                         )?;
+                        tx.execute(
+                            "UPDATE commands SET status = 'cancelled', updated_ms = ?2
+                             WHERE device = (SELECT id FROM devices WHERE device_id = ?1)
+                               AND status IN ('queued', 'delivered')",
+                            params![id, now],
+                        )?;
                         true
                     }
                 };
@@ -634,6 +685,176 @@ impl Store for SqliteStore {
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
+            })
+            .await
+    }
+
+    async fn create_command(
+        &self,
+        device_id: &str,
+        cmd: NewCommand,
+    ) -> Result<CommandRecord, StoreError> {
+        let id = device_id.to_owned();
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let dev: Option<(i64, Option<i64>)> = tx
+                    .query_row(
+                        "SELECT id, revoked_ms FROM devices WHERE device_id = ?1",
+                        [&id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let key = match dev {
+                    None => return Err(StoreError::NoSuchDevice(id)),
+                    Some((_, Some(_))) => return Err(StoreError::Revoked(id)),
+                    Some((key, None)) => key,
+                };
+                let now = now_ms() as i64;
+                tx.execute(
+                    "INSERT INTO commands (device, name, content_type, payload, status,
+                        created_ms, expires_ms, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?5)",
+                    params![
+                        key,
+                        cmd.name,
+                        cmd.content_type,
+                        cmd.payload,
+                        now,
+                        cmd.expires_ms.min(i64::MAX as u64) as i64
+                    ],
+                )?;
+                let new_id = tx.last_insert_rowid() as u64;
+                let rec = command_by_id(&tx, new_id)?;
+                tx.commit()?;
+                rec.ok_or_else(|| StoreError::Task("the new command vanished".into()))
+            })
+            .await
+    }
+
+    async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.reader.call(move |conn| command_by_id(conn, id)).await
+    }
+
+    async fn commands_of(
+        &self,
+        device_id: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let id = device_id.to_owned();
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        self.reader
+            .call(move |conn| {
+                let rows = conn
+                    .prepare_cached(&format!(
+                        "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
+                         WHERE d.device_id = ?1 AND c.id < ?2 ORDER BY c.id DESC LIMIT ?3"
+                    ))?
+                    .query_map(params![id, before, limit], command_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn open_commands(&self, device: DeviceKey) -> Result<Vec<CommandRecord>, StoreError> {
+        self.reader
+            .call(move |conn| {
+                let rows = conn
+                    .prepare_cached(&format!(
+                        "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
+                         WHERE c.device = ?1 AND c.status IN ('queued', 'delivered')
+                           AND c.expires_ms > ?2 ORDER BY c.id"
+                    ))?
+                    .query_map(params![device, now_ms() as i64], command_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn mark_delivered(&self, ids: Vec<u64>) -> Result<Vec<CommandRecord>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let now = now_ms() as i64;
+                let mut changed = Vec::new();
+                for id in ids {
+                    let n = tx.execute(
+                        "UPDATE commands SET status = 'delivered', updated_ms = ?2
+                         WHERE id = ?1 AND status = 'queued'",
+                        params![id as i64, now],
+                    )?;
+                    if n > 0 {
+                        changed.extend(command_by_id(&tx, id)?);
+                    }
+                }
+                tx.commit()?;
+                Ok(changed)
+            })
+            .await
+    }
+
+    async fn complete_command(
+        &self,
+        device: DeviceKey,
+        id: u64,
+        outcome: CommandOutcome,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let now = now_ms() as i64;
+                let state = if outcome.status == 0 {
+                    CommandState::Succeeded
+                } else {
+                    CommandState::Failed
+                };
+                let n = tx.execute(
+                    "UPDATE commands SET status = ?3, updated_ms = ?4, result_status = ?5,
+                        result_content_type = ?6, result_payload = ?7
+                     WHERE id = ?1 AND device = ?2 AND status IN ('queued', 'delivered')
+                       AND expires_ms > ?4",
+                    params![
+                        id.min(i64::MAX as u64) as i64,
+                        device,
+                        state.as_str(),
+                        now,
+                        outcome.status,
+                        outcome.content_type,
+                        outcome.payload
+                    ],
+                )?;
+                let rec = if n > 0 { command_by_id(&tx, id)? } else { None };
+                tx.commit()?;
+                Ok(rec)
+            })
+            .await
+    }
+
+    async fn expire_commands(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let now = now.min(i64::MAX as u64) as i64;
+                let ids: Vec<i64> = tx
+                    .prepare_cached(
+                        "SELECT id FROM commands WHERE status IN ('queued', 'delivered')
+                         AND expires_ms <= ?1 LIMIT 1000",
+                    )?
+                    .query_map([now], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    tx.execute(
+                        "UPDATE commands SET status = 'expired', updated_ms = ?2 WHERE id = ?1",
+                        params![id, now],
+                    )?;
+                    out.extend(command_by_id(&tx, id as u64)?);
+                }
+                tx.commit()?;
+                Ok(out)
             })
             .await
     }
