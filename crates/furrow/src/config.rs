@@ -242,8 +242,11 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Mqtt {
-    /// `mqtt://host[:port]`; empty: no events.
+    /// `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS; empty: no
+    /// events.
     pub url: String,
+    /// With mqtts://: the CA (PEM) that signed the broker's certificate.
+    pub ca_file: String,
     /// Topics start with this.
     pub topic_prefix: String,
     /// 0 or 1.
@@ -263,6 +266,7 @@ impl Default for Mqtt {
     fn default() -> Self {
         Self {
             url: String::new(),
+            ca_file: String::new(),
             topic_prefix: "furrow".into(),
             qos: 1,
             client_id: String::new(),
@@ -394,8 +398,12 @@ impl Config {
             );
         }
         if !self.mqtt.url.is_empty() {
-            if let Err(e) = crate::publish::mqtt::check_url(&self.mqtt.url) {
-                return bad("mqtt.url", e.to_string());
+            if let Err(e) = crate::publish::mqtt::check(&self.mqtt) {
+                let key = match e {
+                    crate::publish::mqtt::MqttError::Url(_) => "mqtt.url",
+                    _ => "mqtt.ca_file",
+                };
+                return bad(key, e.to_string());
             }
         }
         if self.mqtt.qos > 1 {
@@ -568,5 +576,19 @@ mod tests {
         off.api.listen = "0.0.0.0:7780".parse().unwrap();
         off.validate().unwrap();
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn mqtt_over_tls_fails_closed_without_a_readable_ca() {
+        let mut c = Config::default();
+        c.mqtt.url = "mqtts://broker:8883".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt.ca_file"), "{e}");
+        c.mqtt.ca_file = "/nonexistent/ca.pem".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        c.mqtt.url = "http://broker".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt.url"), "{e}");
     }
 }

@@ -121,7 +121,7 @@ impl Connection {
         let f = self.decoder.decode(&mut self.rbuf)?;
         if let Some(f) = &f {
             self.stats.frames_in += 1;
-            crate::metrics::wire().frame_in(f.kind);
+            crate::metrics::wire().frame_in(f.kind, f.wire_len());
         }
         Ok(f)
     }
@@ -157,10 +157,11 @@ impl Connection {
     pub fn queue(&mut self, msg: &Message) {
         // Gateway messages carry our own short strings; an encoding failure
         // would be a bug, so it is logged and the frame skipped.
+        let before = self.wbuf.len();
         match msg.encode(&mut self.wbuf) {
             Ok(()) => {
                 self.stats.frames_out += 1;
-                crate::metrics::wire().frame_out(msg.kind());
+                crate::metrics::wire().frame_out(msg.kind(), self.wbuf.len() - before);
             }
             Err(e) => tracing::error!(error = %e, kind = msg.kind().name(), "cannot encode"),
         }
@@ -170,7 +171,7 @@ impl Connection {
     pub fn queue_ack(&mut self, seq: u64) {
         encode_ack(seq, &mut self.wbuf);
         self.stats.frames_out += 1;
-        crate::metrics::wire().frame_out(MessageType::Ack);
+        crate::metrics::wire().frame_out(MessageType::Ack, furrow_proto::HEADER_LEN + 8);
     }
 
     /// Bytes queued but not yet written.

@@ -192,7 +192,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             DeviceCmd::Revoke { id, common } => {
                 let store = open_store(&load(&common, None)?)?;
-                if store.revoke_device(&id).await? {
+                let newly = store.revoke_device(&id).await?;
+                let cancelled = store.cancel_open_commands(&id).await?;
+                if !cancelled.is_empty() {
+                    eprintln!("{} open command(s) cancelled", cancelled.len());
+                }
+                if newly {
                     eprintln!("device {id} revoked; a running gateway disconnects it within its poll interval");
                 } else {
                     eprintln!("device {id} was already revoked");

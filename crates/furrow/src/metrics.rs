@@ -118,6 +118,16 @@ fn describe() {
         "Sessions taken over by a new connection of the same device."
     );
     describe_counter!(
+        "furrow_frame_bytes_in_total",
+        Unit::Bytes,
+        "Frame bytes received (header included), by message type."
+    );
+    describe_counter!(
+        "furrow_frame_bytes_out_total",
+        Unit::Bytes,
+        "Frame bytes sent (header included), by message type."
+    );
+    describe_counter!(
         "furrow_commands_total",
         "Command state changes, by the state entered (queued, delivered, succeeded, failed, expired)."
     );
@@ -144,6 +154,8 @@ fn describe() {
 pub struct Wire {
     frames_in: Vec<Counter>,
     frames_out: Vec<Counter>,
+    frame_bytes_in: Vec<Counter>,
+    frame_bytes_out: Vec<Counter>,
     /// Bytes read from devices.
     pub bytes_in: Counter,
     /// Bytes written to devices.
@@ -169,6 +181,8 @@ pub fn wire() -> &'static Wire {
         Wire {
             frames_in: by_type("furrow_frames_in_total"),
             frames_out: by_type("furrow_frames_out_total"),
+            frame_bytes_in: by_type("furrow_frame_bytes_in_total"),
+            frame_bytes_out: by_type("furrow_frame_bytes_out_total"),
             bytes_in: metrics::counter!("furrow_bytes_in_total"),
             bytes_out: metrics::counter!("furrow_bytes_out_total"),
             ack_latency: metrics::histogram!("furrow_ack_latency_seconds"),
@@ -177,13 +191,15 @@ pub fn wire() -> &'static Wire {
 }
 
 impl Wire {
-    /// Counts a frame received.
-    pub fn frame_in(&self, t: MessageType) {
+    /// Counts a frame of `bytes` (header included) received.
+    pub fn frame_in(&self, t: MessageType, bytes: usize) {
         self.frames_in[t as u8 as usize].increment(1);
+        self.frame_bytes_in[t as u8 as usize].increment(bytes as u64);
     }
 
-    /// Counts a frame sent.
-    pub fn frame_out(&self, t: MessageType) {
+    /// Counts a frame of `bytes` sent.
+    pub fn frame_out(&self, t: MessageType, bytes: usize) {
         self.frames_out[t as u8 as usize].increment(1);
+        self.frame_bytes_out[t as u8 as usize].increment(bytes as u64);
     }
 }

@@ -112,6 +112,12 @@ async fn metrics_are_scraped_during_traffic_and_move_as_they_should() {
     assert_eq!(delta("furrow_frames_out_total{type=\"REJECT\"}"), 1.0);
     assert_eq!(delta("furrow_frames_out_total{type=\"ERROR\"}"), 1.0);
     assert!(delta("furrow_frames_out_total{type=\"ACK\"}") >= 2.0);
+    assert!(delta("furrow_frame_bytes_in_total{type=\"TELEMETRY\"}") >= 108.0 * 23.0);
+    assert_eq!(
+        delta("furrow_frame_bytes_out_total{type=\"ACK\"}"),
+        delta("furrow_frames_out_total{type=\"ACK\"}") * 14.0,
+        "an ACK is 6 + 8 bytes"
+    );
     // 108 TELEMETRY frames of at least 6 + 17 bytes each.
     assert!(delta("furrow_bytes_in_total") >= 108.0 * 23.0);
     assert!(delta("furrow_bytes_out_total") > 0.0);

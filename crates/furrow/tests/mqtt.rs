@@ -19,7 +19,20 @@ async fn subscribe(
     addr: std::net::SocketAddr,
     id: &str,
 ) -> mpsc::UnboundedReceiver<(String, Value, bool)> {
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    subscribe_with(addr.ip().to_string(), addr.port(), None, id).await
+}
+
+/// Like [`subscribe`], to `host`, over TLS when a CA is given.
+async fn subscribe_with(
+    host: String,
+    port: u16,
+    ca: Option<Vec<u8>>,
+    id: &str,
+) -> mpsc::UnboundedReceiver<(String, Value, bool)> {
+    let mut opts = MqttOptions::new(id, host, port);
+    if let Some(ca) = ca {
+        opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+    }
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -186,7 +199,7 @@ async fn without_the_broker_ingest_goes_on_and_drops_are_counted_then_publishing
     .await;
 
     // The broker dies: every reading is still stored and ACKed.
-    let port = broker.kill();
+    let stopped = broker.kill();
     dev.telemetry_batch(11..=500).await;
     dev.until_ack(500).await;
     let stored = stored_seqs_async(&gw.db_path(), "ev-2").await;
@@ -203,7 +216,7 @@ async fn without_the_broker_ingest_goes_on_and_drops_are_counted_then_publishing
     );
 
     // It comes back: publishing resumes by itself.
-    let broker = Mosquitto::start_on(port);
+    let broker = stopped.restart();
     let mut rx = subscribe(broker.addr(), "sub-3").await;
     within(Duration::from_secs(20), "publishing resumes", async {
         let mut seq = 501;
@@ -224,6 +237,29 @@ async fn without_the_broker_ingest_goes_on_and_drops_are_counted_then_publishing
             }
             seq += 1;
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_go_over_tls_to_a_broker_whose_certificate_checks_out() {
+    let (broker, ca) = Mosquitto::start_tls();
+    let port = broker.addr().port();
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let mut rx = subscribe_with("localhost".into(), port, Some(ca_pem), "sub-tls").await;
+    let ca_s = ca.to_string_lossy().into_owned();
+    let gw = TestGateway::start_with(move |c| {
+        c.mqtt.url = format!("mqtts://localhost:{port}");
+        c.mqtt.ca_file = ca_s;
+    })
+    .await;
+    let token = gw.add_device("tls-1").await;
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.hello("tls-1", &token, 30).await;
+    dev.telemetry_batch(1..=3).await;
+    dev.until_ack(3).await;
+    until(&mut rx, "telemetry over TLS", |t, v, _| {
+        t == "furrow/devices/tls-1/telemetry" && v["seq"] == 3
     })
     .await;
 }

@@ -164,9 +164,9 @@ pub async fn get(
     }
 }
 
-/// Revokes a device: it cannot connect again, and a live connection is
-/// told GOODBYE DEVICE_REVOKED (on other instances, within their
-/// revocation poll).
+/// Revokes a device: it cannot connect again, a live connection is told
+/// GOODBYE DEVICE_REVOKED (on other instances, within their revocation
+/// poll), and its open commands are cancelled.
 #[utoipa::path(post, path = "/v1/devices/{device_id}/revoke", tag = "devices",
     params(("device_id" = String, Path)),
     responses((status = 200, body = Revoked), (status = 404, body = super::error::ErrorBody)),
@@ -177,6 +177,10 @@ pub async fn revoke(
 ) -> Result<Json<Revoked>, ApiError> {
     let revoked = s.store.revoke_device(&device_id).await?;
     let disconnected = s.registry.kick(&device_id, GoodbyeCode::DeviceRevoked);
+    // Revoked, it can take no new command; its open ones are cancelled.
+    for c in s.store.cancel_open_commands(&device_id).await? {
+        s.events.command(&c);
+    }
     Ok(Json(Revoked {
         device_id,
         revoked,

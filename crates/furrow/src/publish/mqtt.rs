@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -19,9 +19,27 @@ use crate::store::{CommandRecord, TelemetryRecord};
 /// Why the MQTT settings cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    /// The URL is not `mqtt://host[:port]`.
-    #[error("mqtt.url {0:?}: expected mqtt://host[:port]")]
+    /// The URL is not `mqtt://host[:port]` or `mqtts://host[:port]`.
+    #[error("mqtt.url {0:?}: expected mqtt://host[:port] or mqtts://host[:port]")]
     Url(String),
+    /// mqtts:// without a CA to check the broker's certificate against.
+    #[error("mqtt.url is mqtts://: set mqtt.ca_file to the CA (PEM) that signed the broker's certificate")]
+    NoCa,
+    /// The CA file cannot be read.
+    #[error("mqtt.ca_file {path}: {source}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where the broker is.
+struct Broker {
+    host: String,
+    port: u16,
+    tls: bool,
 }
 
 /// Publishes events; see the module docs of [`crate::publish`].
@@ -56,23 +74,49 @@ struct InstanceStatus {
     at: u64,
 }
 
-fn host_port(url: &str) -> Result<(String, u16), MqttError> {
+fn parse_url(url: &str) -> Result<Broker, MqttError> {
     let bad = || MqttError::Url(url.to_owned());
-    let rest = url
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(bad)?;
+    {
+        (r, false, 1883)
+    } else {
+        return Err(bad());
+    };
     let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() => Ok((h.to_owned(), p.parse().map_err(|_| bad())?)),
-        None if !rest.is_empty() => Ok((rest.to_owned(), 1883)),
-        _ => Err(bad()),
-    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => (h.to_owned(), p.parse().map_err(|_| bad())?),
+        None if !rest.is_empty() => (rest.to_owned(), default_port),
+        _ => return Err(bad()),
+    };
+    Ok(Broker { host, port, tls })
 }
 
-/// Checks `mqtt.url` without connecting.
-pub fn check_url(url: &str) -> Result<(), MqttError> {
-    host_port(url).map(drop)
+#[cfg(test)]
+fn host_port(url: &str) -> Result<(String, u16), MqttError> {
+    parse_url(url).map(|b| (b.host, b.port))
+}
+
+/// Checks the settings without connecting: the URL, and for mqtts:// a
+/// readable CA file (the gateway fails closed on either).
+pub fn check(cfg: &MqttConfig) -> Result<(), MqttError> {
+    if parse_url(&cfg.url)?.tls {
+        read_ca(&cfg.ca_file)?;
+    }
+    Ok(())
+}
+
+fn read_ca(path: &str) -> Result<Vec<u8>, MqttError> {
+    if path.is_empty() {
+        return Err(MqttError::NoCa);
+    }
+    std::fs::read(path).map_err(|source| MqttError::Ca {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Publisher {
@@ -83,7 +127,7 @@ impl Publisher {
         instance: &str,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, MqttError> {
-        let (host, port) = host_port(&cfg.url)?;
+        let broker = parse_url(&cfg.url)?;
         let client_id = if cfg.client_id.is_empty() {
             format!("furrow-{instance}")
         } else {
@@ -96,7 +140,10 @@ impl Publisher {
             QoS::AtLeastOnce
         };
         let instance_topic = format!("{prefix}/instances/{instance}/status");
-        let mut opts = MqttOptions::new(client_id, host, port);
+        let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
+        if broker.tls {
+            opts.set_transport(Transport::tls(read_ca(&cfg.ca_file)?, None, None));
+        }
         opts.set_keep_alive(Duration::from_secs(30));
         if !cfg.username.is_empty() {
             opts.set_credentials(cfg.username.clone(), cfg.password.clone());
@@ -237,6 +284,7 @@ mod tests {
         );
         assert_eq!(host_port("mqtt://broker").unwrap(), ("broker".into(), 1883));
         assert_eq!(host_port("tcp://b:1/").unwrap(), ("b".into(), 1));
+        assert_eq!(host_port("mqtts://b").unwrap(), ("b".into(), 8883));
         for bad in ["", "http://x", "mqtt://", "mqtt://:1", "mqtt://h:port"] {
             assert!(host_port(bad).is_err(), "{bad}");
         }

@@ -343,6 +343,11 @@ pub trait Store: Send + Sync + 'static {
         outcome: CommandOutcome,
     ) -> Result<Option<CommandRecord>, StoreError>;
 
+    /// Cancels a device's open commands (after its revocation, which stops
+    /// new ones); returns them.
+    async fn cancel_open_commands(&self, device_id: &str)
+        -> Result<Vec<CommandRecord>, StoreError>;
+
     /// Expires open commands whose time ran out by `now_ms`; returns them.
     async fn expire_commands(&self, now_ms: u64) -> Result<Vec<CommandRecord>, StoreError>;
 

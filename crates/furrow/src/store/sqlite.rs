@@ -617,12 +617,6 @@ impl Store for SqliteStore {
                             "INSERT INTO revocations (device_id, at_ms) VALUES (?1, ?2)",
                             params![id, now],
                         )?;
-                        tx.execute(
-                            "UPDATE commands SET status = 'cancelled', updated_ms = ?2
-                             WHERE device = (SELECT id FROM devices WHERE device_id = ?1)
-                               AND status IN ('queued', 'delivered')",
-                            params![id, now],
-                        )?;
                         true
                     }
                 };
@@ -829,6 +823,36 @@ impl Store for SqliteStore {
                 let rec = if n > 0 { command_by_id(&tx, id)? } else { None };
                 tx.commit()?;
                 Ok(rec)
+            })
+            .await
+    }
+
+    async fn cancel_open_commands(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let id = device_id.to_owned();
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let now = now_ms() as i64;
+                let ids: Vec<i64> = tx
+                    .prepare_cached(
+                        "SELECT c.id FROM commands c JOIN devices d ON d.id = c.device
+                         WHERE d.device_id = ?1 AND c.status IN ('queued', 'delivered')",
+                    )?
+                    .query_map([&id], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = Vec::with_capacity(ids.len());
+                for cid in ids {
+                    tx.execute(
+                        "UPDATE commands SET status = 'cancelled', updated_ms = ?2 WHERE id = ?1",
+                        params![cid, now],
+                    )?;
+                    out.extend(command_by_id(&tx, cid as u64)?);
+                }
+                tx.commit()?;
+                Ok(out)
             })
             .await
     }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A running broker.
@@ -72,16 +72,22 @@ impl Mosquitto {
         (m, ca)
     }
 
-    /// Starts a plain broker on `port` (to bring one back where it was).
-    pub fn start_on(port: u16) -> Self {
-        Self::start_at(port, "")
-    }
-
     fn start_with(listener_options: &str) -> Self {
-        Self::start_at(super::free_port(), listener_options)
+        // Tests of one binary start brokers side by side: a port freed by a
+        // broker that a test stopped (to start it again there) must not be
+        // taken by another test's new broker meanwhile.
+        let _ports = PORTS.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..5 {
+            if let Some(m) = Self::try_start_at(super::free_port(), listener_options) {
+                return m;
+            }
+        }
+        panic!("mosquitto could not bind a free port in 5 tries");
     }
 
-    fn start_at(port: u16, listener_options: &str) -> Self {
+    /// Starts a broker on `port` and checks that it, not another process,
+    /// listens there. `None` if it could not bind.
+    fn try_start_at(port: u16, listener_options: &str) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("mosquitto.conf");
         // `user root`: run as root, mosquitto would otherwise drop to its own
@@ -94,26 +100,36 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto.conf");
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
         let child = Command::new(program())
             .arg("-c")
             .arg(&conf)
-            .stdout(std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file"))
-            .stderr(Stdio::inherit())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("start mosquitto");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut me = Self {
+            child,
+            addr,
+            _dir: dir,
+        };
+        // Something answers on the port; if it is not our broker (which
+        // then failed to bind), ours exits at once: give it the time to.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
+        loop {
+            if me.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            if std::net::TcpStream::connect(addr).is_ok() {
+                std::thread::sleep(Duration::from_millis(150));
+                return me.child.try_wait().ok().flatten().is_none().then_some(me);
+            }
             assert!(
                 Instant::now() < deadline,
                 "mosquitto did not listen on {addr} within 10 s"
             );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            addr,
-            _dir: dir,
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -132,11 +148,32 @@ impl Mosquitto {
         format!("mqtt://{}", self.addr)
     }
 
-    /// Kills the broker at once (as a crash would).
-    pub fn kill(mut self) -> u16 {
+    /// Kills the broker at once (as a crash would); its port stays
+    /// reserved against this binary's other brokers until [`Stopped::restart`].
+    pub fn kill(mut self) -> Stopped {
+        let guard = PORTS.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.addr.port()
+        Stopped {
+            port: self.addr.port(),
+            _guard: guard,
+        }
+    }
+}
+
+static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A killed broker's port, held until it is started there again.
+pub struct Stopped {
+    port: u16,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Stopped {
+    /// A plain broker again on the same port.
+    pub fn restart(self) -> Mosquitto {
+        Mosquitto::try_start_at(self.port, "")
+            .unwrap_or_else(|| panic!("mosquitto could not bind port {} again", self.port))
     }
 }
 
