@@ -9,51 +9,8 @@ use std::time::Duration;
 use furrow_client::{Client, Config as ClientConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::http::{Api, TOKEN};
 use support::*;
-
-const TOKEN: &str = "an-admin-token-for-tests";
-
-struct Api {
-    http: reqwest::Client,
-    gw: TestGateway,
-}
-
-impl Api {
-    async fn start() -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            gw: TestGateway::start_with(|c| c.api.token = TOKEN.into()).await,
-        }
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut req = self
-            .http
-            .request(method, self.gw.api_url(path))
-            .bearer_auth(TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
-        (status, v)
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-}
 
 fn sdk(addr: std::net::SocketAddr, id: &str, token: &str) -> Client {
     let mut c = ClientConfig::new(addr.to_string(), id, token);
@@ -64,7 +21,7 @@ fn sdk(addr: std::net::SocketAddr, id: &str, token: &str) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_connect_send_and_read_back() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     let (st, created) = api
         .post("/v1/devices", json!({"device_id": "pump-17"}))
         .await;
@@ -145,7 +102,7 @@ async fn create_connect_send_and_read_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_through_devices() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     for i in 0..5 {
         let (st, _) = api
             .post("/v1/devices", json!({"device_id": format!("d-{i}")}))
@@ -170,7 +127,7 @@ async fn list_pages_through_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_device_is_disconnected_and_cannot_reconnect() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     let (_, c) = api.post("/v1/devices", json!({"device_id": "rev-1"})).await;
     let token = c["token"].as_str().unwrap().to_owned();
     let mut dev = RawDevice::connect(api.gw.addr()).await;
@@ -191,7 +148,7 @@ async fn revoked_device_is_disconnected_and_cannot_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_token_replaces_the_old_one() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     let (_, c) = api.post("/v1/devices", json!({"device_id": "rot-1"})).await;
     let old = c["token"].as_str().unwrap().to_owned();
     let (st, r) = api.post("/v1/devices/rot-1/token", json!({})).await;
@@ -207,7 +164,7 @@ async fn rotated_token_replaces_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_json_with_stable_codes() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     // 401: no token, a wrong token.
     for auth in [None, Some("not-the-admin-token")] {
         let mut req = api.http.get(api.gw.api_url("/v1/devices"));
@@ -281,7 +238,7 @@ async fn errors_are_json_with_stable_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_parses_and_lists_the_routes() {
-    let api = Api::start().await;
+    let api = Api::with_token().await;
     let (st, doc) = api.get("/v1/openapi.json").await;
     assert_eq!(st, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");

@@ -13,37 +13,17 @@ use furrow_client::{handler, Client, CommandReply, Config as ClientConfig};
 use furrow_proto::{CommandStatus, Message};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::http::Api;
 use support::*;
 
-struct Api {
-    http: reqwest::Client,
-    gw: TestGateway,
+/// Test helpers on the API client.
+trait Commands {
+    async fn device(&self, id: &str) -> String;
+    async fn command(&self, device: &str, body: Value) -> u64;
+    async fn until_state(&self, id: u64, state: &str) -> Value;
 }
 
-impl Api {
-    async fn start() -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            gw: TestGateway::start().await,
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(self.gw.api_url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.json().await.unwrap())
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self.http.get(self.gw.api_url(path)).send().await.unwrap();
-        (r.status(), r.json().await.unwrap())
-    }
-
+impl Commands for Api {
     async fn device(&self, id: &str) -> String {
         let (st, v) = self.post("/v1/devices", json!({"device_id": id})).await;
         assert_eq!(st, StatusCode::CREATED, "{v}");

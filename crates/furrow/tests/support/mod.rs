@@ -31,6 +31,7 @@ use tokio::time::{timeout, Instant};
 /// The longest a test waits for any single message from the gateway.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
+pub mod http;
 pub mod mosquitto;
 
 /// ERROR / REJECT codes (docs/protocol.md, "Codes").

@@ -1,0 +1,70 @@
+//! A test gateway with an HTTP client for its API, authenticated with the
+//! admin token when one is configured.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use super::TestGateway;
+
+/// The admin token of [`Api::with_token`] gateways.
+pub const TOKEN: &str = "an-admin-token-for-tests";
+
+/// A gateway and a client for its API.
+pub struct Api {
+    /// The HTTP client.
+    pub http: reqwest::Client,
+    /// The gateway.
+    pub gw: TestGateway,
+    token: Option<&'static str>,
+}
+
+impl Api {
+    /// A gateway whose API needs no token (loopback).
+    pub async fn start() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            gw: TestGateway::start().await,
+            token: None,
+        }
+    }
+
+    /// A gateway whose API needs [`TOKEN`]; requests carry it.
+    pub async fn with_token() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            gw: TestGateway::start_with(|c| c.api.token = TOKEN.into()).await,
+            token: Some(TOKEN),
+        }
+    }
+
+    /// A request with a JSON answer (which it must be).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.gw.api_url(path));
+        if let Some(t) = self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+        (status, v)
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// POST with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+}
