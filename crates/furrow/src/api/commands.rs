@@ -235,9 +235,7 @@ pub async fn list(
     Query(q): Query<CommandsQuery>,
 ) -> Result<Json<CommandPage>, ApiError> {
     let limit = super::page_limit(q.limit)?;
-    if s.store.device(&device_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no device {device_id:?}")));
-    }
+    super::require_device(&s, &device_id).await?;
     let rows = s.store.commands_of(&device_id, q.before, limit).await?;
     let next_before = (rows.len() == limit as usize)
         .then(|| rows.last().map(|c| c.id))

@@ -88,6 +88,16 @@ pub struct ApiState {
     pub max_frame: u32,
 }
 
+/// 404 unless the device exists.
+pub(crate) async fn require_device(s: &ApiState, device_id: &str) -> Result<(), error::ApiError> {
+    match s.store.device(device_id).await? {
+        Some(_) => Ok(()),
+        None => Err(error::ApiError::NotFound(format!(
+            "no device {device_id:?}"
+        ))),
+    }
+}
+
 /// A page size: 1 to 1000, 100 when not given.
 pub(crate) fn page_limit(limit: Option<u32>) -> Result<u32, error::ApiError> {
     match limit.unwrap_or(100) {

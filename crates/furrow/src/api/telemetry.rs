@@ -89,9 +89,7 @@ pub async fn list(
             "an empty range: from is after to".into(),
         ));
     }
-    if s.store.device(&device_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no device {device_id:?}")));
-    }
+    super::require_device(&s, &device_id).await?;
     let rows = s.store.telemetry(&device_id, range, limit).await?;
     let next_from_seq = (rows.len() == limit as usize)
         .then(|| rows.last().map(|r| r.seq + 1))

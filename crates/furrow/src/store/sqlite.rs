@@ -379,6 +379,24 @@ fn command_by_id(conn: &Connection, id: u64) -> Result<Option<CommandRecord>, St
         .optional()?)
 }
 
+/// Moves commands `ids` to `state` at `now`; returns them as they are now.
+fn close_commands(
+    conn: &Connection,
+    ids: &[i64],
+    state: CommandState,
+    now: i64,
+) -> Result<Vec<CommandRecord>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        conn.execute(
+            "UPDATE commands SET status = ?3, updated_ms = ?2 WHERE id = ?1",
+            params![id, now, state.as_str()],
+        )?;
+        out.extend(command_by_id(conn, id as u64)?);
+    }
+    Ok(out)
+}
+
 /// A device row with its stored watermark and when that reading arrived.
 fn device_info(
     conn: &Connection,
@@ -843,14 +861,7 @@ impl Store for SqliteStore {
                     )?
                     .query_map([&id], |r| r.get(0))?
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut out = Vec::with_capacity(ids.len());
-                for cid in ids {
-                    tx.execute(
-                        "UPDATE commands SET status = 'cancelled', updated_ms = ?2 WHERE id = ?1",
-                        params![cid, now],
-                    )?;
-                    out.extend(command_by_id(&tx, cid as u64)?);
-                }
+                let out = close_commands(&tx, &ids, CommandState::Cancelled, now)?;
                 tx.commit()?;
                 Ok(out)
             })
@@ -869,14 +880,7 @@ impl Store for SqliteStore {
                     )?
                     .query_map([now], |r| r.get(0))?
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    tx.execute(
-                        "UPDATE commands SET status = 'expired', updated_ms = ?2 WHERE id = ?1",
-                        params![id, now],
-                    )?;
-                    out.extend(command_by_id(&tx, id as u64)?);
-                }
+                let out = close_commands(&tx, &ids, CommandState::Expired, now)?;
                 tx.commit()?;
                 Ok(out)
             })
