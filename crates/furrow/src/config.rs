@@ -29,6 +29,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the database lives.
     pub data_dir: PathBuf,
+    /// Empty: the embedded SQLite database in `data_dir` (one instance).
+    /// `postgres://user:password@host:port/db`: a PostgreSQL database that
+    /// several instances share (`--database`).
+    pub database_url: String,
     /// Per-connection limits.
     pub limits: Limits,
     /// Keepalive bounds.
@@ -51,6 +55,7 @@ impl Default for Config {
             instance_id: String::new(),
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
             data_dir: PathBuf::from("./furrow-data"),
+            database_url: String::new(),
             limits: Limits::default(),
             keepalive: Keepalive::default(),
             storage: Storage::default(),
@@ -146,6 +151,11 @@ pub struct Storage {
     /// Writer queue capacity, in jobs (one job is one read's worth of
     /// telemetry from one connection).
     pub queue_capacity: usize,
+    /// PostgreSQL only: connections in the pool.
+    pub pool_size: usize,
+    /// PostgreSQL only: how long to wait for a connection before a call
+    /// fails (and is retried, for commits).
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for Storage {
@@ -155,6 +165,8 @@ impl Default for Storage {
             batch_max_rows: 8192,
             batch_delay_us: 0,
             queue_capacity: 1024,
+            pool_size: 16,
+            connect_timeout_ms: 3_000,
         }
     }
 }
@@ -292,6 +304,9 @@ pub struct Overrides {
     /// `--mqtt URL`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<MqttOverride>,
+    /// `--database URL`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
 }
 
 /// `--mqtt URL`, as the nested key `mqtt.url`.
@@ -369,6 +384,24 @@ impl Config {
                 "limits.max_frame",
                 format!("{} is above 16 MiB", self.limits.max_frame),
             );
+        }
+        if !(self.database_url.is_empty()
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return bad(
+                "database_url",
+                format!(
+                    "{:?}: expected empty (SQLite in data_dir) or postgres://...",
+                    redact_url(&self.database_url)
+                ),
+            );
+        }
+        if self.storage.pool_size == 0 {
+            return bad("storage.pool_size", "must be at least 1".into());
+        }
+        if self.storage.connect_timeout_ms == 0 {
+            return bad("storage.connect_timeout_ms", "must be above 0".into());
         }
         if self.limits.max_inflight == 0 {
             return bad("limits.max_inflight", "must be at least 1".into());
@@ -449,6 +482,26 @@ impl Config {
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("furrow.db")
     }
+
+    /// Whether the store is PostgreSQL (shared by instances).
+    pub fn uses_postgres(&self) -> bool {
+        !self.database_url.is_empty()
+    }
+}
+
+/// A URL with its password (`scheme://user:PASSWORD@host`) hidden, for
+/// logs and `check-config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -501,9 +554,11 @@ mod tests {
                 mqtt: Some(MqttOverride {
                     url: "mqtt://127.0.0.1:1999".into(),
                 }),
+                database_url: Some("postgres://u:secret@127.0.0.1:5/f".into()),
             };
             let c = Config::load(Some(Path::new("f.toml")), &o).unwrap();
             assert_eq!(c.listen.port(), 2, "flag wins over file");
+            assert_eq!(c.database_url, "postgres://u:secret@127.0.0.1:5/f");
             assert_eq!(
                 c.mqtt.url, "mqtt://127.0.0.1:1999",
                 "a nested key from a flag"

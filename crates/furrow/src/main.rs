@@ -31,6 +31,10 @@ struct Common {
     /// Data directory (holds furrow.db).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL database shared by instances (postgres://user:pass@host/db);
+    /// without it, SQLite in the data directory.
+    #[arg(long = "database", value_name = "URL", env = "FURROW_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +49,12 @@ enum Cmd {
         /// Publish events to this MQTT broker (mqtt://host[:port]).
         #[arg(long, value_name = "URL")]
         mqtt: Option<String>,
+    },
+    /// Apply database schema migrations and exit (the gateway also applies
+    /// them when it starts).
+    Migrate {
+        #[command(flatten)]
+        common: Common,
     },
     /// Manage devices.
     Device {
@@ -103,6 +113,7 @@ fn load_with(
         listen,
         data_dir: common.data_dir.clone(),
         mqtt: mqtt.map(|url| furrow::config::MqttOverride { url }),
+        database_url: common.database_url.clone(),
     };
     Ok(Config::load(common.config.as_deref(), &overrides)?)
 }
@@ -133,8 +144,10 @@ async fn shutdown_signal() {
     }
 }
 
-fn open_store(cfg: &Config) -> anyhow::Result<furrow::store::SqliteStore> {
-    furrow::server::open_store(cfg).with_context(|| "cannot open the device database")
+async fn open_store(cfg: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    furrow::server::connect_store(cfg)
+        .await
+        .with_context(|| "cannot open the device database")
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -151,6 +164,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Sim(args) => sim::run(args).await?,
         Cmd::Bench(cmd) => bench::run(cmd).await?,
         Cmd::BenchWorker => tokio::task::spawn_blocking(furrow_bench::worker_main).await??,
+        Cmd::Migrate { common } => {
+            let cfg = load(&common, None)?;
+            // Opening migrates; it also refuses a schema newer than this build.
+            open_store(&cfg).await?;
+            eprintln!("database schema is up to date");
+        }
         Cmd::CheckConfig { common } => {
             let cfg = load(&common, None)?;
             println!("{}", toml_string(&cfg)?);
@@ -161,13 +180,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !furrow_proto::message::valid_device_id(id.as_bytes()) {
                     anyhow::bail!(furrow::devices::ProvisionError::InvalidId(id));
                 }
-                let store = open_store(&load(&common, None)?)?;
-                let token = furrow::devices::add_device(&store, &id).await?;
+                let store = open_store(&load(&common, None)?).await?;
+                let token = furrow::devices::add_device(&*store, &id).await?;
                 eprintln!("device {id} created; its token is shown once:");
                 println!("{token}");
             }
             DeviceCmd::List { common } => {
-                let store = open_store(&load(&common, None)?)?;
+                let store = open_store(&load(&common, None)?).await?;
                 let mut after = None;
                 println!(
                     "{:<40} {:>12} {:>8} created_ms",
@@ -191,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             DeviceCmd::Revoke { id, common } => {
-                let store = open_store(&load(&common, None)?)?;
+                let store = open_store(&load(&common, None)?).await?;
                 let newly = store.revoke_device(&id).await?;
                 let cancelled = store.cancel_open_commands(&id).await?;
                 if !cancelled.is_empty() {
@@ -217,6 +236,10 @@ fn toml_string(cfg: &Config) -> anyhow::Result<String> {
     if !shown.api.token.is_empty() {
         shown.api.token.clear();
         hidden.push("api.token");
+    }
+    if shown.database_url != furrow::config::redact_url(&shown.database_url) {
+        shown.database_url = furrow::config::redact_url(&shown.database_url);
+        hidden.push("the password in database_url");
     }
     if !shown.mqtt.password.is_empty() {
         shown.mqtt.password.clear();

@@ -29,7 +29,7 @@ use crate::publish::Events;
 use crate::registry::Registry;
 use crate::session::{self, Shared};
 use crate::store::sqlite::SqliteOptions;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{PostgresOptions, PostgresStore, SqliteStore, Store, StoreError};
 use crate::writer::{self, WriterConfig};
 
 /// Why the gateway could not start.
@@ -80,6 +80,24 @@ pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
     Ok(SqliteStore::open(cfg.database_path(), opts)?)
 }
 
+/// Opens the configured store: PostgreSQL when `database_url` is set
+/// (migrated, reachable), else SQLite in `data_dir`.
+pub async fn connect_store(cfg: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    if cfg.uses_postgres() {
+        let opts = PostgresOptions {
+            pool_size: cfg.storage.pool_size,
+            connect_timeout: Duration::from_millis(cfg.storage.connect_timeout_ms),
+        };
+        let store = PostgresStore::connect(&cfg.database_url, opts).await?;
+        return Ok(Arc::new(store));
+    }
+    let cfg = cfg.clone();
+    let store = tokio::task::spawn_blocking(move || open_store(&cfg))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    Ok(Arc::new(store))
+}
+
 /// A bound, not yet running gateway.
 pub struct Server {
     cfg: Config,
@@ -106,11 +124,8 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 impl Server {
     /// Opens the store and binds the device listener.
     pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
-        let store_cfg = cfg.clone();
-        let store = tokio::task::spawn_blocking(move || open_store(&store_cfg))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
-        Self::with_store(cfg, Arc::new(store)).await
+        let store = connect_store(&cfg).await?;
+        Self::with_store(cfg, store).await
     }
 
     /// Binds the device listener over an already open store.

@@ -6,14 +6,20 @@
 //! durability setting) before `append` returns, and must store a
 //! `(device, seq)` pair at most once even when asked twice: the gateway
 //! deduplicates in memory, and the backend's key is the second line.
+//!
+//! Backends: [`sqlite`] (embedded, the default: one instance) and
+//! [`postgres`] (several instances sharing one database). Both pass the
+//! same conformance tests (`tests/store_conformance.rs`).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteStore, Synchronous};
 
 /// A device's internal key in the store (stable, compact; not its name).
@@ -229,6 +235,15 @@ pub enum StoreError {
     /// SQLite said no.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no, or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No database connection could be had in time.
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    /// The database URL or settings are unusable.
+    #[error("database settings: {0}")]
+    Config(String),
     /// The database file or its folder cannot be used.
     #[error("cannot use database at {path}")]
     Open {

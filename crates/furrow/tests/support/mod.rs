@@ -33,6 +33,7 @@ pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub mod http;
 pub mod mosquitto;
+pub mod postgres;
 
 /// ERROR / REJECT codes (docs/protocol.md, "Codes").
 pub mod code {

@@ -1,0 +1,761 @@
+//! The PostgreSQL backend, for several gateway instances sharing one
+//! database (`--database postgres://...`).
+//!
+//! Same schema shape and rules as the SQLite backend: telemetry keyed by
+//! `(device, seq)` with a surrogate integer device key, the key as the last
+//! guard against storing a seq twice (`ON CONFLICT DO NOTHING`), u64 seqs
+//! stored as the same 64 bits in a `bigint`.
+//!
+//! A group commit is one `INSERT ... SELECT FROM unnest(arrays)`: one
+//! statement and one round trip per batch, whatever its size (measured
+//! against binary `COPY` in `docs/postgres.md`). Rows are sorted by key
+//! first, so two instances inserting the same keys during a takeover lock
+//! them in the same order and never deadlock.
+//!
+//! Connections come from a deadpool pool; one that broke while the
+//! database was away is dropped on its next use and replaced, so the
+//! writer's retries reconnect by themselves when the database returns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
+    DeviceSeqs, NewCommand, Store, StoreError, StoredTelemetry, TelemetryRange,
+};
+use crate::clock::now_ms;
+
+/// Schema migrations, applied in order in one transaction each, under an
+/// advisory lock so that instances starting together migrate once.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE devices (
+    id           bigserial PRIMARY KEY,
+    -- byte order, as SQLite compares: listings page the same way on both
+    device_id    text COLLATE "C" NOT NULL UNIQUE,
+    token_hash   bytea  NOT NULL,
+    created_ms   bigint NOT NULL,
+    revoked_ms   bigint,
+    -- highest rejected seq (u64 bits): rejected seqs stay taken
+    rejected_seq bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE telemetry (
+    device       bigint   NOT NULL,
+    seq          bigint   NOT NULL,
+    timestamp_ms bigint   NOT NULL,
+    received_ms  bigint   NOT NULL,
+    content_type smallint NOT NULL,
+    payload      bytea    NOT NULL,
+    PRIMARY KEY (device, seq)
+);
+CREATE TABLE commands (
+    id                  bigserial PRIMARY KEY,
+    device              bigint   NOT NULL REFERENCES devices(id),
+    name                text     NOT NULL,
+    content_type        smallint NOT NULL,
+    payload             bytea    NOT NULL,
+    status              text     NOT NULL,
+    created_ms          bigint   NOT NULL,
+    expires_ms          bigint   NOT NULL,
+    updated_ms          bigint   NOT NULL,
+    result_status       smallint,
+    result_content_type smallint,
+    result_payload      bytea
+);
+CREATE INDEX commands_by_device ON commands (device, status);
+CREATE INDEX commands_open ON commands (status, expires_ms);
+CREATE TABLE revocations (
+    id        bigserial PRIMARY KEY,
+    device_id text   NOT NULL,
+    at_ms     bigint NOT NULL
+);
+-- Cluster coordination (cluster/postgres.rs): live instances and which
+-- one holds each connected device.
+CREATE TABLE instances (
+    instance_id  text   PRIMARY KEY,
+    started_ms   bigint NOT NULL,
+    heartbeat_ms bigint NOT NULL
+);
+CREATE TABLE sessions (
+    device       bigint PRIMARY KEY REFERENCES devices(id),
+    instance_id  text   NOT NULL,
+    generation   bigint NOT NULL,
+    peer         text   NOT NULL,
+    connected_ms bigint NOT NULL
+);
+CREATE INDEX sessions_by_instance ON sessions (instance_id);
+CREATE SEQUENCE session_generation;
+"#];
+
+/// Any fixed number: the advisory lock migrations take.
+const MIGRATION_LOCK: i64 = 0x6675_7272_6f77; // "furrow"
+
+/// Options for the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a call waits to connect (or for a free connection) before
+    /// it fails, so that an outage is noticed and retried, not waited out.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("PostgresStore")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish()
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Pool(other.to_string()),
+    }
+}
+
+/// u64 bits as PostgreSQL's bigint, and back.
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+/// A bound that must stay a non-negative bigint (limits, times).
+fn clamp(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// Highest stored seq of `$1` as u64 bits: values above i64::MAX are stored
+/// negative and are the largest.
+const LAST_SEQ: &str = "COALESCE(
+    (SELECT max(seq) FROM telemetry WHERE device = d.id AND seq < 0),
+    (SELECT max(seq) FROM telemetry WHERE device = d.id))";
+
+/// Columns of a command row joined with its device, in [`command_row`]'s order.
+const COMMAND_COLS: &str = "c.id, d.device_id, c.name, c.content_type, c.payload, c.status,
+    c.created_ms, c.expires_ms, c.updated_ms, c.result_status, c.result_content_type,
+    c.result_payload";
+
+fn small(v: i16) -> u8 {
+    u8::try_from(v).unwrap_or(0)
+}
+
+fn command_row(r: &Row) -> Result<CommandRecord, StoreError> {
+    let state: String = r.try_get(5)?;
+    let result_status: Option<i16> = r.try_get(9)?;
+    Ok(CommandRecord {
+        id: r.try_get::<_, i64>(0)? as u64,
+        device_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        content_type: small(r.try_get(3)?),
+        payload: r.try_get(4)?,
+        // Only this code writes the column; an unknown value reads as failed.
+        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
+        created_ms: r.try_get::<_, i64>(6)? as u64,
+        expires_ms: r.try_get::<_, i64>(7)? as u64,
+        updated_ms: r.try_get::<_, i64>(8)? as u64,
+        outcome: match result_status {
+            Some(status) => Some(CommandOutcome {
+                status: small(status),
+                content_type: small(r.try_get::<_, Option<i16>>(10)?.unwrap_or(0)),
+                payload: r.try_get::<_, Option<Vec<u8>>>(11)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+    })
+}
+
+fn device_row(r: &Row) -> Result<DeviceInfo, StoreError> {
+    Ok(DeviceInfo {
+        device_id: r.try_get(0)?,
+        created_ms: r.try_get::<_, i64>(1)? as u64,
+        revoked_ms: r.try_get::<_, Option<i64>>(2)?.map(|v| v as u64),
+        last_seq: r.try_get::<_, Option<i64>>(3)?.map_or(0, |v| v as u64),
+        last_seen_ms: r.try_get::<_, Option<i64>>(4)?.map(|v| v as u64),
+    })
+}
+
+/// A device with its stored watermark and when that reading arrived.
+fn device_query(filter: &str) -> String {
+    format!(
+        "SELECT d.device_id, d.created_ms, d.revoked_ms, l.seq, t.received_ms
+         FROM devices d
+         CROSS JOIN LATERAL (SELECT {LAST_SEQ} AS seq) l
+         LEFT JOIN telemetry t ON t.device = d.id AND t.seq = l.seq
+         {filter}"
+    )
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a libpq-style URL or key=value string) and
+    /// migrates the schema. Fails if the database cannot be reached.
+    pub async fn connect(url: &str, opts: PostgresOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(opts.connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("furrow");
+        }
+        let mgr = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(opts.connect_timeout))
+            .create_timeout(Some(opts.connect_timeout))
+            .recycle_timeout(Some(opts.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let store = Self { pool, config };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The connection settings (for the cluster's LISTEN connection).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The pool (for the cluster's queries).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Applies pending migrations; refuses a schema newer than this build.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS furrow_schema (version integer NOT NULL)")
+            .await?;
+        let version: i32 = match tx
+            .query_opt("SELECT version FROM furrow_schema", &[])
+            .await?
+        {
+            Some(r) => r.try_get(0)?,
+            None => {
+                tx.execute("INSERT INTO furrow_schema (version) VALUES (0)", &[])
+                    .await?;
+                0
+            }
+        };
+        let supported = MIGRATIONS.len() as i64;
+        if i64::from(version) > supported {
+            return Err(StoreError::SchemaTooNew {
+                found: i64::from(version),
+                supported,
+            });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql).await?;
+            let v = n as i32 + 1;
+            tx.execute("UPDATE furrow_schema SET version = $1", &[&v])
+                .await?;
+            tracing::info!(version = v, "applied PostgreSQL schema migration");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commands_by_ids(
+        client: &impl deadpool_postgres::GenericClient,
+        ids: &[i64],
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
+             WHERE c.id = ANY($1) ORDER BY c.id"
+        );
+        let stmt = client.prepare_cached(&sql).await?;
+        client
+            .query(&stmt, &[&ids])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+        // Key order: concurrent batches over the same keys (a takeover
+        // between instances) lock them in one order.
+        let mut records: Vec<_> = batch.records.iter().collect();
+        records.sort_by_key(|r| (r.device, i(r.seq)));
+        let n = records.len();
+        let (mut dev, mut seq, mut ts, mut rcv, mut ct, mut pl) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in &records {
+            dev.push(r.device);
+            seq.push(i(r.seq));
+            ts.push(clamp(r.timestamp_ms));
+            rcv.push(clamp(r.received_ms));
+            ct.push(i16::from(r.content_type));
+            pl.push(&r.payload[..]);
+        }
+        // One watermark per device (an UPDATE ... FROM applies one row per
+        // target), the highest as u64.
+        let mut marks: BTreeMap<DeviceKey, u64> = BTreeMap::new();
+        for &(d, s) in &batch.rejections {
+            let m = marks.entry(d).or_default();
+            *m = (*m).max(s);
+        }
+        let mark_dev: Vec<i64> = marks.keys().copied().collect();
+        let mark_seq: Vec<i64> = marks.values().map(|&s| i(s)).collect();
+
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if n > 0 {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO telemetry
+                     (device, seq, timestamp_ms, received_ms, content_type, payload)
+                     SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[],
+                                          $5::int2[], $6::bytea[])
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(&stmt, &[&dev, &seq, &ts, &rcv, &ct, &pl])
+                .await?;
+        }
+        if !mark_dev.is_empty() {
+            // Compare as u64: same sign compares as signed; negative
+            // (>= 2^63) is larger.
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE devices d SET rejected_seq = CASE
+                        WHEN (d.rejected_seq < 0) = (r.seq < 0) THEN greatest(d.rejected_seq, r.seq)
+                        WHEN r.seq < 0 THEN r.seq
+                        ELSE d.rejected_seq END
+                     FROM unnest($1::int8[], $2::int8[]) AS r(id, seq)
+                     WHERE d.id = r.id",
+                )
+                .await?;
+            tx.execute(&stmt, &[&mark_dev, &mark_seq]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, token_hash, revoked_ms FROM devices WHERE device_id = $1")
+            .await?;
+        let Some(row) = client.query_opt(&stmt, &[&device_id]).await? else {
+            return Ok(None);
+        };
+        let hash: Vec<u8> = row.try_get(1)?;
+        // A hash of the wrong size cannot match any token.
+        let Ok(token_hash) = <[u8; 32]>::try_from(hash) else {
+            return Ok(None);
+        };
+        Ok(Some(DeviceAuth {
+            key: row.try_get(0)?,
+            token_hash,
+            revoked: row.try_get::<_, Option<i64>>(2)?.is_some(),
+        }))
+    }
+
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT d.rejected_seq, {LAST_SEQ} FROM devices d WHERE d.id = $1"
+            ))
+            .await?;
+        Ok(match client.query_opt(&stmt, &[&device]).await? {
+            Some(r) => DeviceSeqs {
+                rejected: r.try_get::<_, i64>(0)? as u64,
+                stored: r.try_get::<_, Option<i64>>(1)?.map_or(0, |v| v as u64),
+            },
+            None => DeviceSeqs::default(),
+        })
+    }
+
+    async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let res = client
+            .execute(
+                "INSERT INTO devices (device_id, token_hash, created_ms) VALUES ($1, $2, $3)",
+                &[&device_id, &&token_hash[..], &clamp(now_ms())],
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(StoreError::DeviceExists(device_id.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list_devices(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceInfo>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&device_query(
+                "WHERE d.device_id > $1 ORDER BY d.device_id LIMIT $2",
+            ))
+            .await?;
+        client
+            .query(&stmt, &[&after.unwrap_or_default(), &i64::from(limit)])
+            .await?
+            .iter()
+            .map(device_row)
+            .collect()
+    }
+
+    async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&device_query("WHERE d.device_id = $1"))
+            .await?;
+        client
+            .query_opt(&stmt, &[&device_id])
+            .await?
+            .as_ref()
+            .map(device_row)
+            .transpose()
+    }
+
+    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE devices SET token_hash = $2 WHERE device_id = $1",
+                &[&device_id, &&token_hash[..]],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StoreError::NoSuchDevice(device_id.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let now = clamp(now_ms());
+        // The row lock orders this against create_command: no command is
+        // queued for a device after its revocation.
+        let revoked = tx
+            .query_opt(
+                "SELECT revoked_ms FROM devices WHERE device_id = $1 FOR UPDATE",
+                &[&device_id],
+            )
+            .await?;
+        let changed = match revoked {
+            None => return Err(StoreError::NoSuchDevice(device_id.to_owned())),
+            Some(r) if r.try_get::<_, Option<i64>>(0)?.is_some() => false,
+            Some(_) => {
+                tx.execute(
+                    "UPDATE devices SET revoked_ms = $2 WHERE device_id = $1",
+                    &[&device_id, &now],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO revocations (device_id, at_ms) VALUES ($1, $2)",
+                    &[&device_id, &now],
+                )
+                .await?;
+                true
+            }
+        };
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn revocations_since(&self, cursor: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, device_id FROM revocations WHERE id > $1 ORDER BY id LIMIT 1000",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&cursor])
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        range: TelemetryRange,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let client = self.client().await?;
+        // The key range narrows the scan to the seqs asked for; the time
+        // bounds filter within it.
+        let stmt = client
+            .prepare_cached(
+                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
+                 FROM telemetry t JOIN devices d ON d.id = t.device
+                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
+                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
+                 ORDER BY t.seq LIMIT $6",
+            )
+            .await?;
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &device_id,
+            &clamp(range.from_seq),
+            &clamp(range.to_seq),
+            &clamp(range.from_ms),
+            &clamp(range.to_ms),
+            &i64::from(limit),
+        ];
+        client
+            .query(&stmt, &args)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(StoredTelemetry {
+                    seq: r.try_get::<_, i64>(0)? as u64,
+                    timestamp_ms: r.try_get::<_, i64>(1)? as u64,
+                    received_ms: r.try_get::<_, i64>(2)? as u64,
+                    content_type: small(r.try_get(3)?),
+                    payload: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_command(
+        &self,
+        device_id: &str,
+        cmd: NewCommand,
+    ) -> Result<CommandRecord, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let dev = tx
+            .query_opt(
+                "SELECT id, revoked_ms FROM devices WHERE device_id = $1 FOR SHARE",
+                &[&device_id],
+            )
+            .await?;
+        let key: i64 = match dev {
+            None => return Err(StoreError::NoSuchDevice(device_id.to_owned())),
+            Some(r) if r.try_get::<_, Option<i64>>(1)?.is_some() => {
+                return Err(StoreError::Revoked(device_id.to_owned()))
+            }
+            Some(r) => r.try_get(0)?,
+        };
+        let now = clamp(now_ms());
+        let row = tx
+            .query_one(
+                "INSERT INTO commands (device, name, content_type, payload, status,
+                    created_ms, expires_ms, updated_ms)
+                 VALUES ($1, $2, $3, $4, 'queued', $5, $6, $5) RETURNING id",
+                &[
+                    &key,
+                    &cmd.name,
+                    &i16::from(cmd.content_type),
+                    &cmd.payload,
+                    &now,
+                    &clamp(cmd.expires_ms),
+                ],
+            )
+            .await?;
+        let id: i64 = row.try_get(0)?;
+        let rec = Self::commands_by_ids(&tx, &[id]).await?.pop();
+        tx.commit().await?;
+        rec.ok_or_else(|| StoreError::Task("the new command vanished".into()))
+    }
+
+    async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        Ok(Self::commands_by_ids(&client, &[clamp(id)]).await?.pop())
+    }
+
+    async fn commands_of(
+        &self,
+        device_id: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        let before = before.map_or(i64::MAX, clamp);
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
+                 WHERE d.device_id = $1 AND c.id < $2 ORDER BY c.id DESC LIMIT $3"
+            ))
+            .await?;
+        client
+            .query(&stmt, &[&device_id, &before, &i64::from(limit)])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect()
+    }
+
+    async fn open_commands(&self, device: DeviceKey) -> Result<Vec<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
+                 WHERE c.device = $1 AND c.status IN ('queued', 'delivered')
+                   AND c.expires_ms > $2 ORDER BY c.id"
+            ))
+            .await?;
+        client
+            .query(&stmt, &[&device, &clamp(now_ms())])
+            .await?
+            .iter()
+            .map(command_row)
+            .collect()
+    }
+
+    async fn mark_delivered(&self, ids: Vec<u64>) -> Result<Vec<CommandRecord>, StoreError> {
+        let ids: Vec<i64> = ids.into_iter().map(clamp).collect();
+        let client = self.client().await?;
+        let changed: Vec<i64> = client
+            .query(
+                "UPDATE commands SET status = 'delivered', updated_ms = $2
+                 WHERE id = ANY($1) AND status = 'queued' RETURNING id",
+                &[&ids, &clamp(now_ms())],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        Self::commands_by_ids(&client, &changed).await
+    }
+
+    async fn complete_command(
+        &self,
+        device: DeviceKey,
+        id: u64,
+        outcome: CommandOutcome,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        let state = if outcome.status == 0 {
+            CommandState::Succeeded
+        } else {
+            CommandState::Failed
+        };
+        let row = client
+            .query_opt(
+                "UPDATE commands SET status = $3, updated_ms = $4, result_status = $5,
+                    result_content_type = $6, result_payload = $7
+                 WHERE id = $1 AND device = $2 AND status IN ('queued', 'delivered')
+                   AND expires_ms > $4
+                 RETURNING id",
+                &[
+                    &clamp(id),
+                    &device,
+                    &state.as_str(),
+                    &clamp(now_ms()),
+                    &i16::from(outcome.status),
+                    &i16::from(outcome.content_type),
+                    &outcome.payload,
+                ],
+            )
+            .await?;
+        match row {
+            Some(r) => Ok(Self::commands_by_ids(&client, &[r.try_get(0)?])
+                .await?
+                .pop()),
+            None => Ok(None),
+        }
+    }
+
+    async fn cancel_open_commands(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        let ids: Vec<i64> = client
+            .query(
+                "UPDATE commands c SET status = 'cancelled', updated_ms = $2
+                 FROM devices d
+                 WHERE d.id = c.device AND d.device_id = $1
+                   AND c.status IN ('queued', 'delivered')
+                 RETURNING c.id",
+                &[&device_id, &clamp(now_ms())],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        Self::commands_by_ids(&client, &ids).await
+    }
+
+    async fn expire_commands(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
+        let client = self.client().await?;
+        // SKIP LOCKED: instances sweeping at once each expire (and announce)
+        // a command once.
+        let ids: Vec<i64> = client
+            .query(
+                "UPDATE commands SET status = 'expired', updated_ms = $1
+                 WHERE id IN (SELECT id FROM commands
+                              WHERE status IN ('queued', 'delivered') AND expires_ms <= $1
+                              LIMIT 1000 FOR UPDATE SKIP LOCKED)
+                 RETURNING id",
+                &[&clamp(now)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        Self::commands_by_ids(&client, &ids).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+}

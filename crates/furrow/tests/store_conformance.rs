@@ -1,0 +1,487 @@
+//! Store conformance: the same cases run against every backend, the
+//! embedded SQLite and a real PostgreSQL cluster the test starts itself
+//! (`support/postgres.rs`). A backend is right when it passes all of them;
+//! the gateway above relies on nothing else.
+//!
+//! Each case gets a fresh store (a new SQLite file, a new PostgreSQL
+//! database in one throwaway cluster).
+
+mod support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use furrow::store::sqlite::SqliteOptions;
+use furrow::store::{
+    Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
+    SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
+};
+use support::postgres::Postgres;
+
+type Fresh<'a> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + 'a>> + 'a>;
+
+fn rec(device: i64, seq: u64, ts: u64) -> TelemetryRecord {
+    TelemetryRecord {
+        device,
+        seq,
+        timestamp_ms: ts,
+        received_ms: ts + 1,
+        content_type: 1,
+        payload: Bytes::from(format!("{{\"seq\":{seq}}}")),
+    }
+}
+
+async fn key_of(store: &dyn Store, id: &str) -> i64 {
+    store.device_auth(id).await.unwrap().unwrap().key
+}
+
+async fn seqs(store: &dyn Store, id: &str) -> Vec<u64> {
+    store
+        .telemetry(id, TelemetryRange::default(), 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+/// Appends are idempotent; watermarks compare as u64.
+async fn append_and_watermarks(store: Arc<dyn Store>) {
+    store.create_device("d1", [7; 32]).await.unwrap();
+    let k = key_of(&*store, "d1").await;
+    assert_eq!(store.device_seqs(k).await.unwrap(), DeviceSeqs::default());
+    let batch = Arc::new(Batch {
+        records: vec![rec(k, 1, 10), rec(k, 2, 20), rec(k, 2, 20)],
+        rejections: vec![(k, 3)],
+    });
+    store.append(batch.clone()).await.unwrap();
+    store.append(batch).await.unwrap();
+    assert_eq!(seqs(&*store, "d1").await, vec![1, 2]);
+    let s = store.device_seqs(k).await.unwrap();
+    assert_eq!((s.stored, s.rejected), (2, 3));
+    // A lower rejection does not lower the watermark; two of one device
+    // in one batch keep the higher.
+    let low = Batch {
+        records: vec![],
+        rejections: vec![(k, 1), (k, 2)],
+    };
+    store.append(Arc::new(low)).await.unwrap();
+    assert_eq!(store.device_seqs(k).await.unwrap().rejected, 3);
+    // Seqs above i64::MAX are still the largest.
+    let high = Batch {
+        records: vec![rec(k, u64::MAX - 1, 30)],
+        rejections: vec![(k, u64::MAX), (k, 9)],
+    };
+    store.append(Arc::new(high)).await.unwrap();
+    let s = store.device_seqs(k).await.unwrap();
+    assert_eq!((s.stored, s.rejected), (u64::MAX - 1, u64::MAX));
+    let back = Batch {
+        records: vec![rec(k, 4, 40)],
+        rejections: vec![(k, 5)],
+    };
+    store.append(Arc::new(back)).await.unwrap();
+    let s = store.device_seqs(k).await.unwrap();
+    assert_eq!((s.stored, s.rejected), (u64::MAX - 1, u64::MAX));
+    let info = store.device("d1").await.unwrap().unwrap();
+    assert_eq!(info.last_seq, u64::MAX - 1);
+    assert_eq!(info.last_seen_ms, Some(31));
+    // An empty batch is fine.
+    store.append(Arc::new(Batch::default())).await.unwrap();
+}
+
+/// Many writers, overlapping batches over several devices: each pair once.
+async fn concurrent_overlapping_appends(store: Arc<dyn Store>) {
+    let mut keys = Vec::new();
+    for d in 0..4 {
+        let id = format!("c{d}");
+        store.create_device(&id, [1; 32]).await.unwrap();
+        keys.push(key_of(&*store, &id).await);
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        let store = Arc::clone(&store);
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..10u64 {
+                // Writers cover the same seqs in different orders.
+                let mut records = Vec::new();
+                for &k in keys.iter().rev() {
+                    for s in 1..=20u64 {
+                        let seq = (round * 20 + s + w * 7) % 200 + 1;
+                        records.push(rec(k, seq, seq));
+                    }
+                }
+                if w % 2 == 1 {
+                    records.reverse();
+                }
+                let batch = Batch {
+                    records,
+                    rejections: vec![],
+                };
+                store.append(Arc::new(batch)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for d in 0..4 {
+        let got = seqs(&*store, &format!("c{d}")).await;
+        let mut unique = got.clone();
+        unique.dedup();
+        assert_eq!(got, unique, "a seq stored twice");
+        assert!(got.len() >= 100, "{} rows", got.len());
+    }
+}
+
+/// Create, list (pages in byte order), get, rotate, revoke, revocation log.
+async fn devices(store: Arc<dyn Store>) {
+    for id in ["b", "a", "B", "a-1", "a_1"] {
+        store.create_device(id, [2; 32]).await.unwrap();
+    }
+    assert!(matches!(
+        store.create_device("a", [3; 32]).await,
+        Err(StoreError::DeviceExists(_))
+    ));
+    let all: Vec<String> = store
+        .list_devices(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.device_id)
+        .collect();
+    assert_eq!(all, vec!["B", "a", "a-1", "a_1", "b"], "byte order");
+    let page = store.list_devices(Some("a-1".into()), 2).await.unwrap();
+    assert_eq!(
+        page.iter()
+            .map(|d| d.device_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a_1", "b"]
+    );
+    let a = store.device("a").await.unwrap().unwrap();
+    assert_eq!((a.last_seq, a.last_seen_ms, a.revoked_ms), (0, None, None));
+    assert!(a.created_ms > 0);
+    assert!(store.device("zz").await.unwrap().is_none());
+    assert!(store.device_auth("zz").await.unwrap().is_none());
+
+    store.rotate_token("a", [9; 32]).await.unwrap();
+    assert_eq!(
+        store.device_auth("a").await.unwrap().unwrap().token_hash,
+        [9; 32]
+    );
+    assert!(matches!(
+        store.rotate_token("zz", [9; 32]).await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+
+    let cursor0 = store
+        .revocations_since(0)
+        .await
+        .unwrap()
+        .last()
+        .map_or(0, |r| r.0);
+    assert!(store.revoke_device("a").await.unwrap());
+    assert!(!store.revoke_device("a").await.unwrap());
+    assert!(matches!(
+        store.revoke_device("zz").await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+    assert!(store.device_auth("a").await.unwrap().unwrap().revoked);
+    assert!(store
+        .device("a")
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_ms
+        .is_some());
+    let revs = store.revocations_since(cursor0).await.unwrap();
+    assert_eq!(revs.len(), 1);
+    assert_eq!(revs[0].1, "a");
+    assert!(store.revocations_since(revs[0].0).await.unwrap().is_empty());
+    store.ping().await.unwrap();
+}
+
+/// Reading back by seq range, time range and page.
+async fn telemetry_ranges(store: Arc<dyn Store>) {
+    store.create_device("t", [1; 32]).await.unwrap();
+    store.create_device("other", [1; 32]).await.unwrap();
+    let k = key_of(&*store, "t").await;
+    let o = key_of(&*store, "other").await;
+    let mut records: Vec<_> = (1..=50).map(|s| rec(k, s, 1000 + s * 10)).collect();
+    records.push(rec(o, 1, 5));
+    let mut binary = rec(k, 51, 2000);
+    binary.content_type = 3;
+    binary.payload = Bytes::from_static(&[0, 255, 1]);
+    records.push(binary);
+    store
+        .append(Arc::new(Batch {
+            records,
+            rejections: vec![],
+        }))
+        .await
+        .unwrap();
+    let range = |from_seq, to_seq, from_ms, to_ms| TelemetryRange {
+        from_seq,
+        to_seq,
+        from_ms,
+        to_ms,
+    };
+    let got = store
+        .telemetry("t", range(10, 12, 0, u64::MAX), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![10, 11, 12]
+    );
+    assert_eq!(got[0].timestamp_ms, 1100);
+    assert_eq!(got[0].received_ms, 1101);
+    assert_eq!(got[0].content_type, 1);
+    assert_eq!(got[0].payload, b"{\"seq\":10}");
+    let by_time = store
+        .telemetry("t", range(0, u64::MAX, 1200, 1230), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_time.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![20, 21, 22, 23]
+    );
+    let page = store
+        .telemetry("t", TelemetryRange::default(), 5)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 5);
+    assert_eq!(page[4].seq, 5);
+    let last = store
+        .telemetry("t", range(51, 51, 0, u64::MAX), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        (last[0].content_type, &last[0].payload[..]),
+        (3, &[0, 255, 1][..])
+    );
+    assert_eq!(seqs(&*store, "other").await, vec![1]);
+    assert!(seqs(&*store, "nobody").await.is_empty());
+}
+
+fn cmd(name: &str, expires_ms: u64) -> NewCommand {
+    NewCommand {
+        name: name.into(),
+        content_type: 1,
+        payload: b"{\"x\":1}".to_vec(),
+        expires_ms,
+    }
+}
+
+fn now() -> u64 {
+    support::now_ms()
+}
+
+/// The command lifecycle and every refusal.
+async fn commands(store: Arc<dyn Store>) {
+    store.create_device("p", [1; 32]).await.unwrap();
+    store.create_device("q", [1; 32]).await.unwrap();
+    let p = key_of(&*store, "p").await;
+    let q = key_of(&*store, "q").await;
+    let later = now() + 60_000;
+    assert!(matches!(
+        store.create_command("zz", cmd("x", later)).await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+    let c1 = store.create_command("p", cmd("open", later)).await.unwrap();
+    assert_eq!(c1.state, CommandState::Queued);
+    assert_eq!((c1.device_id.as_str(), c1.name.as_str()), ("p", "open"));
+    assert_eq!(c1.payload, b"{\"x\":1}");
+    assert!(c1.outcome.is_none());
+    let c2 = store
+        .create_command("p", cmd("close", later))
+        .await
+        .unwrap();
+    assert!(c2.id > c1.id);
+    let gone = store
+        .create_command("p", cmd("old", now() - 1))
+        .await
+        .unwrap();
+    assert_eq!(store.command(c1.id).await.unwrap().unwrap(), c1);
+    assert!(store.command(999_999).await.unwrap().is_none());
+
+    // Open: unexpired, oldest first.
+    let open = store.open_commands(p).await.unwrap();
+    assert_eq!(
+        open.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![c1.id, c2.id]
+    );
+    assert!(store.open_commands(q).await.unwrap().is_empty());
+
+    // Delivered once.
+    let changed = store.mark_delivered(vec![c1.id, c2.id]).await.unwrap();
+    assert_eq!(changed.len(), 2);
+    assert!(changed.iter().all(|c| c.state == CommandState::Delivered));
+    assert!(store.mark_delivered(vec![c1.id]).await.unwrap().is_empty());
+
+    // Answers: foreign device, then the owner, then again.
+    let ok = CommandOutcome {
+        status: 0,
+        content_type: 1,
+        payload: b"{\"ok\":true}".to_vec(),
+    };
+    assert!(store
+        .complete_command(q, c1.id, ok.clone())
+        .await
+        .unwrap()
+        .is_none());
+    let done = store
+        .complete_command(p, c1.id, ok.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.outcome.as_ref(), Some(&ok));
+    assert!(store
+        .complete_command(p, c1.id, ok.clone())
+        .await
+        .unwrap()
+        .is_none());
+    let failed = CommandOutcome {
+        status: 2,
+        content_type: 0,
+        payload: vec![],
+    };
+    assert!(store
+        .complete_command(p, gone.id, failed.clone())
+        .await
+        .unwrap()
+        .is_none());
+
+    // Newest first, paged by id.
+    let list = store.commands_of("p", None, 10).await.unwrap();
+    assert_eq!(
+        list.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![gone.id, c2.id, c1.id]
+    );
+    let older = store.commands_of("p", Some(c2.id), 10).await.unwrap();
+    assert_eq!(older.iter().map(|c| c.id).collect::<Vec<_>>(), vec![c1.id]);
+
+    // Expiry takes the expired open one only, once.
+    let expired = store.expire_commands(now()).await.unwrap();
+    assert_eq!(
+        expired.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![gone.id]
+    );
+    assert_eq!(expired[0].state, CommandState::Expired);
+    assert!(store.expire_commands(now()).await.unwrap().is_empty());
+
+    // Revocation: open commands cancelled, new ones refused.
+    let c3 = store
+        .create_command("p", cmd("again", later))
+        .await
+        .unwrap();
+    assert!(store.revoke_device("p").await.unwrap());
+    let cancelled = store.cancel_open_commands("p").await.unwrap();
+    assert_eq!(
+        cancelled.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![c2.id, c3.id]
+    );
+    assert!(cancelled.iter().all(|c| c.state == CommandState::Cancelled));
+    assert!(store.cancel_open_commands("p").await.unwrap().is_empty());
+    assert!(matches!(
+        store.create_command("p", cmd("x", later)).await,
+        Err(StoreError::Revoked(_))
+    ));
+    let c2_now = store.command(c2.id).await.unwrap().unwrap();
+    assert_eq!(c2_now.state, CommandState::Cancelled);
+    assert_eq!(
+        store.command(c1.id).await.unwrap().unwrap().state,
+        CommandState::Succeeded
+    );
+    assert!(store
+        .complete_command(p, c2.id, failed)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn suite(backend: &str, fresh: Fresh<'_>) {
+    macro_rules! case {
+        ($name:ident) => {
+            eprintln!("{backend}: {}", stringify!($name));
+            $name(fresh().await).await;
+        };
+    }
+    case!(append_and_watermarks);
+    case!(concurrent_overlapping_appends);
+    case!(devices);
+    case!(telemetry_ranges);
+    case!(commands);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let fresh: Fresh<'_> = Box::new(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.path().join(format!("f{i}.db"));
+        Box::pin(async move {
+            Arc::new(SqliteStore::open(path, SqliteOptions::default()).unwrap()) as Arc<dyn Store>
+        })
+    });
+    suite("sqlite", fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_conformance() {
+    let pg = Postgres::start();
+    let fresh: Fresh<'_> = Box::new(|| {
+        let pg = &pg;
+        Box::pin(async move {
+            let url = pg.fresh_db().await;
+            Arc::new(
+                PostgresStore::connect(&url, PostgresOptions::default())
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn Store>
+        })
+    });
+    suite("postgres", fresh).await;
+}
+
+/// Migrations run once however many instances start together, again
+/// harmlessly, and a newer schema is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrations_are_shared_and_versioned() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(
+                async move { PostgresStore::connect(&url, PostgresOptions::default()).await },
+            )
+        })
+        .collect();
+    for s in starts {
+        s.await.unwrap().expect("concurrent start");
+    }
+    let store = PostgresStore::connect(&url, PostgresOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let client = store.pool().get().await.unwrap();
+    client
+        .execute("UPDATE furrow_schema SET version = 99", &[])
+        .await
+        .unwrap();
+    assert!(matches!(
+        PostgresStore::connect(&url, PostgresOptions::default()).await,
+        Err(StoreError::SchemaTooNew { found: 99, .. })
+    ));
+    // An unreachable database is a clear error, not a hang.
+    let mut dead = pg.url_of("nosuchdb");
+    dead.push_str("?connect_timeout=2");
+    assert!(PostgresStore::connect(&dead, PostgresOptions::default())
+        .await
+        .is_err());
+}
