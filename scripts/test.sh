@@ -2,9 +2,8 @@
 # Runs every test of the workspace. This is the README's test command.
 #
 # SQLite is compiled in (rusqlite's bundled feature). Tests that need a
-# real MQTT broker start their own throwaway Mosquitto, from Debian's
-# package, installed here when missing. (PostgreSQL and HAProxy will follow
-# the same rule.)
+# real MQTT broker or PostgreSQL start their own throwaway Mosquitto or
+# PostgreSQL cluster, from Debian's packages, installed here when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +16,11 @@ need_pkg() { # program package
     fi
 }
 need_pkg mosquitto mosquitto
+# PostgreSQL's server programs live outside PATH (/usr/lib/postgresql/N/bin);
+# the tests run initdb and pg_ctl from there (as `postgres` when root).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need_pkg __furrow_no_such_program__ postgresql
+fi
 
 # Integration tests open thousands of sockets; the hard limit here is 20,000.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

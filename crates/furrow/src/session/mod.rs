@@ -375,9 +375,11 @@ impl Session {
         let found = match store.device_auth(&device_id).await {
             Ok(found) => found,
             Err(e) => {
+                // BUSY (retry later), not an authentication failure: the
+                // device backs off and comes back when the store answers.
                 warn!(peer = %self.peer, device = %device_id, error = %e, "device lookup failed");
-                let f = Fatal(ErrorCode::Internal, "device lookup failed".into());
-                return self.closed_by(f, "internal").await;
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
             }
         };
         if !auth::verify(found.as_ref(), hello.token.as_bytes()) {
@@ -414,8 +416,8 @@ impl Session {
             Ok(s) => s,
             Err(e) => {
                 warn!(peer = %self.peer, device = %device_id, error = %e, "last_seq lookup failed");
-                let f = Fatal(ErrorCode::Internal, "storage unavailable".into());
-                return self.closed_by(f, "internal").await;
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
             }
         };
         // Rejected seqs stay taken across sessions and restarts.
