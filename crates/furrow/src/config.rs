@@ -181,6 +181,16 @@ pub struct Sessions {
     /// How often the gateway looks for devices revoked by another process
     /// (such as `furrow device revoke`).
     pub revocation_poll_ms: u64,
+    /// PostgreSQL only: how often this instance records that it is alive.
+    pub heartbeat_ms: u64,
+    /// PostgreSQL only: an instance silent this long is gone; its devices'
+    /// session records are cleared.
+    pub instance_timeout_ms: u64,
+    /// PostgreSQL only: how long a new session waits for the session it
+    /// takes over on another instance to store what it read and close
+    /// (then WELCOME's last_seq is exact; past it, duplicates are still
+    /// refused by the store's key).
+    pub remote_takeover_wait_ms: u64,
 }
 
 impl Default for Sessions {
@@ -188,6 +198,9 @@ impl Default for Sessions {
         Self {
             takeover_wait_ms: 5_000,
             revocation_poll_ms: 1_000,
+            heartbeat_ms: 1_000,
+            instance_timeout_ms: 10_000,
+            remote_takeover_wait_ms: 2_000,
         }
     }
 }
@@ -394,6 +407,17 @@ impl Config {
                 format!(
                     "{:?}: expected empty (SQLite in data_dir) or postgres://...",
                     redact_url(&self.database_url)
+                ),
+            );
+        }
+        if self.sessions.heartbeat_ms == 0
+            || self.sessions.instance_timeout_ms < 3 * self.sessions.heartbeat_ms
+        {
+            return bad(
+                "sessions.instance_timeout_ms",
+                format!(
+                    "{} must be at least 3 x sessions.heartbeat_ms ({}, above 0)",
+                    self.sessions.instance_timeout_ms, self.sessions.heartbeat_ms
                 ),
             );
         }

@@ -8,23 +8,28 @@
 //! through it):
 //!
 //! ```text
-//! listener ──► session (connection, acks) ──► writer ──► store (sqlite)
+//! listener ──► session (connection, acks) ──► writer ──► store (sqlite | postgres)
 //!                 │  ▲                          │
 //!                 ▼  └──── AckCell (commits) ◄──┘
 //!              registry (device → live session, takeover)
+//!                 │
+//!              cluster (postgres: which instance holds which device)
 //! ```
 //!
 //! * [`listener`]: accept loop, one task per connection.
 //! * [`session`]: the per-connection state machine (handshake, active,
 //!   draining) over a [`connection::Connection`].
 //! * [`registry`]: which session holds which device.
+//! * [`cluster`]: several instances on one PostgreSQL: cross-instance
+//!   takeover and command wakeups.
 //! * [`writer`]: group commit and ACK release.
-//! * [`store`]: the storage trait and its SQLite backend.
+//! * [`store`]: the storage trait and its SQLite and PostgreSQL backends.
 //! * [`server`]: assembly and phased shutdown; [`config`]: settings.
 
 pub mod api;
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod devices;

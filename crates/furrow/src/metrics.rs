@@ -118,6 +118,14 @@ fn describe() {
         "Sessions taken over by a new connection of the same device."
     );
     describe_counter!(
+        "furrow_cluster_takeovers_total",
+        "Sessions here closed because their device connected to another instance."
+    );
+    describe_counter!(
+        "furrow_cluster_notifications_total",
+        "Notifications received from other instances (PostgreSQL LISTEN)."
+    );
+    describe_counter!(
         "furrow_frame_bytes_in_total",
         Unit::Bytes,
         "Frame bytes received (header included), by message type."

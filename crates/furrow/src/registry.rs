@@ -77,6 +77,9 @@ struct HandleInner {
     /// Set when the device may have commands to (re)send; the session
     /// looks them up in the store.
     commands: AtomicBool,
+    /// The session's cluster-wide generation (see `cluster`), 0 until the
+    /// claim is recorded: a takeover elsewhere kicks only older sessions.
+    generation: AtomicU64,
 }
 
 /// What the registry knows of a live session, for operators.
@@ -109,6 +112,7 @@ impl SessionHandle {
                 // A new session first looks for open commands (delivery
                 // after a reconnect).
                 commands: AtomicBool::new(true),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -122,6 +126,17 @@ impl SessionHandle {
     /// Whether commands were announced since the last call.
     pub fn take_commands(&self) -> bool {
         self.inner.commands.swap(false, Ordering::AcqRel)
+    }
+
+    /// Records the cluster-wide generation of this session's claim.
+    pub fn set_generation(&self, generation: u64) {
+        self.inner.generation.store(generation, Ordering::Release);
+    }
+
+    /// The cluster-wide generation, 0 if not recorded (single instance, or
+    /// not yet).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     /// Records that the device sent something at `ms`.
@@ -290,6 +305,20 @@ impl Registry {
     /// Whether a device is online.
     pub fn is_online(&self, device_id: &str) -> bool {
         self.lock().contains_key(device_id)
+    }
+
+    /// The device's live session, if any.
+    pub fn handle(&self, device_id: &str) -> Option<SessionHandle> {
+        self.lock().get(device_id).map(|e| e.session.clone())
+    }
+
+    /// Every online device with its session (for the cluster's
+    /// reconciliation after a lost database connection).
+    pub fn sessions(&self) -> Vec<(String, SessionHandle)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.session.clone()))
+            .collect()
     }
 
     /// Tells the device's live session, if any, to send its open commands.

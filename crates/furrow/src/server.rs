@@ -8,7 +8,8 @@
 //!    in their handshake get it too) and closes;
 //! 3. wait for sessions, at most `shutdown.drain_timeout_ms`;
 //! 4. close the writer's queue and wait for its last commit;
-//! 5. stop the HTTP API (which reports not ready from step 1 on).
+//! 5. stop the HTTP API (which reports not ready from step 1 on);
+//! 6. leave the cluster (PostgreSQL): this instance's records are removed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::ApiState;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::listener::accept_loop;
 use crate::publish::mqtt::Publisher;
@@ -80,15 +82,18 @@ pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
     Ok(SqliteStore::open(cfg.database_path(), opts)?)
 }
 
+fn postgres_options(cfg: &Config) -> PostgresOptions {
+    PostgresOptions {
+        pool_size: cfg.storage.pool_size,
+        connect_timeout: Duration::from_millis(cfg.storage.connect_timeout_ms),
+    }
+}
+
 /// Opens the configured store: PostgreSQL when `database_url` is set
 /// (migrated, reachable), else SQLite in `data_dir`.
 pub async fn connect_store(cfg: &Config) -> Result<Arc<dyn Store>, ServerError> {
     if cfg.uses_postgres() {
-        let opts = PostgresOptions {
-            pool_size: cfg.storage.pool_size,
-            connect_timeout: Duration::from_millis(cfg.storage.connect_timeout_ms),
-        };
-        let store = PostgresStore::connect(&cfg.database_url, opts).await?;
+        let store = PostgresStore::connect(&cfg.database_url, postgres_options(cfg)).await?;
         return Ok(Arc::new(store));
     }
     let cfg = cfg.clone();
@@ -105,6 +110,7 @@ pub struct Server {
     api_listener: Option<TcpListener>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    cluster: Cluster,
 }
 
 /// Binds the device listener with our backlog (Tokio's `bind` would use
@@ -124,8 +130,14 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 impl Server {
     /// Opens the store and binds the device listener.
     pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
-        let store = connect_store(&cfg).await?;
-        Self::with_store(cfg, store).await
+        if !cfg.uses_postgres() {
+            let store = connect_store(&cfg).await?;
+            return Self::with_store(cfg, store).await;
+        }
+        let pg = PostgresStore::connect(&cfg.database_url, postgres_options(&cfg)).await?;
+        let mut server = Self::with_store(cfg, Arc::new(pg.clone())).await?;
+        server.cluster = Cluster::join(pg, &server.cfg, server.registry()).await?;
+        Ok(server)
     }
 
     /// Binds the device listener over an already open store.
@@ -151,6 +163,7 @@ impl Server {
             api_listener,
             store,
             registry: Arc::new(Registry::new()),
+            cluster: Cluster::single(),
         })
     }
 
@@ -182,6 +195,7 @@ impl Server {
             api_listener,
             store,
             registry,
+            cluster,
         } = self;
         let shutdown = CancellationToken::new();
         let accepting = Arc::new(AtomicBool::new(false));
@@ -220,6 +234,7 @@ impl Server {
                 instance: cfg.instance(),
                 events: events.clone(),
                 max_frame: cfg.limits.max_frame,
+                cluster: cluster.clone(),
             };
             tokio::spawn(crate::api::serve(
                 l,
@@ -244,6 +259,7 @@ impl Server {
             writer: writer_tx,
             shutdown: shutdown.clone(),
             events,
+            cluster: cluster.clone(),
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
@@ -301,6 +317,8 @@ impl Server {
                 warn!("HTTP API did not finish in time");
             }
         }
+        // Phase 6: leave the cluster (session records cleared).
+        cluster.leave().await;
         upkeep.abort();
         mqtt_stop.cancel();
         info!("shutdown complete");

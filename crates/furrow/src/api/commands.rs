@@ -205,7 +205,10 @@ pub async fn create(
         )
         .await?;
     s.events.command(&rec);
-    s.registry.notify_commands(&device_id);
+    // Here, or on whichever instance holds the device.
+    if !s.registry.notify_commands(&device_id) {
+        s.cluster.command_created(&device_id).await;
+    }
     Ok((StatusCode::CREATED, Json(CommandView::of(&rec))))
 }
 

@@ -53,19 +53,33 @@ pub struct Device {
 }
 
 impl Device {
-    fn of(s: &ApiState, d: DeviceInfo) -> Self {
-        let live = s.registry.info(&d.device_id);
-        Self {
-            online: live.is_some(),
-            instance: live.map(|_| s.instance.clone()),
-            peer: live.map(|l| l.peer.to_string()),
-            connected_since_ms: live.map(|l| l.connected_ms),
-            last_seen_ms: live.map(|l| l.last_seen_ms).or(d.last_seen_ms),
+    /// The device with its live session: on this instance, or (with
+    /// PostgreSQL) as recorded by the instance that holds it.
+    async fn of(s: &ApiState, d: DeviceInfo) -> Result<Self, ApiError> {
+        let mut view = Self {
+            online: false,
+            instance: None,
+            peer: None,
+            connected_since_ms: None,
+            last_seen_ms: d.last_seen_ms,
             device_id: d.device_id,
             created_ms: d.created_ms,
             revoked_ms: d.revoked_ms,
             last_seq: d.last_seq,
+        };
+        if let Some(live) = s.registry.info(&view.device_id) {
+            view.online = true;
+            view.instance = Some(s.instance.clone());
+            view.peer = Some(live.peer.to_string());
+            view.connected_since_ms = Some(live.connected_ms);
+            view.last_seen_ms = Some(live.last_seen_ms);
+        } else if let Some(h) = s.cluster.holder(&view.device_id).await? {
+            view.online = true;
+            view.instance = Some(h.instance);
+            view.peer = Some(h.peer);
+            view.connected_since_ms = Some(h.connected_ms);
         }
+        Ok(view)
     }
 }
 
@@ -143,10 +157,11 @@ pub async fn list(
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|d| d.device_id.clone()))
         .flatten();
-    Ok(Json(DevicePage {
-        devices: rows.into_iter().map(|d| Device::of(&s, d)).collect(),
-        next,
-    }))
+    let mut devices = Vec::with_capacity(rows.len());
+    for d in rows {
+        devices.push(Device::of(&s, d).await?);
+    }
+    Ok(Json(DevicePage { devices, next }))
 }
 
 /// One device, with its connection if it is online.
@@ -159,7 +174,7 @@ pub async fn get(
     Path(device_id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
     match s.store.device(&device_id).await? {
-        Some(d) => Ok(Json(Device::of(&s, d))),
+        Some(d) => Ok(Json(Device::of(&s, d).await?)),
         None => Err(ApiError::NotFound(format!("no device {device_id:?}"))),
     }
 }

@@ -86,6 +86,8 @@ pub struct ApiState {
     pub events: crate::publish::Events,
     /// limits.max_frame: a command must fit in one frame.
     pub max_frame: u32,
+    /// Other instances (PostgreSQL): where remote devices are connected.
+    pub cluster: crate::cluster::Cluster,
 }
 
 /// 404 unless the device exists.

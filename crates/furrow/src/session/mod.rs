@@ -72,6 +72,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Device status events.
     pub events: Events,
+    /// Other instances (PostgreSQL), or none.
+    pub cluster: crate::cluster::Cluster,
 }
 
 /// Why a connection closed; the `reason` of the close log line and metric.
@@ -174,6 +176,8 @@ struct DeviceGuard {
     device_id: Arc<str>,
     handle: SessionHandle,
     events: Events,
+    key: crate::store::DeviceKey,
+    cluster: crate::cluster::Cluster,
 }
 
 impl Drop for DeviceGuard {
@@ -182,6 +186,8 @@ impl Drop for DeviceGuard {
         if self.registry.release(&self.device_id, self.handle.id()) {
             self.events.status(&self.device_id, false);
         }
+        self.cluster
+            .release(self.key, &self.device_id, &self.handle);
         self.handle.finish();
     }
 }
@@ -403,6 +409,8 @@ impl Session {
             device_id: Arc::clone(&device_id),
             handle: handle.clone(),
             events: self.shared.events.clone(),
+            key: found.key,
+            cluster: self.shared.cluster.clone(),
         };
         if let Some(old) = old {
             metrics::counter!("furrow_session_takeovers_total").increment(1);
@@ -410,6 +418,30 @@ impl Session {
             let wait = Duration::from_millis(self.shared.cfg.sessions.takeover_wait_ms);
             if timeout(wait, old.finished()).await.is_err() {
                 warn!(peer = %self.peer, device = %device_id, "previous session did not finish in time; continuing");
+            }
+        }
+        // Across instances: record the claim; a session displaced on
+        // another instance is told to close, and waited for (bounded).
+        let cluster = self.shared.cluster.clone();
+        match cluster
+            .claim(found.key, &handle, self.peer, handle.info().connected_ms)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(displaced)) => {
+                metrics::counter!("furrow_session_takeovers_total").increment(1);
+                if !cluster
+                    .take_over(&device_id, handle.generation(), &displaced)
+                    .await
+                {
+                    warn!(peer = %self.peer, device = %device_id, instance = %displaced.instance,
+                        "the session on the other instance did not release in time; continuing");
+                }
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, device = %device_id, error = %e, "cannot record the session");
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
             }
         }
         let seqs = match store.device_seqs(found.key).await {
@@ -925,6 +957,7 @@ mod tests {
             writer,
             shutdown: CancellationToken::new(),
             events: Events::off(),
+            cluster: crate::cluster::Cluster::single(),
         });
         let fut = run(stream, addr, Instant::now(), 1, shared);
         let size = std::mem::size_of_val(&fut);

@@ -1,0 +1,670 @@
+//! Coordination between gateway instances that share a PostgreSQL
+//! database: who holds which device, cross-instance takeover, and command
+//! wakeups. With SQLite (one instance) every call here is a no-op.
+//!
+//! The database is the source of truth; notifications only make it fast:
+//! - `sessions` records which instance holds each connected device, with a
+//!   cluster-wide `generation` from a sequence. A handshake records its
+//!   claim; a session that ends deletes its own row (only if it still
+//!   holds it).
+//! - A claim that displaces another instance's session sends NOTIFY
+//!   `takeover` on channel `furrow`; that instance kicks its session if it
+//!   is older (lower generation) with GOODBYE SESSION_TAKEN_OVER. When it
+//!   has stored what it read and closed, its release sends `released`,
+//!   which the new session waits for (bounded) before WELCOME so that
+//!   `last_seq` is exact.
+//! - A command created on any instance sends `command`; the instance
+//!   holding the device wakes its session, which reads the store.
+//! - `instances` holds a heartbeat per instance. An instance silent for
+//!   `sessions.instance_timeout_ms` is gone (crashed): any instance deletes
+//!   its row and its devices' session rows.
+//!
+//! A notification is lost when the listening connection breaks (during a
+//! database outage, say). After reconnecting, the listener reconciles from
+//! the tables: local sessions that another instance has since claimed are
+//! kicked, and local devices with queued commands are woken.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use furrow_proto::GoodbyeCode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::registry::{Registry, SessionHandle};
+use crate::store::{DeviceKey, PostgresStore, StoreError};
+
+/// The notification channel.
+const CHANNEL: &str = "furrow";
+
+/// A notification between instances (JSON, well under NOTIFY's 8000 bytes:
+/// device ids are at most 128 bytes).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "k", rename_all = "lowercase")]
+enum Note {
+    /// Instance `by` now holds device `d` with generation `g`.
+    Takeover { d: String, g: u64, by: String },
+    /// The session of `d` with generation `g` has closed.
+    Released { d: String, g: u64 },
+    /// Device `d` has a new command.
+    Command { d: String },
+}
+
+/// Another instance's session that a claim displaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Displaced {
+    /// Its instance.
+    pub instance: String,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// Where a device is connected, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The instance.
+    pub instance: String,
+    /// The device's address (from the PROXY header behind a balancer).
+    pub peer: String,
+    /// When the session was established, Unix ms.
+    pub connected_ms: u64,
+}
+
+/// This instance's view of the cluster. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Cluster {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    store: PostgresStore,
+    instance: String,
+    registry: Arc<Registry>,
+    heartbeat: Duration,
+    instance_timeout: Duration,
+    remote_wait: Duration,
+    /// New sessions waiting for a displaced one elsewhere to release.
+    waiters: Mutex<HashMap<(String, u64), oneshot::Sender<()>>>,
+    /// Release tasks in flight (waited for at shutdown).
+    releases: TaskTracker,
+    stop: CancellationToken,
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+impl Cluster {
+    /// One instance alone (SQLite): nothing to coordinate.
+    pub fn single() -> Self {
+        Self { inner: None }
+    }
+
+    /// Joins the cluster recorded in `store`: registers this instance,
+    /// clears session records left by its previous life, and starts the
+    /// heartbeat and the notification listener (until [`Cluster::leave`]).
+    pub async fn join(
+        store: PostgresStore,
+        cfg: &Config,
+        registry: Arc<Registry>,
+    ) -> Result<Self, StoreError> {
+        let inner = Arc::new(Inner {
+            store,
+            instance: cfg.instance(),
+            registry,
+            heartbeat: Duration::from_millis(cfg.sessions.heartbeat_ms),
+            instance_timeout: Duration::from_millis(cfg.sessions.instance_timeout_ms),
+            remote_wait: Duration::from_millis(cfg.sessions.remote_takeover_wait_ms),
+            waiters: Mutex::new(HashMap::new()),
+            releases: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        });
+        inner.register().await?;
+        tokio::spawn(Arc::clone(&inner).heartbeat_loop());
+        tokio::spawn(Arc::clone(&inner).listen_loop());
+        Ok(Self { inner: Some(inner) })
+    }
+
+    /// Whether other instances may exist.
+    pub fn is_shared(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Records that `handle` (this instance) now holds device `key`, and
+    /// sets the handle's generation. Returns the session on another
+    /// instance that this displaced, if it is still alive there.
+    pub async fn claim(
+        &self,
+        key: DeviceKey,
+        handle: &SessionHandle,
+        peer: SocketAddr,
+        connected_ms: u64,
+    ) -> Result<Option<Displaced>, StoreError> {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        let client = inner.store.pool().get().await.map_err(pool_err)?;
+        // The old row is read in the same statement that replaces it (the
+        // CTE sees the row as it was when the statement began; FOR UPDATE
+        // there would skip it, as this statement updates it), with the old
+        // holder's heartbeat, to tell a live instance from a crashed one.
+        // Two instances claiming one device in the same instant may both
+        // see the same predecessor; the generations still order them.
+        let stmt = client
+            .prepare_cached(
+                "WITH prev AS (
+                     SELECT s.instance_id, s.generation, i.heartbeat_ms
+                     FROM sessions s LEFT JOIN instances i ON i.instance_id = s.instance_id
+                     WHERE s.device = $1)
+                 INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
+                 VALUES ($1, $2, nextval('session_generation'), $3, $4)
+                 ON CONFLICT (device) DO UPDATE SET instance_id = EXCLUDED.instance_id,
+                     generation = EXCLUDED.generation, peer = EXCLUDED.peer,
+                     connected_ms = EXCLUDED.connected_ms
+                 RETURNING generation, (SELECT instance_id FROM prev),
+                     (SELECT generation FROM prev), (SELECT heartbeat_ms FROM prev)",
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[&key, &inner.instance, &peer.to_string(), &i(connected_ms)],
+            )
+            .await?;
+        let generation = row.try_get::<_, i64>(0)? as u64;
+        handle.set_generation(generation);
+        let prev_instance: Option<String> = row.try_get(1)?;
+        let prev_gen: Option<i64> = row.try_get(2)?;
+        let prev_beat: Option<i64> = row.try_get(3)?;
+        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
+        Ok(match (prev_instance, prev_gen, prev_beat) {
+            (Some(instance), Some(g), Some(beat))
+                if instance != inner.instance && beat as u64 >= alive_after =>
+            {
+                Some(Displaced {
+                    instance,
+                    generation: g as u64,
+                })
+            }
+            _ => None,
+        })
+    }
+
+    /// Tells the displaced session's instance to close it, and waits
+    /// (at most `sessions.remote_takeover_wait_ms`) until it has released
+    /// the device. Returns whether it did in time.
+    pub async fn take_over(&self, device_id: &str, generation: u64, displaced: &Displaced) -> bool {
+        let Some(inner) = &self.inner else {
+            return true;
+        };
+        let (tx, rx) = oneshot::channel();
+        let key = (device_id.to_owned(), displaced.generation);
+        inner.lock_waiters().insert(key.clone(), tx);
+        let note = Note::Takeover {
+            d: device_id.to_owned(),
+            g: generation,
+            by: inner.instance.clone(),
+        };
+        let sent = inner.notify(&note).await;
+        let done = match sent {
+            Ok(()) => tokio::time::timeout(inner.remote_wait, rx).await.is_ok(),
+            Err(e) => {
+                warn!(device = %device_id, error = %e, "cannot announce a takeover");
+                false
+            }
+        };
+        inner.lock_waiters().remove(&key);
+        done
+    }
+
+    /// Records that the session `handle` of device `key` has ended (in the
+    /// background: called from a drop guard). If another instance holds
+    /// the device now, tells it this session is gone.
+    pub fn release(&self, key: DeviceKey, device_id: &str, handle: &SessionHandle) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let generation = handle.generation();
+        if generation == 0 {
+            return;
+        }
+        let inner2 = Arc::clone(inner);
+        let device_id = device_id.to_owned();
+        inner.releases.spawn(async move {
+            if let Err(e) = inner2.release(key, &device_id, generation).await {
+                debug!(device = %device_id, error = %e, "cannot record a session's end");
+            }
+        });
+    }
+
+    /// Wakes the session of `device_id` on whichever instance holds it.
+    pub async fn command_created(&self, device_id: &str) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let note = Note::Command {
+            d: device_id.to_owned(),
+        };
+        if let Err(e) = inner.notify(&note).await {
+            // The device still gets it at its next connection, or after
+            // the holder's reconciliation.
+            warn!(device = %device_id, error = %e, "cannot announce a command");
+        }
+    }
+
+    /// Where the device is connected, if on a live instance.
+    pub async fn holder(&self, device_id: &str) -> Result<Option<Holder>, StoreError> {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        let client = inner.store.pool().get().await.map_err(pool_err)?;
+        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
+        let row = client
+            .query_opt(
+                "SELECT s.instance_id, s.peer, s.connected_ms
+                 FROM sessions s JOIN devices d ON d.id = s.device
+                 JOIN instances i ON i.instance_id = s.instance_id
+                 WHERE d.device_id = $1 AND i.heartbeat_ms >= $2",
+                &[&device_id, &i(alive_after)],
+            )
+            .await?;
+        row.map(|r| {
+            Ok(Holder {
+                instance: r.try_get(0)?,
+                peer: r.try_get(1)?,
+                connected_ms: r.try_get::<_, i64>(2)? as u64,
+            })
+        })
+        .transpose()
+    }
+
+    /// Leaves the cluster after the sessions have drained: waits (bounded)
+    /// for their releases, then removes this instance and any session rows
+    /// still recorded for it.
+    pub async fn leave(&self) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        inner.stop.cancel();
+        inner.releases.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), inner.releases.wait()).await;
+        let r = async {
+            let client = inner.store.pool().get().await.map_err(pool_err)?;
+            client
+                .execute(
+                    "DELETE FROM sessions WHERE instance_id = $1",
+                    &[&inner.instance],
+                )
+                .await?;
+            client
+                .execute(
+                    "DELETE FROM instances WHERE instance_id = $1",
+                    &[&inner.instance],
+                )
+                .await?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            warn!(error = %e, "cannot deregister the instance; others clear it when its heartbeat times out");
+        }
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Pool(other.to_string()),
+    }
+}
+
+impl Inner {
+    fn lock_waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, u64), oneshot::Sender<()>>> {
+        // Plain map updates: a poisoned lock is still consistent.
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn notify(&self, note: &Note) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(note).map_err(|e| StoreError::Task(e.to_string()))?;
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+            .await?;
+        Ok(())
+    }
+
+    /// Registers this instance (at start) and clears session rows its
+    /// previous life left behind.
+    async fn register(&self) -> Result<(), StoreError> {
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        let now = i(now_ms());
+        let alive_after = i(now_ms().saturating_sub(self.instance_timeout.as_millis() as u64));
+        let live = client
+            .query_opt(
+                "SELECT heartbeat_ms FROM instances WHERE instance_id = $1 AND heartbeat_ms >= $2",
+                &[&self.instance, &alive_after],
+            )
+            .await?;
+        if live.is_some() {
+            warn!(instance = %self.instance,
+                "another live instance may use this instance_id (or this one restarted within sessions.instance_timeout_ms): give every instance its own instance_id");
+        }
+        client
+            .execute(
+                "INSERT INTO instances (instance_id, started_ms, heartbeat_ms) VALUES ($1, $2, $2)
+                 ON CONFLICT (instance_id) DO UPDATE SET started_ms = $2, heartbeat_ms = $2",
+                &[&self.instance, &now],
+            )
+            .await?;
+        let n = client
+            .execute(
+                "DELETE FROM sessions WHERE instance_id = $1",
+                &[&self.instance],
+            )
+            .await?;
+        if n > 0 {
+            info!(
+                sessions = n,
+                "cleared session records of this instance's previous run"
+            );
+        }
+        info!(instance = %self.instance, "joined the cluster");
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        key: DeviceKey,
+        device_id: &str,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        let payload = serde_json::to_string(&Note::Released {
+            d: device_id.to_owned(),
+            g: generation,
+        })
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        // Deletes the row if this session still holds the device; if not,
+        // another session took it over and may be waiting to hear this.
+        let stmt = client
+            .prepare_cached(
+                "WITH del AS (DELETE FROM sessions WHERE device = $1 AND generation = $2 RETURNING 1)
+                 SELECT pg_notify($3, $4) WHERE NOT EXISTS (SELECT 1 FROM del)",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&key, &i(generation), &CHANNEL, &payload])
+            .await?;
+        Ok(())
+    }
+
+    /// Records this instance's heartbeat; clears instances that stopped
+    /// beating, and their session rows. After its own row was cleared (a
+    /// long outage), records its live sessions again.
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut failing = false;
+        let mut beats: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(self.heartbeat) => {}
+            }
+            beats += 1;
+            match self.beat(beats % 5 == 0).await {
+                Ok(()) => {
+                    if failing {
+                        info!("cluster heartbeat recorded again");
+                        failing = false;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "cannot record the cluster heartbeat; retrying");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn beat(&self, sweep: bool) -> Result<(), StoreError> {
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        let now = i(now_ms());
+        let row = client
+            .query_one(
+                "INSERT INTO instances (instance_id, started_ms, heartbeat_ms) VALUES ($1, $2, $2)
+                 ON CONFLICT (instance_id) DO UPDATE SET heartbeat_ms = $2
+                 RETURNING (xmax = 0)",
+                &[&self.instance, &now],
+            )
+            .await?;
+        let reinserted: bool = row.try_get(0)?;
+        if reinserted {
+            self.record_live_sessions(&client).await?;
+        }
+        if sweep {
+            let alive_after = i(now_ms().saturating_sub(self.instance_timeout.as_millis() as u64));
+            let gone: Vec<String> = client
+                .query(
+                    "DELETE FROM instances WHERE heartbeat_ms < $1 AND instance_id <> $2
+                     RETURNING instance_id",
+                    &[&alive_after, &self.instance],
+                )
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if !gone.is_empty() {
+                let n = client
+                    .execute("DELETE FROM sessions WHERE instance_id = ANY($1)", &[&gone])
+                    .await?;
+                warn!(instances = ?gone, sessions = n, "instances stopped beating; their session records are cleared");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records every live local session that has no row (others cleared
+    /// them while this instance could not beat); never displaces a newer
+    /// claim.
+    async fn record_live_sessions(
+        &self,
+        client: &deadpool_postgres::Object,
+    ) -> Result<(), StoreError> {
+        let live = self.registry.sessions();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(live.len());
+        let mut gens = Vec::with_capacity(live.len());
+        let mut peers = Vec::with_capacity(live.len());
+        let mut since = Vec::with_capacity(live.len());
+        for (id, h) in &live {
+            if h.generation() == 0 {
+                continue;
+            }
+            let info = h.info();
+            ids.push(id.clone());
+            gens.push(i(h.generation()));
+            peers.push(info.peer.to_string());
+            since.push(i(info.connected_ms));
+        }
+        let n = client
+            .execute(
+                "INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
+                 SELECT d.id, $1, x.g, x.p, x.c
+                 FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[]) AS x(id, g, p, c)
+                 JOIN devices d ON d.device_id = x.id
+                 ON CONFLICT (device) DO NOTHING",
+                &[&self.instance, &ids, &gens, &peers, &since],
+            )
+            .await?;
+        info!(sessions = n, "recorded this instance's sessions again");
+        Ok(())
+    }
+
+    /// Listens for notifications, reconnecting with backoff; reconciles
+    /// after each reconnection.
+    async fn listen_loop(self: Arc<Self>) {
+        let mut first = true;
+        let mut backoff = Duration::from_millis(100);
+        let mut failing = false;
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.listen_once(&mut first, &mut failing).await {
+                Ok(()) => return,
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "cluster notifications lost; reconnecting");
+                        failing = true;
+                    }
+                }
+            }
+            // A connection that lasted starts the backoff over.
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One LISTEN connection, until it breaks (Err) or the instance stops
+    /// (Ok).
+    async fn listen_once(&self, first: &mut bool, failing: &mut bool) -> Result<(), StoreError> {
+        let (client, mut conn) = self.store.config().connect(NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        // The connection yields notifications only while polled; this
+        // task drives it and forwards them.
+        let driver = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        *failing = false;
+        if !*first {
+            info!("cluster notifications restored; reconciling");
+            if let Err(e) = self.reconcile(&client).await {
+                warn!(error = %e, "cluster reconciliation failed");
+            }
+        }
+        *first = false;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    driver.abort();
+                    return Ok(());
+                }
+                msg = rx.recv() => match msg {
+                    Some(payload) => self.on_note(&payload),
+                    None => {
+                        let why = match driver.await {
+                            Ok(Err(e)) => StoreError::Postgres(e),
+                            _ => StoreError::Task("the LISTEN connection closed".into()),
+                        };
+                        return Err(why);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_note(&self, payload: &str) {
+        metrics::counter!("furrow_cluster_notifications_total").increment(1);
+        let note: Note = match serde_json::from_str(payload) {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(error = %e, "ignoring a foreign notification");
+                return;
+            }
+        };
+        match note {
+            Note::Takeover { d, g, by } => {
+                if by == self.instance {
+                    return;
+                }
+                if let Some(h) = self.registry.handle(&d) {
+                    // Older sessions only; 0: this instance has not
+                    // recorded its own claim yet, which will be newer.
+                    let mine = h.generation();
+                    if mine != 0 && mine < g {
+                        metrics::counter!("furrow_cluster_takeovers_total").increment(1);
+                        h.kick(GoodbyeCode::SessionTakenOver);
+                    }
+                }
+            }
+            Note::Released { d, g } => {
+                if let Some(tx) = self.lock_waiters().remove(&(d, g)) {
+                    let _ = tx.send(());
+                }
+            }
+            Note::Command { d } => {
+                self.registry.notify_commands(&d);
+            }
+        }
+    }
+
+    /// After lost notifications: kicks local sessions that another
+    /// instance has since claimed, and wakes local devices with queued
+    /// commands.
+    async fn reconcile(&self, client: &tokio_postgres::Client) -> Result<(), StoreError> {
+        let live = self.registry.sessions();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = live.iter().map(|(id, _)| id.clone()).collect();
+        let mine: HashMap<&str, &SessionHandle> =
+            live.iter().map(|(id, h)| (id.as_str(), h)).collect();
+        let claimed = client
+            .query(
+                "SELECT d.device_id, s.generation FROM sessions s JOIN devices d ON d.id = s.device
+                 WHERE s.instance_id <> $1 AND d.device_id = ANY($2)",
+                &[&self.instance, &ids],
+            )
+            .await?;
+        for r in claimed {
+            let id: String = r.try_get(0)?;
+            let g = r.try_get::<_, i64>(1)? as u64;
+            if let Some(h) = mine.get(id.as_str()) {
+                if h.generation() != 0 && h.generation() < g {
+                    h.kick(GoodbyeCode::SessionTakenOver);
+                }
+            }
+        }
+        let queued = client
+            .query(
+                "SELECT DISTINCT d.device_id FROM commands c JOIN devices d ON d.id = c.device
+                 WHERE c.status = 'queued' AND d.device_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        for r in queued {
+            let id: String = r.try_get(0)?;
+            self.registry.notify_commands(&id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,240 @@
+//! Several gateway instances sharing one PostgreSQL (a real, throwaway
+//! cluster the test starts): takeover across instances, commands routed
+//! to whichever instance holds the device, the holder recorded and shown
+//! by every instance's API, and a dead instance's records cleared.
+//!
+//! These run the instances in-process; `cluster_haproxy.rs` runs real
+//! processes behind HAProxy and kills one.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use furrow_client::{handler, Client, CommandReply, Config as ClientConfig};
+use serde_json::{json, Value};
+use support::postgres::Postgres;
+use support::*;
+
+async fn instance(url: &str, name: &str) -> TestGateway {
+    let url = url.to_owned();
+    let name = name.to_owned();
+    TestGateway::start_with(move |c| {
+        c.database_url = url;
+        c.instance_id = name;
+        c.sessions.heartbeat_ms = 200;
+        c.sessions.instance_timeout_ms = 1_000;
+    })
+    .await
+}
+
+async fn get(gw: &TestGateway, path: &str) -> Value {
+    let r = reqwest::get(gw.api_url(path)).await.expect("request");
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.expect("JSON")
+}
+
+async fn post(gw: &TestGateway, path: &str, body: Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(gw.api_url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.expect("JSON")
+}
+
+/// Waits until `gw`'s API shows the device online at `instance`.
+async fn until_held_by(gw: &TestGateway, id: &str, instance: &str) -> Value {
+    within(Duration::from_secs(10), "device held", async {
+        loop {
+            let v = get(gw, &format!("/v1/devices/{id}")).await;
+            if v["online"] == json!(true) && v["instance"] == json!(instance) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moving_to_another_instance_is_dropped_by_the_old_one() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let a = instance(&url, "gw-a").await;
+    let b = instance(&url, "gw-b").await;
+    let token = a.add_device("mover").await;
+
+    let (mut first, welcome) = a.connect_device("mover", &token).await;
+    assert_eq!(welcome.last_seq, 0);
+    first.send_raw(&telemetry_frames(1..=20)).await;
+    let mut acked = 0;
+    while acked < 20 {
+        match first.recv().await {
+            Some(furrow_proto::Message::Ack { seq }) => acked = seq,
+            other => panic!("expected ACK, got {other:?}"),
+        }
+    }
+    // Both instances' APIs say where it is, and from which address.
+    let v = until_held_by(&b, "mover", "gw-a").await;
+    assert!(v["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    // The device reconnects through the other instance.
+    let (_second, welcome) = b.connect_device("mover", &token).await;
+    assert_eq!(welcome.last_seq, 20, "last_seq from the shared store");
+    // The old connection hears GOODBYE SESSION_TAKEN_OVER and is closed.
+    let mut got_goodbye = false;
+    while let Some(m) = first.recv_within(Duration::from_secs(5)).await {
+        if let furrow_proto::Message::Goodbye(g) = m {
+            assert_eq!(g.code, goodbye::SESSION_TAKEN_OVER);
+            got_goodbye = true;
+        }
+    }
+    assert!(got_goodbye, "the old instance did not say GOODBYE");
+    within(Duration::from_secs(5), "old session gone", async {
+        while a.registry().is_online("mover") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    until_held_by(&a, "mover", "gw-b").await;
+    // The old session's end did not erase the new holder.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_held_by(&a, "mover", "gw-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_created_on_one_instance_reaches_a_device_on_another() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let a = instance(&url, "gw-a").await;
+    let b = instance(&url, "gw-b").await;
+    let token = a.add_device("valve").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let client = Client::start_with_handler(
+        ClientConfig::new(b.addr().to_string(), "valve", token),
+        handler(move |cmd| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((cmd.id, Instant::now()));
+                CommandReply::ok(1, b"{\"ok\":true}".to_vec())
+            }
+        }),
+    )
+    .expect("client");
+    b.wait_online("valve").await;
+    until_held_by(&a, "valve", "gw-b").await;
+
+    // Latency from the API call on A to the handler on B's device.
+    let mut latencies = Vec::new();
+    for n in 0..50 {
+        let sent = Instant::now();
+        let c = post(
+            &a,
+            "/v1/devices/valve/commands",
+            json!({"name": "open", "payload": {"n": n}}),
+        )
+        .await;
+        let id = c["command_id"].as_u64().expect("command id");
+        let (got, at) = within(Duration::from_secs(10), "command delivered", rx.recv())
+            .await
+            .expect("handler ran");
+        assert_eq!(got, id);
+        latencies.push(at.duration_since(sent));
+    }
+    latencies.sort();
+    eprintln!(
+        "cross-instance command delivery over {} commands: p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+        latencies[latencies.len() - 1]
+    );
+    // The answer is recorded, visible through either instance.
+    let last = within(Duration::from_secs(10), "command succeeded", async {
+        loop {
+            let v = get(&a, "/v1/devices/valve/commands?limit=1").await;
+            if v["commands"][0]["state"] == json!("succeeded") {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        last["commands"][0]["result"]["payload"],
+        json!({"ok": true})
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_is_cleared_and_a_leaving_one_clears_itself() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let mut a = instance(&url, "gw-a").await;
+    let token = a.add_device("orphan").await;
+    let (dev, _) = a.connect_device("orphan", &token).await;
+    until_held_by(&a, "orphan", "gw-a").await;
+
+    // A crashed instance: records left with an old heartbeat.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "INSERT INTO instances VALUES ('gw-dead', 1, 1);
+             INSERT INTO devices (device_id, token_hash, created_ms) VALUES ('ghost', '\\x00', 1);
+             INSERT INTO sessions SELECT id, 'gw-dead', 999999, '10.0.0.9:1', 1 FROM devices
+                 WHERE device_id = 'ghost';",
+        )
+        .await
+        .expect("plant a dead instance");
+    let ghost = get(&a, "/v1/devices/ghost").await;
+    assert_eq!(
+        ghost["online"],
+        json!(false),
+        "a dead instance's device is offline"
+    );
+    within(Duration::from_secs(10), "dead instance swept", async {
+        loop {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sessions WHERE instance_id = 'gw-dead'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE instance_id = 'gw-a'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 1, "a live instance's records stay");
+
+    // A clean shutdown removes the instance and its records.
+    a.shutdown().await;
+    drop(dev);
+    let left: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM instances)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
