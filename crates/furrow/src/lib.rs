@@ -31,6 +31,7 @@ pub mod devices;
 pub mod envelope;
 pub mod listener;
 pub mod metrics;
+pub mod proxy;
 pub mod publish;
 pub mod registry;
 pub mod server;
