@@ -3,8 +3,9 @@
 #
 # SQLite is compiled in (rusqlite's bundled feature). Tests that need a
 # real MQTT broker start their own throwaway Mosquitto, from Debian's
-# package, installed here when missing. (PostgreSQL and HAProxy will follow
-# the same rule.)
+# package, installed here when missing; so are HAProxy and systemd, whose
+# checkers (haproxy -c, systemd-analyze verify) test the files under
+# deploy/. (PostgreSQL will follow the same rule.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ need_pkg() { # program package
     fi
 }
 need_pkg mosquitto mosquitto
+need_pkg haproxy haproxy
+need_pkg systemd-analyze systemd
 
 # Integration tests open thousands of sockets; the hard limit here is 20,000.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
