@@ -15,6 +15,7 @@
 //! ```
 //!
 //! * [`listener`]: accept loop, one task per connection.
+//! * [`proxy`]: the PROXY protocol header a load balancer puts first.
 //! * [`session`]: the per-connection state machine (handshake, active,
 //!   draining) over a [`connection::Connection`].
 //! * [`registry`]: which session holds which device.
