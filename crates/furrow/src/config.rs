@@ -297,8 +297,9 @@ pub struct ProxyProtocol {
     /// Networks of the balancers allowed to send one. A connection from
     /// anywhere else is refused: a header can claim any address.
     pub trusted: Vec<IpNet>,
-    /// Time from accept until the whole header must have arrived; at most
-    /// `limits.handshake_timeout_ms`, which counts from accept too.
+    /// Time from accept until the whole header must have arrived. The
+    /// handshake deadline (`limits.handshake_timeout_ms`, also from accept)
+    /// applies too, so the shorter one wins.
     pub header_timeout_ms: u64,
 }
 
@@ -493,14 +494,8 @@ impl Config {
             return bad("sessions.revocation_poll_ms", "must be above 0".into());
         }
         let p = &self.proxy_protocol;
-        if p.header_timeout_ms == 0 || p.header_timeout_ms > self.limits.handshake_timeout_ms {
-            return bad(
-                "proxy_protocol.header_timeout_ms",
-                format!(
-                    "need 1 <= header_timeout_ms <= limits.handshake_timeout_ms ({}), got {}",
-                    self.limits.handshake_timeout_ms, p.header_timeout_ms
-                ),
-            );
+        if p.header_timeout_ms == 0 {
+            return bad("proxy_protocol.header_timeout_ms", "must be above 0".into());
         }
         if p.enabled && p.trusted.is_empty() {
             return bad(
@@ -661,11 +656,12 @@ mod tests {
     #[test]
     fn proxy_protocol_is_checked() {
         let mut c = Config::default();
-        c.proxy_protocol.header_timeout_ms = c.limits.handshake_timeout_ms + 1;
+        c.proxy_protocol.header_timeout_ms = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("proxy_protocol.header_timeout_ms"), "{e}");
-        c.proxy_protocol.header_timeout_ms = 0;
-        assert!(c.validate().is_err());
+        // Above the handshake timeout is allowed: the shorter deadline wins.
+        c.proxy_protocol.header_timeout_ms = c.limits.handshake_timeout_ms + 1;
+        c.validate().unwrap();
         c.proxy_protocol.header_timeout_ms = 1;
         c.proxy_protocol.enabled = true;
         c.proxy_protocol.trusted.clear();

@@ -205,3 +205,101 @@ async fn a_missing_or_unfinished_header_is_refused() {
     let _ok = through_header(&api, &v2_header([192, 0, 2, 77], 9), true, "direct", &token).await;
     assert_eq!(api_peer(&api, "direct").await, "192.0.2.77:9");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_deadline_bounds_the_header_too() {
+    // The header may take 3 s by default; the whole handshake only 300 ms.
+    let api = Api::start_with(|c| {
+        c.proxy_protocol.enabled = true;
+        c.limits.handshake_timeout_ms = 300;
+    })
+    .await;
+    let mut slow = RawDevice::connect(api.gw.addr()).await;
+    let started = tokio::time::Instant::now();
+    slow.send_raw(b"PROXY TCP4 ").await;
+    expect_refused(&mut slow).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2_000),
+        "closed after {took:?} with a 300 ms handshake deadline"
+    );
+}
+
+/// A real HAProxy (`send-proxy-v2`, health checks on /readyz, as in
+/// deploy/haproxy/haproxy.cfg) on loopback, in front of a test gateway. Killed on drop.
+struct Haproxy(std::process::Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_real_haproxy_the_peer_is_the_device() {
+    init_test_logs();
+    let api = Api::start_with(|c| c.proxy_protocol.enabled = true).await;
+    let api_port = api.gw.api_url("").rsplit(':').next().unwrap().to_owned();
+    let front = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    maxconn 100\n\
+             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend devices\n    bind 127.0.0.1:{front}\n    default_backend gateways\n\
+             backend gateways\n    balance leastconn\n    option httpchk\n\
+             \x20   http-check send meth GET uri /readyz\n    http-check expect status 200\n\
+             \x20   server gw {gw} send-proxy-v2 check port {api_port} inter 200ms rise 1 fall 1\n",
+            gw = api.gw.addr(),
+        ),
+    )
+    .unwrap();
+    let program = ["haproxy", "/usr/sbin/haproxy"]
+        .into_iter()
+        .find(|p| std::process::Command::new(p).arg("-v").output().is_ok())
+        .expect("haproxy is installed (apt-get install haproxy, as scripts/test.sh does)");
+    let _haproxy = Haproxy(
+        std::process::Command::new(program)
+            .args(["-db", "-f", cfg.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy starts"),
+    );
+    let front: std::net::SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
+    let token = api.gw.add_device("via-haproxy").await;
+
+    // Until HAProxy listens and forwards (bounded).
+    let started = tokio::time::Instant::now();
+    let (mut dev, local) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no WELCOME through HAProxy within 15 s"
+        );
+        let Ok(stream) = tokio::net::TcpStream::connect(front).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let local = stream.local_addr().unwrap();
+        let mut dev = RawDevice::from_stream(stream);
+        if dev
+            .try_send_raw(&encode(&hello_msg("via-haproxy", &token, 0)))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        match dev.reader.next_event(Duration::from_secs(5)).await {
+            Event::Msg(furrow_proto::Message::Welcome(_)) => break (dev, local),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    dev.telemetry(1, r#"{"t":1}"#).await;
+    dev.until_ack(1).await;
+    // The device's own address and port, not HAProxy's outgoing one.
+    assert_eq!(api_peer(&api, "via-haproxy").await, local.to_string());
+}
