@@ -2,8 +2,10 @@
 # Runs every test of the workspace. This is the README's test command.
 #
 # SQLite is compiled in (rusqlite's bundled feature). Tests that need a
-# real MQTT broker or PostgreSQL start their own throwaway Mosquitto or
-# PostgreSQL cluster, from Debian's packages, installed here when missing.
+# real MQTT broker, PostgreSQL or HAProxy start their own throwaway
+# Mosquitto, PostgreSQL cluster or HAProxy, from Debian's packages, installed
+# here when missing; systemd's checker (systemd-analyze verify) tests the
+# unit under deploy/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,8 @@ need_pkg() { # program package
     fi
 }
 need_pkg mosquitto mosquitto
+need_pkg haproxy haproxy
+need_pkg systemd-analyze systemd
 # PostgreSQL's server programs live outside PATH (/usr/lib/postgresql/N/bin);
 # the tests run initdb and pg_ctl from there (as `postgres` when root).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::store::Synchronous;
@@ -27,6 +28,10 @@ pub struct Config {
     pub instance_id: String,
     /// Device listener address.
     pub listen: SocketAddr,
+    /// Set SO_REUSEPORT on the device listener, so that several gateway
+    /// processes on one machine (each with this set) share its port and the
+    /// kernel spreads connections among them.
+    pub reuse_port: bool,
     /// Where the database lives.
     pub data_dir: PathBuf,
     /// Empty: the embedded SQLite database in `data_dir` (one instance).
@@ -47,6 +52,8 @@ pub struct Config {
     pub api: Api,
     /// Events to an MQTT broker.
     pub mqtt: Mqtt,
+    /// PROXY protocol headers from a load balancer.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 impl Default for Config {
@@ -54,6 +61,7 @@ impl Default for Config {
         Self {
             instance_id: String::new(),
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
+            reuse_port: false,
             data_dir: PathBuf::from("./furrow-data"),
             database_url: String::new(),
             limits: Limits::default(),
@@ -63,6 +71,7 @@ impl Default for Config {
             shutdown: Shutdown::default(),
             api: Api::default(),
             mqtt: Mqtt::default(),
+            proxy_protocol: ProxyProtocol::default(),
         }
     }
 }
@@ -302,6 +311,40 @@ impl Default for Mqtt {
     }
 }
 
+/// PROXY protocol (v1 or v2) on the device listener, for gateways behind a
+/// TCP load balancer (see `proxy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// Every connection must start with a PROXY header; its source address
+    /// becomes the session's peer.
+    pub enabled: bool,
+    /// Networks of the balancers allowed to send one. A connection from
+    /// anywhere else is refused: a header can claim any address.
+    pub trusted: Vec<IpNet>,
+    /// Time from accept until the whole header must have arrived. The
+    /// handshake deadline (`limits.handshake_timeout_ms`, also from accept)
+    /// applies too, so the shorter one wins.
+    pub header_timeout_ms: u64,
+}
+
+impl Default for ProxyProtocol {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            trusted: vec![
+                // Constants: the prefix lengths are in range.
+                IpNet::new_assert(
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)),
+                    8,
+                ),
+                IpNet::new_assert(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+            ],
+            header_timeout_ms: 3_000,
+        }
+    }
+}
+
 /// The shortest admin token accepted.
 pub const MIN_API_TOKEN: usize = 16;
 
@@ -320,6 +363,19 @@ pub struct Overrides {
     /// `--database URL`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// `--reuse-port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse_port: Option<bool>,
+    /// `--proxy-protocol`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolOverride>,
+}
+
+/// `--proxy-protocol`, as the nested key `proxy_protocol.enabled`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProxyProtocolOverride {
+    /// Whether headers are required.
+    pub enabled: bool,
 }
 
 /// `--mqtt URL`, as the nested key `mqtt.url`.
@@ -494,6 +550,16 @@ impl Config {
         if self.sessions.revocation_poll_ms == 0 {
             return bad("sessions.revocation_poll_ms", "must be above 0".into());
         }
+        let p = &self.proxy_protocol;
+        if p.header_timeout_ms == 0 {
+            return bad("proxy_protocol.header_timeout_ms", "must be above 0".into());
+        }
+        if p.enabled && p.trusted.is_empty() {
+            return bad(
+                "proxy_protocol.trusted",
+                "is empty: every connection would be refused".into(),
+            );
+        }
         Ok(())
     }
 
@@ -579,6 +645,8 @@ mod tests {
                     url: "mqtt://127.0.0.1:1999".into(),
                 }),
                 database_url: Some("postgres://u:secret@127.0.0.1:5/f".into()),
+                reuse_port: Some(true),
+                proxy_protocol: Some(ProxyProtocolOverride { enabled: true }),
             };
             let c = Config::load(Some(Path::new("f.toml")), &o).unwrap();
             assert_eq!(c.listen.port(), 2, "flag wins over file");
@@ -592,6 +660,13 @@ mod tests {
                 "and its siblings keep defaults"
             );
             assert_eq!(c.storage.batch_max_rows, 20, "env wins over file");
+            assert!(c.reuse_port);
+            assert!(c.proxy_protocol.enabled);
+            assert_eq!(
+                c.proxy_protocol.trusted,
+                ProxyProtocol::default().trusted,
+                "--proxy-protocol leaves the trusted networks alone"
+            );
             assert_eq!(c.storage.synchronous, Synchronous::Normal);
             Ok(())
         });
@@ -655,6 +730,42 @@ mod tests {
         off.api.listen = "0.0.0.0:7780".parse().unwrap();
         off.validate().unwrap();
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn proxy_protocol_is_checked() {
+        let mut c = Config::default();
+        c.proxy_protocol.header_timeout_ms = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy_protocol.header_timeout_ms"), "{e}");
+        // Above the handshake timeout is allowed: the shorter deadline wins.
+        c.proxy_protocol.header_timeout_ms = c.limits.handshake_timeout_ms + 1;
+        c.validate().unwrap();
+        c.proxy_protocol.header_timeout_ms = 1;
+        c.proxy_protocol.enabled = true;
+        c.proxy_protocol.trusted.clear();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy_protocol.trusted"), "{e}");
+    }
+
+    #[test]
+    fn trusted_networks_come_from_a_file_and_bad_ones_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "p.toml",
+                "[proxy_protocol]\nenabled = true\ntrusted = [\"10.0.0.0/8\", \"fd00::/8\"]\n",
+            )?;
+            let c = Config::load(Some(Path::new("p.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.proxy_protocol.trusted.len(), 2);
+            assert!(c.proxy_protocol.trusted[0]
+                .contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+            jail.create_file("b.toml", "[proxy_protocol]\ntrusted = [\"10.0.0.0/33\"]\n")?;
+            let e = Config::load(Some(Path::new("b.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("trusted") && e.contains("b.toml"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

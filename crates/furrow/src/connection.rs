@@ -137,6 +137,17 @@ impl Connection {
         }
     }
 
+    /// The bytes read and not yet consumed (for a PROXY header, which
+    /// precedes the frames).
+    pub fn buffered(&self) -> &[u8] {
+        &self.rbuf
+    }
+
+    /// Drops the first `n` buffered bytes (at most all of them).
+    pub fn consume(&mut self, n: usize) {
+        let _ = self.rbuf.split_to(n.min(self.rbuf.len()));
+    }
+
     /// Whether the read buffer holds unparsed bytes.
     pub fn has_buffered_input(&self) -> bool {
         !self.rbuf.is_empty()

@@ -17,6 +17,7 @@
 //! ```
 //!
 //! * [`listener`]: accept loop, one task per connection.
+//! * [`proxy`]: the PROXY protocol header a load balancer puts first.
 //! * [`session`]: the per-connection state machine (handshake, active,
 //!   draining) over a [`connection::Connection`].
 //! * [`registry`]: which session holds which device.
@@ -36,6 +37,7 @@ pub mod devices;
 pub mod envelope;
 pub mod listener;
 pub mod metrics;
+pub mod proxy;
 pub mod publish;
 pub mod registry;
 pub mod server;

@@ -49,6 +49,14 @@ enum Cmd {
         /// Publish events to this MQTT broker (mqtt://host[:port]).
         #[arg(long, value_name = "URL")]
         mqtt: Option<String>,
+        /// Share the device port with other gateway processes that set it
+        /// too (SO_REUSEPORT) [config: reuse_port].
+        #[arg(long)]
+        reuse_port: bool,
+        /// Require a PROXY protocol header (v1 or v2) from a trusted load
+        /// balancer on every device connection [config: proxy_protocol.enabled].
+        #[arg(long)]
+        proxy_protocol: bool,
     },
     /// Apply database schema migrations and exit (the gateway also applies
     /// them when it starts).
@@ -100,20 +108,17 @@ enum DeviceCmd {
     },
 }
 
-fn load(common: &Common, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
-    load_with(common, listen, None)
+fn load(common: &Common) -> anyhow::Result<Config> {
+    load_with(common, Overrides::default())
 }
 
-fn load_with(
-    common: &Common,
-    listen: Option<std::net::SocketAddr>,
-    mqtt: Option<String>,
-) -> anyhow::Result<Config> {
+/// Loads the configuration with `overrides` from flags (its `data_dir`
+/// comes from `common`).
+fn load_with(common: &Common, overrides: Overrides) -> anyhow::Result<Config> {
     let overrides = Overrides {
-        listen,
         data_dir: common.data_dir.clone(),
-        mqtt: mqtt.map(|url| furrow::config::MqttOverride { url }),
         database_url: common.database_url.clone(),
+        ..overrides
     };
     Ok(Config::load(common.config.as_deref(), &overrides)?)
 }
@@ -156,8 +161,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             common,
             listen,
             mqtt,
+            reuse_port,
+            proxy_protocol,
         } => {
-            let cfg = load_with(&common, listen, mqtt)?;
+            // A flag that is absent leaves the file and environment alone.
+            let overrides = Overrides {
+                listen,
+                mqtt: mqtt.map(|url| furrow::config::MqttOverride { url }),
+                reuse_port: reuse_port.then_some(true),
+                proxy_protocol: proxy_protocol
+                    .then_some(furrow::config::ProxyProtocolOverride { enabled: true }),
+                ..Overrides::default()
+            };
+            let cfg = load_with(&common, overrides)?;
             let server = furrow::Server::bind(cfg).await?;
             server.run(shutdown_signal()).await;
         }
@@ -165,13 +181,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(cmd) => bench::run(cmd).await?,
         Cmd::BenchWorker => tokio::task::spawn_blocking(furrow_bench::worker_main).await??,
         Cmd::Migrate { common } => {
-            let cfg = load(&common, None)?;
+            let cfg = load(&common)?;
             // Opening migrates; it also refuses a schema newer than this build.
             open_store(&cfg).await?;
             eprintln!("database schema is up to date");
         }
         Cmd::CheckConfig { common } => {
-            let cfg = load(&common, None)?;
+            let cfg = load(&common)?;
             println!("{}", toml_string(&cfg)?);
         }
         Cmd::Device { cmd } => match cmd {
@@ -180,13 +196,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !furrow_proto::message::valid_device_id(id.as_bytes()) {
                     anyhow::bail!(furrow::devices::ProvisionError::InvalidId(id));
                 }
-                let store = open_store(&load(&common, None)?).await?;
+                let store = open_store(&load(&common)?).await?;
                 let token = furrow::devices::add_device(&*store, &id).await?;
                 eprintln!("device {id} created; its token is shown once:");
                 println!("{token}");
             }
             DeviceCmd::List { common } => {
-                let store = open_store(&load(&common, None)?).await?;
+                let store = open_store(&load(&common)?).await?;
                 let mut after = None;
                 println!(
                     "{:<40} {:>12} {:>8} created_ms",
@@ -210,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             DeviceCmd::Revoke { id, common } => {
-                let store = open_store(&load(&common, None)?).await?;
+                let store = open_store(&load(&common)?).await?;
                 let newly = store.revoke_device(&id).await?;
                 let cancelled = store.cancel_open_commands(&id).await?;
                 if !cancelled.is_empty() {

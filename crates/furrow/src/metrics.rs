@@ -114,6 +114,10 @@ fn describe() {
     );
     describe_counter!("furrow_accept_errors_total", "accept() failures, by kind.");
     describe_counter!(
+        "furrow_proxy_headers_total",
+        "PROXY protocol headers, by outcome: proxied, local (the balancer's own connection), untrusted, invalid, too_long, timeout, closed, io_error, shutdown."
+    );
+    describe_counter!(
         "furrow_session_takeovers_total",
         "Sessions taken over by a new connection of the same device."
     );

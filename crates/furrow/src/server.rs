@@ -48,6 +48,12 @@ pub enum ServerError {
     /// The store failed to open.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another process holds the device port and this one may not share it.
+    #[error("cannot listen on {addr}: the address is in use (gateways share a port only when every one of them sets reuse_port / --reuse-port)")]
+    AddrInUse {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// The device listener could not bind.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -115,14 +121,19 @@ pub struct Server {
 
 /// Binds the device listener with our backlog (Tokio's `bind` would use
 /// its own) and SO_REUSEADDR, so a restarted gateway binds while its old
-/// connections linger in TIME_WAIT.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// connections linger in TIME_WAIT. With `reuse_port`, also SO_REUSEPORT:
+/// processes of the same user that all set it share the port, each with
+/// its own accept queue, and the kernel spreads connections among them.
+fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    if reuse_port {
+        sock.set_reuseport(true)?;
+    }
     sock.bind(addr)?;
     sock.listen(backlog)
 }
@@ -143,9 +154,14 @@ impl Server {
     /// Binds the device listener over an already open store.
     pub async fn with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Self, ServerError> {
         let listener =
-            listen(cfg.listen, cfg.limits.listen_backlog).map_err(|source| ServerError::Bind {
-                addr: cfg.listen,
-                source,
+            listen(cfg.listen, cfg.limits.listen_backlog, cfg.reuse_port).map_err(|source| {
+                match source.kind() {
+                    std::io::ErrorKind::AddrInUse => ServerError::AddrInUse { addr: cfg.listen },
+                    _ => ServerError::Bind {
+                        addr: cfg.listen,
+                        source,
+                    },
+                }
             })?;
         let api_listener = if cfg.api.enabled {
             let addr = cfg.api.listen;
@@ -264,7 +280,12 @@ impl Server {
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         let tracker = TaskTracker::new();
-        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "furrow listening");
+        info!(
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            reuse_port = shared.cfg.reuse_port,
+            proxy_protocol = shared.cfg.proxy_protocol.enabled,
+            "furrow listening"
+        );
 
         let accept_shared = Arc::clone(&shared);
         accepting.store(true, Ordering::Release);
@@ -402,7 +423,7 @@ mod tests {
             .build()
             .unwrap();
         let listener = rt
-            .block_on(async { listen("127.0.0.1:0".parse().unwrap(), backlog) })
+            .block_on(async { listen("127.0.0.1:0".parse().unwrap(), backlog, false) })
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let mut held = Vec::new();
@@ -413,6 +434,16 @@ mod tests {
             }
         }
         held.len()
+    }
+
+    #[tokio::test]
+    async fn reuse_port_shares_the_port_only_when_all_set_it() {
+        let first = listen("127.0.0.1:0".parse().unwrap(), 16, true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = listen(addr, 16, true).expect("a second reuse_port listener binds");
+        assert_eq!(second.local_addr().unwrap(), addr);
+        let e = listen(addr, 16, false).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
     }
 
     #[test]

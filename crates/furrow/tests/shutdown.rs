@@ -298,3 +298,41 @@ async fn shutdown_is_bounded_with_a_device_that_never_reads() {
     let k = stored.len() as u64;
     assert_seqs(&stored, 1..=k, "stored prefix");
 }
+
+/// Rolling restarts: when a gateway stops, its devices must not all come
+/// back at the same instant (to the next instance, or to this one once it
+/// is up). Each GOODBYE SERVER_SHUTDOWN carries its own random
+/// `retry_after_ms` in `[0, shutdown.retry_after_max_ms]`: spread, not one
+/// value for all, and never above the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goodbye_retry_after_is_jittered_within_its_bound() {
+    const DEVICES: usize = 40;
+    const MAX: u32 = 4_000;
+    let mut gw = TestGateway::start_with(|c| c.shutdown.retry_after_max_ms = MAX).await;
+    let mut devs = Vec::new();
+    for i in 0..DEVICES {
+        let id = format!("rolling-{i:02}");
+        let token = gw.add_device(&id).await;
+        let (dev, _) = gw.connect_device(&id, &token).await;
+        devs.push(dev);
+    }
+    gw.shutdown().await;
+    let mut delays = Vec::new();
+    for dev in &mut devs {
+        let (g, _) = dev.expect_goodbye(goodbye::SERVER_SHUTDOWN).await;
+        delays.push(g.retry_after_ms);
+    }
+    delays.sort_unstable();
+    assert!(
+        delays.iter().all(|&d| d <= MAX),
+        "above the bound: {delays:?}"
+    );
+    let mut distinct = delays.clone();
+    distinct.dedup();
+    // Uniform draws: 40 of them from 4001 values are all distinct with
+    // probability ~0.82, and fewer than 30 distinct is astronomically
+    // unlikely; likewise all 40 within half the range (~1e-11).
+    assert!(distinct.len() >= 30, "too few distinct delays: {delays:?}");
+    let spread = delays[DEVICES - 1] - delays[0];
+    assert!(spread >= MAX / 2, "delays bunched together: {delays:?}");
+}

@@ -43,7 +43,8 @@ pub struct Device {
     pub online: bool,
     /// The gateway instance holding its connection.
     pub instance: Option<String>,
-    /// Its address as the gateway sees it.
+    /// Its address as the gateway sees it (behind a load balancer with
+    /// `proxy_protocol`, the one from the PROXY header).
     pub peer: Option<String>,
     /// When its session began, Unix ms.
     pub connected_since_ms: Option<u64>,

@@ -224,7 +224,13 @@ pub fn run(
     // A debug-level span: at the default level it is disabled and costs an
     // idle connection nothing (span storage measured ~300 bytes each); the
     // info lines carry peer and device as fields of their own.
-    let span = tracing::debug_span!("conn", id = conn_id, %peer, device = tracing::field::Empty);
+    // `peer` is recorded once known: behind a balancer, from the PROXY header.
+    let span = tracing::debug_span!(
+        "conn",
+        id = conn_id,
+        peer = tracing::field::Empty,
+        device = tracing::field::Empty
+    );
     let _ = stream.set_nodelay(true);
     // HELLO is at most 397 bytes: small reads until WELCOME, so that a
     // crowd of handshakes does not touch a full read chunk each.
@@ -250,7 +256,22 @@ struct Session {
 impl Session {
     async fn run_logged(mut self) {
         let _gauge = OpenGauge::new();
-        info!(conn = self.conn_id, peer = %self.peer, "connection opened");
+        let tcp_peer = self.peer;
+        if self.shared.cfg.proxy_protocol.enabled {
+            // Boxed: the idle session's future stays as small as without it.
+            if let Err(outcome) = Box::pin(self.proxy_header()).await {
+                metrics::counter!("furrow_connections_closed_total", "reason" => "proxy_refused")
+                    .increment(1);
+                debug!(conn = self.conn_id, peer = %tcp_peer, outcome, "connection refused: PROXY header");
+                return;
+            }
+        }
+        tracing::Span::current().record("peer", tracing::field::display(self.peer));
+        if self.peer == tcp_peer {
+            info!(conn = self.conn_id, peer = %self.peer, "connection opened");
+        } else {
+            info!(conn = self.conn_id, peer = %self.peer, via = %tcp_peer, "connection opened");
+        }
         let (reason, device) = self.run().await;
         let st = self.conn.stats;
         metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
@@ -292,6 +313,60 @@ impl Session {
                 }
                 Phase::Closed(reason) => return (reason, device),
             };
+        }
+    }
+
+    /// Reads the PROXY header that must start the connection (bounded in
+    /// bytes and time) and takes its source address as the peer. The
+    /// bytes after it stay buffered for the handshake. On refusal, returns
+    /// the outcome label; the caller closes without a word (the peer may not
+    /// speak furrow/1).
+    async fn proxy_header(&mut self) -> Result<(), &'static str> {
+        let cfg = &self.shared.cfg;
+        let count = |outcome: &'static str| {
+            metrics::counter!("furrow_proxy_headers_total", "outcome" => outcome).increment(1);
+            outcome
+        };
+        // Before reading a byte: only a trusted balancer may name a peer.
+        if !crate::proxy::is_trusted(self.peer.ip(), &cfg.proxy_protocol.trusted) {
+            return Err(count("untrusted"));
+        }
+        let deadline = self.accepted
+            + Duration::from_millis(cfg.proxy_protocol.header_timeout_ms)
+                .min(cfg.handshake_timeout());
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            match crate::proxy::decode(self.conn.buffered()) {
+                Ok(Some(h)) => {
+                    self.conn.consume(h.len);
+                    return match h.source {
+                        Some(src) => {
+                            self.peer = src;
+                            count("proxied");
+                            Ok(())
+                        }
+                        None => {
+                            count("local");
+                            Ok(())
+                        }
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err(count(e.outcome())),
+            }
+            // Reads are HANDSHAKE_READ_CHUNK bytes (the connection sizes a
+            // read up to a frame's length field, but a PROXY header's first
+            // four bytes read as a length above any max_frame), and decode
+            // answers before the buffer passes its caps.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(count("shutdown")),
+                _ = sleep_until(deadline) => return Err(count("timeout")),
+                r = self.conn.read_some() => match r {
+                    Ok(0) => return Err(count("closed")),
+                    Ok(_) => {}
+                    Err(_) => return Err(count("io_error")),
+                },
+            }
         }
     }
 

@@ -28,6 +28,27 @@ impl Api {
         }
     }
 
+    /// A gateway whose configuration `tweak` may change; its API needs no
+    /// token.
+    pub async fn start_with(tweak: impl FnOnce(&mut furrow::Config)) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            gw: TestGateway::start_with(tweak).await,
+            token: None,
+        }
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let mut req = self.http.get(self.gw.api_url("/metrics"));
+        if let Some(t) = self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("GET /metrics");
+        assert!(resp.status().is_success(), "{}", resp.status());
+        resp.text().await.expect("metrics text")
+    }
+
     /// A gateway whose API needs [`TOKEN`]; requests carry it.
     pub async fn with_token() -> Self {
         Self {
