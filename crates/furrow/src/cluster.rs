@@ -45,6 +45,22 @@ use crate::store::{DeviceKey, PostgresStore, StoreError};
 /// The notification channel.
 const CHANNEL: &str = "furrow";
 
+/// What [`application_name`] puts before the instance.
+const APP_PREFIX: &str = "furrow/";
+
+/// The application_name of an instance's database connections. A killed
+/// instance's connections close with it, so their absence from
+/// `pg_stat_activity` tells at once that it is gone, long before its
+/// heartbeat times out.
+pub fn application_name(instance: &str) -> String {
+    // PostgreSQL keeps 63 bytes of it.
+    let mut name = format!("{APP_PREFIX}{instance}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
 /// A notification between instances (JSON, well under NOTIFY's 8000 bytes:
 /// device ids are at most 128 bytes).
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,14 +170,19 @@ impl Cluster {
         let client = inner.store.pool().get().await.map_err(pool_err)?;
         // The old row is read in the same statement that replaces it (the
         // CTE sees the row as it was when the statement began; FOR UPDATE
-        // there would skip it, as this statement updates it), with the old
-        // holder's heartbeat, to tell a live instance from a crashed one.
-        // Two instances claiming one device in the same instant may both
-        // see the same predecessor; the generations still order them.
+        // there would skip it, as this statement updates it). The old
+        // holder counts as alive while its heartbeat is fresh and it has a
+        // connection to the database (a killed instance has none within
+        // milliseconds). Two instances claiming one device in the same
+        // instant may both see the same predecessor; the generations still
+        // order them.
         let stmt = client
             .prepare_cached(
                 "WITH prev AS (
-                     SELECT s.instance_id, s.generation, i.heartbeat_ms
+                     SELECT s.instance_id, s.generation, i.heartbeat_ms >= $5
+                         AND s.instance_id <> $2
+                         AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                     WHERE a.application_name = $6 || s.instance_id) AS alive
                      FROM sessions s LEFT JOIN instances i ON i.instance_id = s.instance_id
                      WHERE s.device = $1)
                  INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
@@ -170,30 +191,33 @@ impl Cluster {
                      generation = EXCLUDED.generation, peer = EXCLUDED.peer,
                      connected_ms = EXCLUDED.connected_ms
                  RETURNING generation, (SELECT instance_id FROM prev),
-                     (SELECT generation FROM prev), (SELECT heartbeat_ms FROM prev)",
+                     (SELECT generation FROM prev), (SELECT alive FROM prev)",
             )
             .await?;
+        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
         let row = client
             .query_one(
                 &stmt,
-                &[&key, &inner.instance, &peer.to_string(), &i(connected_ms)],
+                &[
+                    &key,
+                    &inner.instance,
+                    &peer.to_string(),
+                    &i(connected_ms),
+                    &i(alive_after),
+                    &APP_PREFIX,
+                ],
             )
             .await?;
         let generation = row.try_get::<_, i64>(0)? as u64;
         handle.set_generation(generation);
         let prev_instance: Option<String> = row.try_get(1)?;
         let prev_gen: Option<i64> = row.try_get(2)?;
-        let prev_beat: Option<i64> = row.try_get(3)?;
-        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
-        Ok(match (prev_instance, prev_gen, prev_beat) {
-            (Some(instance), Some(g), Some(beat))
-                if instance != inner.instance && beat as u64 >= alive_after =>
-            {
-                Some(Displaced {
-                    instance,
-                    generation: g as u64,
-                })
-            }
+        let alive: Option<bool> = row.try_get(3)?;
+        Ok(match (prev_instance, prev_gen, alive) {
+            (Some(instance), Some(g), Some(true)) => Some(Displaced {
+                instance,
+                generation: g as u64,
+            }),
             _ => None,
         })
     }

@@ -92,6 +92,7 @@ fn postgres_options(cfg: &Config) -> PostgresOptions {
     PostgresOptions {
         pool_size: cfg.storage.pool_size,
         connect_timeout: Duration::from_millis(cfg.storage.connect_timeout_ms),
+        application_name: crate::cluster::application_name(&cfg.instance()),
     }
 }
 

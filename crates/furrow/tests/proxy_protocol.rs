@@ -225,51 +225,23 @@ async fn the_handshake_deadline_bounds_the_header_too() {
     );
 }
 
-/// A real HAProxy (`send-proxy-v2`, health checks on /readyz, as in
-/// deploy/haproxy/haproxy.cfg) on loopback, in front of a test gateway. Killed on drop.
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_real_haproxy_the_peer_is_the_device() {
     init_test_logs();
     let api = Api::start_with(|c| c.proxy_protocol.enabled = true).await;
     let api_port = api.gw.api_url("").rsplit(':').next().unwrap().to_owned();
     let front = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n    maxconn 100\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\
-             frontend devices\n    bind 127.0.0.1:{front}\n    default_backend gateways\n\
-             backend gateways\n    balance leastconn\n    option httpchk\n\
-             \x20   http-check send meth GET uri /readyz\n    http-check expect status 200\n\
-             \x20   server gw {gw} send-proxy-v2 check port {api_port} inter 200ms rise 1 fall 1\n",
-            gw = api.gw.addr(),
-        ),
-    )
-    .unwrap();
-    let program = ["haproxy", "/usr/sbin/haproxy"]
-        .into_iter()
-        .find(|p| std::process::Command::new(p).arg("-v").output().is_ok())
-        .expect("haproxy is installed (apt-get install haproxy, as scripts/test.sh does)");
-    let _haproxy = Haproxy(
-        std::process::Command::new(program)
-            .args(["-db", "-f", cfg.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("haproxy starts"),
-    );
+    // A real HAProxy (`send-proxy-v2`, health checks on /readyz, as in
+    // deploy/haproxy/haproxy.cfg) on loopback, in front of the gateway.
+    let _haproxy = support::haproxy::Haproxy::start(&format!(
+        "global\n    maxconn 100\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\
+         frontend devices\n    bind 127.0.0.1:{front}\n    default_backend gateways\n\
+         backend gateways\n    balance leastconn\n    option httpchk\n\
+         \x20   http-check send meth GET uri /readyz\n    http-check expect status 200\n\
+         \x20   server gw {gw} send-proxy-v2 check port {api_port} inter 200ms rise 1 fall 1\n",
+        gw = api.gw.addr(),
+    ));
     let front: std::net::SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
     let token = api.gw.add_device("via-haproxy").await;
 

@@ -104,6 +104,10 @@ pub struct PostgresOptions {
     /// How long a call waits to connect (or for a free connection) before
     /// it fails, so that an outage is noticed and retried, not waited out.
     pub connect_timeout: Duration,
+    /// The connections' application_name (the cluster names each
+    /// instance's connections `furrow/INSTANCE`, and reads liveness from
+    /// them); a URL's own setting wins.
+    pub application_name: String,
 }
 
 impl Default for PostgresOptions {
@@ -111,6 +115,7 @@ impl Default for PostgresOptions {
         Self {
             pool_size: 16,
             connect_timeout: Duration::from_secs(3),
+            application_name: "furrow".to_owned(),
         }
     }
 }
@@ -221,7 +226,7 @@ impl PostgresStore {
             config.connect_timeout(opts.connect_timeout);
         }
         if config.get_application_name().is_none() {
-            config.application_name("furrow");
+            config.application_name(&opts.application_name);
         }
         let mgr = Manager::from_config(
             config.clone(),

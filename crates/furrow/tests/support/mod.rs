@@ -31,9 +31,11 @@ use tokio::time::{timeout, Instant};
 /// The longest a test waits for any single message from the gateway.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 
+pub mod haproxy;
 pub mod http;
 pub mod mosquitto;
 pub mod postgres;
+pub mod process;
 
 /// ERROR / REJECT codes (docs/protocol.md, "Codes").
 pub mod code {

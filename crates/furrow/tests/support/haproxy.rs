@@ -1,0 +1,52 @@
+//! A throwaway HAProxy (Debian's `haproxy` package) running a configuration
+//! the test writes, in a temporary directory, killed when dropped. A test
+//! that needs one fails loudly when the program is missing: scripts/test.sh
+//! installs it.
+
+use std::process::{Child, Command, Stdio};
+
+/// A running HAProxy.
+pub struct Haproxy {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// Checks and starts `config` (foreground, `-db`).
+    pub fn start(config: &str) -> Self {
+        let program = ["haproxy", "/usr/sbin/haproxy"]
+            .into_iter()
+            .find(|p| Command::new(p).arg("-v").output().is_ok())
+            .expect("haproxy is installed (apt-get install haproxy, as scripts/test.sh does)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let check = Command::new(program)
+            .args(["-c", "-f"])
+            .arg(&path)
+            .output()
+            .expect("haproxy -c");
+        assert!(
+            check.status.success(),
+            "haproxy refuses the test's configuration:\n{}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new(program)
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        Self { child, _dir: dir }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
