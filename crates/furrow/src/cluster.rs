@@ -14,7 +14,9 @@
 //!   which the new session waits for (bounded) before WELCOME so that
 //!   `last_seq` is exact.
 //! - A command created on any instance sends `command`; the instance
-//!   holding the device wakes its session, which reads the store.
+//!   holding the device wakes its session, which reads the store. A
+//!   revocation sends `revoked` (the polled revocation log stays the
+//!   fallback).
 //! - `instances` holds a heartbeat per instance. An instance silent for
 //!   `sessions.instance_timeout_ms` is gone (crashed): any instance deletes
 //!   its row and its devices' session rows.
@@ -72,6 +74,8 @@ enum Note {
     Released { d: String, g: u64 },
     /// Device `d` has a new command.
     Command { d: String },
+    /// Device `d` was revoked.
+    Revoked { d: String },
 }
 
 /// Another instance's session that a claim displaced.
@@ -281,6 +285,20 @@ impl Cluster {
             // The device still gets it at its next connection, or after
             // the holder's reconciliation.
             warn!(device = %device_id, error = %e, "cannot announce a command");
+        }
+    }
+
+    /// Disconnects a revoked device on whichever instance holds it (the
+    /// revocation log, polled by every instance, is the fallback).
+    pub async fn revoked(&self, device_id: &str) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let note = Note::Revoked {
+            d: device_id.to_owned(),
+        };
+        if let Err(e) = inner.notify(&note).await {
+            warn!(device = %device_id, error = %e, "cannot announce a revocation");
         }
     }
 
@@ -647,6 +665,11 @@ impl Inner {
             }
             Note::Command { d } => {
                 self.registry.notify_commands(&d);
+            }
+            Note::Revoked { d } => {
+                if self.registry.kick(&d, GoodbyeCode::DeviceRevoked) {
+                    info!(device = %d, "revoked device disconnected");
+                }
             }
         }
     }

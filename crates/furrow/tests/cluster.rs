@@ -238,3 +238,31 @@ async fn a_dead_instance_is_cleared_and_a_leaving_one_clears_itself() {
         .get(0);
     assert_eq!(left, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_instance_disconnects_the_device_on_another() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    // The revocation log is polled only every minute here: the
+    // notification alone must do it.
+    let slow_poll = |name: &'static str| {
+        let url = url.clone();
+        TestGateway::start_with(move |c| {
+            c.database_url = url;
+            c.instance_id = name.into();
+            c.sessions.revocation_poll_ms = 60_000;
+        })
+    };
+    let a = slow_poll("gw-a").await;
+    let b = slow_poll("gw-b").await;
+    let token = a.add_device("stolen").await;
+    let (mut dev, _) = b.connect_device("stolen", &token).await;
+    until_held_by(&a, "stolen", "gw-b").await;
+    let v = post(&a, "/v1/devices/stolen/revoke", json!({})).await;
+    assert_eq!(v["revoked"], json!(true));
+    assert_eq!(v["disconnected"], json!(false), "not connected to gw-a");
+    match dev.recv_within(Duration::from_secs(5)).await {
+        Some(furrow_proto::Message::Goodbye(g)) => assert_eq!(g.code, goodbye::DEVICE_REVOKED),
+        other => panic!("expected GOODBYE DEVICE_REVOKED, got {other:?}"),
+    }
+}

@@ -181,8 +181,9 @@ pub async fn get(
 }
 
 /// Revokes a device: it cannot connect again, a live connection is told
-/// GOODBYE DEVICE_REVOKED (on other instances, within their revocation
-/// poll), and its open commands are cancelled.
+/// GOODBYE DEVICE_REVOKED (on another instance through a notification, and
+/// within its revocation poll at the latest), and its open commands are
+/// cancelled.
 #[utoipa::path(post, path = "/v1/devices/{device_id}/revoke", tag = "devices",
     params(("device_id" = String, Path)),
     responses((status = 200, body = Revoked), (status = 404, body = super::error::ErrorBody)),
@@ -193,6 +194,11 @@ pub async fn revoke(
 ) -> Result<Json<Revoked>, ApiError> {
     let revoked = s.store.revoke_device(&device_id).await?;
     let disconnected = s.registry.kick(&device_id, GoodbyeCode::DeviceRevoked);
+    if !disconnected {
+        // Connected to another instance: it hears at once (and polls the
+        // revocation log anyway).
+        s.cluster.revoked(&device_id).await;
+    }
     // Revoked, it can take no new command; its open ones are cancelled.
     for c in s.store.cancel_open_commands(&device_id).await? {
         s.events.command(&c);
