@@ -26,7 +26,6 @@ use furrow_proto::message::encode_telemetry;
 use furrow_proto::{CommandResult, FrameDecoder, Goodbye, GoodbyeCode, Hello, Message, Str};
 use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -60,6 +59,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Command ids remembered with their answers, for redeliveries.
     pub command_memory: usize,
+    /// TLS (and mutual TLS) to the gateway; `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsOptions>,
 }
 
 impl Config {
@@ -80,6 +81,7 @@ impl Config {
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(10),
             command_memory: 1024,
+            tls: None,
         }
     }
 }
@@ -162,13 +164,22 @@ pub enum ClientError {
     /// The client is closed.
     #[error("client closed")]
     Closed,
+    /// The TLS settings cannot be used (a CA or key file, say).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// TELEMETRY header bytes inside the length field: type, flags, seq,
 /// timestamp, content type.
 const TELEMETRY_OVERHEAD: usize = 2 + 8 + 8 + 1;
 
+/// A connection to the gateway: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 struct Shared {
+    /// The TLS connector, built once from `cfg.tls`.
+    tls: Option<crate::tls::Tls>,
     cfg: Config,
     outbox: Mutex<Box<dyn Outbox>>,
     /// Woken when the outbox shrinks (send may proceed).
@@ -237,6 +248,10 @@ impl Client {
             )?),
             None => Box::new(MemoryOutbox::default()),
         };
+        let tls = match &cfg.tls {
+            Some(opts) => Some(crate::tls::Tls::new(opts, &cfg.addr).map_err(ClientError::Tls)?),
+            None => None,
+        };
         let (acked, _) = watch::channel(0);
         let (events, _) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
@@ -252,6 +267,7 @@ impl Client {
             ),
             rebases: AtomicU64::new(0),
             closing,
+            tls,
             cfg,
         });
         let task = tokio::spawn(run(Arc::clone(&shared), handler));
@@ -459,7 +475,10 @@ async fn run(shared: Arc<Shared>, handler: Option<Handler>) {
 }
 
 /// Decodes frames from the gateway into a channel until the connection ends.
-async fn read_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<Result<Message, String>>) {
+async fn read_loop<R>(mut rd: R, tx: mpsc::Sender<Result<Message, String>>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
     // The gateway is trusted but still bounded: no frame above 16 MiB.
     let decoder = FrameDecoder::new(16 * 1024 * 1024);
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -501,8 +520,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn write_all(
-    wr: &mut OwnedWriteHalf,
+async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
     bytes: &[u8],
     limit: Duration,
 ) -> Result<(), Disconnect> {
@@ -547,7 +566,28 @@ async fn serve_connection(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+    let stream: Box<dyn Io> = match &shared.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let handshake = timeout(
+                cfg.connect_timeout,
+                tls.connector.connect(tls.name.clone(), stream),
+            );
+            match unless_closing(closing, handshake).await {
+                None => return Outcome::failed(Disconnect::Closed),
+                Some(Ok(Ok(s))) => Box::new(s),
+                Some(Ok(Err(e))) => {
+                    return Outcome::failed(Disconnect::ConnectFailed(format!("tls: {e}")))
+                }
+                Some(Err(_)) => {
+                    return Outcome::failed(Disconnect::ConnectFailed(
+                        "TLS handshake timed out".into(),
+                    ))
+                }
+            }
+        }
+    };
+    let (rd, mut wr) = tokio::io::split(stream);
     let (msg_tx, mut msgs) = mpsc::channel(256);
     let _reader = AbortOnDrop(tokio::spawn(read_loop(rd, msg_tx)));
 

@@ -25,14 +25,18 @@
 //!   dead connection (1.5 x keepalive of silence);
 //! * answers COMMANDs through your handler and repeats the same answer for
 //!   a command id it has handled before;
-//! * reports [`Event`]s: connected, disconnected (with why), acked, rejected.
+//! * reports [`Event`]s: connected, disconnected (with why), acked, rejected;
+//! * speaks TLS, with a client certificate for mutual TLS, when
+//!   [`Config::tls`] is set ([`TlsOptions`]).
 #![deny(missing_docs)]
 
 pub mod backoff;
 pub mod client;
 pub mod commands;
 pub mod outbox;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientError, Config, Disconnect, Event};
 pub use commands::{handler, Command, CommandReply, Handler};
+pub use tls::TlsOptions;

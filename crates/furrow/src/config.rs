@@ -52,6 +52,8 @@ pub struct Config {
     pub api: Api,
     /// Events to an MQTT broker.
     pub mqtt: Mqtt,
+    /// The TLS device listener (off until a certificate is set).
+    pub tls: Tls,
     /// PROXY protocol headers from a load balancer.
     pub proxy_protocol: ProxyProtocol,
 }
@@ -71,6 +73,7 @@ impl Default for Config {
             shutdown: Shutdown::default(),
             api: Api::default(),
             mqtt: Mqtt::default(),
+            tls: Tls::default(),
             proxy_protocol: ProxyProtocol::default(),
         }
     }
@@ -272,6 +275,76 @@ impl Config {
     }
 }
 
+/// The TLS device listener (see `tls`). On when `cert_file` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// TLS device listener address.
+    pub listen: SocketAddr,
+    /// PEM certificate chain (server certificate first). Empty: no TLS.
+    pub cert_file: PathBuf,
+    /// PEM private key of the certificate.
+    pub key_file: PathBuf,
+    /// PEM CA certificates of device (client) certificates. Set: mutual
+    /// TLS, every TLS device must present a certificate from this CA whose
+    /// identity equals its HELLO device_id (its token may then be empty).
+    pub client_ca_file: PathBuf,
+    /// Where a client certificate names its device: `cn` (subject common
+    /// name) or `san` (first DNS or URI subject alternative name).
+    pub identity: crate::tls::IdentityFrom,
+    /// Longest TLS handshake, from accept.
+    pub handshake_timeout_ms: u64,
+    /// Keep the plain TCP listener (`listen`) beside the TLS one.
+    pub plain: bool,
+    /// How often the files are checked for changes (reloaded without a
+    /// restart, like SIGHUP); 0: only on SIGHUP.
+    pub watch_ms: u64,
+    /// TLS sessions remembered for resumption (TLS 1.2 ids; 1.3 uses
+    /// tickets, which need no memory here).
+    pub session_cache: usize,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7701)),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
+            identity: crate::tls::IdentityFrom::Cn,
+            handshake_timeout_ms: 10_000,
+            plain: true,
+            watch_ms: 5_000,
+            session_cache: 10_000,
+        }
+    }
+}
+
+impl Tls {
+    /// Whether the TLS listener runs.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `--tls-cert`, `--tls-key`, `--client-ca`, `--tls-listen`, as nested
+/// `tls.*` keys.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsOverride {
+    /// `--tls-listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--tls-cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// `--tls-key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// `--client-ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// Events to an MQTT broker (see `publish`). Off unless `url` is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -363,6 +436,9 @@ pub struct Overrides {
     /// `--database URL`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// `--tls-cert` and friends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsOverride>,
     /// `--reuse-port`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse_port: Option<bool>,
@@ -476,6 +552,30 @@ impl Config {
                     self.sessions.instance_timeout_ms, self.sessions.heartbeat_ms
                 ),
             );
+        }
+        let tls = &self.tls;
+        if tls.enabled() && tls.key_file.as_os_str().is_empty() {
+            return bad(
+                "tls.key_file",
+                "tls.cert_file is set: the key is needed too".into(),
+            );
+        }
+        let stray =
+            !tls.key_file.as_os_str().is_empty() || !tls.client_ca_file.as_os_str().is_empty();
+        if !tls.enabled() && stray {
+            return bad(
+                "tls.cert_file",
+                "a key or client CA is set without a certificate".into(),
+            );
+        }
+        if !tls.enabled() && !tls.plain {
+            return bad(
+                "tls.plain",
+                "false turns the plain listener off, but no TLS certificate is set".into(),
+            );
+        }
+        if tls.handshake_timeout_ms == 0 {
+            return bad("tls.handshake_timeout_ms", "must be above 0".into());
         }
         if self.storage.pool_size == 0 {
             return bad("storage.pool_size", "must be at least 1".into());
@@ -647,10 +747,21 @@ mod tests {
                 database_url: Some("postgres://u:secret@127.0.0.1:5/f".into()),
                 reuse_port: Some(true),
                 proxy_protocol: Some(ProxyProtocolOverride { enabled: true }),
+                tls: Some(TlsOverride {
+                    cert_file: Some("/c.pem".into()),
+                    key_file: Some("/k.pem".into()),
+                    ..TlsOverride::default()
+                }),
             };
             let c = Config::load(Some(Path::new("f.toml")), &o).unwrap();
             assert_eq!(c.listen.port(), 2, "flag wins over file");
             assert_eq!(c.database_url, "postgres://u:secret@127.0.0.1:5/f");
+            assert_eq!(c.tls.cert_file, Path::new("/c.pem"));
+            assert_eq!(
+                c.tls.listen.port(),
+                7701,
+                "untouched nested keys keep their value"
+            );
             assert_eq!(
                 c.mqtt.url, "mqtt://127.0.0.1:1999",
                 "a nested key from a flag"

@@ -12,8 +12,17 @@
 //! All methods that await are cancel-safe: state lives in the struct, and
 //! `readable`/`writable` readiness waits lose nothing when dropped, so the
 //! session can use them as `select!` branches.
+//!
+//! TLS rides the same readiness loop through rustls's sans-I/O API: on
+//! readable, ciphertext goes from the socket into the `ServerConnection`
+//! and plaintext out of it into the read buffer; queued frames go into
+//! rustls as plaintext and out to the socket as records. No second stream
+//! type, no buffer while idle beyond what rustls keeps per connection, and
+//! the PROXY header (plaintext, before the ClientHello) is read by the same
+//! code as without TLS.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use furrow_proto::message::encode_ack;
@@ -34,9 +43,39 @@ pub struct Stats {
     pub bytes_out: u64,
 }
 
+/// The socket as `std::io` for rustls: non-blocking reads and writes that
+/// answer WouldBlock (and clear Tokio's readiness) when the socket has
+/// nothing.
+struct SockIo<'a>(&'a TcpStream);
+
+impl Read for SockIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SockIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
 /// The socket plus its read and write buffers.
 pub struct Connection {
     stream: TcpStream,
+    /// TLS state, once [`Connection::start_tls`] has run (boxed: plain
+    /// connections pay one pointer).
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// rustls holds decrypted bytes not yet moved into `rbuf`: read them
+    /// before waiting for the socket.
+    tls_pending: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
     decoder: FrameDecoder,
@@ -50,6 +89,8 @@ impl Connection {
     pub fn new(stream: TcpStream, max_frame: u32, read_chunk: usize) -> Self {
         Self {
             stream,
+            tls: None,
+            tls_pending: false,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
@@ -67,7 +108,9 @@ impl Connection {
     /// `Ok(0)` is end of stream. Cancel-safe.
     pub async fn read_some(&mut self) -> io::Result<usize> {
         loop {
-            self.stream.readable().await?;
+            if !self.tls_pending {
+                self.stream.readable().await?;
+            }
             if let Some(n) = self.try_read()? {
                 return Ok(n);
             }
@@ -86,6 +129,9 @@ impl Connection {
             (false, true) => Interest::WRITABLE,
             (false, false) => return std::future::pending().await,
         };
+        if read && self.tls_pending {
+            return self.try_read();
+        }
         let ready = self.stream.ready(interest).await?;
         if write && ready.is_writable() {
             self.try_flush()?;
@@ -99,6 +145,9 @@ impl Connection {
     /// One non-blocking read into a buffer reserved just for it. `None`
     /// when the socket had nothing after all.
     fn try_read(&mut self) -> io::Result<Option<usize>> {
+        if self.tls.is_some() {
+            return self.try_read_tls();
+        }
         // Size the read to the frame in progress when it is larger.
         let want = match self.decoder.check_header(&self.rbuf) {
             Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(self.read_chunk),
@@ -114,6 +163,124 @@ impl Connection {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// TLS: moves what the socket has into rustls, then what rustls has
+    /// decrypted into the read buffer.
+    fn try_read_tls(&mut self) -> io::Result<Option<usize>> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(None);
+        };
+        let mut eof = false;
+        if tls.wants_read() {
+            match tls.read_tls(&mut SockIo(&self.stream)) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    self.stats.bytes_in += n as u64;
+                    crate::metrics::wire().bytes_in.increment(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let state = match tls.process_new_packets() {
+            Ok(st) => st,
+            Err(e) => {
+                // rustls queued an alert for the peer: best effort.
+                let _ = tls.write_tls(&mut SockIo(&self.stream));
+                return Err(tls_err(e));
+            }
+        };
+        let avail = state.plaintext_bytes_to_read();
+        if avail > 0 {
+            let start = self.rbuf.len();
+            self.rbuf.resize(start + avail, 0);
+            let n = match tls.reader().read(&mut self.rbuf[start..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    self.rbuf.truncate(start);
+                    return Err(e);
+                }
+            };
+            self.rbuf.truncate(start + n);
+            self.tls_pending = n < avail;
+            return Ok(Some(n));
+        }
+        self.tls_pending = false;
+        if eof || state.peer_has_closed() {
+            return Ok(Some(0));
+        }
+        Ok(None)
+    }
+
+    /// Runs the TLS handshake (the caller bounds it in time). Bytes already
+    /// read (after a PROXY header) are the start of the ClientHello.
+    pub async fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let mut tls = rustls::ServerConnection::new(config).map_err(tls_err)?;
+        let mut early: &[u8] = &self.rbuf;
+        while !early.is_empty() {
+            if tls.read_tls(&mut early)? == 0 {
+                break;
+            }
+            tls.process_new_packets().map_err(tls_err)?;
+        }
+        self.rbuf = BytesMut::new();
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut SockIo(&self.stream)) {
+                    Ok(n) => {
+                        self.stats.bytes_out += n as u64;
+                        crate::metrics::wire().bytes_out.increment(n as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.stream.writable().await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !tls.is_handshaking() {
+                break;
+            }
+            self.stream.readable().await?;
+            match tls.read_tls(&mut SockIo(&self.stream)) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.stats.bytes_in += n as u64;
+                    crate::metrics::wire().bytes_in.increment(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                let _ = tls.write_tls(&mut SockIo(&self.stream));
+                return Err(tls_err(e));
+            }
+        }
+        // The device may have sent HELLO in the handshake's last flight.
+        let st = tls.process_new_packets().map_err(tls_err)?;
+        self.tls_pending = st.plaintext_bytes_to_read() > 0 || st.peer_has_closed();
+        self.tls = Some(Box::new(tls));
+        Ok(())
+    }
+
+    /// TLS: the verified client certificate chain, if the device sent one.
+    pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
+        self.tls.as_ref().and_then(|t| t.peer_certificates())
+    }
+
+    /// TLS: the protocol version and whether the session was resumed.
+    pub fn tls_info(&self) -> Option<(&'static str, bool)> {
+        let t = self.tls.as_ref()?;
+        let v = match t.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+            _ => "other",
+        };
+        Some((
+            v,
+            t.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        ))
     }
 
     /// The next complete frame in the read buffer, if any.
@@ -187,11 +354,42 @@ impl Connection {
 
     /// Bytes queued but not yet written.
     pub fn unsent(&self) -> usize {
-        self.wbuf.len()
+        // Records rustls holds (bounded by its own 64 KiB limit) count as
+        // one byte: enough to keep flushing them.
+        let tls = self.tls.as_ref().is_some_and(|t| t.wants_write());
+        self.wbuf.len() + usize::from(tls)
     }
 
     /// Writes as much as the socket takes now, without waiting.
     pub fn try_flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            loop {
+                let mut progressed = false;
+                if !self.wbuf.is_empty() {
+                    // rustls takes plaintext up to its buffer limit.
+                    let n = tls.writer().write(&self.wbuf)?;
+                    if n > 0 {
+                        let _ = self.wbuf.split_to(n);
+                        progressed = true;
+                    }
+                }
+                if tls.wants_write() {
+                    match tls.write_tls(&mut SockIo(&self.stream)) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            self.stats.bytes_out += n as u64;
+                            crate::metrics::wire().bytes_out.increment(n as u64);
+                            progressed = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !progressed {
+                    return Ok(());
+                }
+            }
+        }
         while !self.wbuf.is_empty() {
             match self.stream.try_write(&self.wbuf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -216,7 +414,7 @@ impl Connection {
     pub async fn flush(&mut self) -> io::Result<()> {
         loop {
             self.try_flush()?;
-            if self.wbuf.is_empty() {
+            if self.unsent() == 0 {
                 return Ok(());
             }
             self.writable().await?;
@@ -226,6 +424,13 @@ impl Connection {
     /// Flushes, then closes our sending side so the peer reads a clean end.
     pub async fn close(&mut self) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
+        if self.tls.is_some() {
+            // Queued frames go out first, then close_notify.
+            self.flush().await?;
+            if let Some(tls) = self.tls.as_mut() {
+                tls.send_close_notify();
+            }
+        }
         self.flush().await?;
         self.stream.shutdown().await
     }

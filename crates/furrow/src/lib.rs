@@ -24,11 +24,13 @@
 //! * [`cluster`]: several instances on one PostgreSQL: cross-instance
 //!   takeover and command wakeups.
 //! * [`writer`]: group commit and ACK release.
+//! * [`tls`]: the TLS listener's configuration, mutual TLS, reloads.
 //! * [`store`]: the storage trait and its SQLite and PostgreSQL backends.
 //! * [`server`]: assembly and phased shutdown; [`config`]: settings.
 
 pub mod api;
 pub mod auth;
+pub mod certs;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -43,6 +45,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod writer;
 
 pub use config::Config;

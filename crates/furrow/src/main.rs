@@ -57,6 +57,14 @@ enum Cmd {
         /// balancer on every device connection [config: proxy_protocol.enabled].
         #[arg(long)]
         proxy_protocol: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Make development certificates: a CA, a server certificate, device
+    /// certificates (for TLS and mutual TLS; use your own PKI in production).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
     },
     /// Apply database schema migrations and exit (the gateway also applies
     /// them when it starts).
@@ -82,6 +90,73 @@ enum Cmd {
     CheckConfig {
         #[command(flatten)]
         common: Common,
+    },
+}
+
+/// The TLS listener's flags.
+#[derive(clap::Args, Clone, Default)]
+struct TlsArgs {
+    /// PEM certificate chain: turns on the TLS device listener [config:
+    /// tls.cert_file].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [config: tls.key_file].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA of device certificates: mutual TLS, required for every TLS
+    /// device [config: tls.client_ca_file].
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// TLS device listener address [default: 0.0.0.0:7701].
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<std::net::SocketAddr>,
+}
+
+impl TlsArgs {
+    fn overrides(self) -> Option<furrow::config::TlsOverride> {
+        let o = furrow::config::TlsOverride {
+            listen: self.tls_listen,
+            cert_file: self.tls_cert,
+            key_file: self.tls_key,
+            client_ca_file: self.client_ca,
+        };
+        let any = o.listen.is_some()
+            || o.cert_file.is_some()
+            || o.key_file.is_some()
+            || o.client_ca_file.is_some();
+        any.then_some(o)
+    }
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A development CA: OUT/ca.pem and OUT/ca.key.
+    Ca {
+        #[arg(long, value_name = "DIR", default_value = "furrow-certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// A server certificate signed by OUT's CA: OUT/server.pem, .key.
+    Server {
+        /// DNS names or IP addresses devices connect to (repeatable).
+        #[arg(long = "name", value_name = "NAME", required = true)]
+        names: Vec<String>,
+        #[arg(long, value_name = "DIR", default_value = "furrow-certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Device certificates signed by OUT's CA, naming each device id:
+    /// OUT/devices/ID.pem and .key.
+    Device {
+        /// Device ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long, value_name = "DIR", default_value = "furrow-certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
     },
 }
 
@@ -163,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt,
             reuse_port,
             proxy_protocol,
+            tls,
         } => {
             // A flag that is absent leaves the file and environment alone.
             let overrides = Overrides {
@@ -171,11 +247,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reuse_port: reuse_port.then_some(true),
                 proxy_protocol: proxy_protocol
                     .then_some(furrow::config::ProxyProtocolOverride { enabled: true }),
+                tls: tls.overrides(),
                 ..Overrides::default()
             };
             let cfg = load_with(&common, overrides)?;
             let server = furrow::Server::bind(cfg).await?;
             server.run(shutdown_signal()).await;
+        }
+        Cmd::Certs { cmd } => {
+            let made = match cmd {
+                CertsCmd::Ca { out, days } => furrow::certs::make_ca(&out, days)?,
+                CertsCmd::Server { names, out, days } => {
+                    furrow::certs::make_server(&out, &names, days)?
+                }
+                CertsCmd::Device { ids, out, days } => {
+                    let mut all = Vec::new();
+                    for id in &ids {
+                        all.extend(furrow::certs::make_device(&out, id, days)?);
+                    }
+                    all
+                }
+            };
+            for path in made {
+                println!("{}", path.display());
+            }
         }
         Cmd::Sim(args) => sim::run(args).await?,
         Cmd::Bench(cmd) => bench::run(cmd).await?,

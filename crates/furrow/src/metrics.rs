@@ -122,6 +122,19 @@ fn describe() {
         "Sessions taken over by a new connection of the same device."
     );
     describe_counter!(
+        "furrow_tls_handshakes_total",
+        "TLS handshakes, by outcome (full, resumed, timeout, error, shutdown)."
+    );
+    describe_histogram!(
+        "furrow_tls_handshake_seconds",
+        Unit::Seconds,
+        "Time to complete a TLS handshake, from its first byte."
+    );
+    describe_counter!(
+        "furrow_tls_reloads_total",
+        "TLS certificate reloads (SIGHUP or a changed file), by outcome."
+    );
+    describe_counter!(
         "furrow_cluster_takeovers_total",
         "Sessions here closed because their device connected to another instance."
     );

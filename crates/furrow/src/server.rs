@@ -32,6 +32,7 @@ use crate::registry::Registry;
 use crate::session::{self, Shared};
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{PostgresOptions, PostgresStore, SqliteStore, Store, StoreError};
+use crate::tls::TlsState;
 use crate::writer::{self, WriterConfig};
 
 /// Why the gateway could not start.
@@ -54,6 +55,9 @@ pub enum ServerError {
         /// The address.
         addr: SocketAddr,
     },
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The device listener could not bind.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -113,7 +117,11 @@ pub async fn connect_store(cfg: &Config) -> Result<Arc<dyn Store>, ServerError> 
 /// A bound, not yet running gateway.
 pub struct Server {
     cfg: Config,
-    listener: TcpListener,
+    /// Plain TCP devices (unless `tls.plain` is off).
+    listener: Option<TcpListener>,
+    /// TLS devices (when a certificate is configured).
+    tls_listener: Option<TcpListener>,
+    tls: Option<Arc<TlsState>>,
     api_listener: Option<TcpListener>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -154,16 +162,29 @@ impl Server {
 
     /// Binds the device listener over an already open store.
     pub async fn with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Self, ServerError> {
-        let listener =
-            listen(cfg.listen, cfg.limits.listen_backlog, cfg.reuse_port).map_err(|source| {
+        let bind = |addr: SocketAddr| {
+            listen(addr, cfg.limits.listen_backlog, cfg.reuse_port).map_err(|source| {
                 match source.kind() {
-                    std::io::ErrorKind::AddrInUse => ServerError::AddrInUse { addr: cfg.listen },
-                    _ => ServerError::Bind {
-                        addr: cfg.listen,
-                        source,
-                    },
+                    std::io::ErrorKind::AddrInUse => ServerError::AddrInUse { addr },
+                    _ => ServerError::Bind { addr, source },
                 }
-            })?;
+            })
+        };
+        // Fail closed: unreadable or unparsable TLS files stop the start.
+        let tls = if cfg.tls.enabled() {
+            Some(TlsState::load(&cfg.tls)?)
+        } else {
+            None
+        };
+        let listener = if cfg.tls.plain {
+            Some(bind(cfg.listen)?)
+        } else {
+            None
+        };
+        let tls_listener = match tls {
+            Some(_) => Some(bind(cfg.tls.listen)?),
+            None => None,
+        };
         let api_listener = if cfg.api.enabled {
             let addr = cfg.api.listen;
             Some(
@@ -177,6 +198,8 @@ impl Server {
         Ok(Self {
             cfg,
             listener,
+            tls_listener,
+            tls,
             api_listener,
             store,
             registry: Arc::new(Registry::new()),
@@ -189,9 +212,17 @@ impl Server {
         self.api_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The device listener's address (useful with port 0).
+    /// The plain device listener's address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.cfg.listen)
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(self.cfg.listen)
+    }
+
+    /// The TLS device listener's address, if TLS is on.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The store.
@@ -209,6 +240,8 @@ impl Server {
         let Server {
             cfg,
             listener,
+            tls_listener,
+            tls,
             api_listener,
             store,
             registry,
@@ -277,30 +310,71 @@ impl Server {
             shutdown: shutdown.clone(),
             events,
             cluster: cluster.clone(),
+            tls: tls.clone(),
         });
+        let reloader = tls
+            .clone()
+            .map(|t| tokio::spawn(reload_tls(t, shared.cfg.tls.watch_ms)));
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         let tracker = TaskTracker::new();
+        let addr_of = |l: &Option<TcpListener>| {
+            l.as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
         info!(
-            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            addr = %addr_of(&listener),
+            tls_addr = %addr_of(&tls_listener),
+            mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
             reuse_port = shared.cfg.reuse_port,
             proxy_protocol = shared.cfg.proxy_protocol.enabled,
             "furrow listening"
         );
 
-        let accept_shared = Arc::clone(&shared);
+        let plain_shared = Arc::clone(&shared);
+        let plain = async {
+            match &listener {
+                Some(l) => {
+                    accept_loop(l, &tracker, &shutdown, move |stream, peer, at, id| {
+                        session::run(stream, peer, at, id, Arc::clone(&plain_shared), None)
+                    })
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let tls_shared = Arc::clone(&shared);
+        let secure = async {
+            match (&tls_listener, &tls) {
+                (Some(l), Some(state)) => {
+                    accept_loop(l, &tracker, &shutdown, move |stream, peer, at, id| {
+                        // The configuration current at accept: a reload
+                        // affects new connections only.
+                        let config = state.current();
+                        session::run(stream, peer, at, id, Arc::clone(&tls_shared), Some(config))
+                    })
+                    .await
+                }
+                _ => std::future::pending().await,
+            }
+        };
         accepting.store(true, Ordering::Release);
         tokio::select! {
             _ = signal => {}
-            _ = accept_loop(&listener, &tracker, &shutdown, move |stream, peer, at, id| {
-                session::run(stream, peer, at, id, Arc::clone(&accept_shared))
-            }) => {}
+            _ = plain => {}
+            _ = secure => {}
         }
 
         // Phase 1: stop accepting (and say so on /readyz, which stays up
         // through the drain).
         accepting.store(false, Ordering::Release);
         drop(listener);
+        drop(tls_listener);
+        if let Some(r) = reloader {
+            r.abort();
+        }
         info!(sessions = tracker.len(), "shutting down: listener closed");
         // Phase 2: signal sessions to drain. Handshaking sessions watch the
         // token; active ones are woken through the registry (they check the
@@ -344,6 +418,49 @@ impl Server {
         upkeep.abort();
         mqtt_stop.cancel();
         info!("shutdown complete");
+    }
+}
+
+/// Reloads the TLS files on SIGHUP and, every `watch_ms` (0: never), when
+/// one of them changed. A failed reload keeps the certificates in force.
+async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; TLS reloads by file watch only");
+            None
+        }
+    };
+    let watch = (watch_ms > 0).then(|| Duration::from_millis(watch_ms));
+    loop {
+        let hup_recv = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick = async {
+            match watch {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = hup_recv => {
+                if r.is_none() {
+                    hup = None;
+                    continue;
+                }
+                info!("SIGHUP: reloading TLS certificates");
+                let tls = Arc::clone(&tls);
+                let _ = tokio::task::spawn_blocking(move || tls.reload_logged()).await;
+            }
+            _ = tick => {
+                let tls = Arc::clone(&tls);
+                let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+            }
+        }
     }
 }
 

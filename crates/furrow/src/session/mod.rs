@@ -74,6 +74,8 @@ pub struct Shared {
     pub events: Events,
     /// Other instances (PostgreSQL), or none.
     pub cluster: crate::cluster::Cluster,
+    /// The TLS listener's state (mutual TLS, identities), if it runs.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
 }
 
 /// Why a connection closed; the `reason` of the close log line and metric.
@@ -220,6 +222,7 @@ pub fn run(
     accepted: Instant,
     conn_id: u64,
     shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> impl std::future::Future<Output = ()> + Send {
     // A debug-level span: at the default level it is disabled and costs an
     // idle connection nothing (span storage measured ~300 bytes each); the
@@ -241,6 +244,7 @@ pub fn run(
         conn_id,
         peer,
         accepted,
+        tls,
     };
     session.run_logged().instrument(span)
 }
@@ -251,6 +255,9 @@ struct Session {
     conn_id: u64,
     peer: SocketAddr,
     accepted: Instant,
+    /// The TLS configuration to handshake with (TLS listener), taken at
+    /// accept; dropped once the handshake is done.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Session {
@@ -263,6 +270,15 @@ impl Session {
                 metrics::counter!("furrow_connections_closed_total", "reason" => "proxy_refused")
                     .increment(1);
                 debug!(conn = self.conn_id, peer = %tcp_peer, outcome, "connection refused: PROXY header");
+                return;
+            }
+        }
+        if let Some(config) = self.tls.take() {
+            // Boxed, like the PROXY header: idle sessions stay small.
+            if let Err(outcome) = Box::pin(self.tls_handshake(config)).await {
+                metrics::counter!("furrow_connections_closed_total", "reason" => "tls_failed")
+                    .increment(1);
+                debug!(conn = self.conn_id, peer = %self.peer, outcome, "connection refused: TLS handshake");
                 return;
             }
         }
@@ -370,6 +386,58 @@ impl Session {
         }
     }
 
+    /// The TLS handshake, bounded by `tls.handshake_timeout_ms` and the
+    /// handshake deadline (both from accept). On failure, returns the
+    /// outcome label; the caller closes (rustls has sent its alert).
+    async fn tls_handshake(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<(), &'static str> {
+        let cfg = &self.shared.cfg;
+        let count = |outcome: &'static str| {
+            metrics::counter!("furrow_tls_handshakes_total", "outcome" => outcome).increment(1);
+            outcome
+        };
+        let deadline = self.accepted
+            + Duration::from_millis(cfg.tls.handshake_timeout_ms).min(cfg.handshake_timeout());
+        let shutdown = self.shared.shutdown.clone();
+        let started = Instant::now();
+        tokio::select! {
+            _ = shutdown.cancelled() => Err(count("shutdown")),
+            _ = sleep_until(deadline) => Err(count("timeout")),
+            r = self.conn.start_tls(config) => match r {
+                Ok(()) => {
+                    metrics::histogram!("furrow_tls_handshake_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let resumed = self.conn.tls_info().is_some_and(|(_, r)| r);
+                    count(if resumed { "resumed" } else { "full" });
+                    Ok(())
+                }
+                Err(e) => {
+                    debug!(conn = self.conn_id, peer = %self.peer, error = %e, "TLS handshake failed");
+                    Err(count("error"))
+                }
+            },
+        }
+    }
+
+    /// Under mutual TLS: the device id the verified client certificate
+    /// names, which HELLO's must equal. `Ok(None)` without mutual TLS;
+    /// `Err` when the certificate names none.
+    fn certificate_identity(&self) -> Result<Option<String>, Fatal> {
+        let Some(tls) = self.shared.tls.as_ref().filter(|t| t.mutual()) else {
+            return Ok(None);
+        };
+        let Some(cert) = self.conn.peer_certificates().and_then(|c| c.first()) else {
+            // Plain listener beside a mutual TLS one: no certificate.
+            return Ok(None);
+        };
+        match crate::tls::identity(cert, tls.identity_from()) {
+            Some(id) => Ok(Some(id)),
+            None => Err(Fatal(ErrorCode::AuthFailed, "authentication failed".into())),
+        }
+    }
+
     /// Sends ERROR (best effort, bounded) and reports the close.
     async fn fail(&mut self, Fatal(code, message): Fatal) -> CloseReason {
         debug!(code = code.name(), %message, "closing with ERROR");
@@ -463,7 +531,25 @@ impl Session {
                 return self.closed_by(f, "storage_unavailable").await;
             }
         };
-        if !auth::verify(found.as_ref(), hello.token.as_bytes()) {
+        // Under mutual TLS the certificate names the device: it must be the
+        // one HELLO names, and then it stands for the token (an empty token
+        // is accepted; a token given must still be right).
+        let by_certificate = match self.certificate_identity() {
+            Err(f) => return self.closed_by(f, "auth_failed").await,
+            Ok(Some(cert_id)) if cert_id != device_id => {
+                debug!(peer = %self.peer, device = %device_id, certificate = %cert_id, "certificate is for another device");
+                let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
+                return self.closed_by(f, "auth_failed").await;
+            }
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+        };
+        let authenticated = if by_certificate && hello.token.as_bytes().is_empty() {
+            found.as_ref().is_some_and(|d| !d.revoked)
+        } else {
+            auth::verify(found.as_ref(), hello.token.as_bytes())
+        };
+        if !authenticated {
             let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
             return self.closed_by(f, "auth_failed").await;
         }
@@ -1033,8 +1119,9 @@ mod tests {
             shutdown: CancellationToken::new(),
             events: Events::off(),
             cluster: crate::cluster::Cluster::single(),
+            tls: None,
         });
-        let fut = run(stream, addr, Instant::now(), 1, shared);
+        let fut = run(stream, addr, Instant::now(), 1, shared, None);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1280, "connection future grew to {size} bytes");
     }

@@ -78,6 +78,7 @@ pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = T>) ->
 /// A gateway running on the test's runtime.
 pub struct TestGateway {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     api: Option<SocketAddr>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -100,6 +101,8 @@ pub fn base_config(data_dir: &Path) -> Config {
     cfg.shutdown.drain_timeout_ms = 5_000;
     // Tests run side by side: no gateway may take the API's fixed port.
     cfg.api.listen = "127.0.0.1:0".parse().unwrap();
+    // ...nor the TLS listener's, when a test turns TLS on.
+    cfg.tls.listen = "127.0.0.1:0".parse().unwrap();
     cfg
 }
 
@@ -124,6 +127,7 @@ impl TestGateway {
         .await
         .expect("the gateway binds");
         let addr = server.local_addr();
+        let tls_addr = server.tls_addr();
         let api = server.api_addr();
         let store = server.store();
         let registry = server.registry();
@@ -133,6 +137,7 @@ impl TestGateway {
         }));
         Self {
             addr,
+            tls_addr,
             api,
             store,
             registry,
@@ -141,6 +146,11 @@ impl TestGateway {
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// The TLS listener's address (panics if TLS is off).
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls_addr.expect("the TLS listener is on")
     }
 
     /// `http://API_ADDR{path}` (panics if the API is disabled).

@@ -1,0 +1,398 @@
+//! TLS and mutual TLS on the device listener, with certificates from
+//! `furrow::certs` (what `furrow certs` makes): the SDK end to end,
+//! mutual TLS accepted and refused (no certificate, another CA, expired,
+//! another device), resumption, reloads without a restart that leave open
+//! sessions alone, and a gateway that refuses to start with files it cannot
+//! use.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use furrow::certs::{Ca, Issued};
+use furrow::store::TelemetryRange;
+use furrow_client::{Client, Config as ClientConfig, TlsOptions};
+use furrow_proto::{FrameDecoder, Message};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::{ClientConfig as RustlsClient, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+/// A CA and a server certificate for `localhost`, as files in `dir`.
+struct Pki {
+    ca: Ca,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path, tag: &str) -> Self {
+        let ca = Ca::new(&format!("test CA {tag}"), 30).unwrap();
+        let server = ca.server(&["localhost".into()], 30).unwrap();
+        let dir = dir.join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.join("server.key"), &server.key_pem).unwrap();
+        Self { ca, dir }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes a device's certificate and key; returns their paths.
+    fn device_files(&self, issued: &Issued, name: &str) -> (PathBuf, PathBuf) {
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, &issued.cert_pem).unwrap();
+        std::fs::write(&k, &issued.key_pem).unwrap();
+        (c, k)
+    }
+}
+
+fn tls_on(c: &mut furrow::Config, pki: &Pki, mutual: bool) {
+    c.tls.cert_file = pki.dir.join("server.pem");
+    c.tls.key_file = pki.dir.join("server.key");
+    if mutual {
+        c.tls.client_ca_file = pki.ca_file();
+    }
+}
+
+/// A rustls client trusting `ca`, presenting `client` if given.
+fn client_config(ca: &Pki, client: Option<&Issued>) -> Arc<RustlsClient> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let b = RustlsClient::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match client {
+        None => b.with_no_client_auth(),
+        Some(i) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(i.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    })
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    cfg: Arc<RustlsClient>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    within(
+        Duration::from_secs(10),
+        "TLS handshake",
+        TlsConnector::from(cfg).connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+}
+
+/// Sends HELLO and returns the gateway's first answer, or why there was none.
+async fn hello_over(
+    s: &mut TlsStream<TcpStream>,
+    id: &str,
+    token: &str,
+) -> Result<Message, String> {
+    s.write_all(&encode(&hello_msg(id, token, 30)))
+        .await
+        .map_err(|e| e.to_string())?;
+    recv_over(s).await
+}
+
+/// The next message from the gateway over TLS.
+async fn recv_over(s: &mut TlsStream<TcpStream>) -> Result<Message, String> {
+    let mut buf = BytesMut::new();
+    let dec = FrameDecoder::new(1 << 20);
+    loop {
+        if let Some(f) = dec.decode(&mut buf).map_err(|e| e.to_string())? {
+            return Message::from_frame(f).map_err(|e| e.to_string());
+        }
+        let n = within(Duration::from_secs(10), "answer", s.read_buf(&mut buf))
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+    }
+}
+
+async fn tls_handshakes(gw: &TestGateway, outcome: &str) -> u64 {
+    let text = reqwest::get(gw.api_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = format!("furrow_tls_handshakes_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_streams_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "a");
+    let gw = TestGateway::start_with(|c| tls_on(c, &pki, false)).await;
+    let token = gw.add_device("tls-1").await;
+    let mut cfg = ClientConfig::new(
+        format!("localhost:{}", gw.tls_addr().port()),
+        "tls-1",
+        token,
+    );
+    cfg.tls = Some(TlsOptions::new(pki.ca_file()));
+    let client = Client::start(cfg).unwrap();
+    for i in 1..=50u64 {
+        client.send(1, json_payload(i)).await.unwrap();
+    }
+    within(Duration::from_secs(10), "flush", client.flush())
+        .await
+        .unwrap();
+    let rows = gw
+        .store()
+        .telemetry("tls-1", TelemetryRange::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 50);
+    client.close().await;
+    assert!(tls_handshakes(&gw, "full").await >= 1);
+
+    // The SDK refuses a CA file it cannot use, at start.
+    let mut bad = ClientConfig::new("localhost:1", "x", "y");
+    bad.tls = Some(TlsOptions::new(dir.path().join("missing.pem")));
+    assert!(matches!(
+        Client::start(bad),
+        Err(furrow_client::ClientError::Tls(_))
+    ));
+    // The plain listener still works beside it (tls.plain).
+    let plain_token = gw.add_device("plain-1").await;
+    let (_dev, welcome) = gw.connect_device("plain-1", &plain_token).await;
+    assert_eq!(welcome.last_seq, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_names_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "m");
+    let other = Pki::new(dir.path(), "other");
+    let gw = TestGateway::start_with(|c| tls_on(c, &pki, true)).await;
+    let token1 = gw.add_device("pump-1").await;
+    gw.add_device("pump-2").await;
+    let addr = gw.tls_addr();
+
+    // Accepted: its own certificate, no token.
+    let own = pki.ca.device("pump-1", 30).unwrap();
+    let mut s = tls_connect(addr, client_config(&pki, Some(&own)))
+        .await
+        .expect("handshake");
+    match hello_over(&mut s, "pump-1", "").await {
+        Ok(Message::Welcome(_)) => {}
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+    drop(s);
+
+    // A certificate for another device, even with the right token: refused.
+    let theirs = pki.ca.device("pump-2", 30).unwrap();
+    let mut s = tls_connect(addr, client_config(&pki, Some(&theirs)))
+        .await
+        .expect("handshake");
+    match hello_over(&mut s, "pump-1", &token1).await {
+        Ok(Message::Error(e)) => assert_eq!(e.code, code::AUTH_FAILED),
+        other => panic!("expected ERROR AUTH_FAILED, got {other:?}"),
+    }
+
+    // Refused in the TLS handshake: no certificate, another CA, expired.
+    let foreign = other.ca.device("pump-1", 30).unwrap();
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let expired = pki
+        .ca
+        .device_valid("pump-1", now - day * 30, now - day)
+        .unwrap();
+    for (what, client) in [
+        ("no certificate", None),
+        ("another CA", Some(&foreign)),
+        ("expired", Some(&expired)),
+    ] {
+        // TLS 1.3: the client's handshake may complete before the gateway
+        // has judged its certificate; then the refusal is the first read.
+        let refused = match tls_connect(addr, client_config(&pki, client)).await {
+            Err(_) => true,
+            Ok(mut s) => !matches!(
+                hello_over(&mut s, "pump-1", &token1).await,
+                Ok(Message::Welcome(_))
+            ),
+        };
+        assert!(refused, "{what}: let in");
+    }
+    assert!(tls_handshakes(&gw, "error").await >= 3);
+
+    // The SDK with its certificate.
+    let (cert, key) = pki.device_files(&own, "pump-1");
+    let mut cfg = ClientConfig::new(format!("localhost:{}", addr.port()), "pump-1", "");
+    cfg.tls = Some(TlsOptions::new(pki.ca_file()).with_client_cert(cert, key));
+    let client = Client::start(cfg).unwrap();
+    client.send(1, json_payload(1)).await.unwrap();
+    within(Duration::from_secs(10), "flush", client.flush())
+        .await
+        .unwrap();
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "r");
+    let gw = TestGateway::start_with(|c| tls_on(c, &pki, false)).await;
+    let token = gw.add_device("again").await;
+    let cfg = client_config(&pki, None);
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let mut s = tls_connect(gw.tls_addr(), Arc::clone(&cfg)).await.unwrap();
+        // Reading WELCOME also takes the session tickets in.
+        assert!(matches!(
+            hello_over(&mut s, "again", &token).await,
+            Ok(Message::Welcome(_))
+        ));
+        kinds.push(s.get_ref().1.handshake_kind());
+        let _ = s.shutdown().await;
+    }
+    use tokio_rustls::rustls::HandshakeKind;
+    assert_eq!(kinds[0], Some(HandshakeKind::Full));
+    assert_eq!(kinds[2], Some(HandshakeKind::Resumed));
+    assert!(tls_handshakes(&gw, "resumed").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_and_open_sessions_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Pki::new(dir.path(), "old");
+    let new = Pki::new(dir.path(), "new");
+    // The gateway reads its files from `live`, which the test rewrites.
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let install = |p: &Pki| {
+        for f in ["server.pem", "server.key"] {
+            std::fs::copy(p.dir.join(f), live.join(format!("{f}.tmp"))).unwrap();
+            std::fs::rename(live.join(format!("{f}.tmp")), live.join(f)).unwrap();
+        }
+    };
+    install(&old);
+    let gw = TestGateway::start_with(|c| {
+        c.tls.cert_file = live.join("server.pem");
+        c.tls.key_file = live.join("server.key");
+        c.tls.watch_ms = 100;
+    })
+    .await;
+    let token = gw.add_device("long-lived").await;
+    // Probes use a device of their own: a probe as "long-lived" would take
+    // its session over.
+    let probe = gw.add_device("probe").await;
+    let mut open = tls_connect(gw.tls_addr(), client_config(&old, None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        hello_over(&mut open, "long-lived", &token).await,
+        Ok(Message::Welcome(_))
+    ));
+
+    // Rotate to a certificate from another CA; the watcher picks it up.
+    // (mtime resolution: make sure the files look changed.)
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    install(&new);
+    within(Duration::from_secs(10), "reloaded", async {
+        loop {
+            if let Ok(mut s) = tls_connect(gw.tls_addr(), client_config(&new, None)).await {
+                if hello_over(&mut s, "probe", &probe).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // New connections trusting only the old CA are refused now.
+    let refused = match tls_connect(gw.tls_addr(), client_config(&old, None)).await {
+        Err(_) => true,
+        Ok(mut s) => hello_over(&mut s, "probe", &probe).await.is_err(),
+    };
+    assert!(refused);
+
+    // The session opened before the reload goes on.
+    open.write_all(&telemetry_frames(1..=3)).await.unwrap();
+    match recv_over(&mut open).await {
+        Ok(Message::Ack { seq }) => assert!(seq >= 1),
+        other => panic!("expected an ACK on the old session, got {other:?}"),
+    }
+
+    // A broken file keeps the certificate in force.
+    std::fs::write(live.join("server.key"), "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut s = tls_connect(gw.tls_addr(), client_config(&new, None))
+        .await
+        .expect("still serving the last good certificate");
+    assert!(hello_over(&mut s, "probe", &probe).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_to_start_with_files_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "f");
+    std::fs::write(
+        dir.path().join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nnope\n",
+    )
+    .unwrap();
+    type Tweak<'a> = Box<dyn Fn(&mut furrow::Config) + 'a>;
+    let cases: Vec<(&str, Tweak<'_>)> = vec![
+        (
+            "unreadable key",
+            Box::new(|c| {
+                tls_on(c, &pki, false);
+                c.tls.key_file = dir.path().join("missing.key");
+            }),
+        ),
+        (
+            "client CA that does not parse",
+            Box::new(|c| {
+                tls_on(c, &pki, false);
+                c.tls.client_ca_file = dir.path().join("garbage.pem");
+            }),
+        ),
+        (
+            "a key that is not the certificate's",
+            Box::new(|c| {
+                tls_on(c, &pki, false);
+                let other = pki.ca.server(&["x".into()], 1).unwrap();
+                let p = dir.path().join("other.key");
+                std::fs::write(&p, other.key_pem).unwrap();
+                c.tls.key_file = p;
+            }),
+        ),
+    ];
+    for (what, tweak) in cases {
+        let data = tempfile::tempdir().unwrap();
+        let mut cfg = base_config(data.path());
+        tweak(&mut cfg);
+        match furrow::Server::bind(cfg).await {
+            Err(furrow::server::ServerError::Tls(e)) => eprintln!("{what}: {e}"),
+            Err(e) => panic!("{what}: wrong error {e}"),
+            Ok(_) => panic!("{what}: started"),
+        }
+    }
+}
