@@ -52,6 +52,14 @@ pub struct SimArgs {
     /// the seq counter) comes back.
     #[arg(long)]
     pub outbox_dir: Option<PathBuf>,
+    /// Connect over TLS, trusting this PEM CA (the gateway's TLS listener,
+    /// --addr HOST:7701; HOST must match its certificate).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: each device presents DIR/devices/ID.pem and .key (the
+    /// layout `furrow certs device` writes).
+    #[arg(long, value_name = "DIR", requires = "tls_ca")]
+    pub tls_certs: Option<PathBuf>,
 }
 
 /// Descriptors the simulator needs besides one per device.
@@ -95,6 +103,14 @@ async fn device(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
         cfg.outbox_path = Some(dir.join(format!("{id}.outbox")));
+    }
+    if let Some(ca) = &args.tls_ca {
+        let mut tls = furrow_client::TlsOptions::new(ca);
+        if let Some(dir) = &args.tls_certs {
+            let d = dir.join("devices");
+            tls = tls.with_client_cert(d.join(format!("{id}.pem")), d.join(format!("{id}.key")));
+        }
+        cfg.tls = Some(tls);
     }
     let client = Client::start(cfg)?;
     let mut events = client.events();

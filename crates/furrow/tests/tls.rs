@@ -396,3 +396,109 @@ async fn the_gateway_refuses_to_start_with_files_it_cannot_use() {
         }
     }
 }
+
+/// Runs a `furrow` command to completion; returns its stdout.
+fn furrow_ok(args: &[&str]) -> String {
+    let out = furrow_cmd(args).output().expect("furrow runs");
+    assert!(
+        out.status.success(),
+        "furrow {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The new user's path, with the real binary: `furrow certs` makes a CA, a
+/// server and device certificates; `furrow serve` runs mutual TLS;
+/// `furrow sim` streams over it with the device certificates; a new server
+/// certificate is taken on SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn furrow_certs_serve_sim_and_sighup() {
+    use support::process::GatewayProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let c = certs.to_str().unwrap();
+    furrow_ok(&["certs", "ca", "--out", c]);
+    furrow_ok(&["certs", "server", "--name", "localhost", "--out", c]);
+    furrow_ok(&["certs", "device", "sim-0", "sim-1", "--out", c]);
+    // Provision into the data directory the gateway process will use.
+    let data = dir.path().join("gw");
+    let mut devices = String::new();
+    for id in ["sim-0", "sim-1"] {
+        let token = furrow_ok(&["device", "add", id, "--data-dir", data.to_str().unwrap()]);
+        devices.push_str(&format!("{id} {}\n", token.trim()));
+    }
+    let devices_file = dir.path().join("devices.txt");
+    std::fs::write(&devices_file, devices).unwrap();
+
+    let tls_port = free_port();
+    let tls_listen = format!("127.0.0.1:{tls_port}");
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut gw = GatewayProcess::spawn(
+        dir.path(),
+        "gw",
+        listen,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &ca,
+            "--tls-listen",
+            &tls_listen,
+        ],
+    );
+    let http = reqwest::Client::new();
+    gw.ready(&http).await;
+
+    let out = tokio::task::spawn_blocking({
+        let (ca, c, devices_file) = (ca.clone(), c.to_owned(), devices_file.clone());
+        move || {
+            furrow_ok(&[
+                "sim",
+                "--addr",
+                &format!("localhost:{tls_port}"),
+                "--tls-ca",
+                &ca,
+                "--tls-certs",
+                &c,
+                "--devices-file",
+                devices_file.to_str().unwrap(),
+                "--devices",
+                "2",
+                "--rate",
+                "20",
+                "--duration",
+                "2",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("reconnects 0, errors 0"),
+        "{out}\n{}",
+        gw.logs()
+    );
+    assert!(!out.contains("acked 0 "), "{out}");
+
+    // A new server certificate, taken on SIGHUP.
+    std::fs::remove_file(certs.join("server.pem")).unwrap();
+    std::fs::remove_file(certs.join("server.key")).unwrap();
+    furrow_ok(&["certs", "server", "--name", "localhost", "--out", c]);
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    within(Duration::from_secs(10), "reloaded", async {
+        while !gw.logs().contains("TLS certificates reloaded") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(gw.child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+}
