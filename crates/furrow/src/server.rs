@@ -269,7 +269,10 @@ impl Server {
             events.clone(),
         );
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
+        let limits = Arc::new(crate::limits::Limiter::new(&cfg.limits));
+        let limits_upkeep = tokio::spawn(Arc::clone(&limits).run_upkeep());
         let shared = Arc::new(Shared {
+            limits,
             cfg,
             store: Arc::clone(&store),
             registry: Arc::clone(&registry),
@@ -293,7 +296,11 @@ impl Server {
         tokio::select! {
             _ = signal => {}
             _ = accept_loop(&listener, &tracker, &shutdown, move |stream, peer, at, id| {
-                session::run(stream, peer, at, id, Arc::clone(&accept_shared))
+                // At max_connections: ERROR BUSY, no session.
+                let shared = Arc::clone(&accept_shared);
+                accept_shared.limits.admit(stream, move |stream| {
+                    session::run(stream, peer, at, id, shared)
+                })
             }) => {}
         }
 
@@ -310,6 +317,7 @@ impl Server {
         registry.kick_all(GoodbyeCode::ServerShutdown);
         revocations.abort();
         expiry.abort();
+        limits_upkeep.abort();
         // Phase 3: wait for them, bounded.
         tracker.close();
         if tokio::time::timeout(drain + Duration::from_secs(1), tracker.wait())
