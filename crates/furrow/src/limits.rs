@@ -137,7 +137,9 @@ impl Limiter {
 
     /// Runs `serve(stream)` holding a connection place, or, at
     /// `max_connections`, answers ERROR BUSY and closes without building a
-    /// session. Called by the accept loop for each new connection.
+    /// session. Called by the accept loop for each new connection. A TLS
+    /// listener, whose clients cannot read a plaintext ERROR before the TLS
+    /// handshake, should take [`Self::try_connection`] and just close.
     pub fn admit<S, F, G>(
         &self,
         stream: S,
