@@ -100,6 +100,37 @@ pub struct Limits {
     /// and a reconnect storm loses SYNs, which devices retry only after a
     /// second.
     pub listen_backlog: u32,
+    /// Connections held at once, in any phase. Beyond it a new connection
+    /// gets ERROR BUSY and is closed before a session exists.
+    pub max_connections: usize,
+    /// New connections a second from one source address (an IPv6 /64),
+    /// judged on the PROXY header's address behind a balancer. Beyond it:
+    /// ERROR BUSY. 0: off.
+    pub connect_rate_per_ip: u32,
+    /// New connections one address may open at once before the rate
+    /// applies (devices behind one NAT reconnect together after a restart).
+    pub connect_burst_per_ip: u32,
+    /// TELEMETRY frames a second one device may send. Beyond it the gateway
+    /// reads its socket more slowly (flow control, nothing dropped). 0: off.
+    pub telemetry_rate_per_device: u32,
+    /// TELEMETRY frames a device may send at once before the rate applies.
+    pub telemetry_burst_per_device: u32,
+    /// Failed authentications of an address or device id answered at once.
+    pub auth_failures_free: u32,
+    /// Wait before answering the first failure past the free ones; it
+    /// doubles with each further failure...
+    pub auth_delay_base_ms: u64,
+    /// ...up to this.
+    pub auth_delay_max_ms: u64,
+    /// Failures after which the address or device id is banned. 0: never.
+    pub auth_ban_after: u32,
+    /// How long a ban lasts.
+    pub auth_ban_ms: u64,
+    /// Failures are forgotten after this long without another.
+    pub auth_window_ms: u64,
+    /// Addresses (or device ids) each limit tracks at most; the least
+    /// recently seen are forgotten first.
+    pub tracked_keys_max: usize,
 }
 
 impl Default for Limits {
@@ -111,7 +142,60 @@ impl Default for Limits {
             read_chunk_bytes: 16 * 1024,
             max_unsent_bytes: 64 * 1024,
             listen_backlog: 4096,
+            max_connections: 100_000,
+            connect_rate_per_ip: 500,
+            connect_burst_per_ip: 20_000,
+            telemetry_rate_per_device: 10_000,
+            telemetry_burst_per_device: 10_000,
+            auth_failures_free: 5,
+            auth_delay_base_ms: 500,
+            auth_delay_max_ms: 10_000,
+            auth_ban_after: 20,
+            auth_ban_ms: 300_000,
+            auth_window_ms: 600_000,
+            tracked_keys_max: 65_536,
         }
+    }
+}
+
+impl Limits {
+    /// Checks the limits of `limits.rs` (those of a connection are checked
+    /// with the rest in [`Config::validate`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1");
+        }
+        if self.connect_rate_per_ip > 0 && self.connect_burst_per_ip == 0 {
+            return bad("limits.connect_burst_per_ip", "must be at least 1");
+        }
+        if self.telemetry_rate_per_device > 0 && self.telemetry_burst_per_device == 0 {
+            return bad("limits.telemetry_burst_per_device", "must be at least 1");
+        }
+        if self.auth_delay_max_ms < self.auth_delay_base_ms {
+            return bad(
+                "limits.auth_delay_max_ms",
+                "must be at least limits.auth_delay_base_ms",
+            );
+        }
+        if self.auth_ban_after > 0 && self.auth_ban_ms == 0 {
+            return bad(
+                "limits.auth_ban_ms",
+                "must be above 0 (or auth_ban_after 0)",
+            );
+        }
+        if self.auth_window_ms == 0 {
+            return bad("limits.auth_window_ms", "must be above 0");
+        }
+        if self.tracked_keys_max < 16 {
+            return bad("limits.tracked_keys_max", "must be at least 16");
+        }
+        Ok(())
     }
 }
 
@@ -628,6 +712,7 @@ impl Config {
         if self.limits.listen_backlog == 0 {
             return bad("limits.listen_backlog", "must be at least 1".into());
         }
+        self.limits.validate()?;
         let k = &self.keepalive;
         if k.min_s == 0 || k.min_s > k.max_s || !(k.min_s..=k.max_s).contains(&k.default_s) {
             return bad(

@@ -16,7 +16,8 @@
 //!              cluster (postgres: which instance holds which device)
 //! ```
 //!
-//! * [`listener`]: accept loop, one task per connection.
+//! * [`listener`]: accept loop, one task per connection; [`limits`]:
+//!   connection, rate and authentication-failure limits.
 //! * [`proxy`]: the PROXY protocol header a load balancer puts first.
 //! * [`session`]: the per-connection state machine (handshake, active,
 //!   draining) over a [`connection::Connection`].
@@ -37,6 +38,7 @@ pub mod config;
 pub mod connection;
 pub mod devices;
 pub mod envelope;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

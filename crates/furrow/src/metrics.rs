@@ -172,6 +172,46 @@ fn describe() {
         "furrow_mqtt_events_dropped_total",
         "MQTT events dropped because the queue was full."
     );
+    describe_counter!(
+        "furrow_connections_refused_total",
+        "Connections answered ERROR BUSY and closed, by reason: max_connections, connect_rate."
+    );
+    describe_counter!(
+        "furrow_telemetry_throttled_total",
+        "Times a session stopped reading because its device exceeded limits.telemetry_rate_per_device."
+    );
+    describe_counter!(
+        "furrow_telemetry_throttled_milliseconds_total",
+        "Time sessions spent not reading because of their telemetry rate."
+    );
+    describe_counter!(
+        "furrow_auth_failures_total",
+        "Failed authentications (unknown device, wrong or revoked token)."
+    );
+    describe_counter!(
+        "furrow_auth_delays_total",
+        "Failed authentications answered after a delay (past limits.auth_failures_free)."
+    );
+    describe_counter!(
+        "furrow_auth_bans_total",
+        "Bans issued after repeated authentication failures, by scope: address, device."
+    );
+    describe_gauge!(
+        "furrow_auth_bans_active",
+        "Addresses and device ids banned now (updated every 5 s)."
+    );
+    describe_counter!(
+        "furrow_auth_refused_banned_total",
+        "Handshakes refused (AUTH_FAILED, no lookup) because the address or device id is banned."
+    );
+    describe_gauge!(
+        "furrow_limits_tracked_keys",
+        "Addresses or device ids a limit remembers, by map: connect_rate, auth_address, auth_device (updated every 5 s)."
+    );
+    describe_counter!(
+        "furrow_limits_evictions_total",
+        "Times a full limit map forgot its least recently seen eighth (limits.tracked_keys_max)."
+    );
 }
 
 /// Counters of the wire, looked up once: the hot path pays one atomic add

@@ -302,7 +302,10 @@ impl Server {
             events.clone(),
         );
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
+        let limits = Arc::new(crate::limits::Limiter::new(&cfg.limits));
+        let limits_upkeep = tokio::spawn(Arc::clone(&limits).run_upkeep());
         let shared = Arc::new(Shared {
+            limits,
             cfg,
             store: Arc::clone(&store),
             registry: Arc::clone(&registry),
@@ -338,7 +341,11 @@ impl Server {
             match &listener {
                 Some(l) => {
                     accept_loop(l, &tracker, &shutdown, move |stream, peer, at, id| {
-                        session::run(stream, peer, at, id, Arc::clone(&plain_shared), None)
+                        // At max_connections: ERROR BUSY, no session.
+                        let shared = Arc::clone(&plain_shared);
+                        plain_shared.limits.admit(stream, move |stream| {
+                            session::run(stream, peer, at, id, shared, None)
+                        })
                     })
                     .await
                 }
@@ -353,7 +360,12 @@ impl Server {
                         // The configuration current at accept: a reload
                         // affects new connections only.
                         let config = state.current();
-                        session::run(stream, peer, at, id, Arc::clone(&tls_shared), Some(config))
+                        let shared = Arc::clone(&tls_shared);
+                        // At max_connections: closed (no plaintext ERROR
+                        // before TLS), no session.
+                        tls_shared.limits.admit_silent(stream, move |stream| {
+                            session::run(stream, peer, at, id, shared, Some(config))
+                        })
                     })
                     .await
                 }
@@ -384,6 +396,7 @@ impl Server {
         registry.kick_all(GoodbyeCode::ServerShutdown);
         revocations.abort();
         expiry.abort();
+        limits_upkeep.abort();
         // Phase 3: wait for them, bounded.
         tracker.close();
         if tokio::time::timeout(drain + Duration::from_secs(1), tracker.wait())

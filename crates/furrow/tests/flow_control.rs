@@ -284,3 +284,90 @@ async fn burst_behind_hello_beyond_max_inflight_is_fully_acked() {
     }
     assert_seqs(&stored_seqs(&gw.db_path(), "eager"), 1..=40, "stored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reads_its_acks_is_not_read_either() {
+    // Each TELEMETRY is followed by PINGs, whose PONGs the gateway queues at
+    // once (no commit to wait for): answers pile up quickly in the device's
+    // small receive buffer, then in the gateway's send buffer, then in its
+    // own output, until max_unsent_bytes. Then the gateway stops reading:
+    // the device's writes block after a bounded number of bytes, and the
+    // gateway handles (stores) nothing more.
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_unsent_bytes = 1024;
+        c.storage.synchronous = furrow::store::Synchronous::Normal;
+    })
+    .await;
+    let token = gw.add_device("deaf").await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(gw.addr()).await.unwrap();
+    let mut dev = RawDevice::from_stream(stream);
+    dev.hello("deaf", &token, 0).await;
+    let (_rd, mut wr) = dev.split();
+
+    const CHUNK: u64 = 64;
+    const PINGS: usize = 8;
+    let mut next = 1u64;
+    let mut written = 0u64;
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the device wrote {written} bytes over 30 s without blocking: \
+             the gateway keeps reading a device that does not read"
+        );
+        let mut frames = Vec::new();
+        for seq in next..next + CHUNK {
+            frames.extend_from_slice(&telemetry_frames(seq..=seq));
+            for _ in 0..PINGS {
+                frames.extend_from_slice(&encode(&Message::Ping { nonce: seq }));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(2), wr.send_raw(&frames)).await {
+            Ok(r) => r.expect("write"),
+            // Blocked: the gateway stopped reading.
+            Err(_) => break,
+        }
+        next += CHUNK;
+        written += frames.len() as u64;
+    }
+    // What the gateway handled settles (the last commits land), then stays.
+    let db = gw.db_path();
+    let mut stored = stored_seqs_async(&db, "deaf").await.len();
+    within(Duration::from_secs(10), "stored count settles", async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = stored_seqs_async(&db, "deaf").await.len();
+            if now == stored {
+                return;
+            }
+            stored = now;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = stored_seqs_async(&db, "deaf").await.len();
+    eprintln!(
+        "blocked after {written} bytes ({} readings) in {:?}; {stored} stored, then {later}",
+        next - 1,
+        started.elapsed()
+    );
+    assert_eq!(later, stored, "the gateway went on handling frames");
+    assert!(stored > 0, "nothing was stored at all");
+    // The rest sits in kernel buffers (bounded by tcp_rmem/tcp_wmem) and at
+    // most one read in the gateway.
+    let kernel_max = |path: &str| -> u64 {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse().ok())
+            .unwrap_or(32 << 20)
+    };
+    let kernel =
+        kernel_max("/proc/sys/net/ipv4/tcp_rmem") + kernel_max("/proc/sys/net/ipv4/tcp_wmem");
+    let handled = (frames_len(1, stored as u64) + 14 * PINGS * stored) as u64;
+    assert!(
+        written.saturating_sub(handled) <= kernel + (1 << 20),
+        "{written} bytes written, {handled} handled: more waits than kernel buffers hold"
+    );
+}

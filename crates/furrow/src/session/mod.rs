@@ -76,6 +76,8 @@ pub struct Shared {
     pub cluster: crate::cluster::Cluster,
     /// The TLS listener's state (mutual TLS, identities), if it runs.
     pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// Connection, rate and authentication-failure limits.
+    pub limits: Arc<crate::limits::Limiter>,
 }
 
 /// Why a connection closed; the `reason` of the close log line and metric.
@@ -167,6 +169,9 @@ struct Active {
     /// When reading resumed after a pause, until bytes flow again (that
     /// time does not count either, up to [`RESUME_GRACE`]).
     resumed_at: Option<Instant>,
+    /// The device's telemetry rate (`limits.telemetry_rate_per_device`);
+    /// out of tokens, the session stops reading: a backpressure pause.
+    throttle: Option<crate::limits::Throttle>,
     // Keeps the registry entry exactly as long as the session lives.
     _guard: DeviceGuard,
 }
@@ -272,6 +277,24 @@ impl Session {
                 debug!(conn = self.conn_id, peer = %tcp_peer, outcome, "connection refused: PROXY header");
                 return;
             }
+        }
+        // The connect rate is judged here, where the real peer is known
+        // (behind a balancer, from the PROXY header).
+        if !self
+            .shared
+            .limits
+            .allow_connect(self.peer.ip(), Instant::now())
+        {
+            debug!(conn = self.conn_id, peer = %self.peer, "connection refused: connect rate");
+            if self.tls.is_none() {
+                let busy = Fatal(
+                    ErrorCode::Busy,
+                    "connection rate exceeded; retry later".into(),
+                );
+                Box::pin(self.fail(busy)).await;
+            }
+            // A TLS client cannot read a plaintext ERROR: just closed.
+            return;
         }
         if let Some(config) = self.tls.take() {
             // Boxed, like the PROXY header: idle sessions stay small.
@@ -520,6 +543,13 @@ impl Session {
         let device_id = hello.device_id.as_str().to_owned();
         tracing::Span::current().record("device", device_id.as_str());
 
+        // A banned address or device id: the same answer as a wrong token,
+        // without a store lookup.
+        let limits = Arc::clone(&self.shared.limits);
+        if limits.auth_banned(self.peer.ip(), &device_id, Instant::now()) {
+            let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
+            return self.closed_by(f, "auth_banned").await;
+        }
         let store = Arc::clone(&self.shared.store);
         let found = match store.device_auth(&device_id).await {
             Ok(found) => found,
@@ -533,26 +563,38 @@ impl Session {
         };
         // Under mutual TLS the certificate names the device: it must be the
         // one HELLO names, and then it stands for the token (an empty token
-        // is accepted; a token given must still be right).
+        // is accepted; a token given must still be right). A mismatch fails
+        // like a wrong token: same answer, same delay.
         let by_certificate = match self.certificate_identity() {
-            Err(f) => return self.closed_by(f, "auth_failed").await,
+            Err(_) => Some(false),
             Ok(Some(cert_id)) if cert_id != device_id => {
                 debug!(peer = %self.peer, device = %device_id, certificate = %cert_id, "certificate is for another device");
-                let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
-                return self.closed_by(f, "auth_failed").await;
+                Some(false)
             }
-            Ok(Some(_)) => true,
-            Ok(None) => false,
+            Ok(Some(_)) => Some(true),
+            Ok(None) => None,
         };
-        let authenticated = if by_certificate && hello.token.as_bytes().is_empty() {
-            found.as_ref().is_some_and(|d| !d.revoked)
-        } else {
-            auth::verify(found.as_ref(), hello.token.as_bytes())
+        let authenticated = match by_certificate {
+            Some(false) => false,
+            Some(true) if hello.token.as_bytes().is_empty() => {
+                found.as_ref().is_some_and(|d| !d.revoked)
+            }
+            _ => auth::verify(found.as_ref(), hello.token.as_bytes()),
         };
         if !authenticated {
+            // Unknown device or wrong token alike: counted, then (past the
+            // free failures) answered only after a growing delay.
+            let delay = limits.auth_failed(self.peer.ip(), &device_id, Instant::now());
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
             return self.closed_by(f, "auth_failed").await;
         }
+        limits.auth_succeeded(&device_id);
         let Some(found) = found else {
             return self
                 .closed_by(Fatal(ErrorCode::Internal, "lost device".into()), "internal")
@@ -649,6 +691,7 @@ impl Session {
             idle_deadline: Instant::now() + keepalive,
             paused_at: None,
             resumed_at: None,
+            throttle: limits.throttle(Instant::now()),
             _guard: guard,
         }))
     }
@@ -693,9 +736,11 @@ impl Session {
             if self.conn.try_flush().is_err() {
                 return Ok(Drain::PeerClosed);
             }
+            let throttled = a.throttle.as_mut().is_some_and(|t| !t.ready());
             let room = a.acks.outstanding() < max_inflight
                 && a.pending_job.is_none()
-                && self.conn.unsent() < max_unsent;
+                && self.conn.unsent() < max_unsent
+                && !throttled;
             let buffered = self.conn.has_complete_frame();
             if room && buffered {
                 // More complete frames already read: handle them first.
@@ -743,6 +788,11 @@ impl Session {
                 (_, true) => Some(Instant::now() + Duration::from_millis(20)),
                 (true, false) => Some(deadline),
                 (false, false) => None,
+            };
+            // Throttled: look again when the next token is due.
+            let wake_at = match a.throttle.as_ref().filter(|_| throttled) {
+                Some(t) => Some(wake_at.map_or(t.due(), |w| w.min(t.due()))),
+                None => wake_at,
             };
             let write = self.conn.unsent() > 0;
             tokio::select! {
@@ -828,7 +878,10 @@ impl Session {
         let mut got_frame = false;
         let ticket_before = a.ticket;
         let mut flow = Flow::Continue;
-        while a.acks.outstanding() < max_inflight && self.conn.unsent() < max_unsent {
+        while a.acks.outstanding() < max_inflight
+            && self.conn.unsent() < max_unsent
+            && a.throttle.as_mut().is_none_or(|t| t.ready())
+        {
             let frame = match self.conn.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -837,6 +890,11 @@ impl Session {
                     break;
                 }
             };
+            if frame.kind == MessageType::Telemetry {
+                if let Some(t) = &mut a.throttle {
+                    t.take();
+                }
+            }
             got_frame = true;
             let now = *now_ms_cache.get_or_insert_with(now_ms);
             if let Some(f) = self.handle_frame(a, frame, now) {
@@ -1063,7 +1121,9 @@ impl Session {
     /// it all, then GOODBYE (if ours to say) and close.
     async fn drain(&mut self, a: &mut Active, drain: Drain) -> CloseReason {
         // Complete frames already in the buffer were read: handle them too
-        // (not after a device GOODBYE, which is its last word).
+        // (not after a device GOODBYE, which is its last word), whatever
+        // the rate: nothing more is read.
+        a.throttle = None;
         if !matches!(drain, Drain::DeviceGoodbye) {
             if let Flow::Fatal(f) = self.handle_frames(a, usize::MAX, usize::MAX) {
                 let reason = self.fail(f).await;
@@ -1120,6 +1180,7 @@ mod tests {
             events: Events::off(),
             cluster: crate::cluster::Cluster::single(),
             tls: None,
+            limits: Arc::new(crate::limits::Limiter::new(&Default::default())),
         });
         let fut = run(stream, addr, Instant::now(), 1, shared, None);
         let size = std::mem::size_of_val(&fut);
