@@ -502,3 +502,28 @@ async fn furrow_certs_serve_sim_and_sighup() {
     .await;
     assert!(gw.child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
 }
+
+/// A client that opens a TLS connection and stalls in the handshake is
+/// closed at `tls.handshake_timeout_ms`, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "t");
+    let gw = TestGateway::start_with(|c| {
+        tls_on(c, &pki, false);
+        c.tls.handshake_timeout_ms = 300;
+    })
+    .await;
+    let before = tls_handshakes(&gw, "timeout").await;
+    for partial in [&b""[..], &[0x16, 0x03, 0x01, 0x00, 0x40, 0x01][..]] {
+        let mut s = TcpStream::connect(gw.tls_addr()).await.unwrap();
+        s.write_all(partial).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        // Closed by the gateway (EOF or reset), well before our bound.
+        let r = within(Duration::from_secs(5), "closed", s.read(&mut buf)).await;
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+    assert_eq!(tls_handshakes(&gw, "timeout").await, before + 2);
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# TLS against plain TCP, side by side on one gateway with both listeners
+# (pinned to CPU 0; the generator on CPU 1), alternating rounds:
+#   1. throughput: `bench flat`, DEVICES devices, window 64, plain vs TLS;
+#   2. handshakes: `bench storm`, STORM devices reconnect at once, TLS with
+#      full handshakes (--tls-no-resume) vs resumed sessions, and plain.
+#      Rate = devices / time until all are back (TCP + TLS + HELLO/WELCOME
+#      + the first ACK).
+#
+#   bench/tls.sh [ROUNDS] [DEVICES] [STORM]
+# Prints one line per run and the medians. Loopback only.
+source "$(dirname "$0")/lib.sh"
+rounds=${1:-3}
+devices=${2:-100}
+storm=${3:-2000}
+certs=$(mktemp -d)
+"$furrow" certs ca --out "$certs" >/dev/null
+"$furrow" certs server --name localhost --out "$certs" >/dev/null
+tls_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
+    FURROW_TLS__LISTEN="127.0.0.1:$tls_port"
+out=$(mktemp -d)
+tls=(--tls --tls-ca "$certs/ca.pem" --tls-server-name localhost)
+run() { # name kind addr args...
+    local name=$1 kind=$2 target=$3; shift 3
+    local n=$((${#name} + RANDOM))
+    taskset -c 1 "$furrow" bench "$kind" --addr "$target" --data-dir "$dir" --prefix "$name-$n" \
+        --json "$out/$name-$n.json" "$@" >/dev/null
+    echo "$out/$name-$n.json"
+}
+for r in $(seq "$rounds"); do
+    echo "round $r"
+    for v in plain tls; do
+        if [ $v = tls ]; then a="127.0.0.1:$tls_port"; extra=("${tls[@]}"); else a=$addr; extra=(); fi
+        f=$(run "flat-$v" flat "$a" --devices "$devices" --window 64 --duration 8 --warmup 2 \
+            --server-pid "$gw" "${extra[@]}")
+        python3 -c "import json,sys; r=json.load(open('$f')); print(f'  flat {\"$v\":5} {r[\"msgs_per_s\"]:>10.0f} msgs/s  cpu/msg {r.get(\"server_cpu_us_per_msg\") or 0:.2f} us')"
+    done
+    for v in plain full resumed; do
+        case $v in
+            plain) a=$addr; extra=() ;;
+            full) a="127.0.0.1:$tls_port"; extra=("${tls[@]}" --tls-no-resume) ;;
+            resumed) a="127.0.0.1:$tls_port"; extra=("${tls[@]}") ;;
+        esac
+        f=$(run "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 10 "${extra[@]}")
+        python3 -c "
+import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms']
+print(f'  storm {\"$v\":7} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; connect+handshake p50 {r[\"connect_us\"][\"p50\"]/1000:.1f} ms')"
+    done
+done
+rm -rf "$certs"
