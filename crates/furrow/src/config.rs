@@ -869,6 +869,30 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_must_hang_together() {
+        let invalid = |f: &dyn Fn(&mut Tls)| {
+            let mut c = Config::default();
+            f(&mut c.tls);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(invalid(&|t| t.cert_file = "c.pem".into()).contains("tls.key_file"));
+        assert!(invalid(&|t| t.key_file = "k.pem".into()).contains("tls.cert_file"));
+        assert!(invalid(&|t| t.client_ca_file = "ca.pem".into()).contains("tls.cert_file"));
+        assert!(invalid(&|t| t.plain = false).contains("tls.plain"));
+        assert!(invalid(&|t| {
+            t.cert_file = "c.pem".into();
+            t.key_file = "k.pem".into();
+            t.handshake_timeout_ms = 0;
+        })
+        .contains("tls.handshake_timeout_ms"));
+        let mut ok = Config::default();
+        ok.tls.cert_file = "c.pem".into();
+        ok.tls.key_file = "k.pem".into();
+        ok.tls.plain = false;
+        ok.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_key_names_file_and_key() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[storage]\nbatch_max_rowz = 1\n")?;
