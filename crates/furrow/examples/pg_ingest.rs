@@ -14,14 +14,19 @@
 //! ...), each for the same time on a freshly truncated and checkpointed
 //! table, and only ratios measured in one run are worth quoting.
 //!
-//! * (a) `copy`: binary `COPY telemetry FROM STDIN`, one per batch, no
+//! * (a) binary `COPY telemetry FROM STDIN`, one per batch, no
 //!   deduplication: the reference ceiling.
-//! * (b) `store`: `PostgresStore::append`, the gateway's own path
-//!   (`INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`), one
-//!   batch at a time, awaited, as the writer calls it.
-//! * (c) `stage`: binary `COPY` into a temporary staging table, then one
+//! * (b) one `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`
+//!   per batch in a transaction (the store's first method, now its
+//!   fallback).
+//! * (c) binary `COPY` into a temporary staging table, then one
 //!   `INSERT INTO telemetry SELECT ... ORDER BY device, seq ON CONFLICT DO
 //!   NOTHING`, one transaction per batch.
+//! * (s) `PostgresStore::append`, the gateway's own path, one batch at a
+//!   time, awaited, as the writer calls it: binary COPY in a transaction,
+//!   redone as (b) if a key was already stored.
+//! * (s') the same with one already stored row in every batch: the cost of
+//!   that fallback, paid only by batches that repeat a stored key.
 //!
 //! Batches are shaped like the gateway's: rows from many devices, in runs
 //! of consecutive seqs per device (one socket read's worth), interleaved.
@@ -231,11 +236,11 @@ async fn write_batch(method: Method, conns: &mut Conns, batch: Batch) -> anyhow:
         Method::Store | Method::StoreDup => Ok(conns.store.append(Arc::new(batch)).await?),
         Method::Stage => {
             let c = &conns.stage;
-            c.batch_execute(&format!(
+            c.batch_execute(
                 "BEGIN; CREATE TEMP TABLE IF NOT EXISTS staging
                  (device bigint, seq bigint, timestamp_ms bigint, received_ms bigint,
-                  content_type smallint, payload bytea) ON COMMIT DELETE ROWS"
-            ))
+                  content_type smallint, payload bytea) ON COMMIT DELETE ROWS",
+            )
             .await?;
             copy_into(c, "staging", &batch).await?;
             c.batch_execute(&format!(
