@@ -254,9 +254,19 @@ def main():
             "only. The machine is shared and noisy: compare the ratios within this file, not "
             "absolute figures across runs. Every command is printed by the script as it runs; "
             "`furrow bench --help` documents the options.\n"]
+    # Sections measured by other scripts (PostgreSQL) follow KEEP: kept.
+    kept = ""
+    if os.path.exists(opts.out):
+        with open(opts.out) as f:
+            old = f.read()
+        if KEEP in old:
+            kept = "\n" + old[old.index(KEEP):]
     with open(opts.out, "w") as f:
-        f.write("\n".join(head + md) + "\n")
+        f.write("\n".join(head + md) + "\n" + kept)
     print(f"wrote {opts.out}")
+
+
+KEEP = "<!-- kept by compare.py: measured by other scripts -->"
 
 
 if __name__ == "__main__":

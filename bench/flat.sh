@@ -12,6 +12,6 @@ sync=${3:-full}
 secs=${4:-10}
 shift $(( $# < 4 ? $# : 4 ))
 start_gateway FURROW_STORAGE__SYNCHRONOUS="$sync"
-echo "gateway: synchronous=$sync"
-taskset -c 1 "$furrow" bench flat --addr "$addr" --data-dir "$dir" \
+echo "gateway: $(store_label "$sync")"
+taskset -c 1 "$furrow" bench flat --addr "$addr" "${provision[@]}" \
     --devices "$devices" --window "$window" --duration "$secs" --server-pid "$gw" "$@"

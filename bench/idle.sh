@@ -9,5 +9,5 @@ source "$(dirname "$0")/lib.sh"
 devices=${1:-10000}
 shift $(( $# < 1 ? $# : 1 ))
 start_gateway
-taskset -c 1 "$furrow" bench idle --addr "$addr" --data-dir "$dir" \
+taskset -c 1 "$furrow" bench idle --addr "$addr" "${provision[@]}" \
     --devices "$devices" --server-pid "$gw" --duration 3 "$@"

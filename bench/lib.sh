@@ -1,6 +1,11 @@
 # Shared by the bench scripts: build once, start a gateway pinned to CPU 0
 # on a fresh data directory and a free port, stop it on exit.
-#   start_gateway [ENV=VALUE ...]   sets $gw (pid), $dir and $addr
+#   start_gateway [ENV=VALUE ...]   sets $gw (pid), $dir, $addr and
+#                                   $provision (the `furrow bench` flags
+#                                   that provision devices into its store)
+# With FURROW_DATABASE_URL=postgres://... set, the gateway stores into a
+# fresh PostgreSQL database on that server (created here, dropped on exit)
+# instead of SQLite. PostgreSQL itself is not pinned: it runs on either CPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -q -p furrow
@@ -11,14 +16,30 @@ start_gateway() {
     dir=$(mktemp -d)
     port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     addr="127.0.0.1:$port"
-    env RUST_LOG=warn FURROW_API__LISTEN=127.0.0.1:0 "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
+    provision=(--data-dir "$dir")
+    db=""
+    local db_env=()
+    if [[ -n "${FURROW_DATABASE_URL:-}" ]]; then
+        db="furrow_bench_$$_$RANDOM"
+        db_url=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' \
+            "$FURROW_DATABASE_URL" "$db")
+        psql -qX "$FURROW_DATABASE_URL" -c "CREATE DATABASE $db"
+        provision=(--database "$db_url")
+        db_env=(FURROW_DATABASE_URL="$db_url")
+    fi
+    env RUST_LOG=warn FURROW_API__LISTEN=127.0.0.1:0 "${db_env[@]}" "$@" taskset -c 0 "$furrow" serve --data-dir "$dir" --listen "$addr" \
         2>"$dir/gateway.log" &
     gw=$!
-    trap 'kill -INT $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"' EXIT
+    trap 'kill -INT $gw 2>/dev/null; wait $gw 2>/dev/null; rm -rf "$dir"; [[ -z $db ]] || psql -qX "$FURROW_DATABASE_URL" -c "DROP DATABASE $db WITH (FORCE)"' EXIT
     for _ in $(seq 50); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
         sleep 0.1
     done
     echo "the gateway did not start: $(cat "$dir/gateway.log")" >&2
     return 1
+}
+
+# What the gateway stores into, for the scripts' first line.
+store_label() {
+    if [[ -n $db ]]; then echo "PostgreSQL (fresh database $db)"; else echo "SQLite synchronous=$1"; fi
 }

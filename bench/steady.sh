@@ -12,5 +12,5 @@ secs=${4:-10}
 shift $(( $# < 4 ? $# : 4 ))
 start_gateway FURROW_STORAGE__SYNCHRONOUS="$sync" \
     FURROW_STORAGE__BATCH_DELAY_US="${FURROW_STORAGE__BATCH_DELAY_US:-0}"
-taskset -c 1 "$furrow" bench steady --addr "$addr" --data-dir "$dir" \
+taskset -c 1 "$furrow" bench steady --addr "$addr" "${provision[@]}" \
     --devices "$devices" --rate "$rate" --duration "$secs" --server-pid "$gw" "$@"

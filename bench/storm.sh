@@ -8,5 +8,5 @@ source "$(dirname "$0")/lib.sh"
 devices=${1:-10000}
 shift $(( $# < 1 ? $# : 1 ))
 start_gateway
-taskset -c 1 "$furrow" bench storm --addr "$addr" --data-dir "$dir" \
+taskset -c 1 "$furrow" bench storm --addr "$addr" "${provision[@]}" \
     --devices "$devices" --rate 1 --warmup 3 --duration 30 "$@"

@@ -1,7 +1,7 @@
 //! `furrow bench`: the load generator (the `furrow-bench` crate) with the
 //! gateway's provisioning in front of it. furrow/1 devices are provisioned
-//! fresh into the gateway's data directory (`--data-dir`) or read from a
-//! file (`--devices-file`); MQTT devices need no provisioning (client ids
+//! fresh into the gateway's data directory (`--data-dir`) or PostgreSQL
+//! database (`--database`), or read from a file (`--devices-file`); MQTT devices need no provisioning (client ids
 //! PREFIX-N, no password) unless a file gives them.
 
 use std::path::PathBuf;
@@ -17,6 +17,10 @@ pub struct BenchCmd {
     /// Provision fresh devices PREFIX-0.. into this gateway data directory.
     #[arg(long, conflicts_with = "devices_file")]
     data_dir: Option<PathBuf>,
+    /// Provision fresh devices PREFIX-0.. into this PostgreSQL database
+    /// (the gateway's `--database`).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["devices_file", "data_dir"])]
+    database: Option<String>,
     /// Read devices from this file: one `device_id token` per line.
     #[arg(long)]
     devices_file: Option<PathBuf>,
@@ -31,6 +35,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     let BenchCmd {
         bench,
         data_dir,
+        database,
         devices_file,
         prefix,
     } = cmd;
@@ -45,7 +50,11 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     } else {
         crate::fleet::load_devices(
             devices_file.as_deref(),
-            data_dir.as_deref(),
+            match (&database, &data_dir) {
+                (Some(url), _) => Some(crate::fleet::Provision::Database(url)),
+                (None, Some(dir)) => Some(crate::fleet::Provision::DataDir(dir)),
+                (None, None) => None,
+            },
             &prefix,
             bench.devices,
         )

@@ -1,16 +1,27 @@
 //! Where simulated and benchmark devices come from: fresh devices
-//! provisioned into a gateway's data directory, or `device_id token` lines
-//! from a file (`furrow sim` and `furrow bench` share this).
+//! provisioned into a gateway's database (SQLite in its data directory, or
+//! PostgreSQL by URL), or `device_id token` lines from a file (`furrow sim`
+//! and `furrow bench` share this).
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 
+/// Where to provision devices: the gateway's SQLite data directory or its
+/// PostgreSQL database.
+#[derive(Debug, Clone, Copy)]
+pub enum Provision<'a> {
+    /// SQLite in this data directory.
+    DataDir(&'a Path),
+    /// This PostgreSQL URL.
+    Database(&'a str),
+}
+
 /// Reads `count` devices from `devices_file`, or provisions `PREFIX-0..`
-/// into the database under `data_dir`.
+/// into the gateway's database.
 pub async fn load_devices(
     devices_file: Option<&Path>,
-    data_dir: Option<&Path>,
+    provision: Option<Provision<'_>>,
     prefix: &str,
     count: usize,
 ) -> anyhow::Result<Vec<(String, String)>> {
@@ -42,18 +53,25 @@ pub async fn load_devices(
         }
         return Ok(out);
     }
-    let Some(dir) = data_dir else {
-        bail!("say where the devices come from: --data-dir DIR (provision) or --devices-file FILE");
+    let cfg = match provision {
+        Some(Provision::DataDir(dir)) => furrow::Config {
+            data_dir: dir.to_path_buf(),
+            ..furrow::Config::default()
+        },
+        Some(Provision::Database(url)) => furrow::Config {
+            database_url: url.to_owned(),
+            ..furrow::Config::default()
+        },
+        None => bail!(
+            "say where the devices come from: --data-dir DIR or --database URL (provision), \
+             or --devices-file FILE"
+        ),
     };
-    let cfg = furrow::Config {
-        data_dir: dir.to_path_buf(),
-        ..furrow::Config::default()
-    };
-    let store = furrow::server::open_store(&cfg)?;
+    let store = furrow::server::connect_store(&cfg).await?;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let id = format!("{prefix}-{i}");
-        let token = furrow::devices::add_device(&store, &id)
+        let token = furrow::devices::add_device(&*store, &id)
             .await
             .with_context(|| format!("provisioning {id} (choose a new --prefix)"))?;
         out.push((id, token));

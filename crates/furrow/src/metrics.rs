@@ -112,6 +112,10 @@ fn describe() {
         "furrow_store_commit_errors_total",
         "Failed store commits (retried)."
     );
+    describe_counter!(
+        "furrow_store_copy_conflicts_total",
+        "PostgreSQL batches whose COPY met a stored key and were written again with ON CONFLICT DO NOTHING."
+    );
     describe_counter!("furrow_accept_errors_total", "accept() failures, by kind.");
     describe_counter!(
         "furrow_proxy_headers_total",

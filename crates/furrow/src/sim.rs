@@ -205,7 +205,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     let devices = crate::fleet::load_devices(
         args.devices_file.as_deref(),
-        args.data_dir.as_deref(),
+        args.data_dir
+            .as_deref()
+            .map(crate::fleet::Provision::DataDir),
         &args.prefix,
         args.devices,
     )

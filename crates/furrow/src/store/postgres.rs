@@ -6,11 +6,16 @@
 //! guard against storing a seq twice (`ON CONFLICT DO NOTHING`), u64 seqs
 //! stored as the same 64 bits in a `bigint`.
 //!
-//! A group commit is one `INSERT ... SELECT FROM unnest(arrays)`: one
-//! statement and one round trip per batch, whatever its size (measured
-//! against binary `COPY` in `docs/postgres.md`). Rows are sorted by key
-//! first, so two instances inserting the same keys during a takeover lock
-//! them in the same order and never deadlock.
+//! A group commit is one transaction: a binary `COPY` of the batch and the
+//! rejection watermarks. The gateway deduplicates in memory, so a stored
+//! key in a batch is rare (a commit retried after its answer was lost, a
+//! takeover race); it fails the COPY with a unique violation, and the batch
+//! is then written again as one `INSERT ... SELECT FROM unnest(arrays) ON
+//! CONFLICT DO NOTHING`. The COPY path writes ~1.9x the rows per second
+//! of that INSERT at 8,192 rows per batch and ~1.2x at 1,024
+//! (`examples/pg_ingest.rs`, figures in `docs/postgres.md`).
+//! Rows are sorted by key first, so two instances inserting the same keys
+//! during a takeover lock them in the same order and never deadlock.
 //!
 //! Connections come from a deadpool pool; one that broke while the
 //! database was away is dropped on its next use and replaced, so the
@@ -22,12 +27,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
-    DeviceSeqs, NewCommand, Store, StoreError, StoredTelemetry, TelemetryRange,
+    DeviceSeqs, NewCommand, Store, StoreError, StoredTelemetry, TelemetryRange, TelemetryRecord,
 };
 use crate::clock::now_ms;
 
@@ -215,6 +222,75 @@ fn device_query(filter: &str) -> String {
     )
 }
 
+/// Raises devices' rejection watermarks, compared as u64: same sign
+/// compares as signed; negative (>= 2^63) is larger.
+async fn update_marks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    mark_dev: &[i64],
+    mark_seq: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    if mark_dev.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE devices d SET rejected_seq = CASE
+                WHEN (d.rejected_seq < 0) = (r.seq < 0) THEN greatest(d.rejected_seq, r.seq)
+                WHEN r.seq < 0 THEN r.seq
+                ELSE d.rejected_seq END
+             FROM unnest($1::int8[], $2::int8[]) AS r(id, seq)
+             WHERE d.id = r.id",
+        )
+        .await?;
+    tx.execute(&stmt, &[&mark_dev, &mark_seq]).await?;
+    Ok(())
+}
+
+/// Column types of the telemetry COPY, in its column order.
+const COPY_TYPES: [Type; 6] = [
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT2,
+    Type::BYTEA,
+];
+
+/// One transaction: binary COPY of `records` (in key order, so concurrent
+/// writers of the same keys lock them in one order) and the watermarks.
+/// Any stored key fails it whole, with a unique violation.
+async fn copy_batch(
+    client: &mut deadpool_postgres::Object,
+    records: &[&TelemetryRecord],
+    mark_dev: &[i64],
+    mark_seq: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "COPY telemetry (device, seq, timestamp_ms, received_ms, content_type, payload)
+             FROM STDIN BINARY",
+        )
+        .await?;
+    let sink = tx.copy_in(&stmt).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    let mut writer = std::pin::pin!(writer);
+    for r in records {
+        let row: [&(dyn ToSql + Sync); 6] = [
+            &r.device,
+            &i(r.seq),
+            &clamp(r.timestamp_ms),
+            &clamp(r.received_ms),
+            &i16::from(r.content_type),
+            &&r.payload[..],
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    update_marks(&tx, mark_dev, mark_seq).await?;
+    tx.commit().await
+}
+
 impl PostgresStore {
     /// Connects to `url` (a libpq-style URL or key=value string) and
     /// migrates the schema. Fails if the database cannot be reached.
@@ -328,6 +404,30 @@ impl Store for PostgresStore {
         let mut records: Vec<_> = batch.records.iter().collect();
         records.sort_by_key(|r| (r.device, i(r.seq)));
         let n = records.len();
+        // One watermark per device (an UPDATE ... FROM applies one row per
+        // target), the highest as u64.
+        let mut marks: BTreeMap<DeviceKey, u64> = BTreeMap::new();
+        for &(d, s) in &batch.rejections {
+            let m = marks.entry(d).or_default();
+            *m = (*m).max(s);
+        }
+        let mark_dev: Vec<i64> = marks.keys().copied().collect();
+        let mark_seq: Vec<i64> = marks.values().map(|&s| i(s)).collect();
+
+        let mut client = self.client().await?;
+        if n > 0 {
+            // Almost every batch is new rows (the gateway deduplicates in
+            // memory): try binary COPY first, the fast path. A stored key
+            // fails the whole COPY with a unique violation; then the batch
+            // is written again with the deduplicating INSERT below.
+            match copy_batch(&mut client, &records, &mark_dev, &mark_seq).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    metrics::counter!("furrow_store_copy_conflicts_total").increment(1);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let (mut dev, mut seq, mut ts, mut rcv, mut ct, mut pl) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -344,17 +444,6 @@ impl Store for PostgresStore {
             ct.push(i16::from(r.content_type));
             pl.push(&r.payload[..]);
         }
-        // One watermark per device (an UPDATE ... FROM applies one row per
-        // target), the highest as u64.
-        let mut marks: BTreeMap<DeviceKey, u64> = BTreeMap::new();
-        for &(d, s) in &batch.rejections {
-            let m = marks.entry(d).or_default();
-            *m = (*m).max(s);
-        }
-        let mark_dev: Vec<i64> = marks.keys().copied().collect();
-        let mark_seq: Vec<i64> = marks.values().map(|&s| i(s)).collect();
-
-        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if n > 0 {
             let stmt = tx
@@ -369,21 +458,7 @@ impl Store for PostgresStore {
             tx.execute(&stmt, &[&dev, &seq, &ts, &rcv, &ct, &pl])
                 .await?;
         }
-        if !mark_dev.is_empty() {
-            // Compare as u64: same sign compares as signed; negative
-            // (>= 2^63) is larger.
-            let stmt = tx
-                .prepare_cached(
-                    "UPDATE devices d SET rejected_seq = CASE
-                        WHEN (d.rejected_seq < 0) = (r.seq < 0) THEN greatest(d.rejected_seq, r.seq)
-                        WHEN r.seq < 0 THEN r.seq
-                        ELSE d.rejected_seq END
-                     FROM unnest($1::int8[], $2::int8[]) AS r(id, seq)
-                     WHERE d.id = r.id",
-                )
-                .await?;
-            tx.execute(&stmt, &[&mark_dev, &mark_seq]).await?;
-        }
+        update_marks(&tx, &mark_dev, &mark_seq).await?;
         tx.commit().await?;
         Ok(())
     }
