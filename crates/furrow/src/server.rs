@@ -248,7 +248,9 @@ impl Server {
             cluster,
         } = self;
         let shutdown = CancellationToken::new();
-        let accepting = Arc::new(AtomicBool::new(false));
+        // The listeners are bound (the kernel queues devices already): ready
+        // from the first /readyz on, until phase 1 of shutdown.
+        let accepting = Arc::new(AtomicBool::new(true));
         let api_stop = CancellationToken::new();
         let metrics = crate::metrics::handle();
         let upkeep = tokio::spawn({
@@ -372,7 +374,6 @@ impl Server {
                 _ => std::future::pending().await,
             }
         };
-        accepting.store(true, Ordering::Release);
         tokio::select! {
             _ = signal => {}
             _ = plain => {}
