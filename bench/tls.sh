@@ -17,8 +17,19 @@ certs=$(mktemp -d)
 "$furrow" certs ca --out "$certs" >/dev/null
 "$furrow" certs server --name localhost --out "$certs" >/dev/null
 tls_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+api_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
-    FURROW_TLS__LISTEN="127.0.0.1:$tls_port"
+    FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_API__LISTEN="127.0.0.1:$api_port"
+# The gateway's own count of TLS handshakes by outcome (full, resumed).
+handshakes() {
+    curl -s "http://127.0.0.1:$api_port/metrics" | python3 -c "
+import sys
+c = {}
+for l in sys.stdin:
+    if l.startswith('furrow_tls_handshakes_total{'):
+        k = l.split('outcome=\"')[1].split('\"')[0]; c[k] = int(float(l.split()[-1]))
+print(' '.join(f'{k}={v}' for k, v in sorted(c.items())))"
+}
 out=$(mktemp -d)
 tls=(--tls --tls-ca "$certs/ca.pem" --tls-server-name localhost)
 run() { # name kind addr args...
@@ -43,6 +54,7 @@ for r in $(seq "$rounds"); do
             resumed) a="127.0.0.1:$tls_port"; extra=("${tls[@]}") ;;
         esac
         f=$(run "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 10 "${extra[@]}")
+        echo "  gateway TLS handshakes so far: $(handshakes)"
         python3 -c "
 import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms']
 print(f'  storm {\"$v\":7} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; connect+handshake p50 {r[\"connect_us\"][\"p50\"]/1000:.1f} ms')"

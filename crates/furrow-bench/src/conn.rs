@@ -22,6 +22,8 @@ use crate::{BenchError, DeviceError};
 pub struct Tls {
     connector: TlsConnector,
     server_name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+    resume: bool,
 }
 
 impl Tls {
@@ -52,10 +54,32 @@ impl Tls {
         };
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| BenchError::Invalid(format!("--tls-server-name: {e}")))?;
+        let config = Arc::new(cfg);
         Ok(Self {
-            connector: TlsConnector::from(Arc::new(cfg)),
+            connector: TlsConnector::from(Arc::clone(&config)),
             server_name,
+            config,
+            resume,
         })
+    }
+
+    /// The settings for one device: with resumption, a session cache of
+    /// its own, as a real device has. (A cache shared by every device keeps
+    /// only a few TLS 1.3 tickets per server name, each usable once: in a
+    /// storm most devices would find none.)
+    pub fn for_device(&self) -> Self {
+        if !self.resume {
+            return self.clone();
+        }
+        let mut cfg = (*self.config).clone();
+        cfg.resumption = Resumption::in_memory_sessions(4);
+        let config = Arc::new(cfg);
+        Self {
+            connector: TlsConnector::from(Arc::clone(&config)),
+            server_name: self.server_name.clone(),
+            config,
+            resume: true,
+        }
     }
 
     /// Runs the TLS handshake over `tcp`.

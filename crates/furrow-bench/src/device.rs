@@ -45,8 +45,6 @@ pub struct Shared {
     pub rec: Recorder,
     /// The payload every message carries.
     pub payload: Bytes,
-    /// TLS, when asked for.
-    pub tls: Option<Tls>,
 }
 
 /// Messages sent and not yet acknowledged, oldest first.
@@ -146,6 +144,8 @@ pub struct Device {
     pub source: Option<IpAddr>,
     /// When it may first connect (the ramp).
     pub start_at: Instant,
+    /// Its TLS settings (its own session cache), if TLS.
+    pub tls: Option<Tls>,
 }
 
 impl Device {
@@ -231,7 +231,7 @@ impl Device {
         let tcp = open(self.addr, self.source)
             .await
             .map_err(DeviceError::Connect)?;
-        let mut stream = match &shared.tls {
+        let mut stream = match &self.tls {
             Some(tls) => tls.connect(tcp).await?,
             None => Conn::Plain(tcp),
         };

@@ -72,6 +72,11 @@ impl Engine {
         let threads = args.threads.clamp(1, devices.len().max(1));
         let t0 = Instant::now();
         let sources = args.source_count();
+        let tls = match (&args.tls, &args.tls_ca) {
+            (true, Some(ca)) => Some(Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?),
+            (true, None) => return Err(BenchError::Invalid("--tls needs --tls-ca".into())),
+            _ => None,
+        };
         let mut per_thread: Vec<Vec<Device>> = (0..threads).map(|_| Vec::new()).collect();
         for (k, (index, cred)) in devices.into_iter().enumerate() {
             let addr = args.addrs[index % args.addrs.len()];
@@ -85,17 +90,12 @@ impl Engine {
                 addr,
                 source: source_addr(index, sources, addr),
                 start_at,
+                tls: tls.as_ref().map(Tls::for_device),
             });
         }
-        let tls = match (&args.tls, &args.tls_ca) {
-            (true, Some(ca)) => Some(Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?),
-            (true, None) => return Err(BenchError::Invalid("--tls needs --tls-ca".into())),
-            _ => None,
-        };
         let shared = Arc::new(Shared {
             payload: json_payload(args.payload_bytes),
             rec: Recorder::default(),
-            tls,
             args,
         });
         let mut handles = Vec::with_capacity(threads);
