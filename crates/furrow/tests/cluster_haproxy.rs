@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use furrow::store::{PostgresOptions, PostgresStore, Store, TelemetryRange};
+use furrow::store::{PostgresOptions, PostgresStore};
 use furrow_client::{handler, Client, CommandReply, Config as ClientConfig};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -187,22 +187,11 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
                 }
             });
         }
-        let sender = {
-            let client = Arc::clone(&client);
-            let streaming = Arc::clone(&streaming);
-            tokio::spawn(async move {
-                let mut sent = 0u64;
-                while streaming.load(Ordering::Relaxed) {
-                    client
-                        .send(1, json_payload(sent + 1))
-                        .await
-                        .expect("queued");
-                    sent += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                sent
-            })
-        };
+        let sender = stream_while(
+            Arc::clone(&client),
+            Arc::clone(&streaming),
+            Duration::from_millis(100),
+        );
         clients.push((id, client));
         senders.push(sender);
     }
@@ -353,17 +342,8 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
 
     // Complete and unique, for the killed instance's devices too.
     for ((id, _), n) in clients.iter().zip(&sent) {
-        let rows = store
-            .telemetry(id, TelemetryRange::default(), 100_000)
-            .await
-            .expect("read back");
-        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=*n).collect::<Vec<_>>(),
-            "{id} (on gw-2: {}): stored seqs are not exactly 1..={n}",
-            victims.contains(id)
-        );
+        let context = format!("on gw-2: {}", victims.contains(id));
+        assert_stored_exactly(&store, id, *n, &context).await;
     }
     for (_, c) in &clients {
         c.close().await;

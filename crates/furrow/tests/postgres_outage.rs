@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use furrow::store::TelemetryRange;
 use furrow_client::{Client, Config as ClientConfig, Event};
 use support::postgres::Postgres;
 use support::*;
@@ -58,22 +57,11 @@ async fn database_outage_holds_acks_and_loses_nothing() {
                 }
             }
         });
-        let sender = {
-            let client = Arc::clone(&client);
-            let streaming = Arc::clone(&streaming);
-            tokio::spawn(async move {
-                let mut sent = 0u64;
-                while streaming.load(Ordering::Relaxed) {
-                    client
-                        .send(1, json_payload(sent + 1))
-                        .await
-                        .expect("queued");
-                    sent += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                sent
-            })
-        };
+        let sender = stream_while(
+            Arc::clone(&client),
+            Arc::clone(&streaming),
+            Duration::from_millis(20),
+        );
         clients.push((id, client));
         senders.push(sender);
     }
@@ -141,17 +129,7 @@ async fn database_outage_holds_acks_and_loses_nothing() {
 
     // Complete and unique, read back from PostgreSQL.
     for ((id, _), n) in clients.iter().zip(&sent) {
-        let rows = gw
-            .store()
-            .telemetry(id, TelemetryRange::default(), 100_000)
-            .await
-            .expect("read back");
-        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=*n).collect::<Vec<_>>(),
-            "{id}: stored seqs are not exactly 1..={n}"
-        );
+        assert_stored_exactly(&*gw.store(), id, *n, "after the outage").await;
     }
     for (_, c) in &clients {
         c.close().await;

@@ -821,3 +821,39 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// Streams JSON readings 1, 2, ... through an SDK client every `every`
+/// while `streaming` holds; the task returns how many it queued.
+pub fn stream_while(
+    client: Arc<furrow_client::Client>,
+    streaming: Arc<std::sync::atomic::AtomicBool>,
+    every: Duration,
+) -> JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut sent = 0u64;
+        while streaming.load(std::sync::atomic::Ordering::Relaxed) {
+            client
+                .send(1, json_payload(sent + 1))
+                .await
+                .expect("queued");
+            sent += 1;
+            tokio::time::sleep(every).await;
+        }
+        sent
+    })
+}
+
+/// Asserts that the store holds exactly seqs 1..=n of `device_id`: complete,
+/// and each once.
+pub async fn assert_stored_exactly(store: &dyn Store, device_id: &str, n: u64, context: &str) {
+    let rows = store
+        .telemetry(device_id, furrow::store::TelemetryRange::default(), 100_000)
+        .await
+        .expect("read back");
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=n).collect::<Vec<_>>(),
+        "{device_id} ({context}): stored seqs are not exactly 1..={n}"
+    );
+}
