@@ -215,6 +215,27 @@ impl Drop for OpenGauge {
     }
 }
 
+/// Whether handshakes are failing for want of storage: during an outage
+/// every reconnecting device would otherwise log its own warning. The
+/// first failure warns, the rest are debug, and the first handshake that
+/// gets through again says so once.
+static STORAGE_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn storage_failed(peer: SocketAddr, device: &str, e: &crate::store::StoreError, what: &str) {
+    if STORAGE_FAILING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        debug!(peer = %peer, device = %device, error = %e, "{what}");
+    } else {
+        warn!(peer = %peer, device = %device, error = %e,
+            "{what}; handshakes answer BUSY until the store answers (further failures at debug)");
+    }
+}
+
+fn storage_answers() {
+    if STORAGE_FAILING.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        info!("handshakes reach the store again");
+    }
+}
+
 /// Runs a connection to the end. Never fails: every outcome is a
 /// [`CloseReason`], logged once.
 ///
@@ -556,7 +577,7 @@ impl Session {
             Err(e) => {
                 // BUSY (retry later), not an authentication failure: the
                 // device backs off and comes back when the store answers.
-                warn!(peer = %self.peer, device = %device_id, error = %e, "device lookup failed");
+                storage_failed(self.peer, &device_id, &e, "device lookup failed");
                 let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
                 return self.closed_by(f, "storage_unavailable").await;
             }
@@ -642,7 +663,7 @@ impl Session {
                 }
             }
             Err(e) => {
-                warn!(peer = %self.peer, device = %device_id, error = %e, "cannot record the session");
+                storage_failed(self.peer, &device_id, &e, "cannot record the session");
                 let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
                 return self.closed_by(f, "storage_unavailable").await;
             }
@@ -650,11 +671,12 @@ impl Session {
         let seqs = match store.device_seqs(found.key).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(peer = %self.peer, device = %device_id, error = %e, "last_seq lookup failed");
+                storage_failed(self.peer, &device_id, &e, "last_seq lookup failed");
                 let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
                 return self.closed_by(f, "storage_unavailable").await;
             }
         };
+        storage_answers();
         // Rejected seqs stay taken across sessions and restarts.
         slot.observe_stored(seqs.stored.max(seqs.rejected));
         let last_seq = seqs.stored;
