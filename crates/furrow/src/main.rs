@@ -283,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::CheckConfig { common } => {
             let cfg = load(&common)?;
-            println!("{}", toml_string(&cfg)?);
+            print_out(&toml_string(&cfg)?)?;
         }
         Cmd::Device { cmd } => match cmd {
             DeviceCmd::Add { id, common } => {
@@ -341,6 +341,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// The effective configuration as TOML, ready to paste into a config file.
 /// Secrets (the admin token, the broker password) are not printed: they
 /// are emptied, and a comment says which were set.
+/// Writes to stdout; a reader that went away (`furrow check-config | head`)
+/// is not an error, unlike `println!`, which panics on a closed pipe.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn toml_string(cfg: &Config) -> anyhow::Result<String> {
     let mut shown = cfg.clone();
     let mut hidden = Vec::new();

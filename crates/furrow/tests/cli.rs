@@ -567,3 +567,22 @@ fn check_config_prints_toml_that_loads_back() {
     assert!(again.status.success(), "{}", describe(&again));
     assert_eq!(text(&again.stdout), printed);
 }
+
+/// `furrow check-config | head -1`: a reader that went away is not a crash
+/// (Rust ignores SIGPIPE, so a write to a closed pipe fails with EPIPE,
+/// which `println!` turns into a panic).
+#[test]
+fn check_config_survives_a_closed_pipe() {
+    let mut child = furrow_cmd(&["check-config"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the process has loaded its configuration, let alone
+    // written it.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
