@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::registry::{Registry, SessionHandle};
+use crate::store::postgres::pool_err;
 use crate::store::{DeviceKey, PostgresStore, StoreError};
 
 /// The notification channel.
@@ -358,13 +359,6 @@ impl Cluster {
         if let Err(e) = r {
             warn!(error = %e, "cannot deregister the instance; others clear it when its heartbeat times out");
         }
-    }
-}
-
-fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
-        other => StoreError::Pool(other.to_string()),
     }
 }
 

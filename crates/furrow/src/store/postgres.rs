@@ -144,7 +144,9 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+/// A pool failure as a store error (the database's own error when there
+/// is one).
+pub(crate) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
         other => StoreError::Pool(other.to_string()),
