@@ -6,6 +6,8 @@
 
 #[path = "harness/frame_decoder.rs"]
 mod harness;
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
 use std::path::PathBuf;
 
@@ -13,24 +15,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 fn inputs(kind: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz")
-        .join(kind)
-        .join("frame_decoder");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<_> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let data = std::fs::read(&p).unwrap();
-            (p, data)
-        })
-        .collect();
-    out.sort();
-    out
+    replay::inputs(kind, "frame_decoder")
 }
 
 #[test]
