@@ -177,7 +177,15 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
             let connected = Arc::clone(&connected);
             let id = id.clone();
             tokio::spawn(async move {
-                while let Ok(e) = events.recv().await {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    let e = match events.recv().await {
+                        Ok(e) => e,
+                        // Only ACK events could crowd the channel; a lost
+                        // one is of no interest here.
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => break,
+                    };
                     if let furrow_client::Event::Connected { .. } = e {
                         connected
                             .lock()
@@ -265,16 +273,19 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
     })
     .await;
 
-    // Kill instance 2 without warning.
-    let victims: BTreeSet<String> = held
+    // Kill instance 2 without warning. Its devices as recorded now; the
+    // clock read before the kill, so that no reconnection can precede it
+    // (this thread may be descheduled between the kill and the next line).
+    let victims: BTreeSet<String> = holders(&db)
+        .await
         .iter()
         .filter(|(_, (i, _))| i == "gw-2")
         .map(|(id, _)| id.clone())
         .collect();
     assert!(!victims.is_empty());
+    let killed_at = std::time::Instant::now();
     gateways[1].2.child.kill().expect("SIGKILL");
     let _ = gateways[1].2.child.wait();
-    let killed_at = std::time::Instant::now();
 
     // Its devices come back through HAProxy, on the others; its records
     // are cleared; the broker announces it offline (its will).
@@ -287,17 +298,30 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
         },
     )
     .await;
-    until(
-        "the killed instance's devices welcomed again",
-        Duration::from_secs(60),
-        || async {
-            let c = connected.lock().unwrap();
-            victims
+    let missing = || {
+        let c = connected.lock().unwrap();
+        victims
+            .iter()
+            .filter(|v| c.get(*v).is_none_or(|t| *t <= killed_at))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !missing().is_empty() {
+        if std::time::Instant::now() > deadline {
+            let now = holders(&db).await;
+            let rows: Vec<_> = missing()
                 .iter()
-                .all(|v| c.get(v).is_some_and(|t| *t > killed_at))
-        },
-    )
-    .await;
+                .map(|v| (v.clone(), now.get(v).cloned()))
+                .collect();
+            panic!(
+                "not welcomed again 60 s after the kill: {rows:?}\ngw-1:\n{}\ngw-3:\n{}",
+                gateways[0].2.logs(),
+                gateways[2].2.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let back = {
         let c = connected.lock().unwrap();
         victims

@@ -50,7 +50,19 @@ async fn database_outage_holds_acks_and_loses_nothing() {
         let mut events = client.events();
         let d = Arc::clone(&disconnects);
         tokio::spawn(async move {
-            while let Ok(e) = events.recv().await {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let e = match events.recv().await {
+                    Ok(e) => e,
+                    // Counted all the same: a lost event must not hide
+                    // a disconnect.
+                    Err(RecvError::Lagged(n)) => {
+                        eprintln!("{n} client events lost");
+                        d.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(RecvError::Closed) => break,
+                };
                 if let Event::Disconnected { reason, .. } = e {
                     eprintln!("disconnect: {reason:?}");
                     d.fetch_add(1, Ordering::Relaxed);
