@@ -14,7 +14,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +69,16 @@ fn watch_instances(broker: SocketAddr) -> Arc<std::sync::Mutex<BTreeMap<String, 
         }
     });
     seen
+}
+
+/// Sends a request to an instance's API; the answer as JSON.
+async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON")
 }
 
 async fn until<F, Fut>(what: &str, limit: Duration, mut check: F)
@@ -223,14 +233,7 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
     }
     // Every instance's API tells where a device is.
     let (probe, (probe_holder, probe_peer)) = held.iter().next().unwrap();
-    let v: Value = http
-        .get(format!("http://{}/v1/devices/{probe}", gateways[0].2.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(http.get(format!("http://{}/v1/devices/{probe}", gateways[0].2.api))).await;
     assert_eq!(v["instance"], json!(probe_holder));
     assert_eq!(v["peer"], json!(probe_peer));
 
@@ -240,35 +243,25 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
         .find(|(_, (i, _))| i == "gw-3")
         .map(|(id, _)| id.clone())
         .expect("a device on gw-3");
-    let created: Value = http
-        .post(format!(
+    let created = json_of(
+        http.post(format!(
             "http://{}/v1/devices/{target}/commands",
             gateways[0].2.api
         ))
-        .json(&json!({"name": "irrigate", "payload": {"minutes": 5}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json(&json!({"name": "irrigate", "payload": {"minutes": 5}})),
+    )
+    .await;
     let command_id = created["command_id"].as_u64().expect("command id");
     let (who, got) = within(Duration::from_secs(10), "command delivered", cmd_rx.recv())
         .await
         .expect("a handler ran");
     assert_eq!((who.as_str(), got), (target.as_str(), command_id));
     until("command succeeded", Duration::from_secs(10), || async {
-        let v: Value = http
-            .get(format!(
-                "http://{}/v1/commands/{command_id}",
-                gateways[0].2.api
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = json_of(http.get(format!(
+            "http://{}/v1/commands/{command_id}",
+            gateways[0].2.api
+        )))
+        .await;
         v["state"] == json!("succeeded")
     })
     .await;
@@ -353,16 +346,7 @@ async fn three_instances_behind_haproxy_survive_a_kill() {
 
     // Stream a little longer, then every device flushes.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    streaming.store(false, Ordering::Relaxed);
-    let mut sent = Vec::new();
-    for s in senders {
-        sent.push(s.await.expect("sender"));
-    }
-    for (id, c) in &clients {
-        within(Duration::from_secs(60), &format!("{id} flushed"), c.flush())
-            .await
-            .expect("flush");
-    }
+    let sent = stop_and_flush(&streaming, senders, &clients).await;
 
     // Complete and unique, for the killed instance's devices too.
     for ((id, _), n) in clients.iter().zip(&sent) {

@@ -122,16 +122,7 @@ async fn database_outage_holds_acks_and_loses_nothing() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    streaming.store(false, Ordering::Relaxed);
-    let mut sent = Vec::new();
-    for s in senders {
-        sent.push(s.await.expect("sender"));
-    }
-    for (id, c) in &clients {
-        within(Duration::from_secs(60), &format!("{id} flushed"), c.flush())
-            .await
-            .expect("flush");
-    }
+    let sent = stop_and_flush(&streaming, senders, &clients).await;
     assert!(acked(&clients) > held, "ACKs never resumed");
     assert_eq!(
         disconnects.load(Ordering::Relaxed),

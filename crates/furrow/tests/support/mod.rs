@@ -857,3 +857,24 @@ pub async fn assert_stored_exactly(store: &dyn Store, device_id: &str, n: u64, c
         "{device_id} ({context}): stored seqs are not exactly 1..={n}"
     );
 }
+
+/// Ends [`stream_while`] streams: clears `streaming`, collects how many
+/// readings each sender queued, then waits (bounded) until every client has
+/// them all acknowledged. Returns the counts, in `senders` order.
+pub async fn stop_and_flush(
+    streaming: &std::sync::atomic::AtomicBool,
+    senders: Vec<JoinHandle<u64>>,
+    clients: &[(String, Arc<furrow_client::Client>)],
+) -> Vec<u64> {
+    streaming.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = Vec::with_capacity(senders.len());
+    for s in senders {
+        sent.push(s.await.expect("sender"));
+    }
+    for (id, c) in clients {
+        within(Duration::from_secs(60), &format!("{id} flushed"), c.flush())
+            .await
+            .expect("flush");
+    }
+    sent
+}
