@@ -102,7 +102,7 @@ def bench(server, mode, *args):
     cmd = ["taskset", "-c", "1", FURROW, "bench", mode, "--addr", server.addr,
            "--server-pid", str(server.proc.pid), "--json", out, "--quiet"]
     if server.kind == "furrow":
-        cmd += ["--data-dir", server.dir, "--prefix", f"b{random.getrandbits(32)}"]
+        cmd += ["--data-dir", server.dir, "--prefix", f"b{random.getrandbits(32)}-"]
     else:
         cmd += ["--protocol", "mqtt"]
     cmd += [str(a) for a in args]

@@ -35,7 +35,7 @@ tls=(--tls --tls-ca "$certs/ca.pem" --tls-server-name localhost)
 run() { # name kind addr args...
     local name=$1 kind=$2 target=$3; shift 3
     local n=$((${#name} + RANDOM))
-    taskset -c 1 "$furrow" bench "$kind" --addr "$target" --data-dir "$dir" --prefix "$name-$n" \
+    taskset -c 1 "$furrow" bench "$kind" --addr "$target" --data-dir "$dir" --prefix "$name-$n-" \
         --json "$out/$name-$n.json" "$@" >/dev/null
     echo "$out/$name-$n.json"
 }

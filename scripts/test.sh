@@ -9,14 +9,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+
+# Installs Debian packages for the tests and leaves the machine as it was
+# otherwise: their services are neither started (a policy-rc.d that says no,
+# for the install only, unless the machine has one) nor enabled at boot
+# (the tests run the programs themselves).
+install_pkgs() { # package...
+    echo "== installing $* (needed by the tests)"
+    $sudo apt-get update -qq
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        own_policy=1
+    fi
+    local before after unit rc=0
+    before=$(enabled_units)
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" || rc=$?
+    [ "$own_policy" = 0 ] || $sudo rm -f "$policy"
+    [ "$rc" = 0 ] || return "$rc"
+    after=$(enabled_units)
+    for unit in $(comm -13 <(echo "$before") <(echo "$after")); do
+        echo "== not enabling $unit at boot (the tests start their own)"
+        $sudo systemctl disable --quiet "$unit" >/dev/null 2>&1 || true
+    done
+}
+# Units enabled at boot: the links under /etc/systemd/system/*.wants.
+enabled_units() {
+    find /etc/systemd/system -path '*.wants/*' -name '*.service' -printf '%f\n' 2>/dev/null | sort -u
+}
 need_pkg() { # program package
     if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$1" ]; then
-        echo "== installing $2 (needed by the tests)"
-        if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$2"
+        install_pkgs "$2"
     fi
 }
+need_pkg curl curl            # the README test runs its curl examples
+need_pkg openssl openssl
 need_pkg mosquitto mosquitto
 need_pkg haproxy haproxy
 need_pkg systemd-analyze systemd

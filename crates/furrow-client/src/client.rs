@@ -650,11 +650,21 @@ async fn serve_connection(
     let too_large = {
         let mut ob = shared.outbox();
         let res = if welcome.last_seq > ob.last_seq() {
-            tracing::warn!(
-                local = ob.last_seq(),
-                gateway = welcome.last_seq,
-                "seq counter behind the gateway (device state lost?): renumbering pending readings"
-            );
+            if shared.cfg.outbox_path.is_none() || ob.last_seq() == 0 {
+                // A counter that lives in memory, or a new file: it starts
+                // at 0 with every process, and continuing after the
+                // gateway's last_seq is the rule, not a loss.
+                tracing::debug!(
+                    gateway = welcome.last_seq,
+                    "new seq counter: continuing after the gateway's last_seq"
+                );
+            } else {
+                tracing::warn!(
+                    local = ob.last_seq(),
+                    gateway = welcome.last_seq,
+                    "seq counter behind the gateway (device state lost?): renumbering pending readings"
+                );
+            }
             let r = ob.rebase(welcome.last_seq);
             shared.rebases.fetch_add(1, Ordering::AcqRel);
             r

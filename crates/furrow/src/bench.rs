@@ -2,7 +2,7 @@
 //! gateway's provisioning in front of it. furrow/1 devices are provisioned
 //! fresh into the gateway's data directory (`--data-dir`) or PostgreSQL
 //! database (`--database`), or read from a file (`--devices-file`); MQTT devices need no provisioning (client ids
-//! PREFIX-N, no password) unless a file gives them.
+//! PREFIXN, no password) unless a file gives them.
 
 use std::path::PathBuf;
 
@@ -14,19 +14,19 @@ use furrow_bench::{BenchArgs, Cred, Launcher, Protocol};
 pub struct BenchCmd {
     #[command(flatten)]
     bench: BenchArgs,
-    /// Provision fresh devices PREFIX-0.. into this gateway data directory.
+    /// Provision devices PREFIX0.. into this gateway data directory.
     #[arg(long, conflicts_with = "devices_file")]
     data_dir: Option<PathBuf>,
-    /// Provision fresh devices PREFIX-0.. into this PostgreSQL database
+    /// Provision devices PREFIX0.. into this PostgreSQL database
     /// (the gateway's `--database`).
     #[arg(long, value_name = "URL", conflicts_with_all = ["devices_file", "data_dir"])]
     database: Option<String>,
     /// Read devices from this file: one `device_id token` per line.
     #[arg(long)]
     devices_file: Option<PathBuf>,
-    /// Device id prefix for provisioned devices (use a new one per run
-    /// against the same data directory).
-    #[arg(long, default_value = "bench")]
+    /// Device id prefix for provisioned devices: PREFIX0, PREFIX1, ... (a
+    /// device that exists from an earlier run is reused with a new token).
+    #[arg(long, default_value = "bench-")]
     prefix: String,
 }
 
@@ -43,7 +43,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     let creds: Vec<Cred> = if bench.protocol == Protocol::Mqtt && devices_file.is_none() {
         (0..bench.devices)
             .map(|i| Cred {
-                id: format!("{prefix}-{i}"),
+                id: format!("{prefix}{i}"),
                 token: String::new(),
             })
             .collect()

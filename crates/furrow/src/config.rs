@@ -758,6 +758,17 @@ impl Config {
         self.data_dir.join("furrow.db")
     }
 
+    /// Where the data lives, for the start-up log: the SQLite file's full
+    /// path, or the PostgreSQL URL without its password.
+    pub fn storage_location(&self) -> String {
+        if self.uses_postgres() {
+            return redact_url(&self.database_url);
+        }
+        let path = self.database_path();
+        let full = std::path::absolute(&path).unwrap_or(path);
+        format!("sqlite:{}", full.display())
+    }
+
     /// Whether the store is PostgreSQL (shared by instances).
     pub fn uses_postgres(&self) -> bool {
         !self.database_url.is_empty()

@@ -17,8 +17,9 @@ pub enum Provision<'a> {
     Database(&'a str),
 }
 
-/// Reads `count` devices from `devices_file`, or provisions `PREFIX-0..`
-/// into the gateway's database.
+/// Reads `count` devices from `devices_file`, or provisions `PREFIX0..`
+/// (`sim-0`, `sim-1`, ...) into the gateway's database, reusing those that
+/// exist already with a new token.
 pub async fn load_devices(
     devices_file: Option<&Path>,
     provision: Option<Provision<'_>>,
@@ -69,12 +70,35 @@ pub async fn load_devices(
     };
     let store = furrow::server::connect_store(&cfg).await?;
     let mut out = Vec::with_capacity(count);
+    let mut reused = 0;
     for i in 0..count {
-        let id = format!("{prefix}-{i}");
-        let token = furrow::devices::add_device(&*store, &id)
-            .await
-            .with_context(|| format!("provisioning {id} (choose a new --prefix)"))?;
+        let id = format!("{prefix}{i}");
+        let token = match furrow::devices::add_device(&*store, &id).await {
+            Ok(token) => token,
+            // This tool's own device from an earlier run: take it over with
+            // a new token, so that a second run just works. Its history and
+            // `last_seq` stay; the SDK continues after them.
+            Err(furrow::devices::ProvisionError::Store(
+                furrow::store::StoreError::DeviceExists(_),
+            )) => {
+                let revoked = store.device(&id).await?.and_then(|d| d.revoked_ms);
+                if revoked.is_some() {
+                    bail!("{id} exists and is revoked: choose another --prefix");
+                }
+                reused += 1;
+                furrow::devices::rotate_token(&*store, &id)
+                    .await
+                    .with_context(|| format!("reusing {id} (choose another --prefix)"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("provisioning {id}")),
+        };
         out.push((id, token));
+    }
+    if reused > 0 {
+        eprintln!(
+            "reusing {reused} of the {count} devices {prefix}0.. from an earlier run (new tokens; \
+             their stored readings stay)"
+        );
     }
     Ok(out)
 }

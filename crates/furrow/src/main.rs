@@ -10,6 +10,7 @@ use furrow::store::Store;
 
 mod bench;
 mod fleet;
+mod send;
 mod sim;
 
 #[derive(Parser)]
@@ -77,6 +78,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Send a few readings as one device and print the exchange (WELCOME,
+    /// TELEMETRY, ACK): the quickest check that a device gets in.
+    Send(send::SendArgs),
     /// Simulate a fleet of devices (on the device SDK) against a gateway.
     Sim(sim::SimArgs),
     /// Load-test a gateway (furrow/1) or an MQTT broker: flat, steady,
@@ -272,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", path.display());
             }
         }
+        Cmd::Send(args) => send::run(args).await?,
         Cmd::Sim(args) => sim::run(args).await?,
         Cmd::Bench(cmd) => bench::run(cmd).await?,
         Cmd::BenchWorker => tokio::task::spawn_blocking(furrow_bench::worker_main).await??,
@@ -300,18 +305,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let store = open_store(&load(&common)?).await?;
                 let mut after = None;
                 println!(
-                    "{:<40} {:>12} {:>8} created_ms",
-                    "device_id", "last_seq", "revoked"
+                    "{:<40} {:>12} {:<20} {:<20}",
+                    "device_id", "last_seq", "created (UTC)", "revoked (UTC)"
                 );
                 loop {
                     let page = store.list_devices(after.clone(), 500).await?;
                     for d in &page {
                         println!(
-                            "{:<40} {:>12} {:>8} {}",
+                            "{:<40} {:>12} {:<20} {:<20}",
                             d.device_id,
                             d.last_seq,
-                            if d.revoked_ms.is_some() { "yes" } else { "no" },
-                            d.created_ms
+                            furrow::clock::rfc3339(d.created_ms),
+                            furrow::clock::rfc3339(d.revoked_ms.unwrap_or(0)),
                         );
                     }
                     match page.last() {

@@ -276,6 +276,10 @@ impl Server {
                 }
             }
         };
+        let api_addr = api_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "-".to_owned(), |a| a.to_string());
         let api_task = api_listener.map(|l| {
             let state = ApiState {
                 store: Arc::clone(&store),
@@ -332,6 +336,8 @@ impl Server {
         info!(
             addr = %addr_of(&listener),
             tls_addr = %addr_of(&tls_listener),
+            api = %api_addr,
+            database = %shared.cfg.storage_location(),
             mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
             reuse_port = shared.cfg.reuse_port,
             proxy_protocol = shared.cfg.proxy_protocol.enabled,

@@ -2,8 +2,8 @@
 //!
 //! Each simulated device is a real `furrow_client::Client`: it reconnects,
 //! resends and deduplicates exactly as a field device would. Devices are
-//! provisioned into the gateway's data directory (`--data-dir`, fresh ids
-//! `PREFIX-0..N`) or read from a file of `device_id token` lines
+//! provisioned into the gateway's data directory (`--data-dir`, ids
+//! `sim-0..` by default; a second run reuses them with new tokens) or read from a file of `device_id token` lines
 //! (`--devices-file`). A live line shows devices connected, messages per
 //! second sent and acknowledged, and reconnects; a summary follows at the
 //! end.
@@ -34,14 +34,15 @@ pub struct SimArgs {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 30)]
     pub duration: u64,
-    /// Provision fresh devices PREFIX-0.. into this gateway data directory.
+    /// Provision devices PREFIX0.. into this gateway data directory (a
+    /// device that exists from an earlier run is reused with a new token).
     #[arg(long, conflicts_with = "devices_file")]
     pub data_dir: Option<PathBuf>,
     /// Read devices from this file: one `device_id token` per line.
     #[arg(long)]
     pub devices_file: Option<PathBuf>,
-    /// Device id prefix for provisioned devices.
-    #[arg(long, default_value = "sim")]
+    /// Device id prefix for provisioned devices: PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "sim-")]
     pub prefix: String,
     /// Write the provisioned devices (`device_id token` lines) here, for
     /// another run with --devices-file.
@@ -154,14 +155,23 @@ async fn device(
             c.connected.fetch_sub(1, Ordering::Relaxed);
         }
     });
-    // Spread the fleet's first readings over one period.
+    // Spread the fleet's first readings over one period; a device sends at
+    // start + offset + k x period while that is before `stop_at`, so a run of
+    // D seconds at R per second sends D x R readings per device.
     let period = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
-    tokio::time::sleep(period.mul_f64(rand::random::<f64>())).await;
-    let mut tick = tokio::time::interval(period);
+    let stop = tokio::time::Instant::from_std(stop_at);
+    let start = stop - Duration::from_secs(args.duration);
+    let first = start + period.mul_f64(rand::random::<f64>());
+    let mut tick = tokio::time::interval_at(first, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut value = 20.0;
-    while Instant::now() < stop_at {
-        tick.tick().await;
+    loop {
+        tokio::select! {
+            // A tick scheduled before the stop counts even when it is late.
+            biased;
+            at = tick.tick() => if at >= stop { break },
+            _ = tokio::time::sleep_until(stop) => break,
+        }
         value += 0.01;
         match client.send(1, payload(args.payload_bytes, value)).await {
             Ok(_) => {
@@ -266,14 +276,17 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
+    // Rates are over the sending time; the last ACKs' wait is shown apart.
+    let total = started.elapsed().as_secs_f64();
+    let secs = total.min(args.duration as f64).max(1e-3);
     let sent = counters.sent.load(Ordering::Relaxed);
     let acked = counters.acked.load(Ordering::Relaxed);
     println!(
-        "sim: {} devices for {:.1} s: sent {} ({:.0}/s), acked {} ({:.0}/s), rejected {}, \
-         unacknowledged {}, reconnects {}, errors {}",
+        "sim: {} devices for {:.1} s (then {:.1} s for the last ACKs): sent {} ({:.0}/s), \
+         acked {} ({:.0}/s), rejected {}, unacknowledged {}, reconnects {}, errors {}",
         args.devices,
         secs,
+        (total - secs).max(0.0),
         sent,
         sent as f64 / secs,
         acked,

@@ -109,10 +109,15 @@ fn device_list_shows_devices_and_their_state() {
             .to_owned()
     };
     let a = row("alpha");
+    let cols: Vec<&str> = a.split_whitespace().collect();
+    // device_id, last_seq, created (an RFC 3339 date in UTC), revoked.
+    assert_eq!(cols.len(), 4, "{a}");
+    assert_eq!(cols[1], "0", "{a}");
     assert!(
-        a.split_whitespace().any(|w| w == "no"),
-        "alpha is not revoked: {a}"
+        cols[2].len() == 20 && cols[2].starts_with("20") && cols[2].ends_with('Z'),
+        "created is a date, not epoch milliseconds: {a}"
     );
+    assert_eq!(cols[3], "-", "alpha is not revoked: {a}");
     row("beta.2");
     // Adding the same id twice fails and says why.
     let o = furrow(&["device", "add", "alpha", "--data-dir", d.to_str().unwrap()]);

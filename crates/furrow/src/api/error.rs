@@ -89,11 +89,55 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are [`ApiError::BadRequest`] with serde's
-/// own words (which field, which line and column).
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body, or a JSON response. Rejections are
+/// [`ApiError::BadRequest`] with serde's own words (which field, which line
+/// and column).
+///
+/// The body is read as JSON when it says `Content-Type: application/json`
+/// (or `+json`), and also whatever its content type when the request
+/// carries an `Authorization` header: `curl -d '{...}'` sends a form
+/// content type, and an API that refused it would fail the first command a
+/// newcomer types. A browser cannot add that header to a cross-site request
+/// without a CORS preflight (which this API never grants), so a web page
+/// still cannot make an operator's browser post a form here, even to a
+/// gateway with no token.
 pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let headers = req.headers();
+        let declared_json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if declared_json {
+            let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+            return Ok(Self(v));
+        }
+        if !headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return Err(ApiError::BadRequest(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
+        }
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        serde_json::from_slice(&body)
+            .map(Self)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not the JSON expected: {e}")))
+    }
+}
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
