@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -148,104 +149,126 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--only", action="append", metavar="SECTION",
+                    help="run only these sections (flat, idle, storm, growth; repeatable); "
+                         "the others are kept from the existing file")
     opts = ap.parse_args()
+
+    def want(section):
+        return not opts.only or section in opts.only
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "furrow"], cwd=ROOT, check=True)
     secs, rounds = (4, 1) if opts.quick else (8, 3)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     md = []
 
-    # a. flat out, 100 devices.
-    print("a. 100 devices flat out", flush=True)
-    systems = [("Furrow, SQLite synchronous=full (durable)", "furrow", "full"),
-               ("Furrow, SQLite synchronous=off (NOT durable: comparison only)", "furrow", "off"),
-               ("Mosquitto QoS 1, persistence off (not durable)", "mosquitto", None)]
-    runs = {label: [] for label, _, _ in systems}
-    for _ in range(rounds):
-        for label, kind, sync in systems:
-            runs[label].append(one(kind, "flat", "--devices", 100, "--window", 64,
-                                   "--warmup", 2, "--duration", secs, sync=sync or "full"))
-    med = {}
-    md.append("## a. 100 devices, flat out, 120-byte JSON\n")
-    md.append(f"Each device keeps 64 messages unacknowledged. {rounds} round(s) of {secs} s, "
-              "the systems alternating; the median round is shown, with every round's rate.\n")
-    md.append("| system | acked msgs/s (median) | all rounds | ACK p50 | p99 | server CPU per msg |")
-    md.append("|---|---|---|---|---|---|")
-    for label, _, _ in systems:
-        rs = sorted(runs[label], key=lambda r: r["msgs_per_s"])
-        m = rs[len(rs) // 2]
-        med[label] = m
-        cpu = m.get("server_cpu_us_per_msg")
-        rates = ", ".join(f"{r['msgs_per_s']:,.0f}" for r in runs[label])
-        cpu_s = f"{cpu:.2f} us" if cpu else "n/a"
-        md.append(f"| {label} | {m['msgs_per_s']:,.0f} | {rates} | "
-                  f"{ms(m['ack_us']['p50'])} | {ms(m['ack_us']['p99'])} | {cpu_s} |")
-    furrow_rate = med[systems[0][0]]["msgs_per_s"]
-    mq_rate = med[systems[2][0]]["msgs_per_s"]
-    md.append("")
-    md.append(f"Durable Furrow against Mosquitto QoS 1: **{furrow_rate / mq_rate:.2f}x** "
-              f"(goal: at least 1.5x, and at least 150,000 durable msgs/s: "
-              f"{'met' if furrow_rate >= 150_000 else 'NOT met'}).\n")
+    if want("flat"):
+        # a. flat out, 100 devices.
+        print("a. 100 devices flat out", flush=True)
+        systems = [("Furrow, SQLite synchronous=full (durable)", "furrow", "full"),
+                   ("Furrow, SQLite synchronous=off (NOT durable: comparison only)", "furrow", "off"),
+                   ("Mosquitto QoS 1, persistence off (not durable)", "mosquitto", None)]
+        runs = {label: [] for label, _, _ in systems}
+        for _ in range(rounds):
+            for label, kind, sync in systems:
+                runs[label].append(one(kind, "flat", "--devices", 100, "--window", 64,
+                                       "--warmup", 2, "--duration", secs, sync=sync or "full"))
+        med = {}
+        md.append("## a. 100 devices, flat out, 120-byte JSON\n")
+        md.append(f"Each device keeps 64 messages unacknowledged. {rounds} round(s) of {secs} s, "
+                  "the systems alternating; the median round is shown, with every round's rate.\n")
+        md.append("| system | acked msgs/s (median) | all rounds | ACK p50 | p99 | server CPU per msg |")
+        md.append("|---|---|---|---|---|---|")
+        for label, _, _ in systems:
+            rs = sorted(runs[label], key=lambda r: r["msgs_per_s"])
+            m = rs[len(rs) // 2]
+            med[label] = m
+            cpu = m.get("server_cpu_us_per_msg")
+            rates = ", ".join(f"{r['msgs_per_s']:,.0f}" for r in runs[label])
+            cpu_s = f"{cpu:.2f} us" if cpu else "n/a"
+            md.append(f"| {label} | {m['msgs_per_s']:,.0f} | {rates} | "
+                      f"{ms(m['ack_us']['p50'])} | {ms(m['ack_us']['p99'])} | {cpu_s} |")
+        furrow_rate = med[systems[0][0]]["msgs_per_s"]
+        mq_rate = med[systems[2][0]]["msgs_per_s"]
+        md.append("")
+        md.append(f"Durable Furrow against Mosquitto QoS 1: **{furrow_rate / mq_rate:.2f}x** "
+                  f"(goal: at least 1.5x, and at least 150,000 durable msgs/s: "
+                  f"{'met' if furrow_rate >= 150_000 else 'NOT met'}).\n")
 
-    # e. latency below saturation, at half the durable maximum.
-    print("e. steady at half the maximum", flush=True)
-    half = furrow_rate / 2
-    rate = max(1, round(half / 100))
-    st = one("furrow", "steady", "--devices", 100, "--rate", rate, "--window", 256,
-             "--warmup", 2, "--duration", secs)
-    md.append("## e. ACK latency below saturation\n")
-    md.append(f"100 devices at {rate} msgs/s each ({rate * 100:,} msgs/s offered, half of (a)'s "
-              f"durable rate), `synchronous=full`.\n")
-    md.append("| acked msgs/s | p50 | p90 | p99 | p99.9 | max |")
-    md.append("|---|---|---|---|---|---|")
-    a = st["ack_us"]
-    md.append(f"| {st['msgs_per_s']:,.0f} | {ms(a['p50'])} | {ms(a['p90'])} | {ms(a['p99'])} | "
-              f"{ms(a['p999'])} | {ms(a['max'])} |")
-    md.append(f"\nGoal: p99 at most 5 ms: **{'met' if a['p99'] <= 5000 else 'NOT met'}**.\n")
+        # e. latency below saturation, at half the durable maximum.
+        print("e. steady at half the maximum", flush=True)
+        half = furrow_rate / 2
+        rate = max(1, round(half / 100))
+        st = one("furrow", "steady", "--devices", 100, "--rate", rate, "--window", 256,
+                 "--warmup", 2, "--duration", secs)
+        md.append("## e. ACK latency below saturation\n")
+        md.append(f"100 devices at {rate} msgs/s each ({rate * 100:,} msgs/s offered, half of (a)'s "
+                  f"durable rate), `synchronous=full`.\n")
+        md.append("| acked msgs/s | p50 | p90 | p99 | p99.9 | max |")
+        md.append("|---|---|---|---|---|---|")
+        a = st["ack_us"]
+        md.append(f"| {st['msgs_per_s']:,.0f} | {ms(a['p50'])} | {ms(a['p90'])} | {ms(a['p99'])} | "
+                  f"{ms(a['p999'])} | {ms(a['max'])} |")
+        md.append(f"\nGoal: p99 at most 5 ms: **{'met' if a['p99'] <= 5000 else 'NOT met'}**.\n")
 
-    # b. idle memory.
-    print("b. idle connections", flush=True)
-    md.append("## b. Memory per idle connection\n")
-    md.append("Server RSS growth while N authenticated connections are held, divided by N "
-              "(kernel socket memory not included, the same for both).\n")
-    md.append("| connections | Furrow bytes/conn | Mosquitto bytes/conn | ratio |")
-    md.append("|---|---|---|---|")
-    for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
-        f = one("furrow", "idle", "--devices", n, "--duration", 2)
-        m = one("mosquitto", "idle", "--devices", n, "--duration", 2)
-        fb = f["memory"]["bytes_per_connection"]
-        mb = m["memory"]["bytes_per_connection"]
-        md.append(f"| {n:,} | {fb:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
-    md.append("\nGoal: no higher than Mosquitto's.\n")
+    if want("idle"):
+        # b. idle memory.
+        print("b. idle connections", flush=True)
+        md.append("## b. Memory per idle connection\n")
+        md.append("Server RSS growth while N authenticated connections are held, divided by N "
+                  "(kernel socket memory not included, the same for both).\n")
+        md.append("| connections | Furrow bytes/conn | Mosquitto bytes/conn | ratio |")
+        md.append("|---|---|---|---|")
+        for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
+            f = one("furrow", "idle", "--devices", n, "--duration", 2)
+            m = one("mosquitto", "idle", "--devices", n, "--duration", 2)
+            fb = f["memory"]["bytes_per_connection"]
+            mb = m["memory"]["bytes_per_connection"]
+            md.append(f"| {n:,} | {fb:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+        md.append("\nGoal: no higher than Mosquitto's.\n")
 
-    # c. storm.
-    print("c. storm", flush=True)
-    s = one("furrow", "storm", "--devices", 10000, "--rate", 1, "--warmup", 3, "--duration", 30)
-    st = s["storm"]
-    md.append("## c. Reconnect storm\n")
-    md.append("10,000 devices stream at 1 msg/s, then all drop their connections at once and "
-              "reconnect; a device is back at its first ACK after reconnecting.\n")
-    md.append("| devices | back | all back in | per device p50 | p99 |")
-    md.append("|---|---|---|---|---|")
-    allb = f"{st['all_back_ms']:,.0f} ms" if st["all_back_ms"] is not None else "NOT all back"
-    md.append(f"| {st['devices']:,} | {st['back']:,} | {allb} | {ms(st['back_us']['p50'])} | "
-              f"{ms(st['back_us']['p99'])} |")
-    md.append("\nGoal: all back within 3 s.\n")
+    if want("storm"):
+        # c. storm.
+        print("c. storm", flush=True)
+        s = one("furrow", "storm", "--devices", 10000, "--rate", 1, "--warmup", 3, "--duration", 30)
+        st = s["storm"]
+        md.append("## c. Reconnect storm\n")
+        md.append("10,000 devices stream at 1 msg/s, then all drop their connections at once and "
+                  "reconnect; a device is back at its first ACK after reconnecting.\n")
+        md.append("| devices | back | all back in | per device p50 | p99 |")
+        md.append("|---|---|---|---|---|")
+        allb = f"{st['all_back_ms']:,.0f} ms" if st["all_back_ms"] is not None else "NOT all back"
+        md.append(f"| {st['devices']:,} | {st['back']:,} | {allb} | {ms(st['back_us']['p50'])} | "
+                  f"{ms(st['back_us']['p99'])} |")
+        md.append("\nGoal: all back within 3 s.\n")
 
     # d. growth.
-    print("d. growth", flush=True)
-    total = 50_000
-    md.append("## d. Growth: cost per message as connections grow\n")
-    md.append(f"The same {total:,} msgs/s offered in total, spread over more and more "
-              "connections (steady mode), `synchronous=full`. The cost per message should "
-              "stay flat.\n")
-    md.append("| connections | msgs/s per device | acked msgs/s | ACK p50 | p99 | server CPU per msg |")
-    md.append("|---|---|---|---|---|---|")
-    for n in (100, 1000, 10000):
-        g = one("furrow", "steady", "--devices", n, "--rate", total / n, "--window", 256,
-                "--warmup", 3, "--duration", secs)
-        md.append(f"| {n:,} | {total / n:g} | {g['msgs_per_s']:,.0f} | {ms(g['ack_us']['p50'])} | "
-                  f"{ms(g['ack_us']['p99'])} | {g['server_cpu_us_per_msg']:.2f} us |")
-    md.append("")
+    if want("growth"):
+        print("d. growth", flush=True)
+        total = 50_000
+        md.append("## d. Growth: cost per message as connections grow\n")
+        md.append(f"The same {total:,} msgs/s offered in total, spread over more and more "
+                  "connections (steady mode, window 256), then 10,000 quiet devices at 1 msg/s. "
+                  "Furrow on SQLite `synchronous=full` and Mosquitto QoS 1 (persistence off) "
+                  "alternate row by row. The cost per message should stay flat, and ACK p99 "
+                  "within 5 ms.\n")
+        md.append("| devices x msgs/s | Furrow acked/s | ACK p50 | p99 | CPU/msg | "
+                  "Mosquitto acked/s | p50 | p99 | CPU/msg | Furrow/Mosquitto CPU |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|")
+        for n, rate in ((100, total / 100), (1000, total / 1000), (10000, total / 10000),
+                        (10000, 1)):
+            row = {}
+            for kind in ("furrow", "mosquitto"):
+                row[kind] = one(kind, "steady", "--devices", n, "--rate", rate, "--window", 256,
+                                "--warmup", 3, "--duration", secs)
+            f, m = row["furrow"], row["mosquitto"]
+            fc, mc = f.get("server_cpu_us_per_msg"), m.get("server_cpu_us_per_msg")
+            ratio = f"{fc / mc:.2f}" if fc and mc else "n/a"
+            cpu = lambda v: f"{v:.2f} us" if v else "n/a"
+            md.append(f"| {n:,} x {rate:g} | {f['msgs_per_s']:,.0f} | {ms(f['ack_us']['p50'])} | "
+                      f"{ms(f['ack_us']['p99'])} | {cpu(fc)} | {m['msgs_per_s']:,.0f} | "
+                      f"{ms(m['ack_us']['p50'])} | {ms(m['ack_us']['p99'])} | {cpu(mc)} | "
+                      f"{ratio} |")
+        md.append("")
 
     head = ["# Benchmarks\n",
             f"Written by `python3 bench/compare.py{' --quick' if opts.quick else ''}` on {started}.",
@@ -261,12 +284,39 @@ def main():
             old = f.read()
         if KEEP in old:
             kept = "\n" + old[old.index(KEEP):]
+    if opts.only and os.path.exists(opts.out):
+        # Sections not run this time stay as they were.
+        fresh = split_sections("\n".join(md))
+        with open(opts.out) as f:
+            old_text = f.read()
+        if KEEP in old_text:
+            old_text = old_text[:old_text.index(KEEP)]
+        merged = []
+        for key, text in split_sections(old_text):
+            new_text = dict(fresh).get(key)
+            merged.append(new_text if new_text is not None else text)
+        known = {k for k, _ in split_sections(old_text)}
+        merged += [t for k, t in fresh if k not in known]
+        md = ["\n".join(merged)]
+        head[1] = (f"Written by `python3 bench/compare.py`: the {', '.join(opts.only)} "
+                   f"section(s) re-run with `--only` on {started}, the others kept from the "
+                   "previous full run.")
     with open(opts.out, "w") as f:
         f.write("\n".join(head + md) + "\n" + kept)
     print(f"wrote {opts.out}")
 
 
 KEEP = "<!-- kept by compare.py: measured by other scripts -->"
+
+
+def split_sections(text):
+    """(key, text) for each "## x." section of a BENCHMARKS.md body."""
+    out = []
+    for part in re.split(r"(?m)^(?=## )", text):
+        m = re.match(r"## (\w)\.", part)
+        if m:
+            out.append((m.group(1), part.rstrip("\n") + "\n"))
+    return out
 
 
 if __name__ == "__main__":

@@ -456,7 +456,7 @@ impl Inner {
                 _ = tokio::time::sleep(self.heartbeat) => {}
             }
             beats += 1;
-            match self.beat(beats % 5 == 0).await {
+            match self.beat(beats.is_multiple_of(5)).await {
                 Ok(()) => {
                     if failing {
                         info!("cluster heartbeat recorded again");

@@ -247,6 +247,12 @@ pub struct Storage {
     /// Writer queue capacity, in jobs (one job is one read's worth of
     /// telemetry from one connection).
     pub queue_capacity: usize,
+    /// SQLite only: readings are indexed per device (sealed) once this many
+    /// wait unindexed in memory (they are durable already; the bound is on
+    /// memory and on the scan at the next start)...
+    pub seal_rows: usize,
+    /// ...or once the oldest has waited this long.
+    pub seal_after_ms: u64,
     /// PostgreSQL only: connections in the pool.
     pub pool_size: usize,
     /// PostgreSQL only: how long to wait for a connection before a call
@@ -261,6 +267,8 @@ impl Default for Storage {
             batch_max_rows: 8192,
             batch_delay_us: 0,
             queue_capacity: 1024,
+            seal_rows: 200_000,
+            seal_after_ms: 10_000,
             pool_size: 16,
             connect_timeout_ms: 3_000,
         }
@@ -728,6 +736,9 @@ impl Config {
         }
         if self.storage.queue_capacity == 0 {
             return bad("storage.queue_capacity", "must be at least 1".into());
+        }
+        if self.storage.seal_rows == 0 {
+            return bad("storage.seal_rows", "must be at least 1".into());
         }
         if self.storage.batch_delay_us > 1_000_000 {
             return bad("storage.batch_delay_us", "must be at most 1 s".into());

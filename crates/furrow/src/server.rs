@@ -68,8 +68,17 @@ pub enum ServerError {
     },
 }
 
-/// Opens the SQLite store in `cfg.data_dir`, creating the directory.
+/// Opens the SQLite store in `cfg.data_dir`, creating the directory, for
+/// a tool beside the gateway (the CLI, provisioning, tests): it reads and
+/// manages devices but stores no telemetry.
 pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
+    open_sqlite(cfg, false)
+}
+
+/// Opens SQLite in the data directory (created if missing); `ingest` for
+/// the gateway itself, which takes the database's lock file and stores
+/// telemetry.
+fn open_sqlite(cfg: &Config, ingest: bool) -> Result<SqliteStore, ServerError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
         path: dir.clone(),
@@ -87,6 +96,12 @@ pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
     }
     let opts = SqliteOptions {
         synchronous: cfg.storage.synchronous,
+        ingest,
+        log: crate::store::sqlite::LogOptions {
+            seal_rows: cfg.storage.seal_rows,
+            seal_after_ms: cfg.storage.seal_after_ms,
+            ..Default::default()
+        },
         ..SqliteOptions::default()
     };
     Ok(SqliteStore::open(cfg.database_path(), opts)?)
@@ -100,15 +115,20 @@ fn postgres_options(cfg: &Config) -> PostgresOptions {
     }
 }
 
-/// Opens the configured store: PostgreSQL when `database_url` is set
-/// (migrated, reachable), else SQLite in `data_dir`.
+/// Opens the configured store for a tool: PostgreSQL when `database_url`
+/// is set (migrated, reachable), else SQLite in `data_dir` (see
+/// [`open_store`]).
 pub async fn connect_store(cfg: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    connect(cfg, false).await
+}
+
+async fn connect(cfg: &Config, ingest: bool) -> Result<Arc<dyn Store>, ServerError> {
     if cfg.uses_postgres() {
         let store = PostgresStore::connect(&cfg.database_url, postgres_options(cfg)).await?;
         return Ok(Arc::new(store));
     }
     let cfg = cfg.clone();
-    let store = tokio::task::spawn_blocking(move || open_store(&cfg))
+    let store = tokio::task::spawn_blocking(move || open_sqlite(&cfg, ingest))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
     Ok(Arc::new(store))
@@ -151,7 +171,7 @@ impl Server {
     /// Opens the store and binds the device listener.
     pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
         if !cfg.uses_postgres() {
-            let store = connect_store(&cfg).await?;
+            let store = connect(&cfg, true).await?;
             return Self::with_store(cfg, store).await;
         }
         let pg = PostgresStore::connect(&cfg.database_url, postgres_options(&cfg)).await?;

@@ -264,6 +264,20 @@ pub enum StoreError {
     /// A blocking task died (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
+    /// Stored data failed a consistency check.
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    /// The database's lock file cannot be opened or locked.
+    #[error("cannot use the lock file {path}")]
+    LockFile {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another gateway process ingests into this database already.
+    #[error("another furrow gateway is storing into {0} (its lock file is held)")]
+    InUse(std::path::PathBuf),
     /// The schema in the database is newer than this binary knows.
     #[error("database schema version {found} is newer than this gateway supports ({supported})")]
     SchemaTooNew {
@@ -277,8 +291,12 @@ pub enum StoreError {
 /// The storage backend, shared by the writer, the sessions and the CLI.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Stores a batch durably in one transaction; `(device, seq)` pairs that
-    /// are stored already are skipped, never stored twice.
+    /// Stores a batch durably in one transaction. A record is never stored
+    /// twice: one whose `(device, seq)` is stored already is skipped, and a
+    /// backend may also skip one at or below the device's highest stored
+    /// seq (furrow/1's duplicate rule, which the gateway applies before the
+    /// store; SQLite relies on it instead of a unique index). A device's
+    /// records arrive in increasing seq order.
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError>;
 
     /// Looks a device up for authentication.

@@ -741,7 +741,7 @@ pub fn run_one(input: &Input) {
         panics, 0,
         "the gateway caught {panics} panic(s) in sessions"
     );
-    if n % HEALTH_EVERY == 0 {
+    if n.is_multiple_of(HEALTH_EVERY) {
         health_check();
     }
 }

@@ -1,29 +1,29 @@
 //! The embedded SQLite backend (the default).
 //!
 //! One writer connection serves the [`writer`](crate::writer)'s group
-//! commits; a second connection serves reads (HELLO lookups, listings), which
-//! WAL lets run beside a commit; a third copies committed WAL frames into
-//! the database file (checkpoints), so that commits, which release ACKs,
-//! never do it themselves (measured: p50 ACK latency halved at 50,000
-//! msgs/s, flat-out rate +20%). Each connection has its own thread; none
-//! runs on an async worker.
+//! commits (and the seals of the telemetry log between them); a second
+//! connection serves reads (HELLO lookups, listings), which WAL lets run
+//! beside a commit; a third copies committed WAL frames into the database
+//! file (checkpoints), so that commits, which release ACKs, never do it
+//! themselves (measured: p50 ACK latency halved at 50,000 msgs/s, flat-out
+//! rate +20%). Each connection has its own thread; none runs on an async
+//! worker.
 //!
-//! Schema choices (measured, see `docs/storage.md`): telemetry is a
-//! `WITHOUT ROWID` table keyed by `(device, seq)` with `device` an integer
-//! surrogate. Rows of one device arrive in seq order, so within a
-//! group commit each device appends to the right edge of its own key range
-//! and dirties a page or two, and reading a device's history back is one
-//! range scan. `INSERT OR IGNORE` makes the key the last guard against
-//! storing a seq twice.
+//! Telemetry is an append-only log indexed per device after the fact
+//! ([`telemetry`] says why and how). Devices, commands and revocations are
+//! ordinary tables.
 //!
 //! Seqs are u64 on the wire and i64 in SQLite: they are stored as the same
-//! 64 bits. Values above `i64::MAX` sort below 0 as SQLite sees them, which
-//! [`Store::last_seq`] accounts for.
+//! 64 bits, and compared as u64 in Rust (or as [`telemetry::okey`] where
+//! SQLite orders them).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod telemetry;
+pub use telemetry::LogOptions;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -72,8 +72,9 @@ impl FromStr for Synchronous {
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[
-    r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 CREATE TABLE devices (
     id          INTEGER PRIMARY KEY,
     device_id   TEXT    NOT NULL UNIQUE,
@@ -113,11 +114,22 @@ CREATE TABLE revocations (
     at_ms     INTEGER NOT NULL
 );
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 -- Open commands by expiry, for the expiry sweep.
 CREATE INDEX commands_open ON commands (status, expires_ms);
 "#,
+    ),
+    // Telemetry as an append-only log with per-device postings.
+    Migration::Code(telemetry::migrate_v3),
 ];
+
+/// One schema step: SQL, or code for what SQL alone cannot do.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<(), StoreError>),
+}
 
 /// Options for opening the database.
 #[derive(Debug, Clone)]
@@ -127,6 +139,13 @@ pub struct SqliteOptions {
     /// How long a connection waits for another process's lock (the CLI
     /// and a running gateway share the file).
     pub busy_timeout: Duration,
+    /// The telemetry log.
+    pub log: LogOptions,
+    /// This store ingests telemetry (the gateway): it takes the database's
+    /// lock file, so that a second gateway cannot, and seals the log. A
+    /// tool beside a running gateway (the CLI, provisioning) opens with
+    /// `false` and appends nothing.
+    pub ingest: bool,
 }
 
 impl Default for SqliteOptions {
@@ -134,6 +153,8 @@ impl Default for SqliteOptions {
         Self {
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
+            log: LogOptions::default(),
+            ingest: true,
         }
     }
 }
@@ -144,7 +165,12 @@ pub struct SqliteStore {
     writer: DbThread,
     reader: DbThread,
     path: PathBuf,
-    /// The checkpointer stops when the last clone of the store is dropped.
+    /// The telemetry log's memory (tail, marks), shared by both threads.
+    log: Arc<telemetry::Shared>,
+    log_opts: LogOptions,
+    ingest: bool,
+    /// The checkpointer and sealer stop when the last clone of the store is
+    /// dropped (the writer thread, which holds the lock file, right after).
     _alive: Arc<()>,
 }
 
@@ -214,7 +240,14 @@ struct DbThread {
 }
 
 impl DbThread {
-    fn spawn(name: &str, mut conn: Connection) -> Result<Self, StoreError> {
+    /// `guard` (the database's lock file) is held until the thread ends,
+    /// after its connection is closed: nothing it queued can write after a
+    /// new owner has taken the lock.
+    fn spawn(
+        name: &str,
+        mut conn: Connection,
+        guard: Option<std::fs::File>,
+    ) -> Result<Self, StoreError> {
         // Bounded: callers wait (asynchronously) when the thread is behind.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(1024);
         std::thread::Builder::new()
@@ -226,9 +259,17 @@ impl DbThread {
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
+                drop(conn);
+                drop(guard);
             })
             .map_err(|e| StoreError::Task(format!("cannot start {name} thread: {e}")))?;
         Ok(Self { tx })
+    }
+
+    /// Queues a job without waiting for it; false if the queue is full or
+    /// the thread is gone.
+    fn submit(&self, job: Job) -> bool {
+        self.tx.try_send(job).is_ok()
     }
 
     async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -295,9 +336,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             supported,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql)?,
+            Migration::Code(f) => f(&tx)?,
+        }
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "applied schema migration");
@@ -310,8 +354,14 @@ impl SqliteStore {
     /// Blocking: call it before the runtime is busy, or on a blocking task.
     pub fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        let lock = if opts.ingest {
+            Some(take_lock(&path, opts.busy_timeout)?)
+        } else {
+            None
+        };
         let mut writer = open_conn(&path, &opts)?;
         migrate(&mut writer)?;
+        let log = Arc::new(std::sync::Mutex::new(telemetry::recover(&writer)?));
         // Checkpoints run on their own thread and connection, not inside
         // the writer's commits (SQLite's default), where they stalled the
         // commits that release ACKs. The writer keeps a far threshold as a
@@ -326,17 +376,92 @@ impl SqliteStore {
                 "SQLite durability lowered: acknowledged telemetry may be lost on power failure"
             );
         }
-        Ok(Self {
-            writer: DbThread::spawn("furrow-db-write", writer)?,
-            reader: DbThread::spawn("furrow-db-read", reader)?,
+        let store = Self {
+            writer: DbThread::spawn("furrow-db-write", writer, lock)?,
+            reader: DbThread::spawn("furrow-db-read", reader, None)?,
             path,
+            log,
+            log_opts: opts.log.clone(),
+            ingest: opts.ingest,
             _alive: alive,
-        })
+        };
+        if opts.ingest {
+            store.spawn_sealer()?;
+        }
+        Ok(store)
+    }
+
+    /// Asks the writer for a seal slice every [`SEAL_TICK`] while the
+    /// store lives (appends ask too while a seal is due), and reports the
+    /// tail's size.
+    fn spawn_sealer(&self) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        let (log, opts) = (Arc::clone(&self.log), self.log_opts.clone());
+        let alive = Arc::downgrade(&self._alive);
+        std::thread::Builder::new()
+            .name("furrow-db-seal".to_owned())
+            .spawn(move || {
+                while alive.strong_count() > 0 {
+                    std::thread::sleep(SEAL_TICK);
+                    let unsealed = telemetry::unsealed(&log);
+                    metrics::gauge!("furrow_sqlite_unsealed_rows").set(unsealed as f64);
+                    writer.submit(seal_job(&log, &opts));
+                }
+            })
+            .map_err(|e| StoreError::Task(format!("cannot start the seal thread: {e}")))?;
+        Ok(())
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// How often the sealer looks at the telemetry log.
+const SEAL_TICK: Duration = Duration::from_millis(100);
+
+/// A job for the writer thread: one slice of a seal, if one is due.
+fn seal_job(log: &Arc<telemetry::Shared>, opts: &LogOptions) -> Job {
+    let (log, opts) = (Arc::clone(log), opts.clone());
+    Box::new(move |conn| {
+        if let Err(e) = telemetry::seal_step(conn, &log, &opts, now_ms() as i64) {
+            // The rows stay in the tail; the next tick tries again.
+            tracing::warn!(error = %e, "sealing the telemetry log failed; retrying");
+        }
+    })
+}
+
+/// Takes `DB.lock` beside the database, exclusively, for as long as the
+/// returned file lives: one ingesting gateway per database. Waits up to
+/// `wait` for a previous owner in this process to finish closing.
+fn take_lock(db: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::LockFile {
+            path: path.clone(),
+            source,
+        })?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse(db.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::LockFile { path, source })
+            }
+        }
     }
 }
 
@@ -400,17 +525,13 @@ fn close_commands(
 /// A device row with its stored watermark and when that reading arrived.
 fn device_info(
     conn: &Connection,
+    log: &telemetry::Shared,
     key: Key,
     device_id: String,
     created: i64,
     revoked: Option<i64>,
 ) -> Result<DeviceInfo, StoreError> {
-    let last_seq = last_seq_of(conn, key)?;
-    let last_seen_ms = conn
-        .prepare_cached("SELECT received_ms FROM telemetry WHERE device = ?1 AND seq = ?2")?
-        .query_row(params![key, last_seq as i64], |r| r.get::<_, i64>(0))
-        .optional()?
-        .map(|v| v as u64);
+    let (last_seq, last_seen_ms) = telemetry::stored(conn, log, key)?;
     Ok(DeviceInfo {
         device_id,
         created_ms: created as u64,
@@ -420,57 +541,23 @@ fn device_info(
     })
 }
 
-fn last_seq_of(conn: &Connection, device: Key) -> Result<u64, StoreError> {
-    // u64 seqs above i64::MAX are stored as negative i64: they are the largest.
-    let v: Option<i64> = conn
-        .prepare_cached(
-            "SELECT COALESCE(
-                (SELECT MAX(seq) FROM telemetry WHERE device = ?1 AND seq < 0),
-                (SELECT MAX(seq) FROM telemetry WHERE device = ?1))",
-        )?
-        .query_row([device], |r| r.get(0))?;
-    Ok(v.map_or(0, |s| s as u64))
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+        if !self.ingest {
+            return Err(StoreError::Config(
+                "this store was opened by a tool, not by the gateway: it stores no telemetry"
+                    .into(),
+            ));
+        }
+        let (log, opts) = (Arc::clone(&self.log), self.log_opts.clone());
         self.writer
-            .call(move |conn| {
-                let tx = conn.transaction()?;
-                {
-                    let mut stmt = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO telemetry
-                     (device, seq, timestamp_ms, received_ms, content_type, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?;
-                    for r in &batch.records {
-                        stmt.execute(params![
-                            r.device,
-                            r.seq as i64,
-                            r.timestamp_ms as i64,
-                            r.received_ms as i64,
-                            r.content_type,
-                            &r.payload[..],
-                        ])?;
-                    }
-                    // Raise the rejection watermark, comparing as u64: same
-                    // sign compares as signed; negative (>= 2^63) is larger.
-                    let mut mark = tx.prepare_cached(
-                        "UPDATE devices SET rejected_seq = CASE
-                            WHEN (rejected_seq < 0) = (?2 < 0) THEN max(rejected_seq, ?2)
-                            WHEN ?2 < 0 THEN ?2
-                            ELSE rejected_seq END
-                         WHERE id = ?1",
-                    )?;
-                    for (device, seq) in &batch.rejections {
-                        mark.execute(params![device, *seq as i64])?;
-                    }
-                }
-                tx.commit()?;
-                Ok(())
-            })
-            .await
+            .call(move |conn| telemetry::append(conn, &log, &batch, &opts, now_ms() as i64))
+            .await?;
+        if telemetry::seal_due(&self.log, &self.log_opts, now_ms() as i64) {
+            self.writer.submit(seal_job(&self.log, &self.log_opts));
+        }
+        Ok(())
     }
 
     async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
@@ -503,6 +590,7 @@ impl Store for SqliteStore {
     }
 
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+        let log = Arc::clone(&self.log);
         self.reader
             .call(move |conn| {
                 let rejected: i64 = conn
@@ -511,7 +599,7 @@ impl Store for SqliteStore {
                     .optional()?
                     .unwrap_or(0);
                 Ok(DeviceSeqs {
-                    stored: last_seq_of(conn, device)?,
+                    stored: telemetry::stored(conn, &log, device)?.0,
                     rejected: rejected as u64,
                 })
             })
@@ -544,6 +632,7 @@ impl Store for SqliteStore {
         after: Option<String>,
         limit: u32,
     ) -> Result<Vec<DeviceInfo>, StoreError> {
+        let log = Arc::clone(&self.log);
         self.reader
             .call(move |conn| {
                 let mut stmt = conn.prepare_cached(
@@ -562,7 +651,7 @@ impl Store for SqliteStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 rows.into_iter()
                     .map(|(key, device_id, created, revoked)| {
-                        device_info(conn, key, device_id, created, revoked)
+                        device_info(conn, &log, key, device_id, created, revoked)
                     })
                     .collect()
             })
@@ -571,6 +660,7 @@ impl Store for SqliteStore {
 
     async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError> {
         let id = device_id.to_owned();
+        let log = Arc::clone(&self.log);
         self.reader
             .call(move |conn| {
                 let row = conn
@@ -587,7 +677,7 @@ impl Store for SqliteStore {
                     })
                     .optional()?;
                 row.map(|(key, device_id, created, revoked)| {
-                    device_info(conn, key, device_id, created, revoked)
+                    device_info(conn, &log, key, device_id, created, revoked)
                 })
                 .transpose()
             })
@@ -665,38 +755,17 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<StoredTelemetry>, StoreError> {
         let id = device_id.to_owned();
-        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        let log = Arc::clone(&self.log);
         self.reader
             .call(move |conn| {
-                // The key range narrows the scan to the seqs asked for; the
-                // time bounds filter within it.
-                let mut stmt = conn.prepare_cached(
-                    "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
-                 FROM telemetry t JOIN devices d ON d.id = t.device
-                 WHERE d.device_id = ?1 AND t.seq >= ?2 AND t.seq <= ?3
-                   AND t.timestamp_ms >= ?4 AND t.timestamp_ms <= ?5
-                 ORDER BY t.seq LIMIT ?6",
-                )?;
-                let args = params![
-                    id,
-                    clamp(range.from_seq),
-                    clamp(range.to_seq),
-                    clamp(range.from_ms),
-                    clamp(range.to_ms),
-                    limit
-                ];
-                let rows = stmt
-                    .query_map(args, |r| {
-                        Ok(StoredTelemetry {
-                            seq: r.get::<_, i64>(0)? as u64,
-                            timestamp_ms: r.get::<_, i64>(1)? as u64,
-                            received_ms: r.get::<_, i64>(2)? as u64,
-                            content_type: r.get(3)?,
-                            payload: r.get(4)?,
-                        })
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+                let key: Option<Key> = conn
+                    .prepare_cached("SELECT id FROM devices WHERE device_id = ?1")?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()?;
+                match key {
+                    Some(key) => telemetry::read(conn, &log, key, range, limit),
+                    None => Ok(Vec::new()),
+                }
             })
             .await
     }
