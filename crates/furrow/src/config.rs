@@ -253,6 +253,21 @@ pub struct Storage {
     pub seal_rows: usize,
     /// ...or once the oldest has waited this long.
     pub seal_after_ms: u64,
+    /// SQLite only: readings are stored in one table per span of time
+    /// (`1d`, `6h`, ...); retention drops whole tables, so this is its
+    /// granularity.
+    pub chunk_span: Span,
+    /// Readings older than this are dropped, a whole chunk at a time, once
+    /// every reading in the chunk is older (`30d`; `0`: kept forever).
+    /// Each device's `last_seq` is kept.
+    pub retention: Span,
+    /// Oldest chunks are dropped while the database holds more than this
+    /// many bytes (0: no cap). The newest chunk is never dropped.
+    pub max_bytes: u64,
+    /// Below this much free space on the database's filesystem the gateway
+    /// stops taking telemetry (devices stay connected and are slowed down
+    /// by flow control; nothing is dropped) until space returns.
+    pub min_free_bytes: u64,
     /// PostgreSQL only: connections in the pool.
     pub pool_size: usize,
     /// PostgreSQL only: how long to wait for a connection before a call
@@ -269,9 +284,94 @@ impl Default for Storage {
             queue_capacity: 1024,
             seal_rows: 200_000,
             seal_after_ms: 10_000,
+            chunk_span: Span::from_ms(86_400_000),
+            retention: Span::OFF,
+            max_bytes: 0,
+            min_free_bytes: 128 << 20,
             pool_size: 16,
             connect_timeout_ms: 3_000,
         }
+    }
+}
+
+/// A span of time as people write it: `30d`, `12h`, `90m`, `45s`, or `0`
+/// (off). Stored in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span(u64);
+
+impl Span {
+    /// Off (zero).
+    pub const OFF: Span = Span(0);
+
+    /// A span of `ms` milliseconds.
+    pub const fn from_ms(ms: u64) -> Self {
+        Span(ms)
+    }
+
+    /// In milliseconds (0: off).
+    pub fn ms(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Span(0));
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("{s:?}: expected a number and a unit (30d, 12h, 90m, 45s) or 0")
+        })?;
+        let per = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+        };
+        n.checked_mul(per)
+            .map(Span)
+            .ok_or_else(|| format!("{s:?} is too long"))
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0;
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms > 0 && ms.is_multiple_of(per) {
+                return write!(f, "{}{unit}", ms / per);
+            }
+        }
+        match ms {
+            0 => write!(f, "0"),
+            // Not a whole number of seconds: cannot be written back; shown
+            // in seconds, rounded up.
+            _ => write!(f, "{}s", ms.div_ceil(1_000)),
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -737,6 +837,19 @@ impl Config {
         if self.storage.queue_capacity == 0 {
             return bad("storage.queue_capacity", "must be at least 1".into());
         }
+        if self.storage.chunk_span.ms() < 60_000 {
+            return bad("storage.chunk_span", "must be at least 1m".into());
+        }
+        let retention = self.storage.retention.ms();
+        if retention > 0 && retention < self.storage.chunk_span.ms() {
+            return bad(
+                "storage.retention",
+                format!(
+                    "must be 0 (off) or at least storage.chunk_span ({}): readings are dropped a chunk at a time",
+                    self.storage.chunk_span
+                ),
+            );
+        }
         if self.storage.seal_rows == 0 {
             return bad("storage.seal_rows", "must be at least 1".into());
         }
@@ -806,6 +919,39 @@ pub fn redact_url(url: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_and_write_as_people_do() {
+        for (text, ms) in [
+            ("30d", 30 * 86_400_000),
+            ("12h", 43_200_000),
+            ("90m", 5_400_000),
+            ("45s", 45_000),
+            ("0", 0),
+        ] {
+            let span: Span = text.parse().unwrap();
+            assert_eq!(span.ms(), ms, "{text}");
+            assert_eq!(span.to_string(), text);
+        }
+        assert_eq!(Span::from_ms(7_200_000).to_string(), "2h");
+        for bad in ["", "30", "d", "1w", "-1d", "1.5h", "99999999999999999999d"] {
+            assert!(bad.parse::<Span>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retention_is_checked_against_the_chunk_span() {
+        let mut c = Config::default();
+        c.storage.retention = "30d".parse().unwrap();
+        assert!(c.validate().is_ok());
+        c.storage.retention = "1h".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("storage.retention"), "{e}");
+        c.storage.chunk_span = "1h".parse().unwrap();
+        assert!(c.validate().is_ok());
+        c.storage.chunk_span = "10s".parse().unwrap();
+        assert!(c.validate().is_err());
+    }
 
     #[test]
     fn defaults_validate() {

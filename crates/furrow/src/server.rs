@@ -100,8 +100,11 @@ fn open_sqlite(cfg: &Config, ingest: bool) -> Result<SqliteStore, ServerError> {
         log: crate::store::sqlite::LogOptions {
             seal_rows: cfg.storage.seal_rows,
             seal_after_ms: cfg.storage.seal_after_ms,
-            ..Default::default()
+            chunk_span_ms: cfg.storage.chunk_span.ms(),
+            retention_ms: cfg.storage.retention.ms(),
+            max_bytes: cfg.storage.max_bytes,
         },
+        min_free_bytes: cfg.storage.min_free_bytes,
         ..SqliteOptions::default()
     };
     Ok(SqliteStore::open(cfg.database_path(), opts)?)
@@ -271,6 +274,7 @@ impl Server {
         // The listeners are bound (the kernel queues devices already): ready
         // from the first /readyz on, until phase 1 of shutdown.
         let accepting = Arc::new(AtomicBool::new(true));
+        let commits_ok = Arc::new(AtomicBool::new(true));
         let api_stop = CancellationToken::new();
         let metrics = crate::metrics::handle();
         let upkeep = tokio::spawn({
@@ -306,6 +310,7 @@ impl Server {
                 registry: Arc::clone(&registry),
                 metrics,
                 accepting: Arc::clone(&accepting),
+                commits_ok: Arc::clone(&commits_ok),
                 token_digest: crate::api::auth::digest(&cfg.api.token),
                 instance: cfg.instance(),
                 events: events.clone(),
@@ -324,6 +329,7 @@ impl Server {
                 batch_max_rows: cfg.storage.batch_max_rows,
                 batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),
                 queue_capacity: cfg.storage.queue_capacity,
+                healthy: Arc::clone(&commits_ok),
             },
             events.clone(),
         );

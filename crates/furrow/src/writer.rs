@@ -83,6 +83,8 @@ pub struct WriterConfig {
     pub batch_delay: Duration,
     /// Queue capacity, in jobs.
     pub queue_capacity: usize,
+    /// Set while commits succeed, cleared while they fail (for `/readyz`).
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The sending side, cloned into every session.
@@ -166,6 +168,7 @@ async fn run(
                     if !healthy {
                         tracing::info!("storage commits succeed again");
                         healthy = true;
+                        cfg.healthy.store(true, Ordering::Release);
                     }
                     break;
                 }
@@ -174,6 +177,7 @@ async fn run(
                     if healthy {
                         tracing::error!(error = %e, rows = batch.records.len(), "storage commit failed; retrying, ACKs are held");
                         healthy = false;
+                        cfg.healthy.store(false, Ordering::Release);
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -45,6 +45,7 @@ fn options() -> SqliteOptions {
             seal_rows: 13,
             seal_after_ms: 0,
             chunk_span_ms: 0,
+            ..LogOptions::default()
         },
         ..SqliteOptions::default()
     }
@@ -351,4 +352,170 @@ async fn a_database_from_furrow_0_1_migrates() {
         store.telemetry("pump-1", all, 1000).await.unwrap().len(),
         41
     );
+}
+
+fn recs(key: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<TelemetryRecord> {
+    seqs.map(|seq| TelemetryRecord {
+        device: key,
+        seq,
+        timestamp_ms: seq,
+        received_ms: seq,
+        content_type: 1,
+        payload: Bytes::from(format!("{seq}")),
+    })
+    .collect()
+}
+
+async fn append(store: &SqliteStore, records: Vec<TelemetryRecord>) {
+    let batch = Batch {
+        records,
+        rejections: vec![],
+    };
+    store.append(Arc::new(batch)).await.unwrap();
+}
+
+fn chunk_ids(path: &std::path::Path) -> Vec<i64> {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let ids: Vec<i64> = c
+        .prepare("SELECT id FROM chunks ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    ids
+}
+
+/// Retention drops the oldest chunk whole (its table and postings), once
+/// every reading in it is older than the retention; the rest stays
+/// readable, and each device's last_seq survives even when all its
+/// readings are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.db");
+    let store = SqliteStore::open(
+        &path,
+        SqliteOptions {
+            log: LogOptions {
+                seal_rows: 1,
+                seal_after_ms: 0,
+                // A new chunk for every append.
+                chunk_span_ms: 0,
+                retention_ms: 400,
+                max_bytes: 0,
+            },
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    let mut keys = Vec::new();
+    for id in ["r1", "r2", "gone"] {
+        store.create_device(id, [1; 32]).await.unwrap();
+        keys.push(store.device_auth(id).await.unwrap().unwrap().key);
+    }
+    // Chunk 1: everything of "gone", the start of r1 and r2.
+    let mut first = recs(keys[0], 1..=10);
+    first.extend(recs(keys[1], 1..=5));
+    first.extend(recs(keys[2], 1..=3));
+    append(&store, first).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append(&store, recs(keys[0], 11..=20)).await; // chunk 2
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Chunk 3: chunk 2 opened 600 ms ago, so every reading of chunk 1 is
+    // older than the retention and it goes; chunk 2's successor opened
+    // just now, so it stays.
+    append(&store, recs(keys[1], 6..=6)).await;
+    within(Duration::from_secs(10), || {
+        chunk_ids(&path).first() == Some(&2)
+    })
+    .await;
+    let all = TelemetryRange::default();
+    let seqs =
+        |rows: Vec<furrow::store::StoredTelemetry>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(store.telemetry("r1", all, 100).await.unwrap()),
+        (11..=20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(store.telemetry("r2", all, 100).await.unwrap()),
+        vec![6]
+    );
+    assert!(store.telemetry("gone", all, 100).await.unwrap().is_empty());
+    for (i, want) in [20, 6, 3].into_iter().enumerate() {
+        assert_eq!(
+            store.device_seqs(keys[i]).await.unwrap().stored,
+            want,
+            "last_seq {i}"
+        );
+    }
+    // A repeat of a dropped seq is still a duplicate: not stored again.
+    append(&store, recs(keys[2], 2..=4)).await;
+    assert_eq!(
+        seqs(store.telemetry("gone", all, 100).await.unwrap()),
+        vec![4]
+    );
+    // The dropped table is gone, and the view no longer names it.
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let tables: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunk_1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0);
+    let rows: i64 = c
+        .query_row("SELECT COUNT(*) FROM telemetry", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 12, "chunks 2, 3 and 4 hold 10 + 1 + 1");
+    let info = store.storage_info().await.unwrap();
+    assert_eq!((info.backend, info.retention_ms), ("sqlite", 400));
+    assert!(info.chunks.is_some_and(|n| n >= 2), "{info:?}");
+}
+
+/// The size cap drops the oldest chunks while the database is too large,
+/// never the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_drops_the_oldest_chunks_but_never_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.db");
+    let store = SqliteStore::open(
+        &path,
+        SqliteOptions {
+            log: LogOptions {
+                seal_rows: 1,
+                seal_after_ms: 0,
+                chunk_span_ms: 0,
+                retention_ms: 0,
+                max_bytes: 1,
+            },
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    store.create_device("m", [1; 32]).await.unwrap();
+    let key = store.device_auth("m").await.unwrap().unwrap().key;
+    for part in 0..4u64 {
+        append(&store, recs(key, part * 10 + 1..=part * 10 + 10)).await;
+    }
+    within(Duration::from_secs(10), || chunk_ids(&path).len() == 1).await;
+    let rows = store
+        .telemetry("m", TelemetryRange::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (31..=40).collect::<Vec<_>>()
+    );
+    assert_eq!(store.device_seqs(key).await.unwrap().stored, 40);
+}
+
+/// Polls `done` until it holds, or fails after `limit`.
+async fn within(limit: Duration, done: impl Fn() -> bool) {
+    let end = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < end, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

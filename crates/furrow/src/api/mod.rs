@@ -28,6 +28,7 @@ pub mod auth;
 pub mod commands;
 pub mod devices;
 pub mod error;
+pub mod storage;
 pub mod telemetry;
 
 /// The OpenAPI document, generated from the handlers and their types.
@@ -43,13 +44,15 @@ pub mod telemetry;
         telemetry::list,
         commands::create,
         commands::get,
-        commands::list
+        commands::list,
+        storage::get
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "devices", description = "Provisioning and fleet state"),
         (name = "telemetry", description = "Stored readings"),
-        (name = "commands", description = "Commands to devices")
+        (name = "commands", description = "Commands to devices"),
+        (name = "storage", description = "Retention and disk")
     )
 )]
 pub struct ApiDoc;
@@ -78,6 +81,9 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// True while the device listener accepts.
     pub accepting: Arc<AtomicBool>,
+    /// True while the storage writer's commits succeed (false during a
+    /// database outage, a full disk, or below `storage.min_free_bytes`).
+    pub commits_ok: Arc<AtomicBool>,
     /// SHA-256 of the admin token, if one is configured.
     pub token_digest: Option<[u8; 32]>,
     /// This instance's name.
@@ -125,6 +131,7 @@ pub fn app(state: ApiState) -> Router {
             get(commands::list).post(commands::create),
         )
         .route("/v1/commands/{command_id}", get(commands::get))
+        .route("/v1/storage", get(storage::get))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -150,17 +157,20 @@ async fn healthz() -> impl IntoResponse {
 struct Ready {
     ready: bool,
     store: bool,
+    commits: bool,
     device_listener: bool,
 }
 
-/// The store answers and the device listener accepts.
+/// The store answers, telemetry commits succeed, and the device listener
+/// accepts.
 async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     let store = matches!(
         tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await,
         Ok(Ok(()))
     );
+    let commits = s.commits_ok.load(Ordering::Acquire);
     let device_listener = s.accepting.load(Ordering::Acquire);
-    let ready = store && device_listener;
+    let ready = store && commits && device_listener;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -171,6 +181,7 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
         axum::Json(Ready {
             ready,
             store,
+            commits,
             device_listener,
         }),
     )

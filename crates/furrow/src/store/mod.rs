@@ -229,6 +229,32 @@ pub struct CommandRecord {
     pub outcome: Option<CommandOutcome>,
 }
 
+/// How the store keeps telemetry, for operators (`GET /v1/storage`).
+/// `None`: the backend does not have or report it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StorageInfo {
+    /// `sqlite` or `postgresql`.
+    pub backend: &'static str,
+    /// Readings older than this are dropped, a chunk at a time (0: never).
+    pub retention_ms: u64,
+    /// Oldest chunks go while the database is larger (0: no cap).
+    pub max_bytes: u64,
+    /// Telemetry waits while the filesystem has less free space (0: off).
+    pub min_free_bytes: u64,
+    /// Time span of one chunk.
+    pub chunk_span_ms: Option<u64>,
+    /// Chunks held.
+    pub chunks: Option<u64>,
+    /// When the oldest chunk opened, Unix ms.
+    pub oldest_chunk_opened_ms: Option<u64>,
+    /// Bytes the database's pages hold.
+    pub used_bytes: Option<u64>,
+    /// Free bytes on the database's filesystem.
+    pub free_bytes: Option<u64>,
+    /// Readings stored but not yet indexed per device.
+    pub unsealed_rows: Option<u64>,
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -264,13 +290,22 @@ pub enum StoreError {
     /// A blocking task died (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The database's filesystem has less free space than the floor.
+    #[error("{free} bytes free on the database's filesystem, below storage.min_free_bytes ({floor}): telemetry waits until space returns")]
+    DiskLow {
+        /// Free bytes (for unprivileged users).
+        free: u64,
+        /// The floor.
+        floor: u64,
+    },
     /// Stored data failed a consistency check.
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
-    /// The database's lock file cannot be opened or locked.
-    #[error("cannot use the lock file {path}")]
-    LockFile {
-        /// The lock file.
+    /// A file or folder beside the database (its lock file, its
+    /// filesystem) cannot be used.
+    #[error("cannot use {path}")]
+    Io {
+        /// The file or folder.
         path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
@@ -383,6 +418,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Expires open commands whose time ran out by `now_ms`; returns them.
     async fn expire_commands(&self, now_ms: u64) -> Result<Vec<CommandRecord>, StoreError>;
+
+    /// How the store keeps telemetry, for operators.
+    async fn storage_info(&self) -> Result<StorageInfo, StoreError>;
 
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -835,6 +835,23 @@ impl Store for PostgresStore {
         Self::commands_by_ids(&client, &ids).await
     }
 
+    async fn storage_info(&self) -> Result<super::StorageInfo, StoreError> {
+        // Retention, size caps and the free-space floor are SQLite's for
+        // now (docs/postgres.md).
+        Ok(super::StorageInfo {
+            backend: "postgresql",
+            retention_ms: 0,
+            max_bytes: 0,
+            min_free_bytes: 0,
+            chunk_span_ms: None,
+            chunks: None,
+            oldest_chunk_opened_ms: None,
+            used_bytes: None,
+            free_bytes: None,
+            unsealed_rows: None,
+        })
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.query_one("SELECT 1", &[]).await?;

@@ -30,7 +30,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
-    DeviceSeqs, NewCommand, StoreError, StoredTelemetry, TelemetryRange,
+    DeviceSeqs, NewCommand, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
 };
 use super::{DeviceKey as Key, Store};
 use crate::clock::now_ms;
@@ -141,6 +141,10 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// The telemetry log.
     pub log: LogOptions,
+    /// Appends wait (fail with [`StoreError::DiskLow`], which the writer
+    /// retries) while the database's filesystem has less free space (0:
+    /// no floor).
+    pub min_free_bytes: u64,
     /// This store ingests telemetry (the gateway): it takes the database's
     /// lock file, so that a second gateway cannot, and seals the log. A
     /// tool beside a running gateway (the CLI, provisioning) opens with
@@ -154,6 +158,7 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             log: LogOptions::default(),
+            min_free_bytes: 0,
             ingest: true,
         }
     }
@@ -169,6 +174,7 @@ pub struct SqliteStore {
     log: Arc<telemetry::Shared>,
     log_opts: LogOptions,
     ingest: bool,
+    min_free_bytes: u64,
     /// The checkpointer and sealer stop when the last clone of the store is
     /// dropped (the writer thread, which holds the lock file, right after).
     _alive: Arc<()>,
@@ -177,6 +183,9 @@ pub struct SqliteStore {
 /// WAL pages after which a commit checkpoints by itself (about 256 MiB):
 /// reached only if the checkpointer falls far behind.
 const WAL_SAFETY_PAGES: i64 = 65_536;
+
+/// Bytes the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 /// How often the checkpointer looks at the WAL when it is idle.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -318,9 +327,13 @@ fn open_conn(path: &Path, opts: &SqliteOptions) -> Result<Connection, StoreError
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(path = %path.display(), mode, "SQLite refused WAL mode");
     }
+    // journal_size_limit: once a checkpoint has caught up and the WAL
+    // starts over, its file is cut back to this size (after a burst, or a
+    // full disk, it would otherwise keep its largest size for good).
     conn.execute_batch(&format!(
-        "PRAGMA synchronous={}; PRAGMA foreign_keys=ON;",
-        opts.synchronous.pragma()
+        "PRAGMA synchronous={}; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit={};",
+        opts.synchronous.pragma(),
+        WAL_SIZE_LIMIT
     ))
     .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(32);
@@ -383,6 +396,7 @@ impl SqliteStore {
             log,
             log_opts: opts.log.clone(),
             ingest: opts.ingest,
+            min_free_bytes: opts.min_free_bytes,
             _alive: alive,
         };
         if opts.ingest {
@@ -401,15 +415,36 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("furrow-db-seal".to_owned())
             .spawn(move || {
+                let mut ticks: u64 = 0;
                 while alive.strong_count() > 0 {
                     std::thread::sleep(SEAL_TICK);
                     let unsealed = telemetry::unsealed(&log);
                     metrics::gauge!("furrow_sqlite_unsealed_rows").set(unsealed as f64);
                     writer.submit(seal_job(&log, &opts));
+                    if ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                        writer.submit(retention_job(&opts));
+                    }
+                    ticks += 1;
                 }
             })
             .map_err(|e| StoreError::Task(format!("cannot start the seal thread: {e}")))?;
         Ok(())
+    }
+
+    /// Free bytes on the database's filesystem, for unprivileged users.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let st = rustix::fs::statvfs(dir).map_err(|e| StoreError::Io {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        metrics::gauge!("furrow_storage_free_bytes").set(free as f64);
+        Ok(free)
     }
 
     /// The database file.
@@ -432,6 +467,26 @@ fn seal_job(log: &Arc<telemetry::Shared>, opts: &LogOptions) -> Job {
     })
 }
 
+/// Retention is looked at every this many seal ticks (5 s).
+const RETENTION_EVERY_TICKS: u64 = 50;
+
+/// A job for the writer thread: drop the chunks retention no longer wants.
+fn retention_job(opts: &LogOptions) -> Job {
+    let opts = opts.clone();
+    Box::new(move |conn| {
+        match telemetry::enforce_retention(conn, &opts, now_ms() as i64) {
+            Ok(d) => {
+                metrics::counter!("furrow_retention_dropped_chunks_total").increment(d.chunks);
+                metrics::counter!("furrow_retention_dropped_rows_total").increment(d.rows);
+            }
+            Err(e) => tracing::warn!(error = %e, "retention failed; retrying"),
+        }
+        if let Ok((chunks, _)) = telemetry::chunk_summary(conn) {
+            metrics::gauge!("furrow_sqlite_chunks").set(chunks as f64);
+        }
+    })
+}
+
 /// Takes `DB.lock` beside the database, exclusively, for as long as the
 /// returned file lives: one ingesting gateway per database. Waits up to
 /// `wait` for a previous owner in this process to finish closing.
@@ -444,7 +499,7 @@ fn take_lock(db: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| StoreError::LockFile {
+        .map_err(|source| StoreError::Io {
             path: path.clone(),
             source,
         })?;
@@ -459,7 +514,7 @@ fn take_lock(db: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
                 return Err(StoreError::InUse(db.to_path_buf()))
             }
             Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::LockFile { path, source })
+                return Err(StoreError::Io { path, source })
             }
         }
     }
@@ -550,12 +605,27 @@ impl Store for SqliteStore {
                     .into(),
             ));
         }
+        if self.min_free_bytes > 0 {
+            let free = self.free_bytes()?;
+            let low = free < self.min_free_bytes;
+            metrics::gauge!("furrow_storage_disk_low").set(f64::from(u8::from(low)));
+            if low {
+                return Err(StoreError::DiskLow {
+                    free,
+                    floor: self.min_free_bytes,
+                });
+            }
+        }
         let (log, opts) = (Arc::clone(&self.log), self.log_opts.clone());
-        self.writer
+        let rotated = self
+            .writer
             .call(move |conn| telemetry::append(conn, &log, &batch, &opts, now_ms() as i64))
             .await?;
         if telemetry::seal_due(&self.log, &self.log_opts, now_ms() as i64) {
             self.writer.submit(seal_job(&self.log, &self.log_opts));
+        }
+        if rotated {
+            self.writer.submit(retention_job(&self.log_opts));
         }
         Ok(())
     }
@@ -952,6 +1022,30 @@ impl Store for SqliteStore {
                 let out = close_commands(&tx, &ids, CommandState::Expired, now)?;
                 tx.commit()?;
                 Ok(out)
+            })
+            .await
+    }
+
+    async fn storage_info(&self) -> Result<StorageInfo, StoreError> {
+        let opts = self.log_opts.clone();
+        let unsealed = telemetry::unsealed(&self.log) as u64;
+        let free = self.free_bytes().ok();
+        let min_free = self.min_free_bytes;
+        self.reader
+            .call(move |conn| {
+                let (chunks, oldest) = telemetry::chunk_summary(conn)?;
+                Ok(StorageInfo {
+                    backend: "sqlite",
+                    retention_ms: opts.retention_ms,
+                    max_bytes: opts.max_bytes,
+                    min_free_bytes: min_free,
+                    chunk_span_ms: Some(opts.chunk_span_ms),
+                    chunks: Some(chunks),
+                    oldest_chunk_opened_ms: oldest,
+                    used_bytes: Some(telemetry::used_bytes(conn)?),
+                    free_bytes: free,
+                    unsealed_rows: Some(unsealed),
+                })
             })
             .await
     }

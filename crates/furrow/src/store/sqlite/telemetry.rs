@@ -109,6 +109,10 @@ pub struct LogOptions {
     pub seal_after_ms: u64,
     /// Appends move to a new chunk table after this long.
     pub chunk_span_ms: u64,
+    /// Drop a chunk once every row in it is older than this (0: never).
+    pub retention_ms: u64,
+    /// Drop the oldest chunks while the database uses more bytes (0: no cap).
+    pub max_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -117,6 +121,8 @@ impl Default for LogOptions {
             seal_rows: 200_000,
             seal_after_ms: 10_000,
             chunk_span_ms: 86_400_000,
+            retention_ms: 0,
+            max_bytes: 0,
         }
     }
 }
@@ -361,13 +367,14 @@ pub(super) fn recover(conn: &Connection) -> Result<Log, StoreError> {
 
 /// Appends a batch in one transaction: records at or below their device's
 /// highest stored seq are skipped; rejection watermarks are raised.
+/// Returns true when it opened a new chunk (a moment to look at retention).
 pub(super) fn append(
     conn: &mut Connection,
     log: &Shared,
     batch: &Batch,
     opts: &LogOptions,
     now_ms: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     // The marks of this batch's devices (a cache, filled from the tail and
     // the watermarks table on first sight).
     let mut marks: HashMap<Key, u64> = HashMap::new();
@@ -396,6 +403,7 @@ pub(super) fn append(
     }
 
     let tx = conn.transaction()?;
+    let mut rotated = false;
     let chunk = match active {
         Some(c) if now_ms.saturating_sub(c.opened_ms) < opts.chunk_span_ms as i64 => c,
         previous => {
@@ -411,7 +419,8 @@ pub(super) fn append(
                 tx.execute("UPDATE chunks SET closed = 1 WHERE id = ?1", [p.id])?;
             }
             create_chunk(&tx, id, now_ms)?;
-            tracing::info!(chunk = id, "telemetry chunk opened");
+            rotated = true;
+            tracing::debug!(chunk = id, "telemetry chunk opened");
             Chunk {
                 id,
                 opened_ms: now_ms,
@@ -471,7 +480,7 @@ pub(super) fn append(
     for (key, row) in added {
         g.push(key, row);
     }
-    Ok(())
+    Ok(rotated)
 }
 
 /// Runs one slice of a seal if one is due or under way. Returns whether
@@ -568,6 +577,93 @@ pub(super) fn seal_step(
         r.next = end;
     }
     Ok(true)
+}
+
+/// What retention dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Dropped {
+    pub chunks: u64,
+    pub rows: u64,
+}
+
+/// Bytes the database's pages hold (free pages inside the file excluded:
+/// SQLite reuses them before it grows the file).
+pub(super) fn used_bytes(conn: &Connection) -> Result<u64, StoreError> {
+    let (pages, free, size): (i64, i64, i64) = conn.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count()),
+                (SELECT freelist_count FROM pragma_freelist_count()),
+                (SELECT page_size FROM pragma_page_size())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok((pages - free).max(0) as u64 * size.max(0) as u64)
+}
+
+/// Drops the oldest chunks that retention or the size cap no longer wants,
+/// a whole table at a time (never row by row), with their postings. Only
+/// closed, wholly sealed chunks go, never the newest; watermarks stay, so
+/// `last_seq` survives. A chunk is older than the retention once the
+/// chunk after it opened before the cut-off.
+pub(super) fn enforce_retention(
+    conn: &mut Connection,
+    opts: &LogOptions,
+    now_ms: i64,
+) -> Result<Dropped, StoreError> {
+    let mut dropped = Dropped::default();
+    if opts.retention_ms == 0 && opts.max_bytes == 0 {
+        return Ok(dropped);
+    }
+    let cutoff = now_ms.saturating_sub(opts.retention_ms.min(i64::MAX as u64) as i64);
+    loop {
+        let chunks: Vec<(i64, i64, i64, bool)> = conn
+            .prepare_cached(
+                "SELECT id, opened_ms, sealed_upto, closed FROM chunks ORDER BY id LIMIT 2",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let [(id, _, sealed, closed), (_, next_opened, _, _)] = chunks[..] else {
+            return Ok(dropped); // one chunk or none: the newest stays
+        };
+        if !closed || sealed != i64::MAX {
+            return Ok(dropped); // the next seal round finishes it first
+        }
+        let old = opts.retention_ms > 0 && next_opened <= cutoff;
+        let big = opts.max_bytes > 0 && used_bytes(conn)? > opts.max_bytes;
+        if !old && !big {
+            return Ok(dropped);
+        }
+        let tx = conn.transaction()?;
+        let rows: i64 = tx.query_row(
+            &format!("SELECT COALESCE(MAX(rowid), 0) FROM {}", chunk_table(id)),
+            [],
+            |r| r.get(0),
+        )?;
+        tx.execute("DELETE FROM postings WHERE chunk = ?1", [id])?;
+        tx.execute_batch(&format!("DROP TABLE {};", chunk_table(id)))?;
+        tx.execute("DELETE FROM chunks WHERE id = ?1", [id])?;
+        rebuild_view(&tx)?;
+        tx.commit()?;
+        tracing::info!(
+            chunk = id,
+            rows,
+            reason = if old { "retention" } else { "max_bytes" },
+            "telemetry chunk dropped"
+        );
+        dropped.chunks += 1;
+        dropped.rows += rows as u64;
+    }
+}
+
+/// Chunks in the database: how many, and when the oldest opened.
+pub(super) fn chunk_summary(conn: &Connection) -> Result<(u64, Option<u64>), StoreError> {
+    Ok(
+        conn.query_row("SELECT COUNT(*), MIN(opened_ms) FROM chunks", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+            ))
+        })?,
+    )
 }
 
 /// Writes the postings of one device's rows (in seq order) and raises its
