@@ -141,6 +141,10 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// The telemetry log.
     pub log: LogOptions,
+    /// The SQLite VFS to open the database with (`None`: SQLite's
+    /// default). The power-loss test plugs in one that forgets unsynced
+    /// writes.
+    pub vfs: Option<String>,
     /// Appends wait (fail with [`StoreError::DiskLow`], which the writer
     /// retries) while the database's filesystem has less free space (0:
     /// no floor).
@@ -158,6 +162,7 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             log: LogOptions::default(),
+            vfs: None,
             min_free_bytes: 0,
             ingest: true,
         }
@@ -312,12 +317,13 @@ fn open_conn(path: &Path, opts: &SqliteOptions) -> Result<Connection, StoreError
         path: path.to_path_buf(),
         source,
     };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match &opts.vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    }
     .map_err(open_err)?;
     conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
     // journal_mode answers with a row, so it is queried, not executed.
