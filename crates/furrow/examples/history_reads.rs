@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use furrow::store::prelude::*;
 use furrow::store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
-use furrow::store::{Batch, Store, TelemetryRange, TelemetryRecord};
+use furrow::store::{Batch, TelemetryRange, TelemetryRecord};
 
 const T0: u64 = 1_763_683_200_000;
 

@@ -618,7 +618,7 @@ impl Inner {
                     Some(payload) => self.on_note(&payload),
                     None => {
                         let why = match driver.await {
-                            Ok(Err(e)) => StoreError::Postgres(e),
+                            Ok(Err(e)) => StoreError::from(e),
                             _ => StoreError::Task("the LISTEN connection closed".into()),
                         };
                         return Err(why);

@@ -4,7 +4,8 @@
 use furrow_proto::message::valid_device_id;
 
 use crate::auth::{generate_token, hash_token};
-use crate::store::{Store, StoreError};
+use crate::store::prelude::*;
+use crate::store::StoreError;
 
 /// Why a device could not be provisioned.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use furrow::config::{Config, Overrides};
-use furrow::store::Store;
+use furrow::store::prelude::*;
 
 mod bench;
 mod fleet;

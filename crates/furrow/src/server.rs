@@ -30,8 +30,9 @@ use crate::publish::mqtt::Publisher;
 use crate::publish::Events;
 use crate::registry::Registry;
 use crate::session::{self, Shared};
+use crate::store::prelude::*;
 use crate::store::sqlite::SqliteOptions;
-use crate::store::{PostgresOptions, PostgresStore, SqliteStore, Store, StoreError};
+use crate::store::{PostgresOptions, PostgresStore, SqliteStore, StoreError};
 use crate::tls::TlsState;
 use crate::writer::{self, WriterConfig};
 

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::publish::Events;
-use crate::store::{Batch, DeviceKey, Store, TelemetryRecord};
+use crate::store::prelude::*;
+use crate::store::{Batch, DeviceKey, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
 /// wakeup for other events (see [`crate::registry::SessionHandle::kick`]).

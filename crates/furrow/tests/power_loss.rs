@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use furrow::store::prelude::*;
 use furrow::store::sqlite::{LogOptions, SqliteOptions, SqliteStore};
-use furrow::store::{Batch, Store, TelemetryRange, TelemetryRecord};
+use furrow::store::{Batch, TelemetryRange, TelemetryRecord};
 use rand::{Rng, SeedableRng};
 use rusqlite::ffi;
 

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use furrow::store::prelude::*;
 use furrow::store::sqlite::{LogOptions, SqliteOptions, SqliteStore};
-use furrow::store::{Batch, Store, StoreError, TelemetryRange, TelemetryRecord};
+use furrow::store::{Batch, StoreError, TelemetryRange, TelemetryRecord};
 use proptest::prelude::*;
 
 /// One reading as the model keeps it: seq -> (timestamp, payload).

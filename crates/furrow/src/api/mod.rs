@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::prelude::*;
 
 pub mod auth;
 pub mod commands;

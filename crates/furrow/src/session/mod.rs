@@ -47,7 +47,8 @@ use crate::config::Config;
 use crate::connection::Connection;
 use crate::publish::Events;
 use crate::registry::{DeviceSlot, Registry, SessionHandle};
-use crate::store::{CommandOutcome, DeviceKey, Store, TelemetryRecord};
+use crate::store::prelude::*;
+use crate::store::{CommandOutcome, DeviceKey, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob, WriterTx};
 use acks::AckTracker;
 

@@ -255,15 +255,22 @@ pub struct StorageInfo {
     pub unsealed_rows: Option<u64>,
 }
 
+/// A backend's own error, boxed.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite said no.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL said no, or the connection failed.
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// The database said no, or the connection to it failed. The backend's
+    /// own error is the source; this type names no backend's types, so
+    /// that each backend can be built or left out on its own.
+    #[error("{backend}: {source}")]
+    Backend {
+        /// `sqlite` or `postgres`.
+        backend: &'static str,
+        /// The backend's error.
+        source: BackendError,
+    },
     /// No database connection could be had in time.
     #[error("postgres pool: {0}")]
     Pool(String),
@@ -276,7 +283,7 @@ pub enum StoreError {
         /// The path tried.
         path: std::path::PathBuf,
         /// Why.
-        source: rusqlite::Error,
+        source: BackendError,
     },
     /// A device with this id exists already.
     #[error("device {0:?} already exists")]
@@ -323,22 +330,32 @@ pub enum StoreError {
     },
 }
 
-/// The storage backend, shared by the writer, the sessions and the CLI.
+/// Telemetry: group commits from the writer, reads for the API and HELLO.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Stores a batch durably in one transaction. A record is never stored
-    /// twice: one whose `(device, seq)` is stored already is skipped, and a
-    /// backend may also skip one at or below the device's highest stored
-    /// seq (furrow/1's duplicate rule, which the gateway applies before the
-    /// store; SQLite relies on it instead of a unique index). A device's
+pub trait TelemetryStore: Send + Sync + 'static {
     /// records arrive in increasing seq order.
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError>;
 
-    /// Looks a device up for authentication.
-    async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError>;
-
     /// A device's highest stored and highest rejected seqs.
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError>;
+
+    /// `limit`.
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        range: TelemetryRange,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError>;
+
+    /// How the store keeps telemetry, for operators.
+    async fn storage_info(&self) -> Result<StorageInfo, StoreError>;
+}
+
+/// Devices: provisioning, authentication, revocation.
+#[async_trait]
+pub trait DeviceStore: Send + Sync + 'static {
+    /// Looks a device up for authentication.
+    async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError>;
 
     /// Registers a device with the hash of its token.
     async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
@@ -353,28 +370,19 @@ pub trait Store: Send + Sync + 'static {
     /// One device, by id.
     async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError>;
 
-    /// Replaces a device's token hash (the old token stops working at the
     /// device's next handshake). [`StoreError::NoSuchDevice`] if unknown.
     async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
 
-    /// Revokes a device and records the revocation for running gateways.
     /// Returns false if it was revoked already.
     async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError>;
 
-    /// Revocations recorded after `cursor`: `(cursor, device_id)` pairs in
     /// order. Gateways poll this to disconnect devices revoked elsewhere.
     async fn revocations_since(&self, cursor: i64) -> Result<Vec<(i64, String)>, StoreError>;
+}
 
-    /// A device's stored readings within `range`, in seq order, at most
-    /// `limit`.
-    async fn telemetry(
-        &self,
-        device_id: &str,
-        range: TelemetryRange,
-        limit: u32,
-    ) -> Result<Vec<StoredTelemetry>, StoreError>;
-
-    /// Stores a command for a device, queued. [`StoreError::NoSuchDevice`]
+/// Commands: from creation through delivery to their outcome.
+#[async_trait]
+pub trait CommandStore: Send + Sync + 'static {
     /// if unknown; [`StoreError::Revoked`] if revoked.
     async fn create_command(
         &self,
@@ -385,7 +393,6 @@ pub trait Store: Send + Sync + 'static {
     /// One command.
     async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError>;
 
-    /// A device's commands, newest first, with ids below `before` (all
     /// when `None`), at most `limit`.
     async fn commands_of(
         &self,
@@ -394,15 +401,12 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<CommandRecord>, StoreError>;
 
-    /// A device's open (queued or delivered), unexpired commands, oldest
     /// first: what a session must (re)send.
     async fn open_commands(&self, device: DeviceKey) -> Result<Vec<CommandRecord>, StoreError>;
 
     /// Marks queued commands delivered; returns those that changed.
     async fn mark_delivered(&self, ids: Vec<u64>) -> Result<Vec<CommandRecord>, StoreError>;
 
-    /// Records the device's answer to an open, unexpired command of its
-    /// own; `None` (nothing changed) for an unknown, foreign, expired or
     /// already answered id.
     async fn complete_command(
         &self,
@@ -411,17 +415,25 @@ pub trait Store: Send + Sync + 'static {
         outcome: CommandOutcome,
     ) -> Result<Option<CommandRecord>, StoreError>;
 
-    /// Cancels a device's open commands (after its revocation, which stops
     /// new ones); returns them.
     async fn cancel_open_commands(&self, device_id: &str)
         -> Result<Vec<CommandRecord>, StoreError>;
 
     /// Expires open commands whose time ran out by `now_ms`; returns them.
     async fn expire_commands(&self, now_ms: u64) -> Result<Vec<CommandRecord>, StoreError>;
+}
 
-    /// How the store keeps telemetry, for operators.
-    async fn storage_info(&self) -> Result<StorageInfo, StoreError>;
-
+/// A whole backend, shared by the writer, the sessions, the API and the
+/// CLI: every job above, and a health check. Split by job so that a piece
+/// of the gateway can say which part of the store it needs.
+#[async_trait]
+pub trait Store: TelemetryStore + DeviceStore + CommandStore {
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The store's traits, for `use crate::store::prelude::*` where a `dyn
+/// Store` is called.
+pub mod prelude {
+    pub use super::{CommandStore, DeviceStore, Store, TelemetryStore};
 }

@@ -32,11 +32,21 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
+use super::prelude::*;
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
-    DeviceSeqs, NewCommand, Store, StoreError, StoredTelemetry, TelemetryRange, TelemetryRecord,
+    DeviceSeqs, NewCommand, StoreError, StoredTelemetry, TelemetryRange, TelemetryRecord,
 };
 use crate::clock::now_ms;
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        }
+    }
+}
 
 /// Schema migrations, applied in order in one transaction each, under an
 /// advisory lock so that instances starting together migrate once.
@@ -148,7 +158,7 @@ impl std::fmt::Debug for PostgresStore {
 /// is one).
 pub(crate) fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+        deadpool_postgres::PoolError::Backend(e) => StoreError::from(e),
         other => StoreError::Pool(other.to_string()),
     }
 }
@@ -399,7 +409,7 @@ impl PostgresStore {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl TelemetryStore for PostgresStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
         // Key order: concurrent batches over the same keys (a takeover
         // between instances) lock them in one order.
@@ -465,6 +475,84 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT d.rejected_seq, {LAST_SEQ} FROM devices d WHERE d.id = $1"
+            ))
+            .await?;
+        Ok(match client.query_opt(&stmt, &[&device]).await? {
+            Some(r) => DeviceSeqs {
+                rejected: r.try_get::<_, i64>(0)? as u64,
+                stored: r.try_get::<_, Option<i64>>(1)?.map_or(0, |v| v as u64),
+            },
+            None => DeviceSeqs::default(),
+        })
+    }
+
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        range: TelemetryRange,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let client = self.client().await?;
+        // The key range narrows the scan to the seqs asked for; the time
+        // bounds filter within it.
+        let stmt = client
+            .prepare_cached(
+                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
+                 FROM telemetry t JOIN devices d ON d.id = t.device
+                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
+                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
+                 ORDER BY t.seq LIMIT $6",
+            )
+            .await?;
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &device_id,
+            &clamp(range.from_seq),
+            &clamp(range.to_seq),
+            &clamp(range.from_ms),
+            &clamp(range.to_ms),
+            &i64::from(limit),
+        ];
+        client
+            .query(&stmt, &args)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(StoredTelemetry {
+                    seq: r.try_get::<_, i64>(0)? as u64,
+                    timestamp_ms: r.try_get::<_, i64>(1)? as u64,
+                    received_ms: r.try_get::<_, i64>(2)? as u64,
+                    content_type: small(r.try_get(3)?),
+                    payload: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn storage_info(&self) -> Result<super::StorageInfo, StoreError> {
+        // Retention, size caps and the free-space floor are SQLite's for
+        // now (docs/postgres.md).
+        Ok(super::StorageInfo {
+            backend: "postgresql",
+            retention_ms: 0,
+            max_bytes: 0,
+            min_free_bytes: 0,
+            chunk_span_ms: None,
+            chunks: None,
+            oldest_chunk_opened_ms: None,
+            used_bytes: None,
+            free_bytes: None,
+            unsealed_rows: None,
+        })
+    }
+}
+
+#[async_trait]
+impl DeviceStore for PostgresStore {
     async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
         let client = self.client().await?;
         let stmt = client
@@ -483,22 +571,6 @@ impl Store for PostgresStore {
             token_hash,
             revoked: row.try_get::<_, Option<i64>>(2)?.is_some(),
         }))
-    }
-
-    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT d.rejected_seq, {LAST_SEQ} FROM devices d WHERE d.id = $1"
-            ))
-            .await?;
-        Ok(match client.query_opt(&stmt, &[&device]).await? {
-            Some(r) => DeviceSeqs {
-                rejected: r.try_get::<_, i64>(0)? as u64,
-                stored: r.try_get::<_, Option<i64>>(1)?.map_or(0, |v| v as u64),
-            },
-            None => DeviceSeqs::default(),
-        })
     }
 
     async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
@@ -611,49 +683,10 @@ impl Store for PostgresStore {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
     }
+}
 
-    async fn telemetry(
-        &self,
-        device_id: &str,
-        range: TelemetryRange,
-        limit: u32,
-    ) -> Result<Vec<StoredTelemetry>, StoreError> {
-        let client = self.client().await?;
-        // The key range narrows the scan to the seqs asked for; the time
-        // bounds filter within it.
-        let stmt = client
-            .prepare_cached(
-                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
-                 FROM telemetry t JOIN devices d ON d.id = t.device
-                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
-                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
-                 ORDER BY t.seq LIMIT $6",
-            )
-            .await?;
-        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-            &device_id,
-            &clamp(range.from_seq),
-            &clamp(range.to_seq),
-            &clamp(range.from_ms),
-            &clamp(range.to_ms),
-            &i64::from(limit),
-        ];
-        client
-            .query(&stmt, &args)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(StoredTelemetry {
-                    seq: r.try_get::<_, i64>(0)? as u64,
-                    timestamp_ms: r.try_get::<_, i64>(1)? as u64,
-                    received_ms: r.try_get::<_, i64>(2)? as u64,
-                    content_type: small(r.try_get(3)?),
-                    payload: r.try_get(4)?,
-                })
-            })
-            .collect()
-    }
-
+#[async_trait]
+impl CommandStore for PostgresStore {
     async fn create_command(
         &self,
         device_id: &str,
@@ -834,24 +867,10 @@ impl Store for PostgresStore {
             .collect::<Result<_, _>>()?;
         Self::commands_by_ids(&client, &ids).await
     }
+}
 
-    async fn storage_info(&self) -> Result<super::StorageInfo, StoreError> {
-        // Retention, size caps and the free-space floor are SQLite's for
-        // now (docs/postgres.md).
-        Ok(super::StorageInfo {
-            backend: "postgresql",
-            retention_ms: 0,
-            max_bytes: 0,
-            min_free_bytes: 0,
-            chunk_span_ms: None,
-            chunks: None,
-            oldest_chunk_opened_ms: None,
-            used_bytes: None,
-            free_bytes: None,
-            unsealed_rows: None,
-        })
-    }
-
+#[async_trait]
+impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client.query_one("SELECT 1", &[]).await?;

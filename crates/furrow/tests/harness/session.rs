@@ -38,7 +38,8 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use bytes::{BufMut, BytesMut};
-use furrow::store::{Store, Synchronous};
+use furrow::store::prelude::*;
+use furrow::store::Synchronous;
 use furrow::Config;
 use furrow_proto::message::encode_telemetry;
 use furrow_proto::{

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use furrow::registry::Registry;
-use furrow::store::Store;
+use furrow::store::prelude::*;
 use furrow::Config;
 use furrow_proto::message::encode_telemetry;
 use furrow_proto::{

@@ -28,12 +28,22 @@ pub use telemetry::LogOptions;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use super::prelude::*;
+use super::DeviceKey as Key;
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
     DeviceSeqs, NewCommand, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
 };
-use super::{DeviceKey as Key, Store};
 use crate::clock::now_ms;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend {
+            backend: "sqlite",
+            source: Box::new(e),
+        }
+    }
+}
 
 /// SQLite's `synchronous` setting for the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -313,9 +323,9 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn open_conn(path: &Path, opts: &SqliteOptions) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
+    let open_err = |source: rusqlite::Error| StoreError::Open {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
@@ -603,7 +613,7 @@ fn device_info(
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl TelemetryStore for SqliteStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
         if !self.ingest {
             return Err(StoreError::Config(
@@ -636,6 +646,72 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+        let log = Arc::clone(&self.log);
+        self.reader
+            .call(move |conn| {
+                let rejected: i64 = conn
+                    .prepare_cached("SELECT rejected_seq FROM devices WHERE id = ?1")?
+                    .query_row([device], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                Ok(DeviceSeqs {
+                    stored: telemetry::stored(conn, &log, device)?.0,
+                    rejected: rejected as u64,
+                })
+            })
+            .await
+    }
+
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        range: TelemetryRange,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let id = device_id.to_owned();
+        let log = Arc::clone(&self.log);
+        self.reader
+            .call(move |conn| {
+                let key: Option<Key> = conn
+                    .prepare_cached("SELECT id FROM devices WHERE device_id = ?1")?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()?;
+                match key {
+                    Some(key) => telemetry::read(conn, &log, key, range, limit),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await
+    }
+
+    async fn storage_info(&self) -> Result<StorageInfo, StoreError> {
+        let opts = self.log_opts.clone();
+        let unsealed = telemetry::unsealed(&self.log) as u64;
+        let free = self.free_bytes().ok();
+        let min_free = self.min_free_bytes;
+        self.reader
+            .call(move |conn| {
+                let (chunks, oldest) = telemetry::chunk_summary(conn)?;
+                Ok(StorageInfo {
+                    backend: "sqlite",
+                    retention_ms: opts.retention_ms,
+                    max_bytes: opts.max_bytes,
+                    min_free_bytes: min_free,
+                    chunk_span_ms: Some(opts.chunk_span_ms),
+                    chunks: Some(chunks),
+                    oldest_chunk_opened_ms: oldest,
+                    used_bytes: Some(telemetry::used_bytes(conn)?),
+                    free_bytes: free,
+                    unsealed_rows: Some(unsealed),
+                })
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl DeviceStore for SqliteStore {
     async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
         let id = device_id.to_owned();
         self.reader
@@ -661,23 +737,6 @@ impl Store for SqliteStore {
                         revoked: revoked.is_some(),
                     })
                 }))
-            })
-            .await
-    }
-
-    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
-        let log = Arc::clone(&self.log);
-        self.reader
-            .call(move |conn| {
-                let rejected: i64 = conn
-                    .prepare_cached("SELECT rejected_seq FROM devices WHERE id = ?1")?
-                    .query_row([device], |r| r.get(0))
-                    .optional()?
-                    .unwrap_or(0);
-                Ok(DeviceSeqs {
-                    stored: telemetry::stored(conn, &log, device)?.0,
-                    rejected: rejected as u64,
-                })
             })
             .await
     }
@@ -823,29 +882,10 @@ impl Store for SqliteStore {
             })
             .await
     }
+}
 
-    async fn telemetry(
-        &self,
-        device_id: &str,
-        range: TelemetryRange,
-        limit: u32,
-    ) -> Result<Vec<StoredTelemetry>, StoreError> {
-        let id = device_id.to_owned();
-        let log = Arc::clone(&self.log);
-        self.reader
-            .call(move |conn| {
-                let key: Option<Key> = conn
-                    .prepare_cached("SELECT id FROM devices WHERE device_id = ?1")?
-                    .query_row([&id], |r| r.get(0))
-                    .optional()?;
-                match key {
-                    Some(key) => telemetry::read(conn, &log, key, range, limit),
-                    None => Ok(Vec::new()),
-                }
-            })
-            .await
-    }
-
+#[async_trait]
+impl CommandStore for SqliteStore {
     async fn create_command(
         &self,
         device_id: &str,
@@ -1031,31 +1071,10 @@ impl Store for SqliteStore {
             })
             .await
     }
+}
 
-    async fn storage_info(&self) -> Result<StorageInfo, StoreError> {
-        let opts = self.log_opts.clone();
-        let unsealed = telemetry::unsealed(&self.log) as u64;
-        let free = self.free_bytes().ok();
-        let min_free = self.min_free_bytes;
-        self.reader
-            .call(move |conn| {
-                let (chunks, oldest) = telemetry::chunk_summary(conn)?;
-                Ok(StorageInfo {
-                    backend: "sqlite",
-                    retention_ms: opts.retention_ms,
-                    max_bytes: opts.max_bytes,
-                    min_free_bytes: min_free,
-                    chunk_span_ms: Some(opts.chunk_span_ms),
-                    chunks: Some(chunks),
-                    oldest_chunk_opened_ms: oldest,
-                    used_bytes: Some(telemetry::used_bytes(conn)?),
-                    free_bytes: free,
-                    unsealed_rows: Some(unsealed),
-                })
-            })
-            .await
-    }
-
+#[async_trait]
+impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.reader
             .call(|conn| {
