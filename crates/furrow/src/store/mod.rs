@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 pub use postgres::{PostgresOptions, PostgresStore};

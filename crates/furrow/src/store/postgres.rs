@@ -33,6 +33,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::prelude::*;
+use super::sql::{CommandColumns, COMMAND_COLS};
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
     DeviceSeqs, NewCommand, StoreError, StoredTelemetry, TelemetryRange, TelemetryRecord,
@@ -180,37 +181,25 @@ const LAST_SEQ: &str = "COALESCE(
     (SELECT max(seq) FROM telemetry WHERE device = d.id))";
 
 /// Columns of a command row joined with its device, in [`command_row`]'s order.
-const COMMAND_COLS: &str = "c.id, d.device_id, c.name, c.content_type, c.payload, c.status,
-    c.created_ms, c.expires_ms, c.updated_ms, c.result_status, c.result_content_type,
-    c.result_payload";
-
-fn small(v: i16) -> u8 {
-    u8::try_from(v).unwrap_or(0)
-}
-
 fn command_row(r: &Row) -> Result<CommandRecord, StoreError> {
-    let state: String = r.try_get(5)?;
-    let result_status: Option<i16> = r.try_get(9)?;
-    Ok(CommandRecord {
-        id: r.try_get::<_, i64>(0)? as u64,
+    let small = |i: usize| -> Result<Option<i64>, StoreError> {
+        Ok(r.try_get::<_, Option<i16>>(i)?.map(i64::from))
+    };
+    Ok(CommandColumns {
+        id: r.try_get(0)?,
         device_id: r.try_get(1)?,
         name: r.try_get(2)?,
-        content_type: small(r.try_get(3)?),
+        content_type: small(3)?.unwrap_or(0),
         payload: r.try_get(4)?,
-        // Only this code writes the column; an unknown value reads as failed.
-        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
-        created_ms: r.try_get::<_, i64>(6)? as u64,
-        expires_ms: r.try_get::<_, i64>(7)? as u64,
-        updated_ms: r.try_get::<_, i64>(8)? as u64,
-        outcome: match result_status {
-            Some(status) => Some(CommandOutcome {
-                status: small(status),
-                content_type: small(r.try_get::<_, Option<i16>>(10)?.unwrap_or(0)),
-                payload: r.try_get::<_, Option<Vec<u8>>>(11)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
-    })
+        status: r.try_get(5)?,
+        created_ms: r.try_get(6)?,
+        expires_ms: r.try_get(7)?,
+        updated_ms: r.try_get(8)?,
+        result_status: small(9)?,
+        result_content_type: small(10)?,
+        result_payload: r.try_get(11)?,
+    }
+    .record())
 }
 
 fn device_row(r: &Row) -> Result<DeviceInfo, StoreError> {
@@ -526,7 +515,7 @@ impl TelemetryStore for PostgresStore {
                     seq: r.try_get::<_, i64>(0)? as u64,
                     timestamp_ms: r.try_get::<_, i64>(1)? as u64,
                     received_ms: r.try_get::<_, i64>(2)? as u64,
-                    content_type: small(r.try_get(3)?),
+                    content_type: u8::try_from(r.try_get::<_, i16>(3)?).unwrap_or(0),
                     payload: r.try_get(4)?,
                 })
             })

@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::prelude::*;
+use super::sql::{CommandColumns, COMMAND_COLS};
 use super::DeviceKey as Key;
 use super::{
     Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
@@ -536,34 +537,22 @@ fn take_lock(db: &Path, wait: Duration) -> Result<std::fs::File, StoreError> {
     }
 }
 
-/// Columns of a command row joined with its device, in [`command_row`]'s order.
-const COMMAND_COLS: &str = "c.id, d.device_id, c.name, c.content_type, c.payload, c.status,
-    c.created_ms, c.expires_ms, c.updated_ms, c.result_status, c.result_content_type,
-    c.result_payload";
-
 fn command_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
-    let state: String = r.get(5)?;
-    let result_status: Option<u8> = r.get(9)?;
-    Ok(CommandRecord {
-        id: r.get::<_, i64>(0)? as u64,
+    Ok(CommandColumns {
+        id: r.get(0)?,
         device_id: r.get(1)?,
         name: r.get(2)?,
         content_type: r.get(3)?,
         payload: r.get(4)?,
-        // Only this code writes the column; an unknown value reads as failed.
-        state: CommandState::parse(&state).unwrap_or(CommandState::Failed),
-        created_ms: r.get::<_, i64>(6)? as u64,
-        expires_ms: r.get::<_, Option<i64>>(7)?.unwrap_or(i64::MAX) as u64,
-        updated_ms: r.get::<_, i64>(8)? as u64,
-        outcome: match result_status {
-            Some(status) => Some(CommandOutcome {
-                status,
-                content_type: r.get::<_, Option<u8>>(10)?.unwrap_or(0),
-                payload: r.get::<_, Option<Vec<u8>>>(11)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
-    })
+        status: r.get(5)?,
+        created_ms: r.get(6)?,
+        expires_ms: r.get(7)?,
+        updated_ms: r.get(8)?,
+        result_status: r.get(9)?,
+        result_content_type: r.get(10)?,
+        result_payload: r.get(11)?,
+    }
+    .record())
 }
 
 fn command_by_id(conn: &Connection, id: u64) -> Result<Option<CommandRecord>, StoreError> {
