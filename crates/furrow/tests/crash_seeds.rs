@@ -69,8 +69,35 @@ async fn stream(addr: SocketAddr, id: String, token: String, seen: Arc<Mutex<See
     }
 }
 
-fn stored(db: &Path, id: &str) -> Vec<u64> {
-    stored_seqs(db, id)
+/// Connects as the device and checks its WELCOME and the database against
+/// what it saw before the kill; returns the `last_seq`, now also what it
+/// has seen sent and ACKed.
+async fn check_after_restart(
+    addr: SocketAddr,
+    db: &Path,
+    (id, token, seen): &(String, String, Arc<Mutex<Seen>>),
+    context: &str,
+) -> u64 {
+    let before = *seen.lock().await;
+    let mut probe = RawDevice::connect(addr).await;
+    let w = probe.hello(id, token, 30).await;
+    assert!(
+        w.last_seq >= before.acked && w.last_seq <= before.sent,
+        "{context}, {id}: last_seq {} outside [acked {}, sent {}]",
+        w.last_seq,
+        before.acked,
+        before.sent
+    );
+    let (db, id2) = (db.to_path_buf(), id.clone());
+    let got = tokio::task::spawn_blocking(move || stored_seqs(&db, &id2))
+        .await
+        .expect("read the database");
+    assert_seqs(&got, 1..=w.last_seq, &format!("{context}, {id}: stored"));
+    *seen.lock().await = Seen {
+        sent: w.last_seq,
+        acked: w.last_seq,
+    };
+    w.last_seq
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,28 +149,9 @@ async fn sigkill_at_random_moments_loses_no_ack_and_stores_nothing_twice() {
         gw.ready(&http).await;
         // Each device reconnects and checks its WELCOME against what it saw.
         let mut tasks = Vec::new();
-        for (id, token, seen) in &devices {
-            let before = *seen.lock().await;
-            let mut probe = RawDevice::connect(addr).await;
-            let w = probe.hello(id, token, 30).await;
-            assert!(
-                w.last_seq >= before.acked && w.last_seq <= before.sent,
-                "seed {seed}, {id}: last_seq {} outside [acked {}, sent {}]",
-                w.last_seq,
-                before.acked,
-                before.sent
-            );
-            let db = db.clone();
-            let id2 = id.clone();
-            let got = tokio::task::spawn_blocking(move || stored(&db, &id2))
-                .await
-                .unwrap();
-            assert_seqs(&got, 1..=w.last_seq, &format!("seed {seed}, {id}: stored"));
-            drop(probe);
-            *seen.lock().await = Seen {
-                sent: w.last_seq,
-                acked: w.last_seq,
-            };
+        for device in &devices {
+            check_after_restart(addr, &db, device, &format!("seed {seed}")).await;
+            let (id, token, seen) = device;
             tasks.push(tokio::spawn(stream(
                 addr,
                 id.clone(),
@@ -162,20 +170,8 @@ async fn sigkill_at_random_moments_loses_no_ack_and_stores_nothing_twice() {
     let mut gw = GatewayProcess::spawn_with_env(dir.path(), "gw", addr, &[], &env);
     gw.ready(&http).await;
     let mut total = 0;
-    for (id, token, seen) in &devices {
-        let before = *seen.lock().await;
-        let mut probe = RawDevice::connect(addr).await;
-        let w = probe.hello(id, token, 30).await;
-        assert!(
-            w.last_seq >= before.acked && w.last_seq <= before.sent,
-            "{id}: {w:?} {before:?}"
-        );
-        assert_seqs(
-            &stored(&db, id),
-            1..=w.last_seq,
-            &format!("{id}: stored at the end"),
-        );
-        total += w.last_seq;
+    for device in &devices {
+        total += check_after_restart(addr, &db, device, "at the end").await;
     }
     assert!(total > 0, "nothing was stored at all");
     eprintln!("{total} readings stored over the rounds");

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use furrow_client::{Client, Config as ClientConfig, Event};
+use support::http::{status_of, until_status};
 use support::*;
 
 const DEVICES: usize = 8;
@@ -91,13 +92,6 @@ fn small_fs() -> Option<SmallFs> {
     }
 }
 
-async fn readyz(client: &reqwest::Client, url: &str) -> u16 {
-    match client.get(url).timeout(Duration::from_secs(5)).send().await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
 /// Streams a fleet into a gateway on `fs`, takes the space away with
 /// `leave` bytes left, checks that nothing moves and `/readyz` says so,
 /// gives the space back, and checks that everything is stored once.
@@ -110,7 +104,7 @@ async fn full_disk_round(fs: &SmallFs, min_free_bytes: u64, leave: u64) {
     .await;
     let http = reqwest::Client::new();
     let ready_url = gw.api_url("/readyz");
-    assert_eq!(readyz(&http, &ready_url).await, 200);
+    assert_eq!(status_of(&http, &ready_url).await, 200);
 
     let disconnects = Arc::new(AtomicUsize::new(0));
     let streaming = Arc::new(AtomicBool::new(true));
@@ -146,12 +140,8 @@ async fn full_disk_round(fs: &SmallFs, min_free_bytes: u64, leave: u64) {
     assert!(acked(&clients) > 0, "nothing ACKed before the disk filled");
 
     let ballast = fs.fill(leave);
-    within(Duration::from_secs(15), "/readyz 503 while full", async {
-        while readyz(&http, &ready_url).await != 503 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let (secs, url) = (Duration::from_secs(15), &ready_url);
+    until_status(&http, url, 503, secs, "/readyz 503 while full").await;
     // What was in flight settles; then nothing moves.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let held = acked(&clients);
@@ -169,12 +159,7 @@ async fn full_disk_round(fs: &SmallFs, min_free_bytes: u64, leave: u64) {
     assert_eq!(storage["commits_ok"], false, "{storage}");
 
     std::fs::remove_file(&ballast).expect("free the space");
-    within(Duration::from_secs(20), "ready again", async {
-        while readyz(&http, &ready_url).await != 200 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    until_status(&http, url, 200, Duration::from_secs(20), "ready again").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let sent = stop_and_flush(&streaming, senders, &clients).await;
     assert!(acked(&clients) > held, "ingest did not resume");

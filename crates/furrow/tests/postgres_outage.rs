@@ -11,17 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use furrow_client::{Client, Config as ClientConfig, Event};
+use support::http::{status_of, until_status};
 use support::postgres::Postgres;
 use support::*;
 
 const DEVICES: usize = 50;
-
-async fn readyz(client: &reqwest::Client, url: &str) -> u16 {
-    match client.get(url).timeout(Duration::from_secs(5)).send().await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_holds_acks_and_loses_nothing() {
@@ -34,7 +28,7 @@ async fn database_outage_holds_acks_and_loses_nothing() {
     .await;
     let http = reqwest::Client::new();
     let ready_url = gw.api_url("/readyz");
-    assert_eq!(readyz(&http, &ready_url).await, 200);
+    assert_eq!(status_of(&http, &ready_url).await, 200);
 
     let disconnects = Arc::new(AtomicUsize::new(0));
     let streaming = Arc::new(AtomicBool::new(true));
@@ -90,7 +84,7 @@ async fn database_outage_holds_acks_and_loses_nothing() {
     // Not ready within a few seconds...
     let mut saw_unready = false;
     while stopped.elapsed() < Duration::from_secs(5) {
-        if readyz(&http, &ready_url).await == 503 {
+        if status_of(&http, &ready_url).await == 503 {
             saw_unready = true;
             break;
         }
@@ -115,11 +109,13 @@ async fn database_outage_holds_acks_and_loses_nothing() {
     assert_eq!(acked(&clients), held, "ACKs moved without a database");
 
     pg.start_again();
-    within(Duration::from_secs(30), "ready again", async {
-        while readyz(&http, &ready_url).await != 200 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+    until_status(
+        &http,
+        &ready_url,
+        200,
+        Duration::from_secs(30),
+        "ready again",
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = stop_and_flush(&streaming, senders, &clients).await;

@@ -89,3 +89,32 @@ impl Api {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 }
+
+/// The status of `GET url`; 0 when it does not answer within 5 s.
+pub async fn status_of(client: &reqwest::Client, url: &str) -> u16 {
+    match client
+        .get(url)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `GET url` answers `want`; fails with `what` after `limit`.
+pub async fn until_status(
+    client: &reqwest::Client,
+    url: &str,
+    want: u16,
+    limit: std::time::Duration,
+    what: &str,
+) {
+    super::within(limit, what, async {
+        while status_of(client, url).await != want {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
