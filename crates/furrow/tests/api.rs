@@ -256,6 +256,22 @@ async fn the_openapi_document_parses_and_lists_the_routes() {
     assert!(doc["components"]["schemas"]["Device"].is_object());
 }
 
+/// POSTs `body` as `application/x-www-form-urlencoded` (what `curl -d`
+/// sends), with the admin token or without; returns status and answer.
+async fn post_form(api: &Api, token: bool, path: &str, body: &str) -> (StatusCode, Value) {
+    let mut req = api.http.post(api.gw.api_url(path));
+    if token {
+        req = req.bearer_auth(TOKEN);
+    }
+    let r = req
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
 /// `curl -d` sends `application/x-www-form-urlencoded`: a JSON body is
 /// read whatever its content type when the request carries a bearer
 /// token, and refused (with a message that says what to send) when it
@@ -263,56 +279,26 @@ async fn the_openapi_document_parses_and_lists_the_routes() {
 /// to a gateway without a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_bodies_with_a_form_content_type() {
-    let form = "application/x-www-form-urlencoded";
+    let message = |v: &Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
     let api = Api::with_token().await;
-    let r = api
-        .http
-        .post(api.gw.api_url("/v1/devices"))
-        .bearer_auth(TOKEN)
-        .header("content-type", form)
-        .body(r#"{"device_id":"pump-18"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let v: Value = r.json().await.unwrap();
+    let (st, v) = post_form(&api, true, "/v1/devices", r#"{"device_id":"pump-18"}"#).await;
+    assert_eq!(st, StatusCode::CREATED);
     assert_eq!(v["device_id"], "pump-18");
     // Not JSON at all: serde's words.
-    let r = api
-        .http
-        .post(api.gw.api_url("/v1/devices"))
-        .bearer_auth(TOKEN)
-        .header("content-type", form)
-        .body("device_id=pump-19")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let v: Value = r.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not the JSON"),
-        "{v}"
-    );
+    let (st, v) = post_form(&api, true, "/v1/devices", "device_id=pump-19").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(message(&v).contains("not the JSON"), "{v}");
 
     let open = Api::start().await;
-    let r = open
-        .http
-        .post(open.gw.api_url("/v1/devices"))
-        .header("content-type", form)
-        .body(r#"{"device_id":"pump-18"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let v: Value = r.json().await.unwrap();
+    let (st, v) = post_form(&open, false, "/v1/devices", r#"{"device_id":"pump-18"}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("Content-Type: application/json"),
+        message(&v).contains("Content-Type: application/json"),
         "{v}"
     );
     let (st, _) = open.get("/v1/devices/pump-18").await;

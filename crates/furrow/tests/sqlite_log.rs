@@ -375,6 +375,21 @@ async fn append(store: &SqliteStore, records: Vec<TelemetryRecord>) {
     store.append(Arc::new(batch)).await.unwrap();
 }
 
+/// A new chunk for every append, sealed at once, with this retention and
+/// size cap.
+fn chunk_per_append(retention_ms: u64, max_bytes: u64) -> SqliteOptions {
+    SqliteOptions {
+        log: LogOptions {
+            seal_rows: 1,
+            seal_after_ms: 0,
+            chunk_span_ms: 0,
+            retention_ms,
+            max_bytes,
+        },
+        ..SqliteOptions::default()
+    }
+}
+
 fn chunk_ids(path: &std::path::Path) -> Vec<i64> {
     let c = rusqlite::Connection::open(path).unwrap();
     let ids: Vec<i64> = c
@@ -395,21 +410,7 @@ fn chunk_ids(path: &std::path::Path) -> Vec<i64> {
 async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.db");
-    let store = SqliteStore::open(
-        &path,
-        SqliteOptions {
-            log: LogOptions {
-                seal_rows: 1,
-                seal_after_ms: 0,
-                // A new chunk for every append.
-                chunk_span_ms: 0,
-                retention_ms: 400,
-                max_bytes: 0,
-            },
-            ..SqliteOptions::default()
-        },
-    )
-    .unwrap();
+    let store = SqliteStore::open(&path, chunk_per_append(400, 0)).unwrap();
     let mut keys = Vec::new();
     for id in ["r1", "r2", "gone"] {
         store.create_device(id, [1; 32]).await.unwrap();
@@ -481,20 +482,7 @@ async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
 async fn max_bytes_drops_the_oldest_chunks_but_never_the_newest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.db");
-    let store = SqliteStore::open(
-        &path,
-        SqliteOptions {
-            log: LogOptions {
-                seal_rows: 1,
-                seal_after_ms: 0,
-                chunk_span_ms: 0,
-                retention_ms: 0,
-                max_bytes: 1,
-            },
-            ..SqliteOptions::default()
-        },
-    )
-    .unwrap();
+    let store = SqliteStore::open(&path, chunk_per_append(0, 1)).unwrap();
     store.create_device("m", [1; 32]).await.unwrap();
     let key = store.device_auth("m").await.unwrap().unwrap().key;
     for part in 0..4u64 {

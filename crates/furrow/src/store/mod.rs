@@ -230,6 +230,19 @@ pub struct CommandRecord {
     pub outcome: Option<CommandOutcome>,
 }
 
+impl StoreError {
+    /// A backend's own error, under the backend's name.
+    pub(crate) fn backend(
+        backend: &'static str,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Backend {
+            backend,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// How the store keeps telemetry, for operators (`GET /v1/storage`).
 /// `None`: the backend does not have or report it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -42,10 +42,7 @@ use crate::clock::now_ms;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Backend {
-            backend: "postgres",
-            source: Box::new(e),
-        }
+        StoreError::backend("postgres", e)
     }
 }
 

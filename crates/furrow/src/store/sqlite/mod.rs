@@ -39,10 +39,7 @@ use crate::clock::now_ms;
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Backend {
-            backend: "sqlite",
-            source: Box::new(e),
-        }
+        StoreError::backend("sqlite", e)
     }
 }
 

@@ -377,12 +377,13 @@ pub(super) fn append(
 ) -> Result<bool, StoreError> {
     // The marks of this batch's devices (a cache, filled from the tail and
     // the watermarks table on first sight).
+    // Devices first seen here: the highest seq of their tail, if any.
     let mut marks: HashMap<Key, u64> = HashMap::new();
-    let mut missing: Vec<(Key, u64)> = Vec::new();
+    let mut missing: HashMap<Key, u64> = HashMap::new();
     let active = {
         let g = lock(log);
         for r in &batch.records {
-            if marks.contains_key(&r.device) || missing.iter().any(|m| m.0 == r.device) {
+            if marks.contains_key(&r.device) || missing.contains_key(&r.device) {
                 continue;
             }
             match g.marks.get(&r.device) {
@@ -390,8 +391,8 @@ pub(super) fn append(
                     marks.insert(r.device, *m);
                 }
                 None => {
-                    let tail = g.tail.get(&r.device).and_then(|v| v.last()).map(|t| t.seq);
-                    missing.push((r.device, tail.unwrap_or(0)));
+                    let tail = g.tail.get(&r.device).and_then(|v| v.last());
+                    missing.insert(r.device, tail.map_or(0, |t| t.seq));
                 }
             }
         }
