@@ -253,18 +253,19 @@ pub struct Storage {
     pub seal_rows: usize,
     /// ...or once the oldest has waited this long.
     pub seal_after_ms: u64,
-    /// SQLite only: readings are stored in one table per span of time
-    /// (`1d`, `6h`, ...); retention drops whole tables, so this is its
-    /// granularity.
+    /// Readings are stored in one table (SQLite) or partition (PostgreSQL)
+    /// per span of arrival time (`1d`, `6h`, ...); retention drops whole
+    /// ones, so this is its granularity.
     pub chunk_span: Span,
     /// Readings older than this are dropped, a whole chunk at a time, once
     /// every reading in the chunk is older (`30d`; `0`: kept forever).
     /// Each device's `last_seq` is kept.
     pub retention: Span,
-    /// Oldest chunks are dropped while the database holds more than this
-    /// many bytes (0: no cap). The newest chunk is never dropped.
+    /// Oldest chunks are dropped while the database (SQLite) or the
+    /// telemetry partitions (PostgreSQL) hold more than this many bytes
+    /// (0: no cap). The newest chunk is never dropped.
     pub max_bytes: u64,
-    /// Below this much free space on the database's filesystem the gateway
+    /// SQLite only: below this much free space on the database's filesystem the gateway
     /// stops taking telemetry (devices stay connected and are slowed down
     /// by flow control; nothing is dropped) until space returns.
     pub min_free_bytes: u64,

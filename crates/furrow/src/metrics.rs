@@ -113,8 +113,20 @@ fn describe() {
         "Failed store commits (retried)."
     );
     describe_counter!(
-        "furrow_store_copy_conflicts_total",
-        "PostgreSQL batches whose COPY met a stored key and were written again with ON CONFLICT DO NOTHING."
+        "furrow_store_duplicate_rows_total",
+        "Readings a PostgreSQL batch skipped because their device's stored watermark already held them (a retried commit, a takeover race)."
+    );
+    describe_gauge!(
+        "furrow_storage_chunks",
+        "Telemetry chunks held (SQLite chunk tables, PostgreSQL partitions)."
+    );
+    describe_counter!(
+        "furrow_retention_dropped_chunks_total",
+        "Telemetry chunks dropped by storage.retention or storage.max_bytes."
+    );
+    describe_counter!(
+        "furrow_retention_dropped_rows_total",
+        "Readings in the chunks retention dropped."
     );
     describe_counter!("furrow_accept_errors_total", "accept() failures, by kind.");
     describe_counter!(

@@ -116,6 +116,9 @@ fn postgres_options(cfg: &Config) -> PostgresOptions {
         pool_size: cfg.storage.pool_size,
         connect_timeout: Duration::from_millis(cfg.storage.connect_timeout_ms),
         application_name: crate::cluster::application_name(&cfg.instance()),
+        chunk_span_ms: cfg.storage.chunk_span.ms(),
+        retention_ms: cfg.storage.retention.ms(),
+        max_bytes: cfg.storage.max_bytes,
     }
 }
 
@@ -150,7 +153,12 @@ pub struct Server {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     cluster: Cluster,
+    /// The PostgreSQL store, whose retention the gateway runs.
+    postgres: Option<PostgresStore>,
 }
+
+/// How often a PostgreSQL gateway looks for partitions to drop.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Binds the device listener with our backlog (Tokio's `bind` would use
 /// its own) and SO_REUSEADDR, so a restarted gateway binds while its old
@@ -180,6 +188,7 @@ impl Server {
         }
         let pg = PostgresStore::connect(&cfg.database_url, postgres_options(&cfg)).await?;
         let mut server = Self::with_store(cfg, Arc::new(pg.clone())).await?;
+        server.postgres = Some(pg.clone());
         server.cluster = Cluster::join(pg, &server.cfg, server.registry()).await?;
         Ok(server)
     }
@@ -228,6 +237,7 @@ impl Server {
             store,
             registry: Arc::new(Registry::new()),
             cluster: Cluster::single(),
+            postgres: None,
         })
     }
 
@@ -270,7 +280,9 @@ impl Server {
             store,
             registry,
             cluster,
+            postgres,
         } = self;
+        let retention = postgres.map(|pg| pg.spawn_retention(RETENTION_EVERY));
         let shutdown = CancellationToken::new();
         // The listeners are bound (the kernel queues devices already): ready
         // from the first /readyz on, until phase 1 of shutdown.
@@ -431,6 +443,9 @@ impl Server {
         revocations.abort();
         expiry.abort();
         limits_upkeep.abort();
+        if let Some(r) = retention {
+            r.abort();
+        }
         // Phase 3: wait for them, bounded.
         tracker.close();
         if tokio::time::timeout(drain + Duration::from_secs(1), tracker.wait())

@@ -5,7 +5,8 @@
 //! group-commit batch. A backend must make a batch durable (under its
 //! durability setting) before `append` returns, and must store a
 //! `(device, seq)` pair at most once even when asked twice: the gateway
-//! deduplicates in memory, and the backend's key is the second line.
+//! deduplicates in memory, and the backend's per-device watermark (the
+//! highest stored seq) is the second line.
 //!
 //! Backends: [`sqlite`] (embedded, the default: one instance) and
 //! [`postgres`] (several instances sharing one database). Both pass the

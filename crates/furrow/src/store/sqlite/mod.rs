@@ -496,7 +496,7 @@ fn retention_job(opts: &LogOptions) -> Job {
             Err(e) => tracing::warn!(error = %e, "retention failed; retrying"),
         }
         if let Ok((chunks, _)) = telemetry::chunk_summary(conn) {
-            metrics::gauge!("furrow_sqlite_chunks").set(chunks as f64);
+            metrics::gauge!("furrow_storage_chunks").set(chunks as f64);
         }
     })
 }

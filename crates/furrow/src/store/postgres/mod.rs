@@ -1,42 +1,32 @@
 //! The PostgreSQL backend, for several gateway instances sharing one
 //! database (`--database postgres://...`).
 //!
-//! Same schema shape and rules as the SQLite backend: telemetry keyed by
-//! `(device, seq)` with a surrogate integer device key, the key as the last
-//! guard against storing a seq twice (`ON CONFLICT DO NOTHING`), u64 seqs
-//! stored as the same 64 bits in a `bigint`.
-//!
-//! A group commit is one transaction: a binary `COPY` of the batch and the
-//! rejection watermarks. The gateway deduplicates in memory, so a stored
-//! key in a batch is rare (a commit retried after its answer was lost, a
-//! takeover race); it fails the COPY with a unique violation, and the batch
-//! is then written again as one `INSERT ... SELECT FROM unnest(arrays) ON
-//! CONFLICT DO NOTHING`. The COPY path writes ~1.9x the rows per second
-//! of that INSERT at 8,192 rows per batch and ~1.2x at 1,024
-//! (`examples/pg_ingest.rs`, figures in `docs/postgres.md`).
-//! Rows are sorted by key first, so two instances inserting the same keys
-//! during a takeover lock them in the same order and never deadlock.
+//! Telemetry lives in a table partitioned by arrival time
+//! (`received_ms`), one partition per `storage.chunk_span`, so retention
+//! drops whole partitions ([`telemetry`]). Each partition is indexed by
+//! `(device, seq)` for reads. No unique key spans the partitions: a
+//! `(device, seq)` is stored at most once because every batch first locks
+//! its devices' rows and skips readings at or below each device's stored
+//! watermark (`devices.stored_seq`), which it raises in the same
+//! transaction. u64 seqs are stored as the same 64 bits in a `bigint`.
 //!
 //! Connections come from a deadpool pool; one that broke while the
 //! database was away is dropped on its next use and replaced, so the
 //! writer's retries reconnect by themselves when the database returns.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
 use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
 use super::{
-    Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
-    DeviceSeqs, NewCommand, StoreError, StoredTelemetry, TelemetryRange, TelemetryRecord,
+    CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey, NewCommand,
+    StoreError,
 };
 use crate::clock::now_ms;
 
@@ -49,7 +39,8 @@ impl From<tokio_postgres::Error> for StoreError {
 /// Schema migrations, applied in order in one transaction each, under an
 /// advisory lock so that instances starting together migrate once.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id           bigserial PRIMARY KEY,
     -- byte order, as SQLite compares: listings page the same way on both
@@ -106,7 +97,59 @@ CREATE TABLE sessions (
 );
 CREATE INDEX sessions_by_instance ON sessions (instance_id);
 CREATE SEQUENCE session_generation;
-"#];
+"#,
+    MIGRATE_V2,
+];
+
+mod telemetry;
+use telemetry::Chunks;
+pub use telemetry::Dropped;
+
+/// 0.2: telemetry partitioned by arrival time, so that retention drops
+/// whole partitions; duplicates refused by each device's stored watermark
+/// (kept on its row with the time of that reading), not by a unique key
+/// over all rows. A 0.1 table becomes the first partition, bounded below
+/// by nothing and above by its newest reading (attaching it scans it once
+/// and builds its `(device, seq)` index).
+const MIGRATE_V2: &str = r#"
+ALTER TABLE devices
+    ADD COLUMN stored_seq   bigint NOT NULL DEFAULT 0,
+    ADD COLUMN last_seen_ms bigint;
+UPDATE devices d SET stored_seq = l.seq, last_seen_ms = t.received_ms
+FROM (SELECT device, COALESCE(max(seq) FILTER (WHERE seq < 0), max(seq)) AS seq
+      FROM telemetry GROUP BY device) l
+JOIN telemetry t ON t.device = l.device AND t.seq = l.seq
+WHERE d.id = l.device;
+ALTER TABLE telemetry RENAME TO telemetry_v1;
+ALTER INDEX telemetry_pkey RENAME TO telemetry_v1_pkey;
+CREATE TABLE telemetry (
+    device       bigint   NOT NULL,
+    seq          bigint   NOT NULL,
+    timestamp_ms bigint   NOT NULL,
+    received_ms  bigint   NOT NULL,
+    content_type smallint NOT NULL,
+    payload      bytea    NOT NULL
+) PARTITION BY RANGE (received_ms);
+CREATE INDEX telemetry_by_seq ON telemetry (device, seq);
+-- One row per partition: its table and its received_ms bounds [from, to).
+CREATE TABLE telemetry_chunks (
+    name    text   PRIMARY KEY,
+    from_ms bigint NOT NULL,
+    to_ms   bigint NOT NULL
+);
+DO $$
+DECLARE hi bigint;
+BEGIN
+    SELECT max(received_ms) + 1 INTO hi FROM telemetry_v1;
+    IF hi IS NULL THEN
+        DROP TABLE telemetry_v1;
+    ELSE
+        EXECUTE format('ALTER TABLE telemetry ATTACH PARTITION telemetry_v1 '
+                       'FOR VALUES FROM (MINVALUE) TO (%s)', hi);
+        INSERT INTO telemetry_chunks VALUES ('telemetry_v1', -9223372036854775808, hi);
+    END IF;
+END $$;
+"#;
 
 /// Any fixed number: the advisory lock migrations take.
 const MIGRATION_LOCK: i64 = 0x6675_7272_6f77; // "furrow"
@@ -123,6 +166,12 @@ pub struct PostgresOptions {
     /// instance's connections `furrow/INSTANCE`, and reads liveness from
     /// them); a URL's own setting wins.
     pub application_name: String,
+    /// Arrival-time span of one telemetry partition.
+    pub chunk_span_ms: u64,
+    /// Partitions wholly older than this are dropped (0: never).
+    pub retention_ms: u64,
+    /// Oldest partitions are dropped while telemetry takes more (0: no cap).
+    pub max_bytes: u64,
 }
 
 impl Default for PostgresOptions {
@@ -131,6 +180,9 @@ impl Default for PostgresOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(3),
             application_name: "furrow".to_owned(),
+            chunk_span_ms: 86_400_000,
+            retention_ms: 0,
+            max_bytes: 0,
         }
     }
 }
@@ -140,6 +192,9 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    opts: Arc<PostgresOptions>,
+    /// The telemetry partitions this instance knows of (see [`Chunks`]).
+    chunks: Arc<Mutex<Chunks>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -170,12 +225,6 @@ fn i(v: u64) -> i64 {
 fn clamp(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
-
-/// Highest stored seq of `$1` as u64 bits: values above i64::MAX are stored
-/// negative and are the largest.
-const LAST_SEQ: &str = "COALESCE(
-    (SELECT max(seq) FROM telemetry WHERE device = d.id AND seq < 0),
-    (SELECT max(seq) FROM telemetry WHERE device = d.id))";
 
 /// Columns of a command row joined with its device, in [`command_row`]'s order.
 fn command_row(r: &Row) -> Result<CommandRecord, StoreError> {
@@ -209,84 +258,14 @@ fn device_row(r: &Row) -> Result<DeviceInfo, StoreError> {
     })
 }
 
-/// A device with its stored watermark and when that reading arrived.
+/// A device with its stored watermark and when that reading arrived (both
+/// kept on the device's row, so they survive retention).
 fn device_query(filter: &str) -> String {
     format!(
-        "SELECT d.device_id, d.created_ms, d.revoked_ms, l.seq, t.received_ms
+        "SELECT d.device_id, d.created_ms, d.revoked_ms, d.stored_seq, d.last_seen_ms
          FROM devices d
-         CROSS JOIN LATERAL (SELECT {LAST_SEQ} AS seq) l
-         LEFT JOIN telemetry t ON t.device = d.id AND t.seq = l.seq
          {filter}"
     )
-}
-
-/// Raises devices' rejection watermarks, compared as u64: same sign
-/// compares as signed; negative (>= 2^63) is larger.
-async fn update_marks(
-    tx: &deadpool_postgres::Transaction<'_>,
-    mark_dev: &[i64],
-    mark_seq: &[i64],
-) -> Result<(), tokio_postgres::Error> {
-    if mark_dev.is_empty() {
-        return Ok(());
-    }
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE devices d SET rejected_seq = CASE
-                WHEN (d.rejected_seq < 0) = (r.seq < 0) THEN greatest(d.rejected_seq, r.seq)
-                WHEN r.seq < 0 THEN r.seq
-                ELSE d.rejected_seq END
-             FROM unnest($1::int8[], $2::int8[]) AS r(id, seq)
-             WHERE d.id = r.id",
-        )
-        .await?;
-    tx.execute(&stmt, &[&mark_dev, &mark_seq]).await?;
-    Ok(())
-}
-
-/// Column types of the telemetry COPY, in its column order.
-const COPY_TYPES: [Type; 6] = [
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT2,
-    Type::BYTEA,
-];
-
-/// One transaction: binary COPY of `records` (in key order, so concurrent
-/// writers of the same keys lock them in one order) and the watermarks.
-/// Any stored key fails it whole, with a unique violation.
-async fn copy_batch(
-    client: &mut deadpool_postgres::Object,
-    records: &[&TelemetryRecord],
-    mark_dev: &[i64],
-    mark_seq: &[i64],
-) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let stmt = tx
-        .prepare_cached(
-            "COPY telemetry (device, seq, timestamp_ms, received_ms, content_type, payload)
-             FROM STDIN BINARY",
-        )
-        .await?;
-    let sink = tx.copy_in(&stmt).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
-    let mut writer = std::pin::pin!(writer);
-    for r in records {
-        let row: [&(dyn ToSql + Sync); 6] = [
-            &r.device,
-            &i(r.seq),
-            &clamp(r.timestamp_ms),
-            &clamp(r.received_ms),
-            &i16::from(r.content_type),
-            &&r.payload[..],
-        ];
-        writer.as_mut().write(&row).await?;
-    }
-    writer.finish().await?;
-    update_marks(&tx, mark_dev, mark_seq).await?;
-    tx.commit().await
 }
 
 impl PostgresStore {
@@ -317,7 +296,12 @@ impl PostgresStore {
             .recycle_timeout(Some(opts.connect_timeout))
             .build()
             .map_err(|e| StoreError::Config(e.to_string()))?;
-        let store = Self { pool, config };
+        let store = Self {
+            pool,
+            config,
+            opts: Arc::new(opts),
+            chunks: Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -391,149 +375,6 @@ impl PostgresStore {
             .iter()
             .map(command_row)
             .collect()
-    }
-}
-
-#[async_trait]
-impl TelemetryStore for PostgresStore {
-    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
-        // Key order: concurrent batches over the same keys (a takeover
-        // between instances) lock them in one order.
-        let mut records: Vec<_> = batch.records.iter().collect();
-        records.sort_by_key(|r| (r.device, i(r.seq)));
-        let n = records.len();
-        // One watermark per device (an UPDATE ... FROM applies one row per
-        // target), the highest as u64.
-        let mut marks: BTreeMap<DeviceKey, u64> = BTreeMap::new();
-        for &(d, s) in &batch.rejections {
-            let m = marks.entry(d).or_default();
-            *m = (*m).max(s);
-        }
-        let mark_dev: Vec<i64> = marks.keys().copied().collect();
-        let mark_seq: Vec<i64> = marks.values().map(|&s| i(s)).collect();
-
-        let mut client = self.client().await?;
-        if n > 0 {
-            // Almost every batch is new rows (the gateway deduplicates in
-            // memory): try binary COPY first, the fast path. A stored key
-            // fails the whole COPY with a unique violation; then the batch
-            // is written again with the deduplicating INSERT below.
-            match copy_batch(&mut client, &records, &mark_dev, &mark_seq).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    metrics::counter!("furrow_store_copy_conflicts_total").increment(1);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let (mut dev, mut seq, mut ts, mut rcv, mut ct, mut pl) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for r in &records {
-            dev.push(r.device);
-            seq.push(i(r.seq));
-            ts.push(clamp(r.timestamp_ms));
-            rcv.push(clamp(r.received_ms));
-            ct.push(i16::from(r.content_type));
-            pl.push(&r.payload[..]);
-        }
-        let tx = client.transaction().await?;
-        if n > 0 {
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO telemetry
-                     (device, seq, timestamp_ms, received_ms, content_type, payload)
-                     SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[],
-                                          $5::int2[], $6::bytea[])
-                     ON CONFLICT DO NOTHING",
-                )
-                .await?;
-            tx.execute(&stmt, &[&dev, &seq, &ts, &rcv, &ct, &pl])
-                .await?;
-        }
-        update_marks(&tx, &mark_dev, &mark_seq).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT d.rejected_seq, {LAST_SEQ} FROM devices d WHERE d.id = $1"
-            ))
-            .await?;
-        Ok(match client.query_opt(&stmt, &[&device]).await? {
-            Some(r) => DeviceSeqs {
-                rejected: r.try_get::<_, i64>(0)? as u64,
-                stored: r.try_get::<_, Option<i64>>(1)?.map_or(0, |v| v as u64),
-            },
-            None => DeviceSeqs::default(),
-        })
-    }
-
-    async fn telemetry(
-        &self,
-        device_id: &str,
-        range: TelemetryRange,
-        limit: u32,
-    ) -> Result<Vec<StoredTelemetry>, StoreError> {
-        let client = self.client().await?;
-        // The key range narrows the scan to the seqs asked for; the time
-        // bounds filter within it.
-        let stmt = client
-            .prepare_cached(
-                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
-                 FROM telemetry t JOIN devices d ON d.id = t.device
-                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
-                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
-                 ORDER BY t.seq LIMIT $6",
-            )
-            .await?;
-        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-            &device_id,
-            &clamp(range.from_seq),
-            &clamp(range.to_seq),
-            &clamp(range.from_ms),
-            &clamp(range.to_ms),
-            &i64::from(limit),
-        ];
-        client
-            .query(&stmt, &args)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(StoredTelemetry {
-                    seq: r.try_get::<_, i64>(0)? as u64,
-                    timestamp_ms: r.try_get::<_, i64>(1)? as u64,
-                    received_ms: r.try_get::<_, i64>(2)? as u64,
-                    content_type: u8::try_from(r.try_get::<_, i16>(3)?).unwrap_or(0),
-                    payload: r.try_get(4)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn storage_info(&self) -> Result<super::StorageInfo, StoreError> {
-        // Retention, size caps and the free-space floor are SQLite's for
-        // now (docs/postgres.md).
-        Ok(super::StorageInfo {
-            backend: "postgresql",
-            retention_ms: 0,
-            max_bytes: 0,
-            min_free_bytes: 0,
-            chunk_span_ms: None,
-            chunks: None,
-            oldest_chunk_opened_ms: None,
-            used_bytes: None,
-            free_bytes: None,
-            unsealed_rows: None,
-        })
     }
 }
 

@@ -1,0 +1,535 @@
+//! Telemetry on PostgreSQL: partitions by arrival time, the watermark
+//! that refuses duplicates, batch writes, reads and retention.
+//!
+//! Layout: `telemetry` is partitioned by range of `received_ms`, one
+//! partition (a *chunk*) per `chunk_span`, aligned to multiples of the span
+//! since the Unix epoch, and listed with its bounds in `telemetry_chunks`.
+//! Chunks are created on demand by whichever instance first needs one,
+//! under an advisory lock; a chunk never overlaps another, so a span changed
+//! between runs only shortens the new chunk that meets an old one.
+//!
+//! A batch is one transaction: lock the rows of the devices it touches in
+//! key order (two instances racing over a device during a takeover wait
+//! for each other and never deadlock), drop readings at or below each
+//! device's stored watermark, binary-`COPY` the rest, and raise the
+//! watermarks. Nothing is ever stored twice, and `last_seq` is one row
+//! read that survives retention.
+//!
+//! Retention drops whole partitions, never rows: a chunk whose upper bound
+//! is older than `retention`, or the oldest closed chunks while telemetry
+//! is larger than `max_bytes`. The newest chunk always stays.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+
+use super::{clamp, i, PostgresStore};
+use crate::store::prelude::*;
+use crate::store::{
+    Batch, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
+    TelemetryRecord,
+};
+
+/// The advisory lock chunk creation and retention take ("furrow" + 1).
+const CHUNK_LOCK: i64 = 0x6675_7272_6f78;
+
+/// One partition: rows with `from <= received_ms < to`; `to == i64::MAX`
+/// stands for no upper bound, `from == i64::MIN` for no lower bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Chunk {
+    name: String,
+    from: i64,
+    to: i64,
+}
+
+impl Chunk {
+    fn holds(&self, t: i64) -> bool {
+        self.from <= t && (t < self.to || self.to == i64::MAX)
+    }
+}
+
+/// The chunks an instance knows of, in `from` order. A cache: another
+/// instance may have created more (found on a miss, under the lock) or
+/// dropped old ones (a write into one fails and empties the cache).
+#[derive(Debug, Default)]
+pub(super) struct Chunks {
+    list: Vec<Chunk>,
+}
+
+impl Chunks {
+    fn holds(&self, t: i64) -> bool {
+        self.list.iter().any(|c| c.holds(t))
+    }
+}
+
+/// The bounds of a new chunk for time `t`: its span, shortened where it
+/// meets a chunk that exists.
+fn chunk_for(list: &[Chunk], t: i64, span: i64) -> (i64, i64) {
+    let start = t.div_euclid(span).saturating_mul(span);
+    let end = start.checked_add(span).unwrap_or(i64::MAX);
+    let from = list
+        .iter()
+        .filter(|c| c.to <= t)
+        .map(|c| c.to)
+        .fold(start, i64::max);
+    let to = list
+        .iter()
+        .filter(|c| c.from > t)
+        .map(|c| c.from)
+        .fold(end, i64::min);
+    (from, to)
+}
+
+fn bound(v: i64, edge: &str) -> String {
+    match v {
+        i64::MAX | i64::MIN => edge.to_owned(),
+        v => v.to_string(),
+    }
+}
+
+/// Column types of the telemetry COPY, in its column order.
+const COPY_TYPES: [Type; 6] = [
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT2,
+    Type::BYTEA,
+];
+
+/// What retention dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Partitions dropped.
+    pub chunks: u64,
+    /// Readings they held.
+    pub rows: u64,
+}
+
+/// A device's watermarks as the batch finds them, and what it raises.
+#[derive(Debug, Default, Clone, Copy)]
+struct Marks {
+    stored: u64,
+    rejected: u64,
+    last_seen: Option<i64>,
+    changed: bool,
+}
+
+impl PostgresStore {
+    /// Makes sure a partition holds every `received_ms` of `records`.
+    async fn ensure_chunks(&self, records: &[&TelemetryRecord]) -> Result<(), StoreError> {
+        let missing: Vec<i64> = {
+            let known = self.chunks.lock().map_err(|_| poisoned())?;
+            let mut m: Vec<i64> = records
+                .iter()
+                .map(|r| clamp(r.received_ms))
+                .filter(|&t| !known.holds(t))
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let span = clamp(self.opts.chunk_span_ms).max(1);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHUNK_LOCK])
+            .await?;
+        let mut list = load_chunks(&tx).await?;
+        for t in missing {
+            if list.iter().any(|c| c.holds(t)) {
+                continue;
+            }
+            let (from, to) = chunk_for(&list, t, span);
+            let name = format!("telemetry_p{}", from.max(0));
+            tx.batch_execute(&format!(
+                "CREATE TABLE {name} PARTITION OF telemetry FOR VALUES FROM ({}) TO ({})",
+                bound(from, "MINVALUE"),
+                bound(to, "MAXVALUE")
+            ))
+            .await?;
+            tx.execute(
+                "INSERT INTO telemetry_chunks (name, from_ms, to_ms) VALUES ($1, $2, $3)",
+                &[&name, &from, &to],
+            )
+            .await?;
+            tracing::info!(chunk = %name, from_ms = from, to_ms = to, "telemetry partition created");
+            list.push(Chunk { name, from, to });
+            list.sort_by_key(|c| c.from);
+        }
+        tx.commit().await?;
+        metrics::gauge!("furrow_storage_chunks").set(list.len() as f64);
+        self.chunks.lock().map_err(|_| poisoned())?.list = list;
+        Ok(())
+    }
+
+    /// Drops the partitions that retention or the size cap no longer
+    /// wants, oldest first; never the newest, never one still open (its
+    /// upper bound in the future). Instances may all call it: the advisory
+    /// lock makes one do the work.
+    pub async fn enforce_retention(&self, now_ms: u64) -> Result<Dropped, StoreError> {
+        let mut dropped = Dropped::default();
+        let (retention, cap) = (self.opts.retention_ms, self.opts.max_bytes);
+        if retention == 0 && cap == 0 {
+            return Ok(dropped);
+        }
+        let now = clamp(now_ms);
+        let cutoff = now.saturating_sub(clamp(retention));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHUNK_LOCK])
+            .await?;
+        let list = load_chunks(&tx).await?;
+        let mut sizes = Vec::with_capacity(list.len());
+        for c in &list {
+            sizes.push(chunk_bytes(&tx, &c.name).await?);
+        }
+        let mut total: i64 = sizes.iter().sum();
+        for (c, size) in list.iter().zip(&sizes).take(list.len().saturating_sub(1)) {
+            if c.to == i64::MAX || c.to > now {
+                break; // still open
+            }
+            let old = retention > 0 && c.to <= cutoff;
+            let big = cap > 0 && total > clamp(cap);
+            if !old && !big {
+                break;
+            }
+            let rows: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {}", c.name), &[])
+                .await?
+                .try_get(0)?;
+            tx.batch_execute(&format!("DROP TABLE {}", c.name)).await?;
+            tx.execute("DELETE FROM telemetry_chunks WHERE name = $1", &[&c.name])
+                .await?;
+            tracing::info!(
+                chunk = %c.name,
+                rows,
+                reason = if old { "retention" } else { "max_bytes" },
+                "telemetry partition dropped"
+            );
+            total -= size;
+            dropped.chunks += 1;
+            dropped.rows += rows.max(0) as u64;
+        }
+        tx.commit().await?;
+        if dropped.chunks > 0 {
+            metrics::counter!("furrow_retention_dropped_chunks_total").increment(dropped.chunks);
+            metrics::counter!("furrow_retention_dropped_rows_total").increment(dropped.rows);
+            // Rebuilt from the table on the next miss.
+            self.chunks.lock().map_err(|_| poisoned())?.list.clear();
+        }
+        metrics::gauge!("furrow_storage_chunks").set((list.len() as u64 - dropped.chunks) as f64);
+        Ok(dropped)
+    }
+
+    /// Runs [`Self::enforce_retention`] now and then every `every`, while
+    /// the returned task lives (the gateway aborts it at shutdown). A
+    /// failure is logged and tried again next time.
+    pub fn spawn_retention(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.enforce_retention(crate::clock::now_ms()).await {
+                    tracing::warn!(error = %e, "telemetry retention failed; trying again later");
+                }
+            }
+        })
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Task("the partition cache lock is poisoned".into())
+}
+
+async fn load_chunks(tx: &deadpool_postgres::Transaction<'_>) -> Result<Vec<Chunk>, StoreError> {
+    tx.query(
+        "SELECT name, from_ms, to_ms FROM telemetry_chunks ORDER BY from_ms",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(Chunk {
+            name: r.try_get(0)?,
+            from: r.try_get(1)?,
+            to: r.try_get(2)?,
+        })
+    })
+    .collect()
+}
+
+/// Bytes a partition takes with its index and TOAST (0 if it is gone).
+async fn chunk_bytes(
+    client: &impl deadpool_postgres::GenericClient,
+    name: &str,
+) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one(
+            "SELECT COALESCE(pg_total_relation_size(to_regclass($1)), 0)",
+            &[&name],
+        )
+        .await?
+        .try_get(0)?)
+}
+
+/// One transaction: lock the devices, skip what their watermarks have,
+/// COPY the rest, raise the watermarks.
+async fn write_batch(
+    client: &mut deadpool_postgres::Object,
+    records: &[&TelemetryRecord],
+    rejections: &[(DeviceKey, u64)],
+) -> Result<u64, StoreError> {
+    let mut devices: Vec<DeviceKey> = records
+        .iter()
+        .map(|r| r.device)
+        .chain(rejections.iter().map(|&(d, _)| d))
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+
+    let tx = client.transaction().await?;
+    let lock = tx
+        .prepare_cached(
+            "SELECT id, stored_seq, rejected_seq FROM devices
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .await?;
+    let mut marks: HashMap<DeviceKey, Marks> = HashMap::with_capacity(devices.len());
+    for r in tx.query(&lock, &[&devices]).await? {
+        marks.insert(
+            r.try_get(0)?,
+            Marks {
+                stored: r.try_get::<_, i64>(1)? as u64,
+                rejected: r.try_get::<_, i64>(2)? as u64,
+                ..Marks::default()
+            },
+        );
+    }
+
+    let mut duplicates = 0u64;
+    let mut kept: Vec<&TelemetryRecord> = Vec::with_capacity(records.len());
+    for &r in records {
+        let m = marks.entry(r.device).or_default();
+        if r.seq <= m.stored {
+            duplicates += 1;
+            continue;
+        }
+        m.stored = r.seq;
+        m.last_seen = Some(clamp(r.received_ms));
+        m.changed = true;
+        kept.push(r);
+    }
+    for &(d, seq) in rejections {
+        let m = marks.entry(d).or_default();
+        if seq > m.rejected {
+            m.rejected = seq;
+            m.changed = true;
+        }
+    }
+
+    if !kept.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "COPY telemetry (device, seq, timestamp_ms, received_ms, content_type, payload)
+                 FROM STDIN BINARY",
+            )
+            .await?;
+        let sink = tx.copy_in(&stmt).await?;
+        let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+        let mut writer = std::pin::pin!(writer);
+        for r in &kept {
+            let row: [&(dyn ToSql + Sync); 6] = [
+                &r.device,
+                &i(r.seq),
+                &clamp(r.timestamp_ms),
+                &clamp(r.received_ms),
+                &i16::from(r.content_type),
+                &&r.payload[..],
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        writer.finish().await?;
+    }
+
+    let (mut id, mut stored, mut seen, mut rejected) = (vec![], vec![], vec![], vec![]);
+    for d in &devices {
+        if let Some(m) = marks.get(d).filter(|m| m.changed) {
+            id.push(*d);
+            stored.push(i(m.stored));
+            seen.push(m.last_seen);
+            rejected.push(i(m.rejected));
+        }
+    }
+    if !id.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE devices d SET stored_seq = u.stored,
+                    last_seen_ms = COALESCE(u.seen, d.last_seen_ms), rejected_seq = u.rejected
+                 FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[])
+                      AS u(id, stored, seen, rejected)
+                 WHERE d.id = u.id",
+            )
+            .await?;
+        tx.execute(&stmt, &[&id, &stored, &seen, &rejected]).await?;
+    }
+    tx.commit().await?;
+    Ok(duplicates)
+}
+
+#[async_trait]
+impl TelemetryStore for PostgresStore {
+    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+        // Each device's readings in seq order (u64), so the watermark
+        // filter keeps exactly the new ones.
+        let mut records: Vec<&TelemetryRecord> = batch.records.iter().collect();
+        records.sort_by_key(|r| (r.device, r.seq));
+        self.ensure_chunks(&records).await?;
+        let mut client = self.client().await?;
+        match write_batch(&mut client, &records, &batch.rejections).await {
+            Ok(duplicates) => {
+                if duplicates > 0 {
+                    metrics::counter!("furrow_store_duplicate_rows_total").increment(duplicates);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // No partition for a row: another instance dropped one this
+                // instance still knew of. Forget them all; the writer's
+                // retry finds or creates the right ones.
+                if let StoreError::Backend { source, .. } = &e {
+                    if source
+                        .downcast_ref::<tokio_postgres::Error>()
+                        .and_then(|e| e.code())
+                        == Some(&SqlState::CHECK_VIOLATION)
+                    {
+                        self.chunks.lock().map_err(|_| poisoned())?.list.clear();
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT rejected_seq, stored_seq FROM devices WHERE id = $1")
+            .await?;
+        Ok(match client.query_opt(&stmt, &[&device]).await? {
+            Some(r) => DeviceSeqs {
+                rejected: r.try_get::<_, i64>(0)? as u64,
+                stored: r.try_get::<_, i64>(1)? as u64,
+            },
+            None => DeviceSeqs::default(),
+        })
+    }
+
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        range: TelemetryRange,
+        limit: u32,
+    ) -> Result<Vec<StoredTelemetry>, StoreError> {
+        let client = self.client().await?;
+        // Each partition's (device, seq) index narrows the scan to the
+        // seqs asked for, merged in seq order; the time bounds filter
+        // within it.
+        let stmt = client
+            .prepare_cached(
+                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
+                 FROM telemetry t JOIN devices d ON d.id = t.device
+                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
+                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
+                 ORDER BY t.seq LIMIT $6",
+            )
+            .await?;
+        let args: [&(dyn ToSql + Sync); 6] = [
+            &device_id,
+            &clamp(range.from_seq),
+            &clamp(range.to_seq),
+            &clamp(range.from_ms),
+            &clamp(range.to_ms),
+            &i64::from(limit),
+        ];
+        client
+            .query(&stmt, &args)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(StoredTelemetry {
+                    seq: r.try_get::<_, i64>(0)? as u64,
+                    timestamp_ms: r.try_get::<_, i64>(1)? as u64,
+                    received_ms: r.try_get::<_, i64>(2)? as u64,
+                    content_type: u8::try_from(r.try_get::<_, i16>(3)?).unwrap_or(0),
+                    payload: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn storage_info(&self) -> Result<StorageInfo, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), min(from_ms) FILTER (WHERE from_ms > -9223372036854775808),
+                        COALESCE(sum(pg_total_relation_size(to_regclass(name))), 0)::int8
+                 FROM telemetry_chunks",
+                &[],
+            )
+            .await?;
+        Ok(StorageInfo {
+            backend: "postgresql",
+            retention_ms: self.opts.retention_ms,
+            max_bytes: self.opts.max_bytes,
+            // The database's disk is not the gateway's to watch.
+            min_free_bytes: 0,
+            chunk_span_ms: Some(self.opts.chunk_span_ms),
+            chunks: Some(row.try_get::<_, i64>(0)?.max(0) as u64),
+            oldest_chunk_opened_ms: row.try_get::<_, Option<i64>>(1)?.map(|v| v.max(0) as u64),
+            used_bytes: Some(row.try_get::<_, i64>(2)?.max(0) as u64),
+            free_bytes: None,
+            unsealed_rows: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(from: i64, to: i64) -> Chunk {
+        Chunk {
+            name: String::new(),
+            from,
+            to,
+        }
+    }
+
+    #[test]
+    fn new_chunks_align_to_the_span_and_never_overlap() {
+        assert_eq!(chunk_for(&[], 1_050, 100), (1_000, 1_100));
+        assert_eq!(chunk_for(&[], 0, 100), (0, 100));
+        // An old chunk with another span shortens the new one.
+        let list = [c(900, 1_030), c(1_080, 1_200)];
+        assert_eq!(chunk_for(&list, 1_050, 100), (1_030, 1_080));
+        // The legacy partition has no lower bound.
+        let list = [c(i64::MIN, 1_030)];
+        assert_eq!(chunk_for(&list, 1_050, 100), (1_030, 1_100));
+        assert!(list[0].holds(-5));
+        // The span's end past i64::MAX becomes no upper bound.
+        let (from, to) = chunk_for(&[], i64::MAX - 1, 1_000);
+        assert_eq!(to, i64::MAX);
+        assert!(c(from, to).holds(i64::MAX));
+        assert_eq!(bound(to, "MAXVALUE"), "MAXVALUE");
+    }
+}
