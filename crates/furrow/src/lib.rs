@@ -29,6 +29,9 @@
 //! * [`store`]: the storage trait and its SQLite and PostgreSQL backends.
 //! * [`server`]: assembly and phased shutdown; [`config`]: settings.
 
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+compile_error!("furrow needs a storage backend: enable the \"sqlite\" or the \"postgres\" feature (both are on by default)");
+
 pub mod api;
 pub mod auth;
 pub mod certs;

@@ -31,8 +31,11 @@ use crate::publish::Events;
 use crate::registry::Registry;
 use crate::session::{self, Shared};
 use crate::store::prelude::*;
-use crate::store::sqlite::SqliteOptions;
-use crate::store::{PostgresOptions, PostgresStore, SqliteStore, StoreError};
+#[cfg(feature = "sqlite")]
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::StoreError;
+#[cfg(feature = "postgres")]
+use crate::store::{PostgresOptions, PostgresStore};
 use crate::tls::TlsState;
 use crate::writer::{self, WriterConfig};
 
@@ -67,11 +70,15 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The configuration asks for a storage backend this build leaves out.
+    #[error("this furrow was built without the {0} backend (cargo feature \"{0}\"); {1}")]
+    NotBuiltIn(&'static str, &'static str),
 }
 
 /// Opens the SQLite store in `cfg.data_dir`, creating the directory, for
 /// a tool beside the gateway (the CLI, provisioning, tests): it reads and
 /// manages devices but stores no telemetry.
+#[cfg(feature = "sqlite")]
 pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
     open_sqlite(cfg, false)
 }
@@ -79,6 +86,7 @@ pub fn open_store(cfg: &Config) -> Result<SqliteStore, ServerError> {
 /// Opens SQLite in the data directory (created if missing); `ingest` for
 /// the gateway itself, which takes the database's lock file and stores
 /// telemetry.
+#[cfg(feature = "sqlite")]
 fn open_sqlite(cfg: &Config, ingest: bool) -> Result<SqliteStore, ServerError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
@@ -111,6 +119,7 @@ fn open_sqlite(cfg: &Config, ingest: bool) -> Result<SqliteStore, ServerError> {
     Ok(SqliteStore::open(cfg.database_path(), opts)?)
 }
 
+#[cfg(feature = "postgres")]
 fn postgres_options(cfg: &Config) -> PostgresOptions {
     PostgresOptions {
         pool_size: cfg.storage.pool_size,
@@ -129,16 +138,33 @@ pub async fn connect_store(cfg: &Config) -> Result<Arc<dyn Store>, ServerError> 
     connect(cfg, false).await
 }
 
+#[cfg_attr(not(feature = "sqlite"), allow(unused_variables))]
 async fn connect(cfg: &Config, ingest: bool) -> Result<Arc<dyn Store>, ServerError> {
     if cfg.uses_postgres() {
-        let store = PostgresStore::connect(&cfg.database_url, postgres_options(cfg)).await?;
-        return Ok(Arc::new(store));
+        #[cfg(feature = "postgres")]
+        {
+            let store = PostgresStore::connect(&cfg.database_url, postgres_options(cfg)).await?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(ServerError::NotBuiltIn(
+            "postgres",
+            "leave database_url empty to store into SQLite",
+        ));
     }
-    let cfg = cfg.clone();
-    let store = tokio::task::spawn_blocking(move || open_sqlite(&cfg, ingest))
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
-    Ok(Arc::new(store))
+    #[cfg(feature = "sqlite")]
+    {
+        let cfg = cfg.clone();
+        let store = tokio::task::spawn_blocking(move || open_sqlite(&cfg, ingest))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(Arc::new(store))
+    }
+    #[cfg(not(feature = "sqlite"))]
+    Err(ServerError::NotBuiltIn(
+        "sqlite",
+        "set database_url to a PostgreSQL database",
+    ))
 }
 
 /// A bound, not yet running gateway.
@@ -154,10 +180,12 @@ pub struct Server {
     registry: Arc<Registry>,
     cluster: Cluster,
     /// The PostgreSQL store, whose retention the gateway runs.
+    #[cfg(feature = "postgres")]
     postgres: Option<PostgresStore>,
 }
 
 /// How often a PostgreSQL gateway looks for partitions to drop.
+#[cfg(feature = "postgres")]
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Binds the device listener with our backlog (Tokio's `bind` would use
@@ -182,15 +210,16 @@ fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<T
 impl Server {
     /// Opens the store and binds the device listener.
     pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
-        if !cfg.uses_postgres() {
-            let store = connect(&cfg, true).await?;
-            return Self::with_store(cfg, store).await;
+        #[cfg(feature = "postgres")]
+        if cfg.uses_postgres() {
+            let pg = PostgresStore::connect(&cfg.database_url, postgres_options(&cfg)).await?;
+            let mut server = Self::with_store(cfg, Arc::new(pg.clone())).await?;
+            server.postgres = Some(pg.clone());
+            server.cluster = Cluster::join(pg, &server.cfg, server.registry()).await?;
+            return Ok(server);
         }
-        let pg = PostgresStore::connect(&cfg.database_url, postgres_options(&cfg)).await?;
-        let mut server = Self::with_store(cfg, Arc::new(pg.clone())).await?;
-        server.postgres = Some(pg.clone());
-        server.cluster = Cluster::join(pg, &server.cfg, server.registry()).await?;
-        Ok(server)
+        let store = connect(&cfg, true).await?;
+        Self::with_store(cfg, store).await
     }
 
     /// Binds the device listener over an already open store.
@@ -237,6 +266,7 @@ impl Server {
             store,
             registry: Arc::new(Registry::new()),
             cluster: Cluster::single(),
+            #[cfg(feature = "postgres")]
             postgres: None,
         })
     }
@@ -280,8 +310,10 @@ impl Server {
             store,
             registry,
             cluster,
+            #[cfg(feature = "postgres")]
             postgres,
         } = self;
+        #[cfg(feature = "postgres")]
         let retention = postgres.map(|pg| pg.spawn_retention(RETENTION_EVERY));
         let shutdown = CancellationToken::new();
         // The listeners are bound (the kernel queues devices already): ready
@@ -443,6 +475,7 @@ impl Server {
         revocations.abort();
         expiry.abort();
         limits_upkeep.abort();
+        #[cfg(feature = "postgres")]
         if let Some(r) = retention {
             r.abort();
         }

@@ -12,17 +12,48 @@
 //! [`postgres`] (several instances sharing one database). Both pass the
 //! same conformance tests (`tests/store_conformance.rs`).
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod sql;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
+#[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore};
-pub use sqlite::{SqliteStore, Synchronous};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// SQLite's `synchronous` setting for the database (a setting whether or
+/// not this build has SQLite, so that one configuration file fits all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit: an ACK survives a power cut (the default).
+    Full,
+    /// WAL is synced at checkpoints only: an ACK survives a process crash
+    /// but the last commits may be lost on power failure.
+    Normal,
+    /// No fsync at all: for benchmarks and throwaway data.
+    Off,
+}
+
+impl FromStr for Synchronous {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("expected full, normal or off, got {s:?}")),
+        }
+    }
+}
 
 /// A device's internal key in the store (stable, compact; not its name).
 pub type DeviceKey = i64;

@@ -18,11 +18,11 @@
 //! SQLite orders them).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 mod telemetry;
+pub use super::Synchronous;
 pub use telemetry::LogOptions;
 
 use async_trait::async_trait;
@@ -43,37 +43,12 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// SQLite's `synchronous` setting for the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    /// fsync on every commit: an ACK survives a power cut (the default).
-    Full,
-    /// WAL is synced at checkpoints only: an ACK survives a process crash
-    /// but the last commits may be lost on power failure.
-    Normal,
-    /// No fsync at all: for benchmarks and throwaway data.
-    Off,
-}
-
 impl Synchronous {
     fn pragma(self) -> &'static str {
         match self {
             Self::Full => "FULL",
             Self::Normal => "NORMAL",
             Self::Off => "OFF",
-        }
-    }
-}
-
-impl FromStr for Synchronous {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "full" => Ok(Self::Full),
-            "normal" => Ok(Self::Normal),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("expected full, normal or off, got {s:?}")),
         }
     }
 }

@@ -1,30 +1,6 @@
-//! Coordination between gateway instances that share a PostgreSQL
-//! database: who holds which device, cross-instance takeover, and command
-//! wakeups. With SQLite (one instance) every call here is a no-op.
-//!
-//! The database is the source of truth; notifications only make it fast:
-//! - `sessions` records which instance holds each connected device, with a
-//!   cluster-wide `generation` from a sequence. A handshake records its
-//!   claim; a session that ends deletes its own row (only if it still
-//!   holds it).
-//! - A claim that displaces another instance's session sends NOTIFY
-//!   `takeover` on channel `furrow`; that instance kicks its session if it
-//!   is older (lower generation) with GOODBYE SESSION_TAKEN_OVER. When it
-//!   has stored what it read and closed, its release sends `released`,
-//!   which the new session waits for (bounded) before WELCOME so that
-//!   `last_seq` is exact.
-//! - A command created on any instance sends `command`; the instance
-//!   holding the device wakes its session, which reads the store. A
-//!   revocation sends `revoked` (the polled revocation log stays the
-//!   fallback).
-//! - `instances` holds a heartbeat per instance. An instance silent for
-//!   `sessions.instance_timeout_ms` is gone (crashed): any instance deletes
-//!   its row and its devices' session rows.
-//!
-//! A notification is lost when the listening connection breaks (during a
-//! database outage, say). After reconnecting, the listener reconciles from
-//! the tables: local sessions that another instance has since claimed are
-//! kicked, and local devices with queued commands are woken.
+//! The PostgreSQL side of the cluster (see the module above for the
+//! protocol between instances): the instance's record, its heartbeat, the
+//! notification listener, claims and releases of devices.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::{Displaced, Holder, APP_PREFIX};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::registry::{Registry, SessionHandle};
@@ -47,22 +24,6 @@ use crate::store::{DeviceKey, PostgresStore, StoreError};
 
 /// The notification channel.
 const CHANNEL: &str = "furrow";
-
-/// What [`application_name`] puts before the instance.
-const APP_PREFIX: &str = "furrow/";
-
-/// The application_name of an instance's database connections. A killed
-/// instance's connections close with it, so their absence from
-/// `pg_stat_activity` tells at once that it is gone, long before its
-/// heartbeat times out.
-pub fn application_name(instance: &str) -> String {
-    // PostgreSQL keeps 63 bytes of it.
-    let mut name = format!("{APP_PREFIX}{instance}");
-    while name.len() > 63 {
-        name.pop();
-    }
-    name
-}
 
 /// A notification between instances (JSON, well under NOTIFY's 8000 bytes:
 /// device ids are at most 128 bytes).
@@ -79,33 +40,7 @@ enum Note {
     Revoked { d: String },
 }
 
-/// Another instance's session that a claim displaced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Displaced {
-    /// Its instance.
-    pub instance: String,
-    /// Its generation.
-    pub generation: u64,
-}
-
-/// Where a device is connected, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    /// The instance.
-    pub instance: String,
-    /// The device's address (from the PROXY header behind a balancer).
-    pub peer: String,
-    /// When the session was established, Unix ms.
-    pub connected_ms: u64,
-}
-
-/// This instance's view of the cluster. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct Cluster {
-    inner: Option<Arc<Inner>>,
-}
-
-struct Inner {
+pub(super) struct Inner {
     store: PostgresStore,
     instance: String,
     registry: Arc<Registry>,
@@ -123,20 +58,13 @@ fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
-impl Cluster {
-    /// One instance alone (SQLite): nothing to coordinate.
-    pub fn single() -> Self {
-        Self { inner: None }
-    }
-
-    /// Joins the cluster recorded in `store`: registers this instance,
-    /// clears session records left by its previous life, and starts the
-    /// heartbeat and the notification listener (until [`Cluster::leave`]).
-    pub async fn join(
+impl Inner {
+    /// Registers this instance and starts its heartbeat and listener.
+    pub(super) async fn join(
         store: PostgresStore,
         cfg: &Config,
         registry: Arc<Registry>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Arc<Self>, StoreError> {
         let inner = Arc::new(Inner {
             store,
             instance: cfg.instance(),
@@ -151,28 +79,20 @@ impl Cluster {
         inner.register().await?;
         tokio::spawn(Arc::clone(&inner).heartbeat_loop());
         tokio::spawn(Arc::clone(&inner).listen_loop());
-        Ok(Self { inner: Some(inner) })
-    }
-
-    /// Whether other instances may exist.
-    pub fn is_shared(&self) -> bool {
-        self.inner.is_some()
+        Ok(inner)
     }
 
     /// Records that `handle` (this instance) now holds device `key`, and
     /// sets the handle's generation. Returns the session on another
     /// instance that this displaced, if it is still alive there.
-    pub async fn claim(
+    pub(super) async fn claim(
         &self,
         key: DeviceKey,
         handle: &SessionHandle,
         peer: SocketAddr,
         connected_ms: u64,
     ) -> Result<Option<Displaced>, StoreError> {
-        let Some(inner) = &self.inner else {
-            return Ok(None);
-        };
-        let client = inner.store.pool().get().await.map_err(pool_err)?;
+        let client = self.store.pool().get().await.map_err(pool_err)?;
         // The old row is read in the same statement that replaces it (the
         // CTE sees the row as it was when the statement began; FOR UPDATE
         // there would skip it, as this statement updates it). The old
@@ -199,13 +119,13 @@ impl Cluster {
                      (SELECT generation FROM prev), (SELECT alive FROM prev)",
             )
             .await?;
-        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
+        let alive_after = now_ms().saturating_sub(self.instance_timeout.as_millis() as u64);
         let row = client
             .query_one(
                 &stmt,
                 &[
                     &key,
-                    &inner.instance,
+                    &self.instance,
                     &peer.to_string(),
                     &i(connected_ms),
                     &i(alive_after),
@@ -230,44 +150,48 @@ impl Cluster {
     /// Tells the displaced session's instance to close it, and waits
     /// (at most `sessions.remote_takeover_wait_ms`) until it has released
     /// the device. Returns whether it did in time.
-    pub async fn take_over(&self, device_id: &str, generation: u64, displaced: &Displaced) -> bool {
-        let Some(inner) = &self.inner else {
-            return true;
-        };
+    pub(super) async fn take_over(
+        &self,
+        device_id: &str,
+        generation: u64,
+        displaced: &Displaced,
+    ) -> bool {
         let (tx, rx) = oneshot::channel();
         let key = (device_id.to_owned(), displaced.generation);
-        inner.lock_waiters().insert(key.clone(), tx);
+        self.lock_waiters().insert(key.clone(), tx);
         let note = Note::Takeover {
             d: device_id.to_owned(),
             g: generation,
-            by: inner.instance.clone(),
+            by: self.instance.clone(),
         };
-        let sent = inner.notify(&note).await;
+        let sent = self.notify(&note).await;
         let done = match sent {
-            Ok(()) => tokio::time::timeout(inner.remote_wait, rx).await.is_ok(),
+            Ok(()) => tokio::time::timeout(self.remote_wait, rx).await.is_ok(),
             Err(e) => {
                 warn!(device = %device_id, error = %e, "cannot announce a takeover");
                 false
             }
         };
-        inner.lock_waiters().remove(&key);
+        self.lock_waiters().remove(&key);
         done
     }
 
     /// Records that the session `handle` of device `key` has ended (in the
     /// background: called from a drop guard). If another instance holds
     /// the device now, tells it this session is gone.
-    pub fn release(&self, key: DeviceKey, device_id: &str, handle: &SessionHandle) {
-        let Some(inner) = &self.inner else {
-            return;
-        };
+    pub(super) fn release_handle(
+        self: &Arc<Self>,
+        key: DeviceKey,
+        device_id: &str,
+        handle: &SessionHandle,
+    ) {
         let generation = handle.generation();
         if generation == 0 {
             return;
         }
-        let inner2 = Arc::clone(inner);
+        let inner2 = Arc::clone(self);
         let device_id = device_id.to_owned();
-        inner.releases.spawn(async move {
+        self.releases.spawn(async move {
             if let Err(e) = inner2.release(key, &device_id, generation).await {
                 debug!(device = %device_id, error = %e, "cannot record a session's end");
             }
@@ -275,14 +199,11 @@ impl Cluster {
     }
 
     /// Wakes the session of `device_id` on whichever instance holds it.
-    pub async fn command_created(&self, device_id: &str) {
-        let Some(inner) = &self.inner else {
-            return;
-        };
+    pub(super) async fn command_created(&self, device_id: &str) {
         let note = Note::Command {
             d: device_id.to_owned(),
         };
-        if let Err(e) = inner.notify(&note).await {
+        if let Err(e) = self.notify(&note).await {
             // The device still gets it at its next connection, or after
             // the holder's reconciliation.
             warn!(device = %device_id, error = %e, "cannot announce a command");
@@ -291,25 +212,19 @@ impl Cluster {
 
     /// Disconnects a revoked device on whichever instance holds it (the
     /// revocation log, polled by every instance, is the fallback).
-    pub async fn revoked(&self, device_id: &str) {
-        let Some(inner) = &self.inner else {
-            return;
-        };
+    pub(super) async fn revoked(&self, device_id: &str) {
         let note = Note::Revoked {
             d: device_id.to_owned(),
         };
-        if let Err(e) = inner.notify(&note).await {
+        if let Err(e) = self.notify(&note).await {
             warn!(device = %device_id, error = %e, "cannot announce a revocation");
         }
     }
 
     /// Where the device is connected, if on a live instance.
-    pub async fn holder(&self, device_id: &str) -> Result<Option<Holder>, StoreError> {
-        let Some(inner) = &self.inner else {
-            return Ok(None);
-        };
-        let client = inner.store.pool().get().await.map_err(pool_err)?;
-        let alive_after = now_ms().saturating_sub(inner.instance_timeout.as_millis() as u64);
+    pub(super) async fn holder(&self, device_id: &str) -> Result<Option<Holder>, StoreError> {
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        let alive_after = now_ms().saturating_sub(self.instance_timeout.as_millis() as u64);
         let row = client
             .query_opt(
                 "SELECT s.instance_id, s.peer, s.connected_ms
@@ -332,25 +247,22 @@ impl Cluster {
     /// Leaves the cluster after the sessions have drained: waits (bounded)
     /// for their releases, then removes this instance and any session rows
     /// still recorded for it.
-    pub async fn leave(&self) {
-        let Some(inner) = &self.inner else {
-            return;
-        };
-        inner.stop.cancel();
-        inner.releases.close();
-        let _ = tokio::time::timeout(Duration::from_secs(3), inner.releases.wait()).await;
+    pub(super) async fn leave(&self) {
+        self.stop.cancel();
+        self.releases.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.releases.wait()).await;
         let r = async {
-            let client = inner.store.pool().get().await.map_err(pool_err)?;
+            let client = self.store.pool().get().await.map_err(pool_err)?;
             client
                 .execute(
                     "DELETE FROM sessions WHERE instance_id = $1",
-                    &[&inner.instance],
+                    &[&self.instance],
                 )
                 .await?;
             client
                 .execute(
                     "DELETE FROM instances WHERE instance_id = $1",
-                    &[&inner.instance],
+                    &[&self.instance],
                 )
                 .await?;
             Ok::<_, StoreError>(())
