@@ -317,7 +317,14 @@ impl Session<'_> {
         };
         let wake = period.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval_at(first.into(), wake);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A late tick keeps the device on its own grid (`first` + k x
+        // period). With `Delay` a late tick moved the grid to when the
+        // generator got round to it, so every device whose tick fell
+        // inside one busy stretch of the generator (reading a burst of
+        // ACKs, say) ended up on the same phase: within seconds a fleet
+        // of 10,000 sent most of each second's messages in a few hundred
+        // milliseconds, a lockstep no fleet of independent clocks has.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut scheduled = 0u64;
         loop {
             let now_phase = *phase.borrow_and_update();
