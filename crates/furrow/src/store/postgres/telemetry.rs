@@ -123,8 +123,21 @@ struct Marks {
 impl PostgresStore {
     /// Makes sure a partition holds every `received_ms` of `records`.
     async fn ensure_chunks(&self, records: &[&TelemetryRecord]) -> Result<(), StoreError> {
+        let Some((lo, hi)) = records
+            .iter()
+            .map(|r| clamp(r.received_ms))
+            .fold(None, |b, t| {
+                Some(b.map_or((t, t), |(lo, hi)| (t.min(lo), t.max(hi))))
+            })
+        else {
+            return Ok(());
+        };
         let missing: Vec<i64> = {
             let known = self.chunks.lock().map_err(|_| poisoned())?;
+            // The usual batch: received within milliseconds, one chunk.
+            if known.list.iter().any(|c| c.holds(lo) && c.holds(hi)) {
+                return Ok(());
+            }
             let mut m: Vec<i64> = records
                 .iter()
                 .map(|r| clamp(r.received_ms))
@@ -186,10 +199,23 @@ impl PostgresStore {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHUNK_LOCK])
             .await?;
-        let list = load_chunks(&tx).await?;
-        let mut sizes = Vec::with_capacity(list.len());
-        for c in &list {
-            sizes.push(chunk_bytes(&tx, &c.name).await?);
+        let mut list = Vec::new();
+        let mut sizes = Vec::new();
+        for r in tx
+            .query(
+                "SELECT name, from_ms, to_ms,
+                        COALESCE(pg_total_relation_size(to_regclass(name)), 0)
+                 FROM telemetry_chunks ORDER BY from_ms",
+                &[],
+            )
+            .await?
+        {
+            list.push(Chunk {
+                name: r.try_get(0)?,
+                from: r.try_get(1)?,
+                to: r.try_get(2)?,
+            });
+            sizes.push(r.try_get::<_, i64>(3)?);
         }
         let mut total: i64 = sizes.iter().sum();
         for (c, size) in list.iter().zip(&sizes).take(list.len().saturating_sub(1)) {
@@ -266,20 +292,6 @@ async fn load_chunks(tx: &deadpool_postgres::Transaction<'_>) -> Result<Vec<Chun
         })
     })
     .collect()
-}
-
-/// Bytes a partition takes with its index and TOAST (0 if it is gone).
-async fn chunk_bytes(
-    client: &impl deadpool_postgres::GenericClient,
-    name: &str,
-) -> Result<i64, StoreError> {
-    Ok(client
-        .query_one(
-            "SELECT COALESCE(pg_total_relation_size(to_regclass($1)), 0)",
-            &[&name],
-        )
-        .await?
-        .try_get(0)?)
 }
 
 /// One transaction: lock the devices, skip what their watermarks have,
