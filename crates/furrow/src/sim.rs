@@ -163,7 +163,11 @@ async fn device(
     let start = stop - Duration::from_secs(args.duration);
     let first = start + period.mul_f64(rand::random::<f64>());
     let mut tick = tokio::time::interval_at(first, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A late tick keeps the grid: the readings it missed go at once, as a
+    // device sends what it queued, and every tick before the stop still
+    // counts. (`Delay` moved the grid: on a busy machine the last reading
+    // could slide past the stop and a run sent one reading too few.)
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut value = 20.0;
     loop {
         tokio::select! {
