@@ -454,13 +454,18 @@ impl TelemetryStore for PostgresStore {
     ) -> Result<Vec<StoredTelemetry>, StoreError> {
         let client = self.client().await?;
         // Each partition's (device, seq) index narrows the scan to the
-        // seqs asked for, merged in seq order; the time bounds filter
-        // within it.
+        // seqs asked for, merged in seq order (Merge Append), so the
+        // LIMIT stops it after `limit` rows; the time bounds filter within
+        // it. The device key as a scalar subquery, not a join: joined, the
+        // planner read every matching row of every partition and sorted
+        // them (12 ms against 2.5 ms for 1,000 of 5,000 rows,
+        // examples/history_reads.rs).
         let stmt = client
             .prepare_cached(
                 "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
-                 FROM telemetry t JOIN devices d ON d.id = t.device
-                 WHERE d.device_id = $1 AND t.seq >= $2 AND t.seq <= $3
+                 FROM telemetry t
+                 WHERE t.device = (SELECT id FROM devices WHERE device_id = $1)
+                   AND t.seq >= $2 AND t.seq <= $3
                    AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
                  ORDER BY t.seq LIMIT $6",
             )
