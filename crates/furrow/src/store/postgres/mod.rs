@@ -4,7 +4,8 @@
 //! Telemetry lives in a table partitioned by arrival time
 //! (`received_ms`), one partition per `storage.chunk_span`, so retention
 //! drops whole partitions ([`telemetry`]). Each partition is indexed by
-//! `(device, seq)` for reads. No unique key spans the partitions: a
+//! `(device, seq)` and `(device, timestamp_ms)` for reads by seq range and
+//! by time range. No unique key spans the partitions: a
 //! `(device, seq)` is stored at most once because every batch first locks
 //! its devices' rows and skips readings at or below each device's stored
 //! watermark (`devices.stored_seq`), which it raises in the same
@@ -110,7 +111,7 @@ pub use telemetry::Dropped;
 /// (kept on its row with the time of that reading), not by a unique key
 /// over all rows. A 0.1 table becomes the first partition, bounded below
 /// by nothing and above by its newest reading (attaching it scans it once
-/// and builds its `(device, seq)` index).
+/// and builds its two indexes).
 const MIGRATE_V2: &str = r#"
 ALTER TABLE devices
     ADD COLUMN stored_seq   bigint NOT NULL DEFAULT 0,
@@ -131,6 +132,7 @@ CREATE TABLE telemetry (
     payload      bytea    NOT NULL
 ) PARTITION BY RANGE (received_ms);
 CREATE INDEX telemetry_by_seq ON telemetry (device, seq);
+CREATE INDEX telemetry_by_time ON telemetry (device, timestamp_ms);
 -- One row per partition: its table and its received_ms bounds [from, to).
 CREATE TABLE telemetry_chunks (
     name    text   PRIMARY KEY,

@@ -453,23 +453,21 @@ impl TelemetryStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<StoredTelemetry>, StoreError> {
         let client = self.client().await?;
-        // Each partition's (device, seq) index narrows the scan to the
-        // seqs asked for, merged in seq order (Merge Append), so the
-        // LIMIT stops it after `limit` rows; the time bounds filter within
-        // it. The device key as a scalar subquery, not a join: joined, the
-        // planner read every matching row of every partition and sorted
-        // them (12 ms against 2.5 ms for 1,000 of 5,000 rows,
-        // examples/history_reads.rs).
-        let stmt = client
-            .prepare_cached(
-                "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
-                 FROM telemetry t
-                 WHERE t.device = (SELECT id FROM devices WHERE device_id = $1)
-                   AND t.seq >= $2 AND t.seq <= $3
-                   AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
-                 ORDER BY t.seq LIMIT $6",
-            )
-            .await?;
+        // Two indexes per partition, (device, seq) and (device,
+        // timestamp_ms): a seq range merges the partitions' seq scans in
+        // order and stops at the limit; a narrow time window probes the
+        // time index and sorts what it finds. Which is cheaper depends on
+        // the bounds, so the statement is planned for each call's values
+        // (an unnamed statement), never from a cached generic plan. The
+        // device key is a scalar subquery, not a join: joined, the planner
+        // read every matching row and sorted them (examples/history_reads.rs
+        // and docs/performance.md).
+        let sql = "SELECT t.seq, t.timestamp_ms, t.received_ms, t.content_type, t.payload
+                   FROM telemetry t
+                   WHERE t.device = (SELECT id FROM devices WHERE device_id = $1)
+                     AND t.seq >= $2 AND t.seq <= $3
+                     AND t.timestamp_ms >= $4 AND t.timestamp_ms <= $5
+                   ORDER BY t.seq LIMIT $6";
         let args: [&(dyn ToSql + Sync); 6] = [
             &device_id,
             &clamp(range.from_seq),
@@ -479,7 +477,7 @@ impl TelemetryStore for PostgresStore {
             &i64::from(limit),
         ];
         client
-            .query(&stmt, &args)
+            .query(sql, &args)
             .await?
             .iter()
             .map(|r| {
