@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Parser;
+use furrow::store::postgres::{COPY_COLUMNS, COPY_TYPES};
 use furrow::store::prelude::*;
 use furrow::store::{Batch, PostgresOptions, PostgresStore, TelemetryRecord};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser, Debug)]
@@ -154,25 +155,15 @@ impl Gen {
     }
 }
 
-const COLUMNS: &str = "device, seq, timestamp_ms, received_ms, content_type, payload";
-const TYPES: [Type; 6] = [
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT2,
-    Type::BYTEA,
-];
-
 /// Writes `batch` with binary COPY into `table`, sorted by key like the
 /// store does (the same work for every method).
 async fn copy_into(client: &Client, table: &str, batch: &Batch) -> anyhow::Result<()> {
     let mut records: Vec<_> = batch.records.iter().collect();
     records.sort_by_key(|r| (r.device, r.seq as i64));
     let sink = client
-        .copy_in(&format!("COPY {table} ({COLUMNS}) FROM STDIN BINARY"))
+        .copy_in(&format!("COPY {table} ({COPY_COLUMNS}) FROM STDIN BINARY"))
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &TYPES);
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     let mut writer = std::pin::pin!(writer);
     for r in records {
         let row: [&(dyn ToSql + Sync); 6] = [

@@ -104,7 +104,7 @@ CREATE SEQUENCE session_generation;
 
 mod telemetry;
 use telemetry::Chunks;
-pub use telemetry::Dropped;
+pub use telemetry::{Dropped, COPY_COLUMNS, COPY_TYPES};
 
 /// 0.2: telemetry partitioned by arrival time, so that retention drops
 /// whole partitions; duplicates refused by each device's stored watermark

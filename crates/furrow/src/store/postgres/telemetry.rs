@@ -92,8 +92,12 @@ fn bound(v: i64, edge: &str) -> String {
     }
 }
 
-/// Column types of the telemetry COPY, in its column order.
-const COPY_TYPES: [Type; 6] = [
+/// The columns a telemetry COPY writes (examples/pg_ingest.rs writes the
+/// same rows to compare against).
+pub const COPY_COLUMNS: &str = "device, seq, timestamp_ms, received_ms, content_type, payload";
+
+/// Their types, in that order.
+pub const COPY_TYPES: [Type; 6] = [
     Type::INT8,
     Type::INT8,
     Type::INT8,
@@ -351,10 +355,9 @@ async fn write_batch(
 
     if !kept.is_empty() {
         let stmt = tx
-            .prepare_cached(
-                "COPY telemetry (device, seq, timestamp_ms, received_ms, content_type, payload)
-                 FROM STDIN BINARY",
-            )
+            .prepare_cached(&format!(
+                "COPY telemetry ({COPY_COLUMNS}) FROM STDIN BINARY"
+            ))
             .await?;
         let sink = tx.copy_in(&stmt).await?;
         let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
