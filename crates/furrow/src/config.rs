@@ -396,11 +396,17 @@ pub struct Sessions {
     /// (then WELCOME's last_seq is exact; past it, duplicates are still
     /// refused by the store's key).
     pub remote_takeover_wait_ms: u64,
+    /// A session with nothing in flight that has been quiet this long is
+    /// parked: no task, no buffer, its socket on the parking epoll, until
+    /// the device sends, its keepalive runs out or the gateway has
+    /// something for it. 0 never parks.
+    pub park_after_ms: u64,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
         Self {
+            park_after_ms: 2_000,
             takeover_wait_ms: 5_000,
             revocation_poll_ms: 1_000,
             heartbeat_ms: 1_000,

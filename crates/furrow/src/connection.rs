@@ -25,8 +25,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use furrow_proto::message::encode_ack;
-use furrow_proto::{DecodeError, FrameDecoder, Message, MessageType, RawFrame};
+use furrow_proto::{DecodeError, FrameDecoder, RawFrame};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -35,8 +34,6 @@ use tokio::net::TcpStream;
 pub struct Stats {
     /// Complete frames decoded.
     pub frames_in: u64,
-    /// Frames queued for sending.
-    pub frames_out: u64,
     /// Bytes read.
     pub bytes_in: u64,
     /// Bytes written.
@@ -77,14 +74,53 @@ pub struct Connection {
     /// before waiting for the socket.
     tls_pending: bool,
     rbuf: BytesMut,
-    wbuf: BytesMut,
     decoder: FrameDecoder,
     read_chunk: usize,
     /// Traffic counters.
     pub stats: Stats,
 }
 
+/// A connection without its socket: what a parked session keeps.
+pub struct Parts {
+    tls: Option<Box<rustls::ServerConnection>>,
+    decoder: FrameDecoder,
+    read_chunk: u32,
+    stats: Stats,
+}
+
 impl Connection {
+    /// Whether the connection holds nothing but its socket's state: no
+    /// bytes read and not handled, none waiting in rustls either way.
+    pub fn parkable(&self) -> bool {
+        self.rbuf.is_empty()
+            && !self.tls_pending
+            && self.tls.as_ref().is_none_or(|t| !t.wants_write())
+    }
+
+    /// Splits off the socket (see [`Self::parkable`]; buffers are dropped).
+    pub fn into_parts(self) -> (TcpStream, Parts) {
+        let parts = Parts {
+            tls: self.tls,
+            decoder: self.decoder,
+            read_chunk: u32::try_from(self.read_chunk).unwrap_or(u32::MAX),
+            stats: self.stats,
+        };
+        (self.stream, parts)
+    }
+
+    /// Puts a parked connection back together.
+    pub fn from_parts(stream: TcpStream, parts: Parts) -> Self {
+        Self {
+            stream,
+            tls: parts.tls,
+            tls_pending: false,
+            rbuf: BytesMut::new(),
+            decoder: parts.decoder,
+            read_chunk: parts.read_chunk as usize,
+            stats: parts.stats,
+        }
+    }
+
     /// Wraps an accepted socket.
     pub fn new(stream: TcpStream, max_frame: u32, read_chunk: usize) -> Self {
         Self {
@@ -92,7 +128,6 @@ impl Connection {
             tls: None,
             tls_pending: false,
             rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             read_chunk,
             stats: Stats::default(),
@@ -119,10 +154,15 @@ impl Connection {
 
     /// Waits until the socket can be read (if `read`) or written (if
     /// `write`), then does the non-blocking I/O that is possible: writes
-    /// queued bytes, reads one chunk. Returns `Some(n)` when a read
+    /// `out`, reads one chunk. Returns `Some(n)` when a read
     /// happened (`Some(0)`: end of stream). Cancel-safe: the only await is
     /// the readiness wait, and nothing is consumed before it completes.
-    pub async fn io(&mut self, read: bool, write: bool) -> io::Result<Option<usize>> {
+    pub async fn io(
+        &mut self,
+        out: &mut BytesMut,
+        read: bool,
+        write: bool,
+    ) -> io::Result<Option<usize>> {
         let interest = match (read, write) {
             (true, true) => Interest::READABLE | Interest::WRITABLE,
             (true, false) => Interest::READABLE,
@@ -134,7 +174,7 @@ impl Connection {
         }
         let ready = self.stream.ready(interest).await?;
         if write && ready.is_writable() {
-            self.try_flush()?;
+            self.try_flush(out)?;
         }
         if read && (ready.is_readable() || ready.is_read_closed()) {
             return self.try_read();
@@ -326,50 +366,27 @@ impl Connection {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
         }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
-            self.wbuf = BytesMut::new();
-        }
     }
 
-    /// Queues a message for sending.
-    pub fn queue(&mut self, msg: &Message) {
-        // Gateway messages carry our own short strings; an encoding failure
-        // would be a bug, so it is logged and the frame skipped.
-        let before = self.wbuf.len();
-        match msg.encode(&mut self.wbuf) {
-            Ok(()) => {
-                self.stats.frames_out += 1;
-                crate::metrics::wire().frame_out(msg.kind(), self.wbuf.len() - before);
-            }
-            Err(e) => tracing::error!(error = %e, kind = msg.kind().name(), "cannot encode"),
-        }
-    }
-
-    /// Queues an ACK (the hot path's frame).
-    pub fn queue_ack(&mut self, seq: u64) {
-        encode_ack(seq, &mut self.wbuf);
-        self.stats.frames_out += 1;
-        crate::metrics::wire().frame_out(MessageType::Ack, furrow_proto::HEADER_LEN + 8);
-    }
-
-    /// Bytes queued but not yet written.
-    pub fn unsent(&self) -> usize {
+    /// Bytes of `out` plus what the transport itself holds, not yet written.
+    pub fn unsent(&self, out: &BytesMut) -> usize {
         // Records rustls holds (bounded by its own 64 KiB limit) count as
         // one byte: enough to keep flushing them.
         let tls = self.tls.as_ref().is_some_and(|t| t.wants_write());
-        self.wbuf.len() + usize::from(tls)
+        out.len() + usize::from(tls)
     }
 
-    /// Writes as much as the socket takes now, without waiting.
-    pub fn try_flush(&mut self) -> io::Result<()> {
+    /// Writes as much of `out` as the socket takes now, without waiting,
+    /// and advances `out` past it.
+    pub fn try_flush(&mut self, out: &mut BytesMut) -> io::Result<()> {
         if let Some(tls) = self.tls.as_mut() {
             loop {
                 let mut progressed = false;
-                if !self.wbuf.is_empty() {
+                if !out.is_empty() {
                     // rustls takes plaintext up to its buffer limit.
-                    let n = tls.writer().write(&self.wbuf)?;
+                    let n = tls.writer().write(out)?;
                     if n > 0 {
-                        let _ = self.wbuf.split_to(n);
+                        let _ = out.split_to(n);
                         progressed = true;
                     }
                 }
@@ -390,13 +407,13 @@ impl Connection {
                 }
             }
         }
-        while !self.wbuf.is_empty() {
-            match self.stream.try_write(&self.wbuf) {
+        while !out.is_empty() {
+            match self.stream.try_write(out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.stats.bytes_out += n as u64;
                     crate::metrics::wire().bytes_out.increment(n as u64);
-                    let _ = self.wbuf.split_to(n);
+                    let _ = out.split_to(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -410,28 +427,29 @@ impl Connection {
         self.stream.writable().await
     }
 
-    /// Writes everything queued, waiting as needed (bounded by the caller).
-    pub async fn flush(&mut self) -> io::Result<()> {
+    /// Writes all of `out`, waiting as needed (bounded by the caller).
+    pub async fn flush(&mut self, out: &mut BytesMut) -> io::Result<()> {
         loop {
-            self.try_flush()?;
-            if self.unsent() == 0 {
+            self.try_flush(out)?;
+            if self.unsent(out) == 0 {
                 return Ok(());
             }
             self.writable().await?;
         }
     }
 
-    /// Flushes, then closes our sending side so the peer reads a clean end.
-    pub async fn close(&mut self) -> io::Result<()> {
+    /// Writes `out`, then closes our sending side so the peer reads a
+    /// clean end.
+    pub async fn close(&mut self, out: &mut BytesMut) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
         if self.tls.is_some() {
             // Queued frames go out first, then close_notify.
-            self.flush().await?;
+            self.flush(out).await?;
             if let Some(tls) = self.tls.as_mut() {
                 tls.send_close_notify();
             }
         }
-        self.flush().await?;
+        self.flush(out).await?;
         self.stream.shutdown().await
     }
 }

@@ -61,7 +61,8 @@ pub struct Limiter {
     auth_by_device: Mutex<Tracked<Box<str>, Failures>>,
 }
 
-/// Held by a connection task for its whole life; frees its place on drop.
+/// Held by a connection for its whole life (in its task, or parked); frees
+/// its place on drop.
 pub struct ConnPermit(Arc<AtomicUsize>);
 
 impl Drop for ConnPermit {
@@ -148,12 +149,11 @@ impl Limiter {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: std::future::Future<Output = ()> + Send + 'static,
-        G: FnOnce(S) -> F,
+        G: FnOnce(S, ConnPermit) -> F,
     {
         match self.try_connection() {
-            // The permit rides along with the session's future and is
-            // dropped when it ends (a combinator: no second copy of it).
-            Some(permit) => Either::Left(serve(stream).map(move |()| drop(permit))),
+            // The session holds the permit, in its task or parked.
+            Some(permit) => Either::Left(serve(stream, permit)),
             None => {
                 refused("max_connections");
                 Either::Right(refuse_busy(stream))
@@ -172,10 +172,10 @@ impl Limiter {
     where
         S: Send + 'static,
         F: std::future::Future<Output = ()> + Send + 'static,
-        G: FnOnce(S) -> F,
+        G: FnOnce(S, ConnPermit) -> F,
     {
         match self.try_connection() {
-            Some(permit) => Either::Left(serve(stream).map(move |()| drop(permit))),
+            Some(permit) => Either::Left(serve(stream, permit)),
             None => {
                 refused("max_connections");
                 drop(stream);
@@ -403,11 +403,10 @@ pub struct Throttle {
 impl Throttle {
     /// Whether the session may handle another frame now. The first `false`
     /// starts a throttled interval; the next `true` ends it.
-    pub fn ready(&mut self) -> bool {
+    pub fn ready(&mut self, now: Instant) -> bool {
         if self.bucket.tokens >= 1.0 && self.since.is_none() {
             return true;
         }
-        let now = Instant::now();
         let ok = self.bucket.ready(now);
         match (ok, self.since) {
             (false, None) => {

@@ -123,6 +123,11 @@ impl SessionHandle {
         self.inner.wake.wake();
     }
 
+    /// Whether commands are announced and not yet taken.
+    pub fn commands_pending(&self) -> bool {
+        self.inner.commands.load(Ordering::Acquire)
+    }
+
     /// Whether commands were announced since the last call.
     pub fn take_commands(&self) -> bool {
         self.inner.commands.swap(false, Ordering::AcqRel)

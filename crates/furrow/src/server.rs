@@ -381,7 +381,21 @@ impl Server {
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
         let limits = Arc::new(crate::limits::Limiter::new(&cfg.limits));
         let limits_upkeep = tokio::spawn(Arc::clone(&limits).run_upkeep());
+        let tracker = TaskTracker::new();
+        let park = if cfg.sessions.park_after_ms > 0 {
+            match session::start_lot(tracker.clone()) {
+                Ok(lot) => Some(lot),
+                Err(e) => {
+                    warn!(error = %e, "cannot start the parking lot; quiet sessions keep their tasks");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            park: park.clone(),
+            tracker: tracker.clone(),
             limits,
             cfg,
             store: Arc::clone(&store),
@@ -397,7 +411,6 @@ impl Server {
             .map(|t| tokio::spawn(reload_tls(t, shared.cfg.tls.watch_ms)));
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
-        let tracker = TaskTracker::new();
         let addr_of = |l: &Option<TcpListener>| {
             l.as_ref()
                 .and_then(|l| l.local_addr().ok())
@@ -422,8 +435,8 @@ impl Server {
                     accept_loop(l, &tracker, &shutdown, move |stream, peer, at, id| {
                         // At max_connections: ERROR BUSY, no session.
                         let shared = Arc::clone(&plain_shared);
-                        plain_shared.limits.admit(stream, move |stream| {
-                            session::run(stream, peer, at, id, shared, None)
+                        plain_shared.limits.admit(stream, move |stream, permit| {
+                            session::run(stream, peer, at, id, shared, None, permit)
                         })
                     })
                     .await
@@ -442,9 +455,11 @@ impl Server {
                         let shared = Arc::clone(&tls_shared);
                         // At max_connections: closed (no plaintext ERROR
                         // before TLS), no session.
-                        tls_shared.limits.admit_silent(stream, move |stream| {
-                            session::run(stream, peer, at, id, shared, Some(config))
-                        })
+                        tls_shared
+                            .limits
+                            .admit_silent(stream, move |stream, permit| {
+                                session::run(stream, peer, at, id, shared, Some(config), permit)
+                            })
                     })
                     .await
                 }
@@ -472,6 +487,11 @@ impl Server {
         // still sees it).
         shutdown.cancel();
         registry.kick_all(GoodbyeCode::ServerShutdown);
+        // Parked sessions were woken by the kick; the lot resumes any
+        // left and takes no more.
+        if let Some(lot) = &park {
+            lot.stop();
+        }
         revocations.abort();
         expiry.abort();
         limits_upkeep.abort();

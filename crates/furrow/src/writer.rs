@@ -29,10 +29,30 @@ use crate::store::{Batch, DeviceKey, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
 /// wakeup for other events (see [`crate::registry::SessionHandle::kick`]).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AckCell {
     committed: AtomicU64,
     notify: Notify,
+    /// Where the session waits while parked (see `session::park`).
+    parked: std::sync::Mutex<Option<Parking>>,
+}
+
+impl std::fmt::Debug for AckCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckCell")
+            .field("committed", &self.committed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parked session's place in its lot.
+pub struct Parking {
+    /// The lot.
+    pub lot: Arc<dyn crate::session::park::Unpark>,
+    /// The session's key there.
+    pub key: usize,
+    /// Its connection id.
+    pub id: u64,
 }
 
 impl AckCell {
@@ -47,9 +67,23 @@ impl AckCell {
         self.notify.notified().await;
     }
 
-    /// Wakes the session without a commit (a kick, say).
+    /// Wakes the session without a commit (a kick, say), resuming it
+    /// first if it is parked.
     pub fn wake(&self) {
         self.notify.notify_one();
+        let parked = self.lock_parked().take();
+        if let Some(p) = parked {
+            p.lot.unpark(p.key, p.id);
+        }
+    }
+
+    /// Records where the session is parked (`None`: it runs again).
+    pub fn set_parked(&self, parking: Option<Parking>) {
+        *self.lock_parked() = parking;
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Option<Parking>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn publish(&self, ticket: u64) {

@@ -791,6 +791,22 @@ async fn play(env: &Env, input: &Input) {
     }
 }
 
+/// Checks the bytes a session answered before closing cleanly (no
+/// takeover) against the spec: for replays that run without sockets.
+pub fn check_reply(expect: &Expect, bytes: &[u8], cfg: &Config) {
+    let plan = Plan {
+        wire: Vec::new(),
+        expect: expect.clone(),
+        may_be_taken_over: false,
+    };
+    let ans = Answer {
+        bytes: bytes.to_vec(),
+        closed: true,
+        reset: false,
+    };
+    check_answer(&plan, &ans, cfg);
+}
+
 /// Checks one connection's answer against the spec.
 fn check_answer(plan: &Plan, ans: &Answer, cfg: &Config) {
     let ctx = || format!("expected {:?}, got {:?}", plan.expect, ans);

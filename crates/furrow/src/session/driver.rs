@@ -1,0 +1,1126 @@
+//! The Tokio side of a session: sockets, timers, the store and the writer
+//! around the sans-I/O [`Machine`].
+//!
+//! The driver owns what waits: the connection, the HELLO deadline, the
+//! store lookups and takeover of the handshake, the writer queue, and the
+//! `select!` of an active session over its commits (which also carry kicks
+//! and command wake-ups), its socket and one timer. Every decision is the
+//! machine's: the driver feeds it and does what it says.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use furrow_proto::{ErrorCode, ErrorMsg, Goodbye, GoodbyeCode, Message, Str};
+use rand::Rng;
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+use super::handshake::{self, Certificate};
+use super::machine::{self, Drain, Effect, End, Fatal, Identity, Limits, Machine};
+use super::outbox::Outbox;
+use super::park::{Lot, Unpark, Wake};
+use super::{CloseReason, Shared};
+use crate::clock::now_ms;
+use crate::connection::{self, Connection};
+use crate::limits::ConnPermit;
+use crate::publish::Events;
+use crate::registry::{Registry, SessionHandle};
+use crate::writer::{AckCell, Parking};
+
+/// Read size before WELCOME (the largest HELLO is 397 bytes).
+const HANDSHAKE_READ_CHUNK: usize = 512;
+
+/// The connection's phases.
+enum Phase {
+    AwaitingHello,
+    Active(Box<Live>),
+    Draining(Box<Live>, Drain),
+    Closed(CloseReason),
+}
+
+/// How the phases end for this task.
+enum Exit {
+    /// The connection is closed.
+    Closed(CloseReason, Option<String>),
+    /// The session is quiet: park it.
+    Park(Box<Live>),
+}
+
+/// An authenticated session: the machine, and what ties it to the
+/// registry and the writer.
+struct Live {
+    m: Machine,
+    handle: SessionHandle,
+    cell: Arc<AckCell>,
+    // Keeps the registry entry exactly as long as the session lives.
+    _guard: DeviceGuard,
+}
+
+/// Releases the device from the registry and signals a waiting successor,
+/// on every exit path including a panic.
+struct DeviceGuard {
+    registry: Arc<Registry>,
+    device_id: Arc<str>,
+    handle: SessionHandle,
+    events: Events,
+    key: crate::store::DeviceKey,
+    cluster: crate::cluster::Cluster,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        // Offline only if no newer session of the device took over.
+        if self.registry.release(&self.device_id, self.handle.id()) {
+            self.events.status(&self.device_id, false);
+        }
+        self.cluster
+            .release(self.key, &self.device_id, &self.handle);
+        self.handle.finish();
+    }
+}
+
+/// Decrements the open-connections gauge on every exit path.
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> Self {
+        metrics::gauge!("furrow_connections_open").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("furrow_connections_open").decrement(1.0);
+    }
+}
+
+/// Whether handshakes are failing for want of storage: during an outage
+/// every reconnecting device would otherwise log its own warning. The
+/// first failure warns, the rest are debug, and the first handshake that
+/// gets through again says so once.
+static STORAGE_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn storage_failed(peer: SocketAddr, device: &str, e: &crate::store::StoreError, what: &str) {
+    if STORAGE_FAILING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        debug!(peer = %peer, device = %device, error = %e, "{what}");
+    } else {
+        warn!(peer = %peer, device = %device, error = %e,
+            "{what}; handshakes answer BUSY until the store answers (further failures at debug)");
+    }
+}
+
+fn storage_answers() {
+    if STORAGE_FAILING.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        info!("handshakes reach the store again");
+    }
+}
+
+/// Runs a connection to the end. Never fails: every outcome is a
+/// [`CloseReason`], logged once.
+///
+/// Not an `async fn`: the session is built first and moved into the
+/// future once, so the future does not also carry the socket and the
+/// arguments as captured values (measured: ~150 bytes per idle device).
+pub fn run(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    permit: ConnPermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    // A debug-level span: at the default level it is disabled and costs an
+    // idle connection nothing (span storage measured ~300 bytes each); the
+    // info lines carry peer and device as fields of their own.
+    // `peer` is recorded once known: behind a balancer, from the PROXY header.
+    let span = tracing::debug_span!(
+        "conn",
+        id = conn_id,
+        peer = tracing::field::Empty,
+        device = tracing::field::Empty
+    );
+    let _ = stream.set_nodelay(true);
+    // HELLO is at most 397 bytes: small reads until WELCOME, so that a
+    // crowd of handshakes does not touch a full read chunk each.
+    let conn = Connection::new(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
+    let session = Session {
+        conn,
+        out: Outbox::new(),
+        shared,
+        conn_id,
+        peer,
+        accepted,
+        tls,
+        permit: Some(permit),
+        _gauge: OpenGauge::new(),
+    };
+    session.run_logged().instrument(span)
+}
+
+struct Session {
+    conn: Connection,
+    /// Frames to send before the machine exists (WELCOME, ERROR) and after
+    /// it is gone; the machine owns them in between.
+    out: Outbox,
+    shared: Arc<Shared>,
+    conn_id: u64,
+    peer: SocketAddr,
+    accepted: Instant,
+    /// The TLS configuration to handshake with (TLS listener), taken at
+    /// accept; dropped once the handshake is done.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The connection's place under `limits.max_connections`.
+    permit: Option<ConnPermit>,
+    _gauge: OpenGauge,
+}
+
+/// Queues ERROR and closes (best effort, bounded).
+async fn send_error(
+    conn: &mut Connection,
+    out: &mut Outbox,
+    Fatal(code, message): Fatal,
+) -> CloseReason {
+    debug!(code = code.name(), %message, "closing with ERROR");
+    out.queue(&Message::Error(ErrorMsg {
+        code: code as u16,
+        message: Str::from(message),
+    }));
+    let _ = timeout(Duration::from_secs(1), conn.close(out.bytes_mut())).await;
+    CloseReason::Error(code)
+}
+
+impl Session {
+    async fn run_logged(mut self) {
+        let tcp_peer = self.peer;
+        if self.shared.cfg.proxy_protocol.enabled {
+            // Boxed: the idle session's future stays as small as without it.
+            if let Err(outcome) = Box::pin(self.proxy_header()).await {
+                metrics::counter!("furrow_connections_closed_total", "reason" => "proxy_refused")
+                    .increment(1);
+                debug!(conn = self.conn_id, peer = %tcp_peer, outcome, "connection refused: PROXY header");
+                return;
+            }
+        }
+        // The connect rate is judged here, where the real peer is known
+        // (behind a balancer, from the PROXY header).
+        if !self
+            .shared
+            .limits
+            .allow_connect(self.peer.ip(), Instant::now())
+        {
+            debug!(conn = self.conn_id, peer = %self.peer, "connection refused: connect rate");
+            if self.tls.is_none() {
+                let busy = Fatal(
+                    ErrorCode::Busy,
+                    "connection rate exceeded; retry later".into(),
+                );
+                Box::pin(self.fail(busy)).await;
+            }
+            // A TLS client cannot read a plaintext ERROR: just closed.
+            return;
+        }
+        if let Some(config) = self.tls.take() {
+            // Boxed, like the PROXY header: idle sessions stay small.
+            if let Err(outcome) = Box::pin(self.tls_handshake(config)).await {
+                metrics::counter!("furrow_connections_closed_total", "reason" => "tls_failed")
+                    .increment(1);
+                debug!(conn = self.conn_id, peer = %self.peer, outcome, "connection refused: TLS handshake");
+                return;
+            }
+        }
+        tracing::Span::current().record("peer", tracing::field::display(self.peer));
+        if self.peer == tcp_peer {
+            info!(conn = self.conn_id, peer = %self.peer, "connection opened");
+        } else {
+            info!(conn = self.conn_id, peer = %self.peer, via = %tcp_peer, "connection opened");
+        }
+        if let Some(live) = self.finish(Phase::AwaitingHello).await {
+            self.park(live);
+        }
+    }
+
+    /// A resumed session's task.
+    async fn resumed(mut self, live: Box<Live>) {
+        if let Some(live) = self.finish(Phase::Active(live)).await {
+            self.park(live);
+        }
+    }
+
+    /// Runs the phases from `phase` until the connection closes (logged
+    /// once) or the session is to park (returned; parking consumes the
+    /// session, done by the caller so the future holds it once).
+    async fn finish(&mut self, phase: Phase) -> Option<Box<Live>> {
+        let (reason, device) = match self.run(phase).await {
+            Exit::Closed(reason, device) => (reason, device),
+            Exit::Park(live) => return Some(live),
+        };
+        let st = self.conn.stats;
+        metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
+            .increment(1);
+        info!(
+            conn = self.conn_id,
+            peer = %self.peer,
+            device = device.as_deref().unwrap_or("-"),
+            duration_ms = self.accepted.elapsed().as_millis() as u64,
+            frames_in = st.frames_in,
+            frames_out = self.out.frames(),
+            bytes_in = st.bytes_in,
+            bytes_out = st.bytes_out,
+            reason = reason.as_str(),
+            "connection closed"
+        );
+        None
+    }
+
+    async fn run(&mut self, mut phase: Phase) -> Exit {
+        let mut device = None;
+        loop {
+            phase = match phase {
+                Phase::AwaitingHello => Box::pin(self.handshake()).await,
+                Phase::Active(mut live) => {
+                    if self.active(&mut live).await {
+                        return Exit::Park(live);
+                    }
+                    device = Some(live.m.device_id().to_string());
+                    match live.m.start_drain() {
+                        Some(End::Drain(drain)) => Phase::Draining(live, drain),
+                        fatal => {
+                            let f = match fatal {
+                                Some(End::Fatal(f)) => f,
+                                _ => Fatal(
+                                    ErrorCode::Internal,
+                                    "session ended without a cause".into(),
+                                ),
+                            };
+                            let reason =
+                                Box::pin(send_error(&mut self.conn, live.m.out(), f)).await;
+                            // The socket is gone, but what was taken is stored.
+                            Box::pin(self.settle(&mut live, false)).await;
+                            self.out = std::mem::take(live.m.out());
+                            Phase::Closed(reason)
+                        }
+                    }
+                }
+                Phase::Draining(mut live, drain) => {
+                    let reason = Box::pin(self.drain(&mut live, drain)).await;
+                    self.out = std::mem::take(live.m.out());
+                    Phase::Closed(reason)
+                }
+                Phase::Closed(reason) => return Exit::Closed(reason, device),
+            };
+        }
+    }
+
+    /// Reads the PROXY header that must start the connection (bounded in
+    /// bytes and time) and takes its source address as the peer. The
+    /// bytes after it stay buffered for the handshake. On refusal, returns
+    /// the outcome label; the caller closes without a word (the peer may not
+    /// speak furrow/1).
+    async fn proxy_header(&mut self) -> Result<(), &'static str> {
+        let cfg = &self.shared.cfg;
+        let count = |outcome: &'static str| {
+            metrics::counter!("furrow_proxy_headers_total", "outcome" => outcome).increment(1);
+            outcome
+        };
+        // Before reading a byte: only a trusted balancer may name a peer.
+        if !crate::proxy::is_trusted(self.peer.ip(), &cfg.proxy_protocol.trusted) {
+            return Err(count("untrusted"));
+        }
+        let deadline = self.accepted
+            + Duration::from_millis(cfg.proxy_protocol.header_timeout_ms)
+                .min(cfg.handshake_timeout());
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            match crate::proxy::decode(self.conn.buffered()) {
+                Ok(Some(h)) => {
+                    self.conn.consume(h.len);
+                    return match h.source {
+                        Some(src) => {
+                            self.peer = src;
+                            count("proxied");
+                            Ok(())
+                        }
+                        None => {
+                            count("local");
+                            Ok(())
+                        }
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err(count(e.outcome())),
+            }
+            // Reads are HANDSHAKE_READ_CHUNK bytes (the connection sizes a
+            // read up to a frame's length field, but a PROXY header's first
+            // four bytes read as a length above any max_frame), and decode
+            // answers before the buffer passes its caps.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(count("shutdown")),
+                _ = sleep_until(deadline) => return Err(count("timeout")),
+                r = self.conn.read_some() => match r {
+                    Ok(0) => return Err(count("closed")),
+                    Ok(_) => {}
+                    Err(_) => return Err(count("io_error")),
+                },
+            }
+        }
+    }
+
+    /// The TLS handshake, bounded by `tls.handshake_timeout_ms` and the
+    /// handshake deadline (both from accept). On failure, returns the
+    /// outcome label; the caller closes (rustls has sent its alert).
+    async fn tls_handshake(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<(), &'static str> {
+        let cfg = &self.shared.cfg;
+        let count = |outcome: &'static str| {
+            metrics::counter!("furrow_tls_handshakes_total", "outcome" => outcome).increment(1);
+            outcome
+        };
+        let deadline = self.accepted
+            + Duration::from_millis(cfg.tls.handshake_timeout_ms).min(cfg.handshake_timeout());
+        let shutdown = self.shared.shutdown.clone();
+        let started = Instant::now();
+        tokio::select! {
+            _ = shutdown.cancelled() => Err(count("shutdown")),
+            _ = sleep_until(deadline) => Err(count("timeout")),
+            r = self.conn.start_tls(config) => match r {
+                Ok(()) => {
+                    metrics::histogram!("furrow_tls_handshake_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let resumed = self.conn.tls_info().is_some_and(|(_, r)| r);
+                    count(if resumed { "resumed" } else { "full" });
+                    Ok(())
+                }
+                Err(e) => {
+                    debug!(conn = self.conn_id, peer = %self.peer, error = %e, "TLS handshake failed");
+                    Err(count("error"))
+                }
+            },
+        }
+    }
+
+    /// Under mutual TLS, what the verified client certificate says about
+    /// the device HELLO names.
+    fn certificate(&self, device_id: &str) -> Certificate {
+        let Some(tls) = self.shared.tls.as_ref().filter(|t| t.mutual()) else {
+            return Certificate::Absent;
+        };
+        let Some(cert) = self.conn.peer_certificates().and_then(|c| c.first()) else {
+            // Plain listener beside a mutual TLS one: no certificate.
+            return Certificate::Absent;
+        };
+        match crate::tls::identity(cert, tls.identity_from()) {
+            Some(id) if id == device_id => Certificate::Matches,
+            Some(id) => {
+                debug!(peer = %self.peer, device = %device_id, certificate = %id, "certificate is for another device");
+                Certificate::Mismatch
+            }
+            None => Certificate::Mismatch,
+        }
+    }
+
+    /// Sends ERROR (best effort, bounded) and reports the close.
+    async fn fail(&mut self, fatal: Fatal) -> CloseReason {
+        send_error(&mut self.conn, &mut self.out, fatal).await
+    }
+
+    async fn goodbye(&mut self, out: &mut Outbox, code: GoodbyeCode) -> CloseReason {
+        let retry_after_ms = match code {
+            GoodbyeCode::ServerShutdown => {
+                let max = self.shared.cfg.shutdown.retry_after_max_ms;
+                rand::thread_rng().gen_range(0..=max)
+            }
+            _ => 0,
+        };
+        out.queue(&Message::Goodbye(Goodbye {
+            code: code as u16,
+            retry_after_ms,
+        }));
+        let _ = timeout(Duration::from_secs(1), self.conn.close(out.bytes_mut())).await;
+        CloseReason::Goodbye(code)
+    }
+
+    /// AwaitingHello: read HELLO by the deadline, authenticate, take over,
+    /// WELCOME.
+    async fn handshake(&mut self) -> Phase {
+        let deadline = self.accepted + self.shared.cfg.handshake_timeout();
+        let shutdown = self.shared.shutdown.clone();
+        let frame = loop {
+            match self.conn.next_frame() {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(e) => {
+                    return self
+                        .closed_by(Fatal(e.code(), e.to_string()), "hello")
+                        .await
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let mut out = std::mem::take(&mut self.out);
+                    let reason = self.goodbye(&mut out, GoodbyeCode::ServerShutdown).await;
+                    self.out = out;
+                    return Phase::Closed(reason);
+                }
+                _ = sleep_until(deadline) => {
+                    let f = Fatal(ErrorCode::HandshakeTimeout, "HELLO not received in time".into());
+                    return self.closed_by(f, "timeout").await;
+                }
+                r = self.conn.read_some() => match r {
+                    Ok(0) => return Phase::Closed(CloseReason::PeerClosed),
+                    Ok(_) => {}
+                    Err(_) => return Phase::Closed(CloseReason::Io),
+                },
+            }
+        };
+        let hello = match handshake::hello(frame) {
+            Ok(h) => h,
+            Err((f, outcome)) => return self.closed_by(f, outcome).await,
+        };
+        let device_id = hello.device_id.as_str().to_owned();
+        tracing::Span::current().record("device", device_id.as_str());
+
+        // A banned address or device id: the same answer as a wrong token,
+        // without a store lookup.
+        let limits = Arc::clone(&self.shared.limits);
+        if limits.auth_banned(self.peer.ip(), &device_id, Instant::now()) {
+            let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
+            return self.closed_by(f, "auth_banned").await;
+        }
+        let store = Arc::clone(&self.shared.store);
+        let found = match store.device_auth(&device_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                // BUSY (retry later), not an authentication failure: the
+                // device backs off and comes back when the store answers.
+                storage_failed(self.peer, &device_id, &e, "device lookup failed");
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
+            }
+        };
+        let cert = self.certificate(&device_id);
+        if !handshake::authenticated(found.as_ref(), hello.token.as_bytes(), cert) {
+            // Unknown device or wrong token alike: counted, then (past the
+            // free failures) answered only after a growing delay.
+            let delay = limits.auth_failed(self.peer.ip(), &device_id, Instant::now());
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
+            return self.closed_by(f, "auth_failed").await;
+        }
+        limits.auth_succeeded(&device_id);
+        let Some(found) = found else {
+            return self
+                .closed_by(Fatal(ErrorCode::Internal, "lost device".into()), "internal")
+                .await;
+        };
+
+        // Takeover: the newest connection wins. The older one stores what it
+        // read and closes before this one announces last_seq.
+        let cell = Arc::new(AckCell::default());
+        let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell), self.peer, now_ms());
+        let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
+        let device_id: Arc<str> = Arc::from(device_id);
+        let guard = DeviceGuard {
+            registry: Arc::clone(&self.shared.registry),
+            device_id: Arc::clone(&device_id),
+            handle: handle.clone(),
+            events: self.shared.events.clone(),
+            key: found.key,
+            cluster: self.shared.cluster.clone(),
+        };
+        if let Some(old) = old {
+            metrics::counter!("furrow_session_takeovers_total").increment(1);
+            old.kick(GoodbyeCode::SessionTakenOver);
+            let wait = Duration::from_millis(self.shared.cfg.sessions.takeover_wait_ms);
+            if timeout(wait, old.finished()).await.is_err() {
+                warn!(peer = %self.peer, device = %device_id, "previous session did not finish in time; continuing");
+            }
+        }
+        // Across instances: record the claim; a session displaced on
+        // another instance is told to close, and waited for (bounded).
+        let cluster = self.shared.cluster.clone();
+        match cluster
+            .claim(found.key, &handle, self.peer, handle.info().connected_ms)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(displaced)) => {
+                metrics::counter!("furrow_session_takeovers_total").increment(1);
+                if !cluster
+                    .take_over(&device_id, handle.generation(), &displaced)
+                    .await
+                {
+                    warn!(peer = %self.peer, device = %device_id, instance = %displaced.instance,
+                        "the session on the other instance did not release in time; continuing");
+                }
+            }
+            Err(e) => {
+                storage_failed(self.peer, &device_id, &e, "cannot record the session");
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
+            }
+        }
+        let seqs = match store.device_seqs(found.key).await {
+            Ok(s) => s,
+            Err(e) => {
+                storage_failed(self.peer, &device_id, &e, "last_seq lookup failed");
+                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                return self.closed_by(f, "storage_unavailable").await;
+            }
+        };
+        storage_answers();
+        // Rejected seqs stay taken across sessions and restarts.
+        slot.observe_stored(seqs.stored.max(seqs.rejected));
+
+        let cfg = &self.shared.cfg;
+        let (welcome, keepalive) =
+            handshake::welcome(cfg, hello.keepalive_s, seqs.stored, now_ms());
+        self.out.queue(&Message::Welcome(welcome));
+        metrics::counter!("furrow_handshakes_total", "outcome" => "ok").increment(1);
+        self.shared.events.status(&device_id, true);
+        self.conn.set_read_chunk(cfg.limits.read_chunk_bytes);
+        let now = Instant::now();
+        let m = Machine::new(
+            Identity {
+                device_id,
+                key: found.key,
+                slot,
+                cell: Arc::clone(&cell),
+            },
+            Limits {
+                max_inflight: usize::from(cfg.limits.max_inflight),
+                max_unsent: cfg.limits.max_unsent_bytes,
+            },
+            keepalive,
+            limits.throttle(now),
+            std::mem::take(&mut self.out),
+            now,
+        );
+        Phase::Active(Box::new(Live {
+            m,
+            handle,
+            cell,
+            _guard: guard,
+        }))
+    }
+
+    /// Ends a failed handshake: count, ERROR, close.
+    async fn closed_by(&mut self, f: Fatal, outcome: &'static str) -> Phase {
+        metrics::counter!("furrow_handshakes_total", "outcome" => outcome).increment(1);
+        Phase::Closed(self.fail(f).await)
+    }
+
+    /// Runs the store work the machine asked for, in the background.
+    fn run_effects(&self, m: &mut Machine) {
+        for effect in m.take_effects() {
+            let (store, events) = (Arc::clone(&self.shared.store), self.shared.events.clone());
+            match effect {
+                Effect::MarkDelivered(ids) => {
+                    tokio::spawn(async move {
+                        match store.mark_delivered(ids).await {
+                            Ok(changed) => changed.iter().for_each(|c| events.command(c)),
+                            Err(e) => warn!(error = %e, "cannot mark commands delivered"),
+                        }
+                    });
+                }
+                Effect::CompleteCommand {
+                    device,
+                    command_id,
+                    outcome,
+                } => {
+                    tokio::spawn(async move {
+                        match store.complete_command(device, command_id, outcome).await {
+                            Ok(Some(c)) => events.command(&c),
+                            Ok(None) => {
+                                metrics::counter!("furrow_command_results_ignored_total")
+                                    .increment(1);
+                                debug!(
+                                    command_id,
+                                    "result for an unknown, expired or answered command ignored"
+                                );
+                            }
+                            Err(e) => warn!(error = %e, "cannot record a command result"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Feeds the machine the frames already read, while it takes them.
+    fn handle_frames(&mut self, live: &mut Live, now: Instant) {
+        let mut wall = None;
+        while live.m.accepts_frame(now) {
+            match self.conn.next_frame() {
+                Ok(Some(f)) => live.m.on_frame(f, *wall.get_or_insert_with(now_ms)),
+                Ok(None) => break,
+                Err(e) => {
+                    live.m.on_decode_error(e);
+                    break;
+                }
+            }
+        }
+        if live.m.end_batch(now) {
+            if let Some(ms) = wall {
+                live.handle.seen(ms);
+            }
+        }
+        self.run_effects(&mut live.m);
+    }
+
+    /// Hands the machine's job to the writer if its queue has room.
+    fn submit(&self, m: &mut Machine) {
+        if let Some(job) = m.take_job() {
+            match self.shared.writer.try_send(job) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(job)) => m.defer_job(job),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    m.fail(Fatal(ErrorCode::Internal, "storage writer stopped".into()))
+                }
+            }
+        }
+    }
+
+    /// Active: the main loop, until the machine ends (false) or the
+    /// session has been quiet for `sessions.park_after_ms` (true: park it).
+    ///
+    /// A device between frames waits here until it parks, so the await
+    /// point is kept small: one Notify (commits, kicks, command wake-ups),
+    /// one readiness wait, one timer. The rarer waits (room in the writer
+    /// queue, the store's open commands) are boxed futures of their own.
+    async fn active(&mut self, live: &mut Live) -> bool {
+        let cell = Arc::clone(&live.cell);
+        let park_after = match (&self.shared.park, self.shared.cfg.sessions.park_after_ms) {
+            (Some(_), ms) if ms > 0 => Some(Duration::from_millis(ms)),
+            _ => None,
+        };
+        loop {
+            if self.shared.shutdown.is_cancelled() {
+                live.m.close(GoodbyeCode::ServerShutdown);
+                return false;
+            }
+            if let Some(code) = live.handle.kicked() {
+                live.m.close(code);
+                return false;
+            }
+            if live.handle.take_commands() {
+                Box::pin(self.send_commands(live)).await;
+            }
+            // Free what commits resolved before taking more frames, so that
+            // a full window reopens as soon as it can.
+            let now = Instant::now();
+            live.m.on_commit(cell.committed());
+            live.m.advance(now, true);
+            self.handle_frames(live, now);
+            if live.m.ended().is_some() {
+                return false;
+            }
+            self.submit(&mut live.m);
+            if live.m.ended().is_some() {
+                return false;
+            }
+            // Rejects and duplicates may resolve at once.
+            live.m.advance(now, true);
+            if self.conn.try_flush(live.m.out().bytes_mut()).is_err() {
+                live.m.peer_closed();
+                return false;
+            }
+            let room = live.m.room(now);
+            let buffered = self.conn.has_complete_frame();
+            if room && buffered {
+                // More complete frames already read: handle them first.
+                continue;
+            }
+            // Read only when nothing complete is waiting: the read buffer
+            // then stays within one frame plus one read chunk.
+            let can_read = room && !buffered;
+            live.m.set_reading(can_read, now);
+            if live.m.has_pending_job() {
+                if !Box::pin(self.wait_for_writer(live)).await {
+                    live.m
+                        .fail(Fatal(ErrorCode::Internal, "storage writer stopped".into()));
+                    return false;
+                }
+                continue;
+            }
+            if can_read && !self.conn.has_buffered_input() {
+                self.conn.release_idle();
+                live.m.release_idle();
+            }
+            let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
+            // Quiet with nothing in flight: park when the quiet lasts.
+            let park_at = park_after
+                .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable())
+                .map(|after| live.m.quiet_since() + after);
+            if park_at.is_some_and(|at| at <= now) && !live.handle.commands_pending() {
+                return true;
+            }
+            let wake_at = match (live.m.wake_at(can_read, now), park_at) {
+                (Some(w), Some(p)) => Some(w.min(p)),
+                (w, p) => w.or(p),
+            };
+            let far = now + Duration::from_secs(3600);
+            tokio::select! {
+                _ = cell.changed() => {}
+                r = self.conn.io(live.m.out().bytes_mut(), can_read, write), if can_read || write => match r {
+                    Ok(Some(0)) | Err(_) => {
+                        live.m.peer_closed();
+                        return false;
+                    }
+                    Ok(Some(_)) => live.m.on_bytes(Instant::now()),
+                    Ok(None) => {}
+                },
+                _ = sleep_until(wake_at.unwrap_or(far)), if wake_at.is_some() => {
+                    live.m.on_timer(Instant::now());
+                    if live.m.ended().is_some() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the device's open commands and hands them to the machine,
+    /// which sends those this connection has not sent yet.
+    async fn send_commands(&mut self, live: &mut Live) {
+        match self.shared.store.open_commands(live.m.key()).await {
+            Ok(open) => live.m.commands_due(open),
+            Err(e) => {
+                warn!(device = %live.m.device_id(), error = %e, "cannot read commands; retrying at the next wake-up");
+                live.handle.notify_commands();
+            }
+        }
+        self.run_effects(&mut live.m);
+    }
+
+    /// Waits for room in the writer queue and hands over the pending job,
+    /// meanwhile sending ACKs for commits and waking for kicks. Returns
+    /// false if the writer is gone.
+    async fn wait_for_writer(&mut self, live: &mut Live) -> bool {
+        let cell = Arc::clone(&live.cell);
+        let writer = self.shared.writer.clone();
+        let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
+        tokio::select! {
+            permit = writer.reserve() => match (permit, live.m.take_job()) {
+                (Ok(p), Some(job)) => p.send(job),
+                (Ok(_), None) => {}
+                (Err(_), _) => return false,
+            },
+            _ = cell.changed() => {}
+            _ = self.conn.io(live.m.out().bytes_mut(), false, write), if write => {}
+        }
+        true
+    }
+
+    /// Hands every staged record to the writer and waits until all this
+    /// session took is resolved, sending ACKs when `ack` is true (and while
+    /// the socket takes them: a dead socket stops the ACKs, not the wait).
+    /// Bounded by the shutdown drain time once shutdown has begun.
+    async fn settle(&mut self, live: &mut Live, mut ack: bool) -> bool {
+        let shutdown = self.shared.shutdown.clone();
+        let drain = Duration::from_millis(self.shared.cfg.shutdown.drain_timeout_ms);
+        let cell = Arc::clone(&live.cell);
+        let writer = self.shared.writer.clone();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if let Some(job) = live.m.take_job() {
+                match writer.try_send(job) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(job)) => live.m.defer_job(job),
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            live.m.on_commit(cell.committed());
+            live.m.advance(Instant::now(), ack);
+            if ack && self.conn.try_flush(live.m.out().bytes_mut()).is_err() {
+                ack = false;
+            }
+            if live.m.settled() {
+                return true;
+            }
+            if deadline.is_none() && shutdown.is_cancelled() {
+                deadline = Some(Instant::now() + drain);
+            }
+            let far = Instant::now() + Duration::from_secs(3600);
+            let pending = live.m.has_pending_job();
+            tokio::select! {
+                permit = writer.reserve(), if pending => match (permit, live.m.take_job()) {
+                    (Ok(p), Some(job)) => p.send(job),
+                    (Ok(_), None) => {}
+                    (Err(_), _) => return false,
+                },
+                _ = cell.changed() => {}
+                _ = shutdown.cancelled(), if deadline.is_none() => {}
+                _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    warn!(peer = %self.peer, device = %live.m.device_id(), outstanding = live.m.outstanding(), "drain deadline passed with telemetry unstored");
+                    return false;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    /// Draining: stop reading, handle what was already read, store and ACK
+    /// it all, then GOODBYE (if ours to say) and close.
+    async fn drain(&mut self, live: &mut Live, drain: Drain) -> CloseReason {
+        // Complete frames already in the buffer were read: handle them too
+        // (not after a device GOODBYE, which is its last word), whatever
+        // the rate: nothing more is read.
+        if !matches!(drain, Drain::DeviceGoodbye) {
+            self.handle_frames(live, Instant::now());
+            if let Some(End::Fatal(f)) = live.m.start_drain() {
+                let reason = send_error(&mut self.conn, live.m.out(), f).await;
+                self.settle(live, false).await;
+                return reason;
+            }
+        }
+        let socket_ok = !matches!(drain, Drain::PeerClosed);
+        self.settle(live, true).await;
+        match drain {
+            Drain::Goodbye(code) => self.goodbye(live.m.out(), code).await,
+            Drain::DeviceGoodbye => {
+                let _ = timeout(
+                    Duration::from_secs(1),
+                    self.conn.close(live.m.out().bytes_mut()),
+                )
+                .await;
+                CloseReason::DeviceGoodbye
+            }
+            Drain::PeerClosed => {
+                if socket_ok {
+                    let _ = timeout(
+                        Duration::from_secs(1),
+                        self.conn.close(live.m.out().bytes_mut()),
+                    )
+                    .await;
+                }
+                CloseReason::PeerClosed
+            }
+        }
+    }
+}
+
+/// The lot that holds this gateway's parked sessions.
+pub type ParkLot = Lot<Box<ParkedSession>>;
+
+/// A parked session: the socket lives in the lot beside this; no task, no
+/// future, no buffer.
+pub struct ParkedSession {
+    shared: Arc<Shared>,
+    conn: connection::Parts,
+    conn_id: u64,
+    peer: SocketAddr,
+    accepted: Instant,
+    permit: Option<ConnPermit>,
+    gauge: OpenGauge,
+    m: machine::Parked,
+    handle: SessionHandle,
+    guard: DeviceGuard,
+    /// Counts as a connection task while parked, so shutdown waits for it.
+    token: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+/// Starts the parking lot; woken sessions resume as tasks on `tracker`.
+/// Call from within the runtime.
+pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<ParkLot>> {
+    let runtime = tokio::runtime::Handle::current();
+    Lot::start(Box::new(move |stream, parked: Box<ParkedSession>, why| {
+        let _entered = runtime.enter();
+        let id = parked.conn_id;
+        let std_stream: std::net::TcpStream = stream.into();
+        match tokio::net::TcpStream::from_std(std_stream) {
+            Ok(stream) => {
+                let (task, token) = resume(stream, parked, why == Wake::Stop);
+                crate::listener::spawn_contained(&tracker, id, task);
+                drop(token);
+            }
+            Err(e) => {
+                // The session ends here: its guard releases the device.
+                warn!(conn = id, error = %e, "cannot resume a parked session; closing it");
+                metrics::counter!("furrow_connections_closed_total", "reason" => "io_error")
+                    .increment(1);
+            }
+        }
+    }))
+}
+
+/// A woken session's task: back into the active phase (`stopping`: the
+/// lot stops, so the gateway is shutting down).
+/// Returns the task and the parked session's tracker token, to drop once
+/// the task is spawned.
+fn resume(
+    stream: tokio::net::TcpStream,
+    parked: Box<ParkedSession>,
+    stopping: bool,
+) -> (
+    impl std::future::Future<Output = ()> + Send,
+    tokio_util::task::task_tracker::TaskTrackerToken,
+) {
+    let ParkedSession {
+        shared,
+        conn,
+        conn_id,
+        peer,
+        accepted,
+        permit,
+        gauge,
+        m,
+        handle,
+        guard,
+        token,
+    } = *parked;
+    m.cell().set_parked(None);
+    let cell = Arc::clone(m.cell());
+    let mut m = Machine::unpark(m, Instant::now());
+    if stopping {
+        m.close(GoodbyeCode::ServerShutdown);
+    }
+    let device = Arc::clone(m.device_id());
+    let live = Box::new(Live {
+        m,
+        handle,
+        cell,
+        _guard: guard,
+    });
+    let span = tracing::debug_span!("conn", id = conn_id, peer = %peer, device = %device);
+    let session = Session {
+        conn: Connection::from_parts(stream, conn),
+        out: Outbox::new(),
+        shared,
+        conn_id,
+        peer,
+        accepted,
+        tls: None,
+        permit,
+        _gauge: gauge,
+    };
+    (session.resumed(live).instrument(span), token)
+}
+
+impl Session {
+    /// Hands a quiet session to the lot: the task ends here, the socket
+    /// and a small record stay.
+    fn park(self, live: Box<Live>) {
+        let Some(lot) = self.shared.park.clone() else {
+            return;
+        };
+        let Live {
+            m,
+            handle,
+            cell,
+            _guard: guard,
+        } = *live;
+        let watch = handle.clone();
+        let (stream, conn) = self.conn.into_parts();
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                // Dropping everything closes the connection and releases
+                // the device; the device reconnects.
+                warn!(conn = self.conn_id, error = %e, "cannot park a session; closing it");
+                metrics::counter!("furrow_connections_closed_total", "reason" => "io_error")
+                    .increment(1);
+                return;
+            }
+        };
+        let m = m.park();
+        let deadline = m.deadline().into_std();
+        let id = self.conn_id;
+        let parked = Box::new(ParkedSession {
+            shared: Arc::clone(&self.shared),
+            conn,
+            conn_id: id,
+            peer: self.peer,
+            accepted: self.accepted,
+            permit: self.permit,
+            gauge: self._gauge,
+            m,
+            handle,
+            guard,
+            token: self.shared.tracker.token(),
+        });
+        let stream = mio::net::TcpStream::from_std(std_stream);
+        match lot.park(id, stream, deadline, parked) {
+            Ok(key) => {
+                cell.set_parked(Some(Parking {
+                    lot: Arc::clone(&lot) as Arc<dyn Unpark>,
+                    key,
+                    id,
+                }));
+                // A wake-up between the last look and now found no lot:
+                // look once more.
+                if self.shared.shutdown.is_cancelled()
+                    || watch.kicked().is_some()
+                    || watch.commands_pending()
+                {
+                    cell.wake();
+                }
+            }
+            Err((stream, parked)) => {
+                // The lot is stopping: resume at once, in a task of its own.
+                let std_stream: std::net::TcpStream = stream.into();
+                match tokio::net::TcpStream::from_std(std_stream) {
+                    Ok(s) => {
+                        let (task, token) = resume(s, parked, true);
+                        crate::listener::spawn_contained(&self.shared.tracker, id, task);
+                        drop(token);
+                    }
+                    Err(e) => warn!(conn = id, error = %e, "cannot resume a session; closing it"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use tokio_util::sync::CancellationToken;
+
+    /// An idle device costs its task's future plus a few small objects; the
+    /// future is the bulk (docs/performance.md). This pins it, so that a new
+    /// `select!` branch or a captured value that doubles it is noticed.
+    /// Not a timing: sizes are deterministic for a given compiler.
+    #[tokio::test]
+    async fn idle_connection_future_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            data_dir: dir.path().into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        cfg.api.listen = "127.0.0.1:0".parse().unwrap();
+        let server = crate::Server::bind(cfg.clone()).await.unwrap();
+        let (writer, _rx) = tokio::sync::mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            cfg,
+            store: server.store(),
+            registry: server.registry(),
+            writer,
+            shutdown: CancellationToken::new(),
+            events: Events::off(),
+            cluster: crate::cluster::Cluster::single(),
+            tls: None,
+            limits: Arc::new(crate::limits::Limiter::new(&Default::default())),
+            park: None,
+            tracker: tokio_util::task::TaskTracker::new(),
+        });
+        let permit = shared.limits.try_connection().unwrap();
+        let fut = run(stream, addr, Instant::now(), 1, shared, None, permit);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 1280, "connection future grew to {size} bytes");
+    }
+}

@@ -1,0 +1,115 @@
+//! The handshake's decisions, without I/O: what the first frame must be,
+//! who is authenticated, and what WELCOME says. The driver does the waiting
+//! (the HELLO deadline, the store lookups, the takeover) around them.
+
+use furrow_proto::{ErrorCode, Hello, Message, MessageType, RawFrame, Welcome};
+use tokio::time::Duration;
+
+use super::machine::Fatal;
+use crate::config::Config;
+use crate::store::DeviceAuth;
+
+/// The first frame of a connection as HELLO, or the ERROR it earns with
+/// the outcome label for `furrow_handshakes_total`.
+pub fn hello(frame: RawFrame) -> Result<Hello, (Fatal, &'static str)> {
+    if frame.kind != MessageType::Hello {
+        let f = Fatal(
+            ErrorCode::ProtocolError,
+            "the first message must be HELLO".into(),
+        );
+        return Err((f, "not_hello"));
+    }
+    match Message::from_frame(frame) {
+        Ok(Message::Hello(h)) => Ok(h),
+        Ok(_) => Err((
+            Fatal(
+                ErrorCode::Internal,
+                "HELLO parsed as another message".into(),
+            ),
+            "internal",
+        )),
+        Err(e) => Err((Fatal(e.code(), e.to_string()), "bad_hello")),
+    }
+}
+
+/// What a verified TLS client certificate says about the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certificate {
+    /// No mutual TLS, or no certificate: the token decides.
+    Absent,
+    /// The certificate names the device HELLO names.
+    Matches,
+    /// It names another device, or none.
+    Mismatch,
+}
+
+/// Whether a device is in. Under mutual TLS the certificate stands for the
+/// token (an empty token is accepted; a token given must still be right);
+/// a certificate for another device fails like a wrong token.
+pub fn authenticated(found: Option<&DeviceAuth>, token: &[u8], cert: Certificate) -> bool {
+    match cert {
+        Certificate::Mismatch => false,
+        Certificate::Matches if token.is_empty() => found.is_some_and(|d| !d.revoked),
+        _ => crate::auth::verify(found, token),
+    }
+}
+
+/// WELCOME for a device asking for `requested_keepalive_s`, and the silence
+/// after which it is dropped (1.5 x the effective keepalive).
+pub fn welcome(
+    cfg: &Config,
+    requested_keepalive_s: u16,
+    last_seq: u64,
+    now_ms: u64,
+) -> (Welcome, Duration) {
+    let ka = cfg.keepalive.effective(requested_keepalive_s);
+    let welcome = Welcome {
+        version: furrow_proto::VERSION,
+        keepalive_s: ka,
+        max_frame: cfg.limits.max_frame,
+        max_inflight: cfg.limits.max_inflight,
+        last_seq,
+        server_time_ms: now_ms,
+    };
+    (welcome, Duration::from_millis(u64::from(ka) * 1500))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(token: &str, revoked: bool) -> DeviceAuth {
+        DeviceAuth {
+            key: 1,
+            token_hash: crate::auth::hash_token(token.as_bytes()),
+            revoked,
+        }
+    }
+
+    #[test]
+    fn tokens_and_certificates() {
+        let d = device("secret", false);
+        let r = device("secret", true);
+        use Certificate::*;
+        assert!(authenticated(Some(&d), b"secret", Absent));
+        assert!(!authenticated(Some(&d), b"wrong", Absent));
+        assert!(!authenticated(None, b"secret", Absent));
+        assert!(!authenticated(Some(&r), b"secret", Absent));
+        assert!(authenticated(Some(&d), b"", Matches));
+        assert!(!authenticated(Some(&r), b"", Matches));
+        assert!(!authenticated(Some(&d), b"wrong", Matches));
+        assert!(!authenticated(Some(&d), b"secret", Mismatch));
+        assert!(!authenticated(None, b"", Matches));
+    }
+
+    #[test]
+    fn welcome_clamps_keepalive() {
+        let cfg = Config::default();
+        let (w, dead) = welcome(&cfg, 0, 7, 1);
+        assert_eq!(w.keepalive_s, cfg.keepalive.default_s);
+        assert_eq!(w.last_seq, 7);
+        assert_eq!(dead, Duration::from_millis(u64::from(w.keepalive_s) * 1500));
+        let (w, _) = welcome(&cfg, u16::MAX, 0, 1);
+        assert_eq!(w.keepalive_s, cfg.keepalive.max_s);
+    }
+}

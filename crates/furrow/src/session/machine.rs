@@ -1,0 +1,527 @@
+//! The sans-I/O core of an authenticated session: events in, effects out.
+//!
+//! A [`Machine`] is what a device's session *is* once WELCOME is sent: the
+//! ACK bookkeeping, the records staged for the writer, the commands in
+//! flight, the keepalive clock and the throttle. It has no socket, no clock
+//! and spawns nothing (in the manner of quinn-proto's `Connection`):
+//!
+//! * in: decoded frames ([`Machine::on_frame`]), the writer's progress
+//!   ([`Machine::on_commit`]), the time ([`Machine::on_timer`]), a kick or
+//!   shutdown ([`Machine::close`]), the device's open commands
+//!   ([`Machine::commands_due`]), the peer closing ([`Machine::peer_closed`]);
+//! * out: encoded frames ([`Machine::out`]), a [`WriteJob`] for the writer
+//!   ([`Machine::take_job`]), store work ([`Machine::take_effects`]), when to
+//!   look again ([`Machine::wake_at`]), whether to read at all
+//!   ([`Machine::room`]), and why it ended ([`Machine::ended`]).
+//!
+//! The driver (`driver.rs`) moves bytes and waits; everything it decides
+//! comes from here, so the rules can be tested and fuzzed without a
+//! gateway (see the tests below and `tests/session_machine.rs`). Message
+//! families are handled in `messages/`, one file each.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use furrow_proto::{DecodeError, ErrorCode, GoodbyeCode, Message, MessageType, RawFrame};
+use tokio::time::{Duration, Instant};
+
+use super::acks::AckTracker;
+use super::flow::Keepalive;
+use super::outbox::Outbox;
+use crate::limits::Throttle;
+use crate::registry::DeviceSlot;
+use crate::store::{CommandOutcome, DeviceKey, TelemetryRecord};
+use crate::writer::{AckCell, WriteJob};
+
+/// How often a duplicate waiting on another connection's commit looks
+/// again at the device's resolved watermark.
+const DEVICE_POLL: Duration = Duration::from_millis(20);
+
+/// A fatal condition: ERROR `code` with `message`, then close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal(pub ErrorCode, pub String);
+
+/// Why an active session drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Say GOODBYE with this code after draining.
+    Goodbye(GoodbyeCode),
+    /// The device said GOODBYE: ACK what was read, then close.
+    DeviceGoodbye,
+    /// The device closed its side: store what was read, ACK if possible.
+    PeerClosed,
+}
+
+/// How the active phase ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Stop reading, store and ACK what was read, then close.
+    Drain(Drain),
+    /// Send ERROR and close (what was read is still stored).
+    Fatal(Fatal),
+}
+
+/// Store work the session asks for; the driver runs it in the background.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// These commands were sent: mark them delivered.
+    MarkDelivered(Vec<u64>),
+    /// The device answered a command.
+    CompleteCommand {
+        /// The device.
+        device: DeviceKey,
+        /// Which command.
+        command_id: u64,
+        /// Its result.
+        outcome: CommandOutcome,
+    },
+}
+
+/// The limits a session reads by.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TELEMETRY frames unacknowledged before the session stops reading.
+    pub max_inflight: usize,
+    /// Bytes queued for the device before the session stops reading.
+    pub max_unsent: usize,
+}
+
+/// Who the session is for.
+pub struct Identity {
+    /// The device id.
+    pub device_id: Arc<str>,
+    /// Its store key.
+    pub key: DeviceKey,
+    /// Its watermarks, shared with its other sessions.
+    pub slot: Arc<DeviceSlot>,
+    /// Where the writer reports this session's commits.
+    pub cell: Arc<AckCell>,
+}
+
+/// An authenticated session's state (see the module docs).
+pub struct Machine {
+    pub(super) id: Identity,
+    limits: Limits,
+    pub(super) acks: AckTracker,
+    /// Highest ticket the writer reported committed.
+    committed: u64,
+    /// Records read but not yet in a job.
+    pub(super) staged: Vec<TelemetryRecord>,
+    /// Highest seq rejected but not yet handed to the writer, 0 if none.
+    pub(super) staged_reject: u64,
+    /// Ticket of the last staged record or rejection.
+    pub(super) ticket: u64,
+    /// Ticket of the last rejection mark: the session holds its device until
+    /// the mark is committed, so the next session reads it back.
+    pub(super) mark_ticket: u64,
+    /// A job the writer has not taken yet.
+    pending_job: Option<WriteJob>,
+    /// Commands sent on this connection and not yet answered.
+    pub(super) sent_commands: Vec<u64>,
+    /// `(last ticket, when read)` of each batch that staged telemetry, for
+    /// the ACK latency histogram (one sample per ACK: its oldest read).
+    read_marks: VecDeque<(u64, Instant)>,
+    /// Ticket before the current batch of frames, if one is open.
+    batch: Option<u64>,
+    pub(super) out: Outbox,
+    keepalive: Keepalive,
+    /// `limits.telemetry_rate_per_device`; out of tokens, the session stops
+    /// reading: a backpressure pause.
+    throttle: Option<Throttle>,
+    pub(super) effects: Vec<Effect>,
+    end: Option<End>,
+    draining: bool,
+    /// The last [`Self::room`] found the throttle out of tokens.
+    throttled: bool,
+    /// Since when the session has been quiet: its last frame, its start,
+    /// or its last resumption from the parking lot.
+    quiet_since: Instant,
+}
+
+/// A settled session's state while parked: only what outlives a quiet
+/// spell (no queues, no buffers; see [`Machine::park`]).
+pub struct Parked {
+    id: Identity,
+    limits: Limits,
+    /// Tickets: the last one used, which every later job continues from.
+    ticket: u64,
+    sent_commands: Vec<u64>,
+    keepalive: Keepalive,
+    throttle: Option<Throttle>,
+    frames_out: u64,
+}
+
+impl Parked {
+    /// The device's wake-ups (commits, kicks, commands).
+    pub fn cell(&self) -> &Arc<AckCell> {
+        &self.id.cell
+    }
+
+    /// When the device is judged dead if it stays silent.
+    pub fn deadline(&self) -> Instant {
+        self.keepalive.deadline()
+    }
+}
+
+impl Machine {
+    /// A session that has just queued WELCOME into `out`.
+    pub fn new(
+        id: Identity,
+        limits: Limits,
+        keepalive: Duration,
+        throttle: Option<Throttle>,
+        out: Outbox,
+        now: Instant,
+    ) -> Self {
+        Self {
+            id,
+            limits,
+            acks: AckTracker::new(),
+            committed: 0,
+            staged: Vec::new(),
+            staged_reject: 0,
+            ticket: 0,
+            mark_ticket: 0,
+            pending_job: None,
+            sent_commands: Vec::new(),
+            read_marks: VecDeque::new(),
+            batch: None,
+            out,
+            keepalive: Keepalive::new(keepalive, now),
+            throttle,
+            effects: Vec::new(),
+            end: None,
+            draining: false,
+            throttled: false,
+            quiet_since: now,
+        }
+    }
+
+    /// Whether the session has nothing in flight and nothing to say, so it
+    /// may be parked: everything it took is stored and ACKed and its
+    /// rejection marks committed, nothing waits to be sent or stored.
+    pub fn parkable(&self) -> bool {
+        self.end.is_none()
+            && !self.draining
+            && !self.throttled
+            && self.settled()
+            && self.out.is_empty()
+            && self.effects.is_empty()
+            && self.batch.is_none()
+    }
+
+    /// Since when the session has been quiet: its last frame, its start,
+    /// or its resumption (so a resumed session reads before it parks
+    /// again).
+    pub fn quiet_since(&self) -> Instant {
+        self.quiet_since
+    }
+
+    /// Shrinks a [`Self::parkable`] session to what a quiet spell keeps.
+    pub fn park(self) -> Parked {
+        Parked {
+            id: self.id,
+            limits: self.limits,
+            ticket: self.ticket,
+            sent_commands: self.sent_commands,
+            keepalive: self.keepalive,
+            throttle: self.throttle,
+            frames_out: self.out.frames(),
+        }
+    }
+
+    /// Resumes a parked session at `now`.
+    pub fn unpark(p: Parked, now: Instant) -> Self {
+        Self {
+            id: p.id,
+            limits: p.limits,
+            acks: AckTracker::new(),
+            // Everything up to the last ticket was committed before parking.
+            committed: p.ticket,
+            staged: Vec::new(),
+            staged_reject: 0,
+            ticket: p.ticket,
+            mark_ticket: 0,
+            pending_job: None,
+            sent_commands: p.sent_commands,
+            read_marks: VecDeque::new(),
+            batch: None,
+            out: Outbox::resumed(p.frames_out),
+            keepalive: p.keepalive,
+            throttle: p.throttle,
+            effects: Vec::new(),
+            end: None,
+            draining: false,
+            throttled: false,
+            quiet_since: now,
+        }
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> &Arc<str> {
+        &self.id.device_id
+    }
+
+    /// Frames waiting for the transport.
+    pub fn out(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    /// Why the active phase ended, once it has.
+    pub fn ended(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    fn end_with(&mut self, end: End) {
+        self.end.get_or_insert(end);
+    }
+
+    /// Ends the active phase with ERROR (the driver found the writer gone).
+    pub fn fail(&mut self, fatal: Fatal) {
+        self.end_with(End::Fatal(fatal));
+    }
+
+    /// The device's store key.
+    pub fn key(&self) -> DeviceKey {
+        self.id.key
+    }
+
+    /// Ends the active phase for a kick, a revocation or shutdown.
+    pub fn close(&mut self, code: GoodbyeCode) {
+        self.end_with(End::Drain(Drain::Goodbye(code)));
+    }
+
+    /// The device closed its sending side (or the socket failed).
+    pub fn peer_closed(&mut self) {
+        self.end_with(End::Drain(Drain::PeerClosed));
+    }
+
+    /// Whether another buffered frame may be handled now: the window, the
+    /// outbox and the throttle have room (always while draining, which
+    /// handles what was already read).
+    pub fn accepts_frame(&mut self, now: Instant) -> bool {
+        if self.draining {
+            return self.end.is_none();
+        }
+        self.end.is_none()
+            && self.acks.outstanding() < self.limits.max_inflight
+            && self.out.len() < self.limits.max_unsent
+            && self.throttle.as_mut().is_none_or(|t| t.ready(now))
+    }
+
+    /// Handles one decoded frame; `now_ms` is the wall clock (the receive
+    /// time of its readings).
+    pub fn on_frame(&mut self, frame: RawFrame, now_ms: u64) {
+        if self.batch.is_none() {
+            self.batch = Some(self.ticket);
+        }
+        let kind = frame.kind;
+        if kind == MessageType::Telemetry {
+            if let Some(t) = &mut self.throttle {
+                t.take();
+            }
+        }
+        // The type is known; may it come now, from a device? Then the body.
+        if !kind.sent_by_device() || kind == MessageType::Hello {
+            let msg = format!("{} is not allowed from a device now", kind.name());
+            return self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, msg)));
+        }
+        let msg = match Message::from_frame(frame) {
+            Ok(m) => m,
+            Err(e) => return self.end_with(End::Fatal(Fatal(e.code(), e.to_string()))),
+        };
+        match msg {
+            Message::Telemetry(t) => self.on_telemetry(t, now_ms),
+            Message::Ping { nonce } => self.on_ping(nonce),
+            Message::Pong { .. } => {}
+            Message::CommandResult(r) => self.on_command_result(r),
+            Message::Goodbye(_) => self.end_with(End::Drain(Drain::DeviceGoodbye)),
+            _ => {
+                let m = format!("{} is not allowed from a device", kind.name());
+                self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, m)));
+            }
+        }
+    }
+
+    /// The bytes read do not frame: the ERROR they earn.
+    pub fn on_decode_error(&mut self, e: DecodeError) {
+        self.end_with(End::Fatal(Fatal(e.code(), e.to_string())));
+    }
+
+    /// Closes a batch of frames read together. Returns whether it held a
+    /// frame (then the device was seen now).
+    pub fn end_batch(&mut self, now: Instant) -> bool {
+        let Some(before) = self.batch.take() else {
+            return false;
+        };
+        self.keepalive.frame_read(now);
+        self.quiet_since = now;
+        if self.ticket > before {
+            self.read_marks.push_back((self.ticket, now));
+        }
+        true
+    }
+
+    /// Moves staged records into the job for the writer and hands it out.
+    /// A job the writer has no room for goes back with [`Self::defer_job`].
+    pub fn take_job(&mut self) -> Option<WriteJob> {
+        if !self.staged.is_empty() || self.staged_reject > 0 {
+            let records = std::mem::take(&mut self.staged);
+            let rejected = std::mem::take(&mut self.staged_reject);
+            match &mut self.pending_job {
+                Some(job) => {
+                    job.records.extend(records);
+                    job.ticket = self.ticket;
+                    job.rejected_upto = job.rejected_upto.max(rejected);
+                }
+                None => {
+                    self.pending_job = Some(WriteJob {
+                        owner: Arc::clone(&self.id.cell),
+                        ticket: self.ticket,
+                        device: self.id.key,
+                        device_id: Arc::clone(&self.id.device_id),
+                        records,
+                        rejected_upto: rejected,
+                    })
+                }
+            }
+        }
+        self.pending_job.take()
+    }
+
+    /// The writer's queue was full: the job waits here (and the session
+    /// stops reading until it is taken).
+    pub fn defer_job(&mut self, job: WriteJob) {
+        self.pending_job = Some(job);
+    }
+
+    /// Whether a job waits for room in the writer's queue.
+    pub fn has_pending_job(&self) -> bool {
+        self.pending_job.is_some()
+    }
+
+    /// The writer committed this session's tickets up to `committed`.
+    pub fn on_commit(&mut self, committed: u64) {
+        self.committed = self.committed.max(committed);
+    }
+
+    /// Pops resolved entries; queues the ACK they allow when `ack` (not
+    /// when the socket is gone).
+    pub fn advance(&mut self, now: Instant, ack: bool) {
+        let adv = self.acks.advance(self.committed, self.id.slot.resolved());
+        if let Some(seq) = adv.resolved {
+            self.id.slot.resolve(seq);
+        }
+        let Some(seq) = adv.ack.filter(|_| ack) else {
+            return;
+        };
+        self.out.queue_ack(seq);
+        let mut oldest = None;
+        while let Some(&(ticket, at)) = self.read_marks.front() {
+            if ticket > self.committed {
+                break;
+            }
+            oldest.get_or_insert(at);
+            self.read_marks.pop_front();
+        }
+        if let Some(at) = oldest {
+            crate::metrics::wire()
+                .ack_latency
+                .record(now.saturating_duration_since(at).as_secs_f64());
+        }
+    }
+
+    /// Everything this session took is stored or rejected, and its
+    /// rejection marks committed: its device may pass to the next session.
+    pub fn settled(&self) -> bool {
+        self.acks.outstanding() == 0
+            && self.pending_job.is_none()
+            && self.staged.is_empty()
+            && self.staged_reject == 0
+            && self.committed >= self.mark_ticket
+    }
+
+    /// Whether the window, the writer queue, the outbox and the throttle
+    /// leave room to take more frames.
+    pub fn room(&mut self, now: Instant) -> bool {
+        if self.end.is_some() || self.draining {
+            return false;
+        }
+        self.throttled = self.throttle.as_mut().is_some_and(|t| !t.ready(now));
+        self.acks.outstanding() < self.limits.max_inflight
+            && self.pending_job.is_none()
+            && self.out.len() < self.limits.max_unsent
+            && !self.throttled
+    }
+
+    /// Whether the driver waits for the socket to be readable now (time
+    /// spent not reading does not count against the keepalive).
+    pub fn set_reading(&mut self, can_read: bool, now: Instant) {
+        self.keepalive.reading(can_read, now);
+    }
+
+    /// Bytes arrived from the device.
+    pub fn on_bytes(&mut self, now: Instant) {
+        self.keepalive.bytes_read(now);
+    }
+
+    /// When the driver must call [`Self::on_timer`] at the latest (`None`:
+    /// only other events matter).
+    pub fn wake_at(&self, can_read: bool, now: Instant) -> Option<Instant> {
+        let mut at = None;
+        if can_read {
+            at = Some(self.keepalive.deadline());
+        }
+        // A duplicate waits on another connection's commit: poll.
+        if self.acks.waits_on_device(self.id.slot.resolved()) {
+            at = Some(now + DEVICE_POLL);
+        }
+        // Throttled: look again when the next token is due.
+        if let Some(t) = self.throttle.as_ref().filter(|_| self.throttled) {
+            let due = t.due();
+            at = Some(at.map_or(due, |a: Instant| a.min(due)));
+        }
+        at
+    }
+
+    /// The time has come to look: a silent device is dropped at its
+    /// keepalive deadline.
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.end.is_none() && !self.draining && self.keepalive.expired(now) {
+            self.end_with(End::Fatal(Fatal(
+                ErrorCode::KeepaliveTimeout,
+                "no frame within 1.5 x keepalive".into(),
+            )));
+        }
+    }
+
+    /// Enters draining: frames already read are still handled (at any
+    /// rate), nothing more is read. Returns why the active phase ended.
+    pub fn start_drain(&mut self) -> Option<End> {
+        let end = self.end.take();
+        self.draining = true;
+        self.throttle = None;
+        end
+    }
+
+    /// Store work asked for since the last call.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Gives back memory an idle session does not need.
+    pub fn release_idle(&mut self) {
+        self.out.release_idle();
+        if self.read_marks.is_empty() && self.read_marks.capacity() > 0 {
+            self.read_marks = VecDeque::new();
+        }
+        if self.staged.is_empty() && self.staged.capacity() > 0 {
+            self.staged = Vec::new();
+        }
+    }
+
+    /// TELEMETRY read but not yet acknowledged.
+    pub fn outstanding(&self) -> usize {
+        self.acks.outstanding()
+    }
+}

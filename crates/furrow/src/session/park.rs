@@ -1,0 +1,334 @@
+//! The parking lot: quiet sessions held without a task, a future or a
+//! buffer.
+//!
+//! A session with nothing in flight that has been quiet for
+//! `sessions.park_after_ms` leaves its task (`driver.rs`): its socket moves
+//! from Tokio's reactor to the lot's own epoll (mio, the poller Tokio is
+//! built on), and its state shrinks to a record held here by token. One
+//! thread waits on that epoll and hands a record back (to the resume
+//! callback, which spawns a task again) when
+//!
+//! * its socket is readable: a frame, or the device closing;
+//! * its deadline passes: the keepalive, so a silent device is still
+//!   closed at 1.5 x keepalive;
+//! * someone calls [`Unpark::unpark`]: the registry wakes a session for a
+//!   command, a kick or takeover, a revocation, or shutdown (through the
+//!   session's `AckCell`).
+//!
+//! Each record is woken once: whichever comes first takes it out of the
+//! lot, and the others find nothing (tokens carry the connection id, so a
+//! reused slot is never woken by a stale call).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tracing::warn;
+
+/// The waker's token (slab keys are offset past it).
+const WAKER: Token = Token(0);
+
+/// Why a parked session was resumed (the `reason` label of
+/// `furrow_session_unparks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The socket became readable (or closed).
+    Readable,
+    /// The deadline passed.
+    Deadline,
+    /// The gateway has something for the session.
+    Called,
+    /// The lot is stopping.
+    Stop,
+}
+
+impl Wake {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Readable => "readable",
+            Self::Deadline => "deadline",
+            Self::Called => "called",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// Wakes one parked session; implemented by the lot and held (type-erased)
+/// by whatever may need to wake the session.
+pub trait Unpark: Send + Sync {
+    /// Resumes the record under `key` if it is still connection `id`'s.
+    fn unpark(&self, key: usize, id: u64);
+}
+
+struct Entry<S> {
+    id: u64,
+    stream: TcpStream,
+    deadline: Instant,
+    session: S,
+}
+
+struct State<S> {
+    slab: Slab<Entry<S>>,
+    deadlines: BTreeSet<(Instant, usize)>,
+    called: Vec<(usize, u64)>,
+    stopping: bool,
+}
+
+/// What to do with a session taken out of the lot.
+pub type Resume<S> = Box<dyn Fn(TcpStream, S, Wake) + Send + Sync>;
+
+/// The parked sessions and the thread that wakes them.
+pub struct Lot<S> {
+    registry: mio::Registry,
+    waker: mio::Waker,
+    state: Mutex<State<S>>,
+    resume: Resume<S>,
+}
+
+impl<S: Send + 'static> Lot<S> {
+    /// Starts a lot whose thread hands woken sessions to `resume`.
+    pub fn start(resume: Resume<S>) -> io::Result<Arc<Self>> {
+        let poll = Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), WAKER)?;
+        let lot = Arc::new(Self {
+            registry: poll.registry().try_clone()?,
+            waker,
+            state: Mutex::new(State {
+                slab: Slab::new(),
+                deadlines: BTreeSet::new(),
+                called: Vec::new(),
+                stopping: false,
+            }),
+            resume,
+        });
+        let run = Arc::clone(&lot);
+        std::thread::Builder::new()
+            .name("furrow-park".into())
+            .spawn(move || run.run(poll))?;
+        Ok(lot)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<S>> {
+        // A panic while holding the lock leaves plain data behind: go on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks connection `id`'s session until its socket is readable,
+    /// `deadline` passes, or it is unparked. Returns its key for
+    /// [`Unpark::unpark`], or gives everything back if the lot cannot take
+    /// it (stopping, or the epoll refused the socket).
+    pub fn park(
+        &self,
+        id: u64,
+        mut stream: TcpStream,
+        deadline: Instant,
+        session: S,
+    ) -> Result<usize, (TcpStream, S)> {
+        let mut st = self.state();
+        if st.stopping {
+            return Err((stream, session));
+        }
+        let entry = st.slab.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self
+            .registry
+            .register(&mut stream, Token(key + 1), Interest::READABLE)
+        {
+            warn!(error = %e, "cannot park a session; it stays in its task");
+            return Err((stream, session));
+        }
+        entry.insert(Entry {
+            id,
+            stream,
+            deadline,
+            session,
+        });
+        st.deadlines.insert((deadline, key));
+        let first = st.deadlines.first().is_some_and(|d| d.1 == key);
+        drop(st);
+        metrics::gauge!("furrow_sessions_parked").increment(1.0);
+        metrics::counter!("furrow_session_parks_total").increment(1);
+        if first {
+            // The thread may be sleeping until a later deadline.
+            let _ = self.waker.wake();
+        }
+        Ok(key)
+    }
+
+    /// Resumes every parked session (shutdown) and refuses new ones; the
+    /// thread ends once the lot is empty.
+    pub fn stop(&self) {
+        self.state().stopping = true;
+        let _ = self.waker.wake();
+    }
+
+    /// Parked sessions now.
+    pub fn len(&self) -> usize {
+        self.state().slab.len()
+    }
+
+    /// Whether no session is parked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self, st: &mut State<S>, key: usize, id: Option<u64>) -> Option<Entry<S>> {
+        let wanted = st
+            .slab
+            .get(key)
+            .is_some_and(|e| id.is_none_or(|id| e.id == id));
+        if !wanted {
+            return None;
+        }
+        let mut e = st.slab.remove(key);
+        st.deadlines.remove(&(e.deadline, key));
+        let _ = self.registry.deregister(&mut e.stream);
+        Some(e)
+    }
+
+    fn run(self: Arc<Self>, mut poll: Poll) {
+        let mut events = Events::with_capacity(1024);
+        let mut woken: Vec<(Entry<S>, Wake)> = Vec::new();
+        loop {
+            let timeout = {
+                let st = self.state();
+                if st.stopping && st.slab.is_empty() {
+                    return;
+                }
+                st.deadlines
+                    .first()
+                    .map(|(d, _)| d.saturating_duration_since(Instant::now()))
+            };
+            // Round up: waking a millisecond early would only sleep again.
+            let timeout = timeout.map(|t| t + Duration::from_micros(500));
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!(error = %e, "parking epoll failed; retrying");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            {
+                let mut st = self.state();
+                for ev in events.iter() {
+                    if ev.token() == WAKER {
+                        continue;
+                    }
+                    if let Some(e) = self.take(&mut st, ev.token().0 - 1, None) {
+                        woken.push((e, Wake::Readable));
+                    }
+                }
+                let called = std::mem::take(&mut st.called);
+                for (key, id) in called {
+                    if let Some(e) = self.take(&mut st, key, Some(id)) {
+                        woken.push((e, Wake::Called));
+                    }
+                }
+                let now = Instant::now();
+                while let Some(&(d, key)) = st.deadlines.first() {
+                    if d > now {
+                        break;
+                    }
+                    match self.take(&mut st, key, None) {
+                        Some(e) => woken.push((e, Wake::Deadline)),
+                        None => {
+                            st.deadlines.pop_first();
+                        }
+                    }
+                }
+                if st.stopping {
+                    let keys: Vec<usize> = st.slab.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        if let Some(e) = self.take(&mut st, key, None) {
+                            woken.push((e, Wake::Stop));
+                        }
+                    }
+                }
+            }
+            for (e, why) in woken.drain(..) {
+                metrics::gauge!("furrow_sessions_parked").decrement(1.0);
+                metrics::counter!("furrow_session_unparks_total", "reason" => why.as_str())
+                    .increment(1);
+                (self.resume)(e.stream, e.session, why);
+            }
+        }
+    }
+}
+
+impl<S: Send + 'static> Unpark for Lot<S> {
+    fn unpark(&self, key: usize, id: u64) {
+        let mut st = self.state();
+        if st.slab.get(key).is_some_and(|e| e.id == id) {
+            st.called.push((key, id));
+            drop(st);
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+
+    fn lot() -> (Arc<Lot<u32>>, mpsc::Receiver<(u32, Wake)>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let lot = Lot::start(Box::new(move |_s, v, why| {
+            let _ = tx.lock().unwrap().send((v, why));
+        }))
+        .unwrap();
+        (lot, rx)
+    }
+
+    fn pair() -> (std::net::TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (c, TcpStream::from_std(s))
+    }
+
+    const LATER: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn readiness_deadline_call_and_stop_each_wake_once() {
+        let (lot, rx) = lot();
+        let wait = Duration::from_secs(5);
+        // Readable.
+        let (mut c1, s1) = pair();
+        lot.park(1, s1, Instant::now() + LATER, 1).ok().unwrap();
+        c1.write_all(b"x").unwrap();
+        assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Readable));
+        // Deadline.
+        let (_c2, s2) = pair();
+        let t = Instant::now();
+        lot.park(2, s2, t + Duration::from_millis(50), 2)
+            .ok()
+            .unwrap();
+        assert_eq!(rx.recv_timeout(wait).unwrap(), (2, Wake::Deadline));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // Called; a stale call (wrong id) does nothing.
+        let (_c3, s3) = pair();
+        let key = lot.park(3, s3, Instant::now() + LATER, 3).ok().unwrap();
+        lot.unpark(key, 99);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        lot.unpark(key, 3);
+        assert_eq!(rx.recv_timeout(wait).unwrap(), (3, Wake::Called));
+        lot.unpark(key, 3);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        // Stop resumes the rest and refuses new ones.
+        let (_c4, s4) = pair();
+        lot.park(4, s4, Instant::now() + LATER, 4).ok().unwrap();
+        lot.stop();
+        assert_eq!(rx.recv_timeout(wait).unwrap(), (4, Wake::Stop));
+        let (_c5, s5) = pair();
+        assert!(lot.park(5, s5, Instant::now() + LATER, 5).is_err());
+        assert!(lot.is_empty());
+    }
+}
