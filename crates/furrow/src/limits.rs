@@ -427,6 +427,12 @@ impl Throttle {
         self.bucket.take();
     }
 
+    /// Whether the bucket is full again at `now`: then it holds nothing a
+    /// fresh one would not (a parked session drops it).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.since.is_none() && self.bucket.is_full(now)
+    }
+
     /// When to look again after [`Self::ready`] said no.
     pub fn due(&self) -> Instant {
         self.bucket.next_at()

@@ -117,6 +117,11 @@ impl SessionHandle {
         }
     }
 
+    /// The session's wake-up (and commit reports).
+    pub fn cell(&self) -> &Arc<AckCell> {
+        &self.inner.wake
+    }
+
     /// Tells the session it has commands to send.
     pub fn notify_commands(&self) {
         self.inner.commands.store(true, Ordering::Release);

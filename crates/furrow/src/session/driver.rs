@@ -24,8 +24,7 @@ use super::{CloseReason, Shared};
 use crate::clock::now_ms;
 use crate::connection::{self, Connection};
 use crate::limits::ConnPermit;
-use crate::publish::Events;
-use crate::registry::{Registry, SessionHandle};
+use crate::registry::SessionHandle;
 use crate::writer::{AckCell, Parking};
 
 /// Read size before WELCOME (the largest HELLO is 397 bytes).
@@ -58,23 +57,24 @@ struct Live {
 }
 
 /// Releases the device from the registry and signals a waiting successor,
-/// on every exit path including a panic.
+/// on every exit path including a panic. Also who the session is for, in
+/// one place, active or parked.
 struct DeviceGuard {
-    registry: Arc<Registry>,
+    shared: Arc<Shared>,
     device_id: Arc<str>,
-    handle: SessionHandle,
-    events: Events,
     key: crate::store::DeviceKey,
-    cluster: crate::cluster::Cluster,
+    handle: SessionHandle,
 }
 
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
+        let shared = &self.shared;
         // Offline only if no newer session of the device took over.
-        if self.registry.release(&self.device_id, self.handle.id()) {
-            self.events.status(&self.device_id, false);
+        if shared.registry.release(&self.device_id, self.handle.id()) {
+            shared.events.status(&self.device_id, false);
         }
-        self.cluster
+        shared
+            .cluster
             .release(self.key, &self.device_id, &self.handle);
         self.handle.finish();
     }
@@ -530,12 +530,10 @@ impl Session {
         let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
         let device_id: Arc<str> = Arc::from(device_id);
         let guard = DeviceGuard {
-            registry: Arc::clone(&self.shared.registry),
+            shared: Arc::clone(&self.shared),
             device_id: Arc::clone(&device_id),
-            handle: handle.clone(),
-            events: self.shared.events.clone(),
             key: found.key,
-            cluster: self.shared.cluster.clone(),
+            handle: handle.clone(),
         };
         if let Some(old) = old {
             metrics::counter!("furrow_session_takeovers_total").increment(1);
@@ -910,20 +908,17 @@ impl Session {
 }
 
 /// The lot that holds this gateway's parked sessions.
-pub type ParkLot = Lot<Box<ParkedSession>>;
+pub type ParkLot = Lot<ParkedSession>;
 
-/// A parked session: the socket lives in the lot beside this; no task, no
-/// future, no buffer.
+/// A parked session, held inline in the lot beside its socket: no task, no
+/// future, no buffer, and no field that another one already holds (the
+/// peer and connection time are in the registry's handle).
 pub struct ParkedSession {
-    shared: Arc<Shared>,
     conn: connection::Parts,
     conn_id: u64,
-    peer: SocketAddr,
-    accepted: Instant,
     permit: Option<ConnPermit>,
     gauge: OpenGauge,
     m: machine::Parked,
-    handle: SessionHandle,
     guard: DeviceGuard,
     /// Counts as a connection task while parked, so shutdown waits for it.
     token: tokio_util::task::task_tracker::TaskTrackerToken,
@@ -933,7 +928,7 @@ pub struct ParkedSession {
 /// Call from within the runtime.
 pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<ParkLot>> {
     let runtime = tokio::runtime::Handle::current();
-    Lot::start(Box::new(move |stream, parked: Box<ParkedSession>, why| {
+    Lot::start(Box::new(move |stream, parked: ParkedSession, why| {
         let _entered = runtime.enter();
         let id = parked.conn_id;
         let std_stream: std::net::TcpStream = stream.into();
@@ -954,51 +949,63 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
 }
 
 /// A woken session's task: back into the active phase (`stopping`: the
-/// lot stops, so the gateway is shutting down).
-/// Returns the task and the parked session's tracker token, to drop once
-/// the task is spawned.
+/// lot stops, so the gateway is shutting down). Returns the task and the
+/// parked session's tracker token, to drop once the task is spawned.
 fn resume(
     stream: tokio::net::TcpStream,
-    parked: Box<ParkedSession>,
+    parked: ParkedSession,
     stopping: bool,
 ) -> (
     impl std::future::Future<Output = ()> + Send,
     tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
     let ParkedSession {
-        shared,
         conn,
         conn_id,
-        peer,
-        accepted,
         permit,
         gauge,
         m,
-        handle,
         guard,
         token,
-    } = *parked;
-    m.cell().set_parked(None);
-    let cell = Arc::clone(m.cell());
-    let mut m = Machine::unpark(m, Instant::now());
+    } = parked;
+    let cell = Arc::clone(guard.handle.cell());
+    cell.set_parked(None);
+    let shared = Arc::clone(&guard.shared);
+    let cfg = &shared.cfg;
+    let now = Instant::now();
+    let mut m = Machine::unpark(
+        m,
+        Arc::clone(&guard.device_id),
+        guard.key,
+        Arc::clone(&cell),
+        Limits {
+            max_inflight: usize::from(cfg.limits.max_inflight),
+            max_unsent: cfg.limits.max_unsent_bytes,
+        },
+        shared.limits.throttle(now),
+        now,
+    );
     if stopping {
         m.close(GoodbyeCode::ServerShutdown);
     }
-    let device = Arc::clone(m.device_id());
+    let info = guard.handle.info();
+    // The connection's age, for its close line, from the wall clock.
+    let age = Duration::from_millis(now_ms().saturating_sub(info.connected_ms));
+    let span =
+        tracing::debug_span!("conn", id = conn_id, peer = %info.peer, device = %guard.device_id);
     let live = Box::new(Live {
         m,
-        handle,
+        handle: guard.handle.clone(),
         cell,
         _guard: guard,
     });
-    let span = tracing::debug_span!("conn", id = conn_id, peer = %peer, device = %device);
     let session = Session {
         conn: Connection::from_parts(stream, conn),
         out: Outbox::new(),
         shared,
         conn_id,
-        peer,
-        accepted,
+        peer: info.peer,
+        accepted: now.checked_sub(age).unwrap_or(now),
         tls: None,
         permit,
         _gauge: gauge,
@@ -1019,7 +1026,6 @@ impl Session {
             cell,
             _guard: guard,
         } = *live;
-        let watch = handle.clone();
         let (stream, conn) = self.conn.into_parts();
         let std_stream = match stream.into_std() {
             Ok(s) => s,
@@ -1032,22 +1038,18 @@ impl Session {
                 return;
             }
         };
-        let m = m.park();
+        let m = m.park(Instant::now());
         let deadline = m.deadline().into_std();
         let id = self.conn_id;
-        let parked = Box::new(ParkedSession {
-            shared: Arc::clone(&self.shared),
+        let parked = ParkedSession {
             conn,
             conn_id: id,
-            peer: self.peer,
-            accepted: self.accepted,
             permit: self.permit,
             gauge: self._gauge,
             m,
-            handle,
             guard,
             token: self.shared.tracker.token(),
-        });
+        };
         let stream = mio::net::TcpStream::from_std(std_stream);
         match lot.park(id, stream, deadline, parked) {
             Ok(key) => {
@@ -1059,8 +1061,8 @@ impl Session {
                 // A wake-up between the last look and now found no lot:
                 // look once more.
                 if self.shared.shutdown.is_cancelled()
-                    || watch.kicked().is_some()
-                    || watch.commands_pending()
+                    || handle.kicked().is_some()
+                    || handle.commands_pending()
                 {
                     cell.wake();
                 }
@@ -1111,7 +1113,7 @@ mod tests {
             registry: server.registry(),
             writer,
             shutdown: CancellationToken::new(),
-            events: Events::off(),
+            events: crate::publish::Events::off(),
             cluster: crate::cluster::Cluster::single(),
             tls: None,
             limits: Arc::new(crate::limits::Limiter::new(&Default::default())),
@@ -1122,5 +1124,16 @@ mod tests {
         let fut = run(stream, addr, Instant::now(), 1, shared, None, permit);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1280, "connection future grew to {size} bytes");
+    }
+}
+#[cfg(test)]
+mod parked_size {
+    /// A parked session is the whole cost of a quiet device besides its
+    /// registry entry (docs/performance.md). Sizes are deterministic for a
+    /// given compiler: this notices a field that grows it.
+    #[test]
+    fn a_parked_session_stays_small() {
+        let size = std::mem::size_of::<super::ParkedSession>();
+        assert!(size <= 192, "a parked session grew to {size} bytes");
     }
 }

@@ -73,6 +73,22 @@ impl Keepalive {
         }
     }
 
+    /// The clock reduced to what a parked session keeps: its period and
+    /// the deadline now in force (a grace after a pause included).
+    pub fn park(&self) -> (Duration, Instant) {
+        (self.period, self.deadline())
+    }
+
+    /// A parked clock back: expires at `deadline` without a frame.
+    pub fn resume(period: Duration, deadline: Instant) -> Self {
+        Self {
+            period,
+            idle_deadline: deadline,
+            paused_at: None,
+            resumed_at: None,
+        }
+    }
+
     /// Whether a reading session has waited too long.
     pub fn expired(&self, now: Instant) -> bool {
         self.paused_at.is_none() && now >= self.deadline()

@@ -139,27 +139,26 @@ pub struct Machine {
 }
 
 /// A settled session's state while parked: only what outlives a quiet
-/// spell (no queues, no buffers; see [`Machine::park`]).
+/// spell, no queue and no buffer (see [`Machine::park`]). Who the session
+/// is for stays with the driver, which holds it anyway.
 pub struct Parked {
-    id: Identity,
-    limits: Limits,
-    /// Tickets: the last one used, which every later job continues from.
+    slot: Arc<DeviceSlot>,
+    /// The last ticket used, which every later job continues from.
     ticket: u64,
-    sent_commands: Vec<u64>,
-    keepalive: Keepalive,
-    throttle: Option<Throttle>,
+    /// Commands sent and not yet answered (usually none).
+    sent_commands: Option<Box<[u64]>>,
+    keepalive_period_ms: u32,
+    deadline: Instant,
+    /// A throttle that is not full again (usually none: a full one is
+    /// made anew at resumption).
+    throttle: Option<Box<Throttle>>,
     frames_out: u64,
 }
 
 impl Parked {
-    /// The device's wake-ups (commits, kicks, commands).
-    pub fn cell(&self) -> &Arc<AckCell> {
-        &self.id.cell
-    }
-
     /// When the device is judged dead if it stays silent.
     pub fn deadline(&self) -> Instant {
-        self.keepalive.deadline()
+        self.deadline
     }
 }
 
@@ -218,23 +217,44 @@ impl Machine {
     }
 
     /// Shrinks a [`Self::parkable`] session to what a quiet spell keeps.
-    pub fn park(self) -> Parked {
+    pub fn park(self, now: Instant) -> Parked {
+        let (period, deadline) = self.keepalive.park();
+        let throttle = self
+            .throttle
+            .and_then(|mut t| (!t.is_full(now)).then(|| Box::new(t)));
         Parked {
-            id: self.id,
-            limits: self.limits,
+            slot: self.id.slot,
             ticket: self.ticket,
-            sent_commands: self.sent_commands,
-            keepalive: self.keepalive,
-            throttle: self.throttle,
+            sent_commands: (!self.sent_commands.is_empty())
+                .then(|| self.sent_commands.into_boxed_slice()),
+            keepalive_period_ms: u32::try_from(period.as_millis()).unwrap_or(u32::MAX),
+            deadline,
+            throttle,
             frames_out: self.out.frames(),
         }
     }
 
-    /// Resumes a parked session at `now`.
-    pub fn unpark(p: Parked, now: Instant) -> Self {
+    /// Resumes a parked session for `device_id` (`key`, woken through
+    /// `cell`) at `now`; `fresh_throttle` stands in for a throttle that was
+    /// full when it parked.
+    pub fn unpark(
+        p: Parked,
+        device_id: Arc<str>,
+        key: DeviceKey,
+        cell: Arc<AckCell>,
+        limits: Limits,
+        fresh_throttle: Option<Throttle>,
+        now: Instant,
+    ) -> Self {
+        let period = Duration::from_millis(u64::from(p.keepalive_period_ms));
         Self {
-            id: p.id,
-            limits: p.limits,
+            id: Identity {
+                device_id,
+                key,
+                slot: p.slot,
+                cell,
+            },
+            limits,
             acks: AckTracker::new(),
             // Everything up to the last ticket was committed before parking.
             committed: p.ticket,
@@ -243,12 +263,15 @@ impl Machine {
             ticket: p.ticket,
             mark_ticket: 0,
             pending_job: None,
-            sent_commands: p.sent_commands,
+            sent_commands: p.sent_commands.map(Vec::from).unwrap_or_default(),
             read_marks: VecDeque::new(),
             batch: None,
             out: Outbox::resumed(p.frames_out),
-            keepalive: p.keepalive,
-            throttle: p.throttle,
+            keepalive: Keepalive::resume(period, p.deadline),
+            throttle: match p.throttle {
+                Some(t) => Some(*t),
+                None => fresh_throttle,
+            },
             effects: Vec::new(),
             end: None,
             draining: false,

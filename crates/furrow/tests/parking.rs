@@ -1,0 +1,333 @@
+//! Parking (`session/park.rs`): 10,000 quiet sessions leave their tasks,
+//! and each comes back for what concerns it, on time, losing nothing.
+//!
+//! A real `furrow serve` process (the test process would otherwise hold
+//! both ends of 10,000 connections, past this machine's 20,000 open files)
+//! with `sessions.park_after_ms` = 200. Five groups of 2,000 devices, each
+//! parked before its turn (the `furrow_sessions_parked` gauge says so):
+//!
+//! * frame: each sends TELEMETRY 1 and gets ACK 1 within 100 ms;
+//! * deadline: keepalive 2 s, so each is closed with ERROR KEEPALIVE_TIMEOUT
+//!   3 s after WELCOME, at most 100 ms late;
+//! * command: an operator queues a command for each; the COMMAND arrives
+//!   within 100 ms of the API's answer;
+//! * takeover: a new connection of each device gets WELCOME and the parked
+//!   one GOODBYE SESSION_TAKEN_OVER within 100 ms;
+//! * shutdown: SIGINT, and every session still open (these and the
+//!   others, parked again) gets GOODBYE SERVER_SHUTDOWN.
+//!
+//! Afterwards the store holds each frame-group reading once. Wake-ups are
+//! spread over about a second per group (one per 0.5 ms): each must be on
+//! time, not 2,000 at the same instant; commands and takeovers, which go
+//! through the store, one per 2 ms.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use furrow::store::Synchronous;
+use furrow_proto::Message;
+use serde_json::json;
+use support::process::GatewayProcess;
+use support::*;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const GROUP: usize = 2_000;
+const ON_TIME: Duration = Duration::from_millis(100);
+const SPREAD: Duration = Duration::from_micros(500);
+/// Commands (a committed store write each, then a read) and takeovers (a
+/// full handshake: two store reads) go through the store, in a debug
+/// build: 500 a second.
+const STORE_SPREAD: Duration = Duration::from_millis(2);
+
+struct Fleet {
+    http: reqwest::Client,
+    gw: GatewayProcess,
+    addr: SocketAddr,
+}
+
+impl Fleet {
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.gw.api))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (bounded) until at least `n` sessions are parked.
+    async fn until_parked(&self, n: usize) {
+        let started = Instant::now();
+        loop {
+            let parked = self.metric("furrow_sessions_parked").await as usize;
+            if parked >= n {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "only {parked} of {n} sessions parked\n{}",
+                self.gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Connects `devices` (HELLO with `keepalive_s`), at most 500 at once.
+    async fn connect(
+        &self,
+        devices: &[(String, String)],
+        keepalive_s: u16,
+    ) -> Vec<(RawDevice, Instant)> {
+        let mut out = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(500) {
+            let mut set = JoinSet::new();
+            for (i, (id, token)) in chunk.iter().enumerate() {
+                let (addr, id, token) = (self.addr, id.clone(), token.clone());
+                set.spawn(async move {
+                    let mut d = RawDevice::connect(addr).await;
+                    d.hello(&id, &token, keepalive_s).await;
+                    (i, d, Instant::now())
+                });
+            }
+            let mut got: Vec<_> = set.join_all().await;
+            got.sort_by_key(|g| g.0);
+            out.extend(got.into_iter().map(|(_, d, t)| (d, t)));
+        }
+        out
+    }
+}
+
+/// Runs `f` for every device of a group, one start per `step`; returns
+/// each one's lateness figure (from `f`) in order.
+async fn spread<F, Fut>(
+    devices: Vec<(RawDevice, Instant)>,
+    step: Duration,
+    f: F,
+) -> Vec<(RawDevice, Duration)>
+where
+    F: Fn(usize, RawDevice, Instant) -> Fut,
+    Fut: std::future::Future<Output = (RawDevice, Duration)> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, (d, t)) in devices.into_iter().enumerate() {
+        let at = start + step * i as u32;
+        let fut = f(i, d, t);
+        set.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let (d, took) = fut.await;
+            (i, d, took)
+        });
+    }
+    let mut got = set.join_all().await;
+    got.sort_by_key(|g| g.0);
+    got.into_iter().map(|(_, d, t)| (d, t)).collect()
+}
+
+fn report(what: &str, took: &[Duration]) -> Duration {
+    let mut v = took.to_vec();
+    v.sort();
+    let max = *v.last().expect("a group");
+    eprintln!(
+        "{what}: p50 {:?} p99 {:?} max {max:?} over {}",
+        v[v.len() / 2],
+        v[v.len() * 99 / 100],
+        v.len()
+    );
+    max
+}
+
+async fn next_within(d: &mut RawDevice, wait: Duration) -> Option<Message> {
+    d.recv_within(wait).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_parked_sessions_each_wake_for_what_concerns_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Provision into the data directory the gateway will use.
+    let mut cfg = base_config(&dir.path().join("gw"));
+    cfg.storage.synchronous = Synchronous::Off;
+    let store = furrow::server::connect_store(&cfg).await.expect("store");
+    let mut fleet_ids = Vec::with_capacity(5 * GROUP);
+    for i in 0..5 * GROUP {
+        let id = format!("park-{i}");
+        let token = furrow::devices::add_device(&*store, &id)
+            .await
+            .expect("provision");
+        fleet_ids.push((id, token));
+    }
+    drop(store);
+    let groups: Vec<Vec<(String, String)>> = fleet_ids.chunks(GROUP).map(|c| c.to_vec()).collect();
+
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut gw = GatewayProcess::spawn_with_env(
+        dir.path(),
+        "gw",
+        listen,
+        &[],
+        &[
+            ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
+            ("FURROW_KEEPALIVE__MIN_S", "1"),
+            ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
+            ("RUST_LOG", "warn"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    gw.ready(&http).await;
+    let fleet = Fleet {
+        http,
+        gw,
+        addr: listen,
+    };
+
+    // Everyone but the deadline group connects with a long keepalive.
+    let frame = fleet.connect(&groups[0], 600).await;
+    let command = fleet.connect(&groups[2], 600).await;
+    let takeover = fleet.connect(&groups[3], 600).await;
+    let shutdown = fleet.connect(&groups[4], 600).await;
+    fleet.until_parked(4 * GROUP).await;
+
+    // Frame: TELEMETRY 1 -> ACK 1.
+    let frame = spread(frame, SPREAD, |_, mut d, _| async move {
+        let t = Instant::now();
+        d.telemetry(1, r#"{"v":1}"#).await;
+        match next_within(&mut d, Duration::from_secs(10)).await {
+            Some(Message::Ack { seq: 1 }) => {}
+            other => panic!("expected ACK 1, got {other:?}"),
+        }
+        (d, t.elapsed())
+    })
+    .await;
+    let took: Vec<_> = frame.iter().map(|(_, t)| *t).collect();
+    assert!(report("frame -> ACK", &took) <= ON_TIME);
+
+    // Deadline: keepalive 2 s, closed 3 s after WELCOME.
+    let deadline = fleet.connect(&groups[1], 2).await;
+    let ka = Duration::from_secs(3);
+    let deadline = spread(deadline, SPREAD, |_, mut d, welcomed| async move {
+        match next_within(&mut d, Duration::from_secs(10)).await {
+            Some(Message::Error(e)) => assert_eq!(e.code, code::KEEPALIVE_TIMEOUT),
+            other => panic!("expected ERROR KEEPALIVE_TIMEOUT, got {other:?}"),
+        }
+        let at = welcomed.elapsed();
+        assert!(
+            at + Duration::from_millis(50) >= ka,
+            "closed after {at:?}, before 1.5 x keepalive"
+        );
+        (d, at.saturating_sub(ka))
+    })
+    .await;
+    let late: Vec<_> = deadline.iter().map(|(_, t)| *t).collect();
+    assert!(report("keepalive deadline, lateness", &late) <= ON_TIME);
+    drop(deadline);
+    fleet.until_parked(4 * GROUP).await;
+
+    // Command: queued by the API, delivered to the parked session.
+    let http = fleet.http.clone();
+    let api = fleet.gw.api;
+    let ids: Arc<Vec<String>> = Arc::new(groups[2].iter().map(|(id, _)| id.clone()).collect());
+    let command = spread(command, STORE_SPREAD, move |i, mut d, _| {
+        let (http, ids) = (http.clone(), Arc::clone(&ids));
+        async move {
+            let r = http
+                .post(format!("http://{api}/v1/devices/{}/commands", ids[i]))
+                .json(&json!({"name": "open-valve", "payload": {"valve": 1}}))
+                .send()
+                .await
+                .expect("POST command");
+            assert_eq!(r.status().as_u16(), 201);
+            let t = Instant::now();
+            match next_within(&mut d, Duration::from_secs(10)).await {
+                Some(Message::Command(c)) => assert_eq!(c.name.as_str(), "open-valve"),
+                other => panic!("expected COMMAND, got {other:?}"),
+            }
+            (d, t.elapsed())
+        }
+    })
+    .await;
+    let took: Vec<_> = command.iter().map(|(_, t)| *t).collect();
+    assert!(report("command -> COMMAND", &took) <= ON_TIME);
+
+    // Takeover: a new connection of the device; the parked one is told.
+    let addr = fleet.addr;
+    let creds: Arc<Vec<(String, String)>> = Arc::new(groups[3].clone());
+    let newer = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let keep = Arc::clone(&newer);
+    let takeover = spread(takeover, STORE_SPREAD, move |i, mut old, _| {
+        let (creds, keep) = (Arc::clone(&creds), Arc::clone(&keep));
+        async move {
+            let t = Instant::now();
+            let mut new = RawDevice::connect(addr).await;
+            new.hello(&creds[i].0, &creds[i].1, 600).await;
+            let welcomed = t.elapsed();
+            match next_within(&mut old, Duration::from_secs(10)).await {
+                Some(Message::Goodbye(g)) => assert_eq!(g.code, goodbye::SESSION_TAKEN_OVER),
+                other => panic!("expected GOODBYE SESSION_TAKEN_OVER, got {other:?}"),
+            }
+            let told = t.elapsed();
+            keep.lock().await.push(new);
+            (old, welcomed.max(told))
+        }
+    })
+    .await;
+    let took: Vec<_> = takeover.iter().map(|(_, t)| *t).collect();
+    assert!(report("takeover -> WELCOME and GOODBYE", &took) <= ON_TIME);
+    drop(takeover);
+    let newer = std::mem::take(&mut *newer.lock().await);
+
+    // Everyone left parks again; then shutdown wakes them all.
+    let mut open: Vec<RawDevice> = frame.into_iter().map(|(d, _)| d).collect();
+    open.extend(command.into_iter().map(|(d, _)| d));
+    open.extend(newer);
+    open.extend(shutdown.into_iter().map(|(d, _)| d));
+    fleet.until_parked(open.len()).await;
+    let unparks = fleet.metric("furrow_session_unparks_total").await;
+    assert!(unparks >= (4 * GROUP) as f64, "unparks counted: {unparks}");
+    let pid = fleet.gw.child.id().to_string();
+    let t = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut set = JoinSet::new();
+    for mut d in open {
+        set.spawn(async move {
+            loop {
+                match next_within(&mut d, Duration::from_secs(20)).await {
+                    Some(Message::Goodbye(g)) => {
+                        assert_eq!(g.code, goodbye::SERVER_SHUTDOWN);
+                        return Instant::now();
+                    }
+                    Some(Message::Ack { .. }) => {}
+                    other => panic!("expected GOODBYE SERVER_SHUTDOWN, got {other:?}"),
+                }
+            }
+        });
+    }
+    let told: Vec<Duration> = set.join_all().await.into_iter().map(|at| at - t).collect();
+    report("shutdown -> GOODBYE (all at once)", &told);
+    let mut fleet = fleet;
+    let status = fleet
+        .gw
+        .exit_status(Duration::from_secs(20))
+        .expect("the gateway exits after its drain");
+    assert!(status.success(), "{}", fleet.gw.logs());
+
+    // Nothing lost, nothing twice: each frame-group reading stored once.
+    let db = open_db(&cfg.database_path());
+    for (id, _) in &groups[0] {
+        assert_eq!(stored_seqs_in(&db, id), vec![1], "{id}");
+    }
+}
