@@ -11,7 +11,11 @@ Scenarios (issue 4), every server pinned to CPU 0 and the generator
      labelled as such), Mosquitto at QoS 1 with persistence off. The three
      alternate round by round, so that the machine's drift hits all alike.
   b. idle connections at 1k, 10k and 19k (one generator process each):
-     server RSS growth per connection, Furrow against Mosquitto.
+     server RSS growth per connection, Furrow (sessions parked, the
+     default; and with parking off) against Mosquitto.
+  f. a quiet fleet: 10,000 devices sending one message every 5 s, so that
+     every message wakes a parked session: CPU per message and ACK latency,
+     Furrow parked, Furrow with parking off, Mosquitto.
   c. storm: 10,000 devices reconnecting at once.
   d. growth: the same total rate (50,000 msgs/s) over 100, 1,000 and 10,000
      connections: rate, latency, and server CPU per message.
@@ -59,7 +63,7 @@ def wait_listening(port, proc, what):
 class Server:
     """A server on CPU 0: a Furrow gateway or a Mosquitto broker."""
 
-    def __init__(self, kind, sync="full"):
+    def __init__(self, kind, sync="full", env=None):
         self.kind = kind
         self.dir = tempfile.mkdtemp(prefix="furrow-bench-")
         self.port = free_port()
@@ -67,7 +71,7 @@ class Server:
         log = open(os.path.join(self.dir, "server.log"), "w")
         if kind == "furrow":
             env = dict(os.environ, RUST_LOG="warn", FURROW_STORAGE__SYNCHRONOUS=sync,
-                       FURROW_API__LISTEN="127.0.0.1:0")
+                       FURROW_API__LISTEN="127.0.0.1:0", **(env or {}))
             cmd = [FURROW, "serve", "--data-dir", self.dir, "--listen", self.addr]
         else:
             conf = os.path.join(self.dir, "mosquitto.conf")
@@ -115,8 +119,8 @@ def bench(server, mode, *args):
         return json.load(f)
 
 
-def one(kind, mode, *args, sync="full"):
-    s = Server(kind, sync)
+def one(kind, mode, *args, sync="full", env=None):
+    s = Server(kind, sync, env)
     try:
         return bench(s, mode, *args)
     finally:
@@ -150,7 +154,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--only", action="append", metavar="SECTION",
-                    help="run only these sections (flat, idle, storm, growth; repeatable); "
+                    help="run only these sections (flat, idle, storm, growth, quiet; repeatable); "
                          "the others are kept from the existing file")
     opts = ap.parse_args()
 
@@ -211,20 +215,47 @@ def main():
         md.append(f"\nGoal: p99 at most 5 ms: **{'met' if a['p99'] <= 5000 else 'NOT met'}**.\n")
 
     if want("idle"):
-        # b. idle memory.
+        # b. idle memory. Held 4 s: sessions park 2 s after their last frame.
         print("b. idle connections", flush=True)
         md.append("## b. Memory per idle connection\n")
-        md.append("Server RSS growth while N authenticated connections are held, divided by N "
-                  "(kernel socket memory not included, the same for both).\n")
-        md.append("| connections | Furrow bytes/conn | Mosquitto bytes/conn | ratio |")
-        md.append("|---|---|---|---|")
+        md.append("Server RSS growth while N authenticated connections are held for 4 s, divided "
+                  "by N (kernel socket memory not included, the same for all). Furrow parks a "
+                  "session quiet for `sessions.park_after_ms` (2 s): no task, no buffer "
+                  "(docs/performance.md); the parking-off column is the same build with "
+                  "`park_after_ms = 0`.\n")
+        md.append("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
+                  "| Furrow / Mosquitto |")
+        md.append("|---|---|---|---|---|")
         for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
-            f = one("furrow", "idle", "--devices", n, "--duration", 2)
-            m = one("mosquitto", "idle", "--devices", n, "--duration", 2)
+            f = one("furrow", "idle", "--devices", n, "--duration", 4)
+            off = one("furrow", "idle", "--devices", n, "--duration", 4,
+                      env={"FURROW_SESSIONS__PARK_AFTER_MS": "0"})
+            m = one("mosquitto", "idle", "--devices", n, "--duration", 4)
             fb = f["memory"]["bytes_per_connection"]
+            ob = off["memory"]["bytes_per_connection"]
             mb = m["memory"]["bytes_per_connection"]
-            md.append(f"| {n:,} | {fb:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
-        md.append("\nGoal: no higher than Mosquitto's.\n")
+            md.append(f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+        md.append("\nGoal: no higher than Mosquitto's (issue 14: below 700 bytes).\n")
+
+    if want("quiet"):
+        # f. a quiet fleet: every message wakes a parked session.
+        print("f. quiet fleet", flush=True)
+        md.append("## f. A quiet fleet\n")
+        md.append("10,000 devices, one message every 5 s each (2,000 msgs/s), `synchronous=full`: "
+                  "each Furrow session parks between its messages (after 2 s), so every message "
+                  "wakes one.\n")
+        md.append("| system | acked msgs/s | ACK p50 | p99 | server CPU per msg |")
+        md.append("|---|---|---|---|---|")
+        for label, kind, env in [("Furrow (parks)", "furrow", None),
+                                 ("Furrow, parking off", "furrow",
+                                  {"FURROW_SESSIONS__PARK_AFTER_MS": "0"}),
+                                 ("Mosquitto QoS 1", "mosquitto", None)]:
+            r = one(kind, "steady", "--devices", 10000, "--rate", 0.2, "--window", 256,
+                    "--warmup", 6, "--duration", 20 if not opts.quick else 10, env=env)
+            cpu = r.get("server_cpu_us_per_msg")
+            md.append(f"| {label} | {r['msgs_per_s']:,.0f} | {ms(r['ack_us']['p50'])} | "
+                      f"{ms(r['ack_us']['p99'])} | {f'{cpu:.1f} us' if cpu else 'n/a'} |")
+        md.append("")
 
     if want("storm"):
         # c. storm.

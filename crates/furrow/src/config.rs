@@ -401,12 +401,18 @@ pub struct Sessions {
     /// the device sends, its keepalive runs out or the gateway has
     /// something for it. 0 never parks.
     pub park_after_ms: u64,
+    /// A device whose last two frames came less than this apart is chatty:
+    /// its session parks only after this long quiet (at least
+    /// `park_after_ms`), so that a device sending every second keeps its
+    /// task instead of paying a wake-up for each message.
+    pub park_chatty_ms: u64,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
         Self {
-            park_after_ms: 2_000,
+            park_after_ms: 250,
+            park_chatty_ms: 2_000,
             takeover_wait_ms: 5_000,
             revocation_poll_ms: 1_000,
             heartbeat_ms: 1_000,

@@ -697,10 +697,13 @@ impl Session {
     /// queue, the store's open commands) are boxed futures of their own.
     async fn active(&mut self, live: &mut Live) -> bool {
         let cell = Arc::clone(&live.cell);
-        let park_after = match (&self.shared.park, self.shared.cfg.sessions.park_after_ms) {
-            (Some(_), ms) if ms > 0 => Some(Duration::from_millis(ms)),
-            _ => None,
-        };
+        let sessions = &self.shared.cfg.sessions;
+        let policy = (self.shared.park.is_some() && sessions.park_after_ms > 0).then(|| {
+            machine::ParkPolicy {
+                after: Duration::from_millis(sessions.park_after_ms),
+                chatty: Duration::from_millis(sessions.park_chatty_ms),
+            }
+        });
         loop {
             if self.shared.shutdown.is_cancelled() {
                 live.m.close(GoodbyeCode::ServerShutdown);
@@ -756,9 +759,9 @@ impl Session {
             }
             let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
             // Quiet with nothing in flight: park when the quiet lasts.
-            let park_at = park_after
+            let park_at = policy
                 .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable())
-                .map(|after| live.m.quiet_since() + after);
+                .map(|p| live.m.quiet_since() + live.m.park_after(p));
             if park_at.is_some_and(|at| at <= now) && !live.handle.commands_pending() {
                 return true;
             }

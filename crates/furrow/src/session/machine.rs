@@ -136,6 +136,22 @@ pub struct Machine {
     /// Since when the session has been quiet: its last frame, its start,
     /// or its last resumption from the parking lot.
     quiet_since: Instant,
+    /// When the device last sent a frame, if it has on this connection.
+    last_frame: Option<Instant>,
+    /// The time between the device's last two batches of frames: how
+    /// chatty it is (see [`Self::park_after`]).
+    gap: Option<Duration>,
+}
+
+/// When a session parks (`sessions.park_after_ms`, `park_chatty_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct ParkPolicy {
+    /// Quiet time before a session parks.
+    pub after: Duration,
+    /// A device whose last two frames came less than this apart is chatty:
+    /// it parks only after this long quiet, so that a device sending every
+    /// second keeps its task instead of paying a wake-up per message.
+    pub chatty: Duration,
 }
 
 /// A settled session's state while parked: only what outlives a quiet
@@ -149,6 +165,9 @@ pub struct Parked {
     sent_commands: Option<Box<[u64]>>,
     keepalive_period_ms: u32,
     deadline: Instant,
+    /// When the device last sent a frame, as ms before `deadline` plus
+    /// one (0: none on this connection), so its next frame's gap is known.
+    last_frame_ms: u32,
     /// A throttle that is not full again (usually none: a full one is
     /// made anew at resumption).
     throttle: Option<Box<Throttle>>,
@@ -193,6 +212,8 @@ impl Machine {
             draining: false,
             throttled: false,
             quiet_since: now,
+            last_frame: None,
+            gap: None,
         }
     }
 
@@ -216,6 +237,15 @@ impl Machine {
         self.quiet_since
     }
 
+    /// How long this session stays quiet before it parks: `policy.after`,
+    /// or `policy.chatty` for a device that sends more often than that.
+    pub fn park_after(&self, policy: ParkPolicy) -> Duration {
+        match self.gap {
+            Some(gap) if gap < policy.chatty => policy.chatty.max(policy.after),
+            _ => policy.after,
+        }
+    }
+
     /// Shrinks a [`Self::parkable`] session to what a quiet spell keeps.
     pub fn park(self, now: Instant) -> Parked {
         let (period, deadline) = self.keepalive.park();
@@ -229,6 +259,10 @@ impl Machine {
                 .then(|| self.sent_commands.into_boxed_slice()),
             keepalive_period_ms: u32::try_from(period.as_millis()).unwrap_or(u32::MAX),
             deadline,
+            last_frame_ms: self.last_frame.map_or(0, |at| {
+                let before = deadline.saturating_duration_since(at).as_millis();
+                u32::try_from(before).unwrap_or(u32::MAX - 1) + 1
+            }),
             throttle,
             frames_out: self.out.frames(),
         }
@@ -277,6 +311,11 @@ impl Machine {
             draining: false,
             throttled: false,
             quiet_since: now,
+            last_frame: p
+                .last_frame_ms
+                .checked_sub(1)
+                .and_then(|ms| p.deadline.checked_sub(Duration::from_millis(u64::from(ms)))),
+            gap: None,
         }
     }
 
@@ -379,6 +418,10 @@ impl Machine {
         };
         self.keepalive.frame_read(now);
         self.quiet_since = now;
+        if let Some(last) = self.last_frame {
+            self.gap = Some(now.saturating_duration_since(last));
+        }
+        self.last_frame = Some(now);
         if self.ticket > before {
             self.read_marks.push_back((self.ticket, now));
         }
@@ -546,5 +589,96 @@ impl Machine {
     /// TELEMETRY read but not yet acknowledged.
     pub fn outstanding(&self) -> usize {
         self.acks.outstanding()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use furrow_proto::{FrameDecoder, Message};
+
+    fn machine(now: Instant) -> Machine {
+        Machine::new(
+            Identity {
+                device_id: Arc::from("d"),
+                key: 1,
+                slot: Arc::new(DeviceSlot::default()),
+                cell: Arc::new(AckCell::default()),
+            },
+            Limits {
+                max_inflight: 4,
+                max_unsent: 1 << 16,
+            },
+            Duration::from_secs(45),
+            None,
+            Outbox::new(),
+            now,
+        )
+    }
+
+    fn ping(m: &mut Machine, now: Instant) {
+        let mut b = BytesMut::new();
+        Message::Ping { nonce: 1 }.encode(&mut b).unwrap();
+        let f = FrameDecoder::new(1024).decode(&mut b).unwrap().unwrap();
+        m.on_frame(f, 0);
+        m.end_batch(now);
+        m.out().bytes_mut().clear();
+    }
+
+    #[test]
+    fn a_chatty_device_parks_later_and_stays_chatty_across_a_park() {
+        let policy = ParkPolicy {
+            after: Duration::from_millis(250),
+            chatty: Duration::from_secs(2),
+        };
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        // No frame yet, then one frame: quiet devices park soon.
+        assert_eq!(m.park_after(policy), policy.after);
+        ping(&mut m, t0 + Duration::from_secs(1));
+        assert_eq!(m.park_after(policy), policy.after);
+        // Frames a second apart: chatty.
+        ping(&mut m, t0 + Duration::from_secs(2));
+        assert_eq!(m.park_after(policy), policy.chatty);
+        assert!(m.parkable());
+        // Parked and resumed: the next frame's gap counts from the last.
+        let p = m.park(t0 + Duration::from_millis(2500));
+        let cell = Arc::new(AckCell::default());
+        let limits = Limits {
+            max_inflight: 4,
+            max_unsent: 1 << 16,
+        };
+        let resumed = t0 + Duration::from_secs(3);
+        let mut m = Machine::unpark(p, Arc::from("d"), 1, cell, limits, None, resumed);
+        assert_eq!(m.quiet_since(), resumed);
+        ping(&mut m, t0 + Duration::from_millis(3500));
+        assert_eq!(
+            m.park_after(policy),
+            policy.chatty,
+            "1.5 s after the last frame"
+        );
+        // Frames 10 s apart: quiet again.
+        ping(&mut m, t0 + Duration::from_secs(16));
+        assert_eq!(m.park_after(policy), policy.after);
+    }
+
+    #[test]
+    fn a_session_with_anything_in_flight_does_not_park() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        let mut b = BytesMut::new();
+        furrow_proto::message::encode_telemetry(1, 0, 1, b"{}", &mut b).unwrap();
+        let f = FrameDecoder::new(1024).decode(&mut b).unwrap().unwrap();
+        m.on_frame(f, 0);
+        m.end_batch(t0);
+        assert!(!m.parkable(), "a reading not yet stored");
+        let job = m.take_job().expect("a job");
+        assert!(!m.parkable(), "stored but not ACKed");
+        m.on_commit(job.ticket);
+        m.advance(t0, true);
+        assert!(!m.parkable(), "the ACK not yet written");
+        m.out().bytes_mut().clear();
+        assert!(m.parkable());
     }
 }
