@@ -63,8 +63,11 @@ def wait_listening(port, proc, what):
 class Server:
     """A server on CPU 0: a Furrow gateway or a Mosquitto broker."""
 
-    def __init__(self, kind, sync="full", env=None):
+    def __init__(self, kind, sync="full", env=None, tls=None):
+        """`tls`: a directory from `furrow certs` (ca.pem, server.pem,
+        server.key): the devices connect over TLS."""
         self.kind = kind
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix="furrow-bench-")
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
@@ -73,13 +76,25 @@ class Server:
             env = dict(os.environ, RUST_LOG="warn", FURROW_STORAGE__SYNCHRONOUS=sync,
                        FURROW_API__LISTEN="127.0.0.1:0", **(env or {}))
             cmd = [FURROW, "serve", "--data-dir", self.dir, "--listen", self.addr]
+            if tls:
+                tls_port = free_port()
+                env.update(FURROW_TLS__CERT_FILE=os.path.join(tls, "server.pem"),
+                           FURROW_TLS__KEY_FILE=os.path.join(tls, "server.key"),
+                           FURROW_TLS__LISTEN=f"127.0.0.1:{tls_port}")
+                self.device_addr = f"127.0.0.1:{tls_port}"
         else:
             conf = os.path.join(self.dir, "mosquitto.conf")
             with open(conf, "w") as f:
                 f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                         "persistence false\nlog_dest stdout\n")
+                if tls:
+                    f.write(f"cafile {os.path.join(tls, 'ca.pem')}\n"
+                            f"certfile {os.path.join(tls, 'server.pem')}\n"
+                            f"keyfile {os.path.join(tls, 'server.key')}\n")
             env = dict(os.environ)
             cmd = [mosquitto(), "-c", conf]
+        if not tls or kind != "furrow":
+            self.device_addr = self.addr
         self.proc = subprocess.Popen(["taskset", "-c", "0"] + cmd, env=env,
                                      stdout=log, stderr=log)
         wait_listening(self.port, self.proc, kind)
@@ -104,8 +119,10 @@ def mosquitto():
 def bench(server, mode, *args):
     """Runs `furrow bench` on CPU 1 against `server`; returns its report."""
     out = os.path.join(server.dir, f"report-{random.getrandbits(32)}.json")
-    cmd = ["taskset", "-c", "1", FURROW, "bench", mode, "--addr", server.addr,
+    cmd = ["taskset", "-c", "1", FURROW, "bench", mode, "--addr", server.device_addr,
            "--server-pid", str(server.proc.pid), "--json", out, "--quiet"]
+    if server.tls:
+        cmd += ["--tls", "--tls-ca", os.path.join(server.tls, "ca.pem")]
     if server.kind == "furrow":
         cmd += ["--data-dir", server.dir, "--prefix", f"b{random.getrandbits(32)}-"]
     else:
@@ -119,8 +136,8 @@ def bench(server, mode, *args):
         return json.load(f)
 
 
-def one(kind, mode, *args, sync="full", env=None):
-    s = Server(kind, sync, env)
+def one(kind, mode, *args, sync="full", env=None, tls=None):
+    s = Server(kind, sync, env, tls)
     try:
         return bench(s, mode, *args)
     finally:
@@ -237,6 +254,33 @@ def main():
             mb = m["memory"]["bytes_per_connection"]
             md.append(f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
         md.append("\nGoal: no higher than Mosquitto's (issue 14: below 700 bytes).\n")
+
+        # The same over TLS (ECDSA P-256 from `furrow certs`), 5,000.
+        certs = tempfile.mkdtemp(prefix="furrow-certs-")
+        subprocess.run([FURROW, "certs", "ca", "--out", certs], check=True, capture_output=True)
+        subprocess.run([FURROW, "certs", "server", "--name", "localhost", "--out", certs],
+                       check=True, capture_output=True)
+        # Mosquitto started as root reads its files as user mosquitto:
+        # these throwaway test certificates are made readable.
+        os.chmod(certs, 0o755)
+        for name in os.listdir(certs):
+            os.chmod(os.path.join(certs, name), 0o644)
+        n = 2000 if opts.quick else 5000
+        f = one("furrow", "idle", "--devices", n, "--duration", 4, tls=certs)
+        off = one("furrow", "idle", "--devices", n, "--duration", 4, tls=certs,
+                  env={"FURROW_SESSIONS__PARK_AFTER_MS": "0"})
+        m = one("mosquitto", "idle", "--devices", n, "--duration", 4, tls=certs)
+        shutil.rmtree(certs, ignore_errors=True)
+        fb = f["memory"]["bytes_per_connection"]
+        ob = off["memory"]["bytes_per_connection"]
+        mb = m["memory"]["bytes_per_connection"]
+        md.append("Over TLS (rustls for Furrow, OpenSSL for Mosquitto; ECDSA P-256 from "
+                  "`furrow certs`):\n")
+        md.append("| TLS connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
+                  "| Furrow / Mosquitto |")
+        md.append("|---|---|---|---|---|")
+        md.append(f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+        md.append("\nGoal (issue 14): at most 3,000 bytes per TLS connection.\n")
 
     if want("quiet"):
         # f. a quiet fleet: every message wakes a parked session.
