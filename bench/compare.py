@@ -244,15 +244,17 @@ def main():
         md.append("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
                   "| Furrow / Mosquitto |")
         md.append("|---|---|---|---|---|")
-        for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
-            f = one("furrow", "idle", "--devices", n, "--duration", 4)
-            off = one("furrow", "idle", "--devices", n, "--duration", 4,
+        def idle_row(n, tls=None):
+            """Furrow parked, Furrow with parking off, Mosquitto: one row."""
+            f = one("furrow", "idle", "--devices", n, "--duration", 4, tls=tls)
+            off = one("furrow", "idle", "--devices", n, "--duration", 4, tls=tls,
                       env={"FURROW_SESSIONS__PARK_AFTER_MS": "0"})
-            m = one("mosquitto", "idle", "--devices", n, "--duration", 4)
-            fb = f["memory"]["bytes_per_connection"]
-            ob = off["memory"]["bytes_per_connection"]
-            mb = m["memory"]["bytes_per_connection"]
-            md.append(f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+            m = one("mosquitto", "idle", "--devices", n, "--duration", 4, tls=tls)
+            fb, ob, mb = (r["memory"]["bytes_per_connection"] for r in (f, off, m))
+            return f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |"
+
+        for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
+            md.append(idle_row(n))
         md.append("\nGoal: no higher than Mosquitto's (issue 14: below 700 bytes).\n")
 
         # The same over TLS (ECDSA P-256 from `furrow certs`), 5,000.
@@ -265,21 +267,14 @@ def main():
         os.chmod(certs, 0o755)
         for name in os.listdir(certs):
             os.chmod(os.path.join(certs, name), 0o644)
-        n = 2000 if opts.quick else 5000
-        f = one("furrow", "idle", "--devices", n, "--duration", 4, tls=certs)
-        off = one("furrow", "idle", "--devices", n, "--duration", 4, tls=certs,
-                  env={"FURROW_SESSIONS__PARK_AFTER_MS": "0"})
-        m = one("mosquitto", "idle", "--devices", n, "--duration", 4, tls=certs)
+        row = idle_row(2000 if opts.quick else 5000, tls=certs)
         shutil.rmtree(certs, ignore_errors=True)
-        fb = f["memory"]["bytes_per_connection"]
-        ob = off["memory"]["bytes_per_connection"]
-        mb = m["memory"]["bytes_per_connection"]
         md.append("Over TLS (rustls for Furrow, OpenSSL for Mosquitto; ECDSA P-256 from "
                   "`furrow certs`):\n")
         md.append("| TLS connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
                   "| Furrow / Mosquitto |")
         md.append("|---|---|---|---|---|")
-        md.append(f"| {n:,} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |")
+        md.append(row)
         md.append("\nGoal (issue 14): at most 3,000 bytes per TLS connection.\n")
 
     if want("quiet"):

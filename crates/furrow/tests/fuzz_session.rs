@@ -48,19 +48,11 @@ proptest! {
         hello_first in vec(prop_oneof![3 => Just(true), 1 => Just(false)], 1..=3),
         data in vec(any::<u8>(), 0..2048),
     ) {
-        let Some(mut input) = harness::input_from_bytes(&data) else {
-            return Ok(());
-        };
         // Random bytes seldom spell a good HELLO: most connections start
         // with one, so the cases reach the active session.
-        while input.conns.len() < hello_first.len() {
-            input.conns.push(harness::Conn { steps: Vec::new(), overlap_next: false });
-        }
-        for (conn, hello) in input.conns.iter_mut().zip(&hello_first) {
-            if *hello {
-                conn.steps.insert(0, harness::Step::Hello { keepalive_s: 0 });
-            }
-        }
+        let Some(input) = harness::input_with_hellos(&data, &hello_first) else {
+            return Ok(());
+        };
         harness::run_one(&input);
     }
 }

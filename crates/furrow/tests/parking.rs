@@ -51,19 +51,7 @@ struct Fleet {
 
 impl Fleet {
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.gw.api))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.gw.metric(&self.http, name).await
     }
 
     /// Waits (bounded) until at least `n` sessions are parked.

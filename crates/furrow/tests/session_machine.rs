@@ -563,17 +563,9 @@ proptest! {
         data in vec(any::<u8>(), 0..2048),
         seed in any::<u64>(),
     ) {
-        let Some(mut input) = harness::input_from_bytes(&data) else {
+        let Some(input) = harness::input_with_hellos(&data, &hello_first) else {
             return Ok(());
         };
-        while input.conns.len() < hello_first.len() {
-            input.conns.push(harness::Conn { steps: Vec::new(), overlap_next: false });
-        }
-        for (conn, hello) in input.conns.iter_mut().zip(&hello_first) {
-            if *hello {
-                conn.steps.insert(0, harness::Step::Hello { keepalive_s: 0 });
-            }
-        }
         run_seeded(&input, seed);
     }
 }

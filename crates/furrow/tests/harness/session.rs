@@ -999,6 +999,25 @@ pub fn health_check() {
     assert_eq!(panics_counted(), 0);
 }
 
+/// Random bytes as an input whose connections start with a good HELLO
+/// where `hello_first` says so (random bytes seldom spell one, so cases
+/// then reach the active session); `None` if the bytes make no input.
+pub fn input_with_hellos(data: &[u8], hello_first: &[bool]) -> Option<Input> {
+    let mut input = input_from_bytes(data)?;
+    while input.conns.len() < hello_first.len() {
+        input.conns.push(Conn {
+            steps: Vec::new(),
+            overlap_next: false,
+        });
+    }
+    for (conn, hello) in input.conns.iter_mut().zip(hello_first) {
+        if *hello {
+            conn.steps.insert(0, Step::Hello { keepalive_s: 0 });
+        }
+    }
+    Some(input)
+}
+
 /// Bytes as a fuzz input for `Input` (as libfuzzer-sys builds it).
 pub fn input_from_bytes(data: &[u8]) -> Option<Input> {
     use arbitrary::Unstructured;

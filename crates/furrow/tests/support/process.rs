@@ -87,8 +87,9 @@ impl GatewayProcess {
         }
     }
 
-    /// Its `furrow_connections_accepted_total`.
-    pub async fn accepted(&self, http: &reqwest::Client) -> u64 {
+    /// The sum of its metric samples whose line starts with `name` (all
+    /// label sets), 0 if none.
+    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> f64 {
         let text = http
             .get(format!("http://{}/metrics", self.api))
             .send()
@@ -98,8 +99,15 @@ impl GatewayProcess {
             .await
             .expect("metrics text");
         text.lines()
-            .find_map(|l| l.strip_prefix("furrow_connections_accepted_total "))
-            .map_or(0, |v| v.trim().parse().expect("a counter"))
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Its `furrow_connections_accepted_total`.
+    pub async fn accepted(&self, http: &reqwest::Client) -> u64 {
+        self.metric(http, "furrow_connections_accepted_total ")
+            .await as u64
     }
 
     /// Waits (bounded) for the process to exit by itself.
