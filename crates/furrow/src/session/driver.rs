@@ -1054,13 +1054,16 @@ impl Session {
             token: self.shared.tracker.token(),
         };
         let stream = mio::net::TcpStream::from_std(std_stream);
-        match lot.park(id, stream, deadline, parked) {
-            Ok(key) => {
-                cell.set_parked(Some(Parking {
-                    lot: Arc::clone(&lot) as Arc<dyn Unpark>,
-                    key,
-                    id,
-                }));
+        let unpark: Arc<dyn Unpark> = Arc::clone(&lot) as Arc<dyn Unpark>;
+        let parked_at = |key| {
+            cell.set_parked(Some(Parking {
+                lot: unpark,
+                key,
+                id,
+            }))
+        };
+        match lot.park(id, stream, deadline, parked, parked_at) {
+            Ok(()) => {
                 // A wake-up between the last look and now found no lot:
                 // look once more.
                 if self.shared.shutdown.is_cancelled()

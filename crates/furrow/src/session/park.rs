@@ -118,16 +118,18 @@ impl<S: Send + 'static> Lot<S> {
     }
 
     /// Parks connection `id`'s session until its socket is readable,
-    /// `deadline` passes, or it is unparked. Returns its key for
-    /// [`Unpark::unpark`], or gives everything back if the lot cannot take
-    /// it (stopping, or the epoll refused the socket).
+    /// `deadline` passes, or it is unparked. `parked` gets its key for
+    /// [`Unpark::unpark`] before the session can be woken (the lot's lock
+    /// is held), so no wake-up can overtake it. Gives everything back if
+    /// the lot cannot take it (stopping, or the epoll refused the socket).
     pub fn park(
         &self,
         id: u64,
         mut stream: TcpStream,
         deadline: Instant,
         session: S,
-    ) -> Result<usize, (TcpStream, S)> {
+        parked: impl FnOnce(usize),
+    ) -> Result<(), (TcpStream, S)> {
         let mut st = self.state();
         if st.stopping {
             return Err((stream, session));
@@ -149,6 +151,7 @@ impl<S: Send + 'static> Lot<S> {
         });
         st.deadlines.insert((deadline, key));
         let first = st.deadlines.first().is_some_and(|d| d.1 == key);
+        parked(key);
         drop(st);
         metrics::gauge!("furrow_sessions_parked").increment(1.0);
         metrics::counter!("furrow_session_parks_total").increment(1);
@@ -156,7 +159,7 @@ impl<S: Send + 'static> Lot<S> {
             // The thread may be sleeping until a later deadline.
             let _ = self.waker.wake();
         }
-        Ok(key)
+        Ok(())
     }
 
     /// Resumes every parked session (shutdown) and refuses new ones; the
@@ -302,20 +305,25 @@ mod tests {
         let wait = Duration::from_secs(5);
         // Readable.
         let (mut c1, s1) = pair();
-        lot.park(1, s1, Instant::now() + LATER, 1).ok().unwrap();
+        lot.park(1, s1, Instant::now() + LATER, 1, |_| {})
+            .ok()
+            .unwrap();
         c1.write_all(b"x").unwrap();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Readable));
         // Deadline.
         let (_c2, s2) = pair();
         let t = Instant::now();
-        lot.park(2, s2, t + Duration::from_millis(50), 2)
+        lot.park(2, s2, t + Duration::from_millis(50), 2, |_| {})
             .ok()
             .unwrap();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (2, Wake::Deadline));
         assert!(t.elapsed() >= Duration::from_millis(50));
         // Called; a stale call (wrong id) does nothing.
         let (_c3, s3) = pair();
-        let key = lot.park(3, s3, Instant::now() + LATER, 3).ok().unwrap();
+        let mut key = usize::MAX;
+        lot.park(3, s3, Instant::now() + LATER, 3, |k| key = k)
+            .ok()
+            .unwrap();
         lot.unpark(key, 99);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         lot.unpark(key, 3);
@@ -324,11 +332,13 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         // Stop resumes the rest and refuses new ones.
         let (_c4, s4) = pair();
-        lot.park(4, s4, Instant::now() + LATER, 4).ok().unwrap();
+        lot.park(4, s4, Instant::now() + LATER, 4, |_| {})
+            .ok()
+            .unwrap();
         lot.stop();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (4, Wake::Stop));
         let (_c5, s5) = pair();
-        assert!(lot.park(5, s5, Instant::now() + LATER, 5).is_err());
+        assert!(lot.park(5, s5, Instant::now() + LATER, 5, |_| {}).is_err());
         assert!(lot.is_empty());
     }
 }
