@@ -50,10 +50,20 @@ enum Exit {
 /// registry and the writer.
 struct Live {
     m: Machine,
-    handle: SessionHandle,
-    cell: Arc<AckCell>,
     // Keeps the registry entry exactly as long as the session lives.
-    _guard: DeviceGuard,
+    guard: DeviceGuard,
+}
+
+impl Live {
+    /// The registry's handle: kicks, command wake-ups, last seen.
+    fn handle(&self) -> &SessionHandle {
+        &self.guard.handle
+    }
+
+    /// The session's one wake-up (commits, kicks, commands).
+    fn cell(&self) -> Arc<AckCell> {
+        Arc::clone(self.guard.handle.cell())
+    }
 }
 
 /// Releases the device from the registry and signals a waiting successor,
@@ -603,12 +613,7 @@ impl Session {
             std::mem::take(&mut self.out),
             now,
         );
-        Phase::Active(Box::new(Live {
-            m,
-            handle,
-            cell,
-            _guard: guard,
-        }))
+        Phase::Active(Box::new(Live { m, guard }))
     }
 
     /// Ends a failed handshake: count, ERROR, close.
@@ -669,23 +674,23 @@ impl Session {
         }
         if live.m.end_batch(now) {
             if let Some(ms) = wall {
-                live.handle.seen(ms);
+                live.handle().seen(ms);
             }
         }
         self.run_effects(&mut live.m);
     }
 
     /// Hands the machine's job to the writer if its queue has room.
-    fn submit(&self, m: &mut Machine) {
+    /// Returns false if the writer is gone.
+    fn submit(&self, m: &mut Machine) -> bool {
         if let Some(job) = m.take_job() {
             match self.shared.writer.try_send(job) {
                 Ok(()) => {}
                 Err(tokio::sync::mpsc::error::TrySendError::Full(job)) => m.defer_job(job),
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                    m.fail(Fatal(ErrorCode::Internal, "storage writer stopped".into()))
-                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
+        true
     }
 
     /// Active: the main loop, until the machine ends (false) or the
@@ -696,7 +701,7 @@ impl Session {
     /// one readiness wait, one timer. The rarer waits (room in the writer
     /// queue, the store's open commands) are boxed futures of their own.
     async fn active(&mut self, live: &mut Live) -> bool {
-        let cell = Arc::clone(&live.cell);
+        let cell = live.cell();
         let sessions = &self.shared.cfg.sessions;
         let policy = (self.shared.park.is_some() && sessions.park_after_ms > 0).then(|| {
             machine::ParkPolicy {
@@ -709,11 +714,11 @@ impl Session {
                 live.m.close(GoodbyeCode::ServerShutdown);
                 return false;
             }
-            if let Some(code) = live.handle.kicked() {
+            if let Some(code) = live.handle().kicked() {
                 live.m.close(code);
                 return false;
             }
-            if live.handle.take_commands() {
+            if live.handle().take_commands() {
                 Box::pin(self.send_commands(live)).await;
             }
             // Free what commits resolved before taking more frames, so that
@@ -725,8 +730,9 @@ impl Session {
             if live.m.ended().is_some() {
                 return false;
             }
-            self.submit(&mut live.m);
-            if live.m.ended().is_some() {
+            if !self.submit(&mut live.m) {
+                live.m
+                    .fail(Fatal(ErrorCode::Internal, "storage writer stopped".into()));
                 return false;
             }
             // Rejects and duplicates may resolve at once.
@@ -762,7 +768,7 @@ impl Session {
             let park_at = policy
                 .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable())
                 .map(|p| live.m.quiet_since() + live.m.park_after(p));
-            if park_at.is_some_and(|at| at <= now) && !live.handle.commands_pending() {
+            if park_at.is_some_and(|at| at <= now) && !live.handle().commands_pending() {
                 return true;
             }
             let wake_at = match (live.m.wake_at(can_read, now), park_at) {
@@ -797,7 +803,7 @@ impl Session {
             Ok(open) => live.m.commands_due(open),
             Err(e) => {
                 warn!(device = %live.m.device_id(), error = %e, "cannot read commands; retrying at the next wake-up");
-                live.handle.notify_commands();
+                live.handle().notify_commands();
             }
         }
         self.run_effects(&mut live.m);
@@ -807,7 +813,7 @@ impl Session {
     /// meanwhile sending ACKs for commits and waking for kicks. Returns
     /// false if the writer is gone.
     async fn wait_for_writer(&mut self, live: &mut Live) -> bool {
-        let cell = Arc::clone(&live.cell);
+        let cell = live.cell();
         let writer = self.shared.writer.clone();
         let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
         tokio::select! {
@@ -829,16 +835,12 @@ impl Session {
     async fn settle(&mut self, live: &mut Live, mut ack: bool) -> bool {
         let shutdown = self.shared.shutdown.clone();
         let drain = Duration::from_millis(self.shared.cfg.shutdown.drain_timeout_ms);
-        let cell = Arc::clone(&live.cell);
+        let cell = live.cell();
         let writer = self.shared.writer.clone();
         let mut deadline: Option<Instant> = None;
         loop {
-            if let Some(job) = live.m.take_job() {
-                match writer.try_send(job) {
-                    Ok(()) => {}
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(job)) => live.m.defer_job(job),
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
-                }
+            if !self.submit(&mut live.m) {
+                return false;
             }
             live.m.on_commit(cell.committed());
             live.m.advance(Instant::now(), ack);
@@ -996,12 +998,7 @@ fn resume(
     let age = Duration::from_millis(now_ms().saturating_sub(info.connected_ms));
     let span =
         tracing::debug_span!("conn", id = conn_id, peer = %info.peer, device = %guard.device_id);
-    let live = Box::new(Live {
-        m,
-        handle: guard.handle.clone(),
-        cell,
-        _guard: guard,
-    });
+    let live = Box::new(Live { m, guard });
     let session = Session {
         conn: Connection::from_parts(stream, conn),
         out: Outbox::new(),
@@ -1023,12 +1020,10 @@ impl Session {
         let Some(lot) = self.shared.park.clone() else {
             return;
         };
-        let Live {
-            m,
-            handle,
-            cell,
-            _guard: guard,
-        } = *live;
+        let Live { m, guard } = *live;
+        // Kept past the move into the record: to look once more after.
+        let handle = guard.handle.clone();
+        let cell = Arc::clone(handle.cell());
         let (stream, conn) = self.conn.into_parts();
         let std_stream = match stream.into_std() {
             Ok(s) => s,

@@ -281,42 +281,34 @@ impl Machine {
         now: Instant,
     ) -> Self {
         let period = Duration::from_millis(u64::from(p.keepalive_period_ms));
-        Self {
-            id: Identity {
-                device_id,
-                key,
-                slot: p.slot,
-                cell,
-            },
+        let id = Identity {
+            device_id,
+            key,
+            slot: p.slot,
+            cell,
+        };
+        let throttle = match p.throttle {
+            Some(t) => Some(*t),
+            None => fresh_throttle,
+        };
+        let mut m = Self::new(
+            id,
             limits,
-            acks: AckTracker::new(),
-            // Everything up to the last ticket was committed before parking.
-            committed: p.ticket,
-            staged: Vec::new(),
-            staged_reject: 0,
-            ticket: p.ticket,
-            mark_ticket: 0,
-            pending_job: None,
-            sent_commands: p.sent_commands.map(Vec::from).unwrap_or_default(),
-            read_marks: VecDeque::new(),
-            batch: None,
-            out: Outbox::resumed(p.frames_out),
-            keepalive: Keepalive::resume(period, p.deadline),
-            throttle: match p.throttle {
-                Some(t) => Some(*t),
-                None => fresh_throttle,
-            },
-            effects: Vec::new(),
-            end: None,
-            draining: false,
-            throttled: false,
-            quiet_since: now,
-            last_frame: p
-                .last_frame_ms
-                .checked_sub(1)
-                .and_then(|ms| p.deadline.checked_sub(Duration::from_millis(u64::from(ms)))),
-            gap: None,
-        }
+            period,
+            throttle,
+            Outbox::resumed(p.frames_out),
+            now,
+        );
+        // Everything up to the last ticket was committed before parking.
+        m.ticket = p.ticket;
+        m.committed = p.ticket;
+        m.sent_commands = p.sent_commands.map(Vec::from).unwrap_or_default();
+        m.keepalive = Keepalive::resume(period, p.deadline);
+        m.last_frame = p
+            .last_frame_ms
+            .checked_sub(1)
+            .and_then(|ms| p.deadline.checked_sub(Duration::from_millis(u64::from(ms))));
+        m
     }
 
     /// The device id.
