@@ -311,12 +311,17 @@ impl Session<'_> {
         // After the storm a device sends at once, as a reconnecting device
         // flushes what it queued: "back" is then the reconnection, not the
         // wait for the next tick.
-        let first = match self.storm.pending {
+        let mut first = match self.storm.pending {
             Some(_) => Instant::now(),
             None => Instant::now() + period.mul_f64(rand::thread_rng().gen_range(0.0..1.0)),
         };
         let wake = period.max(Duration::from_millis(1));
         let mut tick = tokio::time::interval_at(first.into(), wake);
+        // A device connected before the run began starts its grid when the
+        // run does: counted from its connection, the first tick of the run
+        // would owe every period since, and a fleet that took 20 s to
+        // connect would open with a burst of two messages per device.
+        let mut anchored = *phase.borrow() != Phase::Connect;
         // A late tick keeps the device on its own grid (`first` + k x
         // period). With `Delay` a late tick moved the grid to when the
         // generator got round to it, so every device whose tick fell
@@ -332,6 +337,12 @@ impl Session<'_> {
                 return Ok(end);
             }
             sending = now_phase != Phase::Connect && args.mode != Mode::Idle;
+            if sending && !anchored {
+                anchored = true;
+                first = Instant::now() + period.mul_f64(rand::thread_rng().gen_range(0.0..1.0));
+                tick = tokio::time::interval_at(first.into(), wake);
+                tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            }
             if sending && flat {
                 let now = Instant::now();
                 let mut n = 0;

@@ -269,7 +269,8 @@ pub struct Storage {
     /// stops taking telemetry (devices stay connected and are slowed down
     /// by flow control; nothing is dropped) until space returns.
     pub min_free_bytes: u64,
-    /// PostgreSQL only: connections in the pool.
+    /// PostgreSQL only: connections in the pool (the telemetry writer has
+    /// one more of its own, so that lookups never hold commits up).
     pub pool_size: usize,
     /// PostgreSQL only: how long to wait for a connection before a call
     /// fails (and is retried, for commits).

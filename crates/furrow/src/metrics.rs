@@ -100,6 +100,10 @@ fn describe() {
         "Store commit time."
     );
     describe_histogram!("furrow_store_batch_rows", "Rows per store commit.");
+    describe_histogram!(
+        "furrow_store_handshake_batch_rows",
+        "Handshakes answered by one batched PostgreSQL lookup or claim."
+    );
     describe_gauge!(
         "furrow_writer_queue_depth",
         "Jobs waiting for the storage writer."

@@ -266,3 +266,89 @@ async fn a_revocation_through_one_instance_disconnects_the_device_on_another() {
         other => panic!("expected GOODBYE DEVICE_REVOKED, got {other:?}"),
     }
 }
+
+/// A fleet reconnecting at once: the handshakes' lookups and claims are
+/// answered in batches (`store/postgres/batch.rs`), and every device still
+/// gets its own exact `last_seq` and the commands queued while it was
+/// away, including devices that connect twice in the same instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
+    const DEVICES: usize = 200;
+    const TWICE: usize = 20;
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let a = instance(&url, "gw-a").await;
+    let mut tokens = Vec::new();
+    for i in 0..DEVICES {
+        tokens.push(a.add_device(&format!("burst-{i}")).await);
+    }
+    // Stored readings for every other device, a different count each.
+    let stored = |i: usize| if i % 2 == 0 { (i % 7 + 1) as u64 } else { 0 };
+    for (i, token) in tokens.iter().enumerate() {
+        let n = stored(i);
+        if n == 0 {
+            continue;
+        }
+        let (mut dev, _) = a.connect_device(&format!("burst-{i}"), token).await;
+        dev.telemetry_batch(1..=n).await;
+        let mut acked = 0;
+        while acked < n {
+            match dev.recv().await {
+                Some(furrow_proto::Message::Ack { seq }) => acked = seq,
+                other => panic!("expected ACK, got {other:?}"),
+            }
+        }
+    }
+    for i in 0..DEVICES {
+        a.wait_offline(&format!("burst-{i}")).await;
+    }
+    // A command queued for every fifth device (not one that connects twice:
+    // which of its connections is told is a race).
+    let commanded = |i: usize| i % 5 == 0 && i >= TWICE;
+    for i in (0..DEVICES).filter(|&i| commanded(i)) {
+        post(
+            &a,
+            &format!("/v1/devices/burst-{i}/commands"),
+            json!({"name": format!("wake-{i}"), "payload": {}}),
+        )
+        .await;
+    }
+
+    // All at once, the first TWICE devices on two connections each.
+    let addr = a.addr();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        for _ in 0..if i < TWICE { 2 } else { 1 } {
+            let token = token.clone();
+            tasks.spawn(async move {
+                let mut dev = RawDevice::connect(addr).await;
+                let w = dev.hello(&format!("burst-{i}"), &token, 0).await;
+                let command = if commanded(i) {
+                    match dev.recv_within(Duration::from_secs(10)).await {
+                        Some(furrow_proto::Message::Command(c)) => Some(c.name.to_string()),
+                        other => panic!("device {i}: expected its queued COMMAND, got {other:?}"),
+                    }
+                } else {
+                    None
+                };
+                (i, w.last_seq, command, dev)
+            });
+        }
+    }
+    let mut welcomed = 0;
+    let mut devices = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (i, last_seq, command, dev) = r.expect("device task");
+        assert_eq!(last_seq, stored(i), "device {i}: last_seq");
+        if commanded(i) {
+            assert_eq!(command.as_deref(), Some(format!("wake-{i}").as_str()));
+        }
+        welcomed += 1;
+        devices.push(dev);
+    }
+    assert_eq!(welcomed, DEVICES + TWICE);
+    // Each device ends up held once, by this instance.
+    for i in [0, TWICE - 1, TWICE, DEVICES - 1] {
+        until_held_by(&a, &format!("burst-{i}"), "gw-a").await;
+    }
+}

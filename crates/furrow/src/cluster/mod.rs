@@ -34,7 +34,7 @@ use std::sync::Arc;
 mod postgres;
 
 use crate::registry::SessionHandle;
-use crate::store::{DeviceKey, StoreError};
+use crate::store::{CommandRecord, DeviceKey, DeviceSeqs, StoreError};
 
 /// What [`application_name`] puts before the instance.
 const APP_PREFIX: &str = "furrow/";
@@ -59,6 +59,29 @@ pub struct Displaced {
     pub instance: String,
     /// Its generation.
     pub generation: u64,
+}
+
+/// What recording a claim found, and what it read in the same round trip.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The session on another instance that this claim displaced, if it
+    /// is still alive there.
+    pub displaced: Option<Displaced>,
+    /// The device's watermarks and open commands as they stood once the
+    /// claim was committed; `None` when the store is to be asked (one
+    /// instance alone, where the store is in-process).
+    pub reads: Option<ClaimReads>,
+}
+
+/// The reads a handshake needs after its claim, pipelined behind it on
+/// PostgreSQL: a handshake is then two round trips (the device lookup;
+/// the claim with these), not four.
+#[derive(Debug)]
+pub struct ClaimReads {
+    /// The device's stored and rejected watermarks.
+    pub seqs: DeviceSeqs,
+    /// Its queued and delivered commands, oldest first.
+    pub commands: Vec<CommandRecord>,
 }
 
 /// Where a device is connected, as recorded.
@@ -111,7 +134,9 @@ impl Cluster {
 
     /// Records that `handle` (this instance) now holds device `key`, and
     /// sets the handle's generation. Returns the session on another
-    /// instance that this displaced, if it is still alive there.
+    /// instance that this displaced, if it is still alive there, and (on
+    /// PostgreSQL) the device's watermarks and open commands read just
+    /// after the claim committed.
     #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub async fn claim(
         &self,
@@ -119,12 +144,12 @@ impl Cluster {
         handle: &SessionHandle,
         peer: SocketAddr,
         connected_ms: u64,
-    ) -> Result<Option<Displaced>, StoreError> {
+    ) -> Result<Claim, StoreError> {
         #[cfg(feature = "postgres")]
         if let Some(inner) = &self.inner {
             return inner.claim(key, handle, peer, connected_ms).await;
         }
-        Ok(None)
+        Ok(Claim::default())
     }
 
     /// Tells the displaced session's instance to close it, and waits

@@ -7,19 +7,22 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deadpool_postgres::Pool;
 use furrow_proto::GoodbyeCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Displaced, Holder, APP_PREFIX};
+use super::{Claim, ClaimReads, Displaced, Holder, APP_PREFIX};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::registry::{Registry, SessionHandle};
-use crate::store::postgres::pool_err;
+use crate::store::postgres::batch::Batcher;
+use crate::store::postgres::{open_commands_of, pool_err, seqs_of};
 use crate::store::{DeviceKey, PostgresStore, StoreError};
 
 /// The notification channel.
@@ -47,6 +50,8 @@ pub(super) struct Inner {
     heartbeat: Duration,
     instance_timeout: Duration,
     remote_wait: Duration,
+    /// Handshakes' claims, batched.
+    claims: Batcher<ClaimRequest, Claimed>,
     /// New sessions waiting for a displaced one elsewhere to release.
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<()>>>,
     /// Release tasks in flight (waited for at shutdown).
@@ -65,7 +70,15 @@ impl Inner {
         cfg: &Config,
         registry: Arc<Registry>,
     ) -> Result<Arc<Self>, StoreError> {
+        let instance_timeout = Duration::from_millis(cfg.sessions.instance_timeout_ms);
+        let claims = {
+            let (pool, instance) = (store.pool().clone(), Arc::<str>::from(cfg.instance()));
+            Batcher::start(2, move |reqs| {
+                claim_batch(pool.clone(), Arc::clone(&instance), instance_timeout, reqs)
+            })
+        };
         let inner = Arc::new(Inner {
+            claims,
             store,
             instance: cfg.instance(),
             registry,
@@ -84,66 +97,29 @@ impl Inner {
 
     /// Records that `handle` (this instance) now holds device `key`, and
     /// sets the handle's generation. Returns the session on another
-    /// instance that this displaced, if it is still alive there.
+    /// instance that this displaced, if it is still alive there, and the
+    /// device's watermarks and open commands as they stood once the claim
+    /// was committed. Claims that arrive together share statements
+    /// ([`claim_batch`]).
     pub(super) async fn claim(
         &self,
         key: DeviceKey,
         handle: &SessionHandle,
         peer: SocketAddr,
         connected_ms: u64,
-    ) -> Result<Option<Displaced>, StoreError> {
-        let client = self.store.pool().get().await.map_err(pool_err)?;
-        // The old row is read in the same statement that replaces it (the
-        // CTE sees the row as it was when the statement began; FOR UPDATE
-        // there would skip it, as this statement updates it). The old
-        // holder counts as alive while its heartbeat is fresh and it has a
-        // connection to the database (a killed instance has none within
-        // milliseconds). Two instances claiming one device in the same
-        // instant may both see the same predecessor; the generations still
-        // order them.
-        let stmt = client
-            .prepare_cached(
-                "WITH prev AS (
-                     SELECT s.instance_id, s.generation, i.heartbeat_ms >= $5
-                         AND s.instance_id <> $2
-                         AND EXISTS (SELECT 1 FROM pg_stat_activity a
-                                     WHERE a.application_name = $6 || s.instance_id) AS alive
-                     FROM sessions s LEFT JOIN instances i ON i.instance_id = s.instance_id
-                     WHERE s.device = $1)
-                 INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
-                 VALUES ($1, $2, nextval('session_generation'), $3, $4)
-                 ON CONFLICT (device) DO UPDATE SET instance_id = EXCLUDED.instance_id,
-                     generation = EXCLUDED.generation, peer = EXCLUDED.peer,
-                     connected_ms = EXCLUDED.connected_ms
-                 RETURNING generation, (SELECT instance_id FROM prev),
-                     (SELECT generation FROM prev), (SELECT alive FROM prev)",
-            )
+    ) -> Result<Claim, StoreError> {
+        let c = self
+            .claims
+            .call(ClaimRequest {
+                key,
+                peer: peer.to_string(),
+                connected_ms,
+            })
             .await?;
-        let alive_after = now_ms().saturating_sub(self.instance_timeout.as_millis() as u64);
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &key,
-                    &self.instance,
-                    &peer.to_string(),
-                    &i(connected_ms),
-                    &i(alive_after),
-                    &APP_PREFIX,
-                ],
-            )
-            .await?;
-        let generation = row.try_get::<_, i64>(0)? as u64;
-        handle.set_generation(generation);
-        let prev_instance: Option<String> = row.try_get(1)?;
-        let prev_gen: Option<i64> = row.try_get(2)?;
-        let alive: Option<bool> = row.try_get(3)?;
-        Ok(match (prev_instance, prev_gen, alive) {
-            (Some(instance), Some(g), Some(true)) => Some(Displaced {
-                instance,
-                generation: g as u64,
-            }),
-            _ => None,
+        handle.set_generation(c.generation);
+        Ok(Claim {
+            displaced: c.displaced,
+            reads: Some(c.reads),
         })
     }
 
@@ -620,4 +596,127 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// One handshake's claim, as the batch takes it.
+struct ClaimRequest {
+    key: DeviceKey,
+    peer: String,
+    connected_ms: u64,
+}
+
+/// One claim's outcome.
+struct Claimed {
+    generation: u64,
+    displaced: Option<Displaced>,
+    reads: ClaimReads,
+}
+
+/// Records a batch of claims for `instance` in one statement, then reads
+/// the devices' watermarks and open commands in two more, all three in one
+/// round trip: tokio-postgres sends each query when its future is first
+/// polled, and `try_join!` polls them in order. Each statement is its own
+/// implicit transaction, so the reads run after the claims have committed:
+/// a command created from then on finds this instance as the holder and
+/// wakes the session. A device claimed twice in one batch (a device
+/// reconnecting at once) is claimed in a second round, after the first.
+async fn claim_batch(
+    pool: Pool,
+    instance: Arc<str>,
+    instance_timeout: Duration,
+    reqs: Vec<ClaimRequest>,
+) -> Result<Vec<Claimed>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    // The old rows are read in the same statement that replaces them (the
+    // CTE sees them as they were when the statement began; FOR UPDATE
+    // there would skip them, as this statement updates them). An old
+    // holder counts as alive while its heartbeat is fresh and it has a
+    // connection to the database (a killed instance has none within
+    // milliseconds). Two instances claiming one device in the same
+    // instant may both see the same predecessor; the generations still
+    // order them.
+    let stmt = client
+        .prepare_cached(
+            "WITH req AS (
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[])
+                     AS r(device, peer, connected_ms)),
+             prev AS (
+                 SELECT s.device, s.instance_id, s.generation, i.heartbeat_ms >= $4
+                     AND s.instance_id <> $5
+                     AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                 WHERE a.application_name = $6 || s.instance_id) AS alive
+                 FROM sessions s LEFT JOIN instances i ON i.instance_id = s.instance_id
+                 WHERE s.device IN (SELECT device FROM req)),
+             ins AS (
+                 INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
+                 SELECT device, $5, nextval('session_generation'), peer, connected_ms FROM req
+                 ON CONFLICT (device) DO UPDATE SET instance_id = EXCLUDED.instance_id,
+                     generation = EXCLUDED.generation, peer = EXCLUDED.peer,
+                     connected_ms = EXCLUDED.connected_ms
+                 RETURNING device, generation)
+             SELECT ins.device, ins.generation, prev.instance_id, prev.generation, prev.alive
+             FROM ins LEFT JOIN prev ON prev.device = ins.device",
+        )
+        .await?;
+    let alive_after = i(now_ms().saturating_sub(instance_timeout.as_millis() as u64));
+    let instance: &str = &instance;
+    // Rounds of distinct devices: one statement may not claim a row twice.
+    let mut round_of = Vec::with_capacity(reqs.len());
+    let mut seen: HashMap<DeviceKey, usize> = HashMap::with_capacity(reqs.len());
+    for r in &reqs {
+        let n = seen.entry(r.key).or_insert(0);
+        round_of.push(*n);
+        *n += 1;
+    }
+    let rounds = seen.values().copied().max().unwrap_or(0);
+    let mut out: Vec<Option<Claimed>> = (0..reqs.len()).map(|_| None).collect();
+    for round in 0..rounds {
+        let idx: Vec<usize> = (0..reqs.len()).filter(|&k| round_of[k] == round).collect();
+        let keys: Vec<DeviceKey> = idx.iter().map(|&k| reqs[k].key).collect();
+        let peers: Vec<&str> = idx.iter().map(|&k| reqs[k].peer.as_str()).collect();
+        let at: Vec<i64> = idx.iter().map(|&k| i(reqs[k].connected_ms)).collect();
+        let (rows, mut seqs, mut commands) = tokio::try_join!(
+            async {
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&keys, &peers, &at, &alive_after, &instance, &APP_PREFIX];
+                Ok::<_, StoreError>(client.query(&stmt, &params).await?)
+            },
+            seqs_of(&client, &keys),
+            open_commands_of(&client, &keys),
+        )?;
+        let mut claimed: HashMap<DeviceKey, (u64, Option<Displaced>)> =
+            HashMap::with_capacity(rows.len());
+        for row in rows {
+            let prev_instance: Option<String> = row.try_get(2)?;
+            let prev_gen: Option<i64> = row.try_get(3)?;
+            let alive: Option<bool> = row.try_get(4)?;
+            let displaced = match (prev_instance, prev_gen, alive) {
+                (Some(instance), Some(g), Some(true)) => Some(Displaced {
+                    instance,
+                    generation: g as u64,
+                }),
+                _ => None,
+            };
+            claimed.insert(
+                row.try_get(0)?,
+                (row.try_get::<_, i64>(1)? as u64, displaced),
+            );
+        }
+        for (&k, key) in idx.iter().zip(&keys) {
+            let (generation, displaced) = claimed
+                .remove(key)
+                .ok_or_else(|| StoreError::Task(format!("no claim recorded for device {key}")))?;
+            out[k] = Some(Claimed {
+                generation,
+                displaced,
+                reads: ClaimReads {
+                    seqs: seqs.remove(key).unwrap_or_default(),
+                    commands: commands.remove(key).unwrap_or_default(),
+                },
+            });
+        }
+    }
+    out.into_iter()
+        .map(|c| c.ok_or_else(|| StoreError::Task("a claim was left unanswered".into())))
+        .collect()
 }

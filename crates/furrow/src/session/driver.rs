@@ -22,6 +22,7 @@ use super::outbox::Outbox;
 use super::park::{Lot, Unpark, Wake};
 use super::{CloseReason, Shared};
 use crate::clock::now_ms;
+use crate::cluster::Claim;
 use crate::connection::{self, Connection};
 use crate::limits::ConnPermit;
 use crate::registry::SessionHandle;
@@ -555,13 +556,22 @@ impl Session {
         }
         // Across instances: record the claim; a session displaced on
         // another instance is told to close, and waited for (bounded).
+        // The claim may bring the open commands along: the flag is taken
+        // first, so an announcement from now on is not lost.
+        handle.take_commands();
         let cluster = self.shared.cluster.clone();
-        match cluster
+        let reads = match cluster
             .claim(found.key, &handle, self.peer, handle.info().connected_ms)
             .await
         {
-            Ok(None) => {}
-            Ok(Some(displaced)) => {
+            Ok(Claim {
+                displaced: None,
+                reads,
+            }) => reads,
+            Ok(Claim {
+                displaced: Some(displaced),
+                ..
+            }) => {
                 metrics::counter!("furrow_session_takeovers_total").increment(1);
                 if !cluster
                     .take_over(&device_id, handle.generation(), &displaced)
@@ -570,19 +580,28 @@ impl Session {
                     warn!(peer = %self.peer, device = %device_id, instance = %displaced.instance,
                         "the session on the other instance did not release in time; continuing");
                 }
+                // What the claim read predates the other session's last
+                // commit: read again.
+                None
             }
             Err(e) => {
                 storage_failed(self.peer, &device_id, &e, "cannot record the session");
                 let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
                 return self.closed_by(f, "storage_unavailable").await;
             }
-        }
-        let seqs = match store.device_seqs(found.key).await {
-            Ok(s) => s,
-            Err(e) => {
-                storage_failed(self.peer, &device_id, &e, "last_seq lookup failed");
-                let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
-                return self.closed_by(f, "storage_unavailable").await;
+        };
+        let (seqs, commands) = match reads {
+            Some(r) => (r.seqs, Some(r.commands)),
+            None => {
+                handle.notify_commands();
+                match store.device_seqs(found.key).await {
+                    Ok(s) => (s, None),
+                    Err(e) => {
+                        storage_failed(self.peer, &device_id, &e, "last_seq lookup failed");
+                        let f = Fatal(ErrorCode::Busy, "storage unavailable; retry later".into());
+                        return self.closed_by(f, "storage_unavailable").await;
+                    }
+                }
             }
         };
         storage_answers();
@@ -613,7 +632,12 @@ impl Session {
             std::mem::take(&mut self.out),
             now,
         );
-        Phase::Active(Box::new(Live { m, guard }))
+        let mut live = Box::new(Live { m, guard });
+        if let Some(open) = commands {
+            live.m.commands_due(open);
+            self.run_effects(&mut live.m);
+        }
+        Phase::Active(live)
     }
 
     /// Ends a failed handshake: count, ERROR, close.

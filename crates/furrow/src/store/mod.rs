@@ -320,6 +320,9 @@ pub enum StoreError {
     /// No database connection could be had in time.
     #[error("postgres pool: {0}")]
     Pool(String),
+    /// A batched statement failed, and with it every request in the batch.
+    #[error("{0}")]
+    Batch(std::sync::Arc<StoreError>),
     /// The database URL or settings are unusable.
     #[error("database settings: {0}")]
     Config(String),

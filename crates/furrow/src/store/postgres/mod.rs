@@ -15,6 +15,7 @@
 //! database was away is dropped on its next use and replaced, so the
 //! writer's retries reconnect by themselves when the database returns.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,7 +103,9 @@ CREATE SEQUENCE session_generation;
     MIGRATE_V2,
 ];
 
+pub(crate) mod batch;
 mod telemetry;
+pub(crate) use telemetry::seqs_of;
 use telemetry::Chunks;
 pub use telemetry::{Dropped, COPY_COLUMNS, COPY_TYPES};
 
@@ -193,6 +196,13 @@ impl Default for PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The group-commit writer's own connection. On the shared pool, a
+    /// burst of handshakes (a lookup and a claim each) queued the commits
+    /// behind them: 36,000 devices reconnecting held every ACK back for
+    /// the whole burst.
+    writer: Pool,
+    /// HELLO's device lookups, batched ([`batch`]).
+    lookups: batch::Batcher<String, Option<DeviceAuth>>,
     config: tokio_postgres::Config,
     opts: Arc<PostgresOptions>,
     /// The telemetry partitions this instance knows of (see [`Chunks`]).
@@ -283,23 +293,33 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name(&opts.application_name);
         }
-        let mgr = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(opts.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(opts.connect_timeout))
-            .create_timeout(Some(opts.connect_timeout))
-            .recycle_timeout(Some(opts.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let build = |size: usize| {
+            let mgr = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(mgr)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(opts.connect_timeout))
+                .create_timeout(Some(opts.connect_timeout))
+                .recycle_timeout(Some(opts.connect_timeout))
+                .build()
+                .map_err(|e| StoreError::Config(e.to_string()))
+        };
+        // The writer commits one batch at a time: one connection.
+        let (pool, writer) = (build(opts.pool_size.max(1))?, build(1)?);
+        let lookups = {
+            let pool = pool.clone();
+            batch::Batcher::start(2, move |ids| lookup_batch(pool.clone(), ids))
+        };
         let store = Self {
             pool,
+            writer,
+            lookups,
             config,
             opts: Arc::new(opts),
             chunks: Arc::default(),
@@ -320,6 +340,11 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// The writer's connection (telemetry appends and their partitions).
+    async fn writer_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.writer.get().await.map_err(pool_err)
     }
 
     /// Applies pending migrations; refuses a schema newer than this build.
@@ -380,26 +405,60 @@ impl PostgresStore {
     }
 }
 
+/// HELLO's lookups of a batch of devices, in one statement: each id's
+/// key, token hash and revocation, `None` for an unknown id.
+async fn lookup_batch(pool: Pool, ids: Vec<String>) -> Result<Vec<Option<DeviceAuth>>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT id, device_id, token_hash, revoked_ms FROM devices WHERE device_id = ANY($1)",
+        )
+        .await?;
+    let mut found = HashMap::with_capacity(ids.len());
+    for row in client.query(&stmt, &[&ids]).await? {
+        let hash: Vec<u8> = row.try_get(2)?;
+        // A hash of the wrong size cannot match any token.
+        let Ok(token_hash) = <[u8; 32]>::try_from(hash) else {
+            continue;
+        };
+        let device_id: String = row.try_get(1)?;
+        let auth = DeviceAuth {
+            key: row.try_get(0)?,
+            token_hash,
+            revoked: row.try_get::<_, Option<i64>>(3)?.is_some(),
+        };
+        found.insert(device_id, auth);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+}
+
+/// Several devices' queued and delivered commands, oldest first, in one
+/// statement on `client` (the cluster's claims read them in the claims'
+/// round trip). A device without any has no entry.
+pub(crate) async fn open_commands_of(
+    client: &deadpool_postgres::Client,
+    devices: &[DeviceKey],
+) -> Result<HashMap<DeviceKey, Vec<CommandRecord>>, StoreError> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {COMMAND_COLS}, c.device FROM commands c JOIN devices d ON d.id = c.device
+             WHERE c.device = ANY($1) AND c.status IN ('queued', 'delivered')
+               AND c.expires_ms > $2 ORDER BY c.id"
+        ))
+        .await?;
+    let mut out: HashMap<DeviceKey, Vec<CommandRecord>> = HashMap::new();
+    for r in client.query(&stmt, &[&devices, &clamp(now_ms())]).await? {
+        // The device's key follows the command's columns.
+        let device: DeviceKey = r.try_get(12)?;
+        out.entry(device).or_default().push(command_row(&r)?);
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl DeviceStore for PostgresStore {
     async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, token_hash, revoked_ms FROM devices WHERE device_id = $1")
-            .await?;
-        let Some(row) = client.query_opt(&stmt, &[&device_id]).await? else {
-            return Ok(None);
-        };
-        let hash: Vec<u8> = row.try_get(1)?;
-        // A hash of the wrong size cannot match any token.
-        let Ok(token_hash) = <[u8; 32]>::try_from(hash) else {
-            return Ok(None);
-        };
-        Ok(Some(DeviceAuth {
-            key: row.try_get(0)?,
-            token_hash,
-            revoked: row.try_get::<_, Option<i64>>(2)?.is_some(),
-        }))
+        self.lookups.call(device_id.to_owned()).await
     }
 
     async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
@@ -587,19 +646,8 @@ impl CommandStore for PostgresStore {
 
     async fn open_commands(&self, device: DeviceKey) -> Result<Vec<CommandRecord>, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {COMMAND_COLS} FROM commands c JOIN devices d ON d.id = c.device
-                 WHERE c.device = $1 AND c.status IN ('queued', 'delivered')
-                   AND c.expires_ms > $2 ORDER BY c.id"
-            ))
-            .await?;
-        client
-            .query(&stmt, &[&device, &clamp(now_ms())])
-            .await?
-            .iter()
-            .map(command_row)
-            .collect()
+        let mut open = open_commands_of(&client, &[device]).await?;
+        Ok(open.remove(&device).unwrap_or_default())
     }
 
     async fn mark_delivered(&self, ids: Vec<u64>) -> Result<Vec<CommandRecord>, StoreError> {

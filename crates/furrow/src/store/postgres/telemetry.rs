@@ -155,7 +155,7 @@ impl PostgresStore {
             return Ok(());
         }
         let span = clamp(self.opts.chunk_span_ms).max(1);
-        let mut client = self.client().await?;
+        let mut client = self.writer_client().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHUNK_LOCK])
             .await?;
@@ -401,6 +401,27 @@ async fn write_batch(
     Ok(duplicates)
 }
 
+/// Several devices' watermarks in one statement, on `client` (the
+/// cluster's claims read them in the claims' round trip). A device not
+/// found has none.
+pub(crate) async fn seqs_of(
+    client: &deadpool_postgres::Client,
+    devices: &[DeviceKey],
+) -> Result<HashMap<DeviceKey, DeviceSeqs>, StoreError> {
+    let stmt = client
+        .prepare_cached("SELECT id, rejected_seq, stored_seq FROM devices WHERE id = ANY($1)")
+        .await?;
+    let mut out = HashMap::with_capacity(devices.len());
+    for r in client.query(&stmt, &[&devices]).await? {
+        let seqs = DeviceSeqs {
+            rejected: r.try_get::<_, i64>(1)? as u64,
+            stored: r.try_get::<_, i64>(2)? as u64,
+        };
+        out.insert(r.try_get(0)?, seqs);
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl TelemetryStore for PostgresStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
@@ -409,7 +430,7 @@ impl TelemetryStore for PostgresStore {
         let mut records: Vec<&TelemetryRecord> = batch.records.iter().collect();
         records.sort_by_key(|r| (r.device, r.seq));
         self.ensure_chunks(&records).await?;
-        let mut client = self.client().await?;
+        let mut client = self.writer_client().await?;
         match write_batch(&mut client, &records, &batch.rejections).await {
             Ok(duplicates) => {
                 if duplicates > 0 {
@@ -437,16 +458,8 @@ impl TelemetryStore for PostgresStore {
 
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT rejected_seq, stored_seq FROM devices WHERE id = $1")
-            .await?;
-        Ok(match client.query_opt(&stmt, &[&device]).await? {
-            Some(r) => DeviceSeqs {
-                rejected: r.try_get::<_, i64>(0)? as u64,
-                stored: r.try_get::<_, i64>(1)? as u64,
-            },
-            None => DeviceSeqs::default(),
-        })
+        let mut seqs = seqs_of(&client, &[device]).await?;
+        Ok(seqs.remove(&device).unwrap_or_default())
     }
 
     async fn telemetry(
