@@ -283,7 +283,7 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
         tokens.push(a.add_device(&format!("burst-{i}")).await);
     }
     // Stored readings for every other device, a different count each.
-    let stored = |i: usize| if i % 2 == 0 { (i % 7 + 1) as u64 } else { 0 };
+    let stored = |i: usize| if i.is_multiple_of(2) { (i % 7 + 1) as u64 } else { 0 };
     for (i, token) in tokens.iter().enumerate() {
         let n = stored(i);
         if n == 0 {
@@ -304,7 +304,7 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
     }
     // A command queued for every fifth device (not one that connects twice:
     // which of its connections is told is a race).
-    let commanded = |i: usize| i % 5 == 0 && i >= TWICE;
+    let commanded = |i: usize| i.is_multiple_of(5) && i >= TWICE;
     for i in (0..DEVICES).filter(|&i| commanded(i)) {
         post(
             &a,
