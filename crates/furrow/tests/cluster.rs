@@ -283,7 +283,13 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
         tokens.push(a.add_device(&format!("burst-{i}")).await);
     }
     // Stored readings for every other device, a different count each.
-    let stored = |i: usize| if i.is_multiple_of(2) { (i % 7 + 1) as u64 } else { 0 };
+    let stored = |i: usize| {
+        if i.is_multiple_of(2) {
+            (i % 7 + 1) as u64
+        } else {
+            0
+        }
+    };
     for (i, token) in tokens.iter().enumerate() {
         let n = stored(i);
         if n == 0 {

@@ -52,6 +52,12 @@ pub(super) struct Inner {
     remote_wait: Duration,
     /// Handshakes' claims, batched.
     claims: Batcher<ClaimRequest, Claimed>,
+    /// Sessions' ends, batched.
+    ends: Batcher<SessionEnd, ()>,
+    /// Notifications, batched: a storm of reconnections sends two per
+    /// device, and PostgreSQL serializes the commits of transactions
+    /// that notify.
+    notes: Batcher<String, ()>,
     /// New sessions waiting for a displaced one elsewhere to release.
     waiters: Mutex<HashMap<(String, u64), oneshot::Sender<()>>>,
     /// Release tasks in flight (waited for at shutdown).
@@ -77,8 +83,18 @@ impl Inner {
                 claim_batch(pool.clone(), Arc::clone(&instance), instance_timeout, reqs)
             })
         };
+        let ends = {
+            let pool = store.pool().clone();
+            Batcher::start(2, move |ends| end_batch(pool.clone(), ends))
+        };
+        let notes = {
+            let pool = store.pool().clone();
+            Batcher::start(1, move |notes| notify_batch(pool.clone(), notes))
+        };
         let inner = Arc::new(Inner {
             claims,
+            ends,
+            notes,
             store,
             instance: cfg.instance(),
             registry,
@@ -258,13 +274,10 @@ impl Inner {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sends `note` to every instance (batched, [`notify_batch`]).
     async fn notify(&self, note: &Note) -> Result<(), StoreError> {
         let payload = serde_json::to_string(note).map_err(|e| StoreError::Task(e.to_string()))?;
-        let client = self.store.pool().get().await.map_err(pool_err)?;
-        client
-            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-            .await?;
-        Ok(())
+        self.notes.call(payload).await
     }
 
     /// Registers this instance (at start) and clears session rows its
@@ -306,30 +319,26 @@ impl Inner {
         Ok(())
     }
 
+    /// Records that the session of generation `generation` has ended
+    /// (batched with other sessions' ends, [`end_batch`]).
     async fn release(
         &self,
         key: DeviceKey,
         device_id: &str,
         generation: u64,
     ) -> Result<(), StoreError> {
-        let client = self.store.pool().get().await.map_err(pool_err)?;
-        let payload = serde_json::to_string(&Note::Released {
+        let note = serde_json::to_string(&Note::Released {
             d: device_id.to_owned(),
             g: generation,
         })
         .map_err(|e| StoreError::Task(e.to_string()))?;
-        // Deletes the row if this session still holds the device; if not,
-        // another session took it over and may be waiting to hear this.
-        let stmt = client
-            .prepare_cached(
-                "WITH del AS (DELETE FROM sessions WHERE device = $1 AND generation = $2 RETURNING 1)
-                 SELECT pg_notify($3, $4) WHERE NOT EXISTS (SELECT 1 FROM del)",
-            )
-            .await?;
-        client
-            .query(&stmt, &[&key, &i(generation), &CHANNEL, &payload])
-            .await?;
-        Ok(())
+        self.ends
+            .call(SessionEnd {
+                key,
+                generation,
+                note,
+            })
+            .await
     }
 
     /// Records this instance's heartbeat; clears instances that stopped
@@ -719,4 +728,51 @@ async fn claim_batch(
     out.into_iter()
         .map(|c| c.ok_or_else(|| StoreError::Task("a claim was left unanswered".into())))
         .collect()
+}
+
+/// A session's end, as the batch takes it.
+struct SessionEnd {
+    key: DeviceKey,
+    generation: u64,
+    /// The `released` note, sent if another session holds the device now.
+    note: String,
+}
+
+/// Deletes the session rows that the ending sessions still hold, and
+/// tells the sessions that took the others over, in one statement: a
+/// session that no longer holds its device was displaced, and its
+/// successor may be waiting to hear it is gone.
+async fn end_batch(pool: Pool, ends: Vec<SessionEnd>) -> Result<Vec<()>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let stmt = client
+        .prepare_cached(
+            "WITH req AS (
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[])
+                     AS r(device, generation, note)),
+             del AS (
+                 DELETE FROM sessions s USING req
+                 WHERE s.device = req.device AND s.generation = req.generation
+                 RETURNING s.device, s.generation)
+             SELECT pg_notify($4, req.note) FROM req
+             WHERE NOT EXISTS (SELECT 1 FROM del
+                               WHERE del.device = req.device AND del.generation = req.generation)",
+        )
+        .await?;
+    let keys: Vec<DeviceKey> = ends.iter().map(|e| e.key).collect();
+    let generations: Vec<i64> = ends.iter().map(|e| i(e.generation)).collect();
+    let notes: Vec<&str> = ends.iter().map(|e| e.note.as_str()).collect();
+    client
+        .query(&stmt, &[&keys, &generations, &notes, &CHANNEL])
+        .await?;
+    Ok(vec![(); ends.len()])
+}
+
+/// Sends a batch of notifications in one statement (one transaction).
+async fn notify_batch(pool: Pool, notes: Vec<String>) -> Result<Vec<()>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let stmt = client
+        .prepare_cached("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
+        .await?;
+    client.query(&stmt, &[&CHANNEL, &notes]).await?;
+    Ok(vec![(); notes.len()])
 }
