@@ -251,8 +251,9 @@ mod tests {
             Err(CertsError::InvalidId(_))
         ));
         // The device certificate names its device.
-        let cert = crate::tls::read_certs("c", &dir.path().join("devices/pump-7.pem")).unwrap();
-        use crate::tls::{identity, IdentityFrom};
+        let cert =
+            crate::ingress::tls::read_certs("c", &dir.path().join("devices/pump-7.pem")).unwrap();
+        use crate::ingress::tls::{identity, IdentityFrom};
         assert_eq!(
             identity(&cert[0], IdentityFrom::Cn).as_deref(),
             Some("pump-7")
@@ -268,7 +269,7 @@ mod tests {
             client_ca_file: dir.path().join("ca.pem"),
             ..crate::config::Tls::default()
         };
-        let state = crate::tls::TlsState::load(&cfg).unwrap();
+        let state = crate::ingress::tls::TlsState::load(&cfg).unwrap();
         assert!(state.mutual());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("ca.key"))

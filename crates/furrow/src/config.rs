@@ -159,7 +159,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Checks the limits of `limits.rs` (those of a connection are checked
+    /// Checks the limits of `ingress/limits.rs` (those of a connection are checked
     /// with the rest in [`Config::validate`]).
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: &str| {
@@ -497,7 +497,7 @@ pub struct Tls {
     pub client_ca_file: PathBuf,
     /// Where a client certificate names its device: `cn` (subject common
     /// name) or `san` (first DNS or URI subject alternative name).
-    pub identity: crate::tls::IdentityFrom,
+    pub identity: crate::ingress::tls::IdentityFrom,
     /// Longest TLS handshake, from accept.
     pub handshake_timeout_ms: u64,
     /// Keep the plain TCP listener (`listen`) beside the TLS one.
@@ -517,7 +517,7 @@ impl Default for Tls {
             cert_file: PathBuf::new(),
             key_file: PathBuf::new(),
             client_ca_file: PathBuf::new(),
-            identity: crate::tls::IdentityFrom::Cn,
+            identity: crate::ingress::tls::IdentityFrom::Cn,
             handshake_timeout_ms: 10_000,
             plain: true,
             watch_ms: 5_000,

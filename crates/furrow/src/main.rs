@@ -8,10 +8,9 @@ use clap::{Parser, Subcommand};
 use furrow::config::{Config, Overrides};
 use furrow::store::prelude::*;
 
-mod bench;
-mod fleet;
-mod send;
-mod sim;
+mod cli;
+
+use cli::{bench, send, sim};
 
 #[derive(Parser)]
 #[command(

@@ -25,10 +25,11 @@ use tracing::{info, warn};
 use crate::api::ApiState;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::listener::accept_loop;
+use crate::devices::registry::Registry;
+use crate::ingress::listener::accept_loop;
+use crate::ingress::tls::TlsState;
 use crate::publish::mqtt::Publisher;
 use crate::publish::Events;
-use crate::registry::Registry;
 use crate::session::{self, Shared};
 use crate::store::prelude::*;
 #[cfg(feature = "sqlite")]
@@ -36,7 +37,6 @@ use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::StoreError;
 #[cfg(feature = "postgres")]
 use crate::store::{PostgresOptions, PostgresStore};
-use crate::tls::TlsState;
 use crate::writer::{self, WriterConfig};
 
 /// Why the gateway could not start.
@@ -61,7 +61,7 @@ pub enum ServerError {
     },
     /// The TLS certificate, key or client CA cannot be used.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::ingress::tls::TlsError),
     /// The device listener could not bind.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -379,7 +379,7 @@ impl Server {
             events.clone(),
         );
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
-        let limits = Arc::new(crate::limits::Limiter::new(&cfg.limits));
+        let limits = Arc::new(crate::ingress::limits::Limiter::new(&cfg.limits));
         let limits_upkeep = tokio::spawn(Arc::clone(&limits).run_upkeep());
         let tracker = TaskTracker::new();
         let park = if cfg.sessions.park_after_ms > 0 {

@@ -4,7 +4,7 @@
 //! Sessions send a [`WriteJob`] per read chunk (not per frame) over one
 //! bounded queue. The writer takes the first job, then whatever else is
 //! queued, waiting at most `batch_delay` for more until `batch_max_rows`;
-//! commits the batch through [`Store::append`]; and only then publishes each
+//! commits the batch through [`TelemetryStore::append`]; and only then publishes each
 //! session's committed ticket through its [`AckCell`]. Nothing is ACKed
 //! before its commit because the ticket is the only way a session learns of
 //! one.
@@ -28,7 +28,7 @@ use crate::store::prelude::*;
 use crate::store::{Batch, DeviceKey, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
-/// wakeup for other events (see [`crate::registry::SessionHandle::kick`]).
+/// wakeup for other events (see [`crate::devices::registry::SessionHandle::kick`]).
 #[derive(Default)]
 pub struct AckCell {
     committed: AtomicU64,

@@ -156,7 +156,7 @@ fn the_compose_gateways_settings_load() {
     cfg.validate().expect("and validates");
     assert!(cfg.proxy_protocol.enabled);
     let haproxy: std::net::IpAddr = "172.28.0.10".parse().unwrap();
-    assert!(furrow::proxy::is_trusted(
+    assert!(furrow::ingress::proxy::is_trusted(
         haproxy,
         &cfg.proxy_protocol.trusted
     ));

@@ -1,4 +1,4 @@
-//! Limits (`limits.rs`): connections per instance, connect rate per
+//! Limits (`ingress/limits.rs`): connections per instance, connect rate per
 //! address (the PROXY header's behind a balancer), telemetry rate per
 //! device (flow control, nothing dropped), and growing delays then bans
 //! after failed authentications. Real sockets to a gateway in the test's

@@ -35,7 +35,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use furrow::registry::DeviceSlot;
+use furrow::devices::registry::DeviceSlot;
 use furrow::session::handshake::{self, Certificate};
 use furrow::session::machine::{Drain, End, Fatal, Identity, Limits, Machine};
 use furrow::session::outbox::Outbox;
@@ -142,7 +142,7 @@ impl World {
         };
         let auth = DeviceAuth {
             key: 1,
-            token_hash: furrow::auth::hash_token(dev.token.as_bytes()),
+            token_hash: furrow::devices::auth::hash_token(dev.token.as_bytes()),
             revoked: false,
         };
         Self {

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::devices::registry::Registry;
 use crate::store::prelude::*;
 
 pub mod auth;

@@ -33,7 +33,7 @@ use std::sync::Arc;
 #[cfg(feature = "postgres")]
 mod postgres;
 
-use crate::registry::SessionHandle;
+use crate::devices::registry::SessionHandle;
 use crate::store::{CommandRecord, DeviceKey, DeviceSeqs, StoreError};
 
 /// What [`application_name`] puts before the instance.
@@ -117,7 +117,7 @@ impl Cluster {
     pub async fn join(
         store: crate::store::PostgresStore,
         cfg: &crate::config::Config,
-        registry: Arc<crate::registry::Registry>,
+        registry: Arc<crate::devices::registry::Registry>,
     ) -> Result<Self, StoreError> {
         Ok(Self {
             inner: Some(postgres::Inner::join(store, cfg, registry).await?),

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::{Claim, ClaimReads, Displaced, Holder, APP_PREFIX};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::registry::{Registry, SessionHandle};
+use crate::devices::registry::{Registry, SessionHandle};
 use crate::store::postgres::batch::Batcher;
 use crate::store::postgres::{open_commands_of, pool_err, seqs_of};
 use crate::store::{DeviceKey, PostgresStore, StoreError};

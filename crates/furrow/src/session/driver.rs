@@ -23,9 +23,9 @@ use super::park::{Lot, Unpark, Wake};
 use super::{CloseReason, Shared};
 use crate::clock::now_ms;
 use crate::cluster::Claim;
-use crate::connection::{self, Connection};
-use crate::limits::ConnPermit;
-use crate::registry::SessionHandle;
+use crate::devices::registry::SessionHandle;
+use crate::ingress::connection::{self, Connection};
+use crate::ingress::limits::ConnPermit;
 use crate::writer::{AckCell, Parking};
 
 /// Read size before WELCOME (the largest HELLO is 397 bytes).
@@ -337,7 +337,7 @@ impl Session {
             outcome
         };
         // Before reading a byte: only a trusted balancer may name a peer.
-        if !crate::proxy::is_trusted(self.peer.ip(), &cfg.proxy_protocol.trusted) {
+        if !crate::ingress::proxy::is_trusted(self.peer.ip(), &cfg.proxy_protocol.trusted) {
             return Err(count("untrusted"));
         }
         let deadline = self.accepted
@@ -345,7 +345,7 @@ impl Session {
                 .min(cfg.handshake_timeout());
         let shutdown = self.shared.shutdown.clone();
         loop {
-            match crate::proxy::decode(self.conn.buffered()) {
+            match crate::ingress::proxy::decode(self.conn.buffered()) {
                 Ok(Some(h)) => {
                     self.conn.consume(h.len);
                     return match h.source {
@@ -424,7 +424,7 @@ impl Session {
             // Plain listener beside a mutual TLS one: no certificate.
             return Certificate::Absent;
         };
-        match crate::tls::identity(cert, tls.identity_from()) {
+        match crate::ingress::tls::identity(cert, tls.identity_from()) {
             Some(id) if id == device_id => Certificate::Matches,
             Some(id) => {
                 debug!(peer = %self.peer, device = %device_id, certificate = %id, "certificate is for another device");
@@ -964,7 +964,7 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
         match tokio::net::TcpStream::from_std(std_stream) {
             Ok(stream) => {
                 let (task, token) = resume(stream, parked, why == Wake::Stop);
-                crate::listener::spawn_contained(&tracker, id, task);
+                crate::ingress::listener::spawn_contained(&tracker, id, task);
                 drop(token);
             }
             Err(e) => {
@@ -1098,7 +1098,7 @@ impl Session {
                 match tokio::net::TcpStream::from_std(std_stream) {
                     Ok(s) => {
                         let (task, token) = resume(s, parked, true);
-                        crate::listener::spawn_contained(&self.shared.tracker, id, task);
+                        crate::ingress::listener::spawn_contained(&self.shared.tracker, id, task);
                         drop(token);
                     }
                     Err(e) => warn!(conn = id, error = %e, "cannot resume a session; closing it"),
@@ -1141,7 +1141,7 @@ mod tests {
             events: crate::publish::Events::off(),
             cluster: crate::cluster::Cluster::single(),
             tls: None,
-            limits: Arc::new(crate::limits::Limiter::new(&Default::default())),
+            limits: Arc::new(crate::ingress::limits::Limiter::new(&Default::default())),
             park: None,
             tracker: tokio_util::task::TaskTracker::new(),
         });

@@ -50,7 +50,7 @@ pub fn authenticated(found: Option<&DeviceAuth>, token: &[u8], cert: Certificate
     match cert {
         Certificate::Mismatch => false,
         Certificate::Matches if token.is_empty() => found.is_some_and(|d| !d.revoked),
-        _ => crate::auth::verify(found, token),
+        _ => crate::devices::auth::verify(found, token),
     }
 }
 
@@ -81,7 +81,7 @@ mod tests {
     fn device(token: &str, revoked: bool) -> DeviceAuth {
         DeviceAuth {
             key: 1,
-            token_hash: crate::auth::hash_token(token.as_bytes()),
+            token_hash: crate::devices::auth::hash_token(token.as_bytes()),
             revoked,
         }
     }

@@ -28,8 +28,8 @@ use tokio::time::{Duration, Instant};
 use super::acks::AckTracker;
 use super::flow::Keepalive;
 use super::outbox::Outbox;
-use crate::limits::Throttle;
-use crate::registry::DeviceSlot;
+use crate::devices::registry::DeviceSlot;
+use crate::ingress::limits::Throttle;
 use crate::store::{CommandOutcome, DeviceKey, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob};
 

@@ -43,8 +43,8 @@ use furrow_proto::{ErrorCode, GoodbyeCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::devices::registry::Registry;
 use crate::publish::Events;
-use crate::registry::Registry;
 use crate::store::prelude::*;
 use crate::writer::WriterTx;
 
@@ -67,9 +67,9 @@ pub struct Shared {
     /// Other instances (PostgreSQL), or none.
     pub cluster: crate::cluster::Cluster,
     /// The TLS listener's state (mutual TLS, identities), if it runs.
-    pub tls: Option<Arc<crate::tls::TlsState>>,
+    pub tls: Option<Arc<crate::ingress::tls::TlsState>>,
     /// Connection, rate and authentication-failure limits.
-    pub limits: Arc<crate::limits::Limiter>,
+    pub limits: Arc<crate::ingress::limits::Limiter>,
     /// Where quiet sessions park (`None`: they never do).
     pub park: Option<Arc<ParkLot>>,
     /// The connection tasks (a resumed session's task joins them).

@@ -1,7 +1,7 @@
 //! Storage: the [`Store`] trait the gateway talks to, and its backends.
 //!
 //! Sessions never see a backend: they hand records to the
-//! [`writer`](crate::writer), which calls [`Store::append`] with a whole
+//! [`writer`](crate::writer), which calls [`TelemetryStore::append`] with a whole
 //! group-commit batch. A backend must make a batch durable (under its
 //! durability setting) before `append` returns, and must store a
 //! `(device, seq)` pair at most once even when asked twice: the gateway

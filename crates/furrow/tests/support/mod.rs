@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use furrow::registry::Registry;
+use furrow::devices::registry::Registry;
 use furrow::store::prelude::*;
 use furrow::Config;
 use furrow_proto::message::encode_telemetry;

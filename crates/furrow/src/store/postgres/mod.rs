@@ -3,7 +3,7 @@
 //!
 //! Telemetry lives in a table partitioned by arrival time
 //! (`received_ms`), one partition per `storage.chunk_span`, so retention
-//! drops whole partitions ([`telemetry`]). Each partition is indexed by
+//! drops whole partitions (`telemetry.rs`). Each partition is indexed by
 //! `(device, seq)` and `(device, timestamp_ms)` for reads by seq range and
 //! by time range. No unique key spans the partitions: a
 //! `(device, seq)` is stored at most once because every batch first locks

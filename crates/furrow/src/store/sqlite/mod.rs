@@ -10,11 +10,11 @@
 //! worker.
 //!
 //! Telemetry is an append-only log indexed per device after the fact
-//! ([`telemetry`] says why and how). Devices, commands and revocations are
+//! (`telemetry.rs` says why and how). Devices, commands and revocations are
 //! ordinary tables.
 //!
 //! Seqs are u64 on the wire and i64 in SQLite: they are stored as the same
-//! 64 bits, and compared as u64 in Rust (or as [`telemetry::okey`] where
+//! 64 bits, and compared as u64 in Rust (or as `telemetry::okey` where
 //! SQLite orders them).
 
 use std::path::{Path, PathBuf};

@@ -217,11 +217,11 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let devices = crate::fleet::load_devices(
+    let devices = crate::cli::fleet::load_devices(
         args.devices_file.as_deref(),
         args.data_dir
             .as_deref()
-            .map(crate::fleet::Provision::DataDir),
+            .map(crate::cli::fleet::Provision::DataDir),
         &args.prefix,
         args.devices,
     )

@@ -1,9 +1,14 @@
-//! Device provisioning shared by the CLI and the HTTP API: a new
-//! device gets a fresh token, shown once and stored only as its hash.
+//! Devices: who they are ([`auth`]: tokens, stored only as hashes), which
+//! session holds each one ([`registry`]: takeover, wake-ups), and
+//! provisioning shared by the CLI and the HTTP API (here: a new device
+//! gets a fresh token, shown once).
+
+pub mod auth;
+pub mod registry;
 
 use furrow_proto::message::valid_device_id;
 
-use crate::auth::{generate_token, hash_token};
+use crate::devices::auth::{generate_token, hash_token};
 use crate::store::prelude::*;
 use crate::store::StoreError;
 

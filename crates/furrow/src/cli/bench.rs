@@ -48,11 +48,11 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             })
             .collect()
     } else {
-        crate::fleet::load_devices(
+        crate::cli::fleet::load_devices(
             devices_file.as_deref(),
             match (&database, &data_dir) {
-                (Some(url), _) => Some(crate::fleet::Provision::Database(url)),
-                (None, Some(dir)) => Some(crate::fleet::Provision::DataDir(dir)),
+                (Some(url), _) => Some(crate::cli::fleet::Provision::Database(url)),
+                (None, Some(dir)) => Some(crate::cli::fleet::Provision::DataDir(dir)),
                 (None, None) => None,
             },
             &prefix,

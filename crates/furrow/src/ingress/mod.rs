@@ -1,0 +1,11 @@
+//! Bytes in, before a session exists: the accept loop ([`listener`]),
+//! admission and abuse limits ([`limits`]), the PROXY header a balancer
+//! puts first ([`proxy`]), and the transport a session reads and writes
+//! ([`connection`]: plain TCP or TLS, with [`tls`] the TLS listener's
+//! configuration, mutual TLS and reloads).
+
+pub mod connection;
+pub mod limits;
+pub mod listener;
+pub mod proxy;
+pub mod tls;
