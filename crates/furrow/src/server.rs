@@ -369,7 +369,7 @@ impl Server {
             ))
         });
         let (writer_tx, writer_task) = writer::spawn(
-            Arc::clone(&store),
+            Arc::clone(&store) as Arc<dyn crate::store::TelemetryStore>,
             WriterConfig {
                 batch_max_rows: cfg.storage.batch_max_rows,
                 batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),

@@ -126,9 +126,10 @@ pub struct WriterConfig {
 pub type WriterTx = mpsc::Sender<WriteJob>;
 
 /// Starts the writer. It runs until every [`WriterTx`] is dropped and the
-/// queue is drained, then the returned task completes.
+/// queue is drained, then the returned task completes. It needs only the
+/// telemetry side of a store (tests/simulation.rs gives it a model).
 pub fn spawn(
-    store: Arc<dyn Store>,
+    store: Arc<dyn TelemetryStore>,
     cfg: WriterConfig,
     events: Events,
 ) -> (WriterTx, tokio::task::JoinHandle<()>) {
@@ -138,7 +139,7 @@ pub fn spawn(
 }
 
 async fn run(
-    store: Arc<dyn Store>,
+    store: Arc<dyn TelemetryStore>,
     cfg: WriterConfig,
     events: Events,
     mut rx: mpsc::Receiver<WriteJob>,
