@@ -18,8 +18,11 @@
 # that allows more open files, one gateway process does (GATEWAYS=1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release -q -p furrow
-furrow=target/release/furrow
+# GATEWAY_BIN runs another build (to compare two side by side).
+if [ -z "${GATEWAY_BIN:-}" ]; then
+    cargo build --release -q -p furrow
+fi
+furrow=${GATEWAY_BIN:-target/release/furrow}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mode=${1:-steady}
 devices=${2:-100000}

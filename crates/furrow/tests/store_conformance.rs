@@ -154,6 +154,11 @@ async fn appends_in_seq_order(store: Arc<dyn Store>) {
     store.append(batch(16..=16)).await.unwrap();
     assert_eq!(seqs(&*store, "o1").await, (1..=16).collect::<Vec<_>>());
     assert_eq!(store.device_seqs(k).await.unwrap().stored, 16);
+    // A large batch (PostgreSQL writes it by COPY, small ones by one
+    // pipelined statement pair): the same rule.
+    store.append(batch(1..=600)).await.unwrap();
+    assert_eq!(seqs(&*store, "o1").await, (1..=600).collect::<Vec<_>>());
+    assert_eq!(store.device_seqs(k).await.unwrap().stored, 600);
 }
 
 /// Create, list (pages in byte order), get, rotate, revoke, revocation log.
