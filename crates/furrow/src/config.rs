@@ -87,7 +87,9 @@ pub struct Limits {
     pub max_frame: u32,
     /// Unacknowledged TELEMETRY a device may have outstanding (announced in WELCOME).
     pub max_inflight: u16,
-    /// Time from accept until the whole HELLO must have arrived.
+    /// Time from accept until the whole HELLO must have arrived (beyond:
+    /// ERROR HANDSHAKE_TIMEOUT) and the device's lookup answered (beyond:
+    /// ERROR BUSY, before anything is claimed for it).
     pub handshake_timeout_ms: u64,
     /// Bytes read from a socket at a time. Allocated only while data flows:
     /// an idle connection holds no read buffer.

@@ -358,3 +358,56 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
         until_held_by(&a, &format!("burst-{i}"), "gw-a").await;
     }
 }
+
+/// A store too slow for the handshake's deadline: the device gets BUSY at
+/// the deadline (and backs off), and nothing is claimed for a connection
+/// it has given up on. Here a transaction holds `devices` locked, so the
+/// lookup waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_past_its_deadline_gets_busy_and_claims_nothing() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let gw = {
+        let url = url.clone();
+        TestGateway::start_with(move |c| {
+            c.database_url = url;
+            c.instance_id = "gw-slow".into();
+            c.limits.handshake_timeout_ms = 700;
+        })
+        .await
+    };
+    let token = gw.add_device("slow").await;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    db.batch_execute("BEGIN; LOCK TABLE devices IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+
+    let started = Instant::now();
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.send(&hello_msg("slow", &token, 0)).await;
+    match dev.recv_within(Duration::from_secs(5)).await {
+        Some(furrow_proto::Message::Error(e)) => {
+            assert_eq!(e.code, furrow_proto::ErrorCode::Busy as u16, "{e:?}");
+        }
+        other => panic!("expected ERROR BUSY, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+        "BUSY after {waited:?}"
+    );
+    db.batch_execute("ROLLBACK").await.expect("unlock");
+    let claimed: i64 = db
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(claimed, 0, "a claim for a handshake that gave up");
+
+    // The store answers again: the next attempt is welcomed.
+    let (_dev, welcome) = gw.connect_device("slow", &token).await;
+    assert_eq!(welcome.last_seq, 0);
+}

@@ -503,9 +503,16 @@ impl Session {
             return self.closed_by(f, "auth_banned").await;
         }
         let store = Arc::clone(&self.shared.store);
-        let found = match store.device_auth(&device_id).await {
-            Ok(found) => found,
-            Err(e) => {
+        // The whole handshake, not only HELLO, is bounded by the deadline:
+        // past it the device has most likely given up (its own timeout is
+        // of the same order), and claiming the device for a connection
+        // nobody reads would cost its next attempt a takeover. Under a
+        // reconnection storm this sheds load with BUSY, which the device
+        // answers with backoff.
+        let found = match tokio::time::timeout_at(deadline, store.device_auth(&device_id)).await {
+            Err(_) => return self.overloaded().await,
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
                 // BUSY (retry later), not an authentication failure: the
                 // device backs off and comes back when the store answers.
                 storage_failed(self.peer, &device_id, &e, "device lookup failed");
@@ -534,6 +541,9 @@ impl Session {
                 .await;
         };
 
+        if Instant::now() >= deadline {
+            return self.overloaded().await;
+        }
         // Takeover: the newest connection wins. The older one stores what it
         // read and closes before this one announces last_seq.
         let cell = Arc::new(AckCell::default());
@@ -638,6 +648,13 @@ impl Session {
             self.run_effects(&mut live.m);
         }
         Phase::Active(live)
+    }
+
+    /// Ends a handshake that could not finish by its deadline (the store
+    /// is slow to answer): BUSY, counted as `overloaded`.
+    async fn overloaded(&mut self) -> Phase {
+        let f = Fatal(ErrorCode::Busy, "gateway busy; retry later".into());
+        self.closed_by(f, "overloaded").await
     }
 
     /// Ends a failed handshake: count, ERROR, close.
