@@ -26,6 +26,8 @@
 //!
 //! A failing case prints its seed; `MACHINE_SEED=<n>` replays it alone.
 
+#[path = "harness/drive.rs"]
+mod drive;
 #[path = "harness/session.rs"]
 mod harness;
 #[path = "../../../fuzz/replay.rs"]
@@ -42,10 +44,12 @@ use furrow::session::outbox::Outbox;
 use furrow::store::DeviceAuth;
 use furrow::writer::{AckCell, WriteJob};
 use furrow::Config;
-use furrow_proto::{content, ErrorMsg, FrameDecoder, Goodbye, Message, MessageType, Str};
+use furrow_proto::{content, FrameDecoder, Goodbye, Message, MessageType};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use tokio::time::Instant;
+
+use drive::{complete_frame, feed, queue_error};
 
 /// Steps after which a session that has not settled counts as stuck.
 const MAX_STEPS: usize = 10_000;
@@ -410,36 +414,6 @@ impl World {
             }
         }
     }
-}
-
-/// Hands the machine the complete frames it takes now.
-fn feed(m: &mut Machine, dec: &FrameDecoder, buf: &mut BytesMut, now: Instant) {
-    while m.accepts_frame(now) {
-        match dec.decode(buf) {
-            Ok(Some(f)) => m.on_frame(f, 1_700_000_000_000),
-            Ok(None) => break,
-            Err(e) => {
-                m.on_decode_error(e);
-                break;
-            }
-        }
-    }
-    m.end_batch(now);
-}
-
-fn complete_frame(dec: &FrameDecoder, buf: &[u8]) -> bool {
-    match dec.check_header(buf) {
-        Ok(Some(total)) => buf.len() >= total,
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
-fn queue_error(out: &mut Outbox, Fatal(code, message): Fatal) {
-    out.queue(&Message::Error(ErrorMsg {
-        code: code as u16,
-        message: Str::from(message),
-    }));
 }
 
 fn error_reply(mut out: Outbox, f: Fatal) -> Vec<u8> {

@@ -32,6 +32,9 @@
 //! the longer sweep. A failing
 //! seed prints itself; `SIM_SEED=<n>` replays it alone.
 
+#[path = "harness/drive.rs"]
+mod drive;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,16 +46,18 @@ use furrow::devices::auth::hash_token;
 use furrow::devices::registry::{Registry, SessionHandle};
 use furrow::publish::Events;
 use furrow::session::handshake::{self, Certificate};
-use furrow::session::machine::{Drain, End, Fatal, Identity, Limits, Machine};
+use furrow::session::machine::{Drain, End, Identity, Limits, Machine};
 use furrow::session::outbox::Outbox;
 use furrow::store::{
     Batch, DeviceAuth, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry,
     TelemetryRange, TelemetryStore,
 };
 use furrow::writer::{self, AckCell, WriterConfig, WriterTx};
-use furrow_proto::{ErrorMsg, FrameDecoder, Goodbye, GoodbyeCode, Message, Str, Telemetry};
+use furrow_proto::{FrameDecoder, Goodbye, GoodbyeCode, Message, Str, Telemetry};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
+
+use drive::{complete_frame, feed, queue_error};
 
 /// Scheduler steps of chaos per seed, then at most this many to settle.
 const CHAOS_STEPS: usize = 400;
@@ -651,36 +656,6 @@ fn submit(m: &mut Machine, writer: &WriterTx) {
             Err(TrySendError::Full(job)) | Err(TrySendError::Closed(job)) => m.defer_job(job),
         }
     }
-}
-
-/// Hands the machine the complete frames it takes now.
-fn feed(m: &mut Machine, dec: &FrameDecoder, buf: &mut BytesMut, now: Instant) {
-    while m.accepts_frame(now) {
-        match dec.decode(buf) {
-            Ok(Some(f)) => m.on_frame(f, 1_700_000_000_000),
-            Ok(None) => break,
-            Err(e) => {
-                m.on_decode_error(e);
-                break;
-            }
-        }
-    }
-    m.end_batch(now);
-}
-
-fn complete_frame(dec: &FrameDecoder, buf: &[u8]) -> bool {
-    match dec.check_header(buf) {
-        Ok(Some(total)) => buf.len() >= total,
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
-fn queue_error(out: &mut Outbox, Fatal(code, message): Fatal) {
-    out.queue(&Message::Error(ErrorMsg {
-        code: code as u16,
-        message: Str::from(message),
-    }));
 }
 
 /// Runs one seed to the end; panics on a broken rule.
