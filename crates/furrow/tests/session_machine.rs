@@ -49,29 +49,10 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use tokio::time::Instant;
 
-use drive::{complete_frame, feed, queue_error};
+use drive::{complete_frame, feed, queue_error, Dice};
 
 /// Steps after which a session that has not settled counts as stuck.
 const MAX_STEPS: usize = 10_000;
-
-/// A small deterministic generator (xorshift64*): the schedule's dice.
-struct Dice(u64);
-
-impl Dice {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// True with probability `pct` percent.
-    fn chance(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-}
 
 /// The schedule's knobs, drawn once per case.
 struct Schedule {

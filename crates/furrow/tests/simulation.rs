@@ -57,34 +57,12 @@ use furrow_proto::{FrameDecoder, Goodbye, GoodbyeCode, Message, Str, Telemetry};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
-use drive::{complete_frame, feed, queue_error};
+use drive::{complete_frame, feed, queue_error, Dice};
 
 /// Scheduler steps of chaos per seed, then at most this many to settle.
 const CHAOS_STEPS: usize = 400;
 const SETTLE_STEPS: usize = 20_000;
 const DEVICES: usize = 3;
-
-/// xorshift64*: the scheduler's dice.
-#[derive(Clone)]
-struct Dice(u64);
-
-impl Dice {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// What the model store holds; shared with the scheduler's checks.
 #[derive(Default)]
