@@ -9,20 +9,20 @@
 #   FURROW_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
 #     bench/fleet100k.sh [MODE] [DEVICES] [GATEWAYS] [furrow bench flags...]
 #
-# WARMUP and DURATION (seconds; 12 and 30) set the bench's phases, RAMP
-# the connection rate (10,000 a second: at 5,000 a second the ramp alone
-# takes the 20 s the goal allows).
+# WARMUP and DURATION (seconds; 12 and 30) set the bench's phases, RATE the
+# messages per device per second (0.1), RAMP the connection rate (10,000 a
+# second: at 5,000 a second the ramp alone takes the 20 s the goal allows).
 # MODE is a `furrow bench` mode (steady: every device sends one message
 # every 10 s; storm: the same, then all drop at once and reconnect). A
 # fresh database is created on that server and dropped on exit. On a host
 # that allows more open files, one gateway process does (GATEWAYS=1).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# GATEWAY_BIN runs another build (to compare two side by side).
-if [ -z "${GATEWAY_BIN:-}" ]; then
-    cargo build --release -q -p furrow
-fi
-furrow=${GATEWAY_BIN:-target/release/furrow}
+cargo build --release -q -p furrow
+furrow=target/release/furrow
+# GATEWAY_BIN serves with another build (to compare two side by side with
+# the same generator).
+gateway=${GATEWAY_BIN:-$furrow}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 mode=${1:-steady}
 devices=${2:-100000}
@@ -48,7 +48,7 @@ port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); p
 for i in $(seq 1 "$gateways"); do
     env RUST_LOG=warn FURROW_API__LISTEN=127.0.0.1:0 FURROW_INSTANCE_ID="gw-$i" \
         FURROW_DATABASE_URL="$db_url" FURROW_STORAGE__POOL_SIZE=8 \
-        "$furrow" serve --data-dir "$dir/gw-$i" --listen "127.0.0.1:$port" --reuse-port \
+        "$gateway" serve --data-dir "$dir/gw-$i" --listen "127.0.0.1:$port" --reuse-port \
         2>"$dir/gw-$i.log" &
     pids+=($!)
 done
@@ -60,7 +60,7 @@ sleep 1
 # `furrow bench` provisions the devices (a database write each) before it
 # starts the clock.
 "$furrow" bench "$mode" --addr "127.0.0.1:$port" --database "$db_url" --devices "$devices" \
-    --workers "$gateways" --rate 0.1 --ramp "${RAMP:-10000}" --warmup "${WARMUP:-12}" --duration "${DURATION:-30}" "$@"
+    --workers "$gateways" --rate "${RATE:-0.1}" --ramp "${RAMP:-10000}" --warmup "${WARMUP:-12}" --duration "${DURATION:-30}" "$@"
 for i in $(seq 1 "$gateways"); do
     grep -i -E "error|panic" "$dir/gw-$i.log" | head -3 || true
 done
