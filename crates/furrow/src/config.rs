@@ -246,6 +246,11 @@ pub struct Storage {
     pub batch_max_rows: usize,
     /// ...or this many microseconds after its first row arrived.
     pub batch_delay_us: u64,
+    /// Commits start at least this many microseconds apart: a row that
+    /// arrives sooner after the previous commit started waits out the
+    /// rest, with the rows that follow it, so that many quiet devices
+    /// share one fsync. Never paid after a pause or by a full batch.
+    pub min_commit_interval_us: u64,
     /// Writer queue capacity, in jobs (one job is one read's worth of
     /// telemetry from one connection).
     pub queue_capacity: usize,
@@ -285,6 +290,7 @@ impl Default for Storage {
             synchronous: Synchronous::Full,
             batch_max_rows: 8192,
             batch_delay_us: 0,
+            min_commit_interval_us: 1_000,
             queue_capacity: 1024,
             seal_rows: 200_000,
             seal_after_ms: 10_000,
@@ -871,6 +877,12 @@ impl Config {
         }
         if self.storage.batch_delay_us > 1_000_000 {
             return bad("storage.batch_delay_us", "must be at most 1 s".into());
+        }
+        if self.storage.min_commit_interval_us > 1_000_000 {
+            return bad(
+                "storage.min_commit_interval_us",
+                "must be at most 1 s".into(),
+            );
         }
         if self.sessions.revocation_poll_ms == 0 {
             return bad("sessions.revocation_poll_ms", "must be above 0".into());

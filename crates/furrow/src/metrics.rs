@@ -104,6 +104,10 @@ fn describe() {
         "furrow_store_handshake_batch_rows",
         "Handshakes answered by one batched PostgreSQL lookup or claim."
     );
+    describe_counter!(
+        "furrow_writer_paced_commits_total",
+        "Commits that waited for storage.min_commit_interval_us to pass since the previous one."
+    );
     describe_gauge!(
         "furrow_writer_queue_depth",
         "Jobs waiting for the storage writer."

@@ -373,6 +373,7 @@ impl Server {
             WriterConfig {
                 batch_max_rows: cfg.storage.batch_max_rows,
                 batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),
+                min_commit_interval: Duration::from_micros(cfg.storage.min_commit_interval_us),
                 queue_capacity: cfg.storage.queue_capacity,
                 healthy: Arc::clone(&commits_ok),
             },

@@ -9,6 +9,15 @@
 //! before its commit because the ticket is the only way a session learns of
 //! one.
 //!
+//! Pacing: a commit starts at most once per `min_commit_interval`. A job
+//! that arrives sooner after the previous commit started waits out the
+//! rest of the interval with the jobs that follow it, so that a quiet
+//! fleet (many devices, a message or two each per commit) pays one fsync
+//! for many devices instead of one for each, while a job arriving after a
+//! pause is committed at once: the wait is only ever paid when commits
+//! would otherwise follow each other closer than the interval
+//! (docs/performance.md, "Commit pacing").
+//!
 //! Backpressure: the queue holds at most `queue_capacity` jobs. A full queue
 //! makes sessions stop reading their sockets (see `session`), so a slow disk
 //! slows devices down through TCP instead of growing memory.
@@ -116,6 +125,8 @@ pub struct WriterConfig {
     pub batch_max_rows: usize,
     /// ...or this long after its first job arrived.
     pub batch_delay: Duration,
+    /// Commits start at least this far apart (zero: back to back).
+    pub min_commit_interval: Duration,
     /// Queue capacity, in jobs.
     pub queue_capacity: usize,
     /// Set while commits succeed, cleared while they fail (for `/readyz`).
@@ -145,16 +156,26 @@ async fn run(
     mut rx: mpsc::Receiver<WriteJob>,
 ) {
     let mut healthy = true;
+    // When the previous commit started, for pacing.
+    let mut last_start: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut rows = jobs[0].records.len();
-        let deadline = tokio::time::Instant::now() + cfg.batch_delay;
+        let arrived = tokio::time::Instant::now();
+        let paced = last_start
+            .map(|t| t + cfg.min_commit_interval)
+            .filter(|&t| t > arrived);
+        let deadline = match paced {
+            Some(t) => t.max(arrived + cfg.batch_delay),
+            None => arrived + cfg.batch_delay,
+        };
+        let waits = deadline > arrived;
         while rows < cfg.batch_max_rows {
             let job = match rx.try_recv() {
                 Ok(job) => job,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if cfg.batch_delay.is_zero() {
+                    if !waits {
                         break;
                     }
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -166,6 +187,10 @@ async fn run(
             rows += job.records.len();
             jobs.push(job);
         }
+        if paced.is_some() {
+            metrics::counter!("furrow_writer_paced_commits_total").increment(1);
+        }
+        last_start = Some(tokio::time::Instant::now());
         metrics::gauge!("furrow_writer_queue_depth").set(rx.len() as f64);
 
         let mut batch = Batch {
@@ -230,5 +255,144 @@ async fn run(
                 events.telemetry(device_id, r);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeviceSeqs, StorageInfo, StoreError, StoredTelemetry, TelemetryRange};
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// Records when each commit started and how many rows it held.
+    #[derive(Default)]
+    struct Commits(Mutex<Vec<(tokio::time::Instant, usize)>>);
+
+    #[async_trait]
+    impl TelemetryStore for Commits {
+        async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+            let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            c.push((tokio::time::Instant::now(), batch.records.len()));
+            Ok(())
+        }
+        async fn device_seqs(&self, _: DeviceKey) -> Result<DeviceSeqs, StoreError> {
+            Err(StoreError::Config("not in this test".into()))
+        }
+        async fn telemetry(
+            &self,
+            _: &str,
+            _: TelemetryRange,
+            _: u32,
+        ) -> Result<Vec<StoredTelemetry>, StoreError> {
+            Err(StoreError::Config("not in this test".into()))
+        }
+        async fn storage_info(&self) -> Result<StorageInfo, StoreError> {
+            Err(StoreError::Config("not in this test".into()))
+        }
+    }
+
+    fn job(owner: &Arc<AckCell>, device: DeviceKey, seq: u64) -> WriteJob {
+        WriteJob {
+            owner: Arc::clone(owner),
+            ticket: seq,
+            device,
+            device_id: Arc::from(format!("d{device}")),
+            records: vec![TelemetryRecord {
+                device,
+                seq,
+                timestamp_ms: 0,
+                received_ms: 0,
+                content_type: 0,
+                payload: Bytes::from_static(b"{}"),
+            }],
+            rejected_upto: 0,
+        }
+    }
+
+    fn start(interval_ms: u64, max_rows: usize) -> (Arc<Commits>, WriterTx) {
+        let store = Arc::new(Commits::default());
+        let (tx, _task) = spawn(
+            Arc::clone(&store) as Arc<dyn TelemetryStore>,
+            WriterConfig {
+                batch_max_rows: max_rows,
+                batch_delay: Duration::ZERO,
+                min_commit_interval: Duration::from_millis(interval_ms),
+                queue_capacity: 64,
+                healthy: Arc::default(),
+            },
+            Events::off(),
+        );
+        (store, tx)
+    }
+
+    /// Jobs from many devices that arrive within one interval of a commit
+    /// share the next one, which starts one interval after the first.
+    #[tokio::test(start_paused = true)]
+    async fn commits_closer_than_the_interval_wait_and_gather() {
+        let (store, tx) = start(10, 1_000);
+        let cells: Vec<Arc<AckCell>> = (0..5).map(|_| Arc::default()).collect();
+        let t0 = tokio::time::Instant::now();
+        tx.send(job(&cells[0], 0, 1)).await.ok();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for (i, cell) in cells.iter().enumerate().skip(1) {
+            tx.send(job(cell, i as DeviceKey, 1)).await.ok();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let c = store.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(
+            (c[0].0 - t0, c[0].1),
+            (Duration::ZERO, 1),
+            "the first is at once"
+        );
+        assert_eq!((c[1].0 - t0, c[1].1), (Duration::from_millis(10), 4));
+        assert!(cells.iter().all(|c| c.committed() == 1));
+    }
+
+    /// After a pause longer than the interval nothing waits; a full batch
+    /// never waits either.
+    #[tokio::test(start_paused = true)]
+    async fn pacing_costs_nothing_after_a_pause_or_for_a_full_batch() {
+        let (store, tx) = start(10, 3);
+        let cell: Arc<AckCell> = Arc::default();
+        tx.send(job(&cell, 0, 1)).await.ok();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t1 = tokio::time::Instant::now();
+        tx.send(job(&cell, 0, 2)).await.ok();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Within the interval, but three rows fill the batch.
+        for seq in 3..6 {
+            tx.send(job(&cell, 0, seq)).await.ok();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let c = store.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert_eq!(
+            (c[1].0 - t1, c[1].1),
+            (Duration::ZERO, 1),
+            "after a pause: at once"
+        );
+        assert_eq!(c[2].1, 3);
+        assert!(
+            c[2].0 - t1 < Duration::from_millis(10),
+            "a full batch does not wait"
+        );
+        assert_eq!(cell.committed(), 5);
+    }
+
+    /// With the interval at zero, commits follow each other back to back.
+    #[tokio::test(start_paused = true)]
+    async fn zero_interval_commits_at_once() {
+        let (store, tx) = start(0, 1_000);
+        let cell: Arc<AckCell> = Arc::default();
+        for seq in 1..4 {
+            tx.send(job(&cell, 0, seq)).await.ok();
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        let c = store.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(c.len(), 3, "{c:?}");
     }
 }

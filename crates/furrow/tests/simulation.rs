@@ -216,6 +216,7 @@ impl Gateway {
             WriterConfig {
                 batch_max_rows: 64,
                 batch_delay: Duration::ZERO,
+                min_commit_interval: Duration::from_micros(cfg.storage.min_commit_interval_us),
                 queue_capacity: queue,
                 healthy: Arc::default(),
             },
@@ -254,6 +255,7 @@ impl Sim {
         let mut cfg = Config::default();
         cfg.limits.max_inflight = [4, 16, 64][dice.below(3) as usize];
         cfg.limits.max_unsent_bytes = [256, 4096][dice.below(2) as usize];
+        cfg.storage.min_commit_interval_us = [0, 1_000, 20_000][dice.below(3) as usize];
         let store = ModelStore::default();
         {
             let mut s = store.state();
