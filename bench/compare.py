@@ -39,7 +39,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FURROW = os.path.join(ROOT, "target", "release", "furrow")
+# GATEWAY_BIN measures another build (gateway and generator alike), to set
+# two builds side by side with the same sections.
+FURROW = os.environ.get("GATEWAY_BIN") or os.path.join(ROOT, "target", "release", "furrow")
 
 
 def free_port():

@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -q -p furrow
-furrow=target/release/furrow
+# GATEWAY_BIN runs another build (the gateway and the generator alike), to
+# compare two builds side by side with the same script.
+furrow=${GATEWAY_BIN:-target/release/furrow}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 start_gateway() {

@@ -527,3 +527,82 @@ async fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
     }
     assert_eq!(tls_handshakes(&gw, "timeout").await, before + 2);
 }
+
+/// A quiet TLS session parks (its ciphertext buffers freed, rustls'
+/// unbuffered state kept) and resumes on its next record, twice; a frame
+/// larger than a TLS record arrives whole; a device GOODBYE ends with the
+/// gateway's close_notify (a clean end of stream for the device's TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tls_session_parks_resumes_and_closes_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "a");
+    let gw = TestGateway::start_with(|c| {
+        tls_on(c, &pki, false);
+        c.sessions.park_after_ms = 50;
+    })
+    .await;
+    let token = gw.add_device("tls-park").await;
+    let mut s = tls_connect(gw.tls_addr(), client_config(&pki, None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        hello_over(&mut s, "tls-park", &token).await,
+        Ok(Message::Welcome(_))
+    ));
+    let parks = |n: f64| {
+        let url = gw.api_url("/metrics");
+        async move {
+            within(Duration::from_secs(10), "the session to park", async {
+                loop {
+                    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+                    let parked = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("furrow_session_parks_total "))
+                        .map_or(0.0, |v| v.trim().parse().unwrap());
+                    if parked >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+        }
+    };
+    let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let sends: [(u64, u8, Vec<u8>); 3] = [
+        (1, 1, json_payload(1)),
+        (2, 0, big.clone()),
+        (3, 1, json_payload(3)),
+    ];
+    for (i, (seq, ct, payload)) in sends.iter().enumerate() {
+        if i > 0 {
+            parks(i as f64).await;
+        }
+        s.write_all(&encode(&telemetry_msg(*seq, *ct, payload)))
+            .await
+            .unwrap();
+        assert_eq!(recv_over(&mut s).await, Ok(Message::Ack { seq: *seq }));
+    }
+    let rows = gw
+        .store()
+        .telemetry("tls-park", TelemetryRange::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1].payload, big);
+
+    s.write_all(&encode(&Message::Goodbye(furrow_proto::Goodbye {
+        code: 0,
+        retry_after_ms: 0,
+    })))
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    let end = within(
+        Duration::from_secs(10),
+        "the close",
+        s.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(end.is_ok(), "not a clean TLS close: {end:?}");
+}

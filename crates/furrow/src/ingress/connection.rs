@@ -13,21 +13,23 @@
 //! `readable`/`writable` readiness waits lose nothing when dropped, so the
 //! session can use them as `select!` branches.
 //!
-//! TLS rides the same readiness loop through rustls's sans-I/O API: on
-//! readable, ciphertext goes from the socket into the `ServerConnection`
-//! and plaintext out of it into the read buffer; queued frames go into
-//! rustls as plaintext and out to the socket as records. No second stream
-//! type, no buffer while idle beyond what rustls keeps per connection, and
-//! the PROXY header (plaintext, before the ClientHello) is read by the same
-//! code as without TLS.
+//! TLS rides the same readiness loop through rustls' unbuffered API
+//! ([`super::tls_conn`]): on readable, ciphertext goes from the socket into
+//! a buffer of the connection's own and plaintext out of rustls into the
+//! read buffer; queued frames are encrypted into records and written. No
+//! second stream type, no buffer while idle (the ciphertext buffers are
+//! released like the read buffer), and the PROXY header (plaintext, before
+//! the ClientHello) is read by the same code as without TLS.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use furrow_proto::{DecodeError, FrameDecoder, RawFrame};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::tls_conn::{Next, TlsConn};
 
 /// Counters for the close log line and metrics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,38 +42,14 @@ pub struct Stats {
     pub bytes_out: u64,
 }
 
-/// The socket as `std::io` for rustls: non-blocking reads and writes that
-/// answer WouldBlock (and clear Tokio's readiness) when the socket has
-/// nothing.
-struct SockIo<'a>(&'a TcpStream);
-
-impl Read for SockIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
-
-impl Write for SockIo<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
 /// The socket plus its read and write buffers.
 pub struct Connection {
     stream: TcpStream,
     /// TLS state, once [`Connection::start_tls`] has run (boxed: plain
     /// connections pay one pointer).
-    tls: Option<Box<rustls::ServerConnection>>,
-    /// rustls holds decrypted bytes not yet moved into `rbuf`: read them
-    /// before waiting for the socket.
+    tls: Option<Box<TlsConn>>,
+    /// TLS: the next read returns without the socket (the peer's
+    /// close_notify, after data delivered with it).
     tls_pending: bool,
     rbuf: BytesMut,
     decoder: FrameDecoder,
@@ -82,7 +60,7 @@ pub struct Connection {
 
 /// A connection without its socket: what a parked session keeps.
 pub struct Parts {
-    tls: Option<Box<rustls::ServerConnection>>,
+    tls: Option<Box<TlsConn>>,
     decoder: FrameDecoder,
     read_chunk: u32,
     stats: Stats,
@@ -92,13 +70,14 @@ impl Connection {
     /// Whether the connection holds nothing but its socket's state: no
     /// bytes read and not handled, none waiting in rustls either way.
     pub fn parkable(&self) -> bool {
-        self.rbuf.is_empty()
-            && !self.tls_pending
-            && self.tls.as_ref().is_none_or(|t| !t.wants_write())
+        self.rbuf.is_empty() && !self.tls_pending && self.tls.as_ref().is_none_or(|t| t.is_idle())
     }
 
     /// Splits off the socket (see [`Self::parkable`]; buffers are dropped).
-    pub fn into_parts(self) -> (TcpStream, Parts) {
+    pub fn into_parts(mut self) -> (TcpStream, Parts) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.release_idle();
+        }
         let parts = Parts {
             tls: self.tls,
             decoder: self.decoder,
@@ -205,102 +184,63 @@ impl Connection {
         }
     }
 
-    /// TLS: moves what the socket has into rustls, then what rustls has
-    /// decrypted into the read buffer.
+    /// TLS: reads what the socket has into the connection's ciphertext
+    /// buffer, then what rustls decrypts into the read buffer.
     fn try_read_tls(&mut self) -> io::Result<Option<usize>> {
         let Some(tls) = self.tls.as_mut() else {
             return Ok(None);
         };
-        let mut eof = false;
-        if tls.wants_read() {
-            match tls.read_tls(&mut SockIo(&self.stream)) {
-                Ok(0) => eof = true,
-                Ok(n) => {
-                    self.stats.bytes_in += n as u64;
-                    crate::metrics::wire().bytes_in.increment(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let state = match tls.process_new_packets() {
-            Ok(st) => st,
-            Err(e) => {
-                // rustls queued an alert for the peer: best effort.
-                let _ = tls.write_tls(&mut SockIo(&self.stream));
-                return Err(tls_err(e));
-            }
-        };
-        let avail = state.plaintext_bytes_to_read();
-        if avail > 0 {
-            let start = self.rbuf.len();
-            self.rbuf.resize(start + avail, 0);
-            let n = match tls.reader().read(&mut self.rbuf[start..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    self.rbuf.truncate(start);
-                    return Err(e);
-                }
-            };
-            self.rbuf.truncate(start + n);
-            self.tls_pending = n < avail;
-            return Ok(Some(n));
-        }
-        self.tls_pending = false;
-        if eof || state.peer_has_closed() {
+        if tls.peer_closed() {
+            self.tls_pending = false;
             return Ok(Some(0));
         }
-        Ok(None)
+        let mut eof = false;
+        match tls.read_from(&self.stream, self.read_chunk) {
+            Ok(0) => eof = true,
+            Ok(n) => {
+                self.stats.bytes_in += n as u64;
+                crate::metrics::wire().bytes_in.increment(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        let before = self.rbuf.len();
+        let next = tls.process(&mut self.rbuf, None);
+        // Alerts, session tickets, key updates: out at once, best effort
+        // (a socket that takes none now gets them with the next write).
+        match tls.write_to(&self.stream) {
+            Ok(n) => {
+                self.stats.bytes_out += n as u64;
+                crate::metrics::wire().bytes_out.increment(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if next.is_ok() => return Err(e),
+            Err(_) => {}
+        }
+        let closed = next? == Next::PeerClosed || eof;
+        let n = self.rbuf.len() - before;
+        if closed {
+            // Data that came with the close first; the close at the next read.
+            self.tls_pending = n > 0;
+            return Ok(Some(n));
+        }
+        Ok((n > 0).then_some(n))
     }
 
     /// Runs the TLS handshake (the caller bounds it in time). Bytes already
     /// read (after a PROXY header) are the start of the ClientHello.
     pub async fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
-        let mut tls = rustls::ServerConnection::new(config).map_err(tls_err)?;
-        let mut early: &[u8] = &self.rbuf;
-        while !early.is_empty() {
-            if tls.read_tls(&mut early)? == 0 {
-                break;
-            }
-            tls.process_new_packets().map_err(tls_err)?;
-        }
-        self.rbuf = BytesMut::new();
-        loop {
-            while tls.wants_write() {
-                match tls.write_tls(&mut SockIo(&self.stream)) {
-                    Ok(n) => {
-                        self.stats.bytes_out += n as u64;
-                        crate::metrics::wire().bytes_out.increment(n as u64);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.stream.writable().await?;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if !tls.is_handshaking() {
-                break;
-            }
-            self.stream.readable().await?;
-            match tls.read_tls(&mut SockIo(&self.stream)) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    self.stats.bytes_in += n as u64;
-                    crate::metrics::wire().bytes_in.increment(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-            if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut SockIo(&self.stream));
-                return Err(tls_err(e));
-            }
-        }
-        // The device may have sent HELLO in the handshake's last flight.
-        let st = tls.process_new_packets().map_err(tls_err)?;
-        self.tls_pending = st.plaintext_bytes_to_read() > 0 || st.peer_has_closed();
-        self.tls = Some(Box::new(tls));
+        let early = std::mem::take(&mut self.rbuf);
+        let (tls, read, written) =
+            TlsConn::accept(&self.stream, config, &early, &mut self.rbuf).await?;
+        self.stats.bytes_in += read;
+        self.stats.bytes_out += written;
+        crate::metrics::wire().bytes_in.increment(read);
+        crate::metrics::wire().bytes_out.increment(written);
+        // The device may have sent HELLO in the handshake's last flight: it
+        // is in the read buffer now.
+        self.tls_pending = tls.peer_closed();
+        self.tls = Some(tls);
         Ok(())
     }
 
@@ -311,16 +251,7 @@ impl Connection {
 
     /// TLS: the protocol version and whether the session was resumed.
     pub fn tls_info(&self) -> Option<(&'static str, bool)> {
-        let t = self.tls.as_ref()?;
-        let v = match t.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
-            _ => "other",
-        };
-        Some((
-            v,
-            t.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-        ))
+        self.tls.as_ref().map(|t| t.info())
     }
 
     /// The next complete frame in the read buffer, if any.
@@ -366,14 +297,19 @@ impl Connection {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
         }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.release_idle();
+        }
     }
 
     /// Bytes of `out` plus what the transport itself holds, not yet written.
     pub fn unsent(&self, out: &BytesMut) -> usize {
-        // Records rustls holds (bounded by its own 64 KiB limit) count as
-        // one byte: enough to keep flushing them.
-        let tls = self.tls.as_ref().is_some_and(|t| t.wants_write());
-        out.len() + usize::from(tls)
+        // Encrypted records not written yet, and a close_notify to send.
+        let tls = self
+            .tls
+            .as_ref()
+            .map_or(0, |t| t.unsent() + usize::from(t.close_queued()));
+        out.len() + tls
     }
 
     /// Writes as much of `out` as the socket takes now, without waiting,
@@ -382,17 +318,16 @@ impl Connection {
         if let Some(tls) = self.tls.as_mut() {
             loop {
                 let mut progressed = false;
-                if !out.is_empty() {
-                    // rustls takes plaintext up to its buffer limit.
-                    let n = tls.writer().write(out)?;
-                    if n > 0 {
-                        let _ = out.split_to(n);
-                        progressed = true;
-                    }
+                if tls.unsent() == 0 && (!out.is_empty() || tls.close_queued()) {
+                    // Encrypts (part of) `out`; records that arrived meanwhile
+                    // are decrypted into the read buffer as usual.
+                    let before = out.len();
+                    let next = tls.process(&mut self.rbuf, Some(out))?;
+                    self.tls_pending |= next == Next::PeerClosed;
+                    progressed = out.len() < before;
                 }
-                if tls.wants_write() {
-                    match tls.write_tls(&mut SockIo(&self.stream)) {
-                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                if tls.unsent() > 0 {
+                    match tls.write_to(&self.stream) {
                         Ok(n) => {
                             self.stats.bytes_out += n as u64;
                             crate::metrics::wire().bytes_out.increment(n as u64);
@@ -446,7 +381,7 @@ impl Connection {
             // Queued frames go out first, then close_notify.
             self.flush(out).await?;
             if let Some(tls) = self.tls.as_mut() {
-                tls.send_close_notify();
+                tls.queue_close();
             }
         }
         self.flush(out).await?;

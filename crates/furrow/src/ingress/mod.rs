@@ -1,7 +1,8 @@
 //! Bytes in, before a session exists: the accept loop ([`listener`]),
 //! admission and abuse limits ([`limits`]), the PROXY header a balancer
 //! puts first ([`proxy`]), and the transport a session reads and writes
-//! ([`connection`]: plain TCP or TLS, with [`tls`] the TLS listener's
+//! ([`connection`]: plain TCP or TLS, [`tls_conn`] a device's TLS state
+//! through rustls' unbuffered API, with [`tls`] the TLS listener's
 //! configuration, mutual TLS and reloads).
 
 pub mod connection;
@@ -9,3 +10,4 @@ pub mod limits;
 pub mod listener;
 pub mod proxy;
 pub mod tls;
+pub mod tls_conn;

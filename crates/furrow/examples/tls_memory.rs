@@ -1,0 +1,178 @@
+//! What one idle device TLS connection holds on the gateway's heap.
+//!
+//! `cargo run --release -p furrow --example tls_memory`
+//!
+//! Runs N handshakes over loopback against the gateway's own TLS setup
+//! (`TlsState` with a certificate from `furrow certs`), each server side on
+//! one thread whose allocations are counted, then exchanges one record
+//! each way and releases the idle buffers, as a parked session does. It
+//! prints the live bytes and allocations per connection at each step: the
+//! floor under `bench/compare.py`'s TLS idle row, without the allocator's
+//! fragmentation or the rest of the session.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use furrow::ingress::tls::TlsState;
+use furrow::ingress::tls_conn::TlsConn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static BYTES: Cell<i64> = const { Cell::new(0) };
+    static ALLOCS: Cell<i64> = const { Cell::new(0) };
+}
+
+/// Counts this thread's live bytes while `COUNTING` is set.
+struct Counting;
+
+fn note(bytes: i64, allocs: i64) {
+    let _ = COUNTING.try_with(|c| {
+        if c.get() {
+            BYTES.with(|b| b.set(b.get() + bytes));
+            ALLOCS.with(|a| a.set(a.get() + allocs));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counting touches only thread-locals of plain integers (const-initialised,
+// so it never allocates).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size() as i64, 1);
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        note(-(layout.size() as i64), -1);
+        // SAFETY: forwarded with the caller's pointer and layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        note(new as i64 - layout.size() as i64, 0);
+        // SAFETY: forwarded with the caller's arguments.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn counted() -> (i64, i64) {
+    (BYTES.with(Cell::get), ALLOCS.with(Cell::get))
+}
+
+const N: usize = 200;
+
+fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = furrow::certs::Ca::new("tls-memory", 2)?;
+    let server = ca.server(&["localhost".to_owned()], 2)?;
+    std::fs::write(dir.path().join("server.pem"), &server.cert_pem)?;
+    std::fs::write(dir.path().join("server.key"), &server.key_pem)?;
+    std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem)?;
+    let cfg = furrow::config::Tls {
+        cert_file: dir.path().join("server.pem"),
+        key_file: dir.path().join("server.key"),
+        ..Default::default()
+    };
+    let state = TlsState::load(&cfg)?;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in furrow::ingress::tls::read_certs("CA", &dir.path().join("ca.pem"))? {
+        roots.add(c)?;
+    }
+    let client = Arc::new(
+        tokio_rustls::rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+
+    // The devices, on a thread of their own (not counted).
+    let devices = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..N {
+                let tcp = TcpStream::connect(addr).await?;
+                let name = rustls_pki_types::ServerName::try_from("localhost")?;
+                let mut s = tokio_rustls::TlsConnector::from(Arc::clone(&client))
+                    .connect(name, tcp)
+                    .await?;
+                s.write_all(b"hello").await?;
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).await?;
+                held.push(s);
+            }
+            // Hold them until the gateway side is measured.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+
+    let (handshake, traffic, idle) = rt.block_on(async {
+        let mut conns = Vec::new();
+        let mut at_handshake = (0, 0);
+        for _ in 0..N {
+            let (tcp, _) = listener.accept().await?;
+            let config = state.current();
+            COUNTING.with(|c| c.set(true));
+            let before = counted();
+            let mut plain = BytesMut::new();
+            let (mut tls, _, _) = TlsConn::accept(&tcp, config, &[], &mut plain).await?;
+            let after = counted();
+            at_handshake.0 += after.0 - before.0;
+            at_handshake.1 += after.1 - before.1;
+            while plain.len() < 5 {
+                tcp.readable().await?;
+                let _ = tls.read_from(&tcp, 4096);
+                tls.process(&mut plain, None)?;
+            }
+            {
+                let mut out = BytesMut::from(&b"howdy"[..]);
+                tls.process(&mut plain, Some(&mut out))?;
+            }
+            while tls.unsent() > 0 {
+                tcp.writable().await?;
+                let _ = tls.write_to(&tcp);
+            }
+            drop(plain);
+            COUNTING.with(|c| c.set(false));
+            conns.push((tcp, tls));
+        }
+        COUNTING.with(|c| c.set(true));
+        let traffic = counted();
+        for (_, tls) in conns.iter_mut() {
+            tls.release_idle();
+        }
+        let idle = counted();
+        COUNTING.with(|c| c.set(false));
+        Ok::<_, anyhow::Error>((at_handshake, traffic, idle))
+    })?;
+    devices
+        .join()
+        .map_err(|_| anyhow::anyhow!("device thread panicked"))??;
+    let per = |(b, a): (i64, i64)| {
+        format!(
+            "{:>6} bytes in {:>3} allocations",
+            b / N as i64,
+            a / N as i64
+        )
+    };
+    println!("per TLS connection, {N} connections (rustls unbuffered, ECDSA P-256, TLS 1.3):");
+    println!("  after the handshake      {}", per(handshake));
+    println!("  after a record each way  {}", per(traffic));
+    println!("  idle buffers released    {}", per(idle));
+    Ok(())
+}
