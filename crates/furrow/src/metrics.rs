@@ -105,6 +105,10 @@ fn describe() {
         "Handshakes answered by one batched PostgreSQL lookup or claim."
     );
     describe_counter!(
+        "furrow_cluster_deadlock_retries_total",
+        "Cluster statements run again after PostgreSQL aborted them to break a deadlock."
+    );
+    describe_counter!(
         "furrow_writer_paced_commits_total",
         "Commits that waited for storage.min_commit_interval_us to pass since the previous one."
     );

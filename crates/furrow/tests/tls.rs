@@ -2,8 +2,8 @@
 //! `furrow::certs` (what `furrow certs` makes): the SDK end to end,
 //! mutual TLS accepted and refused (no certificate, another CA, expired,
 //! another device), resumption, reloads without a restart that leave open
-//! sessions alone, and a gateway that refuses to start with files it cannot
-//! use.
+//! sessions alone, a gateway that refuses to start with files it cannot
+//! use, and a quiet TLS session that parks, resumes and closes cleanly.
 
 mod support;
 

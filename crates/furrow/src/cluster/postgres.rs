@@ -438,6 +438,7 @@ impl Inner {
                  SELECT d.id, $1, x.g, x.p, x.c
                  FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[]) AS x(id, g, p, c)
                  JOIN devices d ON d.device_id = x.id
+                 ORDER BY d.id
                  ON CONFLICT (device) DO NOTHING",
                 &[&self.instance, &ids, &gens, &peers, &since],
             )
@@ -659,6 +660,7 @@ async fn claim_batch(
              ins AS (
                  INSERT INTO sessions (device, instance_id, generation, peer, connected_ms)
                  SELECT device, $5, nextval('session_generation'), peer, connected_ms FROM req
+                 ORDER BY device
                  ON CONFLICT (device) DO UPDATE SET instance_id = EXCLUDED.instance_id,
                      generation = EXCLUDED.generation, peer = EXCLUDED.peer,
                      connected_ms = EXCLUDED.connected_ms
@@ -680,7 +682,11 @@ async fn claim_batch(
     let rounds = seen.values().copied().max().unwrap_or(0);
     let mut out: Vec<Option<Claimed>> = (0..reqs.len()).map(|_| None).collect();
     for round in 0..rounds {
-        let idx: Vec<usize> = (0..reqs.len()).filter(|&k| round_of[k] == round).collect();
+        let mut idx: Vec<usize> = (0..reqs.len()).filter(|&k| round_of[k] == round).collect();
+        // Rows locked in device order, as every batch here does: batches
+        // of two instances, or a claim and an end, never wait on each
+        // other in a cycle (PostgreSQL would abort one: a deadlock).
+        idx.sort_by_key(|&k| reqs[k].key);
         let keys: Vec<DeviceKey> = idx.iter().map(|&k| reqs[k].key).collect();
         let peers: Vec<&str> = idx.iter().map(|&k| reqs[k].peer.as_str()).collect();
         let at: Vec<i64> = idx.iter().map(|&k| i(reqs[k].connected_ms)).collect();
@@ -688,7 +694,7 @@ async fn claim_batch(
             async {
                 let params: [&(dyn ToSql + Sync); 6] =
                     [&keys, &peers, &at, &alive_after, &instance, &APP_PREFIX];
-                Ok::<_, StoreError>(client.query(&stmt, &params).await?)
+                Ok::<_, StoreError>(retry_deadlock(|| client.query(&stmt, &params)).await?)
             },
             seqs_of(&client, &keys),
             open_commands_of(&client, &keys),
@@ -742,16 +748,22 @@ struct SessionEnd {
 /// tells the sessions that took the others over, in one statement: a
 /// session that no longer holds its device was displaced, and its
 /// successor may be waiting to hear it is gone.
-async fn end_batch(pool: Pool, ends: Vec<SessionEnd>) -> Result<Vec<()>, StoreError> {
+async fn end_batch(pool: Pool, mut ends: Vec<SessionEnd>) -> Result<Vec<()>, StoreError> {
     let client = pool.get().await.map_err(pool_err)?;
+    // In device order, like claims (see `claim_batch`); the answers carry
+    // nothing, so their order does not matter.
+    ends.sort_by_key(|e| e.key);
     let stmt = client
         .prepare_cached(
             "WITH req AS (
                  SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[])
                      AS r(device, generation, note)),
+             lk AS (
+                 SELECT s.device FROM sessions s JOIN req
+                     ON s.device = req.device AND s.generation = req.generation
+                 ORDER BY s.device FOR UPDATE OF s),
              del AS (
-                 DELETE FROM sessions s USING req
-                 WHERE s.device = req.device AND s.generation = req.generation
+                 DELETE FROM sessions s USING lk WHERE s.device = lk.device
                  RETURNING s.device, s.generation)
              SELECT pg_notify($4, req.note) FROM req
              WHERE NOT EXISTS (SELECT 1 FROM del
@@ -761,10 +773,35 @@ async fn end_batch(pool: Pool, ends: Vec<SessionEnd>) -> Result<Vec<()>, StoreEr
     let keys: Vec<DeviceKey> = ends.iter().map(|e| e.key).collect();
     let generations: Vec<i64> = ends.iter().map(|e| i(e.generation)).collect();
     let notes: Vec<&str> = ends.iter().map(|e| e.note.as_str()).collect();
-    client
-        .query(&stmt, &[&keys, &generations, &notes, &CHANNEL])
-        .await?;
+    let params: [&(dyn ToSql + Sync); 4] = [&keys, &generations, &notes, &CHANNEL];
+    retry_deadlock(|| client.query(&stmt, &params)).await?;
     Ok(vec![(); ends.len()])
+}
+
+/// Runs a statement again when PostgreSQL aborted it to break a deadlock
+/// (it rolled back whole, so running it again is safe), up to three times.
+/// Batches lock in device order and so never deadlock with each other;
+/// this covers the rare statement that locks in another order (an
+/// instance's sessions cleared at once).
+async fn retry_deadlock<T, F, Fut>(mut run: F) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut retries = 0;
+    loop {
+        match run().await {
+            Err(e)
+                if retries < 3
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                retries += 1;
+                metrics::counter!("furrow_cluster_deadlock_retries_total").increment(1);
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Sends a batch of notifications in one statement (one transaction).

@@ -270,7 +270,7 @@ impl StoreError {
     ) -> Self {
         StoreError::Backend {
             backend,
-            source: Box::new(e),
+            error: Box::new(e),
         }
     }
 }
@@ -304,18 +304,36 @@ pub struct StorageInfo {
 /// A backend's own error, boxed.
 pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// An error and its causes, `a: b: c`.
+fn chain(e: &BackendError) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database said no, or the connection to it failed. The backend's
-    /// own error is the source; this type names no backend's types, so
-    /// that each backend can be built or left out on its own.
-    #[error("{backend}: {source}")]
+    /// The database said no, or the connection to it failed. This type
+    /// names no backend's types, so that each backend can be built or left
+    /// out on its own. The message carries the backend error's own causes
+    /// (tokio-postgres says only "db error" and keeps what the server said
+    /// in its source), so that every log line that prints it says why.
+    #[error("{backend}: {}", chain(.error))]
     Backend {
         /// `sqlite` or `postgres`.
         backend: &'static str,
-        /// The backend's error.
-        source: BackendError,
+        /// The backend's error (downcast to its type for details).
+        error: BackendError,
     },
     /// No database connection could be had in time.
     #[error("postgres pool: {0}")]
@@ -485,4 +503,39 @@ pub trait Store: TelemetryStore + DeviceStore + CommandStore {
 /// Store` is called.
 pub mod prelude {
     pub use super::{CommandStore, DeviceStore, Store, TelemetryStore};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Like tokio-postgres' error: a vague message, the detail in the source.
+    #[derive(Debug)]
+    struct Vague(std::io::Error);
+
+    impl std::fmt::Display for Vague {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("db error")
+        }
+    }
+
+    impl std::error::Error for Vague {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_backend_error_says_what_its_causes_say() {
+        let e = StoreError::backend(
+            "postgres",
+            Vague(std::io::Error::other(
+                "FATAL: sorry, too many clients already",
+            )),
+        );
+        assert_eq!(
+            e.to_string(),
+            "postgres: db error: FATAL: sorry, too many clients already"
+        );
+    }
 }

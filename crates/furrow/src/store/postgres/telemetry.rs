@@ -442,8 +442,8 @@ impl TelemetryStore for PostgresStore {
                 // No partition for a row: another instance dropped one this
                 // instance still knew of. Forget them all; the writer's
                 // retry finds or creates the right ones.
-                if let StoreError::Backend { source, .. } = &e {
-                    if source
+                if let StoreError::Backend { error, .. } = &e {
+                    if error
                         .downcast_ref::<tokio_postgres::Error>()
                         .and_then(|e| e.code())
                         == Some(&SqlState::CHECK_VIOLATION)
