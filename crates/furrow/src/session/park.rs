@@ -72,7 +72,9 @@ struct Entry<S> {
 }
 
 struct State<S> {
-    slab: Slab<Entry<S>>,
+    /// Boxed: a slab doubles its capacity as it grows, so inline records
+    /// would leave up to half their bytes unused; a box leaves a pointer.
+    slab: Slab<Box<Entry<S>>>,
     deadlines: BTreeSet<(Instant, usize)>,
     called: Vec<(usize, u64)>,
     stopping: bool,
@@ -143,12 +145,12 @@ impl<S: Send + 'static> Lot<S> {
             warn!(error = %e, "cannot park a session; it stays in its task");
             return Err((stream, session));
         }
-        entry.insert(Entry {
+        entry.insert(Box::new(Entry {
             id,
             stream,
             deadline,
             session,
-        });
+        }));
         st.deadlines.insert((deadline, key));
         let first = st.deadlines.first().is_some_and(|d| d.1 == key);
         parked(key);
@@ -190,7 +192,7 @@ impl<S: Send + 'static> Lot<S> {
         let mut e = st.slab.remove(key);
         st.deadlines.remove(&(e.deadline, key));
         let _ = self.registry.deregister(&mut e.stream);
-        Some(e)
+        Some(*e)
     }
 
     fn run(self: Arc<Self>, mut poll: Poll) {
