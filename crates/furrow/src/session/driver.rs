@@ -956,7 +956,7 @@ impl Session {
 /// The lot that holds this gateway's parked sessions.
 pub type ParkLot = Lot<ParkedSession>;
 
-/// A parked session, held inline in the lot beside its socket: no task, no
+/// A parked session, held (boxed) in the lot beside its socket: no task, no
 /// future, no buffer, and no field that another one already holds (the
 /// peer and connection time are in the registry's handle).
 pub struct ParkedSession {
