@@ -99,6 +99,19 @@ fn append_with<E>(
     }
 }
 
+/// [`append_with`] for what rustls encrypts (records, close_notify).
+fn encrypt_into(
+    buf: &mut Vec<u8>,
+    guess: usize,
+    f: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<()> {
+    append_with(buf, guess, f, |e| match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    })
+    .map_err(|e| io::Error::other(e.to_string()))
+}
+
 impl TlsConn {
     /// Runs the handshake on `stream`. `early` holds bytes already read
     /// (the start of the ClientHello, after a PROXY header); application
@@ -211,30 +224,14 @@ impl TlsConn {
                     if let Some(out) = send.take().filter(|o| !o.is_empty()) {
                         let n = out.len().min(ENCRYPT_MAX);
                         let guess = n + RECORD_OVERHEAD * (n / 16_384 + 1);
-                        append_with(
-                            &mut self.outgoing,
-                            guess,
-                            |buf| w.encrypt(&out[..n], buf),
-                            |e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            },
-                        )
-                        .map_err(|e| io::Error::other(e.to_string()))?;
+                        encrypt_into(&mut self.outgoing, guess, |buf| w.encrypt(&out[..n], buf))?;
                         let _ = out.split_to(n);
                     }
                     if self.close {
                         self.close = false;
-                        append_with(
-                            &mut self.outgoing,
-                            RECORD_OVERHEAD,
-                            |buf| w.queue_close_notify(buf),
-                            |e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            },
-                        )
-                        .map_err(|e| io::Error::other(e.to_string()))?;
+                        encrypt_into(&mut self.outgoing, RECORD_OVERHEAD, |buf| {
+                            w.queue_close_notify(buf)
+                        })?;
                     }
                     Some(if self.peer_closed {
                         Next::PeerClosed
