@@ -95,6 +95,11 @@ pub struct Report {
     /// The server's CPU time per acknowledged message, microseconds: the
     /// cost per message, comparable across connection counts.
     pub server_cpu_us_per_msg: Option<f64>,
+    /// The server's CPU time over the measured window by thread name,
+    /// seconds (with `--server-pid`): Furrow's storage threads are
+    /// `furrow-db-*`, its network path `tokio-rt-worker`.
+    #[serde(default)]
+    pub server_threads_cpu_s: BTreeMap<String, f64>,
     /// Reconnections over the run.
     pub reconnects: u64,
     /// Errors by kind over the run.
@@ -166,6 +171,16 @@ impl Report {
                     s,
                     "  server     {cpu:.2} CPU-s over the window: {per:.2} us of CPU per message"
                 );
+                let per_msg = |cpu: f64| cpu * 1e6 / self.acked.max(1) as f64;
+                let threads: Vec<String> = self
+                    .server_threads_cpu_s
+                    .iter()
+                    .filter(|(_, cpu)| per_msg(**cpu) >= 0.05)
+                    .map(|(name, cpu)| format!("{name} {:.2}", per_msg(*cpu)))
+                    .collect();
+                if !threads.is_empty() {
+                    let _ = writeln!(s, "  by thread  us per message: {}", threads.join(", "));
+                }
             }
         }
         if let Some(st) = &self.storm {

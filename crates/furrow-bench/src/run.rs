@@ -10,6 +10,7 @@
 //! * storm: stream for the warm-up, then every device drops its connection
 //!   at once and reconnects; until all are back or `--duration` passes.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -83,19 +84,39 @@ pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
 /// The server's CPU time (user + system), seconds, from /proc. Linux
 /// reports it in USER_HZ ticks, 100 per second by ABI.
 pub fn cpu_s(pid: u32) -> Result<f64, BenchError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_s(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+        .ok_or_else(|| BenchError::Invalid(format!("unreadable /proc/{pid}/stat")))
+}
+
+/// The server's CPU time by thread name (threads of one name summed),
+/// seconds: which part of the cost per message is the network path and
+/// which the storage threads. A thread that ends in between is left out.
+pub fn thread_cpu_s(pid: u32) -> Result<BTreeMap<String, f64>, BenchError> {
+    let mut by_name = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the reads: skip it.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue;
+        };
+        if let Some(cpu) = stat_cpu_s(&stat) {
+            *by_name.entry(comm.trim().to_owned()).or_insert(0.0) += cpu;
+        }
+    }
+    Ok(by_name)
+}
+
+/// utime + stime of one `/proc/.../stat` line, seconds.
+fn stat_cpu_s(stat: &str) -> Option<f64> {
     // Fields after the command name, which may itself contain spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| BenchError::Invalid(format!("unreadable /proc/{pid}/stat")))?;
+    let (_, rest) = stat.rsplit_once(')')?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
-    match (tick(11), tick(12)) {
-        (Some(u), Some(s)) => Ok((u + s) as f64 / 100.0),
-        _ => Err(BenchError::Invalid(format!("unreadable /proc/{pid}/stat"))),
-    }
+    Some((tick(11)? + tick(12)?) as f64 / 100.0)
 }
 
 struct Coordinator {
@@ -267,6 +288,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
     let mut storm = None;
     let mut memory = None;
     let mut server_cpu_s = None;
+    let mut server_threads_cpu_s = BTreeMap::new();
     let (mut measured_s, mut sent, mut acked) = (0.0, 0, 0);
     match args.mode {
         Mode::Flat | Mode::Steady => {
@@ -276,6 +298,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
             }
             let (start, start_at) = (s.clone(), c.last_at);
             let cpu_start = args.server_pid.map(cpu_s).transpose()?;
+            let threads_start = args.server_pid.map(thread_cpu_s).transpose()?;
             for _ in 0..args.duration {
                 s = c.tick(second, "measure")?;
                 s.ack_us.add_to(&mut ack);
@@ -283,6 +306,12 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
             measured_s = c.last_at.duration_since(start_at).as_secs_f64();
             if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
                 server_cpu_s = Some(cpu_s(pid)? - before);
+                if let Some(start) = &threads_start {
+                    for (name, cpu) in thread_cpu_s(pid)? {
+                        let spent = cpu - start.get(&name).copied().unwrap_or(0.0);
+                        server_threads_cpu_s.insert(name, spent);
+                    }
+                }
             }
             sent = s.sent.saturating_sub(start.sent);
             acked = s.acked.saturating_sub(start.acked);
@@ -352,6 +381,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
         server_cpu_us_per_msg: server_cpu_s
             .filter(|_| acked > 0)
             .map(|cpu| cpu * 1e6 / acked as f64),
+        server_threads_cpu_s,
         reconnects: s.reconnects,
         errors: s.errors.clone(),
         storm,
@@ -377,5 +407,19 @@ mod tests {
         assert!(cpu_s(pid).expect("cpu") > 0.0);
         assert!(rss_kib(pid).expect("rss") > 0);
         assert!(cpu_s(u32::MAX).is_err());
+        // The threads' split adds up to no more than the process (threads
+        // that ended are in the process figure only).
+        let threads = thread_cpu_s(pid).expect("threads");
+        assert!(!threads.is_empty());
+        assert!(threads.values().sum::<f64>() <= cpu_s(pid).expect("cpu") + 0.011);
+        assert!(thread_cpu_s(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_stat_line_parses_past_a_name_with_spaces_and_parentheses() {
+        let line = "42 (a (b) c) S 1 1 1 0 -1 4194560 100 0 0 0 150 25 0 0 20 0 1 0";
+        assert_eq!(stat_cpu_s(line), Some(1.75));
+        assert_eq!(stat_cpu_s("42 (x) S 1"), None);
+        assert_eq!(stat_cpu_s("no parenthesis"), None);
     }
 }

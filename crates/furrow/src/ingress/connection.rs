@@ -173,7 +173,8 @@ impl Connection {
             _ => self.read_chunk,
         };
         self.rbuf.reserve(want);
-        match self.stream.try_read_buf(&mut self.rbuf) {
+        let spare = self.rbuf.capacity() - self.rbuf.len();
+        match read_short_clears(&self.stream, &mut self.rbuf, spare) {
             Ok(n) => {
                 self.stats.bytes_in += n as u64;
                 crate::metrics::wire().bytes_in.increment(n as u64);
@@ -386,5 +387,108 @@ impl Connection {
         }
         self.flush(out).await?;
         self.stream.shutdown().await
+    }
+}
+
+/// One non-blocking read into `buf`'s spare capacity that, when the socket
+/// gave less than that, also clears Tokio's readiness for it.
+///
+/// Why: Tokio keeps a socket readable until a read returns `WouldBlock`, so
+/// after every message a session would make a second `recv` just to learn
+/// that nothing more came: at 10,000 devices x 1 msg/s that is half of the
+/// gateway's socket reads. A short read already says the receive queue is
+/// empty (TCP's `recvmsg` copies what is queued, backlog included, up to the
+/// length asked). Nothing is lost: Tokio clears readiness only if no new
+/// event came since the read began (its tick), data arriving later raises a
+/// new edge, and a close seen by epoll is never cleared.
+/// `spare` is the room the caller reserved in `buf`.
+pub(crate) fn read_short_clears<B: bytes::BufMut>(
+    stream: &TcpStream,
+    buf: &mut B,
+    spare: usize,
+) -> io::Result<usize> {
+    let mut got = None;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        got = Some(n);
+        if n > 0 && n < spare {
+            // Drained: tell Tokio so (the bytes are kept in `got`).
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (tokio::net::TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    /// A short read clears readiness (no second `recv` to learn the queue is
+    /// empty), and neither later data nor a close is missed.
+    #[tokio::test]
+    async fn a_short_read_clears_readiness_and_misses_nothing_after() {
+        let (mut client, server) = pair().await;
+        let mut buf = BytesMut::with_capacity(64);
+        client.write_all(b"abc").await.unwrap();
+        server.readable().await.unwrap();
+        assert_eq!(read_short_clears(&server, &mut buf, 64).unwrap(), 3);
+        // Cleared: waiting for readiness now would park the task.
+        assert!(server.readable().now_or_never().is_none());
+
+        // Data after the read raises readiness again.
+        client.write_all(b"de").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server.readable())
+            .await
+            .expect("readable again after new data")
+            .unwrap();
+        assert_eq!(read_short_clears(&server, &mut buf, 59).unwrap(), 2);
+        assert_eq!(&buf[..], b"abcde");
+
+        // Data then the close: the close is still seen after the short read.
+        client.write_all(b"xyz").await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server.readable())
+            .await
+            .expect("readable")
+            .unwrap();
+        let mut n = read_short_clears(&server, &mut buf, 57).unwrap();
+        assert_eq!(n, 3, "the data before the close comes first");
+        tokio::time::timeout(Duration::from_secs(5), server.readable())
+            .await
+            .expect("the close keeps the socket readable")
+            .unwrap();
+        n = read_short_clears(&server, &mut buf, 54).unwrap();
+        assert_eq!(n, 0, "end of stream");
+    }
+
+    /// A read that fills the room it was given leaves readiness set: more
+    /// may be queued.
+    #[tokio::test]
+    async fn a_full_read_keeps_readiness() {
+        let (mut client, server) = pair().await;
+        client.write_all(&[7u8; 100]).await.unwrap();
+        server.readable().await.unwrap();
+        let mut buf = BytesMut::with_capacity(10);
+        let spare = buf.capacity() - buf.len();
+        let n = read_short_clears(&server, &mut buf, spare).unwrap();
+        assert_eq!(n, spare);
+        assert!(server.readable().now_or_never().is_some());
     }
 }

@@ -263,7 +263,8 @@ impl TlsConn {
     /// One non-blocking read of up to `chunk` bytes of ciphertext.
     pub fn read_from(&mut self, stream: &TcpStream, chunk: usize) -> io::Result<usize> {
         self.incoming.reserve(chunk);
-        stream.try_read_buf(&mut self.incoming)
+        let spare = self.incoming.capacity() - self.incoming.len();
+        super::connection::read_short_clears(stream, &mut self.incoming, spare)
     }
 
     /// Writes what `outgoing` holds, without waiting; returns the bytes
