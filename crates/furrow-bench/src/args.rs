@@ -22,6 +22,12 @@ pub enum Mode {
     /// Devices stream at `--rate`; then all drop their connections at once
     /// and reconnect: time until every one is back and streaming.
     Storm,
+    /// Devices reconnect `--rate` times a second each, timing every
+    /// handshake, while `--attackers` connections send HELLOs with wrong
+    /// tokens for the same device ids as fast as they can, from
+    /// `--attack-sources` other addresses: what a token-guessing flood costs
+    /// the server, and whether valid devices still get in promptly.
+    Authflood,
 }
 
 /// The protocol spoken to the server.
@@ -109,6 +115,13 @@ pub struct BenchArgs {
     /// bytes per connection).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// authflood: connections sending wrong tokens at once.
+    #[arg(long, default_value_t = 200)]
+    pub attackers: usize,
+    /// authflood: loopback addresses the attackers send from
+    /// (127.0.200.1, 127.0.200.2, ...).
+    #[arg(long, default_value_t = 20)]
+    pub attack_sources: u32,
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -140,10 +153,21 @@ impl BenchArgs {
         if self.addrs.is_empty() {
             return bad("give at least one --addr");
         }
-        if matches!(self.mode, Mode::Steady | Mode::Storm)
+        if matches!(self.mode, Mode::Steady | Mode::Storm | Mode::Authflood)
             && !(self.rate > 0.0 && self.rate.is_finite())
         {
             return bad("--rate must be a positive number of messages per second");
+        }
+        if self.mode == Mode::Authflood {
+            if self.protocol != Protocol::Furrow || self.tls {
+                return bad("authflood speaks furrow/1 over plain TCP only");
+            }
+            if self.worker_count() > 1 {
+                return bad("authflood runs in one process: at most 19,000 devices, --workers 1");
+            }
+            if self.attack_sources == 0 || self.attack_sources > 254 {
+                return bad("--attack-sources must be 1 to 254");
+            }
         }
         if self.window == 0 || (self.protocol == Protocol::Mqtt && self.window > 65_535) {
             return bad("--window must be 1 to 65,535");

@@ -129,6 +129,8 @@ async fn open(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpSt
 enum Ended {
     Stop,
     Storm(Instant),
+    /// authflood: the handshake is what is measured; close, wait, again.
+    Cycle,
     Failed(DeviceError),
 }
 
@@ -207,6 +209,16 @@ impl Device {
                     storm.handled = Some(at);
                     storm.pending = Some(at);
                 }
+                Ended::Cycle => {
+                    // A random share of two periods: `--rate` handshakes a
+                    // second on average, the fleet out of step.
+                    let period = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
+                    let wait = period.mul_f64(rand::thread_rng().gen_range(0.0..2.0));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = phase.wait_for(|p| *p == Phase::Stop) => return,
+                    }
+                }
                 Ended::Failed(e) => {
                     shared.rec.error(e.kind());
                     failures = failures.saturating_add(1);
@@ -251,6 +263,87 @@ impl Device {
     }
 }
 
+/// The first attacker source address: far from the devices' own
+/// (127.0.0.1 and up), so that the server tells them apart.
+const ATTACK_BASE: Ipv4Addr = Ipv4Addr::new(127, 0, 200, 1);
+
+/// How long an attacker waits for an answer before it hangs up and tries
+/// again: a flooder does not sit out the server's delays.
+const ATTACK_PATIENCE: Duration = Duration::from_millis(100);
+
+/// authflood: one connection after another sending HELLO with a wrong
+/// token for `victim`, as fast as it can, until the stop. Every attempt is
+/// counted by outcome (`attack: ERROR 3` is AUTH_FAILED).
+pub struct Attacker {
+    /// The device id it claims to be.
+    pub victim: String,
+    /// The server.
+    pub addr: SocketAddr,
+    /// Its source address (127.0.200.x).
+    pub source: Option<IpAddr>,
+}
+
+impl Attacker {
+    /// The attacker `index` of a run.
+    pub fn new(index: usize, sources: u32, victim: String, addr: SocketAddr) -> Self {
+        let k = (index % sources.max(1) as usize) as u32;
+        let source = (addr.ip().is_loopback() && addr.is_ipv4())
+            .then(|| IpAddr::V4(Ipv4Addr::from(u32::from(ATTACK_BASE) + k)));
+        Self {
+            victim,
+            addr,
+            source,
+        }
+    }
+
+    /// Attacks from the run phase until the stop.
+    pub async fn run(self, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+        match phase
+            .wait_for(|p| matches!(p, Phase::Run | Phase::Stop))
+            .await
+        {
+            Ok(p) if *p == Phase::Run => {}
+            _ => return,
+        }
+        let wrong = "0".repeat(64);
+        loop {
+            if *phase.borrow() == Phase::Stop {
+                return;
+            }
+            let attempt = tokio::time::timeout(ATTACK_PATIENCE, self.attempt(&shared, &wrong));
+            let kind = match attempt.await {
+                Err(_) => "no answer in 100 ms".to_owned(),
+                Ok(Ok(())) => "WELCOME".to_owned(),
+                Ok(Err(e)) => e.kind(),
+            };
+            shared.rec.error(format!("attack: {kind}"));
+            if kind.starts_with("connect") {
+                // Out of ports or refused: do not spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    async fn attempt(&self, shared: &Shared, token: &str) -> Result<(), DeviceError> {
+        let mut wire = Wire::new(Protocol::Furrow, String::new(), shared.payload.clone());
+        let mut stream = open(self.addr, self.source)
+            .await
+            .map_err(DeviceError::Connect)?;
+        let mut out = BytesMut::with_capacity(256);
+        wire.hello(&self.victim, token, shared.args.keepalive, &mut out)?;
+        stream.write_all(&out).await?;
+        let mut rbuf = BytesMut::with_capacity(512);
+        loop {
+            if wire.handshake(&mut rbuf)?.is_some() {
+                return Ok(());
+            }
+            if stream.read_buf(&mut rbuf).await? == 0 {
+                return Err(DeviceError::Closed);
+            }
+        }
+    }
+}
+
 /// One connection's send and acknowledge loop.
 struct Session<'a> {
     shared: &'a Shared,
@@ -276,6 +369,7 @@ impl Session<'_> {
     fn ends(&self, phase: Phase) -> Option<Ended> {
         match phase {
             Phase::Stop => Some(Ended::Stop),
+            Phase::Run if self.shared.args.mode == Mode::Authflood => Some(Ended::Cycle),
             Phase::Storm(at) if self.storm.handled != Some(at) => Some(Ended::Storm(at)),
             _ => None,
         }

@@ -50,6 +50,27 @@ pub struct MemoryReport {
     pub bytes_per_connection: f64,
 }
 
+/// What an authflood run measured over its window.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct AuthFloodReport {
+    /// Attacking connections at once.
+    pub attackers: usize,
+    /// Addresses they sent from.
+    pub attack_sources: u32,
+    /// Their attempts by outcome (`ERROR 3`: AUTH_FAILED; `ERROR 8`: BUSY).
+    pub attempts: BTreeMap<String, u64>,
+    /// Attempts a second, all outcomes.
+    pub attempts_per_s: f64,
+    /// Valid devices' handshakes in the window.
+    pub handshakes: u64,
+    /// Their connect plus handshake latency.
+    pub handshake_us: Percentiles,
+    /// The server's resident memory when the window began, KiB.
+    pub rss_start_kib: Option<u64>,
+    /// Its largest sampled during the window, KiB.
+    pub rss_max_kib: Option<u64>,
+}
+
 /// Everything a run measured.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Report {
@@ -106,6 +127,9 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Storm mode's outcome.
     pub storm: Option<StormReport>,
+    /// Authflood mode's outcome.
+    #[serde(default)]
+    pub flood: Option<AuthFloodReport>,
     /// The server's memory (with `--server-pid`).
     pub memory: Option<MemoryReport>,
     /// Per-interval figures.
@@ -195,6 +219,41 @@ impl Report {
                 st.devices,
                 pct(&st.back_us)
             );
+        }
+        if let Some(f) = &self.flood {
+            let list: Vec<String> = f
+                .attempts
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  flood      {} attackers from {} addresses: {:.0} attempts/s ({})",
+                f.attackers,
+                f.attack_sources,
+                f.attempts_per_s,
+                list.join(", ")
+            );
+            let _ = writeln!(
+                s,
+                "  valid      {} handshakes in {:.1} s: {}",
+                f.handshakes,
+                self.measured_s,
+                pct(&f.handshake_us)
+            );
+            if let (Some(a), Some(b)) = (f.rss_start_kib, f.rss_max_kib) {
+                let _ = writeln!(
+                    s,
+                    "  memory     server RSS {a} KiB at the start, at most {b} KiB"
+                );
+            }
+            if let Some(cpu) = self.server_cpu_s {
+                let _ = writeln!(
+                    s,
+                    "  server     {cpu:.2} CPU-s over the window ({:.0} % of a CPU)",
+                    cpu * 100.0 / self.measured_s.max(1e-9)
+                );
+            }
         }
         if let Some(m) = &self.memory {
             let _ = writeln!(

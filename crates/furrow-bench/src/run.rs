@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::args::{BenchArgs, Mode};
 use crate::device::Phase;
-use crate::report::{MemoryReport, Point, Report, StormReport};
+use crate::report::{AuthFloodReport, MemoryReport, Point, Report, StormReport};
 use crate::stats::{new_hist, Percentiles, Sample};
 use crate::worker::{ChildWorker, Engine, Launcher};
 use crate::{BenchError, Cred};
@@ -107,6 +107,23 @@ pub fn thread_cpu_s(pid: u32) -> Result<BTreeMap<String, f64>, BenchError> {
         }
     }
     Ok(by_name)
+}
+
+/// The server's CPU since `before` (seconds), and by thread since
+/// `threads_before`.
+fn cpu_since(
+    pid: u32,
+    before: f64,
+    threads_before: Option<BTreeMap<String, f64>>,
+) -> Result<(Option<f64>, BTreeMap<String, f64>), BenchError> {
+    let mut by_thread = BTreeMap::new();
+    if let Some(start) = threads_before {
+        for (name, cpu) in thread_cpu_s(pid)? {
+            let spent = cpu - start.get(&name).copied().unwrap_or(0.0);
+            by_thread.insert(name, spent);
+        }
+    }
+    Ok((Some(cpu_s(pid)? - before), by_thread))
 }
 
 /// utime + stime of one `/proc/.../stat` line, seconds.
@@ -289,6 +306,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
     let mut memory = None;
     let mut server_cpu_s = None;
     let mut server_threads_cpu_s = BTreeMap::new();
+    let mut flood = None;
     let (mut measured_s, mut sent, mut acked) = (0.0, 0, 0);
     match args.mode {
         Mode::Flat | Mode::Steady => {
@@ -305,16 +323,53 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
             }
             measured_s = c.last_at.duration_since(start_at).as_secs_f64();
             if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
-                server_cpu_s = Some(cpu_s(pid)? - before);
-                if let Some(start) = &threads_start {
-                    for (name, cpu) in thread_cpu_s(pid)? {
-                        let spent = cpu - start.get(&name).copied().unwrap_or(0.0);
-                        server_threads_cpu_s.insert(name, spent);
-                    }
-                }
+                (server_cpu_s, server_threads_cpu_s) = cpu_since(pid, before, threads_start)?;
             }
             sent = s.sent.saturating_sub(start.sent);
             acked = s.acked.saturating_sub(start.acked);
+        }
+        Mode::Authflood => {
+            c.phase(Phase::Run)?;
+            for _ in 0..args.warmup {
+                s = c.tick(second, "warmup")?;
+            }
+            let (start, start_at) = (s.clone(), c.last_at);
+            let cpu_start = args.server_pid.map(cpu_s).transpose()?;
+            let threads_start = args.server_pid.map(thread_cpu_s).transpose()?;
+            let rss_start = args.server_pid.map(rss_kib).transpose()?;
+            let mut handshakes = new_hist();
+            let mut rss_max = rss_start.unwrap_or(0);
+            for _ in 0..args.duration {
+                s = c.tick(second, "flood")?;
+                s.connect_us.add_to(&mut handshakes);
+                if let Some(pid) = args.server_pid {
+                    rss_max = rss_max.max(rss_kib(pid)?);
+                }
+            }
+            measured_s = c.last_at.duration_since(start_at).as_secs_f64();
+            if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
+                (server_cpu_s, server_threads_cpu_s) = cpu_since(pid, before, threads_start)?;
+            }
+            let attempts: BTreeMap<String, u64> = s
+                .errors
+                .iter()
+                .filter_map(|(k, v)| {
+                    let outcome = k.strip_prefix("attack: ")?;
+                    let n = v.saturating_sub(start.errors.get(k).copied().unwrap_or(0));
+                    Some((outcome.to_owned(), n))
+                })
+                .collect();
+            let total: u64 = attempts.values().sum();
+            flood = Some(AuthFloodReport {
+                attackers: args.attackers,
+                attack_sources: args.attack_sources,
+                attempts_per_s: total as f64 / measured_s.max(1e-9),
+                attempts,
+                handshakes: handshakes.len(),
+                handshake_us: Percentiles::of(&handshakes),
+                rss_start_kib: rss_start,
+                rss_max_kib: args.server_pid.map(|_| rss_max),
+            });
         }
         Mode::Idle => {
             for _ in 0..args.duration {
@@ -385,6 +440,7 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
         reconnects: s.reconnects,
         errors: s.errors.clone(),
         storm,
+        flood,
         memory,
         timeline: c.timeline.clone(),
     })

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::args::BenchArgs;
 use crate::conn::Tls;
-use crate::device::{source_addr, Device, Phase, Shared};
+use crate::device::{source_addr, Attacker, Device, Phase, Shared};
 use crate::stats::{Recorder, Sample};
 use crate::{BenchError, Cred};
 
@@ -77,6 +77,18 @@ impl Engine {
             (true, None) => return Err(BenchError::Invalid("--tls needs --tls-ca".into())),
             _ => None,
         };
+        // authflood: the attackers claim the devices' own ids.
+        let mut attackers: Vec<Vec<Attacker>> = (0..threads).map(|_| Vec::new()).collect();
+        if args.mode == crate::Mode::Authflood {
+            for i in 0..args.attackers {
+                let Some((_, victim)) = devices.get(i % devices.len().max(1)) else {
+                    break;
+                };
+                let victim = victim.id.clone();
+                let addr = args.addrs[i % args.addrs.len()];
+                attackers[i % threads].push(Attacker::new(i, args.attack_sources, victim, addr));
+            }
+        }
         let mut per_thread: Vec<Vec<Device>> = (0..threads).map(|_| Vec::new()).collect();
         for (k, (index, cred)) in devices.into_iter().enumerate() {
             let addr = args.addrs[index % args.addrs.len()];
@@ -99,7 +111,7 @@ impl Engine {
             args,
         });
         let mut handles = Vec::with_capacity(threads);
-        for (n, devices) in per_thread.into_iter().enumerate() {
+        for (n, (devices, attackers)) in per_thread.into_iter().zip(attackers).enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -111,6 +123,9 @@ impl Engine {
                         let mut set = tokio::task::JoinSet::new();
                         for d in devices {
                             set.spawn(d.run(Arc::clone(&shared), rx.clone()));
+                        }
+                        for a in attackers {
+                            set.spawn(a.run(Arc::clone(&shared), rx.clone()));
                         }
                         while set.join_next().await.is_some() {}
                     })

@@ -124,10 +124,19 @@ pub struct Limits {
     pub auth_delay_base_ms: u64,
     /// ...up to this.
     pub auth_delay_max_ms: u64,
-    /// Failures after which the address or device id is banned. 0: never.
-    pub auth_ban_after: u32,
-    /// How long a ban lasts.
-    pub auth_ban_ms: u64,
+    /// Failed answers being delayed at once, at most. Beyond it a failure
+    /// is answered at once: a flood of wrong tokens cannot fill
+    /// `max_connections` with connections held for their delay. 0: no
+    /// failure is delayed.
+    pub auth_delayed_max: usize,
+    /// No longer used, accepted so that older configuration files load
+    /// (with a warning): bans refused devices with valid credentials
+    /// (docs/security.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_ban_after: Option<u32>,
+    /// No longer used; see `auth_ban_after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_ban_ms: Option<u64>,
     /// Failures are forgotten after this long without another.
     pub auth_window_ms: u64,
     /// Addresses (or device ids) each limit tracks at most; the least
@@ -152,8 +161,9 @@ impl Default for Limits {
             auth_failures_free: 5,
             auth_delay_base_ms: 500,
             auth_delay_max_ms: 10_000,
-            auth_ban_after: 20,
-            auth_ban_ms: 300_000,
+            auth_delayed_max: 1_024,
+            auth_ban_after: None,
+            auth_ban_ms: None,
             auth_window_ms: 600_000,
             tracked_keys_max: 65_536,
         }
@@ -183,12 +193,6 @@ impl Limits {
             return bad(
                 "limits.auth_delay_max_ms",
                 "must be at least limits.auth_delay_base_ms",
-            );
-        }
-        if self.auth_ban_after > 0 && self.auth_ban_ms == 0 {
-            return bad(
-                "limits.auth_ban_ms",
-                "must be above 0 (or auth_ban_after 0)",
             );
         }
         if self.auth_window_ms == 0 {
@@ -1097,6 +1101,23 @@ mod tests {
                 .to_string();
             assert!(e.contains("batch_max_rowz"), "{e}");
             assert!(e.contains("bad.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// Bans are gone (they kept valid devices out); a file written for an
+    /// older version that still sets them loads, and they change nothing.
+    #[test]
+    fn the_retired_ban_settings_still_load() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "old.toml",
+                "[limits]\nauth_ban_after = 20\nauth_ban_ms = 300000\n",
+            )?;
+            let c = Config::load(Some(Path::new("old.toml")), &Overrides::default())
+                .expect("an older file loads");
+            assert_eq!(c.limits.auth_ban_after, Some(20));
+            assert_eq!(c.limits.auth_delayed_max, Limits::default().auth_delayed_max);
             Ok(())
         });
     }

@@ -220,17 +220,13 @@ fn describe() {
         "furrow_auth_delays_total",
         "Failed authentications answered after a delay (past limits.auth_failures_free)."
     );
-    describe_counter!(
-        "furrow_auth_bans_total",
-        "Bans issued after repeated authentication failures, by scope: address, device."
-    );
     describe_gauge!(
-        "furrow_auth_bans_active",
-        "Addresses and device ids banned now (updated every 5 s)."
+        "furrow_auth_delayed",
+        "Failed authentications whose answer is being delayed now (at most limits.auth_delayed_max)."
     );
     describe_counter!(
-        "furrow_auth_refused_banned_total",
-        "Handshakes refused (AUTH_FAILED, no lookup) because the address or device id is banned."
+        "furrow_auth_delays_skipped_total",
+        "Failed authentications answered at once because limits.auth_delayed_max answers were already waiting."
     );
     describe_gauge!(
         "furrow_limits_tracked_keys",

@@ -26,6 +26,7 @@ use crate::api::ApiState;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::devices::registry::Registry;
+use crate::ingress::limits::Limiter;
 use crate::ingress::listener::accept_loop;
 use crate::ingress::tls::TlsState;
 use crate::publish::mqtt::Publisher;
@@ -178,6 +179,8 @@ pub struct Server {
     api_listener: Option<TcpListener>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    /// The abuse limits and what they track (ingress/limits.rs).
+    limits: Arc<Limiter>,
     cluster: Cluster,
     /// The PostgreSQL store, whose retention the gateway runs.
     #[cfg(feature = "postgres")]
@@ -257,6 +260,7 @@ impl Server {
         } else {
             None
         };
+        let limits = Arc::new(Limiter::new(&cfg.limits));
         Ok(Self {
             cfg,
             listener,
@@ -265,6 +269,7 @@ impl Server {
             api_listener,
             store,
             registry: Arc::new(Registry::new()),
+            limits,
             cluster: Cluster::single(),
             #[cfg(feature = "postgres")]
             postgres: None,
@@ -299,6 +304,12 @@ impl Server {
         Arc::clone(&self.registry)
     }
 
+    /// The abuse limits: what they track now (connections, failed
+    /// authentications, delayed answers).
+    pub fn limits(&self) -> Arc<Limiter> {
+        Arc::clone(&self.limits)
+    }
+
     /// Serves until `signal` resolves, then shuts down in phases.
     pub async fn run(self, signal: impl std::future::Future<Output = ()>) {
         let Server {
@@ -309,6 +320,7 @@ impl Server {
             api_listener,
             store,
             registry,
+            limits,
             cluster,
             #[cfg(feature = "postgres")]
             postgres,
@@ -380,7 +392,12 @@ impl Server {
             events.clone(),
         );
         let drain = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
-        let limits = Arc::new(crate::ingress::limits::Limiter::new(&cfg.limits));
+        if cfg.limits.auth_ban_after.is_some() || cfg.limits.auth_ban_ms.is_some() {
+            warn!(
+                "limits.auth_ban_after and limits.auth_ban_ms are no longer used and are ignored: \
+                   nothing is banned, failed attempts are delayed (docs/security.md)"
+            );
+        }
         let limits_upkeep = tokio::spawn(Arc::clone(&limits).run_upkeep());
         let tracker = TaskTracker::new();
         let park = if cfg.sessions.park_after_ms > 0 {

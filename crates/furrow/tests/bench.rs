@@ -189,6 +189,54 @@ async fn idle_run_reports_the_servers_memory_per_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authflood_run_counts_the_attacks_and_times_the_valid_handshakes() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id().to_string();
+    let r = bench_gw(
+        &gw,
+        dir.path(),
+        "authflood",
+        &[
+            "--devices",
+            "5",
+            "--rate",
+            "5",
+            "--attackers",
+            "4",
+            "--warmup",
+            "1",
+            "--duration",
+            "2",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 5);
+    // Every attempt is an AUTH_FAILED (ERROR 3) or, once the default
+    // limits delay the failures, a timeout: never a WELCOME.
+    let attempts = r["flood"]["attempts"].as_object().expect("attempts");
+    assert!(u(&r, "/errors/attack: ERROR 3") > 0, "{r}");
+    assert!(
+        attempts.values().filter_map(Value::as_u64).sum::<u64>() > 0,
+        "{r}"
+    );
+    assert!(
+        attempts
+            .keys()
+            .all(|k| k == "ERROR 3" || k.starts_with("no answer")),
+        "{r}"
+    );
+    // Valid devices reconnected about 5 times a second each, and each time
+    // got in (their errors would be counted without the `attack:` prefix).
+    assert!(u(&r, "/flood/handshakes") >= 10, "{r}");
+    let errors = r["errors"].as_object().expect("errors");
+    assert!(errors.keys().all(|k| k.starts_with("attack: ")), "{r}");
+    assert!(u(&r, "/flood/rss_max_kib") > 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_counted_by_kind() {
     let gw = TestGateway::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -17,14 +17,20 @@
 //!   next token is due, so the device slows down through TCP flow control;
 //!   nothing is dropped or rejected, and the time does not count against
 //!   the keepalive (it is a backpressure pause).
-//! * **Authentication failures** ([`Limiter::auth_banned`],
-//!   [`Limiter::auth_failed`]): counted per source address and per device
-//!   id. Past `auth_failures_free` failures, each further failure is answered
-//!   only after a delay that doubles (capped); at `auth_ban_after` failures
-//!   the address or device id is banned for `auth_ban_ms`. Unknown devices
-//!   and wrong tokens take the same path (store lookup, delay, the same
-//!   ERROR AUTH_FAILED); a banned attempt gets that same ERROR without a
-//!   lookup, so a ban reveals nothing a wrong token would not.
+//! * **Authentication failures** ([`Limiter::auth_failed`],
+//!   [`Limiter::delay_slot`]): counted per source address and per device id.
+//!   Past `auth_failures_free` failures, each further *failed* answer waits
+//!   a delay that doubles (capped at `auth_delay_max_ms`): a tarpit for the
+//!   failing side only. Nothing is banned, and no check happens before the
+//!   credentials are: a HELLO with a valid token (or certificate) is
+//!   welcomed at once whatever others failed from its address (carrier NAT,
+//!   a site's router) or for its device id (a guessable serial number).
+//!   Tokens are 256 random bits, so guessing is not the threat; locking
+//!   valid devices out is. At most `auth_delayed_max` answers wait at once,
+//!   so a flood of wrong tokens cannot hold `max_connections` hostage;
+//!   beyond that, failures are answered at once. Unknown devices and wrong
+//!   tokens take the same path (store lookup, delay, the same ERROR
+//!   AUTH_FAILED). The connect rate per address stays the flood defence.
 //!
 //! Every map of addresses or device ids is bounded (`tracked_keys_max`):
 //! idle entries are swept every few seconds ([`Limiter::upkeep`]), and a
@@ -59,6 +65,18 @@ pub struct Limiter {
     connects: Mutex<Tracked<IpKey, TokenBucket>>,
     auth_by_addr: Mutex<Tracked<IpKey, Failures>>,
     auth_by_device: Mutex<Tracked<Box<str>, Failures>>,
+    /// Failed answers waiting out their delay now.
+    delayed: Arc<AtomicUsize>,
+}
+
+/// Held by a failed answer while it waits out its delay.
+pub struct DelaySlot(Arc<AtomicUsize>);
+
+impl Drop for DelaySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("furrow_auth_delayed").decrement(1.0);
+    }
 }
 
 /// Held by a connection for its whole life (in its task, or parked); frees
@@ -114,6 +132,7 @@ impl Limiter {
             connects: Mutex::new(Tracked::new(cap)),
             auth_by_addr: Mutex::new(Tracked::new(cap)),
             auth_by_device: Mutex::new(Tracked::new(cap)),
+            delayed: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -201,38 +220,44 @@ impl Limiter {
         ok
     }
 
-    /// Whether the address or the device id is banned now (then the
-    /// attempt is refused without a store lookup). Counts the refusal.
-    pub fn auth_banned(&self, ip: IpAddr, device_id: &str, now: Instant) -> bool {
-        let by_addr = lock(&self.auth_by_addr)
-            .get_mut(&IpKey::from(ip))
-            .is_some_and(|f| f.banned(now));
-        let banned = by_addr
-            || lock(&self.auth_by_device)
-                .get_mut(device_id)
-                .is_some_and(|f| f.banned(now));
-        if banned {
-            metrics::counter!("furrow_auth_refused_banned_total").increment(1);
-        }
-        banned
-    }
-
     /// Records a failed authentication and returns how long to wait before
-    /// answering it (zero within the free failures). May issue bans.
+    /// answering it (zero within the free failures).
     pub fn auth_failed(&self, ip: IpAddr, device_id: &str, now: Instant) -> Duration {
         metrics::counter!("furrow_auth_failures_total").increment(1);
         let policy = self.auth_policy();
         let n_addr = lock(&self.auth_by_addr)
             .entry(IpKey::from(ip), now, Failures::default)
-            .record(now, &policy, "address");
+            .record(now, &policy);
         let n_dev = lock(&self.auth_by_device)
             .entry(device_id.into(), now, Failures::default)
-            .record(now, &policy, "device");
+            .record(now, &policy);
         let delay = policy.delay(n_addr.max(n_dev));
         if !delay.is_zero() {
             metrics::counter!("furrow_auth_delays_total").increment(1);
         }
         delay
+    }
+
+    /// A place among the failed answers waiting out a delay, or `None` when
+    /// `auth_delayed_max` already wait (then the answer goes at once).
+    pub fn delay_slot(&self) -> Option<DelaySlot> {
+        let max = self.cfg.auth_delayed_max;
+        let taken = self
+            .delayed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            metrics::counter!("furrow_auth_delays_skipped_total").increment(1);
+            return None;
+        }
+        metrics::gauge!("furrow_auth_delayed").increment(1.0);
+        Some(DelaySlot(Arc::clone(&self.delayed)))
+    }
+
+    /// Failed answers waiting out their delay now.
+    pub fn delayed_now(&self) -> usize {
+        self.delayed.load(Ordering::Acquire)
     }
 
     /// A device proved its token: its own failures are forgotten (not its
@@ -250,26 +275,23 @@ impl Limiter {
         })
     }
 
-    /// Forgets idle entries (full buckets, failures past their window,
-    /// expired bans) and updates the gauges. Run every [`UPKEEP_EVERY`].
+    /// Forgets idle entries (full buckets, failures past their window) and
+    /// updates the gauges. Run every [`UPKEEP_EVERY`].
     pub fn upkeep(&self, now: Instant) {
         let window = Duration::from_millis(self.cfg.auth_window_ms);
-        let (n_connects, n_addr, n_dev, bans) = {
+        let (n_connects, n_addr, n_dev) = {
             let mut c = lock(&self.connects);
             c.sweep(|b| b.is_full(now));
             let mut a = lock(&self.auth_by_addr);
             a.sweep(|f| f.idle(now, window));
             let mut d = lock(&self.auth_by_device);
             d.sweep(|f| f.idle(now, window));
-            let bans = a.map.values().filter(|f| f.1.is_banned(now)).count()
-                + d.map.values().filter(|f| f.1.is_banned(now)).count();
-            (c.map.len(), a.map.len(), d.map.len(), bans)
+            (c.map.len(), a.map.len(), d.map.len())
         };
         metrics::gauge!("furrow_limits_tracked_keys", "map" => "connect_rate")
             .set(n_connects as f64);
         metrics::gauge!("furrow_limits_tracked_keys", "map" => "auth_address").set(n_addr as f64);
         metrics::gauge!("furrow_limits_tracked_keys", "map" => "auth_device").set(n_dev as f64);
-        metrics::gauge!("furrow_auth_bans_active").set(bans as f64);
     }
 
     /// Runs [`Self::upkeep`] forever (the server aborts it at shutdown).
@@ -285,8 +307,6 @@ impl Limiter {
             free: self.cfg.auth_failures_free,
             base: Duration::from_millis(self.cfg.auth_delay_base_ms),
             max: Duration::from_millis(self.cfg.auth_delay_max_ms),
-            ban_after: self.cfg.auth_ban_after,
-            ban: Duration::from_millis(self.cfg.auth_ban_ms),
             window: Duration::from_millis(self.cfg.auth_window_ms),
         }
     }
@@ -457,8 +477,6 @@ struct AuthPolicy {
     free: u32,
     base: Duration,
     max: Duration,
-    ban_after: u32,
-    ban: Duration,
     window: Duration,
 }
 
@@ -478,13 +496,12 @@ impl AuthPolicy {
 struct Failures {
     count: u32,
     last: Option<Instant>,
-    banned_until: Option<Instant>,
 }
 
 impl Failures {
-    /// Counts a failure (forgetting those older than the window) and bans
-    /// at the threshold. Returns the count.
-    fn record(&mut self, now: Instant, p: &AuthPolicy, scope: &'static str) -> u32 {
+    /// Counts a failure (forgetting those older than the window). Returns
+    /// the count.
+    fn record(&mut self, now: Instant, p: &AuthPolicy) -> u32 {
         if self
             .last
             .is_some_and(|l| now.saturating_duration_since(l) > p.window)
@@ -493,34 +510,12 @@ impl Failures {
         }
         self.count = self.count.saturating_add(1);
         self.last = Some(now);
-        if p.ban_after > 0 && self.count >= p.ban_after && !self.is_banned(now) {
-            self.banned_until = Some(now + p.ban);
-            metrics::counter!("furrow_auth_bans_total", "scope" => scope).increment(1);
-        }
         self.count
     }
 
-    fn is_banned(&self, now: Instant) -> bool {
-        self.banned_until.is_some_and(|u| now < u)
-    }
-
-    /// Whether banned now; an expired ban starts a clean slate.
-    fn banned(&mut self, now: Instant) -> bool {
-        match self.banned_until {
-            Some(u) if now < u => true,
-            Some(_) => {
-                *self = Self::default();
-                false
-            }
-            None => false,
-        }
-    }
-
     fn idle(&self, now: Instant, window: Duration) -> bool {
-        !self.is_banned(now)
-            && self
-                .last
-                .is_none_or(|l| now.saturating_duration_since(l) > window)
+        self.last
+            .is_none_or(|l| now.saturating_duration_since(l) > window)
     }
 }
 
@@ -547,14 +542,6 @@ impl<K: Eq + Hash, V> Tracked<K, V> {
         let e = self.map.entry(key).or_insert_with(|| (now, make()));
         e.0 = now;
         &mut e.1
-    }
-
-    fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
-    where
-        K: std::borrow::Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.map.get_mut(key).map(|e| &mut e.1)
     }
 
     fn remove<Q>(&mut self, key: &Q)
@@ -591,8 +578,7 @@ mod tests {
             auth_failures_free: 2,
             auth_delay_base_ms: 100,
             auth_delay_max_ms: 350,
-            auth_ban_after: 6,
-            auth_ban_ms: 1_000,
+            auth_delayed_max: 2,
             auth_window_ms: 10_000,
             ..config::Limits::default()
         }
@@ -621,28 +607,37 @@ mod tests {
     }
 
     #[test]
-    fn failures_ban_by_address_and_by_device_then_expire() {
+    fn failures_slow_the_address_and_the_device_id_and_are_forgotten() {
         let l = Limiter::new(&cfg());
         let t0 = Instant::now();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        // Different device ids from one address: the address is banned.
-        for i in 0..6 {
-            assert!(!l.auth_banned(a, &format!("x{i}"), t0));
-            l.auth_failed(a, &format!("x{i}"), t0);
-        }
-        assert!(l.auth_banned(a, "anyone", t0));
-        assert!(!l.auth_banned(b, "anyone", t0));
-        // One device id from many addresses: the device is banned.
-        for i in 0..6u8 {
-            l.auth_failed(IpAddr::from([198, 51, 100, i]), "pump", t0);
-        }
-        assert!(l.auth_banned(b, "pump", t0));
-        // Bans expire, and the slate is clean afterwards.
-        let later = t0 + Duration::from_millis(1_001);
-        assert!(!l.auth_banned(a, "anyone", later));
-        assert!(!l.auth_banned(b, "pump", later));
-        assert_eq!(l.auth_failed(b, "pump", later), Duration::ZERO);
+        // Different device ids from one address: the address's count grows.
+        let d: Vec<u64> = (0..6)
+            .map(|i| l.auth_failed(a, &format!("x{i}"), t0).as_millis() as u64)
+            .collect();
+        assert_eq!(d, [0, 0, 100, 200, 350, 350]);
+        // One device id from many addresses: the device id's count grows.
+        let d: Vec<u64> = (0..4u8)
+            .map(|i| {
+                let ip = IpAddr::from([198, 51, 100, i]);
+                l.auth_failed(ip, "pump", t0).as_millis() as u64
+            })
+            .collect();
+        assert_eq!(d, [0, 0, 100, 200]);
+        // After the window without another failure, a clean slate.
+        let later = t0 + Duration::from_millis(10_001);
+        assert_eq!(l.auth_failed(a, "pump", later), Duration::ZERO);
+    }
+
+    #[test]
+    fn delayed_answers_are_capped() {
+        let l = Limiter::new(&cfg());
+        let first = l.delay_slot().expect("a place");
+        let _second = l.delay_slot().expect("a place");
+        assert!(l.delay_slot().is_none(), "auth_delayed_max is 2");
+        assert_eq!(l.delayed_now(), 2);
+        drop(first);
+        assert!(l.delay_slot().is_some());
     }
 
     #[test]

@@ -495,13 +495,10 @@ impl Session {
         let device_id = hello.device_id.as_str().to_owned();
         tracing::Span::current().record("device", device_id.as_str());
 
-        // A banned address or device id: the same answer as a wrong token,
-        // without a store lookup.
+        // Nothing is checked before the credentials: valid ones get in
+        // whatever failed before from this address or for this device id
+        // (ingress/limits.rs). Only failures pay, below.
         let limits = Arc::clone(&self.shared.limits);
-        if limits.auth_banned(self.peer.ip(), &device_id, Instant::now()) {
-            let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());
-            return self.closed_by(f, "auth_banned").await;
-        }
         let store = Arc::clone(&self.shared.store);
         // The whole handshake, not only HELLO, is bounded by the deadline:
         // past it the device has most likely given up (its own timeout is
@@ -523,12 +520,15 @@ impl Session {
         let cert = self.certificate(&device_id);
         if !handshake::authenticated(found.as_ref(), hello.token.as_bytes(), cert) {
             // Unknown device or wrong token alike: counted, then (past the
-            // free failures) answered only after a growing delay.
+            // free failures) answered only after a growing delay, while
+            // fewer than `auth_delayed_max` answers wait.
             let delay = limits.auth_failed(self.peer.ip(), &device_id, Instant::now());
             if !delay.is_zero() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(delay) => {}
+                if let Some(_slot) = limits.delay_slot() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
             let f = Fatal(ErrorCode::AuthFailed, "authentication failed".into());

@@ -82,6 +82,7 @@ pub struct TestGateway {
     api: Option<SocketAddr>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    limits: Arc<furrow::ingress::limits::Limiter>,
     cfg: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -131,6 +132,7 @@ impl TestGateway {
         let api = server.api_addr();
         let store = server.store();
         let registry = server.registry();
+        let limits = server.limits();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
@@ -141,6 +143,7 @@ impl TestGateway {
             api,
             store,
             registry,
+            limits,
             cfg,
             stop: Some(tx),
             task: Some(task),
@@ -171,6 +174,11 @@ impl TestGateway {
     /// The registry of live sessions.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.registry)
+    }
+
+    /// The gateway's abuse limits (what they track now).
+    pub fn limits(&self) -> Arc<furrow::ingress::limits::Limiter> {
+        Arc::clone(&self.limits)
     }
 
     /// The configuration in force.
