@@ -133,6 +133,15 @@ pub enum Event {
     },
     /// Everything up to this seq is stored (or was rejected).
     Acked(u64),
+    /// The gateway handed the device a new token (a `furrow.token`
+    /// command, after an operator's rotation): the client uses it from its
+    /// next connection on. Persist it where the device keeps its token, so
+    /// that it boots with the new one: the old one stops working once the
+    /// device has used the new one, or when its grace period ends.
+    TokenRotated {
+        /// The new token.
+        token: String,
+    },
     /// The gateway refused a reading for good; it was dropped.
     Rejected {
         /// The reading's seq.
@@ -169,6 +178,15 @@ pub enum ClientError {
     Tls(String),
 }
 
+/// The command that hands the device a new token (`{"token": "..."}`),
+/// sent by the gateway after a rotation with `deliver`.
+pub const TOKEN_COMMAND: &str = "furrow.token";
+
+/// What HELLO can carry as a token: 1 to 255 printable ASCII characters.
+fn valid_token(t: &str) -> bool {
+    (1..=255).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// TELEMETRY header bytes inside the length field: type, flags, seq,
 /// timestamp, content type.
 const TELEMETRY_OVERHEAD: usize = 2 + 8 + 8 + 1;
@@ -181,6 +199,9 @@ struct Shared {
     /// The TLS connector, built once from `cfg.tls`.
     tls: Option<crate::tls::Tls>,
     cfg: Config,
+    /// The token HELLO presents: `cfg.token` until the gateway hands over
+    /// a new one.
+    token: Mutex<String>,
     outbox: Mutex<Box<dyn Outbox>>,
     /// Woken when the outbox shrinks (send may proceed).
     space: Notify,
@@ -198,6 +219,28 @@ struct Shared {
 }
 
 impl Shared {
+    /// The token to present now.
+    fn token(&self) -> String {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the new token a `furrow.token` command carries.
+    fn take_token(&self, payload: &[u8]) -> CommandReply {
+        let token = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v.get("token")?.as_str().map(str::to_owned));
+        match token {
+            Some(t) if valid_token(&t) => {
+                *self.token.lock().unwrap_or_else(|p| p.into_inner()) = t.clone();
+                self.emit(Event::TokenRotated { token: t });
+                CommandReply::ok(1, "{}")
+            }
+            _ => CommandReply::failed(
+                "furrow.token needs {\"token\": 1 to 255 printable ASCII characters}",
+            ),
+        }
+    }
+
     fn outbox(&self) -> std::sync::MutexGuard<'_, Box<dyn Outbox>> {
         // Outbox methods leave it consistent at every return; a panic in
         // one (a bug) does not make the queue unusable.
@@ -268,6 +311,7 @@ impl Client {
             rebases: AtomicU64::new(0),
             closing,
             tls,
+            token: Mutex::new(cfg.token.clone()),
             cfg,
         });
         let task = tokio::spawn(run(Arc::clone(&shared), handler));
@@ -595,7 +639,7 @@ async fn serve_connection(
         version: furrow_proto::VERSION,
         keepalive_s: cfg.keepalive_s,
         device_id: Str::from(cfg.device_id.as_str()),
-        token: Str::from(cfg.token.as_str()),
+        token: Str::from(shared.token().as_str()),
     });
     let hello = match encode(&hello) {
         Ok(b) => b,
@@ -788,6 +832,19 @@ async fn serve_connection(
                         shared.space.notify_waiters();
                         shared.acked.send_modify(|_| {});
                         shared.emit(Event::Rejected { seq: r.seq, code: r.code, reason: r.reason.to_string() });
+                    }
+                    // A new token from the gateway: the client's own
+                    // business, answered at once (again, identically, for
+                    // a redelivery).
+                    Message::Command(c) if c.name.as_str() == TOKEN_COMMAND => {
+                        let reply = shared.take_token(&c.payload);
+                        let frame = match result_frame(c.command_id, &reply) {
+                            Ok(f) => f,
+                            Err(e) => return session(e),
+                        };
+                        if let Err(e) = write_all(&mut wr, &frame, write_limit).await {
+                            return session(e);
+                        }
                     }
                     Message::Command(c) => {
                         let cmd = Command {

@@ -25,6 +25,9 @@
 //!   dead connection (1.5 x keepalive of silence);
 //! * answers COMMANDs through your handler and repeats the same answer for
 //!   a command id it has handled before;
+//! * takes a new token from the gateway (the `furrow.token` command an
+//!   operator's rotation sends) and uses it from the next connection on,
+//!   telling the application ([`Event::TokenRotated`]) so it can persist it;
 //! * reports [`Event`]s: connected, disconnected (with why), acked, rejected;
 //! * speaks TLS, with a client certificate for mutual TLS, when
 //!   [`Config::tls`] is set ([`TlsOptions`]).
@@ -37,6 +40,6 @@ pub mod outbox;
 pub mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientError, Config, Disconnect, Event};
+pub use client::{Client, ClientError, Config, Disconnect, Event, TOKEN_COMMAND};
 pub use commands::{handler, Command, CommandReply, Handler};
 pub use tls::TlsOptions;

@@ -56,6 +56,8 @@ pub struct Config {
     pub tls: Tls,
     /// PROXY protocol headers from a load balancer.
     pub proxy_protocol: ProxyProtocol,
+    /// Device credentials.
+    pub devices: Devices,
 }
 
 impl Default for Config {
@@ -75,6 +77,26 @@ impl Default for Config {
             mqtt: Mqtt::default(),
             tls: Tls::default(),
             proxy_protocol: ProxyProtocol::default(),
+            devices: Devices::default(),
+        }
+    }
+}
+
+/// Device credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Devices {
+    /// After a token rotation, how long the old token still opens the
+    /// device, unless the device authenticates with the new one first
+    /// (then the old one stops at once). The API's `grace_s` overrides it
+    /// per rotation; 0: the old token stops working at once.
+    pub token_grace_s: u64,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Self {
+            token_grace_s: 7 * 24 * 3600,
         }
     }
 }
@@ -1117,7 +1139,10 @@ mod tests {
             let c = Config::load(Some(Path::new("old.toml")), &Overrides::default())
                 .expect("an older file loads");
             assert_eq!(c.limits.auth_ban_after, Some(20));
-            assert_eq!(c.limits.auth_delayed_max, Limits::default().auth_delayed_max);
+            assert_eq!(
+                c.limits.auth_delayed_max,
+                Limits::default().auth_delayed_max
+            );
             Ok(())
         });
     }

@@ -177,6 +177,24 @@ enum DeviceCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Give a device a new token; prints it once, on its own line. The old
+    /// token keeps working for the grace period, or until the device first
+    /// authenticates with the new one.
+    Rotate {
+        /// Device id.
+        id: String,
+        /// Seconds the old token still works [default: devices.token_grace_s,
+        /// 7 days]; 0: it stops working at once.
+        #[arg(long)]
+        grace_s: Option<u64>,
+        /// Also send the new token to the device as a `furrow.token`
+        /// command (the device SDK switches to it by itself); a running
+        /// gateway sends it at the device's next connection.
+        #[arg(long)]
+        deliver: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Revoke a device; a connected one is disconnected with GOODBYE DEVICE_REVOKED.
     Revoke {
         /// Device id.
@@ -323,6 +341,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         _ => break,
                     }
                 }
+            }
+            DeviceCmd::Rotate {
+                id,
+                grace_s,
+                deliver,
+                common,
+            } => {
+                let cfg = load(&common)?;
+                let grace_s = grace_s.unwrap_or(cfg.devices.token_grace_s);
+                let store = open_store(&cfg).await?;
+                let r = furrow::devices::rotate_token(
+                    &*store,
+                    &id,
+                    std::time::Duration::from_secs(grace_s),
+                )
+                .await?;
+                if deliver {
+                    let ttl_s = grace_s.clamp(3600, 30 * 24 * 3600);
+                    let cmd = store
+                        .create_command(
+                            &id,
+                            furrow::store::NewCommand {
+                                name: furrow::store::TOKEN_COMMAND.into(),
+                                content_type: furrow_proto::ContentType::Json as u8,
+                                payload: format!(r#"{{"token":"{}"}}"#, r.token).into_bytes(),
+                                expires_ms: furrow::clock::now_ms().saturating_add(ttl_s * 1000),
+                            },
+                        )
+                        .await?;
+                    eprintln!("command {} carries the new token to {id}", cmd.id);
+                }
+                match r.previous_until_ms {
+                    Some(_) => eprintln!(
+                        "new token for {id}; the old one works for {grace_s} s more, or until {id} uses the new one"
+                    ),
+                    None => eprintln!("new token for {id}; the old one no longer works"),
+                }
+                println!("{}", r.token);
             }
             DeviceCmd::Revoke { id, common } => {
                 let store = open_store(&load(&common)?).await?;

@@ -220,6 +220,10 @@ fn describe() {
         "furrow_auth_delays_total",
         "Failed authentications answered after a delay (past limits.auth_failures_free)."
     );
+    describe_counter!(
+        "furrow_auth_previous_token_total",
+        "Handshakes that authenticated with a rotated-out token in its grace period."
+    );
     describe_gauge!(
         "furrow_auth_delayed",
         "Failed authentications whose answer is being delayed now (at most limits.auth_delayed_max)."

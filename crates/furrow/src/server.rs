@@ -372,6 +372,7 @@ impl Server {
                 instance: cfg.instance(),
                 events: events.clone(),
                 max_frame: cfg.limits.max_frame,
+                token_grace: Duration::from_secs(cfg.devices.token_grace_s),
                 cluster: cluster.clone(),
             };
             tokio::spawn(crate::api::serve(

@@ -148,10 +148,13 @@ async fn revoked_device_is_disconnected_and_cannot_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_token_replaces_the_old_one() {
+    // Without a grace period (tests/token_rotation.rs covers the default).
     let api = Api::with_token().await;
     let (_, c) = api.post("/v1/devices", json!({"device_id": "rot-1"})).await;
     let old = c["token"].as_str().unwrap().to_owned();
-    let (st, r) = api.post("/v1/devices/rot-1/token", json!({})).await;
+    let (st, r) = api
+        .post("/v1/devices/rot-1/token", json!({"grace_s": 0}))
+        .await;
     assert_eq!(st, StatusCode::OK, "{r}");
     let new = r["token"].as_str().unwrap().to_owned();
     assert_ne!(old, new);

@@ -93,6 +93,52 @@ async fn device_add_prints_a_token_that_authenticates() {
     wrong.expect_error(code::AUTH_FAILED).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_rotate_prints_a_new_token_and_keeps_the_old_one_for_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let rotate = |id: &'static str, grace: &'static str| {
+        let d = d.clone();
+        move || {
+            let o = furrow(&[
+                "device",
+                "rotate",
+                id,
+                "--grace-s",
+                grace,
+                "--data-dir",
+                d.to_str().unwrap(),
+            ]);
+            (o.status.success(), text(&o.stdout), describe(&o))
+        }
+    };
+    let old = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || device_add(&d, "r-1")
+    })
+    .await
+    .unwrap();
+    let (ok, out, all) = tokio::task::spawn_blocking(rotate("r-1", "3600"))
+        .await
+        .unwrap();
+    assert!(ok, "{all}");
+    let new = out.trim().to_owned();
+    assert_eq!((new.len(), out.lines().count()), (64, 1), "{all}");
+    assert_ne!(new, old);
+    let (ok, _, all) = tokio::task::spawn_blocking(rotate("nobody", "0"))
+        .await
+        .unwrap();
+    assert!(!ok && all.contains("nobody"), "{all}");
+
+    let gw = TestGateway::start_with(|c| c.data_dir = d.clone()).await;
+    // The old token in its grace period, then the new one, then not the old.
+    gw.connect_device("r-1", &old).await;
+    gw.connect_device("r-1", &new).await;
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.send(&hello_msg("r-1", &old, 0)).await;
+    dev.expect_error(code::AUTH_FAILED).await;
+}
+
 #[test]
 fn device_list_shows_devices_and_their_state() {
     let dir = tempfile::tempdir().unwrap();

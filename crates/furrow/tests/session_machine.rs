@@ -129,6 +129,7 @@ impl World {
             key: 1,
             token_hash: furrow::devices::auth::hash_token(dev.token.as_bytes()),
             revoked: false,
+            previous: None,
         };
         Self {
             cfg: harness::config("/nonexistent".into()),
@@ -202,7 +203,14 @@ impl World {
             Err((f, _)) => return Some(error_reply(out, f)),
         };
         let found = (hello.device_id.as_str() == self.dev.id).then(|| self.auth.clone());
-        if !handshake::authenticated(found.as_ref(), hello.token.as_bytes(), Certificate::Absent) {
+        if !handshake::authenticated(
+            found.as_ref(),
+            hello.token.as_bytes(),
+            Certificate::Absent,
+            0,
+        )
+        .ok()
+        {
             let f = Fatal(
                 furrow_proto::ErrorCode::AuthFailed,
                 "authentication failed".into(),

@@ -366,12 +366,15 @@ impl Sim {
             key: dev.key,
             token_hash: hash_token(dev.token.as_bytes()),
             revoked: false,
+            previous: None,
         };
         assert!(handshake::authenticated(
             Some(&auth),
             hello.token.as_bytes(),
-            Certificate::Absent
-        ));
+            Certificate::Absent,
+            0
+        )
+        .ok());
         if let Some(old) = self.gw.registry.handle(&dev.id) {
             old.kick(GoodbyeCode::SessionTakenOver);
         }

@@ -191,13 +191,12 @@ async fn devices(store: Arc<dyn Store>) {
     assert!(store.device("zz").await.unwrap().is_none());
     assert!(store.device_auth("zz").await.unwrap().is_none());
 
-    store.rotate_token("a", [9; 32]).await.unwrap();
-    assert_eq!(
-        store.device_auth("a").await.unwrap().unwrap().token_hash,
-        [9; 32]
-    );
+    store.rotate_token("a", [9; 32], None).await.unwrap();
+    let auth = store.device_auth("a").await.unwrap().unwrap();
+    assert_eq!(auth.token_hash, [9; 32]);
+    assert!(auth.previous.is_none(), "no grace: the old token is gone");
     assert!(matches!(
-        store.rotate_token("zz", [9; 32]).await,
+        store.rotate_token("zz", [9; 32], None).await,
         Err(StoreError::NoSuchDevice(_))
     ));
 
@@ -441,6 +440,61 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(devices);
     case!(telemetry_ranges);
     case!(commands);
+    case!(token_rotation);
+}
+
+/// A rotation with a grace period keeps the old token beside the new one
+/// until the device uses the new one; then its `furrow.token` commands are
+/// cancelled (if open) and their payloads become `{}`.
+async fn token_rotation(store: Arc<dyn Store>) {
+    store.create_device("r", [1; 32]).await.unwrap();
+    let r = key_of(&*store, "r").await;
+    let until = now() + 60_000;
+    store.rotate_token("r", [2; 32], Some(until)).await.unwrap();
+    let auth = store.device_auth("r").await.unwrap().unwrap();
+    assert_eq!(auth.token_hash, [2; 32]);
+    let previous = auth.previous.expect("the old token in its grace period");
+    assert_eq!((previous.hash, previous.until_ms), ([1; 32], until));
+    // A second rotation: the token it replaces is now the previous one.
+    store
+        .rotate_token("r", [3; 32], Some(until + 1))
+        .await
+        .unwrap();
+    let auth = store.device_auth("r").await.unwrap().unwrap();
+    assert_eq!(auth.previous.map(|p| p.hash), Some([2; 32]));
+
+    let carrier = NewCommand {
+        name: furrow::store::TOKEN_COMMAND.into(),
+        ..cmd("", until)
+    };
+    let open = store.create_command("r", carrier.clone()).await.unwrap();
+    let other = store.create_command("r", cmd("keep", until)).await.unwrap();
+    // Forgetting with a hash that is not current changes nothing.
+    store.forget_previous_token(r, [2; 32]).await.unwrap();
+    assert!(store
+        .device_auth("r")
+        .await
+        .unwrap()
+        .unwrap()
+        .previous
+        .is_some());
+    assert_eq!(
+        store.command(open.id).await.unwrap().unwrap().state,
+        CommandState::Queued
+    );
+    // The device authenticated with [3; 32]: the previous token goes, and
+    // the command that carried the new one is cancelled and blanked.
+    store.forget_previous_token(r, [3; 32]).await.unwrap();
+    let auth = store.device_auth("r").await.unwrap().unwrap();
+    assert_eq!((auth.token_hash, auth.previous), ([3; 32], None));
+    let c = store.command(open.id).await.unwrap().unwrap();
+    assert_eq!(c.state, CommandState::Cancelled);
+    assert_eq!(c.payload, b"{}", "the token is not kept");
+    let o = store.command(other.id).await.unwrap().unwrap();
+    assert_eq!(
+        (o.state, o.payload.as_slice()),
+        (CommandState::Queued, &b"{\"x\":1}"[..])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

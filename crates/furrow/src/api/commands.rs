@@ -192,24 +192,33 @@ pub async fn create(
             s.max_frame
         )));
     }
-    let rec = s
-        .store
-        .create_command(
-            &device_id,
-            NewCommand {
-                name: body.name,
-                content_type,
-                payload,
-                expires_ms: now_ms().saturating_add(ttl_s * 1000),
-            },
-        )
-        .await?;
-    s.events.command(&rec);
-    // Here, or on whichever instance holds the device.
-    if !s.registry.notify_commands(&device_id) {
-        s.cluster.command_created(&device_id).await;
-    }
+    let rec = enqueue(
+        &s,
+        &device_id,
+        NewCommand {
+            name: body.name,
+            content_type,
+            payload,
+            expires_ms: now_ms().saturating_add(ttl_s * 1000),
+        },
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(CommandView::of(&rec))))
+}
+
+/// Stores a command, announces it, and wakes the device's session here
+/// or on whichever instance holds it.
+pub(crate) async fn enqueue(
+    s: &ApiState,
+    device_id: &str,
+    cmd: NewCommand,
+) -> Result<CommandRecord, ApiError> {
+    let rec = s.store.create_command(device_id, cmd).await?;
+    s.events.command(&rec);
+    if !s.registry.notify_commands(device_id) {
+        s.cluster.command_created(device_id).await;
+    }
+    Ok(rec)
 }
 
 /// One command.

@@ -210,18 +210,96 @@ pub async fn revoke(
     }))
 }
 
-/// Gives a device a new token (shown once). The old one stops working at
-/// the next handshake; a live connection is not cut (revoke does that).
+/// Body of `POST /v1/devices/{id}/token` (optional: no body takes the
+/// defaults).
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RotateToken {
+    /// Seconds the old token still opens the device, unless the device
+    /// authenticates with the new one first: 0 to 31,536,000 (default
+    /// `devices.token_grace_s`, 7 days; 0: it stops working at once).
+    pub grace_s: Option<u64>,
+    /// Also hand the new token to the device: a command named
+    /// `furrow.token` with the JSON payload `{"token": "..."}`, which the
+    /// device SDK answers by switching to it. Its time to live is the grace
+    /// period (at least an hour, at most 30 days); its payload becomes `{}`
+    /// once the device uses the new token.
+    #[serde(default)]
+    pub deliver: bool,
+}
+
+/// The longest grace period, seconds (a year).
+pub const MAX_GRACE_S: u64 = 365 * 24 * 3600;
+
+/// A rotation's outcome: the new token, shown once.
+#[derive(Serialize, ToSchema)]
+pub struct Rotated {
+    /// The device id.
+    pub device_id: String,
+    /// The new token: shown here only; the gateway keeps its hash.
+    pub token: String,
+    /// Until when (Unix ms) the old token still opens the device, unless
+    /// the device uses the new one first; absent with no grace period.
+    pub previous_valid_until_ms: Option<u64>,
+    /// The `furrow.token` command that carries the new token (`deliver`).
+    pub command_id: Option<u64>,
+}
+
+/// Gives a device a new token (shown once). The old one keeps working for
+/// the grace period or until the device first authenticates with the new
+/// one, so a device is never cut off by a rotation; a live connection is
+/// not cut either (revoke does that). With `deliver`, the device is sent
+/// the new token as a command.
 #[utoipa::path(post, path = "/v1/devices/{device_id}/token", tag = "devices",
     params(("device_id" = String, Path)),
-    responses((status = 200, body = Credentials), (status = 404, body = super::error::ErrorBody)),
+    request_body(content = Option<RotateToken>),
+    responses((status = 200, body = Rotated), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn rotate(
     State(s): State<ApiState>,
     Path(device_id): Path<String>,
-) -> Result<Json<Credentials>, ApiError> {
-    let token = devices::rotate_token(s.store.as_ref(), &device_id)
+    body: axum::body::Bytes,
+) -> Result<Json<Rotated>, ApiError> {
+    let body: RotateToken = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateToken::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?
+    };
+    let grace_s = body.grace_s.unwrap_or(s.token_grace.as_secs());
+    if grace_s > MAX_GRACE_S {
+        return Err(ApiError::BadRequest(format!(
+            "grace_s must be 0 to {MAX_GRACE_S}, got {grace_s}"
+        )));
+    }
+    let grace = std::time::Duration::from_secs(grace_s);
+    let rotation = devices::rotate_token(s.store.as_ref(), &device_id, grace)
         .await
         .map_err(provision_err)?;
-    Ok(Json(Credentials { device_id, token }))
+    let token = rotation.token;
+    let command_id = if body.deliver {
+        let ttl_s = grace_s.clamp(3600, super::commands::MAX_TTL_S);
+        // A hex token needs no escaping: this is valid JSON.
+        let payload = format!(r#"{{"token":"{token}"}}"#).into_bytes();
+        let rec = super::commands::enqueue(
+            &s,
+            &device_id,
+            crate::store::NewCommand {
+                name: crate::store::TOKEN_COMMAND.into(),
+                content_type: furrow_proto::ContentType::Json as u8,
+                payload,
+                expires_ms: crate::clock::now_ms().saturating_add(ttl_s * 1000),
+            },
+        )
+        .await?;
+        Some(rec.id)
+    } else {
+        None
+    };
+    Ok(Json(Rotated {
+        device_id,
+        token,
+        previous_valid_until_ms: rotation.previous_until_ms,
+        command_id,
+    }))
 }

@@ -92,6 +92,8 @@ pub struct ApiState {
     pub events: crate::publish::Events,
     /// limits.max_frame: a command must fit in one frame.
     pub max_frame: u32,
+    /// devices.token_grace_s: how long a rotated-out token still works.
+    pub token_grace: std::time::Duration,
     /// Other instances (PostgreSQL): where remote devices are connected.
     pub cluster: crate::cluster::Cluster,
 }

@@ -86,9 +86,11 @@ pub async fn load_devices(
                     bail!("{id} exists and is revoked: choose another --prefix");
                 }
                 reused += 1;
-                furrow::devices::rotate_token(&*store, &id)
+                // No grace: the load generator's devices start afresh.
+                furrow::devices::rotate_token(&*store, &id, std::time::Duration::ZERO)
                     .await
                     .with_context(|| format!("reusing {id} (choose another --prefix)"))?
+                    .token
             }
             Err(e) => return Err(e).with_context(|| format!("provisioning {id}")),
         };

@@ -108,6 +108,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             Ok(Ok(Event::Connected { last_seq })) => {
                 println!("<- WELCOME again: stored up to seq {last_seq}")
             }
+            Ok(Ok(Event::TokenRotated { .. })) => {
+                println!("<- COMMAND furrow.token: a new token, used from the next connection")
+            }
         }
     }
     client.close().await;

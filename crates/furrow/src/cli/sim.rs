@@ -147,6 +147,9 @@ async fn device(
                 Ok(Event::Rejected { .. }) => {
                     c.rejected.fetch_add(1, Ordering::Relaxed);
                 }
+                // The client switches tokens by itself; a simulated
+                // device keeps nothing to persist.
+                Ok(Event::TokenRotated { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
             }

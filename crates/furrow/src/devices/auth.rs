@@ -30,19 +30,51 @@ pub fn hash_token(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
-/// Whether `token` opens `device`. Unknown and revoked devices and wrong
-/// tokens all return false after the same work.
-pub fn verify(device: Option<&DeviceAuth>, token: &[u8]) -> bool {
+/// Which credential opened a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// None did.
+    No,
+    /// Its current token (or, under mutual TLS, its certificate).
+    Current,
+    /// The token before its last rotation, in its grace period.
+    Previous,
+}
+
+impl Verified {
+    /// Whether the device is in.
+    pub fn ok(self) -> bool {
+        self != Self::No
+    }
+}
+
+/// Which of `device`'s tokens `token` is, at `now_ms`. Unknown and revoked
+/// devices and wrong tokens all return [`Verified::No`] after the same
+/// work: both comparisons always run, against a dummy hash when there is
+/// nothing to compare with.
+pub fn verify(device: Option<&DeviceAuth>, token: &[u8], now_ms: u64) -> Verified {
     const DUMMY: [u8; 32] = [0x5a; 32];
     let presented = hash_token(token);
     let (expected, usable) = match device {
         Some(d) => (&d.token_hash, !d.revoked),
         None => (&DUMMY, false),
     };
-    let matches: bool = presented.ct_eq(expected).into();
+    let (previous, in_grace) = match device.and_then(|d| d.previous.as_ref()) {
+        Some(p) => (&p.hash, now_ms < p.until_ms),
+        None => (&DUMMY, false),
+    };
+    let current: bool = presented.ct_eq(expected).into();
+    let old: bool = presented.ct_eq(previous).into();
     // An empty token is only for TLS-identified devices (not yet supported
     // on this listener), so it never authenticates here.
-    matches & usable & !token.is_empty()
+    let usable = usable & !token.is_empty();
+    if current & usable {
+        Verified::Current
+    } else if old & in_grace & usable {
+        Verified::Previous
+    } else {
+        Verified::No
+    }
 }
 
 #[cfg(test)]
@@ -54,6 +86,7 @@ mod tests {
             key: 1,
             token_hash: hash_token(token.as_bytes()),
             revoked,
+            previous: None,
         }
     }
 
@@ -69,10 +102,30 @@ mod tests {
     #[test]
     fn verify_cases() {
         let t = generate_token();
-        assert!(verify(Some(&dev(&t, false)), t.as_bytes()));
-        assert!(!verify(Some(&dev(&t, false)), b"wrong"));
-        assert!(!verify(Some(&dev(&t, true)), t.as_bytes()));
-        assert!(!verify(None, t.as_bytes()));
-        assert!(!verify(Some(&dev("", false)), b""));
+        let ok = |d: Option<&DeviceAuth>, token: &[u8]| verify(d, token, 1).ok();
+        assert!(ok(Some(&dev(&t, false)), t.as_bytes()));
+        assert!(!ok(Some(&dev(&t, false)), b"wrong"));
+        assert!(!ok(Some(&dev(&t, true)), t.as_bytes()));
+        assert!(!ok(None, t.as_bytes()));
+        assert!(!ok(Some(&dev("", false)), b""));
+    }
+
+    #[test]
+    fn the_previous_token_opens_the_device_only_in_its_grace_period() {
+        let (old, new) = (generate_token(), generate_token());
+        let mut d = dev(&new, false);
+        d.previous = Some(crate::store::PreviousToken {
+            hash: hash_token(old.as_bytes()),
+            until_ms: 1_000,
+        });
+        assert_eq!(verify(Some(&d), new.as_bytes(), 999), Verified::Current);
+        assert_eq!(verify(Some(&d), old.as_bytes(), 999), Verified::Previous);
+        assert_eq!(verify(Some(&d), old.as_bytes(), 1_000), Verified::No);
+        assert_eq!(verify(Some(&d), new.as_bytes(), 5_000), Verified::Current);
+        assert_eq!(verify(Some(&d), b"wrong", 999), Verified::No);
+        // Revoked: neither token.
+        d.revoked = true;
+        assert_eq!(verify(Some(&d), old.as_bytes(), 999), Verified::No);
+        assert_eq!(verify(Some(&d), new.as_bytes(), 999), Verified::No);
     }
 }

@@ -6,6 +6,8 @@
 pub mod auth;
 pub mod registry;
 
+use std::time::Duration;
+
 use furrow_proto::message::valid_device_id;
 
 use crate::devices::auth::{generate_token, hash_token};
@@ -36,11 +38,33 @@ pub async fn add_device(store: &dyn Store, device_id: &str) -> Result<String, Pr
 }
 
 /// Gives a device a fresh token and returns it (the only time it is
-/// visible); the old token stops working at the device's next handshake.
-pub async fn rotate_token(store: &dyn Store, device_id: &str) -> Result<String, ProvisionError> {
+/// visible). The old token keeps opening the device for `grace` (or until
+/// the device first authenticates with the new one); with no grace it
+/// stops working at the device's next handshake. A live connection is not
+/// cut either way.
+pub async fn rotate_token(
+    store: &dyn Store,
+    device_id: &str,
+    grace: Duration,
+) -> Result<Rotation, ProvisionError> {
     let token = generate_token();
+    let previous_until_ms = (!grace.is_zero()).then(|| {
+        crate::clock::now_ms().saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX))
+    });
     store
-        .rotate_token(device_id, hash_token(token.as_bytes()))
+        .rotate_token(device_id, hash_token(token.as_bytes()), previous_until_ms)
         .await?;
-    Ok(token)
+    Ok(Rotation {
+        token,
+        previous_until_ms,
+    })
+}
+
+/// A rotation's outcome.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The new token (shown once).
+    pub token: String,
+    /// Until when (Unix ms) the old token still works, if at all.
+    pub previous_until_ms: Option<u64>,
 }

@@ -518,7 +518,9 @@ impl Session {
             }
         };
         let cert = self.certificate(&device_id);
-        if !handshake::authenticated(found.as_ref(), hello.token.as_bytes(), cert) {
+        let verified =
+            handshake::authenticated(found.as_ref(), hello.token.as_bytes(), cert, now_ms());
+        if !verified.ok() {
             // Unknown device or wrong token alike: counted, then (past the
             // free failures) answered only after a growing delay, while
             // fewer than `auth_delayed_max` answers wait.
@@ -540,6 +542,23 @@ impl Session {
                 .closed_by(Fatal(ErrorCode::Internal, "lost device".into()), "internal")
                 .await;
         };
+        match verified {
+            handshake::Verified::Previous => {
+                metrics::counter!("furrow_auth_previous_token_total").increment(1);
+            }
+            handshake::Verified::Current if found.previous.is_some() => {
+                // The device has its new token: the old one stops working.
+                // Best effort: the grace period ends it anyway.
+                if let Err(e) = store
+                    .forget_previous_token(found.key, found.token_hash)
+                    .await
+                {
+                    warn!(peer = %self.peer, device = %device_id, error = %e,
+                        "cannot retire the previous token; it expires with its grace period");
+                }
+            }
+            _ => {}
+        }
 
         if Instant::now() >= deadline {
             return self.overloaded().await;

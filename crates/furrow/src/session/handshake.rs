@@ -7,6 +7,7 @@ use tokio::time::Duration;
 
 use super::machine::Fatal;
 use crate::config::Config;
+pub use crate::devices::auth::Verified;
 use crate::store::DeviceAuth;
 
 /// The first frame of a connection as HELLO, or the ERROR it earns with
@@ -43,14 +44,23 @@ pub enum Certificate {
     Mismatch,
 }
 
-/// Whether a device is in. Under mutual TLS the certificate stands for the
-/// token (an empty token is accepted; a token given must still be right);
-/// a certificate for another device fails like a wrong token.
-pub fn authenticated(found: Option<&DeviceAuth>, token: &[u8], cert: Certificate) -> bool {
+/// Whether a device is in, and with which credential. Under mutual TLS
+/// the certificate stands for the token (an empty token is accepted; a
+/// token given must still be right); a certificate for another device
+/// fails like a wrong token.
+pub fn authenticated(
+    found: Option<&DeviceAuth>,
+    token: &[u8],
+    cert: Certificate,
+    now_ms: u64,
+) -> Verified {
     match cert {
-        Certificate::Mismatch => false,
-        Certificate::Matches if token.is_empty() => found.is_some_and(|d| !d.revoked),
-        _ => crate::devices::auth::verify(found, token),
+        Certificate::Mismatch => Verified::No,
+        Certificate::Matches if token.is_empty() => match found {
+            Some(d) if !d.revoked => Verified::Current,
+            _ => Verified::No,
+        },
+        _ => crate::devices::auth::verify(found, token, now_ms),
     }
 }
 
@@ -83,6 +93,7 @@ mod tests {
             key: 1,
             token_hash: crate::devices::auth::hash_token(token.as_bytes()),
             revoked,
+            previous: None,
         }
     }
 
@@ -91,15 +102,16 @@ mod tests {
         let d = device("secret", false);
         let r = device("secret", true);
         use Certificate::*;
-        assert!(authenticated(Some(&d), b"secret", Absent));
-        assert!(!authenticated(Some(&d), b"wrong", Absent));
-        assert!(!authenticated(None, b"secret", Absent));
-        assert!(!authenticated(Some(&r), b"secret", Absent));
-        assert!(authenticated(Some(&d), b"", Matches));
-        assert!(!authenticated(Some(&r), b"", Matches));
-        assert!(!authenticated(Some(&d), b"wrong", Matches));
-        assert!(!authenticated(Some(&d), b"secret", Mismatch));
-        assert!(!authenticated(None, b"", Matches));
+        let ok = |f: Option<&DeviceAuth>, t: &[u8], c| authenticated(f, t, c, 1).ok();
+        assert!(ok(Some(&d), b"secret", Absent));
+        assert!(!ok(Some(&d), b"wrong", Absent));
+        assert!(!ok(None, b"secret", Absent));
+        assert!(!ok(Some(&r), b"secret", Absent));
+        assert!(ok(Some(&d), b"", Matches));
+        assert!(!ok(Some(&r), b"", Matches));
+        assert!(!ok(Some(&d), b"wrong", Matches));
+        assert!(!ok(Some(&d), b"secret", Mismatch));
+        assert!(!ok(None, b"", Matches));
     }
 
     #[test]

@@ -146,6 +146,42 @@ pub struct DeviceAuth {
     pub token_hash: [u8; 32],
     /// Whether the device was revoked.
     pub revoked: bool,
+    /// The token before the last rotation, while it is still accepted.
+    pub previous: Option<PreviousToken>,
+}
+
+/// A row's previous token, if it has one of the right size.
+pub(crate) fn previous_token(
+    hash: Option<Vec<u8>>,
+    until_ms: Option<i64>,
+) -> Option<PreviousToken> {
+    Some(PreviousToken {
+        hash: hash?.try_into().ok()?,
+        until_ms: u64::try_from(until_ms?).unwrap_or(0),
+    })
+}
+
+/// The name of the command that hands a device its new token (the SDK
+/// answers it itself): `{"token": "<64 hex>"}`.
+pub const TOKEN_COMMAND: &str = "furrow.token";
+
+/// Once a device uses its new token, its `furrow.token` commands are moot
+/// and hold a secret: open ones are cancelled and every one's payload
+/// becomes `{}`. SQLite's spelling (`?1` device key, `?2` now).
+pub(crate) const FORGET_TOKEN_COMMANDS_SQLITE: &str =
+    "UPDATE commands SET payload = CAST('{}' AS BLOB),
+         status = CASE WHEN status IN ('queued', 'delivered') THEN 'cancelled' ELSE status END,
+         updated_ms = CASE WHEN status IN ('queued', 'delivered') THEN ?2 ELSE updated_ms END
+     WHERE device = ?1 AND name = 'furrow.token'";
+
+/// A rotated-out token in its grace period: accepted until `until_ms`, or
+/// until the device first authenticates with its new token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousToken {
+    /// SHA-256 of the old token.
+    pub hash: [u8; 32],
+    /// Unix ms after which it no longer opens the device.
+    pub until_ms: u64,
 }
 
 /// A device as listed to operators.
@@ -437,8 +473,26 @@ pub trait DeviceStore: Send + Sync + 'static {
     /// One device, by id.
     async fn device(&self, device_id: &str) -> Result<Option<DeviceInfo>, StoreError>;
 
-    /// device's next handshake). [`StoreError::NoSuchDevice`] if unknown.
-    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
+    /// Gives a device a new token hash (effective at its next handshake).
+    /// With `previous_until_ms`, the token it replaces stays accepted until
+    /// then (or until the device first uses the new one); without, it stops
+    /// working at once. [`StoreError::NoSuchDevice`] if unknown.
+    async fn rotate_token(
+        &self,
+        device_id: &str,
+        token_hash: [u8; 32],
+        previous_until_ms: Option<u64>,
+    ) -> Result<(), StoreError>;
+
+    /// The device authenticated with its current token `token_hash`: the
+    /// previous one stops working now (unless the token changed again
+    /// meanwhile), and its `furrow.token` commands, which held the new
+    /// token, are cancelled if still open and their payloads become `{}`.
+    async fn forget_previous_token(
+        &self,
+        key: DeviceKey,
+        token_hash: [u8; 32],
+    ) -> Result<(), StoreError>;
 
     /// Returns false if it was revoked already.
     async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError>;

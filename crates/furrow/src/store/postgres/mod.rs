@@ -101,6 +101,9 @@ CREATE INDEX sessions_by_instance ON sessions (instance_id);
 CREATE SEQUENCE session_generation;
 "#,
     MIGRATE_V2,
+    // Token rotation: the token before the last rotation, accepted until
+    // prev_token_until_ms or until the device first uses the new one.
+    "ALTER TABLE devices ADD COLUMN prev_token_hash bytea, ADD COLUMN prev_token_until_ms bigint;",
 ];
 
 pub(crate) mod batch;
@@ -411,7 +414,8 @@ async fn lookup_batch(pool: Pool, ids: Vec<String>) -> Result<Vec<Option<DeviceA
     let client = pool.get().await.map_err(pool_err)?;
     let stmt = client
         .prepare_cached(
-            "SELECT id, device_id, token_hash, revoked_ms FROM devices WHERE device_id = ANY($1)",
+            "SELECT id, device_id, token_hash, revoked_ms, prev_token_hash, prev_token_until_ms
+             FROM devices WHERE device_id = ANY($1)",
         )
         .await?;
     let mut found = HashMap::with_capacity(ids.len());
@@ -426,6 +430,7 @@ async fn lookup_batch(pool: Pool, ids: Vec<String>) -> Result<Vec<Option<DeviceA
             key: row.try_get(0)?,
             token_hash,
             revoked: row.try_get::<_, Option<i64>>(3)?.is_some(),
+            previous: crate::store::previous_token(row.try_get(4)?, row.try_get(5)?),
         };
         found.insert(device_id, auth);
     }
@@ -510,17 +515,57 @@ impl DeviceStore for PostgresStore {
             .transpose()
     }
 
-    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+    async fn rotate_token(
+        &self,
+        device_id: &str,
+        token_hash: [u8; 32],
+        previous_until_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
+        let until = previous_until_ms.map(clamp);
+        // The right-hand sides read the row as it was: the old token
+        // becomes the previous one.
         let n = client
             .execute(
-                "UPDATE devices SET token_hash = $2 WHERE device_id = $1",
-                &[&device_id, &&token_hash[..]],
+                "UPDATE devices SET
+                     prev_token_hash = CASE WHEN $3::bigint IS NULL THEN NULL ELSE token_hash END,
+                     prev_token_until_ms = $3,
+                     token_hash = $2
+                 WHERE device_id = $1",
+                &[&device_id, &&token_hash[..], &until],
             )
             .await?;
         if n == 0 {
             return Err(StoreError::NoSuchDevice(device_id.to_owned()));
         }
+        Ok(())
+    }
+
+    async fn forget_previous_token(
+        &self,
+        key: DeviceKey,
+        token_hash: [u8; 32],
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let n = tx
+            .execute(
+                "UPDATE devices SET prev_token_hash = NULL, prev_token_until_ms = NULL
+                 WHERE id = $1 AND token_hash = $2 AND prev_token_hash IS NOT NULL",
+                &[&key, &&token_hash[..]],
+            )
+            .await?;
+        if n > 0 {
+            tx.execute(
+                "UPDATE commands SET payload = '{}'::bytea,
+                     status = CASE WHEN status IN ('queued', 'delivered') THEN 'cancelled' ELSE status END,
+                     updated_ms = CASE WHEN status IN ('queued', 'delivered') THEN $2 ELSE updated_ms END
+                 WHERE device = $1 AND name = 'furrow.token'",
+                &[&key, &clamp(now_ms())],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

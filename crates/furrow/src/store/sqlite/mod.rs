@@ -106,6 +106,14 @@ CREATE INDEX commands_open ON commands (status, expires_ms);
     ),
     // Telemetry as an append-only log with per-device postings.
     Migration::Code(telemetry::migrate_v3),
+    Migration::Sql(
+        r#"
+-- Token rotation: the token before the last rotation, accepted until
+-- prev_token_until_ms or until the device first uses the new one.
+ALTER TABLE devices ADD COLUMN prev_token_hash BLOB;
+ALTER TABLE devices ADD COLUMN prev_token_until_ms INTEGER;
+"#,
+    ),
 ];
 
 /// One schema step: SQL, or code for what SQL alone cannot do.
@@ -700,23 +708,27 @@ impl DeviceStore for SqliteStore {
             .call(move |conn| {
                 let row = conn
                     .prepare_cached(
-                        "SELECT id, token_hash, revoked_ms FROM devices WHERE device_id = ?1",
+                        "SELECT id, token_hash, revoked_ms, prev_token_hash, prev_token_until_ms
+                         FROM devices WHERE device_id = ?1",
                     )?
                     .query_row([&id], |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
                             r.get::<_, Vec<u8>>(1)?,
                             r.get::<_, Option<i64>>(2)?,
+                            r.get::<_, Option<Vec<u8>>>(3)?,
+                            r.get::<_, Option<i64>>(4)?,
                         ))
                     })
                     .optional()?;
-                Ok(row.and_then(|(key, hash, revoked)| {
+                Ok(row.and_then(|(key, hash, revoked, prev, until)| {
                     // A hash of the wrong size cannot match any token.
                     let token_hash: [u8; 32] = hash.try_into().ok()?;
                     Some(DeviceAuth {
                         key,
                         token_hash,
                         revoked: revoked.is_some(),
+                        previous: super::previous_token(prev, until),
                     })
                 }))
             })
@@ -801,17 +813,54 @@ impl DeviceStore for SqliteStore {
             .await
     }
 
-    async fn rotate_token(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError> {
+    async fn rotate_token(
+        &self,
+        device_id: &str,
+        token_hash: [u8; 32],
+        previous_until_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
         let id = device_id.to_owned();
+        let until = previous_until_ms.map(|u| i64::try_from(u).unwrap_or(i64::MAX));
         self.writer
             .call(move |conn| {
+                // The right-hand sides read the row as it was: the old
+                // token becomes the previous one.
                 let n = conn.execute(
-                    "UPDATE devices SET token_hash = ?2 WHERE device_id = ?1",
-                    params![id, &token_hash[..]],
+                    "UPDATE devices SET
+                         prev_token_hash = CASE WHEN ?3 IS NULL THEN NULL ELSE token_hash END,
+                         prev_token_until_ms = ?3,
+                         token_hash = ?2
+                     WHERE device_id = ?1",
+                    params![id, &token_hash[..], until],
                 )?;
                 if n == 0 {
                     return Err(StoreError::NoSuchDevice(id));
                 }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn forget_previous_token(
+        &self,
+        key: DeviceKey,
+        token_hash: [u8; 32],
+    ) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let n = tx.execute(
+                    "UPDATE devices SET prev_token_hash = NULL, prev_token_until_ms = NULL
+                     WHERE id = ?1 AND token_hash = ?2 AND prev_token_hash IS NOT NULL",
+                    params![key, &token_hash[..]],
+                )?;
+                if n > 0 {
+                    tx.execute(
+                        super::FORGET_TOKEN_COMMANDS_SQLITE,
+                        params![key, now_ms() as i64],
+                    )?;
+                }
+                tx.commit()?;
                 Ok(())
             })
             .await
