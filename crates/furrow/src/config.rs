@@ -594,6 +594,11 @@ pub struct Mqtt {
     pub url: String,
     /// With mqtts://: the CA (PEM) that signed the broker's certificate.
     pub ca_file: String,
+    /// With mqtts://: a client certificate (PEM) to present, for brokers
+    /// that require one; with `key_file`.
+    pub cert_file: String,
+    /// Its private key (PEM).
+    pub key_file: String,
     /// Topics start with this.
     pub topic_prefix: String,
     /// 0 or 1.
@@ -614,6 +619,8 @@ impl Default for Mqtt {
         Self {
             url: String::new(),
             ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
             topic_prefix: "furrow".into(),
             qos: 1,
             client_id: String::new(),
@@ -852,11 +859,7 @@ impl Config {
         }
         if !self.mqtt.url.is_empty() {
             if let Err(e) = crate::publish::mqtt::check(&self.mqtt) {
-                let key = match e {
-                    crate::publish::mqtt::MqttError::Url(_) => "mqtt.url",
-                    _ => "mqtt.ca_file",
-                };
-                return bad(key, e.to_string());
+                return bad(e.key(), e.to_string());
             }
         }
         if self.mqtt.qos > 1 {

@@ -196,6 +196,10 @@ fn describe() {
         "furrow_mqtt_events_published_total",
         "MQTT events written to the broker connection."
     );
+    describe_gauge!(
+        "furrow_mqtt_connected",
+        "1 while the MQTT broker has accepted the gateway's connection, 0 while it is refused or unreachable."
+    );
     describe_counter!(
         "furrow_mqtt_events_dropped_total",
         "MQTT events dropped because the queue was full."

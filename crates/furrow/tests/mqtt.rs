@@ -29,9 +29,20 @@ async fn subscribe_with(
     ca: Option<Vec<u8>>,
     id: &str,
 ) -> mpsc::UnboundedReceiver<(String, Value, bool)> {
+    subscribe_as(host, port, ca, None, id).await
+}
+
+/// Like [`subscribe_with`], presenting a client certificate and key.
+async fn subscribe_as(
+    host: String,
+    port: u16,
+    ca: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+    id: &str,
+) -> mpsc::UnboundedReceiver<(String, Value, bool)> {
     let mut opts = MqttOptions::new(id, host, port);
     if let Some(ca) = ca {
-        opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+        opts.set_transport(rumqttc::Transport::tls(ca, client, None));
     }
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
@@ -262,4 +273,115 @@ async fn events_go_over_tls_to_a_broker_whose_certificate_checks_out() {
         t == "furrow/devices/tls-1/telemetry" && v["seq"] == 3
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_requires_client_certificates_takes_the_gateways_and_refuses_none() {
+    // Certificates from `furrow certs` (its library): a CA, the broker's
+    // server certificate, and client certificates for the gateway and the
+    // test's subscriber.
+    let ca = furrow::certs::Ca::new("furrow test CA", 1).unwrap();
+    let server = ca.server(&["localhost".to_owned()], 1).unwrap();
+    let broker = Mosquitto::start_mtls(&ca.cert_pem, &server.cert_pem, &server.key_pem);
+    let port = broker.addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let ca_file = write("ca.pem", &ca.cert_pem);
+    let sub = ca.device("subscriber", 1).unwrap();
+    let mut rx = subscribe_as(
+        "localhost".into(),
+        port,
+        Some(ca.cert_pem.clone().into_bytes()),
+        Some((sub.cert_pem.into_bytes(), sub.key_pem.into_bytes())),
+        "sub-mtls",
+    )
+    .await;
+
+    // Without a client certificate: the broker refuses the gateway, whose
+    // events never arrive (ingest goes on all the same).
+    let bare = TestGateway::start_with({
+        let ca_file = ca_file.clone();
+        move |c| {
+            c.mqtt.url = format!("mqtts://localhost:{port}");
+            c.mqtt.ca_file = ca_file;
+        }
+    })
+    .await;
+    let token = bare.add_device("bare-1").await;
+    let mut dev = RawDevice::connect(bare.addr()).await;
+    dev.hello("bare-1", &token, 30).await;
+    dev.telemetry_batch(1..=2).await;
+    dev.until_ack(2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !broker.log().contains("did not return a certificate") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker did not refuse the gateway: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // With one: events flow.
+    let gw_cert = ca.device("furrow-gateway", 1).unwrap();
+    let (cert_file, key_file) = (
+        write("gw.pem", &gw_cert.cert_pem),
+        write("gw.key", &gw_cert.key_pem),
+    );
+    let gw = TestGateway::start_with(move |c| {
+        c.mqtt.url = format!("mqtts://localhost:{port}");
+        c.mqtt.ca_file = ca_file;
+        c.mqtt.cert_file = cert_file;
+        c.mqtt.key_file = key_file;
+    })
+    .await;
+    let token = gw.add_device("mtls-1").await;
+    let mut dev = RawDevice::connect(gw.addr()).await;
+    dev.hello("mtls-1", &token, 30).await;
+    dev.telemetry_batch(1..=3).await;
+    dev.until_ack(3).await;
+    until(&mut rx, "telemetry over mutual TLS", |t, v, _| {
+        t == "furrow/devices/mtls-1/telemetry" && v["seq"] == 3
+    })
+    .await;
+    // The gateway without a certificate got nothing through.
+    while let Ok((t, _, _)) = rx.try_recv() {
+        assert!(
+            !t.contains("bare-1"),
+            "an event from the refused gateway: {t}"
+        );
+    }
+}
+
+#[test]
+fn a_client_certificate_needs_its_key_and_tls() {
+    let mut c = furrow::Config::default();
+    c.mqtt.url = "mqtt://localhost:1883".into();
+    c.mqtt.cert_file = "/tmp/gw.pem".into();
+    c.mqtt.key_file = "/tmp/gw.key".into();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("mqtt.cert_file") && e.contains("mqtts://"),
+        "{e}"
+    );
+    c.mqtt.url = "mqtts://localhost:8883".into();
+    c.mqtt.key_file.clear();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    c.mqtt.ca_file = ca.to_string_lossy().into_owned();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("go together"), "{e}");
+    c.mqtt.key_file = "/nonexistent/gw.key".into();
+    std::fs::write(dir.path().join("gw.pem"), "x").unwrap();
+    c.mqtt.cert_file = dir.path().join("gw.pem").to_string_lossy().into_owned();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("mqtt.key_file") && e.contains("/nonexistent/gw.key"),
+        "{e}"
+    );
 }

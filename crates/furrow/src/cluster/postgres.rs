@@ -12,7 +12,7 @@ use furrow_proto::GoodbyeCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -479,7 +479,7 @@ impl Inner {
     /// One LISTEN connection, until it breaks (Err) or the instance stops
     /// (Ok).
     async fn listen_once(&self, first: &mut bool, failing: &mut bool) -> Result<(), StoreError> {
-        let (client, mut conn) = self.store.config().connect(NoTls).await?;
+        let (client, mut conn) = self.store.config().connect(self.store.tls()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         // The connection yields notifications only while polled; this
         // task drives it and forwards them.

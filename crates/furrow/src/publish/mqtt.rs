@@ -33,6 +33,32 @@ pub enum MqttError {
         /// Why.
         source: std::io::Error,
     },
+    /// A client certificate without its key, or the other way round, or
+    /// either without TLS.
+    #[error("mqtt.cert_file and mqtt.key_file go together, with an mqtts:// url")]
+    ClientAuth,
+    /// The client certificate or key cannot be read.
+    #[error("{key} {path}: {source}")]
+    ClientFile {
+        /// The setting.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl MqttError {
+    /// The setting at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Url(_) => "mqtt.url",
+            Self::NoCa | Self::Ca { .. } => "mqtt.ca_file",
+            Self::ClientAuth => "mqtt.cert_file",
+            Self::ClientFile { key, .. } => key,
+        }
+    }
 }
 
 /// Where the broker is.
@@ -103,10 +129,38 @@ fn host_port(url: &str) -> Result<(String, u16), MqttError> {
 /// Checks the settings without connecting: the URL, and for mqtts:// a
 /// readable CA file (the gateway fails closed on either).
 pub fn check(cfg: &MqttConfig) -> Result<(), MqttError> {
-    if parse_url(&cfg.url)?.tls {
+    let tls = parse_url(&cfg.url)?.tls;
+    if tls {
         read_ca(&cfg.ca_file)?;
     }
+    client_auth(cfg, tls)?;
     Ok(())
+}
+
+/// A certificate chain and its private key, PEM.
+type CertAndKey = (Vec<u8>, Vec<u8>);
+
+/// The client certificate and key (PEM) to present to the broker, if set:
+/// brokers that require client certificates (Mosquitto's
+/// `require_certificate true`) identify the gateway by it.
+fn client_auth(cfg: &MqttConfig, tls: bool) -> Result<Option<CertAndKey>, MqttError> {
+    match (cfg.cert_file.is_empty(), cfg.key_file.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) if tls => {
+            let read = |key: &'static str, path: &str| {
+                std::fs::read(path).map_err(|source| MqttError::ClientFile {
+                    key,
+                    path: path.to_owned(),
+                    source,
+                })
+            };
+            Ok(Some((
+                read("mqtt.cert_file", &cfg.cert_file)?,
+                read("mqtt.key_file", &cfg.key_file)?,
+            )))
+        }
+        _ => Err(MqttError::ClientAuth),
+    }
 }
 
 fn read_ca(path: &str) -> Result<Vec<u8>, MqttError> {
@@ -142,7 +196,8 @@ impl Publisher {
         let instance_topic = format!("{prefix}/instances/{instance}/status");
         let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
         if broker.tls {
-            opts.set_transport(Transport::tls(read_ca(&cfg.ca_file)?, None, None));
+            let auth = client_auth(cfg, true)?;
+            opts.set_transport(Transport::tls(read_ca(&cfg.ca_file)?, auth, None));
         }
         opts.set_keep_alive(Duration::from_secs(30));
         if !cfg.username.is_empty() {
@@ -231,6 +286,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     let published = metrics::counter!("furrow_mqtt_events_published_total");
+    let up = metrics::gauge!("furrow_mqtt_connected");
     let connected = AtomicBool::new(false);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -241,6 +297,7 @@ async fn run(
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
+                up.set(1.0);
                 if !connected.swap(true, Ordering::Relaxed) {
                     tracing::info!("MQTT broker connected");
                 }
@@ -256,6 +313,7 @@ async fn run(
             Ok(Event::Outgoing(Outgoing::Publish(_))) => published.increment(1),
             Ok(_) => {}
             Err(e) => {
+                up.set(0.0);
                 if connected.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "MQTT broker connection lost; events queue, then drop, until it returns");
                 } else if backoff == Duration::from_millis(100) {

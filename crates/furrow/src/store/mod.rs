@@ -165,15 +165,6 @@ pub(crate) fn previous_token(
 /// answers it itself): `{"token": "<64 hex>"}`.
 pub const TOKEN_COMMAND: &str = "furrow.token";
 
-/// Once a device uses its new token, its `furrow.token` commands are moot
-/// and hold a secret: open ones are cancelled and every one's payload
-/// becomes `{}`. SQLite's spelling (`?1` device key, `?2` now).
-pub(crate) const FORGET_TOKEN_COMMANDS_SQLITE: &str =
-    "UPDATE commands SET payload = CAST('{}' AS BLOB),
-         status = CASE WHEN status IN ('queued', 'delivered') THEN 'cancelled' ELSE status END,
-         updated_ms = CASE WHEN status IN ('queued', 'delivered') THEN ?2 ELSE updated_ms END
-     WHERE device = ?1 AND name = 'furrow.token'";
-
 /// A rotated-out token in its grace period: accepted until `until_ms`, or
 /// until the device first authenticates with its new token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,8 @@ pub struct Mosquitto {
     child: Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
+    /// Certificates and the log file of a mutual-TLS broker.
+    log_dir: Option<tempfile::TempDir>,
 }
 
 /// Where the mosquitto program is.
@@ -72,6 +74,37 @@ impl Mosquitto {
         (m, ca)
     }
 
+    /// Starts a broker that speaks TLS only and requires a client
+    /// certificate from `ca_pem`'s CA, presenting `cert_pem` and `key_pem`.
+    pub fn start_mtls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Self {
+        let certs = tempfile::tempdir().expect("temp dir");
+        let p = |f: &str, text: &str| {
+            let path = certs.path().join(f);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        // A log file of its own: Mosquitto flushes it line by line (its
+        // stdout, a file here, is block-buffered).
+        let extra = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nlog_dest file {}\n",
+            p("ca.pem", ca_pem),
+            p("server.pem", cert_pem),
+            p("server.key", key_pem),
+            certs.path().join("broker.log").display()
+        );
+        let mut m = Self::start_with(&extra);
+        m.log_dir = Some(certs);
+        m
+    }
+
+    /// What the broker logged so far (brokers from [`Self::start_mtls`]).
+    pub fn log(&self) -> String {
+        self.log_dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("broker.log")).ok())
+            .unwrap_or_default()
+    }
+
     fn start_with(listener_options: &str) -> Self {
         // Tests of one binary start brokers side by side: a port freed by a
         // broker that a test stopped (to start it again there) must not be
@@ -113,6 +146,7 @@ impl Mosquitto {
             child,
             addr,
             _dir: dir,
+            log_dir: None,
         };
         // Something answers on the port; if it is not our broker (which
         // then failed to bind), ours exits at once: give it the time to.

@@ -20,6 +20,8 @@ pub struct Postgres {
     data: PathBuf,
     port: u16,
     running: bool,
+    /// Server options beyond the port and socket (TLS).
+    extra: String,
     _dir: tempfile::TempDir,
 }
 
@@ -124,8 +126,37 @@ impl Postgres {
             data,
             port: free_port(),
             running: false,
+            extra: String::new(),
             _dir: dir,
         };
+        pg.start_again();
+        pg
+    }
+
+    /// Like [`Self::start`], with TLS on (`ssl=on`, this certificate and
+    /// key) and TLS required of every TCP client (`hostssl` only).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let mut pg = Self::start();
+        pg.stop();
+        let owned_file = |name: &str, text: &str| {
+            let path = pg.data.join(name);
+            std::fs::write(&path, text).expect("write");
+            let mut c = Command::new("chmod");
+            c.arg("600").arg(&path);
+            run(c, "chmod");
+            if is_root() {
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&path);
+                run(c, "chown");
+            }
+        };
+        owned_file("server.crt", cert_pem);
+        owned_file("server.key", key_pem);
+        owned_file(
+            "pg_hba.conf",
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        );
+        pg.extra = "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
         pg.start_again();
         pg
     }
@@ -133,9 +164,10 @@ impl Postgres {
     /// Starts the stopped cluster again, on the same port.
     pub fn start_again(&mut self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=on",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=on {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.extra
         );
         let mut c = pg_command(&self.bin.join("pg_ctl"));
         c.arg("-D")

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
@@ -108,6 +108,7 @@ CREATE SEQUENCE session_generation;
 
 pub(crate) mod batch;
 mod telemetry;
+pub mod tls;
 pub(crate) use telemetry::seqs_of;
 use telemetry::Chunks;
 pub use telemetry::{Dropped, COPY_COLUMNS, COPY_TYPES};
@@ -207,6 +208,8 @@ pub struct PostgresStore {
     /// HELLO's device lookups, batched ([`batch`]).
     lookups: batch::Batcher<String, Option<DeviceAuth>>,
     config: tokio_postgres::Config,
+    /// TLS as the URL's `sslmode` says ([`tls`]).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     opts: Arc<PostgresOptions>,
     /// The telemetry partitions this instance knows of (see [`Chunks`]).
     chunks: Arc<Mutex<Chunks>>,
@@ -287,9 +290,12 @@ impl PostgresStore {
     /// Connects to `url` (a libpq-style URL or key=value string) and
     /// migrates the schema. Fails if the database cannot be reached.
     pub async fn connect(url: &str, opts: PostgresOptions) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let tls::Connect {
+            mut config,
+            tls,
+            mode,
+        } = tls::connect_settings(url)?;
+        tracing::debug!(sslmode = ?mode, "PostgreSQL connection settings");
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(opts.connect_timeout);
         }
@@ -299,7 +305,7 @@ impl PostgresStore {
         let build = |size: usize| {
             let mgr = Manager::from_config(
                 config.clone(),
-                NoTls,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -324,6 +330,7 @@ impl PostgresStore {
             writer,
             lookups,
             config,
+            tls,
             opts: Arc::new(opts),
             chunks: Arc::default(),
         };
@@ -334,6 +341,11 @@ impl PostgresStore {
     /// The connection settings (for the cluster's LISTEN connection).
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS connector `sslmode` asks for (for the same).
+    pub fn tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        self.tls.clone()
     }
 
     /// The pool (for the cluster's queries).

@@ -116,6 +116,14 @@ ALTER TABLE devices ADD COLUMN prev_token_until_ms INTEGER;
     ),
 ];
 
+/// Once a device uses its new token, its `furrow.token` commands are moot
+/// and hold a secret: open ones are cancelled and every one's payload
+/// becomes `{}`. SQLite's spelling (`?1` device key, `?2` now).
+const FORGET_TOKEN_COMMANDS: &str = "UPDATE commands SET payload = CAST('{}' AS BLOB),
+         status = CASE WHEN status IN ('queued', 'delivered') THEN 'cancelled' ELSE status END,
+         updated_ms = CASE WHEN status IN ('queued', 'delivered') THEN ?2 ELSE updated_ms END
+     WHERE device = ?1 AND name = 'furrow.token'";
+
 /// One schema step: SQL, or code for what SQL alone cannot do.
 enum Migration {
     Sql(&'static str),
@@ -855,10 +863,7 @@ impl DeviceStore for SqliteStore {
                     params![key, &token_hash[..]],
                 )?;
                 if n > 0 {
-                    tx.execute(
-                        super::FORGET_TOKEN_COMMANDS_SQLITE,
-                        params![key, now_ms() as i64],
-                    )?;
+                    tx.execute(FORGET_TOKEN_COMMANDS, params![key, now_ms() as i64])?;
                 }
                 tx.commit()?;
                 Ok(())
