@@ -77,6 +77,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Manage the HTTP API's tokens: each has a role (read, operate,
+    /// admin) and names its holder in the audit log.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Send a few readings as one device and print the exchange (WELCOME,
     /// TELEMETRY, ACK): the quickest check that a device gets in.
     Send(send::SendArgs),
@@ -204,6 +210,60 @@ enum DeviceCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create an API token; prints it once, on its own line.
+    Create {
+        /// Its name: 1 to 64 characters of A-Z a-z 0-9 . _ : -
+        name: String,
+        /// read (dashboards, monitoring), operate (also commands) or admin.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List API tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke an API token: it opens nothing from its next request on.
+    Revoke {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Who the audit log says acted from the command line.
+fn cli_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+/// Records a change made from the command line; a failure to record is
+/// reported (the change is made).
+async fn audit(
+    store: &dyn furrow::store::Store,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let entry = furrow::store::NewAudit {
+        actor: cli_actor(),
+        source: "cli".into(),
+        action: action.into(),
+        target: target.into(),
+        detail: detail.to_string(),
+    };
+    if let Err(e) = store.record_audit(entry).await {
+        eprintln!("warning: the change is made but the audit log could not record it: {e}");
+    }
+}
+
 fn load(common: &Common) -> anyhow::Result<Config> {
     load_with(common, Overrides::default())
 }
@@ -315,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let store = open_store(&load(&common)?).await?;
                 let token = furrow::devices::add_device(&*store, &id).await?;
+                audit(&*store, "device.create", &id, serde_json::json!({})).await;
                 eprintln!("device {id} created; its token is shown once:");
                 println!("{token}");
             }
@@ -357,6 +418,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     std::time::Duration::from_secs(grace_s),
                 )
                 .await?;
+                audit(
+                    &*store,
+                    "device.rotate_token",
+                    &id,
+                    serde_json::json!({ "grace_s": grace_s, "deliver": deliver }),
+                )
+                .await;
                 if deliver {
                     let ttl_s = grace_s.clamp(3600, 30 * 24 * 3600);
                     let cmd = store
@@ -383,6 +451,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             DeviceCmd::Revoke { id, common } => {
                 let store = open_store(&load(&common)?).await?;
                 let newly = store.revoke_device(&id).await?;
+                audit(
+                    &*store,
+                    "device.revoke",
+                    &id,
+                    serde_json::json!({ "newly": newly }),
+                )
+                .await;
                 let cancelled = store.cancel_open_commands(&id).await?;
                 if !cancelled.is_empty() {
                     eprintln!("{} open command(s) cancelled", cancelled.len());
@@ -391,6 +466,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("device {id} revoked; a running gateway disconnects it within its poll interval");
                 } else {
                     eprintln!("device {id} was already revoked");
+                }
+            }
+        },
+        Cmd::Token { cmd } => match cmd {
+            TokenCmd::Create { name, role, common } => {
+                if !furrow::api::admin::valid_token_name(&name) {
+                    anyhow::bail!("token name {name:?}: 1 to 64 characters of A-Z a-z 0-9 . _ : -");
+                }
+                let Some(role) = furrow::store::Role::parse(&role) else {
+                    anyhow::bail!("--role {role:?}: read, operate or admin");
+                };
+                let store = open_store(&load(&common)?).await?;
+                let token = furrow::devices::auth::generate_token();
+                let hash = furrow::devices::auth::hash_token(token.as_bytes());
+                store.create_api_token(&name, role, hash).await?;
+                audit(
+                    &*store,
+                    "api_token.create",
+                    &name,
+                    serde_json::json!({ "role": role.as_str() }),
+                )
+                .await;
+                eprintln!(
+                    "API token {name} ({}) created; it is shown once:",
+                    role.as_str()
+                );
+                println!("{token}");
+            }
+            TokenCmd::List { common } => {
+                let store = open_store(&load(&common)?).await?;
+                println!(
+                    "{:<32} {:<8} {:<20} {:<20}",
+                    "name", "role", "created (UTC)", "revoked (UTC)"
+                );
+                for t in store.api_tokens().await? {
+                    println!(
+                        "{:<32} {:<8} {:<20} {:<20}",
+                        t.name,
+                        t.role.as_str(),
+                        furrow::clock::rfc3339(t.created_ms),
+                        t.revoked_ms
+                            .map_or_else(|| "-".to_owned(), furrow::clock::rfc3339)
+                    );
+                }
+            }
+            TokenCmd::Revoke { name, common } => {
+                let store = open_store(&load(&common)?).await?;
+                let newly = store.revoke_api_token(&name).await?;
+                audit(
+                    &*store,
+                    "api_token.revoke",
+                    &name,
+                    serde_json::json!({ "newly": newly }),
+                )
+                .await;
+                if newly {
+                    eprintln!("API token {name} revoked");
+                } else {
+                    eprintln!("API token {name} was already revoked");
                 }
             }
         },

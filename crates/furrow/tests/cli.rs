@@ -137,6 +137,13 @@ async fn device_rotate_prints_a_new_token_and_keeps_the_old_one_for_its_grace() 
     let mut dev = RawDevice::connect(gw.addr()).await;
     dev.send(&hello_msg("r-1", &old, 0)).await;
     dev.expect_error(code::AUTH_FAILED).await;
+    // The command line's changes are in the audit log, by `cli:<user>`.
+    let log = gw.store().audit(None, 10).await.unwrap();
+    let actions: Vec<&str> = log.iter().rev().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["device.create", "device.rotate_token"], "{log:?}");
+    assert!(log
+        .iter()
+        .all(|e| e.actor.starts_with("cli:") && e.source == "cli"));
 }
 
 #[test]

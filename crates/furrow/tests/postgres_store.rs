@@ -122,7 +122,9 @@ async fn a_database_from_furrow_0_1_migrates() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 2);
+    // Every migration since 0.1 ran (0.2's partitions, token rotation,
+    // API tokens and the audit log).
+    assert_eq!(version, 4);
 
     assert_eq!(seqs(&store, "pump-1").await, (1..=50).collect::<Vec<_>>());
     // Seqs above i64::MAX are kept but not listed by seq range
@@ -207,7 +209,43 @@ async fn retention_drops_whole_old_partitions_and_keeps_last_seq() {
     // At base + 5h + 30m the cut-off is base + 3h 30m: chunks 0, 1, 2 end
     // before it and go; chunk 3 ends after it and stays.
     let now = base + 5 * HOUR + HOUR / 2;
+    // The audit log is kept as long as telemetry: a change from before the
+    // cut-off goes, one from now stays.
+    store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO audit (at_ms, actor, source, action, target, detail)
+             VALUES ($1, 'admin', 'cli', 'device.create', 'old', '{}')",
+            &[&(base as i64)],
+        )
+        .await
+        .unwrap();
+    store
+        .record_audit(furrow::store::NewAudit {
+            actor: "admin".into(),
+            source: "cli".into(),
+            action: "device.create".into(),
+            target: "new".into(),
+            detail: "{}".into(),
+        })
+        .await
+        .unwrap();
     let dropped = store.enforce_retention(now).await.unwrap();
+    let audit: Vec<String> = store
+        .audit(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.target)
+        .collect();
+    assert_eq!(
+        audit,
+        ["new"],
+        "the audit log follows telemetry's retention"
+    );
     assert_eq!((dropped.chunks, dropped.rows), (3, 7));
     assert_eq!(seqs(&store, "a").await, (7..=12).collect::<Vec<_>>());
     assert_eq!(partitions(&store).await.len(), 3);

@@ -411,6 +411,15 @@ async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.db");
     let store = SqliteStore::open(&path, chunk_per_append(400, 0)).unwrap();
+    // The audit log is kept as long as telemetry.
+    let change = |target: &str| furrow::store::NewAudit {
+        actor: "admin".into(),
+        source: "cli".into(),
+        action: "device.create".into(),
+        target: target.into(),
+        detail: "{}".into(),
+    };
+    store.record_audit(change("old")).await.unwrap();
     let mut keys = Vec::new();
     for id in ["r1", "r2", "gone"] {
         store.create_device(id, [1; 32]).await.unwrap();
@@ -432,6 +441,17 @@ async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
         chunk_ids(&path).first() == Some(&2)
     })
     .await;
+    let audit: Vec<String> = store
+        .audit(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.target)
+        .collect();
+    assert!(
+        !audit.iter().any(|t| t == "old"),
+        "the audit log follows telemetry's retention: {audit:?}"
+    );
     let all = TelemetryRange::default();
     let seqs =
         |rows: Vec<furrow::store::StoredTelemetry>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();

@@ -441,6 +441,65 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(telemetry_ranges);
     case!(commands);
     case!(token_rotation);
+    case!(api_tokens_and_audit);
+}
+
+/// API tokens (by name, by hash, revoked) and the audit log (newest first,
+/// paged).
+async fn api_tokens_and_audit(store: Arc<dyn Store>) {
+    use furrow::store::{NewAudit, Role};
+    let t = store
+        .create_api_token("dash", Role::Read, [1; 32])
+        .await
+        .unwrap();
+    assert_eq!(
+        (t.name.as_str(), t.role, t.revoked_ms),
+        ("dash", Role::Read, None)
+    );
+    store
+        .create_api_token("ops", Role::Operate, [2; 32])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_api_token("dash", Role::Admin, [3; 32]).await,
+        Err(StoreError::TokenExists(_))
+    ));
+    let found = store.api_token_by_hash([2; 32]).await.unwrap().unwrap();
+    assert_eq!((found.name.as_str(), found.role), ("ops", Role::Operate));
+    assert!(store.api_token_by_hash([9; 32]).await.unwrap().is_none());
+    assert!(store.revoke_api_token("ops").await.unwrap());
+    assert!(!store.revoke_api_token("ops").await.unwrap());
+    assert!(matches!(
+        store.revoke_api_token("nobody").await,
+        Err(StoreError::NoSuchToken(_))
+    ));
+    assert!(
+        store.api_token_by_hash([2; 32]).await.unwrap().is_none(),
+        "revoked"
+    );
+    let all = store.api_tokens().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all[1].revoked_ms.is_some() && all[0].revoked_ms.is_none());
+
+    for i in 0..5 {
+        store
+            .record_audit(NewAudit {
+                actor: "admin".into(),
+                source: "127.0.0.1".into(),
+                action: "device.create".into(),
+                target: format!("d{i}"),
+                detail: "{}".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let page = store.audit(None, 3).await.unwrap();
+    let targets: Vec<&str> = page.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["d4", "d3", "d2"], "newest first");
+    let rest = store.audit(Some(page[2].id), 10).await.unwrap();
+    let targets: Vec<&str> = rest.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["d1", "d0"]);
+    assert!(rest[0].at_ms > 0 && rest[0].actor == "admin" && rest[0].source == "127.0.0.1");
 }
 
 /// A rotation with a grace period keeps the old token beside the new one

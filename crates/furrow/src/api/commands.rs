@@ -8,11 +8,13 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::Extension;
 use base64::Engine;
 use furrow_proto::{content, ContentType};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::Caller;
 use super::error::{ApiError, Json, Query};
 use super::ApiState;
 use crate::clock::now_ms;
@@ -170,6 +172,7 @@ fn payload_of(ct: &str, v: serde_json::Value) -> Result<(u8, Vec<u8>), ApiError>
     security(("bearer" = [])))]
 pub async fn create(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(device_id): Path<String>,
     Json(body): Json<CreateCommand>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
@@ -203,6 +206,9 @@ pub async fn create(
         },
     )
     .await?;
+    // The payload may hold secrets: the log names the command only.
+    let detail = serde_json::json!({ "command_id": rec.id, "name": rec.name });
+    super::auth::record(&s, caller.audit("command.create", &device_id, detail)).await;
     Ok((StatusCode::CREATED, Json(CommandView::of(&rec))))
 }
 

@@ -2,10 +2,13 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::Extension;
 use furrow_proto::GoodbyeCode;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::{self, Caller};
 use super::error::{ApiError, Json, Query};
 use super::ApiState;
 use crate::devices::{self, ProvisionError};
@@ -131,11 +134,17 @@ fn provision_err(e: ProvisionError) -> ApiError {
     security(("bearer" = [])))]
 pub async fn create(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Json(body): Json<CreateDevice>,
 ) -> Result<(StatusCode, Json<Credentials>), ApiError> {
     let token = devices::add_device(s.store.as_ref(), &body.device_id)
         .await
         .map_err(provision_err)?;
+    auth::record(
+        &s,
+        caller.audit("device.create", &body.device_id, json!({})),
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         Json(Credentials {
@@ -190,9 +199,15 @@ pub async fn get(
     security(("bearer" = [])))]
 pub async fn revoke(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(device_id): Path<String>,
 ) -> Result<Json<Revoked>, ApiError> {
     let revoked = s.store.revoke_device(&device_id).await?;
+    auth::record(
+        &s,
+        caller.audit("device.revoke", &device_id, json!({ "newly": revoked })),
+    )
+    .await;
     let disconnected = s.registry.kick(&device_id, GoodbyeCode::DeviceRevoked);
     if !disconnected {
         // Connected to another instance: it hears at once (and polls the
@@ -258,6 +273,7 @@ pub struct Rotated {
     security(("bearer" = [])))]
 pub async fn rotate(
     State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(device_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Rotated>, ApiError> {
@@ -277,6 +293,15 @@ pub async fn rotate(
         .await
         .map_err(provision_err)?;
     let token = rotation.token;
+    auth::record(
+        &s,
+        caller.audit(
+            "device.rotate_token",
+            &device_id,
+            json!({ "grace_s": grace_s, "deliver": body.deliver }),
+        ),
+    )
+    .await;
     let command_id = if body.deliver {
         let ttl_s = grace_s.clamp(3600, super::commands::MAX_TTL_S);
         // A hex token needs no escaping: this is valid JSON.

@@ -16,6 +16,9 @@ pub enum ApiError {
     /// No token, or the wrong one.
     #[error("a valid bearer token is required")]
     Unauthorized,
+    /// The token's role does not allow this route.
+    #[error("this needs the {0} role")]
+    Forbidden(&'static str),
     /// The request is malformed; the message says how.
     #[error("{0}")]
     BadRequest(String),
@@ -36,6 +39,8 @@ impl From<StoreError> for ApiError {
             StoreError::DeviceExists(id) => Self::Conflict(format!("device {id:?} already exists")),
             StoreError::NoSuchDevice(id) => Self::NotFound(format!("no device {id:?}")),
             StoreError::Revoked(id) => Self::Conflict(format!("device {id:?} is revoked")),
+            StoreError::TokenExists(n) => Self::Conflict(format!("API token {n:?} already exists")),
+            StoreError::NoSuchToken(n) => Self::NotFound(format!("no API token {n:?}")),
             other => Self::Store(other),
         }
     }
@@ -48,7 +53,8 @@ pub(crate) struct ErrorBody {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorDetail {
-    /// Stable: unauthorized, bad_request, not_found, conflict, unavailable.
+    /// Stable: unauthorized, forbidden, bad_request, not_found, conflict,
+    /// unavailable.
     code: &'static str,
     /// For people; may change.
     message: String,
@@ -58,6 +64,7 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),

@@ -1,7 +1,9 @@
 //! The operator's HTTP API (axum), on its own listener: JSON under `/v1`,
 //! health checks, and Prometheus `/metrics`. Every route but `/healthz`
-//! and `/readyz` is behind the admin bearer token when one is configured
-//! (the configuration refuses a non-loopback listener without one).
+//! and `/readyz` needs a bearer token when `api.token` is configured (the
+//! configuration refuses a non-loopback listener without one): that one,
+//! or an API token whose role allows the route ([`auth`]). Every change is
+//! written to the audit log ([`admin`]).
 //!
 //! [`app`] builds the router from state alone, so tests can drive it
 //! without a socket.
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::devices::registry::Registry;
 use crate::store::prelude::*;
 
+pub mod admin;
 pub mod auth;
 pub mod commands;
 pub mod devices;
@@ -45,14 +48,19 @@ pub mod telemetry;
         commands::create,
         commands::get,
         commands::list,
-        storage::get
+        storage::get,
+        admin::create_token,
+        admin::list_tokens,
+        admin::revoke_token,
+        admin::audit
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "devices", description = "Provisioning and fleet state"),
         (name = "telemetry", description = "Stored readings"),
         (name = "commands", description = "Commands to devices"),
-        (name = "storage", description = "Retention and disk")
+        (name = "storage", description = "Retention and disk"),
+        (name = "admin", description = "API tokens with roles, and the audit log")
     )
 )]
 pub struct ApiDoc;
@@ -134,6 +142,12 @@ pub fn app(state: ApiState) -> Router {
         )
         .route("/v1/commands/{command_id}", get(commands::get))
         .route("/v1/storage", get(storage::get))
+        .route(
+            "/v1/api-tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route("/v1/api-tokens/{name}/revoke", post(admin::revoke_token))
+        .route("/v1/audit", get(admin::audit))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -214,6 +228,8 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(addr, "HTTP API listening");
+    // The client's address, for the audit log.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await

@@ -388,6 +388,12 @@ pub enum StoreError {
     /// The device is revoked.
     #[error("device {0:?} is revoked")]
     Revoked(String),
+    /// An API token by that name exists already.
+    #[error("API token {0:?} already exists")]
+    TokenExists(String),
+    /// No API token by that name.
+    #[error("no API token {0:?}")]
+    NoSuchToken(String),
     /// A blocking task died (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
@@ -535,11 +541,128 @@ pub trait CommandStore: Send + Sync + 'static {
     async fn expire_commands(&self, now_ms: u64) -> Result<Vec<CommandRecord>, StoreError>;
 }
 
+/// What an API token may do. Ordered: each role may do what the ones
+/// before it may.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read anything (dashboards, monitoring).
+    Read,
+    /// Also send commands to devices.
+    Operate,
+    /// Also manage devices, their tokens and API tokens, and read the
+    /// audit log.
+    Admin,
+}
+
+impl Role {
+    /// Lower-case name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Operate => "operate",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored or given name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "read" => Self::Read,
+            "operate" => Self::Operate,
+            "admin" => Self::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// An API token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApiToken {
+    /// Its name, unique (who the audit log says acted).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was created, Unix ms.
+    pub created_ms: u64,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+}
+
+/// A change to record in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAudit {
+    /// Who: an API token's name, `admin` (the configured `api.token`),
+    /// `local` (the API on loopback without a token) or `cli:<user>`.
+    pub actor: String,
+    /// From where: the client's address, or `cli`.
+    pub source: String,
+    /// What: `device.create`, `device.revoke`, `device.rotate_token`,
+    /// `command.create`, `api_token.create`, `api_token.revoke`.
+    pub action: String,
+    /// On what: a device id or an API token's name.
+    pub target: String,
+    /// Details, JSON (never a secret).
+    pub detail: String,
+}
+
+/// A recorded change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Its id, increasing.
+    pub id: u64,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// Who.
+    pub actor: String,
+    /// From where.
+    pub source: String,
+    /// What.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Details, JSON.
+    pub detail: String,
+}
+
+/// Operator API tokens and the audit log.
+#[async_trait]
+pub trait AdminStore: Send + Sync + 'static {
+    /// Registers an API token by the hash of its secret.
+    /// [`StoreError::TokenExists`] if the name is taken (revoked or not).
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: [u8; 32],
+    ) -> Result<ApiToken, StoreError>;
+
+    /// Every API token, by name.
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+
+    /// The token whose secret hashes to `token_hash`, unless revoked.
+    async fn api_token_by_hash(&self, token_hash: [u8; 32])
+        -> Result<Option<ApiToken>, StoreError>;
+
+    /// Revokes a token; false if it was already. [`StoreError::NoSuchToken`]
+    /// if unknown.
+    async fn revoke_api_token(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Appends to the audit log.
+    async fn record_audit(&self, entry: NewAudit) -> Result<(), StoreError>;
+
+    /// The audit log, newest first, before id `before` (exclusive), at most
+    /// `limit`.
+    async fn audit(&self, before: Option<u64>, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
 /// A whole backend, shared by the writer, the sessions, the API and the
 /// CLI: every job above, and a health check. Split by job so that a piece
 /// of the gateway can say which part of the store it needs.
 #[async_trait]
-pub trait Store: TelemetryStore + DeviceStore + CommandStore {
+pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore {
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -547,7 +670,7 @@ pub trait Store: TelemetryStore + DeviceStore + CommandStore {
 /// The store's traits, for `use crate::store::prelude::*` where a `dyn
 /// Store` is called.
 pub mod prelude {
-    pub use super::{CommandStore, DeviceStore, Store, TelemetryStore};
+    pub use super::{AdminStore, CommandStore, DeviceStore, Store, TelemetryStore};
 }
 
 #[cfg(test)]

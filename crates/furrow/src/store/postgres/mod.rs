@@ -27,8 +27,8 @@ use tokio_postgres::Row;
 use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
 use super::{
-    CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey, NewCommand,
-    StoreError,
+    ApiToken, AuditEntry, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo,
+    DeviceKey, NewAudit, NewCommand, Role, StoreError,
 };
 use crate::clock::now_ms;
 
@@ -104,6 +104,27 @@ CREATE SEQUENCE session_generation;
     // Token rotation: the token before the last rotation, accepted until
     // prev_token_until_ms or until the device first uses the new one.
     "ALTER TABLE devices ADD COLUMN prev_token_hash bytea, ADD COLUMN prev_token_until_ms bigint;",
+    // Operator API tokens with roles, and the audit log of changes.
+    r#"
+CREATE TABLE api_tokens (
+    id         bigserial PRIMARY KEY,
+    name       text COLLATE "C" NOT NULL UNIQUE,
+    role       text   NOT NULL,
+    token_hash bytea  NOT NULL UNIQUE,
+    created_ms bigint NOT NULL,
+    revoked_ms bigint
+);
+CREATE TABLE audit (
+    id     bigserial PRIMARY KEY,
+    at_ms  bigint NOT NULL,
+    actor  text   NOT NULL,
+    source text   NOT NULL,
+    action text   NOT NULL,
+    target text   NOT NULL,
+    detail text   NOT NULL
+);
+CREATE INDEX audit_by_time ON audit (at_ms);
+"#,
 ];
 
 pub(crate) mod batch;
@@ -801,6 +822,153 @@ impl CommandStore for PostgresStore {
             .collect::<Result<_, _>>()?;
         Self::commands_by_ids(&client, &ids).await
     }
+}
+
+#[async_trait]
+impl AdminStore for PostgresStore {
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: [u8; 32],
+    ) -> Result<ApiToken, StoreError> {
+        let client = self.client().await?;
+        let created_ms = now_ms();
+        let res = client
+            .execute(
+                "INSERT INTO api_tokens (name, role, token_hash, created_ms) VALUES ($1, $2, $3, $4)",
+                &[&name, &role.as_str(), &&token_hash[..], &clamp(created_ms)],
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(ApiToken {
+                name: name.to_owned(),
+                role,
+                created_ms,
+                revoked_ms: None,
+            }),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(StoreError::TokenExists(name.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, role, created_ms, revoked_ms FROM api_tokens ORDER BY name",
+                &[],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(t) = api_token_row(r)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn api_token_by_hash(
+        &self,
+        token_hash: [u8; 32],
+    ) -> Result<Option<ApiToken>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT name, role, created_ms, revoked_ms FROM api_tokens
+                 WHERE token_hash = $1 AND revoked_ms IS NULL",
+                &[&&token_hash[..]],
+            )
+            .await?;
+        match row {
+            Some(r) => api_token_row(&r),
+            None => Ok(None),
+        }
+    }
+
+    async fn revoke_api_token(&self, name: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE api_tokens SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL",
+                &[&name, &clamp(now_ms())],
+            )
+            .await?;
+        if n > 0 {
+            return Ok(true);
+        }
+        let exists = client
+            .query_opt("SELECT 1 FROM api_tokens WHERE name = $1", &[&name])
+            .await?
+            .is_some();
+        if exists {
+            Ok(false)
+        } else {
+            Err(StoreError::NoSuchToken(name.to_owned()))
+        }
+    }
+
+    async fn record_audit(&self, e: NewAudit) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO audit (at_ms, actor, source, action, target, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &clamp(now_ms()),
+                    &e.actor,
+                    &e.source,
+                    &e.action,
+                    &e.target,
+                    &e.detail,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn audit(&self, before: Option<u64>, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let client = self.client().await?;
+        let before = before.map_or(i64::MAX, clamp);
+        let rows = client
+            .query(
+                "SELECT id, at_ms, actor, source, action, target, detail FROM audit
+                 WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                &[&before, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get::<_, i64>(0)? as u64,
+                    at_ms: r.try_get::<_, i64>(1)? as u64,
+                    actor: r.try_get(2)?,
+                    source: r.try_get(3)?,
+                    action: r.try_get(4)?,
+                    target: r.try_get(5)?,
+                    detail: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An API token row; `None` for a role this version does not know
+/// (written by a newer one): such a token opens nothing.
+fn api_token_row(r: &Row) -> Result<Option<ApiToken>, StoreError> {
+    let role: String = r.try_get(1)?;
+    let Some(role) = Role::parse(&role) else {
+        return Ok(None);
+    };
+    Ok(Some(ApiToken {
+        name: r.try_get(0)?,
+        role,
+        created_ms: r.try_get::<_, i64>(2)? as u64,
+        revoked_ms: r.try_get::<_, Option<i64>>(3)?.map(|v| v as u64),
+    }))
 }
 
 #[async_trait]

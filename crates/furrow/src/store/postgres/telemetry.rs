@@ -203,6 +203,11 @@ impl PostgresStore {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHUNK_LOCK])
             .await?;
+        // The audit log is kept as long as telemetry (by age).
+        if retention > 0 {
+            tx.execute("DELETE FROM audit WHERE at_ms < $1", &[&cutoff])
+                .await?;
+        }
         let mut list = Vec::new();
         let mut sizes = Vec::new();
         for r in tx

@@ -32,8 +32,9 @@ use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
 use super::DeviceKey as Key;
 use super::{
-    Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo, DeviceKey,
-    DeviceSeqs, NewCommand, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
+    ApiToken, AuditEntry, Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth,
+    DeviceInfo, DeviceKey, DeviceSeqs, NewAudit, NewCommand, Role, StorageInfo, StoreError,
+    StoredTelemetry, TelemetryRange,
 };
 use crate::clock::now_ms;
 
@@ -112,6 +113,29 @@ CREATE INDEX commands_open ON commands (status, expires_ms);
 -- prev_token_until_ms or until the device first uses the new one.
 ALTER TABLE devices ADD COLUMN prev_token_hash BLOB;
 ALTER TABLE devices ADD COLUMN prev_token_until_ms INTEGER;
+"#,
+    ),
+    Migration::Sql(
+        r#"
+-- Operator API tokens with roles, and the audit log of changes.
+CREATE TABLE api_tokens (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT    NOT NULL UNIQUE,
+    role       TEXT    NOT NULL,
+    token_hash BLOB    NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE audit (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT    NOT NULL,
+    source TEXT    NOT NULL,
+    action TEXT    NOT NULL,
+    target TEXT    NOT NULL,
+    detail TEXT    NOT NULL
+);
+CREATE INDEX audit_by_time ON audit (at_ms);
 "#,
     ),
 ];
@@ -506,6 +530,14 @@ fn retention_job(opts: &LogOptions) -> Job {
                 metrics::counter!("furrow_retention_dropped_rows_total").increment(d.rows);
             }
             Err(e) => tracing::warn!(error = %e, "retention failed; retrying"),
+        }
+        // The audit log is kept as long as telemetry (by age).
+        if opts.retention_ms > 0 {
+            let cutoff =
+                (now_ms() as i64).saturating_sub(opts.retention_ms.min(i64::MAX as u64) as i64);
+            if let Err(e) = conn.execute("DELETE FROM audit WHERE at_ms < ?1", [cutoff]) {
+                tracing::warn!(error = %e, "audit retention failed; retrying");
+            }
         }
         if let Ok((chunks, _)) = telemetry::chunk_summary(conn) {
             metrics::gauge!("furrow_storage_chunks").set(chunks as f64);
@@ -1107,6 +1139,161 @@ impl CommandStore for SqliteStore {
             })
             .await
     }
+}
+
+#[async_trait]
+impl AdminStore for SqliteStore {
+    async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        token_hash: [u8; 32],
+    ) -> Result<ApiToken, StoreError> {
+        let name = name.to_owned();
+        let created_ms = now_ms();
+        self.writer
+            .call(move |conn| {
+                let res = conn.execute(
+                    "INSERT INTO api_tokens (name, role, token_hash, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, role.as_str(), &token_hash[..], created_ms as i64],
+                );
+                match res {
+                    Ok(_) => Ok(ApiToken {
+                        name,
+                        role,
+                        created_ms,
+                        revoked_ms: None,
+                    }),
+                    Err(rusqlite::Error::SqliteFailure(f, _))
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        Err(StoreError::TokenExists(name))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.reader
+            .call(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT name, role, created_ms, revoked_ms FROM api_tokens ORDER BY name",
+                )?;
+                let rows = stmt.query_map([], api_token_row)?;
+                Ok(rows
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect())
+            })
+            .await
+    }
+
+    async fn api_token_by_hash(
+        &self,
+        token_hash: [u8; 32],
+    ) -> Result<Option<ApiToken>, StoreError> {
+        self.reader
+            .call(move |conn| {
+                let row = conn
+                    .prepare_cached(
+                        "SELECT name, role, created_ms, revoked_ms FROM api_tokens
+                         WHERE token_hash = ?1 AND revoked_ms IS NULL",
+                    )?
+                    .query_row([&token_hash[..]], api_token_row)
+                    .optional()?;
+                Ok(row.flatten())
+            })
+            .await
+    }
+
+    async fn revoke_api_token(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        self.writer
+            .call(move |conn| {
+                let n = conn.execute(
+                    "UPDATE api_tokens SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                    params![name, now_ms() as i64],
+                )?;
+                if n > 0 {
+                    return Ok(true);
+                }
+                let exists = conn
+                    .query_row("SELECT 1 FROM api_tokens WHERE name = ?1", [&name], |_| {
+                        Ok(())
+                    })
+                    .optional()?
+                    .is_some();
+                if exists {
+                    Ok(false)
+                } else {
+                    Err(StoreError::NoSuchToken(name))
+                }
+            })
+            .await
+    }
+
+    async fn record_audit(&self, e: NewAudit) -> Result<(), StoreError> {
+        self.writer
+            .call(move |conn| {
+                conn.execute(
+                    "INSERT INTO audit (at_ms, actor, source, action, target, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        now_ms() as i64,
+                        e.actor,
+                        e.source,
+                        e.action,
+                        e.target,
+                        e.detail
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn audit(&self, before: Option<u64>, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        self.reader
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, at_ms, actor, source, action, target, detail FROM audit
+                     WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![before, limit], |r| {
+                    Ok(AuditEntry {
+                        id: r.get::<_, i64>(0)? as u64,
+                        at_ms: r.get::<_, i64>(1)? as u64,
+                        actor: r.get(2)?,
+                        source: r.get(3)?,
+                        action: r.get(4)?,
+                        target: r.get(5)?,
+                        detail: r.get(6)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+}
+
+/// An API token row (name, role, created, revoked); `None` for a role this
+/// version does not know (written by a newer one): such a token opens
+/// nothing.
+fn api_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<ApiToken>> {
+    let role: String = r.get(1)?;
+    let Some(role) = Role::parse(&role) else {
+        return Ok(None);
+    };
+    Ok(Some(ApiToken {
+        name: r.get(0)?,
+        role,
+        created_ms: r.get::<_, i64>(2)? as u64,
+        revoked_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+    }))
 }
 
 #[async_trait]
