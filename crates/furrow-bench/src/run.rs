@@ -109,21 +109,35 @@ pub fn thread_cpu_s(pid: u32) -> Result<BTreeMap<String, f64>, BenchError> {
     Ok(by_name)
 }
 
-/// The server's CPU since `before` (seconds), and by thread since
-/// `threads_before`.
-fn cpu_since(
+/// The server's CPU at the start of a measured window.
+struct CpuMark {
     pid: u32,
-    before: f64,
-    threads_before: Option<BTreeMap<String, f64>>,
-) -> Result<(Option<f64>, BTreeMap<String, f64>), BenchError> {
-    let mut by_thread = BTreeMap::new();
-    if let Some(start) = threads_before {
-        for (name, cpu) in thread_cpu_s(pid)? {
-            let spent = cpu - start.get(&name).copied().unwrap_or(0.0);
+    cpu: f64,
+    threads: BTreeMap<String, f64>,
+}
+
+impl CpuMark {
+    /// Reads the server's CPU now (nothing without a pid).
+    fn take(pid: Option<u32>) -> Result<Option<Self>, BenchError> {
+        pid.map(|pid| {
+            Ok(Self {
+                pid,
+                cpu: cpu_s(pid)?,
+                threads: thread_cpu_s(pid)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The server's CPU since the mark (seconds), in all and by thread.
+    fn since(self) -> Result<(Option<f64>, BTreeMap<String, f64>), BenchError> {
+        let mut by_thread = BTreeMap::new();
+        for (name, cpu) in thread_cpu_s(self.pid)? {
+            let spent = cpu - self.threads.get(&name).copied().unwrap_or(0.0);
             by_thread.insert(name, spent);
         }
+        Ok((Some(cpu_s(self.pid)? - self.cpu), by_thread))
     }
-    Ok((Some(cpu_s(pid)? - before), by_thread))
 }
 
 /// utime + stime of one `/proc/.../stat` line, seconds.
@@ -187,6 +201,15 @@ impl Coordinator {
         self.bar.tick();
         self.last_at = now;
         self.last = s.clone();
+        Ok(s)
+    }
+
+    /// Starts the run phase and lets it settle for `--warmup` seconds.
+    fn warm_up(&mut self, mut s: Sample) -> Result<Sample, BenchError> {
+        self.phase(Phase::Run)?;
+        for _ in 0..self.args.warmup {
+            s = self.tick(Duration::from_secs(1), "warmup")?;
+        }
         Ok(s)
     }
 
@@ -310,32 +333,24 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
     let (mut measured_s, mut sent, mut acked) = (0.0, 0, 0);
     match args.mode {
         Mode::Flat | Mode::Steady => {
-            c.phase(Phase::Run)?;
-            for _ in 0..args.warmup {
-                s = c.tick(second, "warmup")?;
-            }
+            s = c.warm_up(s)?;
             let (start, start_at) = (s.clone(), c.last_at);
-            let cpu_start = args.server_pid.map(cpu_s).transpose()?;
-            let threads_start = args.server_pid.map(thread_cpu_s).transpose()?;
+            let mark = CpuMark::take(args.server_pid)?;
             for _ in 0..args.duration {
                 s = c.tick(second, "measure")?;
                 s.ack_us.add_to(&mut ack);
             }
             measured_s = c.last_at.duration_since(start_at).as_secs_f64();
-            if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
-                (server_cpu_s, server_threads_cpu_s) = cpu_since(pid, before, threads_start)?;
+            if let Some(mark) = mark {
+                (server_cpu_s, server_threads_cpu_s) = mark.since()?;
             }
             sent = s.sent.saturating_sub(start.sent);
             acked = s.acked.saturating_sub(start.acked);
         }
         Mode::Authflood => {
-            c.phase(Phase::Run)?;
-            for _ in 0..args.warmup {
-                s = c.tick(second, "warmup")?;
-            }
+            s = c.warm_up(s)?;
             let (start, start_at) = (s.clone(), c.last_at);
-            let cpu_start = args.server_pid.map(cpu_s).transpose()?;
-            let threads_start = args.server_pid.map(thread_cpu_s).transpose()?;
+            let mark = CpuMark::take(args.server_pid)?;
             let rss_start = args.server_pid.map(rss_kib).transpose()?;
             let mut handshakes = new_hist();
             let mut rss_max = rss_start.unwrap_or(0);
@@ -347,8 +362,8 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
                 }
             }
             measured_s = c.last_at.duration_since(start_at).as_secs_f64();
-            if let (Some(pid), Some(before)) = (args.server_pid, cpu_start) {
-                (server_cpu_s, server_threads_cpu_s) = cpu_since(pid, before, threads_start)?;
+            if let Some(mark) = mark {
+                (server_cpu_s, server_threads_cpu_s) = mark.since()?;
             }
             let attempts: BTreeMap<String, u64> = s
                 .errors
