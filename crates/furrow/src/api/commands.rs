@@ -91,7 +91,13 @@ impl CommandView {
             device_id: c.device_id.clone(),
             name: c.name.clone(),
             content_type: envelope::content_type_name(c.content_type),
-            payload: envelope::payload_value(c.content_type, &c.payload),
+            payload: if c.name == crate::store::TOKEN_COMMAND {
+                // A device's new token: shown once, in the rotation's
+                // answer; never to readers of commands or MQTT events.
+                serde_json::json!({ "token": "(hidden)" })
+            } else {
+                envelope::payload_value(c.content_type, &c.payload)
+            },
             state: c.state.as_str(),
             created_ms: c.created_ms,
             expires_ms: c.expires_ms,

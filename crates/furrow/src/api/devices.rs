@@ -237,8 +237,9 @@ pub struct RotateToken {
     /// Also hand the new token to the device: a command named
     /// `furrow.token` with the JSON payload `{"token": "..."}`, which the
     /// device SDK answers by switching to it. Its time to live is the grace
-    /// period (at least an hour, at most 30 days); its payload becomes `{}`
-    /// once the device uses the new token.
+    /// period (at least an hour, at most 30 days). The API and MQTT events
+    /// show its payload as `{"token": "(hidden)"}`, and the stored payload
+    /// becomes `{}` once the device uses the new token.
     #[serde(default)]
     pub deliver: bool,
 }
