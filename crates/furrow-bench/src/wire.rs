@@ -72,6 +72,7 @@ impl Wire {
                 keepalive_s,
                 device_id: Str::from(device_id),
                 token: Str::from(token),
+                capabilities: None,
             })
             .encode(out)
             .map_err(|e| DeviceError::Encode(e.to_string())),

@@ -640,6 +640,7 @@ async fn serve_connection(
         keepalive_s: cfg.keepalive_s,
         device_id: Str::from(cfg.device_id.as_str()),
         token: Str::from(shared.token().as_str()),
+        capabilities: None,
     });
     let hello = match encode(&hello) {
         Ok(b) => b,

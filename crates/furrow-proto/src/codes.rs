@@ -31,6 +31,12 @@ pub enum MessageType {
     Error = 0x0A,
     /// Orderly close, either side.
     Goodbye = 0x0B,
+    /// Gateway sends the desired state (capability STATE only).
+    Desired = 0x0C,
+    /// Device confirms a desired state version (capability STATE only).
+    DesiredAck = 0x0D,
+    /// Device reports a change of its state (capability STATE only).
+    Report = 0x0E,
 }
 
 impl MessageType {
@@ -48,6 +54,9 @@ impl MessageType {
             0x09 => Self::Pong,
             0x0A => Self::Error,
             0x0B => Self::Goodbye,
+            0x0C => Self::Desired,
+            0x0D => Self::DesiredAck,
+            0x0E => Self::Report,
             _ => return None,
         })
     }
@@ -62,12 +71,27 @@ impl MessageType {
                 | Self::Ping
                 | Self::Pong
                 | Self::Goodbye
+                | Self::DesiredAck
+                | Self::Report
         )
+    }
+
+    /// Whether the message belongs to an extension, and which capability
+    /// bit (docs/protocol.md, "Capabilities") both sides must have agreed
+    /// on before it may be sent.
+    pub const fn capability(self) -> Option<u32> {
+        match self {
+            Self::Desired | Self::DesiredAck | Self::Report => Some(CAP_STATE),
+            _ => None,
+        }
     }
 
     /// Whether a gateway may send this message type.
     pub const fn sent_by_gateway(self) -> bool {
-        !matches!(self, Self::Hello | Self::Telemetry | Self::CommandResult)
+        !matches!(
+            self,
+            Self::Hello | Self::Telemetry | Self::CommandResult | Self::DesiredAck | Self::Report
+        )
     }
 
     /// Upper-case name as the spec writes it; stable, for logs and metric labels.
@@ -84,9 +108,16 @@ impl MessageType {
             Self::Pong => "PONG",
             Self::Error => "ERROR",
             Self::Goodbye => "GOODBYE",
+            Self::Desired => "DESIRED",
+            Self::DesiredAck => "DESIRED_ACK",
+            Self::Report => "REPORT",
         }
     }
 }
+
+/// Capability bit of device state (DESIRED, DESIRED_ACK, REPORT), in
+/// HELLO's and WELCOME's optional `capabilities` field.
+pub const CAP_STATE: u32 = 1;
 
 /// Codes carried by ERROR (fatal) and REJECT (one message refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,6 +145,9 @@ pub enum ErrorCode {
     InvalidPayload = 20,
     /// REJECT: the content type is not one furrow/1 defines.
     UnsupportedContentType = 21,
+    /// REJECT: a REPORT's patch, or the reported document it would make,
+    /// is over the gateway's size or depth limit.
+    StateTooLarge = 22,
 }
 
 impl ErrorCode {
@@ -131,6 +165,7 @@ impl ErrorCode {
             9 => Self::Internal,
             20 => Self::InvalidPayload,
             21 => Self::UnsupportedContentType,
+            22 => Self::StateTooLarge,
             _ => return None,
         })
     }
@@ -149,6 +184,7 @@ impl ErrorCode {
             Self::Internal => "INTERNAL",
             Self::InvalidPayload => "INVALID_PAYLOAD",
             Self::UnsupportedContentType => "UNSUPPORTED_CONTENT_TYPE",
+            Self::StateTooLarge => "STATE_TOO_LARGE",
         }
     }
 }
@@ -262,7 +298,7 @@ mod tests {
                 assert_eq!(t as u8, b);
                 assert!(t.sent_by_device() || t.sent_by_gateway());
             } else {
-                assert!(b == 0 || b > 0x0B);
+                assert!(b == 0 || b > 0x0E);
             }
         }
         assert!(!MessageType::Hello.sent_by_gateway());

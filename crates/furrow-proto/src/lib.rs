@@ -33,11 +33,11 @@ pub mod message;
 #[cfg(feature = "codec")]
 pub mod codec;
 
-pub use codes::{CommandStatus, ContentType, ErrorCode, GoodbyeCode, MessageType};
+pub use codes::{CommandStatus, ContentType, ErrorCode, GoodbyeCode, MessageType, CAP_STATE};
 pub use frame::{FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN};
 pub use message::{
-    Command, CommandResult, DecodeError, EncodeError, ErrorMsg, Goodbye, Hello, Message, Reject,
-    Str, Telemetry, Welcome,
+    Command, CommandResult, DecodeError, Desired, EncodeError, ErrorMsg, Goodbye, Hello, Message,
+    Reject, Report, Str, Telemetry, Welcome,
 };
 
 /// The protocol version this crate speaks, carried in HELLO and WELCOME.

@@ -152,6 +152,10 @@ pub struct Hello {
     pub device_id: Str,
     /// The device's secret token; empty only with a TLS client certificate.
     pub token: Str,
+    /// Extensions the device speaks (bits, see [`crate::CAP_STATE`]);
+    /// `None` when HELLO ends after the token, as a device that knows of
+    /// none sends it.
+    pub capabilities: Option<u32>,
 }
 
 /// WELCOME: the gateway accepts a session.
@@ -169,6 +173,9 @@ pub struct Welcome {
     pub last_seq: u64,
     /// The gateway's clock, Unix milliseconds.
     pub server_time_ms: u64,
+    /// The extensions granted: present exactly when HELLO carried
+    /// capabilities, and only bits HELLO asked for.
+    pub capabilities: Option<u32>,
 }
 
 /// TELEMETRY: one reading.
@@ -219,6 +226,26 @@ pub struct CommandResult {
     pub content_type: u8,
     /// Result data.
     pub payload: Bytes,
+}
+
+/// DESIRED: the device's whole desired state, as operators set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// Its version; each change raises it.
+    pub version: u64,
+    /// A JSON object (UTF-8).
+    pub document: Bytes,
+}
+
+/// REPORT: a change of the device's reported state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// A seq of the device's TELEMETRY sequence (shared: ACK covers both).
+    pub seq: u64,
+    /// Device clock, Unix milliseconds; 0 if unknown.
+    pub timestamp_ms: u64,
+    /// A JSON merge patch (RFC 7396) of the reported document: an object.
+    pub patch: Bytes,
 }
 
 /// ERROR: fatal; the gateway closes after it.
@@ -273,6 +300,15 @@ pub enum Message {
     Error(ErrorMsg),
     /// Orderly close.
     Goodbye(Goodbye),
+    /// The desired state (capability STATE).
+    Desired(Desired),
+    /// The device has the desired state of this version (capability STATE).
+    DesiredAck {
+        /// The version received.
+        version: u64,
+    },
+    /// A change of the reported state (capability STATE).
+    Report(Report),
 }
 
 /// Reads fields off a body, failing with PROTOCOL_ERROR when it runs short.
@@ -310,6 +346,14 @@ impl Body {
     fn str(&mut self) -> Result<Str, DecodeError> {
         Str::from_utf8(self.bytes()?)
     }
+    /// An optional trailing u32: absent when the body ends here.
+    fn optional_u32(&mut self) -> Result<Option<u32>, DecodeError> {
+        if self.0.is_empty() {
+            Ok(None)
+        } else {
+            self.u32().map(Some)
+        }
+    }
     fn rest(self) -> Bytes {
         self.0
     }
@@ -339,6 +383,9 @@ impl Message {
             Self::Pong { .. } => MessageType::Pong,
             Self::Error(_) => MessageType::Error,
             Self::Goodbye(_) => MessageType::Goodbye,
+            Self::Desired(_) => MessageType::Desired,
+            Self::DesiredAck { .. } => MessageType::DesiredAck,
+            Self::Report(_) => MessageType::Report,
         }
     }
 
@@ -360,6 +407,7 @@ impl Message {
                 let keepalive_s = b.u16()?;
                 let device_id = b.str()?;
                 let token = b.str()?;
+                let capabilities = b.optional_u32()?;
                 b.end()?;
                 if !valid_device_id(device_id.as_bytes()) {
                     return Err(DecodeError::Protocol(
@@ -374,6 +422,7 @@ impl Message {
                     keepalive_s,
                     device_id,
                     token,
+                    capabilities,
                 })
             }
             MessageType::Welcome => {
@@ -384,6 +433,7 @@ impl Message {
                     max_inflight: b.u16()?,
                     last_seq: b.u64()?,
                     server_time_ms: b.u64()?,
+                    capabilities: b.optional_u32()?,
                 };
                 b.end()?;
                 Self::Welcome(w)
@@ -461,6 +511,27 @@ impl Message {
                 b.end()?;
                 Self::Goodbye(g)
             }
+            MessageType::Desired => Self::Desired(Desired {
+                version: b.u64()?,
+                document: b.rest(),
+            }),
+            MessageType::DesiredAck => {
+                let version = b.u64()?;
+                b.end()?;
+                Self::DesiredAck { version }
+            }
+            MessageType::Report => {
+                let seq = b.u64()?;
+                let timestamp_ms = b.u64()?;
+                if seq == 0 {
+                    return Err(DecodeError::Protocol("REPORT seq 0"));
+                }
+                Self::Report(Report {
+                    seq,
+                    timestamp_ms,
+                    patch: b.rest(),
+                })
+            }
         };
         Ok(msg)
     }
@@ -468,16 +539,19 @@ impl Message {
     /// Body length in bytes (the frame is 6 bytes more).
     pub fn body_len(&self) -> usize {
         let s = |x: &Str| 2 + x.len();
+        let caps = |c: Option<u32>| if c.is_some() { 4 } else { 0 };
         match self {
-            Self::Hello(h) => 1 + 2 + s(&h.device_id) + s(&h.token),
-            Self::Welcome(_) => 1 + 2 + 4 + 2 + 8 + 8,
+            Self::Hello(h) => 1 + 2 + s(&h.device_id) + s(&h.token) + caps(h.capabilities),
+            Self::Welcome(w) => 1 + 2 + 4 + 2 + 8 + 8 + caps(w.capabilities),
             Self::Telemetry(t) => 8 + 8 + 1 + t.payload.len(),
-            Self::Ack { .. } | Self::Ping { .. } | Self::Pong { .. } => 8,
+            Self::Ack { .. } | Self::Ping { .. } | Self::Pong { .. } | Self::DesiredAck { .. } => 8,
             Self::Reject(r) => 8 + 2 + s(&r.reason),
             Self::Command(c) => 8 + s(&c.name) + 1 + c.payload.len(),
             Self::CommandResult(c) => 8 + 1 + 1 + c.payload.len(),
             Self::Error(e) => 2 + s(&e.message),
             Self::Goodbye(_) => 2 + 4,
+            Self::Desired(d) => 8 + d.document.len(),
+            Self::Report(r) => 8 + 8 + r.patch.len(),
         }
     }
 
@@ -504,6 +578,9 @@ impl Message {
                 dst.put_u16(h.keepalive_s);
                 put_str(dst, &h.device_id);
                 put_str(dst, &h.token);
+                if let Some(c) = h.capabilities {
+                    dst.put_u32(c);
+                }
             }
             Self::Welcome(w) => {
                 dst.put_u8(w.version);
@@ -512,6 +589,9 @@ impl Message {
                 dst.put_u16(w.max_inflight);
                 dst.put_u64(w.last_seq);
                 dst.put_u64(w.server_time_ms);
+                if let Some(c) = w.capabilities {
+                    dst.put_u32(c);
+                }
             }
             Self::Telemetry(t) => {
                 dst.put_u64(t.seq);
@@ -538,6 +618,16 @@ impl Message {
                 dst.put_slice(&c.payload);
             }
             Self::Ping { nonce } | Self::Pong { nonce } => dst.put_u64(*nonce),
+            Self::DesiredAck { version } => dst.put_u64(*version),
+            Self::Desired(d) => {
+                dst.put_u64(d.version);
+                dst.put_slice(&d.document);
+            }
+            Self::Report(r) => {
+                dst.put_u64(r.seq);
+                dst.put_u64(r.timestamp_ms);
+                dst.put_slice(&r.patch);
+            }
             Self::Error(e) => {
                 dst.put_u16(e.code);
                 put_str(dst, &e.message);

@@ -20,6 +20,7 @@ fn messages() -> Vec<Message> {
             keepalive_s: 30,
             device_id: Str::from("pump-17"),
             token: Str::from("k3y"),
+            capabilities: None,
         }),
         Message::Welcome(Welcome {
             version: 1,
@@ -28,6 +29,7 @@ fn messages() -> Vec<Message> {
             max_inflight: 256,
             last_seq: 41,
             server_time_ms: 1_763_683_200_000,
+            capabilities: None,
         }),
         Message::Telemetry(Telemetry {
             seq: 42,

@@ -4,8 +4,8 @@
 use bytes::{Bytes, BytesMut};
 use furrow_proto::content::{self, ContentError};
 use furrow_proto::{
-    Command, CommandResult, CommandStatus, ContentType, ErrorMsg, FrameDecoder, Goodbye, Hello,
-    Message, Reject, Str, Telemetry, Welcome, HEADER_LEN,
+    Command, CommandResult, CommandStatus, ContentType, Desired, ErrorMsg, FrameDecoder, Goodbye,
+    Hello, Message, Reject, Report, Str, Telemetry, Welcome, HEADER_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -48,24 +48,32 @@ fn status() -> impl Strategy<Value = CommandStatus> {
 /// Every `Message` variant, with field values the spec allows.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u16>(), device_id(), utf8_upto(256)).prop_map(|(keepalive_s, device_id, token)| {
-            Message::Hello(Hello {
-                version: 1,
-                keepalive_s,
-                device_id,
-                token,
-            })
-        }),
+        (
+            any::<u16>(),
+            device_id(),
+            utf8_upto(256),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(keepalive_s, device_id, token, capabilities)| {
+                Message::Hello(Hello {
+                    version: 1,
+                    keepalive_s,
+                    device_id,
+                    token,
+                    capabilities,
+                })
+            }),
         (
             any::<u8>(),
             any::<u16>(),
             any::<u32>(),
             any::<u16>(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            proptest::option::of(any::<u32>())
         )
             .prop_map(
-                |(version, keepalive_s, max_frame, max_inflight, last_seq, t)| {
+                |(version, keepalive_s, max_frame, max_inflight, last_seq, t, capabilities)| {
                     Message::Welcome(Welcome {
                         version,
                         keepalive_s,
@@ -73,6 +81,7 @@ fn message() -> impl Strategy<Value = Message> {
                         max_inflight,
                         last_seq,
                         server_time_ms: t,
+                        capabilities,
                     })
                 }
             ),
@@ -117,6 +126,16 @@ fn message() -> impl Strategy<Value = Message> {
             Message::Goodbye(Goodbye {
                 code,
                 retry_after_ms,
+            })
+        }),
+        (any::<u64>(), payload())
+            .prop_map(|(version, document)| Message::Desired(Desired { version, document })),
+        any::<u64>().prop_map(|version| Message::DesiredAck { version }),
+        (1..=u64::MAX, any::<u64>(), payload()).prop_map(|(seq, timestamp_ms, patch)| {
+            Message::Report(Report {
+                seq,
+                timestamp_ms,
+                patch,
             })
         }),
     ]

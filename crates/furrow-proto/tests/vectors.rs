@@ -4,9 +4,9 @@
 use bytes::{Bytes, BytesMut};
 use furrow_proto::message::{encode_ack, encode_telemetry, valid_device_id};
 use furrow_proto::{
-    content, Command, CommandResult, CommandStatus, ContentType, DecodeError, ErrorCode, ErrorMsg,
-    FrameDecoder, Goodbye, Hello, Message, MessageType, Reject, Str, Telemetry, Welcome,
-    DEFAULT_MAX_FRAME, HEADER_LEN,
+    content, Command, CommandResult, CommandStatus, ContentType, DecodeError, Desired, ErrorCode,
+    ErrorMsg, FrameDecoder, Goodbye, Hello, Message, MessageType, Reject, Report, Str, Telemetry,
+    Welcome, CAP_STATE, DEFAULT_MAX_FRAME, HEADER_LEN,
 };
 
 /// The normative document, read at compile time so the vectors below cannot
@@ -19,6 +19,17 @@ const WELCOME_HEX: &str = "00 00 00 1b 02 00 01 00 1e 00 01 00 00 01 00 00 00 00
 const TELEMETRY_HEX: &str = "00 00 00 1d 03 00 00 00 00 00 00 00 00 2a 00 00 01 9a a3 b5 ec 7b \
                              01 7b 22 74 22 3a 32 31 2e 35 7d";
 const ACK_HEX: &str = "00 00 00 0a 04 00 00 00 00 00 00 00 00 2a";
+const HELLO_CAPS_HEX: &str =
+    "00 00 00 17 01 00 01 00 1e 00 07 70 75 6d 70 2d 31 37 00 03 6b 33 79 00 00 00 01";
+const WELCOME_CAPS_HEX: &str = "00 00 00 1f 02 00 01 00 1e 00 01 00 00 01 00 00 00 00 00 00 00 00 \
+                                29 00 00 01 9a a3 b5 ec 00 00 00 00 01";
+const DESIRED_HEX: &str =
+    "00 00 00 16 0c 00 00 00 00 00 00 00 00 03 7b 22 6c 65 64 22 3a 22 6f 6e 22 7d";
+const DESIRED_ACK_HEX: &str = "00 00 00 0a 0d 00 00 00 00 00 00 00 00 03";
+const REPORT_HEX: &str = "00 00 00 1e 0e 00 00 00 00 00 00 00 00 2b 00 00 01 9a a3 b5 ed c8 \
+                          7b 22 6c 65 64 22 3a 22 6f 6e 22 7d";
+const REJECT_STATE_HEX: &str = "00 00 00 1d 05 00 00 00 00 00 00 00 00 2c 00 16 00 0f 73 74 61 \
+                                74 65 20 74 6f 6f 20 6c 61 72 67 65";
 
 const TOO_SHORT: DecodeError = DecodeError::Protocol("body too short for its fields");
 const LEFTOVER: DecodeError = DecodeError::Protocol("bytes left over after the last field");
@@ -83,6 +94,7 @@ fn spec_hello() -> Message {
         keepalive_s: 30,
         device_id: Str::from("pump-17"),
         token: Str::from("k3y"),
+        capabilities: None,
     })
 }
 
@@ -94,6 +106,7 @@ fn spec_welcome() -> Message {
         max_inflight: 256,
         last_seq: 41,
         server_time_ms: 1_763_683_200_000,
+        capabilities: None,
     })
 }
 
@@ -110,12 +123,63 @@ fn spec_ack() -> Message {
     Message::Ack { seq: 42 }
 }
 
+fn spec_desired() -> Message {
+    Message::Desired(Desired {
+        version: 3,
+        document: Bytes::from_static(br#"{"led":"on"}"#),
+    })
+}
+
+fn spec_report() -> Message {
+    Message::Report(Report {
+        seq: 43,
+        timestamp_ms: 1_763_683_200_456,
+        patch: Bytes::from_static(br#"{"led":"on"}"#),
+    })
+}
+
+fn with_caps(m: Message, caps: u32) -> Message {
+    match m {
+        Message::Hello(h) => Message::Hello(Hello {
+            capabilities: Some(caps),
+            ..h
+        }),
+        Message::Welcome(w) => Message::Welcome(Welcome {
+            capabilities: Some(caps),
+            ..w
+        }),
+        other => other,
+    }
+}
+
 fn spec_vectors() -> Vec<(&'static str, &'static str, Message)> {
     vec![
         ("HELLO", HELLO_HEX, spec_hello()),
         ("WELCOME", WELCOME_HEX, spec_welcome()),
         ("TELEMETRY", TELEMETRY_HEX, spec_telemetry()),
         ("ACK", ACK_HEX, spec_ack()),
+        ("HELLO", HELLO_CAPS_HEX, with_caps(spec_hello(), CAP_STATE)),
+        (
+            "WELCOME",
+            WELCOME_CAPS_HEX,
+            with_caps(spec_welcome(), CAP_STATE),
+        ),
+        ("DESIRED", DESIRED_HEX, spec_desired()),
+        (
+            "DESIRED_ACK",
+            DESIRED_ACK_HEX,
+            Message::DesiredAck { version: 3 },
+        ),
+        ("REPORT", REPORT_HEX, spec_report()),
+        (
+            "REJECT",
+            REJECT_STATE_HEX,
+            Message::Reject(Reject {
+                seq: 44,
+                code: ErrorCode::StateTooLarge as u16,
+                reason: Str::from("state too large"),
+            }),
+        ),
     ]
 }
 
@@ -153,13 +217,20 @@ fn one_of_each() -> Vec<Message> {
             code: 1,
             retry_after_ms: 5_000,
         }),
+        spec_desired(),
+        Message::DesiredAck { version: 3 },
+        spec_report(),
     ]
 }
 
 fn has_rest(kind: MessageType) -> bool {
     matches!(
         kind,
-        MessageType::Telemetry | MessageType::Command | MessageType::CommandResult
+        MessageType::Telemetry
+            | MessageType::Command
+            | MessageType::CommandResult
+            | MessageType::Desired
+            | MessageType::Report
     )
 }
 
@@ -291,6 +362,9 @@ fn message_kind_bytes_match_the_spec_table() {
         (0x09, "PONG"),
         (0x0A, "ERROR"),
         (0x0B, "GOODBYE"),
+        (0x0C, "DESIRED"),
+        (0x0D, "DESIRED_ACK"),
+        (0x0E, "REPORT"),
     ];
     let kinds: Vec<(u8, &str)> = one_of_each()
         .iter()
@@ -312,6 +386,8 @@ fn fixed_part(m: &Message) -> usize {
         Message::Telemetry(_) => 17,
         Message::Command(c) => 8 + 2 + c.name.len() + 1,
         Message::CommandResult(_) => 10,
+        Message::Desired(_) => 8,
+        Message::Report(_) => 16,
         _ => m.body_len(),
     }
 }
@@ -368,6 +444,20 @@ fn body_too_short_table() {
     }
 }
 
+/// What 1 to 3 bytes after a body's last field earn: left over, except
+/// where an optional u32 may follow (then the u32 is too short).
+fn leftover(m: &Message) -> DecodeError {
+    match m {
+        Message::Hello(Hello {
+            capabilities: None, ..
+        })
+        | Message::Welcome(Welcome {
+            capabilities: None, ..
+        }) => TOO_SHORT,
+        _ => LEFTOVER,
+    }
+}
+
 #[test]
 fn leftover_bytes_for_every_type_without_rest() {
     for m in one_of_each() {
@@ -383,7 +473,7 @@ fn leftover_bytes_for_every_type_without_rest() {
                 assert_ne!(got, m);
                 assert_eq!(got.body_len(), m.body_len() + extra.len());
             } else {
-                assert_eq!(got, Err(LEFTOVER), "{} + {extra:02x?}", m.kind().name());
+                assert_eq!(got, Err(leftover(&m)), "{} + {extra:02x?}", m.kind().name());
             }
         }
         // Through the frame decoder too: grow the length field by one.
@@ -391,7 +481,7 @@ fn leftover_bytes_for_every_type_without_rest() {
         let len = u32::from_be_bytes(wire[..4].try_into().unwrap()) + 1;
         wire[..4].copy_from_slice(&len.to_be_bytes());
         if !has_rest(m.kind()) {
-            assert_eq!(decode_one(&wire), Err(LEFTOVER), "{}", m.kind().name());
+            assert_eq!(decode_one(&wire), Err(leftover(&m)), "{}", m.kind().name());
         }
     }
 }
@@ -712,13 +802,13 @@ fn flags_must_be_zero() {
 
 #[test]
 fn unknown_types() {
-    for t in (0u8..=255).filter(|t| !(1..=0x0B).contains(t)) {
+    for t in (0u8..=255).filter(|t| !(1..=0x0E).contains(t)) {
         let frame = [0, 0, 0, 10, t, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(decode_header(&frame), Err(DecodeError::UnknownType(t)));
         // Decided from the header, before the body arrives.
         assert_eq!(decode_header(&frame[..6]), Err(DecodeError::UnknownType(t)));
     }
-    for t in 1u8..=0x0B {
+    for t in 1u8..=0x0E {
         let frame = [0, 0, 0, 10, t, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(
             decode_header(&frame),
@@ -811,9 +901,9 @@ fn check_order_length_then_flags_then_type() {
         // Bad flags beat an unknown type.
         (&[0, 0, 0, 2, 0xFF, 0x01], BAD_FLAGS),
         (&[0, 0, 0, 2, 0x00, 0x80], BAD_FLAGS),
-        (&[0, 0, 0, 10, 0x0C, 0x01], BAD_FLAGS),
+        (&[0, 0, 0, 10, 0x0F, 0x01], BAD_FLAGS),
         // An unknown type beats a body that is not there yet.
-        (&[0, 0, 0, 10, 0x0C, 0x00], DecodeError::UnknownType(0x0C)),
+        (&[0, 0, 0, 10, 0x0F, 0x00], DecodeError::UnknownType(0x0F)),
     ];
     for (bytes, want) in cases {
         let mut buf = BytesMut::from(*bytes);
@@ -839,7 +929,7 @@ fn check_order_does_not_depend_on_read_boundaries() {
         &[0, 0, 0, 10, 0x00, 0x80],
         &[0, 0, 0, 1, 0xFF, 0x01],
         &[0, 0, 0, 2, 0x03, 0x01],
-        &[0, 0, 0, 2, 0x0C, 0x00],
+        &[0, 0, 0, 2, 0x0F, 0x00],
     ];
     for whole in bad_headers {
         let want = dec.decode(&mut BytesMut::from(*whole)).unwrap_err();
@@ -924,6 +1014,7 @@ fn error_code_registry_matches_the_spec_table() {
         (9, "INTERNAL"),
         (20, "INVALID_PAYLOAD"),
         (21, "UNSUPPORTED_CONTENT_TYPE"),
+        (22, "STATE_TOO_LARGE"),
     ];
     for (v, name) in table {
         let c = ErrorCode::from_u16(v).unwrap();
@@ -938,4 +1029,73 @@ fn error_code_registry_matches_the_spec_table() {
         .filter(|&v| ErrorCode::from_u16(v).is_some())
         .count();
     assert_eq!(known, table.len());
+}
+
+// ---------------------------------------------------------------------------
+// Capabilities and device state
+// ---------------------------------------------------------------------------
+
+#[test]
+fn capabilities_are_optional_and_exactly_four_bytes() {
+    let base = hello_body(1, 30, b"pump-17", b"k3y");
+    // Absent: None, as an old device sends it.
+    let Ok(Message::Hello(h)) = parse(MessageType::Hello, &base) else {
+        panic!("HELLO without capabilities");
+    };
+    assert_eq!(h.capabilities, None);
+    // One to three bytes: too short; five: left over.
+    for extra in 1..=3usize {
+        let mut b = base.clone();
+        b.extend(std::iter::repeat_n(0u8, extra));
+        assert_eq!(
+            parse(MessageType::Hello, &b),
+            Err(TOO_SHORT),
+            "{extra} bytes"
+        );
+    }
+    let mut b = base.clone();
+    b.extend_from_slice(&[0, 0, 0, 1, 9]);
+    assert_eq!(parse(MessageType::Hello, &b), Err(LEFTOVER));
+    // Unknown bits are carried, not refused: the gateway ignores them.
+    let mut b = base;
+    b.extend_from_slice(&0xffff_ffffu32.to_be_bytes());
+    let Ok(Message::Hello(h)) = parse(MessageType::Hello, &b) else {
+        panic!("HELLO with every bit");
+    };
+    assert_eq!(h.capabilities, Some(u32::MAX));
+    // WELCOME alike.
+    let w = encode(&spec_welcome());
+    let mut b = w[HEADER_LEN..].to_vec();
+    b.extend_from_slice(&[0, 0]);
+    assert_eq!(parse(MessageType::Welcome, &b), Err(TOO_SHORT));
+}
+
+#[test]
+fn state_messages_belong_to_their_capability_and_direction() {
+    for (kind, device) in [
+        (MessageType::Desired, false),
+        (MessageType::DesiredAck, true),
+        (MessageType::Report, true),
+    ] {
+        assert_eq!(kind.capability(), Some(CAP_STATE), "{}", kind.name());
+        assert_eq!(kind.sent_by_device(), device, "{}", kind.name());
+        assert_eq!(kind.sent_by_gateway(), !device, "{}", kind.name());
+    }
+    for b in 0x01..=0x0Bu8 {
+        assert_eq!(MessageType::from_u8(b).unwrap().capability(), None);
+    }
+}
+
+#[test]
+fn report_seq_zero_is_protocol_error() {
+    let mut body = vec![0u8; 16];
+    body.extend_from_slice(b"{}");
+    assert_eq!(
+        parse(MessageType::Report, &body),
+        Err(DecodeError::Protocol("REPORT seq 0"))
+    );
+    assert_eq!(
+        DecodeError::Protocol("REPORT seq 0").code(),
+        ErrorCode::ProtocolError
+    );
 }

@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
         keepalive_s: 30,
         device_id: Str::from(id.as_str()),
         token: Str::from(token.as_str()),
+        capabilities: None,
     });
     stream.write_all(&hello.to_bytes()?).await?;
 

@@ -129,6 +129,7 @@ async fn gateway_only_message_from_device_is_protocol_error() {
             max_inflight: 1,
             last_seq: 0,
             server_time_ms: 0,
+            capabilities: None,
         })),
         encode(&Message::Reject(furrow_proto::Reject {
             seq: 1,

@@ -115,6 +115,7 @@ fn welcome(keepalive_s: u16, max_inflight: u16, last_seq: u64, server_time_ms: u
         max_inflight,
         last_seq,
         server_time_ms,
+        capabilities: None,
     })
 }
 

@@ -306,6 +306,7 @@ impl Sim {
                 keepalive_s: 600,
                 device_id: Str::from(dev.id.as_str()),
                 token: Str::from(dev.token.as_str()),
+                capabilities: None,
             }),
             &mut inbound,
         );

@@ -80,6 +80,7 @@ pub fn welcome(
         max_inflight: cfg.limits.max_inflight,
         last_seq,
         server_time_ms: now_ms,
+        capabilities: None,
     };
     (welcome, Duration::from_millis(u64::from(ka) * 1500))
 }

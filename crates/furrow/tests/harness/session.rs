@@ -429,6 +429,7 @@ fn hello(dev: &Device, token: &str, keepalive_s: u16) -> Message {
         keepalive_s,
         device_id: Str::from(dev.id.as_str()),
         token: Str::from(token),
+        capabilities: None,
     })
 }
 

@@ -262,6 +262,7 @@ pub fn hello_msg(id: &str, token: &str, keepalive_s: u16) -> Message {
         keepalive_s,
         device_id: Str::from(id),
         token: Str::from(token),
+        capabilities: None,
     })
 }
 
