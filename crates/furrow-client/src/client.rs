@@ -23,7 +23,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use furrow_proto::content::{self, ContentError};
 use furrow_proto::message::encode_telemetry;
-use furrow_proto::{CommandResult, FrameDecoder, Goodbye, GoodbyeCode, Hello, Message, Str};
+use furrow_proto::{
+    CommandResult, FrameDecoder, Goodbye, GoodbyeCode, Hello, Message, Report, Str,
+};
 use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -142,6 +144,12 @@ pub enum Event {
         /// The new token.
         token: String,
     },
+    /// The gateway sent the desired state (after the desired-state
+    /// handler ran; the client confirms it with DESIRED_ACK itself).
+    Desired {
+        /// Its version.
+        version: u64,
+    },
     /// The gateway refused a reading for good; it was dropped.
     Rejected {
         /// The reading's seq.
@@ -176,7 +184,33 @@ pub enum ClientError {
     /// The TLS settings cannot be used (a CA or key file, say).
     #[error("TLS: {0}")]
     Tls(String),
+    /// A state report is not a JSON object.
+    #[error("a state report must be a JSON object")]
+    NotAnObject,
+    /// Device state needs a desired-state handler
+    /// ([`Client::start_with_handlers`]) and a gateway that grants it.
+    #[error("device state is off: {0}")]
+    StateOff(&'static str),
 }
+
+/// A device state document the gateway sent: the whole desired state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// Its version (rises with every change an operator makes).
+    pub version: u64,
+    /// The document, a JSON object.
+    pub document: serde_json::Value,
+}
+
+/// Called with each new desired state (in version order, once per
+/// version). It should apply what it can and [`Client::report`] what the
+/// device now is; it must not block (spawn for slow work). The client
+/// confirms the version to the gateway (DESIRED_ACK) after it returns.
+pub type DesiredHandler = Arc<dyn Fn(Desired) + Send + Sync>;
+
+/// The outbox's marker for a state report (never a content type on the
+/// wire: an entry with it travels as REPORT, its payload the patch).
+const REPORT_MARKER: u8 = 0xFF;
 
 /// The command that hands the device a new token (`{"token": "..."}`),
 /// sent by the gateway after a rotation with `deliver`.
@@ -216,6 +250,16 @@ struct Shared {
     /// so a waiting `flush` re-reads its target.
     rebases: AtomicU64,
     closing: watch::Sender<bool>,
+    /// Called with each new desired state; device state is announced in
+    /// HELLO only with one.
+    desired_handler: Option<DesiredHandler>,
+    /// The last desired state received.
+    desired: Mutex<Option<Desired>>,
+    /// 0: no WELCOME yet; 1: the gateway grants device state; 2: it does not.
+    state_granted: std::sync::atomic::AtomicU8,
+    /// The gateway refused a HELLO with capabilities (an older gateway):
+    /// connect without them from now on.
+    no_capabilities: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -272,15 +316,31 @@ impl Client {
     /// Opens the outbox and starts connecting in the background. Commands
     /// are answered "unknown command".
     pub fn start(cfg: Config) -> Result<Self, ClientError> {
-        Self::start_inner(cfg, None)
+        Self::start_inner(cfg, None, None)
     }
 
     /// Like [`Client::start`], with a command handler.
     pub fn start_with_handler(cfg: Config, handler: Handler) -> Result<Self, ClientError> {
-        Self::start_inner(cfg, Some(handler))
+        Self::start_inner(cfg, Some(handler), None)
     }
 
-    fn start_inner(cfg: Config, handler: Option<Handler>) -> Result<Self, ClientError> {
+    /// Like [`Client::start`], with a command handler and a desired-state
+    /// handler (either optional). With a desired-state handler the client
+    /// speaks device state (docs/protocol.md, "Device state"): it receives
+    /// the desired document and may [`Client::report`] its own.
+    pub fn start_with_handlers(
+        cfg: Config,
+        commands: Option<Handler>,
+        desired: Option<DesiredHandler>,
+    ) -> Result<Self, ClientError> {
+        Self::start_inner(cfg, commands, desired)
+    }
+
+    fn start_inner(
+        cfg: Config,
+        handler: Option<Handler>,
+        desired_handler: Option<DesiredHandler>,
+    ) -> Result<Self, ClientError> {
         let outbox: Box<dyn Outbox> = match &cfg.outbox_path {
             Some(path) => Box::new(FileOutbox::open(
                 path,
@@ -313,6 +373,10 @@ impl Client {
             tls,
             token: Mutex::new(cfg.token.clone()),
             cfg,
+            desired_handler,
+            desired: Mutex::new(None),
+            state_granted: std::sync::atomic::AtomicU8::new(0),
+            no_capabilities: std::sync::atomic::AtomicBool::new(false),
         });
         let task = tokio::spawn(run(Arc::clone(&shared), handler));
         Ok(Self {
@@ -340,7 +404,9 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<u64, ClientError> {
         let payload = payload.into();
-        content::validate(content_type, &payload).map_err(ClientError::InvalidPayload)?;
+        if content_type != REPORT_MARKER {
+            content::validate(content_type, &payload).map_err(ClientError::InvalidPayload)?;
+        }
         let max = self.shared.max_payload.load(Ordering::Relaxed) as usize;
         if payload.len() > max {
             return Err(ClientError::TooLarge {
@@ -366,6 +432,40 @@ impl Client {
             }
             space.await;
         }
+    }
+
+    /// Queues a change of the device's reported state: `patch` is a JSON
+    /// merge patch (RFC 7396) of the reported document, an object whose
+    /// members replace the document's (`null` removes one). It takes the
+    /// next seq and stays in the outbox until ACKed, exactly like a
+    /// reading; [`Client::flush`] waits for it too. Needs a desired-state
+    /// handler ([`Client::start_with_handlers`]); refused once a gateway
+    /// has said it does not speak device state.
+    pub async fn report(&self, patch: serde_json::Value) -> Result<u64, ClientError> {
+        if self.shared.desired_handler.is_none() {
+            return Err(ClientError::StateOff(
+                "start the client with a desired-state handler",
+            ));
+        }
+        if self.shared.state_granted.load(Ordering::Acquire) == 2 {
+            return Err(ClientError::StateOff(
+                "the gateway does not speak device state",
+            ));
+        }
+        if !patch.is_object() {
+            return Err(ClientError::NotAnObject);
+        }
+        let bytes = serde_json::to_vec(&patch).map_err(|_| ClientError::NotAnObject)?;
+        self.send_at(now_ms(), REPORT_MARKER, bytes).await
+    }
+
+    /// The last desired state received (`None` before the first).
+    pub fn desired(&self) -> Option<Desired> {
+        self.shared
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits until every reading sent before this call is acknowledged (or
@@ -635,12 +735,17 @@ async fn serve_connection(
     let (msg_tx, mut msgs) = mpsc::channel(256);
     let _reader = AbortOnDrop(tokio::spawn(read_loop(rd, msg_tx)));
 
+    // Device state is announced only by a client that handles it, and
+    // not to a gateway that refused capabilities before.
+    let capabilities = (shared.desired_handler.is_some()
+        && !shared.no_capabilities.load(Ordering::Acquire))
+    .then_some(furrow_proto::CAP_STATE);
     let hello = Message::Hello(Hello {
         version: furrow_proto::VERSION,
         keepalive_s: cfg.keepalive_s,
         device_id: Str::from(cfg.device_id.as_str()),
         token: Str::from(shared.token().as_str()),
-        capabilities: None,
+        capabilities,
     });
     let hello = match encode(&hello) {
         Ok(b) => b,
@@ -661,10 +766,18 @@ async fn serve_connection(
         Ok(Some(Err(e))) => return Outcome::failed(Disconnect::Protocol(e)),
         Ok(Some(Ok(Message::Welcome(w)))) => w,
         Ok(Some(Ok(Message::Error(e)))) => {
+            if capabilities.is_some() && e.code == furrow_proto::ErrorCode::ProtocolError as u16 {
+                // A gateway older than capabilities: HELLO without them
+                // from now on (device state stays off).
+                tracing::warn!(
+                    "the gateway refused HELLO with capabilities; connecting without device state"
+                );
+                shared.no_capabilities.store(true, Ordering::Release);
+            }
             return Outcome::failed(Disconnect::Error {
                 code: e.code,
                 message: e.message.to_string(),
-            })
+            });
         }
         Ok(Some(Ok(Message::Goodbye(g)))) => {
             return Outcome {
@@ -692,6 +805,12 @@ async fn serve_connection(
     shared
         .max_payload
         .store(max_payload as u64, Ordering::Relaxed);
+    let state = welcome
+        .capabilities
+        .is_some_and(|c| c & furrow_proto::CAP_STATE != 0);
+    shared
+        .state_granted
+        .store(if state { 1 } else { 2 }, Ordering::Release);
     let too_large = {
         let mut ob = shared.outbox();
         let res = if welcome.last_seq > ob.last_seq() {
@@ -722,10 +841,13 @@ async fn serve_connection(
         // Readings queued before this gateway's max_frame was known may not
         // fit it: the gateway would refuse the frame and close, every time.
         // Drop them and say so rather than wedge the outbox.
+        // Likewise state reports, to a gateway without device state.
         let big: Vec<(u64, usize)> = ob
             .after(0, usize::MAX)
             .iter()
-            .filter(|e| e.payload.len() > max_payload)
+            .filter(|e| {
+                e.payload.len() > max_payload || (e.content_type == REPORT_MARKER && !state)
+            })
             .map(|e| (e.seq, e.payload.len()))
             .collect();
         for (seq, _) in &big {
@@ -736,10 +858,21 @@ async fn serve_connection(
         big
     };
     for (seq, len) in too_large {
+        let (code, reason) = if len > max_payload {
+            (
+                furrow_proto::ErrorCode::FrameTooLarge,
+                format!("payload of {len} bytes exceeds the gateway's limit of {max_payload}"),
+            )
+        } else {
+            (
+                furrow_proto::ErrorCode::ProtocolError,
+                "the gateway does not speak device state: state report dropped".into(),
+            )
+        };
         shared.emit(Event::Rejected {
             seq,
-            code: furrow_proto::ErrorCode::FrameTooLarge as u16,
-            reason: format!("payload of {len} bytes exceeds the gateway's limit of {max_payload}"),
+            code: code as u16,
+            reason,
         });
     }
     shared.acked.send_if_modified(|v| {
@@ -778,13 +911,23 @@ async fn serve_connection(
             if !batch.is_empty() {
                 out.clear();
                 for e in &batch {
-                    if let Err(err) = encode_telemetry(
-                        e.seq,
-                        e.timestamp_ms,
-                        e.content_type,
-                        &e.payload,
-                        &mut out,
-                    ) {
+                    let encoded = if e.content_type == REPORT_MARKER {
+                        Message::Report(Report {
+                            seq: e.seq,
+                            timestamp_ms: e.timestamp_ms,
+                            patch: e.payload.clone(),
+                        })
+                        .encode(&mut out)
+                    } else {
+                        encode_telemetry(
+                            e.seq,
+                            e.timestamp_ms,
+                            e.content_type,
+                            &e.payload,
+                            &mut out,
+                        )
+                    };
+                    if let Err(err) = encoded {
                         return session(Disconnect::Protocol(err.to_string()));
                     }
                     inflight.push_back(e.seq);
@@ -893,6 +1036,17 @@ async fn serve_connection(
                         last_tx = Instant::now();
                     }
                     Message::Pong { .. } => {}
+                    Message::Desired(d) if state => {
+                        on_desired(shared, &d);
+                        let ack = match encode(&Message::DesiredAck { version: d.version }) {
+                            Ok(b) => b,
+                            Err(e) => return session(e),
+                        };
+                        if let Err(e) = write_all(&mut wr, &ack, write_limit).await {
+                            return session(e);
+                        }
+                        last_tx = Instant::now();
+                    }
                     Message::Goodbye(g) => {
                         return Outcome {
                             reason: Disconnect::Goodbye { code: g.code, retry_after_ms: g.retry_after_ms },
@@ -948,6 +1102,34 @@ async fn unless_closing<F: std::future::Future>(
         out = fut => Some(out),
         _ = closing.changed() => None,
     }
+}
+
+/// A DESIRED from the gateway: the handler sees each version once, in
+/// order (a redelivery after a reconnect is confirmed again, not applied
+/// again).
+fn on_desired(shared: &Shared, d: &furrow_proto::Desired) {
+    let document = match serde_json::from_slice::<serde_json::Value>(&d.document) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => {
+            tracing::warn!(version = d.version, "DESIRED is not a JSON object; ignored");
+            return;
+        }
+    };
+    let desired = Desired {
+        version: d.version,
+        document,
+    };
+    {
+        let mut last = shared.desired.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_some_and(|l| l.version >= d.version) {
+            return;
+        }
+        *last = Some(desired.clone());
+    }
+    if let Some(h) = &shared.desired_handler {
+        h(desired);
+    }
+    shared.emit(Event::Desired { version: d.version });
 }
 
 fn on_ack(shared: &Shared, inflight: &mut VecDeque<u64>, seq: u64) {

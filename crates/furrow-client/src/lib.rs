@@ -40,6 +40,8 @@ pub mod outbox;
 pub mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientError, Config, Disconnect, Event, TOKEN_COMMAND};
+pub use client::{
+    Client, ClientError, Config, Desired, DesiredHandler, Disconnect, Event, TOKEN_COMMAND,
+};
 pub use commands::{handler, Command, CommandReply, Handler};
 pub use tls::TlsOptions;

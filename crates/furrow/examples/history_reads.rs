@@ -100,6 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .append(Arc::new(Batch {
                             records,
                             rejections: vec![],
+                            reports: Vec::new(),
                         }))
                         .await?;
                 }
@@ -109,6 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .append(Arc::new(Batch {
                 records: batch,
                 rejections: vec![],
+                reports: Vec::new(),
             }))
             .await?;
         println!(

@@ -151,6 +151,7 @@ impl Gen {
         Batch {
             records,
             rejections: Vec::new(),
+            reports: Vec::new(),
         }
     }
 }
@@ -195,7 +196,10 @@ async fn write_batch(method: Method, conns: &mut Conns, batch: Batch) -> anyhow:
     match method {
         Method::Copy => copy_into(&conns.copy, "telemetry", &batch).await,
         Method::Keyed => copy_into(&conns.copy, "telemetry_keyed", &batch).await,
-        Method::Store | Method::StoreDup => Ok(conns.store.append(Arc::new(batch)).await?),
+        Method::Store | Method::StoreDup => {
+            conns.store.append(Arc::new(batch)).await?;
+            Ok(())
+        }
     }
 }
 

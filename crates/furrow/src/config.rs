@@ -58,6 +58,8 @@ pub struct Config {
     pub proxy_protocol: ProxyProtocol,
     /// Device credentials.
     pub devices: Devices,
+    /// Device state (desired and reported documents).
+    pub state: State,
 }
 
 impl Default for Config {
@@ -78,6 +80,45 @@ impl Default for Config {
             tls: Tls::default(),
             proxy_protocol: ProxyProtocol::default(),
             devices: Devices::default(),
+            state: State::default(),
+        }
+    }
+}
+
+/// Device state limits (docs/protocol.md, "Device state").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct State {
+    /// Largest desired or reported document, and patch, in bytes of
+    /// compact JSON. Over it: REJECT STATE_TOO_LARGE for a REPORT, 413 for
+    /// an API patch.
+    pub max_bytes: usize,
+    /// Deepest nesting of objects and arrays in a document (`{}` is 1).
+    pub max_depth: usize,
+    /// REPORTs per second one device may send; past it (and its burst) the
+    /// gateway stops reading it until the rate allows more. 0: no limit.
+    pub report_rate_per_s: u32,
+    /// REPORTs a device may send at once before the rate applies.
+    pub report_burst: u32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8192,
+            max_depth: 8,
+            report_rate_per_s: 10,
+            report_burst: 20,
+        }
+    }
+}
+
+impl State {
+    /// The document limits.
+    pub fn limits(&self) -> crate::devices::state::StateLimits {
+        crate::devices::state::StateLimits {
+            max_bytes: self.max_bytes,
+            max_depth: self.max_depth,
         }
     }
 }
@@ -826,6 +867,22 @@ impl Config {
         }
         if self.storage.pool_size == 0 {
             return bad("storage.pool_size", "must be at least 1".into());
+        }
+        if self.state.max_depth == 0 {
+            return bad("state.max_depth", "must be at least 1".into());
+        }
+        // A whole desired document travels in one DESIRED frame.
+        if self.state.max_bytes < 2 || self.state.max_bytes + 16 > self.limits.max_frame as usize {
+            return bad(
+                "state.max_bytes",
+                format!(
+                    "{} must be at least 2 and leave 16 bytes below limits.max_frame ({})",
+                    self.state.max_bytes, self.limits.max_frame
+                ),
+            );
+        }
+        if self.state.report_rate_per_s > 0 && self.state.report_burst == 0 {
+            return bad("state.report_burst", "must be at least 1".into());
         }
         if self.storage.connect_timeout_ms == 0 {
             return bad("storage.connect_timeout_ms", "must be above 0".into());

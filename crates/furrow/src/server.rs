@@ -374,6 +374,7 @@ impl Server {
                 max_frame: cfg.limits.max_frame,
                 token_grace: Duration::from_secs(cfg.devices.token_grace_s),
                 cluster: cluster.clone(),
+                state_limits: cfg.state.limits(),
             };
             tokio::spawn(crate::api::serve(
                 l,

@@ -26,7 +26,7 @@
 //! ACK is a promise, so the writer would rather stall ingest than drop a
 //! batch. Each change between healthy and failing is logged once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,16 +34,39 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::publish::Events;
 use crate::store::prelude::*;
-use crate::store::{Batch, DeviceKey, TelemetryRecord};
+use crate::store::{Batch, DeviceKey, ReportRecord, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
 /// wakeup for other events (see [`crate::devices::registry::SessionHandle::kick`]).
 #[derive(Default)]
 pub struct AckCell {
     committed: AtomicU64,
+    /// Set while `slow` holds refused reports (read without the lock).
+    refused: AtomicBool,
     notify: Notify,
-    /// Where the session waits while parked (see `session::park`).
-    parked: std::sync::Mutex<Option<Parking>>,
+    /// Where the session waits while parked (see `session::park`), and
+    /// the rare news a commit brings besides its ticket.
+    slow: std::sync::Mutex<Slow>,
+}
+
+/// The parts of an [`AckCell`] behind its lock.
+#[derive(Default)]
+struct Slow {
+    parked: Option<Parking>,
+    /// Reports a commit refused, `(seq, code, reason)`: REJECTed by the
+    /// session before the ACK that covers them. Boxed: almost always none.
+    refused: Option<Box<Vec<Refusal>>>,
+}
+
+/// A REPORT a commit refused, for the session's REJECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Its seq.
+    pub seq: u64,
+    /// REJECT code.
+    pub code: furrow_proto::ErrorCode,
+    /// Why.
+    pub reason: String,
 }
 
 impl std::fmt::Debug for AckCell {
@@ -80,7 +103,7 @@ impl AckCell {
     /// first if it is parked.
     pub fn wake(&self) {
         self.notify.notify_one();
-        let parked = self.lock_parked().take();
+        let parked = self.lock_slow().parked.take();
         if let Some(p) = parked {
             p.lot.unpark(p.key, p.id);
         }
@@ -88,11 +111,31 @@ impl AckCell {
 
     /// Records where the session is parked (`None`: it runs again).
     pub fn set_parked(&self, parking: Option<Parking>) {
-        *self.lock_parked() = parking;
+        self.lock_slow().parked = parking;
     }
 
-    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Option<Parking>> {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_slow(&self) -> std::sync::MutexGuard<'_, Slow> {
+        self.slow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes a refused report; visible to the session once the ticket that
+    /// covers it is published.
+    fn refuse(&self, refusal: Refusal) {
+        self.lock_slow()
+            .refused
+            .get_or_insert_with(Default::default)
+            .push(refusal);
+        self.refused.store(true, Ordering::Release);
+    }
+
+    /// Takes the refused reports noted so far (cheap when none).
+    pub fn take_refused(&self) -> Vec<Refusal> {
+        if !self.refused.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut slow = self.lock_slow();
+        self.refused.store(false, Ordering::Release);
+        slow.refused.take().map(|b| *b).unwrap_or_default()
     }
 
     fn publish(&self, ticket: u64) {
@@ -114,6 +157,8 @@ pub struct WriteJob {
     pub device_id: Arc<str>,
     /// The records, in the session's read order.
     pub records: Vec<TelemetryRecord>,
+    /// State reports, in the session's read order (usually none).
+    pub reports: Vec<ReportRecord>,
     /// Highest seq rejected since the last job, 0 if none.
     pub rejected_upto: u64,
 }
@@ -160,7 +205,7 @@ async fn run(
     let mut last_start: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
-        let mut rows = jobs[0].records.len();
+        let mut rows = jobs[0].records.len() + jobs[0].reports.len();
         let arrived = tokio::time::Instant::now();
         let paced = last_start
             .map(|t| t + cfg.min_commit_interval)
@@ -184,7 +229,7 @@ async fn run(
                     }
                 }
             };
-            rows += job.records.len();
+            rows += job.records.len() + job.reports.len();
             jobs.push(job);
         }
         if paced.is_some() {
@@ -196,30 +241,37 @@ async fn run(
         let mut batch = Batch {
             records: Vec::with_capacity(rows),
             rejections: Vec::new(),
+            reports: Vec::new(),
         };
-        let mut owners: Vec<(Arc<AckCell>, u64)> = Vec::with_capacity(jobs.len());
+        let mut owners: Vec<(Arc<AckCell>, u64, DeviceKey)> = Vec::with_capacity(jobs.len());
         // (device id, its records in the batch), for events after the commit.
         let mut names: Vec<(Arc<str>, usize)> = Vec::new();
+        // (device id, its reports in the batch), likewise.
+        let mut reporters: Vec<(Arc<str>, usize)> = Vec::new();
         for job in jobs {
             if events.enabled() {
                 names.push((Arc::clone(&job.device_id), job.records.len()));
             }
             batch.records.extend(job.records);
+            if !job.reports.is_empty() {
+                reporters.push((Arc::clone(&job.device_id), job.reports.len()));
+                batch.reports.extend(job.reports);
+            }
             if job.rejected_upto > 0 {
                 batch.rejections.push((job.device, job.rejected_upto));
             }
             match owners.last_mut() {
-                Some((cell, t)) if Arc::ptr_eq(cell, &job.owner) => *t = job.ticket,
-                _ => owners.push((job.owner, job.ticket)),
+                Some((cell, t, _)) if Arc::ptr_eq(cell, &job.owner) => *t = job.ticket,
+                _ => owners.push((job.owner, job.ticket, job.device)),
             }
         }
         let batch = Arc::new(batch);
 
         let mut backoff = Duration::from_millis(10);
-        loop {
+        let appended = loop {
             let started = Instant::now();
             match store.append(Arc::clone(&batch)).await {
-                Ok(()) => {
+                Ok(appended) => {
                     metrics::histogram!("furrow_store_commit_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("furrow_store_batch_rows")
@@ -231,7 +283,7 @@ async fn run(
                         healthy = true;
                         cfg.healthy.store(true, Ordering::Release);
                     }
-                    break;
+                    break appended;
                 }
                 Err(e) => {
                     metrics::counter!("furrow_store_commit_errors_total").increment(1);
@@ -244,8 +296,24 @@ async fn run(
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
+        };
+        // Refusals reach their session before the ticket that covers them.
+        for r in &appended.refused {
+            metrics::counter!("furrow_state_reports_rejected_total", "reason" => "document")
+                .increment(1);
+            if let Some((cell, _, _)) = owners.iter().find(|(_, _, d)| *d == r.device) {
+                cell.refuse(Refusal {
+                    seq: r.seq,
+                    code: r.code,
+                    reason: r.reason.clone(),
+                });
+            }
         }
-        for (cell, ticket) in owners {
+        if !batch.reports.is_empty() {
+            metrics::counter!("furrow_state_reports_stored_total")
+                .increment((batch.reports.len() - appended.refused.len()) as u64);
+        }
+        for (cell, ticket, _) in owners {
             cell.publish(ticket);
         }
         // After the ACKs are released: events never delay them.
@@ -255,13 +323,27 @@ async fn run(
                 events.telemetry(device_id, r);
             }
         }
+        let mut reports = batch.reports.iter();
+        for (device_id, n) in &reporters {
+            for r in reports.by_ref().take(*n) {
+                let refused = appended
+                    .refused
+                    .iter()
+                    .any(|x| x.device == r.device && x.seq == r.seq);
+                if !refused {
+                    events.reported(device_id, r);
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceSeqs, StorageInfo, StoreError, StoredTelemetry, TelemetryRange};
+    use crate::store::{
+        Appended, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
+    };
     use async_trait::async_trait;
     use bytes::Bytes;
     use std::sync::Mutex;
@@ -272,10 +354,10 @@ mod tests {
 
     #[async_trait]
     impl TelemetryStore for Commits {
-        async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+        async fn append(&self, batch: Arc<Batch>) -> Result<Appended, StoreError> {
             let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
             c.push((tokio::time::Instant::now(), batch.records.len()));
-            Ok(())
+            Ok(Appended::default())
         }
         async fn device_seqs(&self, _: DeviceKey) -> Result<DeviceSeqs, StoreError> {
             Err(StoreError::Config("not in this test".into()))
@@ -308,6 +390,7 @@ mod tests {
                 payload: Bytes::from_static(b"{}"),
             }],
             rejected_upto: 0,
+            reports: Vec::new(),
         }
     }
 

@@ -33,6 +33,7 @@ async fn append(store: &PostgresStore, records: Vec<TelemetryRecord>) {
         .append(Arc::new(Batch {
             records,
             rejections: vec![],
+            reports: Vec::new(),
         }))
         .await
         .unwrap();
@@ -327,6 +328,7 @@ async fn instances_share_partitions() {
     let late = Arc::new(Batch {
         records: vec![rec(keys[1], 6, base + 1_000)],
         rejections: vec![],
+        reports: Vec::new(),
     });
     assert!(two.append(Arc::clone(&late)).await.is_err());
     two.append(late).await.unwrap();

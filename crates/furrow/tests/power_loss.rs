@@ -413,6 +413,7 @@ async fn one_seed(seed: u64) {
         let batch = Batch {
             records,
             rejections: vec![],
+            reports: Vec::new(),
         };
         if store.append(Arc::new(batch)).await.is_err() {
             break; // the power went
@@ -473,6 +474,7 @@ async fn one_seed(seed: u64) {
         let batch = Batch {
             records: vec![next(last.max(1)), next(last + 1)],
             rejections: vec![],
+            reports: Vec::new(),
         };
         store.append(Arc::new(batch)).await.unwrap();
         let n = store.telemetry(&id, all, 100_000).await.unwrap().len() as u64;

@@ -220,7 +220,8 @@ impl World {
         let stored = self.stored_max();
         self.slot.observe_stored(stored.max(self.rejected_mark));
         let mut model = self.model(&buf, stored.max(self.rejected_mark));
-        let (welcome, keepalive) = handshake::welcome(&self.cfg, hello.keepalive_s, stored, 1);
+        let (welcome, keepalive) =
+            handshake::welcome(&self.cfg, hello.keepalive_s, hello.capabilities, stored, 1);
         out.queue(&Message::Welcome(welcome));
         let cell = Arc::new(AckCell::default());
         let mut m = Machine::new(
@@ -233,6 +234,7 @@ impl World {
             Limits {
                 max_inflight: usize::from(self.cfg.limits.max_inflight),
                 max_unsent: self.cfg.limits.max_unsent_bytes,
+                state: Default::default(),
             },
             keepalive,
             None,
@@ -497,6 +499,7 @@ fn the_model_catches_an_early_ack() {
         Limits {
             max_inflight: 4,
             max_unsent: 1024,
+            state: Default::default(),
         },
         std::time::Duration::from_secs(45),
         None,

@@ -49,7 +49,7 @@ use furrow::session::handshake::{self, Certificate};
 use furrow::session::machine::{Drain, End, Identity, Limits, Machine};
 use furrow::session::outbox::Outbox;
 use furrow::store::{
-    Batch, DeviceAuth, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry,
+    Appended, Batch, DeviceAuth, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry,
     TelemetryRange, TelemetryStore,
 };
 use furrow::writer::{self, AckCell, WriterConfig, WriterTx};
@@ -102,7 +102,7 @@ impl ModelStore {
 
 #[async_trait]
 impl TelemetryStore for ModelStore {
-    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+    async fn append(&self, batch: Arc<Batch>) -> Result<Appended, StoreError> {
         let (fail, delay) = {
             let mut s = self.state();
             let (pct, max) = (s.fail_pct, s.delay_max_ms);
@@ -129,7 +129,7 @@ impl TelemetryStore for ModelStore {
             *m = (*m).max(seq);
         }
         s.commits += 1;
-        Ok(())
+        Ok(Appended::default())
     }
 
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
@@ -397,7 +397,13 @@ impl Sim {
             )
         };
         slot.observe_stored(stored.max(rejected));
-        let (welcome, keepalive) = handshake::welcome(&self.gw.cfg, hello.keepalive_s, stored, 0);
+        let (welcome, keepalive) = handshake::welcome(
+            &self.gw.cfg,
+            hello.keepalive_s,
+            hello.capabilities,
+            stored,
+            0,
+        );
         let mut out = Outbox::new();
         out.queue(&Message::Welcome(welcome));
         let m = Machine::new(
@@ -410,6 +416,7 @@ impl Sim {
             Limits {
                 max_inflight: usize::from(self.gw.cfg.limits.max_inflight),
                 max_unsent: self.gw.cfg.limits.max_unsent_bytes,
+                state: Default::default(),
             },
             keepalive,
             None,

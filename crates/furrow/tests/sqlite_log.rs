@@ -212,6 +212,7 @@ async fn run(steps: Vec<Step>) {
                 let batch = Batch {
                     records,
                     rejections: vec![],
+                    reports: Vec::new(),
                 };
                 store.append(Arc::new(batch)).await.unwrap();
             }
@@ -337,6 +338,7 @@ async fn a_database_from_furrow_0_1_migrates() {
     let batch = Batch {
         records: vec![rec(40), rec(41)],
         rejections: vec![],
+        reports: Vec::new(),
     };
     store.append(Arc::new(batch)).await.unwrap();
     let p1 = store.telemetry("pump-1", all, 1000).await.unwrap();
@@ -371,6 +373,7 @@ async fn append(store: &SqliteStore, records: Vec<TelemetryRecord>) {
     let batch = Batch {
         records,
         rejections: vec![],
+        reports: Vec::new(),
     };
     store.append(Arc::new(batch)).await.unwrap();
 }

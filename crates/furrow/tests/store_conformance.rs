@@ -55,6 +55,7 @@ async fn append_and_watermarks(store: Arc<dyn Store>) {
     let batch = Arc::new(Batch {
         records: vec![rec(k, 1, 10), rec(k, 2, 20), rec(k, 2, 20)],
         rejections: vec![(k, 3)],
+        reports: Vec::new(),
     });
     store.append(batch.clone()).await.unwrap();
     store.append(batch).await.unwrap();
@@ -66,6 +67,7 @@ async fn append_and_watermarks(store: Arc<dyn Store>) {
     let low = Batch {
         records: vec![],
         rejections: vec![(k, 1), (k, 2)],
+        reports: Vec::new(),
     };
     store.append(Arc::new(low)).await.unwrap();
     assert_eq!(store.device_seqs(k).await.unwrap().rejected, 3);
@@ -73,6 +75,7 @@ async fn append_and_watermarks(store: Arc<dyn Store>) {
     let high = Batch {
         records: vec![rec(k, u64::MAX - 1, 30)],
         rejections: vec![(k, u64::MAX), (k, 9)],
+        reports: Vec::new(),
     };
     store.append(Arc::new(high)).await.unwrap();
     let s = store.device_seqs(k).await.unwrap();
@@ -80,6 +83,7 @@ async fn append_and_watermarks(store: Arc<dyn Store>) {
     let back = Batch {
         records: vec![rec(k, 4, 40)],
         rejections: vec![(k, 5)],
+        reports: Vec::new(),
     };
     store.append(Arc::new(back)).await.unwrap();
     let s = store.device_seqs(k).await.unwrap();
@@ -119,6 +123,7 @@ async fn concurrent_overlapping_appends(store: Arc<dyn Store>) {
                 let batch = Batch {
                     records,
                     rejections: vec![],
+                    reports: Vec::new(),
                 };
                 store.append(Arc::new(batch)).await.unwrap();
             }
@@ -147,6 +152,7 @@ async fn appends_in_seq_order(store: Arc<dyn Store>) {
         Arc::new(Batch {
             records: seqs.map(|s| rec(k, s, s * 10)).collect(),
             rejections: vec![],
+            reports: Vec::new(),
         })
     };
     store.append(batch(1..=10)).await.unwrap();
@@ -243,6 +249,7 @@ async fn telemetry_ranges(store: Arc<dyn Store>) {
         .append(Arc::new(Batch {
             records,
             rejections: vec![],
+            reports: Vec::new(),
         }))
         .await
         .unwrap();

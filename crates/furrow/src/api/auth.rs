@@ -57,6 +57,7 @@ pub fn required_role(method: &Method, route: &str) -> Role {
         ("GET", "/v1/audit") | ("GET", "/v1/api-tokens") => Role::Admin,
         ("GET" | "HEAD", _) => Role::Read,
         ("POST", "/v1/devices/{device_id}/commands") => Role::Operate,
+        ("PATCH", "/v1/devices/{device_id}/state/desired") => Role::Operate,
         _ => Role::Admin,
     }
 }

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::devices::state::StateError;
 use crate::store::StoreError;
 
 /// Why a request failed.
@@ -28,6 +29,12 @@ pub enum ApiError {
     /// It exists already, or the state forbids it.
     #[error("{0}")]
     Conflict(String),
+    /// `If-Match` named another version.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// Over a size or depth limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// The store failed; details are logged, not returned.
     #[error("the store is unavailable")]
     Store(#[source] StoreError),
@@ -41,6 +48,11 @@ impl From<StoreError> for ApiError {
             StoreError::Revoked(id) => Self::Conflict(format!("device {id:?} is revoked")),
             StoreError::TokenExists(n) => Self::Conflict(format!("API token {n:?} already exists")),
             StoreError::NoSuchToken(n) => Self::NotFound(format!("no API token {n:?}")),
+            StoreError::State(e @ StateError::VersionMismatch { .. }) => {
+                Self::PreconditionFailed(e.to_string())
+            }
+            StoreError::State(e) if e.is_limit() => Self::TooLarge(e.to_string()),
+            StoreError::State(e) => Self::BadRequest(e.to_string()),
             other => Self::Store(other),
         }
     }
@@ -54,7 +66,7 @@ pub(crate) struct ErrorBody {
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorDetail {
     /// Stable: unauthorized, forbidden, bad_request, not_found, conflict,
-    /// unavailable.
+    /// precondition_failed, too_large, unavailable.
     code: &'static str,
     /// For people; may change.
     message: String,
@@ -68,6 +80,8 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

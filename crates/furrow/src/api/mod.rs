@@ -31,6 +31,7 @@ pub mod auth;
 pub mod commands;
 pub mod devices;
 pub mod error;
+pub mod state;
 pub mod storage;
 pub mod telemetry;
 
@@ -48,6 +49,9 @@ pub mod telemetry;
         commands::create,
         commands::get,
         commands::list,
+        state::get,
+        state::patch_desired,
+        state::history,
         storage::get,
         admin::create_token,
         admin::list_tokens,
@@ -59,6 +63,7 @@ pub mod telemetry;
         (name = "devices", description = "Provisioning and fleet state"),
         (name = "telemetry", description = "Stored readings"),
         (name = "commands", description = "Commands to devices"),
+        (name = "state", description = "Desired and reported device state"),
         (name = "storage", description = "Retention and disk"),
         (name = "admin", description = "API tokens with roles, and the audit log")
     )
@@ -104,6 +109,8 @@ pub struct ApiState {
     pub token_grace: std::time::Duration,
     /// Other instances (PostgreSQL): where remote devices are connected.
     pub cluster: crate::cluster::Cluster,
+    /// `[state]`: document limits of desired state patches.
+    pub state_limits: crate::devices::state::StateLimits,
 }
 
 /// 404 unless the device exists.
@@ -141,6 +148,12 @@ pub fn app(state: ApiState) -> Router {
             get(commands::list).post(commands::create),
         )
         .route("/v1/commands/{command_id}", get(commands::get))
+        .route("/v1/devices/{device_id}/state", get(state::get))
+        .route(
+            "/v1/devices/{device_id}/state/desired",
+            axum::routing::patch(state::patch_desired),
+        )
+        .route("/v1/devices/{device_id}/state/history", get(state::history))
         .route("/v1/storage", get(storage::get))
         .route(
             "/v1/api-tokens",

@@ -61,6 +61,24 @@ pub struct SimArgs {
     /// layout `furrow certs device` writes).
     #[arg(long, value_name = "DIR", requires = "tls_ca")]
     pub tls_certs: Option<PathBuf>,
+    /// Speak device state: each device applies the desired state it is
+    /// sent by reporting it back as its reported state.
+    #[arg(long)]
+    pub state: bool,
+    /// Share of devices (0 to 1, chosen by a hash of the id, so the same
+    /// ones in every run) that answer every command "failed" (the others
+    /// answer "succeeded"): try a job's abort rule at scale.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_share: f64,
+}
+
+/// Whether device `id` is one of the `share` that fail (stable per id).
+pub fn fails(id: &str, share: f64) -> bool {
+    // FNV-1a: stable across runs and builds (std's hasher is not).
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    ((h % 10_000) as f64) < share * 10_000.0
 }
 
 /// Descriptors the simulator needs besides one per device.
@@ -78,6 +96,8 @@ struct Counters {
     sent: AtomicU64,
     acked: AtomicU64,
     rejected: AtomicU64,
+    commands: AtomicU64,
+    desired: AtomicU64,
     connected: AtomicUsize,
     reconnects: AtomicU64,
     errors: AtomicU64,
@@ -113,7 +133,43 @@ async fn device(
         }
         cfg.tls = Some(tls);
     }
-    let client = Client::start(cfg)?;
+    // Commands: succeed, or fail for the failing share.
+    let failing = fails(&id, args.fail_share);
+    let cmds = Arc::clone(&counters);
+    let handler = furrow_client::handler(move |_cmd| {
+        let cmds = Arc::clone(&cmds);
+        async move {
+            cmds.commands.fetch_add(1, Ordering::Relaxed);
+            if failing {
+                furrow_client::CommandReply::failed("simulated failure")
+            } else {
+                furrow_client::CommandReply::ok(1, "{}")
+            }
+        }
+    });
+    // Desired state: echoed as reported by a task of the device.
+    let (desired_tx, mut desired_rx) = tokio::sync::mpsc::unbounded_channel();
+    let desired: Option<furrow_client::DesiredHandler> = args.state.then(|| {
+        let h: furrow_client::DesiredHandler = Arc::new(move |d: furrow_client::Desired| {
+            let _ = desired_tx.send(d);
+        });
+        h
+    });
+    let client = Arc::new(Client::start_with_handlers(cfg, Some(handler), desired)?);
+    let echo = {
+        let (client, c) = (Arc::clone(&client), Arc::clone(&counters));
+        tokio::spawn(async move {
+            while let Some(d) = desired_rx.recv().await {
+                c.desired.fetch_add(1, Ordering::Relaxed);
+                match client.report(d.document).await {
+                    Ok(_) => {
+                        c.sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "state report failed"),
+                }
+            }
+        })
+    };
     let mut events = client.events();
     let c = Arc::clone(&counters);
     let watcher = tokio::spawn(async move {
@@ -149,7 +205,7 @@ async fn device(
                 }
                 // The client switches tokens by itself; a simulated
                 // device keeps nothing to persist.
-                Ok(Event::TokenRotated { .. }) => {}
+                Ok(Event::TokenRotated { .. } | Event::Desired { .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
             }
@@ -194,6 +250,7 @@ async fn device(
     // Up to 10 s for the last ACKs, then close.
     let _ = tokio::time::timeout(Duration::from_secs(10), client.flush()).await;
     client.close().await;
+    echo.abort();
     drop(client);
     let _ = watcher.await;
     Ok(())
@@ -206,6 +263,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         bail!("--rate must be a positive number of readings per second");
+    }
+    if !(0.0..=1.0).contains(&args.fail_share) {
+        bail!("--fail-share must be between 0 and 1");
     }
     if let Some(limit) = open_files_limit() {
         if args.devices + FD_MARGIN > limit {
@@ -290,7 +350,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let acked = counters.acked.load(Ordering::Relaxed);
     println!(
         "sim: {} devices for {:.1} s (then {:.1} s for the last ACKs): sent {} ({:.0}/s), \
-         acked {} ({:.0}/s), rejected {}, unacknowledged {}, reconnects {}, errors {}",
+         acked {} ({:.0}/s), rejected {}, unacknowledged {}, reconnects {}, errors {}, \
+         commands answered {}, desired states applied {}",
         args.devices,
         secs,
         (total - secs).max(0.0),
@@ -302,6 +363,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         sent.saturating_sub(acked + counters.rejected.load(Ordering::Relaxed)),
         counters.reconnects.load(Ordering::Relaxed),
         counters.errors.load(Ordering::Relaxed),
+        counters.commands.load(Ordering::Relaxed),
+        counters.desired.load(Ordering::Relaxed),
     );
     Ok(())
 }

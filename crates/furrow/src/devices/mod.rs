@@ -1,10 +1,13 @@
 //! Devices: who they are ([`auth`]: tokens, stored only as hashes), which
-//! session holds each one ([`registry`]: takeover, wake-ups), and
+//! session holds each one ([`registry`]: takeover, wake-ups), the state
+//! they are asked to have and report ([`state`]: documents, versions,
+//! merge patches), and
 //! provisioning shared by the CLI and the HTTP API (here: a new device
 //! gets a fresh token, shown once).
 
 pub mod auth;
 pub mod registry;
+pub mod state;
 
 use std::time::Duration;
 

@@ -8,6 +8,9 @@
 //! * `devices/{id}/telemetry`: each reading, after its commit;
 //! * `devices/{id}/status`: retained `{online, instance, at}`;
 //! * `devices/{id}/commands/{command_id}`: each state change of a command;
+//! * `devices/{id}/state/desired`: each change of the desired state
+//!   (version, document, patch, delta);
+//! * `devices/{id}/state/reported`: each stored REPORT (seq, patch);
 //! * `instances/{instance}/status`: retained `{online, at}`, and the
 //!   instance's MQTT will sets it to offline: a device status naming an
 //!   offline instance is stale.
@@ -16,7 +19,8 @@ pub mod mqtt;
 
 use std::sync::Arc;
 
-use crate::store::{CommandRecord, TelemetryRecord};
+use crate::devices::state::StateView;
+use crate::store::{CommandRecord, ReportRecord, TelemetryRecord};
 
 /// Where events go. Cheap to clone; does nothing when MQTT is off.
 #[derive(Clone, Default)]
@@ -46,6 +50,20 @@ impl Events {
     pub fn telemetry(&self, device_id: &str, r: &TelemetryRecord) {
         if let Some(m) = &self.mqtt {
             m.telemetry(device_id, r);
+        }
+    }
+
+    /// A device's reported state changed (committed).
+    pub fn reported(&self, device_id: &str, r: &ReportRecord) {
+        if let Some(m) = &self.mqtt {
+            m.reported(device_id, r);
+        }
+    }
+
+    /// A device's desired state changed (committed).
+    pub fn desired(&self, view: &StateView, patch: &serde_json::Value) {
+        if let Some(m) = &self.mqtt {
+            m.desired(view, patch);
         }
     }
 

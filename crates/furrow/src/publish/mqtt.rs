@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::config::Mqtt as MqttConfig;
+use crate::devices::state::StateView;
 use crate::envelope;
-use crate::store::{CommandRecord, TelemetryRecord};
+use crate::store::{CommandRecord, ReportRecord, TelemetryRecord};
 
 /// Why the MQTT settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +249,38 @@ impl Publisher {
                 body,
             );
         }
+    }
+
+    /// Publishes a stored change of a device's reported state.
+    pub fn reported(&self, device_id: &str, r: &ReportRecord) {
+        let ev = serde_json::json!({
+            "device_id": device_id,
+            "seq": r.seq,
+            "timestamp_ms": r.timestamp_ms,
+            "received_ms": r.received_ms,
+            "patch": serde_json::from_slice::<serde_json::Value>(&r.patch).unwrap_or_default(),
+        });
+        self.publish(
+            format!("{}/devices/{device_id}/state/reported", self.prefix),
+            false,
+            ev.to_string().into_bytes(),
+        );
+    }
+
+    /// Publishes a change of a device's desired state (after its commit).
+    pub fn desired(&self, view: &StateView, patch: &serde_json::Value) {
+        let ev = serde_json::json!({
+            "device_id": view.device_id,
+            "version": view.desired.version,
+            "document": view.desired.document,
+            "patch": patch,
+            "delta": view.delta,
+        });
+        self.publish(
+            format!("{}/devices/{}/state/desired", self.prefix, view.device_id),
+            false,
+            ev.to_string().into_bytes(),
+        );
     }
 
     /// Publishes a command's state change.

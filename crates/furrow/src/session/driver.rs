@@ -122,6 +122,24 @@ fn storage_failed(peer: SocketAddr, device: &str, e: &crate::store::StoreError, 
     }
 }
 
+/// The limits a session reads by, from the configuration.
+fn session_limits(cfg: &crate::config::Config) -> Limits {
+    let rate = cfg.state.report_rate_per_s;
+    Limits {
+        max_inflight: usize::from(cfg.limits.max_inflight),
+        max_unsent: cfg.limits.max_unsent_bytes,
+        state: machine::StateCfg {
+            limits: cfg.state.limits(),
+            report_interval: if rate == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1) / rate
+            },
+            report_burst: cfg.state.report_burst,
+        },
+    }
+}
+
 fn storage_answers() {
     if STORAGE_FAILING.swap(false, std::sync::atomic::Ordering::AcqRel) {
         info!("handshakes reach the store again");
@@ -638,8 +656,13 @@ impl Session {
         slot.observe_stored(seqs.stored.max(seqs.rejected));
 
         let cfg = &self.shared.cfg;
-        let (welcome, keepalive) =
-            handshake::welcome(cfg, hello.keepalive_s, seqs.stored, now_ms());
+        let (welcome, keepalive) = handshake::welcome(
+            cfg,
+            hello.keepalive_s,
+            hello.capabilities,
+            seqs.stored,
+            now_ms(),
+        );
         self.out.queue(&Message::Welcome(welcome));
         metrics::counter!("furrow_handshakes_total", "outcome" => "ok").increment(1);
         self.shared.events.status(&device_id, true);
@@ -652,16 +675,19 @@ impl Session {
                 slot,
                 cell: Arc::clone(&cell),
             },
-            Limits {
-                max_inflight: usize::from(cfg.limits.max_inflight),
-                max_unsent: cfg.limits.max_unsent_bytes,
-            },
+            session_limits(cfg),
             keepalive,
             limits.throttle(now),
             std::mem::take(&mut self.out),
             now,
         );
         let mut live = Box::new(Live { m, guard });
+        let caps = welcome.capabilities.unwrap_or(0);
+        live.m.set_capabilities(caps);
+        if live.m.has_state() {
+            // The first turn of the loop reads the desired state.
+            handle.notify_commands();
+        }
         if let Some(open) = commands {
             live.m.commands_due(open);
             self.run_effects(&mut live.m);
@@ -687,6 +713,13 @@ impl Session {
         for effect in m.take_effects() {
             let (store, events) = (Arc::clone(&self.shared.store), self.shared.events.clone());
             match effect {
+                Effect::AckDesired { device, version } => {
+                    tokio::spawn(async move {
+                        if let Err(e) = store.ack_desired(device, version).await {
+                            warn!(error = %e, "cannot record a desired state confirmation");
+                        }
+                    });
+                }
                 Effect::MarkDelivered(ids) => {
                     tokio::spawn(async move {
                         match store.mark_delivered(ids).await {
@@ -866,6 +899,16 @@ impl Session {
                 live.handle().notify_commands();
             }
         }
+        // The same wake-up announces a change of the desired state.
+        if live.m.has_state() {
+            match self.shared.store.state_of(live.m.key()).await {
+                Ok(row) => live.m.desired_due(&row),
+                Err(e) => {
+                    warn!(device = %live.m.device_id(), error = %e, "cannot read the desired state; retrying at the next wake-up");
+                    live.handle().notify_commands();
+                }
+            }
+        }
         self.run_effects(&mut live.m);
     }
 
@@ -1043,10 +1086,7 @@ fn resume(
         Arc::clone(&guard.device_id),
         guard.key,
         Arc::clone(&cell),
-        Limits {
-            max_inflight: usize::from(cfg.limits.max_inflight),
-            max_unsent: cfg.limits.max_unsent_bytes,
-        },
+        session_limits(cfg),
         shared.limits.throttle(now),
         now,
     );

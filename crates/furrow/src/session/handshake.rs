@@ -66,9 +66,17 @@ pub fn authenticated(
 
 /// WELCOME for a device asking for `requested_keepalive_s`, and the silence
 /// after which it is dropped (1.5 x the effective keepalive).
+/// Extensions this gateway supports (docs/protocol.md, "Capabilities").
+pub const SUPPORTED_CAPABILITIES: u32 = furrow_proto::CAP_STATE;
+
+/// WELCOME for a HELLO that asked for `requested_keepalive_s` and
+/// `capabilities`: those granted are the ones asked for that this gateway
+/// supports, announced only to a device that asked (an older device's
+/// WELCOME is unchanged).
 pub fn welcome(
     cfg: &Config,
     requested_keepalive_s: u16,
+    capabilities: Option<u32>,
     last_seq: u64,
     now_ms: u64,
 ) -> (Welcome, Duration) {
@@ -80,7 +88,7 @@ pub fn welcome(
         max_inflight: cfg.limits.max_inflight,
         last_seq,
         server_time_ms: now_ms,
-        capabilities: None,
+        capabilities: capabilities.map(|c| c & SUPPORTED_CAPABILITIES),
     };
     (welcome, Duration::from_millis(u64::from(ka) * 1500))
 }
@@ -118,11 +126,11 @@ mod tests {
     #[test]
     fn welcome_clamps_keepalive() {
         let cfg = Config::default();
-        let (w, dead) = welcome(&cfg, 0, 7, 1);
+        let (w, dead) = welcome(&cfg, 0, None, 7, 1);
         assert_eq!(w.keepalive_s, cfg.keepalive.default_s);
         assert_eq!(w.last_seq, 7);
         assert_eq!(dead, Duration::from_millis(u64::from(w.keepalive_s) * 1500));
-        let (w, _) = welcome(&cfg, u16::MAX, 0, 1);
+        let (w, _) = welcome(&cfg, u16::MAX, None, 0, 1);
         assert_eq!(w.keepalive_s, cfg.keepalive.max_s);
     }
 }

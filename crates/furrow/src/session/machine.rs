@@ -29,8 +29,9 @@ use super::acks::AckTracker;
 use super::flow::Keepalive;
 use super::outbox::Outbox;
 use crate::devices::registry::DeviceSlot;
+use crate::devices::state::StateLimits;
 use crate::ingress::limits::Throttle;
-use crate::store::{CommandOutcome, DeviceKey, TelemetryRecord};
+use crate::store::{CommandOutcome, DeviceKey, ReportRecord, TelemetryRecord};
 use crate::writer::{AckCell, WriteJob};
 
 /// How often a duplicate waiting on another connection's commit looks
@@ -64,6 +65,13 @@ pub enum End {
 /// Store work the session asks for; the driver runs it in the background.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
+    /// The device confirmed a desired state version.
+    AckDesired {
+        /// The device.
+        device: DeviceKey,
+        /// The version.
+        version: u64,
+    },
     /// These commands were sent: mark them delivered.
     MarkDelivered(Vec<u64>),
     /// The device answered a command.
@@ -84,6 +92,29 @@ pub struct Limits {
     pub max_inflight: usize,
     /// Bytes queued for the device before the session stops reading.
     pub max_unsent: usize,
+    /// Device state: document limits and the REPORT rate.
+    pub state: StateCfg,
+}
+
+/// Device state settings of a session (`[state]`).
+#[derive(Debug, Clone, Copy)]
+pub struct StateCfg {
+    /// Size and depth of documents and patches.
+    pub limits: StateLimits,
+    /// Time between REPORTs at the allowed rate (zero: no limit).
+    pub report_interval: Duration,
+    /// REPORTs allowed at once.
+    pub report_burst: u32,
+}
+
+impl Default for StateCfg {
+    fn default() -> Self {
+        Self {
+            limits: StateLimits::default(),
+            report_interval: Duration::from_millis(100),
+            report_burst: 20,
+        }
+    }
 }
 
 /// Who the session is for.
@@ -101,12 +132,23 @@ pub struct Identity {
 /// An authenticated session's state (see the module docs).
 pub struct Machine {
     pub(super) id: Identity,
-    limits: Limits,
+    pub(super) limits: Limits,
     pub(super) acks: AckTracker,
     /// Highest ticket the writer reported committed.
     committed: u64,
     /// Records read but not yet in a job.
     pub(super) staged: Vec<TelemetryRecord>,
+    /// State reports read but not yet in a job.
+    pub(super) staged_reports: Vec<ReportRecord>,
+    /// Extensions granted in WELCOME (`furrow_proto::CAP_STATE`).
+    pub(super) caps: u32,
+    /// Highest desired version sent on this connection.
+    pub(super) desired_sent: u64,
+    /// REPORT pacing (GCRA): when the device's reports would be on time
+    /// at the allowed rate; `None` when it is not ahead of it.
+    pub(super) report_tat: Option<Instant>,
+    /// The time of the frames being handled (from [`Self::accepts_frame`]).
+    pub(super) frame_time: Instant,
     /// Highest seq rejected but not yet handed to the writer, 0 if none.
     pub(super) staged_reject: u64,
     /// Ticket of the last staged record or rejection.
@@ -164,6 +206,8 @@ pub struct Parked {
     /// Commands sent and not yet answered (usually none).
     sent_commands: Option<Box<[u64]>>,
     keepalive_period_ms: u32,
+    /// Extensions granted in WELCOME.
+    caps: u8,
     deadline: Instant,
     /// When the device last sent a frame, as ms before `deadline` plus
     /// one (0: none on this connection), so its next frame's gap is known.
@@ -197,6 +241,11 @@ impl Machine {
             acks: AckTracker::new(),
             committed: 0,
             staged: Vec::new(),
+            staged_reports: Vec::new(),
+            caps: 0,
+            desired_sent: 0,
+            report_tat: None,
+            frame_time: now,
             staged_reject: 0,
             ticket: 0,
             mark_ticket: 0,
@@ -228,6 +277,7 @@ impl Machine {
             && self.out.is_empty()
             && self.effects.is_empty()
             && self.batch.is_none()
+            && self.report_tat.is_none()
     }
 
     /// Since when the session has been quiet: its last frame, its start,
@@ -258,6 +308,7 @@ impl Machine {
             sent_commands: (!self.sent_commands.is_empty())
                 .then(|| self.sent_commands.into_boxed_slice()),
             keepalive_period_ms: u32::try_from(period.as_millis()).unwrap_or(u32::MAX),
+            caps: u8::try_from(self.caps).unwrap_or(u8::MAX),
             deadline,
             last_frame_ms: self.last_frame.map_or(0, |at| {
                 let before = deadline.saturating_duration_since(at).as_millis();
@@ -303,6 +354,7 @@ impl Machine {
         m.ticket = p.ticket;
         m.committed = p.ticket;
         m.sent_commands = p.sent_commands.map(Vec::from).unwrap_or_default();
+        m.caps = u32::from(p.caps);
         m.keepalive = Keepalive::resume(period, p.deadline);
         m.last_frame = p
             .last_frame_ms
@@ -354,6 +406,7 @@ impl Machine {
     /// outbox and the throttle have room (always while draining, which
     /// handles what was already read).
     pub fn accepts_frame(&mut self, now: Instant) -> bool {
+        self.frame_time = now;
         if self.draining {
             return self.end.is_none();
         }
@@ -361,6 +414,38 @@ impl Machine {
             && self.acks.outstanding() < self.limits.max_inflight
             && self.out.len() < self.limits.max_unsent
             && self.throttle.as_mut().is_none_or(|t| t.ready(now))
+            && self.reports_ready(now)
+    }
+
+    /// Extensions granted in WELCOME.
+    pub fn set_capabilities(&mut self, caps: u32) {
+        self.caps = caps;
+    }
+
+    /// Whether the device speaks device state.
+    pub fn has_state(&self) -> bool {
+        self.caps & furrow_proto::CAP_STATE != 0
+    }
+
+    /// Whether the REPORT pace lets the session read on (a burst's worth
+    /// ahead of the rate at most). Forgets a debt that is paid.
+    fn reports_ready(&mut self, now: Instant) -> bool {
+        let Some(tat) = self.report_tat else {
+            return true;
+        };
+        if tat <= now {
+            self.report_tat = None;
+            return true;
+        }
+        let burst = self.limits.state.report_interval * self.limits.state.report_burst;
+        tat <= now + burst
+    }
+
+    /// When the REPORT pace lets the session read again.
+    fn reports_due(&self) -> Option<Instant> {
+        let tat = self.report_tat?;
+        let burst = self.limits.state.report_interval * self.limits.state.report_burst;
+        Some(tat.checked_sub(burst).unwrap_or(tat))
     }
 
     /// Handles one decoded frame; `now_ms` is the wall clock (the receive
@@ -380,6 +465,10 @@ impl Machine {
             let msg = format!("{} is not allowed from a device now", kind.name());
             return self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, msg)));
         }
+        if kind.capability().is_some_and(|bit| self.caps & bit == 0) {
+            let msg = format!("{} needs a capability WELCOME did not grant", kind.name());
+            return self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, msg)));
+        }
         let msg = match Message::from_frame(frame) {
             Ok(m) => m,
             Err(e) => return self.end_with(End::Fatal(Fatal(e.code(), e.to_string()))),
@@ -390,6 +479,8 @@ impl Machine {
             Message::Pong { .. } => {}
             Message::CommandResult(r) => self.on_command_result(r),
             Message::Goodbye(_) => self.end_with(End::Drain(Drain::DeviceGoodbye)),
+            Message::Report(r) => self.on_report(r, now_ms),
+            Message::DesiredAck { version } => self.on_desired_ack(version),
             _ => {
                 let m = format!("{} is not allowed from a device", kind.name());
                 self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, m)));
@@ -423,12 +514,14 @@ impl Machine {
     /// Moves staged records into the job for the writer and hands it out.
     /// A job the writer has no room for goes back with [`Self::defer_job`].
     pub fn take_job(&mut self) -> Option<WriteJob> {
-        if !self.staged.is_empty() || self.staged_reject > 0 {
+        if !self.staged.is_empty() || self.staged_reject > 0 || !self.staged_reports.is_empty() {
             let records = std::mem::take(&mut self.staged);
+            let reports = std::mem::take(&mut self.staged_reports);
             let rejected = std::mem::take(&mut self.staged_reject);
             match &mut self.pending_job {
                 Some(job) => {
                     job.records.extend(records);
+                    job.reports.extend(reports);
                     job.ticket = self.ticket;
                     job.rejected_upto = job.rejected_upto.max(rejected);
                 }
@@ -439,6 +532,7 @@ impl Machine {
                         device: self.id.key,
                         device_id: Arc::clone(&self.id.device_id),
                         records,
+                        reports,
                         rejected_upto: rejected,
                     })
                 }
@@ -466,6 +560,16 @@ impl Machine {
     /// Pops resolved entries; queues the ACK they allow when `ack` (not
     /// when the socket is gone).
     pub fn advance(&mut self, now: Instant, ack: bool) {
+        // Reports a commit refused: REJECT before the ACK that covers them.
+        for r in self.id.cell.take_refused() {
+            if ack {
+                self.out.queue(&Message::Reject(furrow_proto::Reject {
+                    seq: r.seq,
+                    code: r.code as u16,
+                    reason: furrow_proto::Str::from(r.reason),
+                }));
+            }
+        }
         let adv = self.acks.advance(self.committed, self.id.slot.resolved());
         if let Some(seq) = adv.resolved {
             self.id.slot.resolve(seq);
@@ -495,6 +599,7 @@ impl Machine {
         self.acks.outstanding() == 0
             && self.pending_job.is_none()
             && self.staged.is_empty()
+            && self.staged_reports.is_empty()
             && self.staged_reject == 0
             && self.committed >= self.mark_ticket
     }
@@ -505,7 +610,8 @@ impl Machine {
         if self.end.is_some() || self.draining {
             return false;
         }
-        self.throttled = self.throttle.as_mut().is_some_and(|t| !t.ready(now));
+        self.throttled =
+            self.throttle.as_mut().is_some_and(|t| !t.ready(now)) || !self.reports_ready(now);
         self.acks.outstanding() < self.limits.max_inflight
             && self.pending_job.is_none()
             && self.out.len() < self.limits.max_unsent
@@ -537,6 +643,9 @@ impl Machine {
         // Throttled: look again when the next token is due.
         if let Some(t) = self.throttle.as_ref().filter(|_| self.throttled) {
             let due = t.due();
+            at = Some(at.map_or(due, |a: Instant| a.min(due)));
+        }
+        if let Some(due) = self.reports_due().filter(|_| self.throttled) {
             at = Some(at.map_or(due, |a: Instant| a.min(due)));
         }
         at
@@ -576,6 +685,9 @@ impl Machine {
         if self.staged.is_empty() && self.staged.capacity() > 0 {
             self.staged = Vec::new();
         }
+        if self.staged_reports.is_empty() && self.staged_reports.capacity() > 0 {
+            self.staged_reports = Vec::new();
+        }
     }
 
     /// TELEMETRY read but not yet acknowledged.
@@ -601,6 +713,7 @@ mod tests {
             Limits {
                 max_inflight: 4,
                 max_unsent: 1 << 16,
+                state: StateCfg::default(),
             },
             Duration::from_secs(45),
             None,
@@ -640,6 +753,7 @@ mod tests {
         let limits = Limits {
             max_inflight: 4,
             max_unsent: 1 << 16,
+            state: StateCfg::default(),
         };
         let resumed = t0 + Duration::from_secs(3);
         let mut m = Machine::unpark(p, Arc::from("d"), 1, cell, limits, None, resumed);

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::devices::state::{StateError, StateLimits, StateRow};
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod sql;
@@ -75,6 +77,25 @@ pub struct TelemetryRecord {
     pub payload: Bytes,
 }
 
+/// One REPORT on its way to storage: a merge patch of the device's
+/// reported state, applied in the same transaction as the telemetry of its
+/// batch (so it is ACKed like telemetry, only once stored).
+#[derive(Debug, Clone)]
+pub struct ReportRecord {
+    /// Which device.
+    pub device: DeviceKey,
+    /// The device's seq (its TELEMETRY sequence).
+    pub seq: u64,
+    /// Device clock of the change, or the receive time when it sent 0.
+    pub timestamp_ms: u64,
+    /// When the gateway read the frame.
+    pub received_ms: u64,
+    /// The patch (a JSON object, checked by the session).
+    pub patch: Bytes,
+    /// The limits the document it makes must keep.
+    pub limits: StateLimits,
+}
+
 /// One group commit: readings to store, and per-device rejection
 /// watermarks to record with them.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +106,62 @@ pub struct Batch {
     /// `seq`. A rejected seq stays *taken* (furrow/1): after a reconnect or
     /// a restart, the same seq is a duplicate, never stored.
     pub rejections: Vec<(DeviceKey, u64)>,
+    /// State reports, in each device's seq order, each applied once.
+    pub reports: Vec<ReportRecord>,
+}
+
+/// A REPORT the commit refused (the document it would make is over a
+/// limit): the device gets REJECT for it before the ACK that covers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Which device.
+    pub device: DeviceKey,
+    /// The REPORT's seq.
+    pub seq: u64,
+    /// REJECT code.
+    pub code: furrow_proto::ErrorCode,
+    /// Why, for the REJECT's reason.
+    pub reason: String,
+}
+
+/// What a commit did besides storing: the reports it refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Refused reports (usually none).
+    pub refused: Vec<Refused>,
+}
+
+impl Refused {
+    /// A report `apply_report` refused.
+    pub(crate) fn of(r: &ReportRecord, e: &StateError) -> Self {
+        Self {
+            device: r.device,
+            seq: r.seq,
+            code: if e.is_limit() {
+                furrow_proto::ErrorCode::StateTooLarge
+            } else {
+                furrow_proto::ErrorCode::InvalidPayload
+            },
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// One applied REPORT, as kept in a device's state history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct StateChange {
+    /// Increasing id (the history's cursor).
+    pub id: u64,
+    /// The REPORT's seq.
+    pub seq: u64,
+    /// The reported version it made.
+    pub version: u64,
+    /// Device clock of the change, Unix ms.
+    pub at_ms: u64,
+    /// When the gateway received it, Unix ms.
+    pub received_ms: u64,
+    /// The merge patch, JSON.
+    pub patch: String,
 }
 
 /// A device's sequence watermarks in the store.
@@ -420,6 +497,9 @@ pub enum StoreError {
     /// Another gateway process ingests into this database already.
     #[error("another furrow gateway is storing into {0} (its lock file is held)")]
     InUse(std::path::PathBuf),
+    /// A state change was refused (a limit, or `If-Match`).
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The schema in the database is newer than this binary knows.
     #[error("database schema version {found} is newer than this gateway supports ({supported})")]
     SchemaTooNew {
@@ -434,7 +514,7 @@ pub enum StoreError {
 #[async_trait]
 pub trait TelemetryStore: Send + Sync + 'static {
     /// records arrive in increasing seq order.
-    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError>;
+    async fn append(&self, batch: Arc<Batch>) -> Result<Appended, StoreError>;
 
     /// A device's highest stored and highest rejected seqs.
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError>;
@@ -658,11 +738,49 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn audit(&self, before: Option<u64>, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
+/// Device state: desired (operators), reported (devices, through the
+/// writer's batches), the device's confirmations, the history of reports.
+/// The rules are `devices::state`'s; a backend only keeps the rows.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// A device's state (an empty one if never set); `None` if no such
+    /// device.
+    async fn device_state(&self, device_id: &str) -> Result<Option<StateRow>, StoreError>;
+
+    /// The same, by key (for the device's session).
+    async fn state_of(&self, device: DeviceKey) -> Result<StateRow, StoreError>;
+
+    /// Merges `patch` into the desired document, atomically, if the
+    /// version is still `if_match` (when given):
+    /// [`StateError::VersionMismatch`] otherwise, [`StoreError::NoSuchDevice`]
+    /// if unknown. Returns the new row.
+    async fn patch_desired(
+        &self,
+        device_id: &str,
+        patch: serde_json::Map<String, serde_json::Value>,
+        if_match: Option<u64>,
+        limits: StateLimits,
+    ) -> Result<StateRow, StoreError>;
+
+    /// The device confirmed desired `version` (never beyond the current
+    /// one, never backwards).
+    async fn ack_desired(&self, device: DeviceKey, version: u64) -> Result<(), StoreError>;
+
+    /// Applied reports of a device, newest first, before id `before`, at
+    /// most `limit` (kept as long as telemetry).
+    async fn state_history(
+        &self,
+        device_id: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<StateChange>, StoreError>;
+}
+
 /// A whole backend, shared by the writer, the sessions, the API and the
 /// CLI: every job above, and a health check. Split by job so that a piece
 /// of the gateway can say which part of the store it needs.
 #[async_trait]
-pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore {
+pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore + StateStore {
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -670,7 +788,7 @@ pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore {
 /// The store's traits, for `use crate::store::prelude::*` where a `dyn
 /// Store` is called.
 pub mod prelude {
-    pub use super::{AdminStore, CommandStore, DeviceStore, Store, TelemetryStore};
+    pub use super::{AdminStore, CommandStore, DeviceStore, StateStore, Store, TelemetryStore};
 }
 
 #[cfg(test)]

@@ -4,4 +4,5 @@
 
 mod commands;
 mod ping;
+mod state;
 mod telemetry;

@@ -125,9 +125,47 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_time ON audit (at_ms);
 "#,
+    // Device state (devices::state): documents as compact JSON text, their
+    // versions and per-member change times; reported_seq is the last
+    // REPORT applied. A device without a row has empty documents at
+    // version 0. Then the history of reports, and device tags.
+    r#"
+CREATE TABLE device_state (
+    device              bigint PRIMARY KEY REFERENCES devices(id),
+    desired             text   NOT NULL DEFAULT '{}',
+    desired_version     bigint NOT NULL DEFAULT 0,
+    desired_fields      text   NOT NULL DEFAULT '{}',
+    desired_updated_ms  bigint NOT NULL DEFAULT 0,
+    desired_acked       bigint NOT NULL DEFAULT 0,
+    reported            text   NOT NULL DEFAULT '{}',
+    reported_version    bigint NOT NULL DEFAULT 0,
+    reported_fields     text   NOT NULL DEFAULT '{}',
+    reported_updated_ms bigint NOT NULL DEFAULT 0,
+    reported_seq        bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE state_history (
+    id          bigserial PRIMARY KEY,
+    device      bigint NOT NULL,
+    seq         bigint NOT NULL,
+    version     bigint NOT NULL,
+    at_ms       bigint NOT NULL,
+    received_ms bigint NOT NULL,
+    patch       text   NOT NULL
+);
+CREATE INDEX state_history_by_device ON state_history (device, id);
+CREATE INDEX state_history_by_time ON state_history (received_ms);
+CREATE TABLE device_tags (
+    device bigint NOT NULL REFERENCES devices(id),
+    key    text COLLATE "C" NOT NULL,
+    value  text COLLATE "C" NOT NULL,
+    PRIMARY KEY (device, key)
+);
+CREATE INDEX device_tags_by_value ON device_tags (key, value, device);
+"#,
 ];
 
 pub(crate) mod batch;
+mod state;
 mod telemetry;
 pub mod tls;
 pub(crate) use telemetry::seqs_of;

@@ -29,10 +29,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{clamp, i, PostgresStore};
+use crate::clock::now_ms;
 use crate::store::prelude::*;
 use crate::store::{
-    Batch, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry, TelemetryRange,
-    TelemetryRecord,
+    Appended, Batch, DeviceKey, DeviceSeqs, ReportRecord, StorageInfo, StoreError, StoredTelemetry,
+    TelemetryRange, TelemetryRecord,
 };
 
 /// The advisory lock chunk creation and retention take ("furrow" + 1).
@@ -207,6 +208,12 @@ impl PostgresStore {
         if retention > 0 {
             tx.execute("DELETE FROM audit WHERE at_ms < $1", &[&cutoff])
                 .await?;
+            // So is the history of reported state.
+            tx.execute(
+                "DELETE FROM state_history WHERE received_ms < $1",
+                &[&cutoff],
+            )
+            .await?;
         }
         let mut list = Vec::new();
         let mut sizes = Vec::new();
@@ -309,7 +316,8 @@ async fn write_batch(
     client: &mut deadpool_postgres::Object,
     records: &[&TelemetryRecord],
     rejections: &[(DeviceKey, u64)],
-) -> Result<u64, StoreError> {
+    reports: &[ReportRecord],
+) -> Result<(u64, Appended), StoreError> {
     let mut devices: Vec<DeviceKey> = records
         .iter()
         .map(|r| r.device)
@@ -402,8 +410,13 @@ async fn write_batch(
             .await?;
         tx.execute(&stmt, &[&id, &stored, &seen, &rejected]).await?;
     }
+    let appended = if reports.is_empty() {
+        Appended::default()
+    } else {
+        super::state::apply_reports(&tx, reports, now_ms()).await?
+    };
     tx.commit().await?;
-    Ok(duplicates)
+    Ok((duplicates, appended))
 }
 
 /// Several devices' watermarks in one statement, on `client` (the
@@ -413,8 +426,13 @@ pub(crate) async fn seqs_of(
     client: &deadpool_postgres::Client,
     devices: &[DeviceKey],
 ) -> Result<HashMap<DeviceKey, DeviceSeqs>, StoreError> {
+    // A REPORT's seq is stored like a reading's.
     let stmt = client
-        .prepare_cached("SELECT id, rejected_seq, stored_seq FROM devices WHERE id = ANY($1)")
+        .prepare_cached(
+            "SELECT d.id, d.rejected_seq, GREATEST(d.stored_seq, COALESCE(s.reported_seq, 0))
+             FROM devices d LEFT JOIN device_state s ON s.device = d.id
+             WHERE d.id = ANY($1)",
+        )
         .await?;
     let mut out = HashMap::with_capacity(devices.len());
     for r in client.query(&stmt, &[&devices]).await? {
@@ -429,19 +447,19 @@ pub(crate) async fn seqs_of(
 
 #[async_trait]
 impl TelemetryStore for PostgresStore {
-    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+    async fn append(&self, batch: Arc<Batch>) -> Result<Appended, StoreError> {
         // Each device's readings in seq order (u64), so the watermark
         // filter keeps exactly the new ones.
         let mut records: Vec<&TelemetryRecord> = batch.records.iter().collect();
         records.sort_by_key(|r| (r.device, r.seq));
         self.ensure_chunks(&records).await?;
         let mut client = self.writer_client().await?;
-        match write_batch(&mut client, &records, &batch.rejections).await {
-            Ok(duplicates) => {
+        match write_batch(&mut client, &records, &batch.rejections, &batch.reports).await {
+            Ok((duplicates, appended)) => {
                 if duplicates > 0 {
                     metrics::counter!("furrow_store_duplicate_rows_total").increment(duplicates);
                 }
-                Ok(())
+                Ok(appended)
             }
             Err(e) => {
                 // No partition for a row: another instance dropped one this

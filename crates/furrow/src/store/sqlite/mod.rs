@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod state;
 mod telemetry;
 pub use super::Synchronous;
 pub use telemetry::LogOptions;
@@ -32,7 +33,7 @@ use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
 use super::DeviceKey as Key;
 use super::{
-    ApiToken, AuditEntry, Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth,
+    ApiToken, Appended, AuditEntry, Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth,
     DeviceInfo, DeviceKey, DeviceSeqs, NewAudit, NewCommand, Role, StorageInfo, StoreError,
     StoredTelemetry, TelemetryRange,
 };
@@ -136,6 +137,46 @@ CREATE TABLE audit (
     detail TEXT    NOT NULL
 );
 CREATE INDEX audit_by_time ON audit (at_ms);
+"#,
+    ),
+    Migration::Sql(
+        r#"
+-- Device state (devices::state): documents as compact JSON text, their
+-- versions and per-member change times; reported_seq is the last REPORT
+-- applied. A device without a row has empty documents at version 0.
+CREATE TABLE device_state (
+    device              INTEGER PRIMARY KEY REFERENCES devices(id),
+    desired             TEXT    NOT NULL DEFAULT '{}',
+    desired_version     INTEGER NOT NULL DEFAULT 0,
+    desired_fields      TEXT    NOT NULL DEFAULT '{}',
+    desired_updated_ms  INTEGER NOT NULL DEFAULT 0,
+    desired_acked       INTEGER NOT NULL DEFAULT 0,
+    reported            TEXT    NOT NULL DEFAULT '{}',
+    reported_version    INTEGER NOT NULL DEFAULT 0,
+    reported_fields     TEXT    NOT NULL DEFAULT '{}',
+    reported_updated_ms INTEGER NOT NULL DEFAULT 0,
+    reported_seq        INTEGER NOT NULL DEFAULT 0
+);
+-- Every applied REPORT, kept as long as telemetry.
+CREATE TABLE state_history (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device      INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    version     INTEGER NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    patch       TEXT    NOT NULL
+);
+CREATE INDEX state_history_by_device ON state_history (device, id);
+CREATE INDEX state_history_by_time ON state_history (received_ms);
+-- Key/value tags of devices, for selectors (?tag=site:north).
+CREATE TABLE device_tags (
+    device INTEGER NOT NULL REFERENCES devices(id),
+    key    TEXT    NOT NULL,
+    value  TEXT    NOT NULL,
+    PRIMARY KEY (device, key)
+) WITHOUT ROWID;
+CREATE INDEX device_tags_by_value ON device_tags (key, value, device);
 "#,
     ),
 ];
@@ -538,6 +579,12 @@ fn retention_job(opts: &LogOptions) -> Job {
             if let Err(e) = conn.execute("DELETE FROM audit WHERE at_ms < ?1", [cutoff]) {
                 tracing::warn!(error = %e, "audit retention failed; retrying");
             }
+            // So is the history of reported state.
+            if let Err(e) =
+                conn.execute("DELETE FROM state_history WHERE received_ms < ?1", [cutoff])
+            {
+                tracing::warn!(error = %e, "state history retention failed; retrying");
+            }
         }
         if let Ok((chunks, _)) = telemetry::chunk_summary(conn) {
             metrics::gauge!("furrow_storage_chunks").set(chunks as f64);
@@ -644,7 +691,7 @@ fn device_info(
 
 #[async_trait]
 impl TelemetryStore for SqliteStore {
-    async fn append(&self, batch: Arc<Batch>) -> Result<(), StoreError> {
+    async fn append(&self, batch: Arc<Batch>) -> Result<Appended, StoreError> {
         if !self.ingest {
             return Err(StoreError::Config(
                 "this store was opened by a tool, not by the gateway: it stores no telemetry"
@@ -663,7 +710,7 @@ impl TelemetryStore for SqliteStore {
             }
         }
         let (log, opts) = (Arc::clone(&self.log), self.log_opts.clone());
-        let rotated = self
+        let (rotated, appended) = self
             .writer
             .call(move |conn| telemetry::append(conn, &log, &batch, &opts, now_ms() as i64))
             .await?;
@@ -673,7 +720,7 @@ impl TelemetryStore for SqliteStore {
         if rotated {
             self.writer.submit(retention_job(&self.log_opts));
         }
-        Ok(())
+        Ok(appended)
     }
 
     async fn device_seqs(&self, device: DeviceKey) -> Result<DeviceSeqs, StoreError> {
@@ -685,8 +732,10 @@ impl TelemetryStore for SqliteStore {
                     .query_row([device], |r| r.get(0))
                     .optional()?
                     .unwrap_or(0);
+                // A REPORT's seq is stored like a reading's.
+                let reported = state::reported_seq(conn, device)?;
                 Ok(DeviceSeqs {
-                    stored: telemetry::stored(conn, &log, device)?.0,
+                    stored: telemetry::stored(conn, &log, device)?.0.max(reported),
                     rejected: rejected as u64,
                 })
             })
@@ -1347,6 +1396,7 @@ mod tests {
             let batch = Batch {
                 records,
                 rejections: vec![],
+                reports: Vec::new(),
             };
             store.append(Arc::new(batch)).await.unwrap();
         }
@@ -1374,6 +1424,7 @@ mod tests {
         let batch = Arc::new(Batch {
             records: vec![rec(auth.key, 1), rec(auth.key, 2), rec(auth.key, 2)],
             rejections: vec![(auth.key, 3)],
+            reports: Vec::new(),
         });
         store.append(batch.clone()).await.unwrap();
         store.append(batch).await.unwrap();
@@ -1388,6 +1439,7 @@ mod tests {
         let low = Batch {
             records: vec![],
             rejections: vec![(auth.key, 1)],
+            reports: Vec::new(),
         };
         store.append(Arc::new(low)).await.unwrap();
         assert_eq!(store.device_seqs(auth.key).await.unwrap().rejected, 3);
@@ -1395,6 +1447,7 @@ mod tests {
         let high = Batch {
             records: vec![rec(auth.key, u64::MAX - 1)],
             rejections: vec![(auth.key, u64::MAX)],
+            reports: Vec::new(),
         };
         store.append(Arc::new(high)).await.unwrap();
         let seqs = store.device_seqs(auth.key).await.unwrap();
@@ -1402,6 +1455,7 @@ mod tests {
         let back = Batch {
             records: vec![],
             rejections: vec![(auth.key, 5)],
+            reports: Vec::new(),
         };
         store.append(Arc::new(back)).await.unwrap();
         assert_eq!(

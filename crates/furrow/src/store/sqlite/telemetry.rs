@@ -46,7 +46,9 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::super::{Batch, DeviceKey as Key, StoreError, StoredTelemetry, TelemetryRange};
+use super::super::{
+    Appended, Batch, DeviceKey as Key, StoreError, StoredTelemetry, TelemetryRange,
+};
 
 /// Devices sealed per transaction: a few milliseconds of work, so appends
 /// waiting behind a slice are not held up for long.
@@ -366,15 +368,16 @@ pub(super) fn recover(conn: &Connection) -> Result<Log, StoreError> {
 }
 
 /// Appends a batch in one transaction: records at or below their device's
-/// highest stored seq are skipped; rejection watermarks are raised.
-/// Returns true when it opened a new chunk (a moment to look at retention).
+/// highest stored seq are skipped; rejection watermarks are raised; state
+/// reports are applied. Returns true when it opened a new chunk (a moment
+/// to look at retention), and the reports refused.
 pub(super) fn append(
     conn: &mut Connection,
     log: &Shared,
     batch: &Batch,
     opts: &LogOptions,
     now_ms: i64,
-) -> Result<bool, StoreError> {
+) -> Result<(bool, Appended), StoreError> {
     // The marks of this batch's devices (a cache, filled from the tail and
     // the watermarks table on first sight).
     // Devices first seen here: the highest seq of their tail, if any.
@@ -473,6 +476,11 @@ pub(super) fn append(
             mark.execute(params![device, *seq as i64])?;
         }
     }
+    let appended = if batch.reports.is_empty() {
+        Appended::default()
+    } else {
+        super::state::apply_reports(&tx, &batch.reports, now_ms as u64)?
+    };
     tx.commit()?;
 
     let mut g = lock(log);
@@ -481,7 +489,7 @@ pub(super) fn append(
     for (key, row) in added {
         g.push(key, row);
     }
-    Ok(rotated)
+    Ok((rotated, appended))
 }
 
 /// Runs one slice of a seal if one is due or under way. Returns whether
