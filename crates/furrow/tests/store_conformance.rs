@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use furrow::store::sqlite::SqliteOptions;
+use furrow::devices::state::{StateError, StateLimits};
 use furrow::store::{
     Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
-    SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
+    ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
 };
 use support::postgres::Postgres;
 
@@ -449,6 +450,160 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(commands);
     case!(token_rotation);
     case!(api_tokens_and_audit);
+    case!(device_state);
+}
+
+fn report(device: i64, seq: u64, patch: &str) -> ReportRecord {
+    ReportRecord {
+        device,
+        seq,
+        timestamp_ms: 1000 + seq,
+        received_ms: 2000 + seq,
+        patch: Bytes::from(patch.to_owned()),
+        limits: StateLimits {
+            max_bytes: 64,
+            max_depth: 4,
+        },
+    }
+}
+
+fn doc(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap()
+}
+
+fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    v.as_object().cloned().unwrap()
+}
+
+/// Device state: desired patches with If-Match, reports applied once and
+/// in order inside appends (with telemetry), refusals, confirmations, the
+/// history, and REPORT seqs counted as stored.
+async fn device_state(store: Arc<dyn Store>) {
+    let limits = StateLimits::default();
+    store.create_device("s1", [1; 32]).await.unwrap();
+    let k = key_of(&*store, "s1").await;
+    // A device without state has empty documents; an unknown one none.
+    let row = store.device_state("s1").await.unwrap().unwrap();
+    assert_eq!((row.desired.version, row.reported.version), (0, 0));
+    assert_eq!(row.desired.document, "{}");
+    assert!(store.device_state("nope").await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .patch_desired("nope", obj(doc(r#"{"a":1}"#)), None, limits)
+            .await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+
+    // Desired: versions, If-Match.
+    let row = store
+        .patch_desired("s1", obj(doc(r#"{"led":"on","rate":5}"#)), Some(0), limits)
+        .await
+        .unwrap();
+    assert_eq!(row.desired.version, 1);
+    assert!(matches!(
+        store
+            .patch_desired("s1", obj(doc(r#"{"led":"off"}"#)), Some(0), limits)
+            .await,
+        Err(StoreError::State(StateError::VersionMismatch {
+            expected: 0,
+            current: 1
+        }))
+    ));
+    let row = store
+        .patch_desired("s1", obj(doc(r#"{"rate":null}"#)), Some(1), limits)
+        .await
+        .unwrap();
+    assert_eq!(row.desired.version, 2);
+    assert_eq!(doc(&row.desired.document), doc(r#"{"led":"on"}"#));
+    // Concurrent writers with the same If-Match: exactly one wins.
+    let (a, b) = tokio::join!(
+        store.patch_desired("s1", obj(doc(r#"{"x":1}"#)), Some(2), limits),
+        store.patch_desired("s1", obj(doc(r#"{"x":2}"#)), Some(2), limits),
+    );
+    assert_eq!(
+        usize::from(a.is_ok()) + usize::from(b.is_ok()),
+        1,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(store.state_of(k).await.unwrap().desired.version, 3);
+
+    // Confirmations: never beyond the current version, never backwards.
+    store.ack_desired(k, 9).await.unwrap();
+    assert_eq!(store.state_of(k).await.unwrap().desired_acked, 0);
+    store.ack_desired(k, 3).await.unwrap();
+    store.ack_desired(k, 2).await.unwrap();
+    assert_eq!(store.state_of(k).await.unwrap().desired_acked, 3);
+
+    // Reports with telemetry in one append; a repeat changes nothing.
+    let append = |records: Vec<TelemetryRecord>, reports: Vec<ReportRecord>| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .append(Arc::new(Batch {
+                    records,
+                    rejections: Vec::new(),
+                    reports,
+                }))
+                .await
+                .unwrap()
+        }
+    };
+    let out = append(
+        vec![rec(k, 1, 10), rec(k, 3, 30)],
+        vec![
+            report(k, 2, r#"{"led":"on","t":{"a":1}}"#),
+            report(k, 4, r#"{"t":{"b":2}}"#),
+        ],
+    )
+    .await;
+    assert!(out.refused.is_empty());
+    let row = store.state_of(k).await.unwrap();
+    assert_eq!(
+        doc(&row.reported.document),
+        doc(r#"{"led":"on","t":{"a":1,"b":2}}"#)
+    );
+    assert_eq!((row.reported.version, row.reported_seq), (2, 4));
+    assert_eq!(doc(&row.reported.fields), doc(r#"{"led":1002,"t":1004}"#));
+    // The last seq stored is a report's.
+    assert_eq!(store.device_seqs(k).await.unwrap().stored, 4);
+    assert_eq!(seqs(&*store, "s1").await, vec![1, 3]);
+    let out = append(vec![], vec![report(k, 2, r#"{"led":"off"}"#)]).await;
+    assert!(out.refused.is_empty());
+    assert_eq!(store.state_of(k).await.unwrap().reported.version, 2);
+
+    // A report that would make the document too large is refused, the
+    // document unchanged, its seq taken; the next one applies.
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(40));
+    let out = append(
+        vec![],
+        vec![report(k, 5, &big), report(k, 6, r#"{"led":null}"#)],
+    )
+    .await;
+    assert_eq!(out.refused.len(), 1);
+    assert_eq!(out.refused[0].seq, 5);
+    assert_eq!(
+        out.refused[0].code,
+        furrow_proto::ErrorCode::StateTooLarge
+    );
+    let row = store.state_of(k).await.unwrap();
+    assert_eq!(doc(&row.reported.document), doc(r#"{"t":{"a":1,"b":2}}"#));
+    assert_eq!((row.reported.version, row.reported_seq), (3, 6));
+    assert_eq!(store.device_seqs(k).await.unwrap().stored, 6);
+
+    // History: applied reports, newest first, paged.
+    let h = store.state_history("s1", None, 10).await.unwrap();
+    assert_eq!(
+        h.iter().map(|c| (c.seq, c.version)).collect::<Vec<_>>(),
+        vec![(6, 3), (4, 2), (2, 1)]
+    );
+    assert_eq!((h[2].at_ms, h[2].received_ms), (1002, 2002));
+    let older = store.state_history("s1", Some(h[0].id), 1).await.unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].seq, 4);
+    assert!(matches!(
+        store.state_history("nope", None, 10).await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
 }
 
 /// API tokens (by name, by hash, revoked) and the audit log (newest first,

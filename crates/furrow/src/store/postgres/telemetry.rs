@@ -426,10 +426,16 @@ pub(crate) async fn seqs_of(
     client: &deadpool_postgres::Client,
     devices: &[DeviceKey],
 ) -> Result<HashMap<DeviceKey, DeviceSeqs>, StoreError> {
-    // A REPORT's seq is stored like a reading's.
+    // A REPORT's seq is stored like a reading's; seqs compare as u64 (a
+    // negative bigint is above every positive one).
     let stmt = client
         .prepare_cached(
-            "SELECT d.id, d.rejected_seq, GREATEST(d.stored_seq, COALESCE(s.reported_seq, 0))
+            "SELECT d.id, d.rejected_seq, CASE
+                WHEN s.reported_seq IS NULL THEN d.stored_seq
+                WHEN (d.stored_seq < 0) = (s.reported_seq < 0)
+                    THEN GREATEST(d.stored_seq, s.reported_seq)
+                WHEN d.stored_seq < 0 THEN d.stored_seq
+                ELSE s.reported_seq END
              FROM devices d LEFT JOIN device_state s ON s.device = d.id
              WHERE d.id = ANY($1)",
         )
