@@ -13,8 +13,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use furrow::store::sqlite::SqliteOptions;
 use furrow::devices::state::{StateError, StateLimits};
+use furrow::store::sqlite::SqliteOptions;
 use furrow::store::{
     Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
     ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
@@ -581,10 +581,7 @@ async fn device_state(store: Arc<dyn Store>) {
     .await;
     assert_eq!(out.refused.len(), 1);
     assert_eq!(out.refused[0].seq, 5);
-    assert_eq!(
-        out.refused[0].code,
-        furrow_proto::ErrorCode::StateTooLarge
-    );
+    assert_eq!(out.refused[0].code, furrow_proto::ErrorCode::StateTooLarge);
     let row = store.state_of(k).await.unwrap();
     assert_eq!(doc(&row.reported.document), doc(r#"{"t":{"a":1,"b":2}}"#));
     assert_eq!((row.reported.version, row.reported_seq), (3, 6));
