@@ -54,8 +54,9 @@ pub struct AckCell {
 struct Slow {
     parked: Option<Parking>,
     /// Reports a commit refused, `(seq, code, reason)`: REJECTed by the
-    /// session before the ACK that covers them. Boxed: almost always none.
-    refused: Option<Box<Vec<Refusal>>>,
+    /// session before the ACK that covers them. A boxed slice (8 bytes in
+    /// every connection's cell): almost always none.
+    refused: Option<Box<[Refusal]>>,
 }
 
 /// A REPORT a commit refused, for the session's REJECT.
@@ -121,10 +122,10 @@ impl AckCell {
     /// Notes a refused report; visible to the session once the ticket that
     /// covers it is published.
     fn refuse(&self, refusal: Refusal) {
-        self.lock_slow()
-            .refused
-            .get_or_insert_with(Default::default)
-            .push(refusal);
+        let mut slow = self.lock_slow();
+        let mut all = slow.refused.take().map(Vec::from).unwrap_or_default();
+        all.push(refusal);
+        slow.refused = Some(all.into_boxed_slice());
         self.refused.store(true, Ordering::Release);
     }
 
@@ -135,7 +136,7 @@ impl AckCell {
         }
         let mut slow = self.lock_slow();
         self.refused.store(false, Ordering::Release);
-        slow.refused.take().map(|b| *b).unwrap_or_default()
+        slow.refused.take().map(Vec::from).unwrap_or_default()
     }
 
     fn publish(&self, ticket: u64) {

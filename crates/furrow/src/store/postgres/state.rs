@@ -143,9 +143,8 @@ pub(super) async fn apply_reports(
         )
         .await?;
     for r in reports {
-        if !rows.contains_key(&r.device) {
-            let row = lock_row(tx, r.device).await?;
-            rows.insert(r.device, (row, false));
+        if let std::collections::hash_map::Entry::Vacant(e) = rows.entry(r.device) {
+            e.insert((lock_row(tx, r.device).await?, false));
         }
         let Some((row, changed)) = rows.get_mut(&r.device) else {
             continue;
