@@ -404,9 +404,18 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<u64, ClientError> {
         let payload = payload.into();
-        if content_type != REPORT_MARKER {
-            content::validate(content_type, &payload).map_err(ClientError::InvalidPayload)?;
-        }
+        content::validate(content_type, &payload).map_err(ClientError::InvalidPayload)?;
+        self.queue(timestamp_ms, content_type, payload).await
+    }
+
+    /// Puts a checked reading (or a state report, [`REPORT_MARKER`]) in
+    /// the outbox; waits while it is full.
+    async fn queue(
+        &self,
+        timestamp_ms: u64,
+        content_type: u8,
+        payload: Bytes,
+    ) -> Result<u64, ClientError> {
         let max = self.shared.max_payload.load(Ordering::Relaxed) as usize;
         if payload.len() > max {
             return Err(ClientError::TooLarge {
@@ -456,7 +465,7 @@ impl Client {
             return Err(ClientError::NotAnObject);
         }
         let bytes = serde_json::to_vec(&patch).map_err(|_| ClientError::NotAnObject)?;
-        self.send_at(now_ms(), REPORT_MARKER, bytes).await
+        self.queue(now_ms(), REPORT_MARKER, bytes.into()).await
     }
 
     /// The last desired state received (`None` before the first).

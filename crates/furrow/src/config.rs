@@ -113,12 +113,15 @@ impl Default for State {
     }
 }
 
-impl State {
-    /// The document limits.
-    pub fn limits(&self) -> crate::devices::state::StateLimits {
+impl Config {
+    /// The document limits in force: `state.max_bytes`, and never more
+    /// than a frame can carry (a whole desired document travels in one
+    /// DESIRED frame: 16 bytes of header and version).
+    pub fn state_limits(&self) -> crate::devices::state::StateLimits {
+        let frame = (self.limits.max_frame as usize).saturating_sub(16);
         crate::devices::state::StateLimits {
-            max_bytes: self.max_bytes,
-            max_depth: self.max_depth,
+            max_bytes: self.state.max_bytes.min(frame),
+            max_depth: self.state.max_depth,
         }
     }
 }
@@ -871,15 +874,8 @@ impl Config {
         if self.state.max_depth == 0 {
             return bad("state.max_depth", "must be at least 1".into());
         }
-        // A whole desired document travels in one DESIRED frame.
-        if self.state.max_bytes < 2 || self.state.max_bytes + 16 > self.limits.max_frame as usize {
-            return bad(
-                "state.max_bytes",
-                format!(
-                    "{} must be at least 2 and leave 16 bytes below limits.max_frame ({})",
-                    self.state.max_bytes, self.limits.max_frame
-                ),
-            );
+        if self.state.max_bytes < 2 {
+            return bad("state.max_bytes", "must be at least 2".into());
         }
         if self.state.report_rate_per_s > 0 && self.state.report_burst == 0 {
             return bad("state.report_burst", "must be at least 1".into());

@@ -42,6 +42,7 @@ pub mod config;
 pub mod devices;
 pub mod envelope;
 pub mod ingress;
+pub mod jobs;
 pub mod metrics;
 pub mod publish;
 pub mod server;

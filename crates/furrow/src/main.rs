@@ -180,6 +180,23 @@ enum DeviceCmd {
     },
     /// List devices.
     List {
+        /// Only devices with this tag, KEY:VALUE; repeat for several (all
+        /// must match).
+        #[arg(long = "tag", value_name = "KEY:VALUE")]
+        tags: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Set or remove a device's tags; prints them all.
+    Tag {
+        /// Device id.
+        id: String,
+        /// Tags to set, KEY=VALUE.
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Tags to remove.
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -379,7 +396,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("device {id} created; its token is shown once:");
                 println!("{token}");
             }
-            DeviceCmd::List { common } => {
+            DeviceCmd::Tag {
+                id,
+                set,
+                remove,
+                common,
+            } => {
+                let mut changes = std::collections::BTreeMap::new();
+                for kv in set {
+                    let Some((k, v)) = kv.split_once('=') else {
+                        anyhow::bail!("{kv:?}: expected KEY=VALUE");
+                    };
+                    changes.insert(k.to_owned(), Some(v.to_owned()));
+                }
+                for k in remove {
+                    changes.insert(k, None);
+                }
+                let store = open_store(&load(&common)?).await?;
+                let detail = serde_json::json!({ "tags": changes });
+                let tags = store.set_tags(&id, changes).await?;
+                audit(&*store, "device.tags", &id, detail).await;
+                for (k, v) in tags {
+                    println!("{k}={v}");
+                }
+            }
+            DeviceCmd::List { tags, common } => {
+                let selector = furrow::jobs::parse_selector(&tags)?;
                 let store = open_store(&load(&common)?).await?;
                 let mut after = None;
                 println!(
@@ -387,7 +429,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "device_id", "last_seq", "created (UTC)", "revoked (UTC)"
                 );
                 loop {
-                    let page = store.list_devices(after.clone(), 500).await?;
+                    let page = if selector.is_empty() {
+                        store.list_devices(after.clone(), 500).await?
+                    } else {
+                        store.select_devices(&selector, after.clone(), 500).await?
+                    };
                     for d in &page {
                         println!(
                             "{:<40} {:>12} {:<20} {:<20}",

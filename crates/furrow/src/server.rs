@@ -374,7 +374,7 @@ impl Server {
                 max_frame: cfg.limits.max_frame,
                 token_grace: Duration::from_secs(cfg.devices.token_grace_s),
                 cluster: cluster.clone(),
-                state_limits: cfg.state.limits(),
+                state_limits: cfg.state_limits(),
             };
             tokio::spawn(crate::api::serve(
                 l,
@@ -431,6 +431,19 @@ impl Server {
             .map(|t| tokio::spawn(reload_tls(t, shared.cfg.tls.watch_ms)));
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
+        // Fleet jobs: every instance ticks them; the store's locks decide
+        // who does each tick.
+        let jobs_stop = CancellationToken::new();
+        let jobs = tokio::spawn(
+            crate::jobs::runner::Runner {
+                store: Arc::clone(&store),
+                registry: Arc::clone(&registry),
+                cluster: cluster.clone(),
+                events: shared.events.clone(),
+                limits: shared.cfg.state_limits(),
+            }
+            .run(jobs_stop.clone()),
+        );
         let addr_of = |l: &Option<TcpListener>| {
             l.as_ref()
                 .and_then(|l| l.local_addr().ok())
@@ -514,6 +527,9 @@ impl Server {
         }
         revocations.abort();
         expiry.abort();
+        // A tick is one transaction: stopping between ticks loses nothing.
+        jobs_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), jobs).await;
         limits_upkeep.abort();
         #[cfg(feature = "postgres")]
         if let Some(r) = retention {

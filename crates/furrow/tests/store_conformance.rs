@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use furrow::devices::state::{StateError, StateLimits};
+use furrow::jobs::{AbortRule, DeviceState, JobStatus, NewJob, Operation, Tags, Target};
 use furrow::store::sqlite::SqliteOptions;
 use furrow::store::{
     Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
@@ -451,6 +452,350 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(token_rotation);
     case!(api_tokens_and_audit);
     case!(device_state);
+    case!(tags_and_jobs);
+}
+
+fn tags(pairs: &[(&str, Option<&str>)]) -> std::collections::BTreeMap<String, Option<String>> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
+        .collect()
+}
+
+fn command_job(target: Target, rate: u32, abort: Option<AbortRule>, deadline_ms: u64) -> NewJob {
+    NewJob {
+        target,
+        operation: Operation::Command {
+            name: "reboot".into(),
+            content_type: 1,
+            payload: b"{}".to_vec(),
+        },
+        rate_per_min: rate,
+        abort,
+        device_timeout_ms: 60_000,
+        deadline_ms,
+        created_by: "test".into(),
+    }
+}
+
+/// Answers the open command of each device with `status`.
+async fn answer(store: &dyn Store, ids: &[&str], status: u8) {
+    for id in ids {
+        let k = key_of(store, id).await;
+        for c in store.open_commands(k).await.unwrap() {
+            store
+                .complete_command(
+                    k,
+                    c.id,
+                    CommandOutcome {
+                        status,
+                        content_type: 0,
+                        payload: vec![],
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Tags and selectors; jobs: rate, start exactly once (also under
+/// concurrent ticks), outcomes from commands and desired state, abort,
+/// cancel, deadline.
+async fn tags_and_jobs(store: Arc<dyn Store>) {
+    let limits = StateLimits::default();
+    for n in 0..5 {
+        store
+            .create_device(&format!("j{n}"), [n; 32])
+            .await
+            .unwrap();
+    }
+    for n in 0..3 {
+        let t = store
+            .set_tags(
+                &format!("j{n}"),
+                tags(&[("site", Some("north")), ("old", Some("x"))]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(t.len(), 2);
+    }
+    let t = store
+        .set_tags("j0", tags(&[("old", None), ("model", Some("p7"))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        t.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("model".into(), "p7".into()),
+            ("site".into(), "north".into())
+        ]
+    );
+    store
+        .set_tags("j3", tags(&[("site", Some("south"))]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.set_tags("j4", tags(&[("bad:key", Some("v"))])).await,
+        Err(StoreError::Tag(_))
+    ));
+    assert!(matches!(
+        store.set_tags("nope", tags(&[("a", Some("b"))])).await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+    let many: Vec<(String, Option<String>)> = (0..40)
+        .map(|n| (format!("k{n}"), Some("v".to_owned())))
+        .collect();
+    assert!(matches!(
+        store.set_tags("j4", many.into_iter().collect()).await,
+        Err(StoreError::Tag(_))
+    ));
+    assert!(store.tags_of(&["j4".into()]).await.unwrap().is_empty());
+    let sel = |pairs: &[(&str, &str)]| -> Tags {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let ids =
+        |v: Vec<furrow::store::DeviceInfo>| v.into_iter().map(|d| d.device_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store
+            .select_devices(&sel(&[("site", "north")]), None, 10)
+            .await
+            .unwrap()),
+        vec!["j0", "j1", "j2"]
+    );
+    assert_eq!(
+        ids(store
+            .select_devices(&sel(&[("site", "north"), ("model", "p7")]), None, 10)
+            .await
+            .unwrap()),
+        vec!["j0"]
+    );
+    assert_eq!(
+        ids(store
+            .select_devices(&sel(&[("site", "north")]), Some("j0".into()), 1)
+            .await
+            .unwrap()),
+        vec!["j1"]
+    );
+
+    // A command job at 60 a minute over the north site.
+    let far = now() + 3_600_000;
+    let job = store
+        .create_job(command_job(
+            Target::Tags(sel(&[("site", "north")])),
+            60,
+            None,
+            far,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(job.counts.queued, 3);
+    assert_eq!(job.status, JobStatus::Running);
+    let t0 = job.created_ms;
+    let tick = |at: u64| {
+        let store = Arc::clone(&store);
+        async move { store.tick_job(job.id, at, limits).await.unwrap().unwrap() }
+    };
+    let t = tick(t0).await;
+    assert_eq!(t.started, vec!["j0".to_owned()]);
+    assert!(tick(t0 + 10).await.started.is_empty(), "the rate holds");
+    let t = tick(t0 + 1000).await;
+    assert_eq!(t.started, vec!["j1".to_owned()]);
+    assert_eq!(
+        store
+            .open_commands(key_of(&*store, "j0").await)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    answer(&*store, &["j0"], 0).await;
+    let t = tick(t0 + 1100).await;
+    assert_eq!(t.job.counts.succeeded, 1);
+    assert_eq!(t.job.counts.in_progress, 1);
+    // Cancel: j2 never starts; j1's undelivered command is cancelled.
+    let j = store.cancel_job(job.id, t0 + 1200).await.unwrap().unwrap();
+    assert_eq!(j.status, JobStatus::Cancelled);
+    assert_eq!((j.counts.succeeded, j.counts.cancelled), (1, 2));
+    assert!(store
+        .open_commands(key_of(&*store, "j1").await)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        store
+            .tick_job(job.id, t0 + 5000, limits)
+            .await
+            .unwrap()
+            .is_none(),
+        "inactive"
+    );
+    let devs = store.job_devices(job.id, None, None, 10).await.unwrap();
+    assert_eq!(
+        devs.iter()
+            .map(|d| (d.device_id.as_str(), d.state))
+            .collect::<Vec<_>>(),
+        vec![
+            ("j0", DeviceState::Succeeded),
+            ("j1", DeviceState::Cancelled),
+            ("j2", DeviceState::Cancelled)
+        ]
+    );
+    assert!(devs[2].started_ms.is_none(), "j2 was never touched");
+    let page = store
+        .job_devices(job.id, None, Some("j0".into()), 1)
+        .await
+        .unwrap();
+    assert_eq!(page[0].device_id, "j1");
+    let only = store
+        .job_devices(job.id, Some(DeviceState::Succeeded), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(only.len(), 1);
+
+    // Abort: all five at once; two failures of the first three trip 50 %.
+    let rule = AbortRule {
+        failed_pct: 50.0,
+        min_completed: 3,
+    };
+    let all: Vec<String> = (0..5).map(|n| format!("j{n}")).collect();
+    let job = store
+        .create_job(command_job(
+            Target::Devices(all.clone()),
+            0,
+            Some(rule),
+            far,
+        ))
+        .await
+        .unwrap();
+    let t0 = job.created_ms;
+    let t = store.tick_job(job.id, t0, limits).await.unwrap().unwrap();
+    assert_eq!(t.started.len(), 5);
+    answer(&*store, &["j0", "j1"], 1).await;
+    answer(&*store, &["j2"], 0).await;
+    let t = store
+        .tick_job(job.id, t0 + 10, limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.job.status, JobStatus::Aborted, "{:?}", t.job);
+    assert!(t.status_changed);
+    assert!(t.job.reason.as_deref().unwrap_or("").contains("abort rule"));
+    assert_eq!(
+        (
+            t.job.counts.failed,
+            t.job.counts.succeeded,
+            t.job.counts.cancelled
+        ),
+        (2, 1, 2)
+    );
+
+    // A desired-state job: succeeded once confirmed and reported.
+    let job = store
+        .create_job(NewJob {
+            operation: Operation::Desired {
+                patch: r#"{"mode":"eco"}"#.into(),
+            },
+            ..command_job(Target::Devices(vec!["j3".into()]), 0, None, far)
+        })
+        .await
+        .unwrap();
+    let t0 = job.created_ms;
+    let t = store.tick_job(job.id, t0, limits).await.unwrap().unwrap();
+    assert_eq!(t.started, vec!["j3".to_owned()]);
+    let k3 = key_of(&*store, "j3").await;
+    let row = store.state_of(k3).await.unwrap();
+    assert_eq!(doc(&row.desired.document), doc(r#"{"mode":"eco"}"#));
+    let t = store
+        .tick_job(job.id, t0 + 10, limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.job.counts.in_progress, 1, "not confirmed yet");
+    store.ack_desired(k3, row.desired.version).await.unwrap();
+    store
+        .append(Arc::new(Batch {
+            records: vec![],
+            rejections: vec![],
+            reports: vec![report(k3, 1, r#"{"mode":"eco"}"#)],
+        }))
+        .await
+        .unwrap();
+    let t = store
+        .tick_job(job.id, t0 + 20, limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.job.status, JobStatus::Completed);
+    assert_eq!(t.job.counts.succeeded, 1);
+
+    // The deadline: what was not started is cancelled, the job completes.
+    let job = store
+        .create_job(command_job(
+            Target::Devices(all.clone()),
+            1,
+            None,
+            now() + 50,
+        ))
+        .await
+        .unwrap();
+    let t = store
+        .tick_job(job.id, job.created_ms + 100, limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.job.status, JobStatus::Completed);
+    assert_eq!(t.job.reason.as_deref(), Some("the deadline passed"));
+    assert_eq!(t.job.counts.cancelled, 5);
+
+    // Concurrent ticks start each device once.
+    let job = store
+        .create_job(command_job(Target::Devices(all.clone()), 0, None, far))
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        store.tick_job(job.id, job.created_ms, limits),
+        store.tick_job(job.id, job.created_ms, limits),
+    );
+    let started = |r: Result<Option<furrow::store::JobTick>, StoreError>| {
+        r.unwrap().map_or(0, |t| t.started.len())
+    };
+    assert_eq!(started(a) + started(b), 5);
+    for id in &all {
+        let open = store
+            .open_commands(key_of(&*store, id).await)
+            .await
+            .unwrap();
+        assert_eq!(open.len(), 1, "{id}: one command");
+    }
+    // Errors: unknown devices, an empty match.
+    assert!(matches!(
+        store
+            .create_job(command_job(
+                Target::Devices(vec!["nope".into()]),
+                0,
+                None,
+                far
+            ))
+            .await,
+        Err(StoreError::NoSuchDevice(_))
+    ));
+    assert!(matches!(
+        store
+            .create_job(command_job(
+                Target::Tags(sel(&[("site", "mars")])),
+                0,
+                None,
+                far
+            ))
+            .await,
+        Err(StoreError::Job(_))
+    ));
+    assert_eq!(store.jobs(None, 100).await.unwrap().len(), 5);
+    assert!(store.active_jobs().await.unwrap().contains(&job.id));
 }
 
 fn report(device: i64, seq: u64, patch: &str) -> ReportRecord {

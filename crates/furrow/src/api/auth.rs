@@ -58,6 +58,7 @@ pub fn required_role(method: &Method, route: &str) -> Role {
         ("GET" | "HEAD", _) => Role::Read,
         ("POST", "/v1/devices/{device_id}/commands") => Role::Operate,
         ("PATCH", "/v1/devices/{device_id}/state/desired") => Role::Operate,
+        ("POST", "/v1/jobs" | "/v1/jobs/{job_id}/cancel") => Role::Operate,
         _ => Role::Admin,
     }
 }

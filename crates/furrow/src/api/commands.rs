@@ -135,7 +135,7 @@ pub struct CommandsQuery {
 }
 
 /// The content type byte and payload bytes of a request.
-fn payload_of(ct: &str, v: serde_json::Value) -> Result<(u8, Vec<u8>), ApiError> {
+pub(crate) fn payload_of(ct: &str, v: serde_json::Value) -> Result<(u8, Vec<u8>), ApiError> {
     let bad = |m: String| ApiError::BadRequest(m);
     let b64 = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => base64::engine::general_purpose::STANDARD

@@ -54,6 +54,8 @@ pub struct Device {
     /// When it last sent anything (online) or when its last stored reading
     /// arrived (offline), Unix ms.
     pub last_seen_ms: Option<u64>,
+    /// Its tags.
+    pub tags: crate::jobs::Tags,
 }
 
 impl Device {
@@ -70,6 +72,7 @@ impl Device {
             created_ms: d.created_ms,
             revoked_ms: d.revoked_ms,
             last_seq: d.last_seq,
+            tags: crate::jobs::Tags::new(),
         };
         if let Some(live) = s.registry.info(&view.device_id) {
             view.online = true;
@@ -96,7 +99,7 @@ pub struct DevicePage {
     pub next: Option<String>,
 }
 
-/// Paging of `GET /v1/devices`.
+/// Paging and filtering of `GET /v1/devices`.
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
@@ -104,6 +107,99 @@ pub struct ListQuery {
     pub after: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     pub limit: Option<u32>,
+    /// Only devices with this tag, `key:value`; repeat for several (all
+    /// must match).
+    #[param(rename = "tag")]
+    pub tag: Option<Vec<String>>,
+}
+
+impl ListQuery {
+    /// From the query's pairs (`tag` may repeat, which a struct cannot
+    /// take from a query string directly).
+    fn of(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut q = Self {
+            after: None,
+            limit: None,
+            tag: None,
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "after" => q.after = Some(v),
+                "limit" => {
+                    q.limit =
+                        Some(v.parse().map_err(|_| {
+                            ApiError::BadRequest(format!("limit: not a number: {v:?}"))
+                        })?)
+                }
+                "tag" => q.tag.get_or_insert_with(Vec::new).push(v),
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter {other:?}: expected after, limit or tag"
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// A device's tags.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceTags {
+    /// The device id.
+    pub device_id: String,
+    /// Its tags.
+    pub tags: crate::jobs::Tags,
+}
+
+/// A device's tags.
+#[utoipa::path(get, path = "/v1/devices/{device_id}/tags", tag = "devices",
+    params(("device_id" = String, Path)),
+    responses((status = 200, body = DeviceTags), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn tags(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+) -> Result<Json<DeviceTags>, ApiError> {
+    super::require_device(&s, &device_id).await?;
+    let mut all = s.store.tags_of(std::slice::from_ref(&device_id)).await?;
+    Ok(Json(DeviceTags {
+        tags: all.remove(&device_id).unwrap_or_default(),
+        device_id,
+    }))
+}
+
+/// Changes a device's tags: `{"site": "north", "old": null}` sets `site`
+/// and removes `old` (a JSON merge patch of the tags; values are strings).
+#[utoipa::path(patch, path = "/v1/devices/{device_id}/tags", tag = "devices",
+    params(("device_id" = String, Path)),
+    request_body(content = Object, content_type = "application/merge-patch+json"),
+    responses((status = 200, body = DeviceTags), (status = 400, body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn patch_tags(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(device_id): Path<String>,
+    Json(body): Json<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Json<DeviceTags>, ApiError> {
+    let mut changes = std::collections::BTreeMap::new();
+    for (k, v) in body {
+        let v = match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "tag {k:?}: a string, or null to remove it, not {other}"
+                )))
+            }
+        };
+        changes.insert(k, v);
+    }
+    let detail = json!({ "tags": changes });
+    let tags = s.store.set_tags(&device_id, changes).await?;
+    auth::record(&s, caller.audit("device.tags", &device_id, detail)).await;
+    Ok(Json(DeviceTags { device_id, tags }))
 }
 
 /// Outcome of a revocation.
@@ -160,16 +256,28 @@ pub async fn create(
     security(("bearer" = [])))]
 pub async fn list(
     State(s): State<ApiState>,
-    Query(q): Query<ListQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<DevicePage>, ApiError> {
+    let q = ListQuery::of(pairs)?;
     let limit = super::page_limit(q.limit)?;
-    let rows = s.store.list_devices(q.after, limit).await?;
+    let rows = match &q.tag {
+        Some(terms) => {
+            let selector = crate::jobs::parse_selector(terms)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            s.store.select_devices(&selector, q.after, limit).await?
+        }
+        None => s.store.list_devices(q.after, limit).await?,
+    };
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|d| d.device_id.clone()))
         .flatten();
+    let ids: Vec<String> = rows.iter().map(|d| d.device_id.clone()).collect();
+    let mut tags = s.store.tags_of(&ids).await?;
     let mut devices = Vec::with_capacity(rows.len());
     for d in rows {
-        devices.push(Device::of(&s, d).await?);
+        let mut view = Device::of(&s, d).await?;
+        view.tags = tags.remove(&view.device_id).unwrap_or_default();
+        devices.push(view);
     }
     Ok(Json(DevicePage { devices, next }))
 }
@@ -184,7 +292,12 @@ pub async fn get(
     Path(device_id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
     match s.store.device(&device_id).await? {
-        Some(d) => Ok(Json(Device::of(&s, d).await?)),
+        Some(d) => {
+            let mut view = Device::of(&s, d).await?;
+            let mut tags = s.store.tags_of(std::slice::from_ref(&device_id)).await?;
+            view.tags = tags.remove(&device_id).unwrap_or_default();
+            Ok(Json(view))
+        }
         None => Err(ApiError::NotFound(format!("no device {device_id:?}"))),
     }
 }

@@ -53,6 +53,8 @@ impl From<StoreError> for ApiError {
             }
             StoreError::State(e) if e.is_limit() => Self::TooLarge(e.to_string()),
             StoreError::State(e) => Self::BadRequest(e.to_string()),
+            StoreError::Tag(e) => Self::BadRequest(e.to_string()),
+            StoreError::Job(m) => Self::BadRequest(m),
             other => Self::Store(other),
         }
     }

@@ -31,6 +31,7 @@ pub mod auth;
 pub mod commands;
 pub mod devices;
 pub mod error;
+pub mod jobs;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
@@ -45,6 +46,8 @@ pub mod telemetry;
         devices::get,
         devices::revoke,
         devices::rotate,
+        devices::tags,
+        devices::patch_tags,
         telemetry::list,
         commands::create,
         commands::get,
@@ -52,6 +55,11 @@ pub mod telemetry;
         state::get,
         state::patch_desired,
         state::history,
+        jobs::create,
+        jobs::list,
+        jobs::get,
+        jobs::devices,
+        jobs::cancel,
         storage::get,
         admin::create_token,
         admin::list_tokens,
@@ -64,6 +72,7 @@ pub mod telemetry;
         (name = "telemetry", description = "Stored readings"),
         (name = "commands", description = "Commands to devices"),
         (name = "state", description = "Desired and reported device state"),
+        (name = "jobs", description = "Operations rolled out over a fleet"),
         (name = "storage", description = "Retention and disk"),
         (name = "admin", description = "API tokens with roles, and the audit log")
     )
@@ -148,6 +157,14 @@ pub fn app(state: ApiState) -> Router {
             get(commands::list).post(commands::create),
         )
         .route("/v1/commands/{command_id}", get(commands::get))
+        .route(
+            "/v1/devices/{device_id}/tags",
+            get(devices::tags).patch(devices::patch_tags),
+        )
+        .route("/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/v1/jobs/{job_id}", get(jobs::get))
+        .route("/v1/jobs/{job_id}/devices", get(jobs::devices))
+        .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/v1/devices/{device_id}/state", get(state::get))
         .route(
             "/v1/devices/{device_id}/state/desired",

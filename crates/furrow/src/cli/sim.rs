@@ -72,15 +72,6 @@ pub struct SimArgs {
     pub fail_share: f64,
 }
 
-/// Whether device `id` is one of the `share` that fail (stable per id).
-pub fn fails(id: &str, share: f64) -> bool {
-    // FNV-1a: stable across runs and builds (std's hasher is not).
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    ((h % 10_000) as f64) < share * 10_000.0
-}
-
 /// Descriptors the simulator needs besides one per device.
 const FD_MARGIN: usize = 64;
 
@@ -134,7 +125,7 @@ async fn device(
         cfg.tls = Some(tls);
     }
     // Commands: succeed, or fail for the failing share.
-    let failing = fails(&id, args.fail_share);
+    let failing = furrow::jobs::in_share(&id, args.fail_share);
     let cmds = Arc::clone(&counters);
     let handler = furrow_client::handler(move |_cmd| {
         let cmds = Arc::clone(&cmds);

@@ -11,6 +11,8 @@
 //! * `devices/{id}/state/desired`: each change of the desired state
 //!   (version, document, patch, delta);
 //! * `devices/{id}/state/reported`: each stored REPORT (seq, patch);
+//! * `jobs/{job_id}`: a job's progress and status, on each change;
+//! * `jobs/{job_id}/devices/{id}`: each change of a device's part of a job;
 //! * `instances/{instance}/status`: retained `{online, at}`, and the
 //!   instance's MQTT will sets it to offline: a device status naming an
 //!   offline instance is stale.
@@ -64,6 +66,20 @@ impl Events {
     pub fn desired(&self, view: &StateView, patch: &serde_json::Value) {
         if let Some(m) = &self.mqtt {
             m.desired(view, patch);
+        }
+    }
+
+    /// A job changed (progress or status).
+    pub fn job(&self, view: &crate::api::jobs::JobView) {
+        if let Some(m) = &self.mqtt {
+            m.json(&format!("jobs/{}", view.job_id), view);
+        }
+    }
+
+    /// A device's part of a job changed.
+    pub fn job_device(&self, job_id: u64, d: &crate::jobs::JobDevice) {
+        if let Some(m) = &self.mqtt {
+            m.json(&format!("jobs/{job_id}/devices/{}", d.device_id), d);
         }
     }
 

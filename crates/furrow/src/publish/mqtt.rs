@@ -251,6 +251,13 @@ impl Publisher {
         }
     }
 
+    /// Publishes `value` as JSON on `prefix/topic` (not retained).
+    pub fn json(&self, topic: &str, value: &impl Serialize) {
+        if let Ok(body) = serde_json::to_vec(value) {
+            self.publish(format!("{}/{topic}", self.prefix), false, body);
+        }
+    }
+
     /// Publishes a stored change of a device's reported state.
     pub fn reported(&self, device_id: &str, r: &ReportRecord) {
         let ev = serde_json::json!({

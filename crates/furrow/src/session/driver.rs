@@ -129,7 +129,7 @@ fn session_limits(cfg: &crate::config::Config) -> Limits {
         max_inflight: usize::from(cfg.limits.max_inflight),
         max_unsent: cfg.limits.max_unsent_bytes,
         state: machine::StateCfg {
-            limits: cfg.state.limits(),
+            limits: cfg.state_limits(),
             report_interval: if rate == 0 {
                 Duration::ZERO
             } else {

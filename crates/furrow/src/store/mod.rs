@@ -12,6 +12,7 @@
 //! [`postgres`] (several instances sharing one database). Both pass the
 //! same conformance tests (`tests/store_conformance.rs`).
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::devices::state::{StateError, StateLimits, StateRow};
+use crate::jobs::{DeviceState, JobDevice, JobRecord, NewJob, TagError, Tags};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -500,6 +502,12 @@ pub enum StoreError {
     /// A state change was refused (a limit, or `If-Match`).
     #[error(transparent)]
     State(#[from] StateError),
+    /// Tags or a selector were refused.
+    #[error(transparent)]
+    Tag(#[from] TagError),
+    /// A job cannot be created as asked (no devices, say).
+    #[error("{0}")]
+    Job(String),
     /// The schema in the database is newer than this binary knows.
     #[error("database schema version {found} is newer than this gateway supports ({supported})")]
     SchemaTooNew {
@@ -776,11 +784,86 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Vec<StateChange>, StoreError>;
 }
 
+/// One tick of a job (see `jobs`): what changed.
+#[derive(Debug, Clone)]
+pub struct JobTick {
+    /// The job after the tick.
+    pub job: JobRecord,
+    /// Whether its status changed in this tick.
+    pub status_changed: bool,
+    /// Devices started in this tick (their sessions are to be woken).
+    pub started: Vec<String>,
+    /// Devices whose state changed in this tick.
+    pub changed: Vec<JobDevice>,
+}
+
+/// Fleets: device tags and selectors, and jobs over them.
+#[async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Changes a device's tags (`Some`: set, `None`: remove) and returns
+    /// them all. [`StoreError::NoSuchDevice`] if unknown.
+    async fn set_tags(
+        &self,
+        device_id: &str,
+        changes: BTreeMap<String, Option<String>>,
+    ) -> Result<Tags, StoreError>;
+
+    /// Tags of these devices (devices without tags are absent).
+    async fn tags_of(&self, device_ids: &[String]) -> Result<BTreeMap<String, Tags>, StoreError>;
+
+    /// Devices carrying every tag of `selector`, in id order after `after`,
+    /// at most `limit`.
+    async fn select_devices(
+        &self,
+        selector: &Tags,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<DeviceInfo>, StoreError>;
+
+    /// Creates a job over its target's devices (resolved now).
+    async fn create_job(&self, job: NewJob) -> Result<JobRecord, StoreError>;
+
+    /// One job.
+    async fn job(&self, id: u64) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Jobs, newest first, before id `before`, at most `limit`.
+    async fn jobs(&self, before: Option<u64>, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// A job's devices in rollout order, in `state` if given, after the
+    /// device id `after` (in that order), at most `limit`.
+    async fn job_devices(
+        &self,
+        id: u64,
+        state: Option<DeviceState>,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<JobDevice>, StoreError>;
+
+    /// Cancels a running job: nothing more starts, devices whose operation
+    /// has not reached them are cancelled. `None` if no such job; a job
+    /// already stopped is returned unchanged.
+    async fn cancel_job(&self, id: u64, now_ms: u64) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Jobs with anything left to do or to follow.
+    async fn active_jobs(&self) -> Result<Vec<u64>, StoreError>;
+
+    /// Advances a job (see `jobs`), in one transaction with the job
+    /// locked; `None` if it is not active or another instance holds it.
+    async fn tick_job(
+        &self,
+        id: u64,
+        now_ms: u64,
+        limits: StateLimits,
+    ) -> Result<Option<JobTick>, StoreError>;
+}
+
 /// A whole backend, shared by the writer, the sessions, the API and the
 /// CLI: every job above, and a health check. Split by job so that a piece
 /// of the gateway can say which part of the store it needs.
 #[async_trait]
-pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore + StateStore {
+pub trait Store:
+    TelemetryStore + DeviceStore + CommandStore + AdminStore + StateStore + FleetStore
+{
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -788,7 +871,9 @@ pub trait Store: TelemetryStore + DeviceStore + CommandStore + AdminStore + Stat
 /// The store's traits, for `use crate::store::prelude::*` where a `dyn
 /// Store` is called.
 pub mod prelude {
-    pub use super::{AdminStore, CommandStore, DeviceStore, StateStore, Store, TelemetryStore};
+    pub use super::{
+        AdminStore, CommandStore, DeviceStore, FleetStore, StateStore, Store, TelemetryStore,
+    };
 }
 
 #[cfg(test)]

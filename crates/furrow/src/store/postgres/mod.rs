@@ -162,9 +162,47 @@ CREATE TABLE device_tags (
 );
 CREATE INDEX device_tags_by_value ON device_tags (key, value, device);
 "#,
+    // Fleet jobs (jobs/): one operation rolled out over fixed devices.
+    r#"
+CREATE TABLE jobs (
+    id                  bigserial PRIMARY KEY,
+    status              text    NOT NULL,
+    active              boolean NOT NULL,
+    target              text    NOT NULL,
+    op_kind             text    NOT NULL,
+    op_name             text    NOT NULL,
+    op_content_type     smallint NOT NULL,
+    op_payload          bytea   NOT NULL,
+    rate_per_min        bigint  NOT NULL,
+    abort_failed_pct    double precision,
+    abort_min_completed bigint,
+    device_timeout_ms   bigint  NOT NULL,
+    deadline_ms         bigint  NOT NULL,
+    created_by          text    NOT NULL,
+    created_ms          bigint  NOT NULL,
+    updated_ms          bigint  NOT NULL,
+    finished_ms         bigint,
+    reason              text,
+    started             bigint  NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_active ON jobs (active);
+CREATE TABLE job_devices (
+    job             bigint NOT NULL REFERENCES jobs(id),
+    device          bigint NOT NULL REFERENCES devices(id),
+    pos             bigint NOT NULL,
+    state           text   NOT NULL,
+    started_ms      bigint,
+    finished_ms     bigint,
+    command_id      bigint,
+    desired_version bigint,
+    PRIMARY KEY (job, device)
+);
+CREATE INDEX job_devices_by_state ON job_devices (job, state, pos);
+"#,
 ];
 
 pub(crate) mod batch;
+mod jobs;
 mod state;
 mod telemetry;
 pub mod tls;

@@ -46,7 +46,7 @@ fn row_of(r: &Row) -> Result<StateRow, StoreError> {
 }
 
 /// Reads a device's row (locked with `lock`), or the empty state.
-async fn read_row(
+pub(super) async fn read_row(
     c: &impl GenericClient,
     device: DeviceKey,
     lock: bool,
@@ -62,7 +62,7 @@ async fn read_row(
     }
 }
 
-async fn write_row(
+pub(super) async fn write_row(
     c: &impl GenericClient,
     device: DeviceKey,
     row: &StateRow,
@@ -104,7 +104,10 @@ async fn write_row(
 
 /// Locks a device's state row, creating an empty one first if needed (a
 /// row that does not exist yet cannot be locked).
-async fn lock_row(c: &impl GenericClient, device: DeviceKey) -> Result<StateRow, StoreError> {
+pub(super) async fn lock_row(
+    c: &impl GenericClient,
+    device: DeviceKey,
+) -> Result<StateRow, StoreError> {
     let stmt = c
         .prepare_cached(
             "INSERT INTO device_state (device) VALUES ($1) ON CONFLICT (device) DO NOTHING",

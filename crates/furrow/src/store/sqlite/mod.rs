@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod jobs;
 mod state;
 mod telemetry;
 pub use super::Synchronous;
@@ -177,6 +178,47 @@ CREATE TABLE device_tags (
     PRIMARY KEY (device, key)
 ) WITHOUT ROWID;
 CREATE INDEX device_tags_by_value ON device_tags (key, value, device);
+"#,
+    ),
+    Migration::Sql(
+        r#"
+-- Fleet jobs (jobs/): one operation rolled out over fixed devices.
+CREATE TABLE jobs (
+    id                  INTEGER PRIMARY KEY,
+    status              TEXT    NOT NULL,
+    -- 1 while anything is left to start or to follow
+    active              INTEGER NOT NULL,
+    target              TEXT    NOT NULL,
+    op_kind             TEXT    NOT NULL,
+    op_name             TEXT    NOT NULL,
+    op_content_type     INTEGER NOT NULL,
+    op_payload          BLOB    NOT NULL,
+    rate_per_min        INTEGER NOT NULL,
+    abort_failed_pct    REAL,
+    abort_min_completed INTEGER,
+    device_timeout_ms   INTEGER NOT NULL,
+    deadline_ms         INTEGER NOT NULL,
+    created_by          TEXT    NOT NULL,
+    created_ms          INTEGER NOT NULL,
+    updated_ms          INTEGER NOT NULL,
+    finished_ms         INTEGER,
+    reason              TEXT,
+    started             INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_active ON jobs (active);
+CREATE TABLE job_devices (
+    job             INTEGER NOT NULL REFERENCES jobs(id),
+    device          INTEGER NOT NULL REFERENCES devices(id),
+    -- rollout order
+    pos             INTEGER NOT NULL,
+    state           TEXT    NOT NULL,
+    started_ms      INTEGER,
+    finished_ms     INTEGER,
+    command_id      INTEGER,
+    desired_version INTEGER,
+    PRIMARY KEY (job, device)
+);
+CREATE INDEX job_devices_by_state ON job_devices (job, state, pos);
 "#,
     ),
 ];

@@ -25,7 +25,7 @@ fn u(v: i64) -> u64 {
 }
 
 /// A device's row, or the empty state if it has none.
-fn read_row(conn: &Connection, device: Key) -> Result<StateRow, StoreError> {
+pub(super) fn read_row(conn: &Connection, device: Key) -> Result<StateRow, StoreError> {
     let row = conn
         .prepare_cached(&format!(
             "SELECT {ROW_COLS} FROM device_state WHERE device = ?1"
@@ -52,7 +52,7 @@ fn read_row(conn: &Connection, device: Key) -> Result<StateRow, StoreError> {
     Ok(row.unwrap_or_default())
 }
 
-fn write_row(conn: &Connection, device: Key, row: &StateRow) -> Result<(), StoreError> {
+pub(super) fn write_row(conn: &Connection, device: Key, row: &StateRow) -> Result<(), StoreError> {
     conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO device_state (device, {ROW_COLS})
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
