@@ -42,7 +42,7 @@ async fn token(api: &Api, name: &str, role: &str) -> String {
 }
 
 /// Every (method, path) of the OpenAPI document, path parameters filled in.
-async fn routes(api: &Api, command_id: u64) -> Vec<(Method, String)> {
+async fn routes(api: &Api, command_id: u64, job_id: u64) -> Vec<(Method, String)> {
     let (st, doc) = api.get("/v1/openapi.json").await;
     assert_eq!(st, StatusCode::OK);
     let mut out = Vec::new();
@@ -50,6 +50,7 @@ async fn routes(api: &Api, command_id: u64) -> Vec<(Method, String)> {
         let path = path
             .replace("{device_id}", "d1")
             .replace("{command_id}", &command_id.to_string())
+            .replace("{job_id}", &job_id.to_string())
             .replace("{name}", "victim");
         for method in ops.as_object().expect("operations").keys() {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("a method");
@@ -66,6 +67,8 @@ fn body_for(path: &str) -> Option<Value> {
         "/v1/devices" => json!({ "device_id": "new-by-role" }),
         "/v1/devices/d1/commands" => json!({ "name": "reboot" }),
         "/v1/api-tokens" => json!({ "name": "made-by-role", "role": "read" }),
+        "/v1/jobs" => json!({ "target": {"devices": ["d1"]},
+                              "operation": {"desired": {"by": "role"}} }),
         _ => json!({}),
     })
 }
@@ -78,10 +81,12 @@ async fn each_role_gets_exactly_its_routes_listed_from_the_openapi_document() {
         .post("/v1/devices/d1/commands", json!({ "name": "ping" }))
         .await;
     let command_id = c["command_id"].as_u64().expect("a command");
+    let (_, j) = api.post("/v1/jobs", body_for("/v1/jobs").unwrap()).await;
+    let job_id = j["job_id"].as_u64().expect("a job");
     let read = token(&api, "dashboard", "read").await;
     let operate = token(&api, "ops-bot", "operate").await;
     token(&api, "victim", "read").await;
-    let routes = routes(&api, command_id).await;
+    let routes = routes(&api, command_id, job_id).await;
 
     // read: every GET but the admin ones, and 403 on every write route.
     let mut writes = 0;
@@ -99,11 +104,16 @@ async fn each_role_gets_exactly_its_routes_listed_from_the_openapi_document() {
     let (st, _) = call(&api, &read, Method::GET, "/metrics", None).await;
     assert_eq!(st, StatusCode::OK, "dashboards read the metrics");
 
-    // operate: commands, and nothing else that writes.
-    for (m, path) in routes.iter().filter(|(m, _)| *m == Method::POST) {
+    // operate: commands, desired state and jobs, and nothing else that
+    // writes.
+    for (m, path) in routes.iter().filter(|(m, _)| *m != Method::GET) {
         let (st, body) = call(&api, &operate, m.clone(), path, body_for(path)).await;
-        if path == "/v1/devices/d1/commands" {
+        if matches!(path.as_str(), "/v1/devices/d1/commands" | "/v1/jobs") {
             assert_eq!(st, StatusCode::CREATED, "operate {m} {path}: {body}");
+        } else if path == "/v1/devices/d1/state/desired"
+            || *path == format!("/v1/jobs/{job_id}/cancel")
+        {
+            assert_eq!(st, StatusCode::OK, "operate {m} {path}: {body}");
         } else {
             assert_eq!(st, StatusCode::FORBIDDEN, "operate {m} {path}: {body}");
         }

@@ -333,3 +333,92 @@ async fn a_job_over_1000_devices_stops_at_its_abort_rule() {
         c.close().await;
     }
 }
+
+/// `furrow sim --state --fail-share`: simulated devices answer a job's
+/// command (the failing share "failed") and echo desired state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_answers_jobs_and_echoes_desired_state() {
+    let api = Api::start().await;
+    let data = api.gw.config().data_dir.clone();
+    let addr = api.gw.addr().to_string();
+    let sim = furrow_cmd(&[
+        "sim",
+        "--addr",
+        &addr,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--devices",
+        "20",
+        "--rate",
+        "1",
+        "--duration",
+        "8",
+        "--state",
+        "--fail-share",
+        "0.5",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("furrow sim starts");
+    within(
+        Duration::from_secs(20),
+        "20 simulated devices online",
+        async {
+            while api.gw.registry().len() < 20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    let store = api.gw.store();
+    let ids: Vec<String> = (0..20).map(|n| format!("sim-{n}")).collect();
+    for id in &ids {
+        store
+            .set_tags(id, [("kind".to_owned(), Some("sim".to_owned()))].into())
+            .await
+            .unwrap();
+    }
+    let (st, job) = api
+        .post(
+            "/v1/jobs",
+            json!({"target": {"tags": {"kind": "sim"}},
+                   "operation": {"command": {"name": "check"}}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let id = job["job_id"].as_u64().unwrap();
+    let v = until_job(&api, id, Duration::from_secs(20), |v| {
+        v["status"] == "completed"
+    })
+    .await;
+    let failing = ids
+        .iter()
+        .filter(|i| furrow::jobs::in_share(i, 0.5))
+        .count() as u64;
+    assert_eq!(v["counts"]["failed"], failing, "{v}");
+    assert_eq!(v["counts"]["succeeded"], 20 - failing, "{v}");
+    // Desired state comes back as reported.
+    let (st, _) = patch(
+        &api,
+        "/v1/devices/sim-3/state/desired",
+        json!({"valve": "open"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    within(Duration::from_secs(10), "sim-3 reports it", async {
+        loop {
+            let (_, s) = api.get("/v1/devices/sim-3/state").await;
+            if s["reported"]["document"]["valve"] == "open" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let out = sim.wait_with_output().expect("furrow sim ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("commands answered 20"), "{text}");
+    assert!(text.contains("desired states applied 1"), "{text}");
+}

@@ -40,8 +40,12 @@ impl Machine {
         let interval = self.limits.state.report_interval;
         if !interval.is_zero() {
             let now = self.frame_time;
-            let tat = self.report_tat.map_or(now, |t| t.max(now));
-            self.report_tat = Some(tat + interval);
+            let tat = self.report_tat.map_or(now, |t| t.max(now)) + interval;
+            self.report_tat = Some(tat);
+            if tat > now + interval * self.limits.state.report_burst {
+                // Past its burst: the session pauses reading this device.
+                metrics::counter!("furrow_state_reports_paced_total").increment(1);
+            }
         }
         if !self.id.slot.take(r.seq) {
             metrics::counter!("furrow_state_reports_duplicate_total").increment(1);
