@@ -58,22 +58,11 @@ async fn a_job_across_three_instances_survives_a_kill() {
         gateways.push((name, listen, gw));
     }
     let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut cfg = format!(
-        "global\n    maxconn 2000\n\
-         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    timeout server 5m\n\
-         \x20   retries 3\n    option redispatch\n\
-         frontend devices\n    bind {front}\n    default_backend gateways\n\
-         backend gateways\n    balance leastconn\n    option httpchk\n\
-         \x20   http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host furrow\n\
-         \x20   http-check expect status 200\n"
-    );
-    for (name, listen, gw) in &gateways {
-        cfg.push_str(&format!(
-            "    server {name} {listen} send-proxy-v2 source 127.0.0.5 check port {} inter 300ms fall 2 rise 1\n",
-            gw.api.port()
-        ));
-    }
-    let _haproxy = Haproxy::start(&cfg);
+    let servers: Vec<(String, SocketAddr, u16)> = gateways
+        .iter()
+        .map(|(name, listen, gw)| (name.clone(), *listen, gw.api.port()))
+        .collect();
+    let _haproxy = Haproxy::in_front_of(front, "127.0.0.5", &servers);
 
     let store = PostgresStore::connect(&url, PostgresOptions::default())
         .await

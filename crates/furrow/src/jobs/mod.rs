@@ -370,6 +370,32 @@ pub fn allowance(job: &JobRecord, now_ms: u64) -> u64 {
     due.saturating_sub(job.started)
 }
 
+/// What a running job's tick does once its devices are up to date.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Stop starting devices: aborted by the rule, or completed at the
+    /// deadline; the reason.
+    Stop(JobStatus, String),
+    /// Start this many devices.
+    Start(u64),
+    /// Nothing to do now.
+    Wait,
+}
+
+/// The rules of a tick, in order: the abort rule, the deadline, the rate.
+pub fn decide(job: &JobRecord, counts: &Counts, now_ms: u64) -> Decision {
+    if let Some(reason) = tripped(job.abort, counts) {
+        return Decision::Stop(JobStatus::Aborted, reason);
+    }
+    if now_ms >= job.deadline_ms {
+        return Decision::Stop(JobStatus::Completed, "the deadline passed".into());
+    }
+    match allowance(job, now_ms).min(counts.queued) {
+        0 => Decision::Wait,
+        n => Decision::Start(n),
+    }
+}
+
 /// Whether the abort rule trips on these counts; the reason if so.
 pub fn tripped(rule: Option<AbortRule>, counts: &Counts) -> Option<String> {
     let rule = rule?;

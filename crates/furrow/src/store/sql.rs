@@ -57,3 +57,145 @@ impl CommandColumns {
         }
     }
 }
+
+/// Columns of a `device_state` row, in [`StateColumns`]' order.
+pub(crate) const STATE_COLS: &str = "desired, desired_version, desired_fields, desired_updated_ms,
+    desired_acked, reported, reported_version, reported_fields, reported_updated_ms,
+    reported_seq";
+
+/// A `device_state` row as the driver returns it.
+pub(crate) struct StateColumns {
+    pub desired: String,
+    pub desired_version: i64,
+    pub desired_fields: String,
+    pub desired_updated_ms: i64,
+    pub desired_acked: i64,
+    pub reported: String,
+    pub reported_version: i64,
+    pub reported_fields: String,
+    pub reported_updated_ms: i64,
+    pub reported_seq: i64,
+}
+
+impl StateColumns {
+    /// The row.
+    pub(crate) fn row(self) -> crate::devices::state::StateRow {
+        use crate::devices::state::{Side, StateRow};
+        StateRow {
+            desired: Side {
+                document: self.desired,
+                version: self.desired_version as u64,
+                fields: self.desired_fields,
+                updated_ms: self.desired_updated_ms as u64,
+            },
+            desired_acked: self.desired_acked as u64,
+            reported: Side {
+                document: self.reported,
+                version: self.reported_version as u64,
+                fields: self.reported_fields,
+                updated_ms: self.reported_updated_ms as u64,
+            },
+            reported_seq: self.reported_seq as u64,
+        }
+    }
+}
+
+/// Columns of a `jobs` row, in [`JobColumns`]' order.
+pub(crate) const JOB_COLS: &str = "id, status, target, op_kind, op_name, op_content_type,
+    op_payload, rate_per_min, abort_failed_pct, abort_min_completed, device_timeout_ms,
+    deadline_ms, created_by, created_ms, updated_ms, finished_ms, reason, started";
+
+/// A `jobs` row as the driver returns it.
+pub(crate) struct JobColumns {
+    pub id: i64,
+    pub status: String,
+    pub target: String,
+    pub op_kind: String,
+    pub op_name: String,
+    pub op_content_type: i64,
+    pub op_payload: Vec<u8>,
+    pub rate_per_min: i64,
+    pub abort_failed_pct: Option<f64>,
+    pub abort_min_completed: Option<i64>,
+    pub device_timeout_ms: i64,
+    pub deadline_ms: i64,
+    pub created_by: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub reason: Option<String>,
+    pub started: i64,
+}
+
+impl JobColumns {
+    /// The record (its counts are read apart).
+    pub(crate) fn record(self) -> crate::jobs::JobRecord {
+        use crate::jobs::{AbortRule, Counts, JobRecord, JobStatus, Operation, Target};
+        let operation = if self.op_kind == "desired" {
+            Operation::Desired {
+                patch: String::from_utf8_lossy(&self.op_payload).into_owned(),
+            }
+        } else {
+            Operation::Command {
+                name: self.op_name,
+                content_type: byte(self.op_content_type),
+                payload: self.op_payload,
+            }
+        };
+        JobRecord {
+            id: self.id as u64,
+            // Only this code writes the column; an unknown value reads as
+            // stopped.
+            status: JobStatus::parse(&self.status).unwrap_or(JobStatus::Cancelled),
+            target: serde_json::from_str(&self.target).unwrap_or(Target::Devices(Vec::new())),
+            operation,
+            rate_per_min: u32::try_from(self.rate_per_min).unwrap_or(0),
+            abort: self
+                .abort_failed_pct
+                .zip(self.abort_min_completed)
+                .map(|(failed_pct, min)| AbortRule {
+                    failed_pct,
+                    min_completed: min as u64,
+                }),
+            device_timeout_ms: self.device_timeout_ms as u64,
+            deadline_ms: self.deadline_ms as u64,
+            created_by: self.created_by,
+            created_ms: self.created_ms as u64,
+            updated_ms: self.updated_ms as u64,
+            finished_ms: self.finished_ms.map(|v| v as u64),
+            reason: self.reason,
+            started: self.started as u64,
+            counts: Counts::default(),
+        }
+    }
+}
+
+/// Columns of a job's device (`jd` joined with its device `d`), in
+/// [`JobDeviceColumns`]' order.
+pub(crate) const JOB_DEVICE_COLS: &str =
+    "d.device_id, jd.state, jd.started_ms, jd.finished_ms, jd.command_id, jd.desired_version";
+
+/// A job's device as the driver returns it.
+pub(crate) struct JobDeviceColumns {
+    pub device_id: String,
+    pub state: String,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub command_id: Option<i64>,
+    pub desired_version: Option<i64>,
+}
+
+impl JobDeviceColumns {
+    /// The record.
+    pub(crate) fn record(self) -> crate::jobs::JobDevice {
+        use crate::jobs::{DeviceState, JobDevice};
+        JobDevice {
+            device_id: self.device_id,
+            state: DeviceState::parse(&self.state).unwrap_or(DeviceState::Cancelled),
+            started_ms: self.started_ms.map(|v| v as u64),
+            finished_ms: self.finished_ms.map(|v| v as u64),
+            command_id: self.command_id.map(|v| v as u64),
+            desired_version: self.desired_version.map(|v| v as u64),
+        }
+    }
+}

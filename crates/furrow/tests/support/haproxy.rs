@@ -12,6 +12,31 @@ pub struct Haproxy {
 }
 
 impl Haproxy {
+    /// HAProxy as deploy/haproxy/haproxy.cfg, on loopback: `front` spreads
+    /// devices over `gateways` (name, device listener, API port) with
+    /// leastconn, PROXY v2 from `source`, /readyz health checks.
+    pub fn in_front_of(
+        front: std::net::SocketAddr,
+        source: &str,
+        gateways: &[(String, std::net::SocketAddr, u16)],
+    ) -> Self {
+        let mut cfg = format!(
+            "global\n    maxconn 2000\n\
+             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    timeout server 5m\n\
+             \x20   retries 3\n    option redispatch\n\
+             frontend devices\n    bind {front}\n    default_backend gateways\n\
+             backend gateways\n    balance leastconn\n    option httpchk\n\
+             \x20   http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host furrow\n\
+             \x20   http-check expect status 200\n"
+        );
+        for (name, listen, api_port) in gateways {
+            cfg.push_str(&format!(
+                "    server {name} {listen} send-proxy-v2 source {source} check port {api_port} inter 300ms fall 2 rise 1\n"
+            ));
+        }
+        Self::start(&cfg)
+    }
+
     /// Checks and starts `config` (foreground, `-db`).
     pub fn start(config: &str) -> Self {
         let program = ["haproxy", "/usr/sbin/haproxy"]

@@ -14,9 +14,10 @@ use tokio_postgres::Row;
 use super::{clamp, device_query, device_row, i, PostgresStore};
 use crate::devices::state::{self, StateLimits};
 use crate::jobs::{
-    self, AbortRule, Counts, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
+    self, Counts, Decision, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
     Target, MAX_TAGS,
 };
+use crate::store::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
 use crate::store::{CommandState, DeviceInfo, FleetStore, JobTick, StoreError};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -25,47 +26,28 @@ fn u(v: i64) -> u64 {
     v as u64
 }
 
-const JOB_COLS: &str = "id, status, target, op_kind, op_name, op_content_type, op_payload,
-    rate_per_min, abort_failed_pct, abort_min_completed, device_timeout_ms, deadline_ms,
-    created_by, created_ms, updated_ms, finished_ms, reason, started";
-
 fn job_row(r: &Row) -> Result<JobRecord, StoreError> {
-    let kind: String = r.try_get(3)?;
-    let payload: Vec<u8> = r.try_get(6)?;
-    let operation = if kind == "desired" {
-        Operation::Desired {
-            patch: String::from_utf8_lossy(&payload).into_owned(),
-        }
-    } else {
-        Operation::Command {
-            name: r.try_get(4)?,
-            content_type: u8::try_from(r.try_get::<_, i16>(5)?).unwrap_or(0),
-            payload,
-        }
-    };
-    let target: String = r.try_get(2)?;
-    let pct: Option<f64> = r.try_get(8)?;
-    let min: Option<i64> = r.try_get(9)?;
-    Ok(JobRecord {
-        id: u(r.try_get(0)?),
-        status: JobStatus::parse(&r.try_get::<_, String>(1)?).unwrap_or(JobStatus::Cancelled),
-        target: serde_json::from_str(&target).unwrap_or(Target::Devices(Vec::new())),
-        operation,
-        rate_per_min: u32::try_from(r.try_get::<_, i64>(7)?).unwrap_or(0),
-        abort: pct.zip(min).map(|(failed_pct, min)| AbortRule {
-            failed_pct,
-            min_completed: u(min),
-        }),
-        device_timeout_ms: u(r.try_get(10)?),
-        deadline_ms: u(r.try_get(11)?),
+    Ok(JobColumns {
+        id: r.try_get(0)?,
+        status: r.try_get(1)?,
+        target: r.try_get(2)?,
+        op_kind: r.try_get(3)?,
+        op_name: r.try_get(4)?,
+        op_content_type: i64::from(r.try_get::<_, i16>(5)?),
+        op_payload: r.try_get(6)?,
+        rate_per_min: r.try_get(7)?,
+        abort_failed_pct: r.try_get(8)?,
+        abort_min_completed: r.try_get(9)?,
+        device_timeout_ms: r.try_get(10)?,
+        deadline_ms: r.try_get(11)?,
         created_by: r.try_get(12)?,
-        created_ms: u(r.try_get(13)?),
-        updated_ms: u(r.try_get(14)?),
-        finished_ms: r.try_get::<_, Option<i64>>(15)?.map(u),
+        created_ms: r.try_get(13)?,
+        updated_ms: r.try_get(14)?,
+        finished_ms: r.try_get(15)?,
         reason: r.try_get(16)?,
-        started: u(r.try_get(17)?),
-        counts: Counts::default(),
-    })
+        started: r.try_get(17)?,
+    }
+    .record())
 }
 
 async fn counts(c: &impl GenericClient, id: u64) -> Result<Counts, StoreError> {
@@ -216,18 +198,16 @@ async fn create(tx: &Tx<'_>, job: &NewJob, now: u64) -> Result<u64, StoreError> 
 }
 
 fn device_of(r: &Row) -> Result<JobDevice, StoreError> {
-    Ok(JobDevice {
+    Ok(JobDeviceColumns {
         device_id: r.try_get(0)?,
-        state: DeviceState::parse(&r.try_get::<_, String>(1)?).unwrap_or(DeviceState::Cancelled),
-        started_ms: r.try_get::<_, Option<i64>>(2)?.map(u),
-        finished_ms: r.try_get::<_, Option<i64>>(3)?.map(u),
-        command_id: r.try_get::<_, Option<i64>>(4)?.map(u),
-        desired_version: r.try_get::<_, Option<i64>>(5)?.map(u),
-    })
+        state: r.try_get(1)?,
+        started_ms: r.try_get(2)?,
+        finished_ms: r.try_get(3)?,
+        command_id: r.try_get(4)?,
+        desired_version: r.try_get(5)?,
+    }
+    .record())
 }
-
-const DEVICE_COLS: &str =
-    "d.device_id, jd.state, jd.started_ms, jd.finished_ms, jd.command_id, jd.desired_version";
 
 async fn set_state(
     tx: &Tx<'_>,
@@ -480,26 +460,15 @@ async fn tick(
     sync(tx, &job, now, &mut changed).await?;
     let mut c = counts(tx, id).await?;
     if job.status == JobStatus::Running {
-        if let Some(reason) = jobs::tripped(job.abort, &c) {
-            stop(tx, &job, JobStatus::Aborted, &reason, now, &mut changed).await?;
-            job.status = JobStatus::Aborted;
-        } else if now >= job.deadline_ms {
-            stop(
-                tx,
-                &job,
-                JobStatus::Completed,
-                "the deadline passed",
-                now,
-                &mut changed,
-            )
-            .await?;
-            job.status = JobStatus::Completed;
-        } else {
-            job.counts = c;
-            let n = jobs::allowance(&job, now).min(c.queued);
-            if n > 0 {
-                start(tx, &job, n, now, limits, &mut started, &mut changed).await?;
+        match jobs::decide(&job, &c, now) {
+            Decision::Stop(status, reason) => {
+                stop(tx, &job, status, &reason, now, &mut changed).await?;
+                job.status = status;
             }
+            Decision::Start(n) => {
+                start(tx, &job, n, now, limits, &mut started, &mut changed).await?
+            }
+            Decision::Wait => {}
         }
         c = counts(tx, id).await?;
         if job.status == JobStatus::Running && c.queued == 0 && c.in_progress == 0 {
@@ -674,7 +643,7 @@ impl FleetStore for PostgresStore {
         client
             .query(
                 &format!(
-                    "SELECT {DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
+                    "SELECT {JOB_DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
                      WHERE jd.job = $1 AND jd.pos > $2 AND ($3::text IS NULL OR jd.state = $3)
                      ORDER BY jd.pos LIMIT $4"
                 ),
@@ -758,7 +727,7 @@ impl FleetStore for PostgresStore {
         let changed_devices = tx
             .query(
                 &format!(
-                    "SELECT {DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
+                    "SELECT {JOB_DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
                      WHERE jd.job = $1 AND jd.device = ANY($2)"
                 ),
                 &[&i(id), &changed_keys],

@@ -13,36 +13,30 @@ use tokio_postgres::Row;
 
 use super::{clamp, i, PostgresStore};
 use crate::clock::now_ms;
-use crate::devices::state::{self, Side, StateLimits, StateRow};
+use crate::devices::state::{self, StateLimits, StateRow};
+use crate::store::sql::{StateColumns, STATE_COLS};
 use crate::store::{
     Appended, DeviceKey, Refused, ReportRecord, StateChange, StateStore, StoreError,
 };
-
-const ROW_COLS: &str = "desired, desired_version, desired_fields, desired_updated_ms,
-    desired_acked, reported, reported_version, reported_fields, reported_updated_ms,
-    reported_seq";
 
 fn u(v: i64) -> u64 {
     v as u64
 }
 
 fn row_of(r: &Row) -> Result<StateRow, StoreError> {
-    Ok(StateRow {
-        desired: Side {
-            document: r.try_get(0)?,
-            version: u(r.try_get(1)?),
-            fields: r.try_get(2)?,
-            updated_ms: u(r.try_get(3)?),
-        },
-        desired_acked: u(r.try_get(4)?),
-        reported: Side {
-            document: r.try_get(5)?,
-            version: u(r.try_get(6)?),
-            fields: r.try_get(7)?,
-            updated_ms: u(r.try_get(8)?),
-        },
-        reported_seq: u(r.try_get(9)?),
-    })
+    Ok(StateColumns {
+        desired: r.try_get(0)?,
+        desired_version: r.try_get(1)?,
+        desired_fields: r.try_get(2)?,
+        desired_updated_ms: r.try_get(3)?,
+        desired_acked: r.try_get(4)?,
+        reported: r.try_get(5)?,
+        reported_version: r.try_get(6)?,
+        reported_fields: r.try_get(7)?,
+        reported_updated_ms: r.try_get(8)?,
+        reported_seq: r.try_get(9)?,
+    }
+    .row())
 }
 
 /// Reads a device's row (locked with `lock`), or the empty state.
@@ -52,7 +46,7 @@ pub(super) async fn read_row(
     lock: bool,
 ) -> Result<StateRow, StoreError> {
     let sql = format!(
-        "SELECT {ROW_COLS} FROM device_state WHERE device = $1{}",
+        "SELECT {STATE_COLS} FROM device_state WHERE device = $1{}",
         if lock { " FOR UPDATE" } else { "" }
     );
     let stmt = c.prepare_cached(&sql).await?;
@@ -69,7 +63,7 @@ pub(super) async fn write_row(
 ) -> Result<(), StoreError> {
     let stmt = c
         .prepare_cached(&format!(
-            "INSERT INTO device_state (device, {ROW_COLS})
+            "INSERT INTO device_state (device, {STATE_COLS})
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (device) DO UPDATE SET
                 desired = EXCLUDED.desired, desired_version = EXCLUDED.desired_version,

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use super::super::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
 use super::super::{CommandState, DeviceInfo, FleetStore, JobTick, StoreError};
 use super::{device_info, SqliteStore};
 use crate::devices::state::{self, StateLimits};
 use crate::jobs::{
-    self, AbortRule, Counts, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
+    self, Counts, Decision, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
     Target, MAX_TAGS,
 };
 
@@ -23,47 +24,28 @@ fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
-const JOB_COLS: &str = "id, status, target, op_kind, op_name, op_content_type, op_payload,
-    rate_per_min, abort_failed_pct, abort_min_completed, device_timeout_ms, deadline_ms,
-    created_by, created_ms, updated_ms, finished_ms, reason, started";
-
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
-    let kind: String = r.get(3)?;
-    let payload: Vec<u8> = r.get(6)?;
-    let operation = if kind == "desired" {
-        Operation::Desired {
-            patch: String::from_utf8_lossy(&payload).into_owned(),
-        }
-    } else {
-        Operation::Command {
-            name: r.get(4)?,
-            content_type: u8::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
-            payload,
-        }
-    };
-    let target: String = r.get(2)?;
-    let pct: Option<f64> = r.get(8)?;
-    let min: Option<i64> = r.get(9)?;
-    Ok(JobRecord {
-        id: u(r.get(0)?),
-        status: JobStatus::parse(&r.get::<_, String>(1)?).unwrap_or(JobStatus::Cancelled),
-        target: serde_json::from_str(&target).unwrap_or(Target::Devices(Vec::new())),
-        operation,
-        rate_per_min: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
-        abort: pct.zip(min).map(|(failed_pct, min)| AbortRule {
-            failed_pct,
-            min_completed: u(min),
-        }),
-        device_timeout_ms: u(r.get(10)?),
-        deadline_ms: u(r.get(11)?),
+    Ok(JobColumns {
+        id: r.get(0)?,
+        status: r.get(1)?,
+        target: r.get(2)?,
+        op_kind: r.get(3)?,
+        op_name: r.get(4)?,
+        op_content_type: r.get(5)?,
+        op_payload: r.get(6)?,
+        rate_per_min: r.get(7)?,
+        abort_failed_pct: r.get(8)?,
+        abort_min_completed: r.get(9)?,
+        device_timeout_ms: r.get(10)?,
+        deadline_ms: r.get(11)?,
         created_by: r.get(12)?,
-        created_ms: u(r.get(13)?),
-        updated_ms: u(r.get(14)?),
-        finished_ms: r.get::<_, Option<i64>>(15)?.map(u),
+        created_ms: r.get(13)?,
+        updated_ms: r.get(14)?,
+        finished_ms: r.get(15)?,
         reason: r.get(16)?,
-        started: u(r.get(17)?),
-        counts: Counts::default(),
-    })
+        started: r.get(17)?,
+    }
+    .record())
 }
 
 fn counts(conn: &Connection, id: u64) -> Result<Counts, StoreError> {
@@ -218,18 +200,16 @@ fn create(tx: &Transaction<'_>, job: &NewJob, now: u64) -> Result<u64, StoreErro
 }
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobDevice> {
-    Ok(JobDevice {
+    Ok(JobDeviceColumns {
         device_id: r.get(0)?,
-        state: DeviceState::parse(&r.get::<_, String>(1)?).unwrap_or(DeviceState::Cancelled),
-        started_ms: r.get::<_, Option<i64>>(2)?.map(u),
-        finished_ms: r.get::<_, Option<i64>>(3)?.map(u),
-        command_id: r.get::<_, Option<i64>>(4)?.map(u),
-        desired_version: r.get::<_, Option<i64>>(5)?.map(u),
-    })
+        state: r.get(1)?,
+        started_ms: r.get(2)?,
+        finished_ms: r.get(3)?,
+        command_id: r.get(4)?,
+        desired_version: r.get(5)?,
+    }
+    .record())
 }
-
-const DEVICE_COLS: &str =
-    "d.device_id, jd.state, jd.started_ms, jd.finished_ms, jd.command_id, jd.desired_version";
 
 /// Sets a device's state (final states get `finished_ms`) and notes it.
 fn set_state(
@@ -454,25 +434,13 @@ fn tick(
     sync(tx, &job, now, &mut changed)?;
     let mut c = counts(tx, id)?;
     if job.status == JobStatus::Running {
-        if let Some(reason) = jobs::tripped(job.abort, &c) {
-            stop(tx, &job, JobStatus::Aborted, &reason, now, &mut changed)?;
-            job.status = JobStatus::Aborted;
-        } else if now >= job.deadline_ms {
-            stop(
-                tx,
-                &job,
-                JobStatus::Completed,
-                "the deadline passed",
-                now,
-                &mut changed,
-            )?;
-            job.status = JobStatus::Completed;
-        } else {
-            job.counts = c;
-            let n = jobs::allowance(&job, now).min(c.queued);
-            if n > 0 {
-                start(tx, &job, n, now, limits, &mut started, &mut changed)?;
+        match jobs::decide(&job, &c, now) {
+            Decision::Stop(status, reason) => {
+                stop(tx, &job, status, &reason, now, &mut changed)?;
+                job.status = status;
             }
+            Decision::Start(n) => start(tx, &job, n, now, limits, &mut started, &mut changed)?,
+            Decision::Wait => {}
         }
         c = counts(tx, id)?;
         if job.status == JobStatus::Running && c.queued == 0 && c.in_progress == 0 {
@@ -649,7 +617,7 @@ impl FleetStore for SqliteStore {
                         .unwrap_or(i64::MAX),
                 };
                 let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
+                    "SELECT {JOB_DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
                      WHERE jd.job = ?1 AND jd.pos > ?2 AND (?3 IS NULL OR jd.state = ?3)
                      ORDER BY jd.pos LIMIT ?4"
                 ))?;
@@ -725,7 +693,7 @@ impl FleetStore for SqliteStore {
                 let mut changed_devices = Vec::with_capacity(changed.len());
                 {
                     let mut stmt = tx.prepare_cached(&format!(
-                        "SELECT {DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
+                        "SELECT {JOB_DEVICE_COLS} FROM job_devices jd JOIN devices d ON d.id = jd.device
                          WHERE jd.job = ?1 AND jd.device = ?2"
                     ))?;
                     for (key, _) in &changed {

@@ -9,16 +9,13 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
+use super::super::sql::{StateColumns, STATE_COLS};
 use super::super::{
     Appended, DeviceKey as Key, Refused, ReportRecord, StateChange, StateStore, StoreError,
 };
 use super::SqliteStore;
 use crate::clock::now_ms;
-use crate::devices::state::{self, Side, StateLimits, StateRow};
-
-const ROW_COLS: &str = "desired, desired_version, desired_fields, desired_updated_ms,
-    desired_acked, reported, reported_version, reported_fields, reported_updated_ms,
-    reported_seq";
+use crate::devices::state::{self, StateLimits, StateRow};
 
 fn u(v: i64) -> u64 {
     v as u64
@@ -28,25 +25,22 @@ fn u(v: i64) -> u64 {
 pub(super) fn read_row(conn: &Connection, device: Key) -> Result<StateRow, StoreError> {
     let row = conn
         .prepare_cached(&format!(
-            "SELECT {ROW_COLS} FROM device_state WHERE device = ?1"
+            "SELECT {STATE_COLS} FROM device_state WHERE device = ?1"
         ))?
         .query_row([device], |r| {
-            Ok(StateRow {
-                desired: Side {
-                    document: r.get(0)?,
-                    version: u(r.get(1)?),
-                    fields: r.get(2)?,
-                    updated_ms: u(r.get(3)?),
-                },
-                desired_acked: u(r.get(4)?),
-                reported: Side {
-                    document: r.get(5)?,
-                    version: u(r.get(6)?),
-                    fields: r.get(7)?,
-                    updated_ms: u(r.get(8)?),
-                },
-                reported_seq: u(r.get(9)?),
-            })
+            Ok(StateColumns {
+                desired: r.get(0)?,
+                desired_version: r.get(1)?,
+                desired_fields: r.get(2)?,
+                desired_updated_ms: r.get(3)?,
+                desired_acked: r.get(4)?,
+                reported: r.get(5)?,
+                reported_version: r.get(6)?,
+                reported_fields: r.get(7)?,
+                reported_updated_ms: r.get(8)?,
+                reported_seq: r.get(9)?,
+            }
+            .row())
         })
         .optional()?;
     Ok(row.unwrap_or_default())
@@ -54,7 +48,7 @@ pub(super) fn read_row(conn: &Connection, device: Key) -> Result<StateRow, Store
 
 pub(super) fn write_row(conn: &Connection, device: Key, row: &StateRow) -> Result<(), StoreError> {
     conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO device_state (device, {ROW_COLS})
+        "INSERT OR REPLACE INTO device_state (device, {STATE_COLS})
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?
     .execute(params![
