@@ -382,6 +382,12 @@ pub enum Decision {
     Wait,
 }
 
+/// Devices one tick starts at most, whatever the rate: a tick is one
+/// transaction, and at five ticks a second this still starts 5,000
+/// devices a second (a job at rate 0 over a large fleet is spread over
+/// ticks instead of holding its lock for one long transaction).
+pub const MAX_STARTS_PER_TICK: u64 = 1000;
+
 /// The rules of a tick, in order: the abort rule, the deadline, the rate.
 pub fn decide(job: &JobRecord, counts: &Counts, now_ms: u64) -> Decision {
     if let Some(reason) = tripped(job.abort, counts) {
@@ -390,7 +396,10 @@ pub fn decide(job: &JobRecord, counts: &Counts, now_ms: u64) -> Decision {
     if now_ms >= job.deadline_ms {
         return Decision::Stop(JobStatus::Completed, "the deadline passed".into());
     }
-    match allowance(job, now_ms).min(counts.queued) {
+    match allowance(job, now_ms)
+        .min(counts.queued)
+        .min(MAX_STARTS_PER_TICK)
+    {
         0 => Decision::Wait,
         n => Decision::Start(n),
     }
@@ -502,6 +511,41 @@ mod tests {
         j.started = 200;
         assert_eq!(allowance(&j, 20_000), 0);
         assert_eq!(allowance(&job(0), 0), u64::MAX);
+    }
+
+    #[test]
+    fn a_tick_decides_abort_then_deadline_then_rate_capped() {
+        let mut j = job(0);
+        let queued = Counts {
+            queued: 5000,
+            ..Counts::default()
+        };
+        assert_eq!(
+            decide(&j, &queued, 10_000),
+            Decision::Start(MAX_STARTS_PER_TICK)
+        );
+        assert_eq!(
+            decide(&j, &Counts::default(), 10_000),
+            Decision::Wait,
+            "nothing queued"
+        );
+        assert!(matches!(
+            decide(&j, &queued, 100_000),
+            Decision::Stop(JobStatus::Completed, _)
+        ));
+        j.abort = Some(AbortRule {
+            failed_pct: 10.0,
+            min_completed: 1,
+        });
+        let bad = Counts {
+            failed: 1,
+            queued: 5,
+            ..Counts::default()
+        };
+        assert!(matches!(
+            decide(&j, &bad, 100_000),
+            Decision::Stop(JobStatus::Aborted, _)
+        ));
     }
 
     #[test]
