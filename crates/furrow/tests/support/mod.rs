@@ -825,10 +825,28 @@ pub fn furrow_cmd(args: &[&str]) -> std::process::Command {
     cmd
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, below Linux's ephemeral
+/// range (32768 and up): a port from that range could be taken, between
+/// this call and the bind that uses it, by an outgoing connection (a
+/// gateway's database pool, say), and the bind would fail. Never the same
+/// port twice in one test process either.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let span = 12_000u32;
+    let mut next = u32::from(std::process::id() as u16).wrapping_mul(7919) % span;
+    for _ in 0..span {
+        next = (next + 1) % span;
+        let port = 20_000 + next as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000");
 }
 
 /// Streams JSON readings 1, 2, ... through an SDK client every `every`
