@@ -310,6 +310,10 @@ fn now_ms() -> u64 {
 pub struct Client {
     shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A receiver made before the session task started, for the first
+    /// [`Client::events`] call: it sees every event from the start (the
+    /// first connection attempt may report before anyone could subscribe).
+    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
 }
 
 impl Client {
@@ -356,7 +360,7 @@ impl Client {
             None => None,
         };
         let (acked, _) = watch::channel(0);
-        let (events, _) = broadcast::channel(1024);
+        let (events, first_events) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             outbox: Mutex::new(outbox),
@@ -382,6 +386,7 @@ impl Client {
         Ok(Self {
             shared,
             task: Mutex::new(Some(task)),
+            first_events: Mutex::new(Some(first_events)),
         })
     }
 
@@ -516,10 +521,17 @@ impl Client {
         self.shared.acked.subscribe()
     }
 
-    /// Connection, ACK and REJECT events. A slow receiver may miss events
-    /// (`RecvError::Lagged`); the outbox and [`Client::acked`] are the truth.
+    /// Connection, ACK and REJECT events. The first call's receiver has
+    /// every event since the client started; later ones, those from their
+    /// call on. A slow receiver may miss events (`RecvError::Lagged`); the
+    /// outbox and [`Client::acked`] are the truth.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.shared.events.subscribe()
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        first.unwrap_or_else(|| self.shared.events.subscribe())
     }
 
     /// Readings waiting for their ACK.
