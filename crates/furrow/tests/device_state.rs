@@ -380,6 +380,17 @@ async fn the_sdk_applies_desired_state_and_reports_it() {
     app.abort();
 }
 
+/// `GET /v1/devices/{id}/state` of a gateway process.
+async fn state_of(http: &reqwest::Client, api: std::net::SocketAddr, id: &str) -> Value {
+    http.get(format!("http://{api}/v1/devices/{id}/state"))
+        .send()
+        .await
+        .expect("GET state")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// Reported state is stored like telemetry: what was ACKed survives a
 /// SIGKILL of the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,14 +426,7 @@ async fn reported_state_survives_kill_9() {
     let _ = gw.child.wait();
     let mut gw = GatewayProcess::spawn(dir.path(), "gw", listen, &[]);
     gw.ready(&http).await;
-    let v: Value = http
-        .get(format!("http://{}/v1/devices/tracker-1/state", gw.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = state_of(&http, gw.api, "tracker-1").await;
     assert_eq!(v["reported"]["version"], 20, "{v}");
     assert_eq!(v["reported"]["document"]["pos"], 20);
     assert_eq!(
@@ -437,14 +441,7 @@ async fn reported_state_survives_kill_9() {
     assert_eq!(dev.expect_welcome().await.last_seq, 20);
     dev.send(&report_msg(20, r#"{"pos":0}"#)).await;
     dev.until_ack(20).await;
-    let v: Value = http
-        .get(format!("http://{}/v1/devices/tracker-1/state", gw.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = state_of(&http, gw.api, "tracker-1").await;
     assert_eq!(v["reported"]["document"]["pos"], 20);
     assert_eq!(v["reported"]["version"], 20);
 }
