@@ -37,6 +37,14 @@ pub enum MessageType {
     DesiredAck = 0x0D,
     /// Device reports a change of its state (capability STATE only).
     Report = 0x0E,
+    /// Gateway offers a firmware image (capability FIRMWARE only).
+    FirmwareOffer = 0x0F,
+    /// Device asks for a range of an offered image (capability FIRMWARE only).
+    ChunkRequest = 0x10,
+    /// Gateway sends a range of an image (capability FIRMWARE only).
+    Chunk = 0x11,
+    /// Gateway withdraws an offer (capability FIRMWARE only).
+    FirmwareCancel = 0x12,
 }
 
 impl MessageType {
@@ -57,6 +65,10 @@ impl MessageType {
             0x0C => Self::Desired,
             0x0D => Self::DesiredAck,
             0x0E => Self::Report,
+            0x0F => Self::FirmwareOffer,
+            0x10 => Self::ChunkRequest,
+            0x11 => Self::Chunk,
+            0x12 => Self::FirmwareCancel,
             _ => return None,
         })
     }
@@ -73,6 +85,7 @@ impl MessageType {
                 | Self::Goodbye
                 | Self::DesiredAck
                 | Self::Report
+                | Self::ChunkRequest
         )
     }
 
@@ -82,6 +95,9 @@ impl MessageType {
     pub const fn capability(self) -> Option<u32> {
         match self {
             Self::Desired | Self::DesiredAck | Self::Report => Some(CAP_STATE),
+            Self::FirmwareOffer | Self::ChunkRequest | Self::Chunk | Self::FirmwareCancel => {
+                Some(CAP_FIRMWARE)
+            }
             _ => None,
         }
     }
@@ -90,7 +106,12 @@ impl MessageType {
     pub const fn sent_by_gateway(self) -> bool {
         !matches!(
             self,
-            Self::Hello | Self::Telemetry | Self::CommandResult | Self::DesiredAck | Self::Report
+            Self::Hello
+                | Self::Telemetry
+                | Self::CommandResult
+                | Self::DesiredAck
+                | Self::Report
+                | Self::ChunkRequest
         )
     }
 
@@ -111,6 +132,10 @@ impl MessageType {
             Self::Desired => "DESIRED",
             Self::DesiredAck => "DESIRED_ACK",
             Self::Report => "REPORT",
+            Self::FirmwareOffer => "FIRMWARE_OFFER",
+            Self::ChunkRequest => "CHUNK_REQUEST",
+            Self::Chunk => "CHUNK",
+            Self::FirmwareCancel => "FIRMWARE_CANCEL",
         }
     }
 }
@@ -118,6 +143,11 @@ impl MessageType {
 /// Capability bit of device state (DESIRED, DESIRED_ACK, REPORT), in
 /// HELLO's and WELCOME's optional `capabilities` field.
 pub const CAP_STATE: u32 = 1;
+
+/// Capability bit of firmware updates (FIRMWARE_OFFER, CHUNK_REQUEST,
+/// CHUNK, FIRMWARE_CANCEL). A gateway grants it only with [`CAP_STATE`]:
+/// the device reports its progress through its reported state.
+pub const CAP_FIRMWARE: u32 = 2;
 
 /// Codes carried by ERROR (fatal) and REJECT (one message refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -298,7 +328,7 @@ mod tests {
                 assert_eq!(t as u8, b);
                 assert!(t.sent_by_device() || t.sent_by_gateway());
             } else {
-                assert!(b == 0 || b > 0x0E);
+                assert!(b == 0 || b > 0x12);
             }
         }
         assert!(!MessageType::Hello.sent_by_gateway());

@@ -33,11 +33,14 @@ pub mod message;
 #[cfg(feature = "codec")]
 pub mod codec;
 
-pub use codes::{CommandStatus, ContentType, ErrorCode, GoodbyeCode, MessageType, CAP_STATE};
+pub use codes::{
+    CommandStatus, ContentType, ErrorCode, GoodbyeCode, MessageType, CAP_FIRMWARE, CAP_STATE,
+};
 pub use frame::{FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN};
 pub use message::{
-    Command, CommandResult, DecodeError, Desired, EncodeError, ErrorMsg, Goodbye, Hello, Message,
-    Reject, Report, Str, Telemetry, Welcome,
+    firmware_signed_message, Chunk, ChunkRequest, Command, CommandResult, DecodeError, Desired,
+    EncodeError, ErrorMsg, FirmwareOffer, Goodbye, Hello, Message, Reject, Report, Str, Telemetry,
+    Welcome, IMAGE_ID_LEN, SIGNATURE_LEN,
 };
 
 /// The protocol version this crate speaks, carried in HELLO and WELCOME.

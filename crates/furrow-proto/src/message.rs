@@ -248,6 +248,78 @@ pub struct Report {
     pub patch: Bytes,
 }
 
+/// Bytes of a firmware image's id: its SHA-256.
+pub const IMAGE_ID_LEN: usize = 32;
+
+/// Bytes of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// FIRMWARE_OFFER: the gateway offers an image (capability FIRMWARE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareOffer {
+    /// The image's SHA-256, which is also its id.
+    pub image: [u8; IMAGE_ID_LEN],
+    /// Its length in bytes.
+    pub size: u64,
+    /// The longest range one CHUNK_REQUEST may ask for.
+    pub chunk_max: u32,
+    /// CHUNK_REQUESTs the device may have unanswered at once.
+    pub window: u16,
+    /// Ed25519 signature of [`firmware_signed_message`].
+    pub signature: [u8; SIGNATURE_LEN],
+    /// The device model the image is built for.
+    pub model: Str,
+    /// The firmware version the image installs.
+    pub version: Str,
+}
+
+/// CHUNK_REQUEST: the device asks for `length` bytes at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRequest {
+    /// Which image.
+    pub image: [u8; IMAGE_ID_LEN],
+    /// Where the range starts.
+    pub offset: u64,
+    /// Its length (1 to the offer's `chunk_max`).
+    pub length: u32,
+}
+
+/// CHUNK: a range of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Which image.
+    pub image: [u8; IMAGE_ID_LEN],
+    /// Where `data` starts in it.
+    pub offset: u64,
+    /// CRC-32 (IEEE 802.3, as zlib computes it) of `data`.
+    pub crc32: u32,
+    /// The bytes.
+    pub data: Bytes,
+}
+
+/// The bytes an image's Ed25519 signature covers: a fixed label, the
+/// image's SHA-256 and size, its model and version (each a u16 length and
+/// UTF-8, as `str` fields are). Signing the metadata with the digest means
+/// an image cannot be offered as another version or for another model.
+pub fn firmware_signed_message(
+    image: &[u8; IMAGE_ID_LEN],
+    size: u64,
+    model: &str,
+    version: &str,
+) -> Vec<u8> {
+    const LABEL: &[u8] = b"furrow/1 firmware\0";
+    let mut m = Vec::with_capacity(LABEL.len() + 32 + 8 + 4 + model.len() + version.len());
+    m.extend_from_slice(LABEL);
+    m.extend_from_slice(image);
+    m.extend_from_slice(&size.to_be_bytes());
+    for s in [model, version] {
+        let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+    }
+    m
+}
+
 /// ERROR: fatal; the gateway closes after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorMsg {
@@ -309,6 +381,17 @@ pub enum Message {
     },
     /// A change of the reported state (capability STATE).
     Report(Report),
+    /// A firmware image on offer (capability FIRMWARE).
+    FirmwareOffer(FirmwareOffer),
+    /// The device asks for a range of an image (capability FIRMWARE).
+    ChunkRequest(ChunkRequest),
+    /// A range of an image (capability FIRMWARE).
+    Chunk(Chunk),
+    /// The offer of this image is withdrawn (capability FIRMWARE).
+    FirmwareCancel {
+        /// Which image.
+        image: [u8; IMAGE_ID_LEN],
+    },
 }
 
 /// Reads fields off a body, failing with PROTOCOL_ERROR when it runs short.
@@ -345,6 +428,12 @@ impl Body {
     }
     fn str(&mut self) -> Result<Str, DecodeError> {
         Str::from_utf8(self.bytes()?)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.need(N)?;
+        let mut a = [0u8; N];
+        self.0.copy_to_slice(&mut a);
+        Ok(a)
     }
     /// An optional trailing u32: absent when the body ends here.
     fn optional_u32(&mut self) -> Result<Option<u32>, DecodeError> {
@@ -386,6 +475,10 @@ impl Message {
             Self::Desired(_) => MessageType::Desired,
             Self::DesiredAck { .. } => MessageType::DesiredAck,
             Self::Report(_) => MessageType::Report,
+            Self::FirmwareOffer(_) => MessageType::FirmwareOffer,
+            Self::ChunkRequest(_) => MessageType::ChunkRequest,
+            Self::Chunk(_) => MessageType::Chunk,
+            Self::FirmwareCancel { .. } => MessageType::FirmwareCancel,
         }
     }
 
@@ -532,6 +625,47 @@ impl Message {
                     patch: b.rest(),
                 })
             }
+            MessageType::FirmwareOffer => {
+                let o = FirmwareOffer {
+                    image: b.array()?,
+                    size: b.u64()?,
+                    chunk_max: b.u32()?,
+                    window: b.u16()?,
+                    signature: b.array()?,
+                    model: b.str()?,
+                    version: b.str()?,
+                };
+                b.end()?;
+                if o.chunk_max == 0 || o.window == 0 {
+                    return Err(DecodeError::Protocol(
+                        "FIRMWARE_OFFER chunk_max and window must not be 0",
+                    ));
+                }
+                Self::FirmwareOffer(o)
+            }
+            MessageType::ChunkRequest => {
+                let r = ChunkRequest {
+                    image: b.array()?,
+                    offset: b.u64()?,
+                    length: b.u32()?,
+                };
+                b.end()?;
+                if r.length == 0 {
+                    return Err(DecodeError::Protocol("CHUNK_REQUEST length 0"));
+                }
+                Self::ChunkRequest(r)
+            }
+            MessageType::Chunk => Self::Chunk(Chunk {
+                image: b.array()?,
+                offset: b.u64()?,
+                crc32: b.u32()?,
+                data: b.rest(),
+            }),
+            MessageType::FirmwareCancel => {
+                let image = b.array()?;
+                b.end()?;
+                Self::FirmwareCancel { image }
+            }
         };
         Ok(msg)
     }
@@ -552,6 +686,12 @@ impl Message {
             Self::Goodbye(_) => 2 + 4,
             Self::Desired(d) => 8 + d.document.len(),
             Self::Report(r) => 8 + 8 + r.patch.len(),
+            Self::FirmwareOffer(o) => {
+                IMAGE_ID_LEN + 8 + 4 + 2 + SIGNATURE_LEN + s(&o.model) + s(&o.version)
+            }
+            Self::ChunkRequest(_) => IMAGE_ID_LEN + 8 + 4,
+            Self::Chunk(c) => IMAGE_ID_LEN + 8 + 4 + c.data.len(),
+            Self::FirmwareCancel { .. } => IMAGE_ID_LEN,
         }
     }
 
@@ -628,6 +768,27 @@ impl Message {
                 dst.put_u64(r.timestamp_ms);
                 dst.put_slice(&r.patch);
             }
+            Self::FirmwareOffer(o) => {
+                dst.put_slice(&o.image);
+                dst.put_u64(o.size);
+                dst.put_u32(o.chunk_max);
+                dst.put_u16(o.window);
+                dst.put_slice(&o.signature);
+                put_str(dst, &o.model);
+                put_str(dst, &o.version);
+            }
+            Self::ChunkRequest(r) => {
+                dst.put_slice(&r.image);
+                dst.put_u64(r.offset);
+                dst.put_u32(r.length);
+            }
+            Self::Chunk(c) => {
+                dst.put_slice(&c.image);
+                dst.put_u64(c.offset);
+                dst.put_u32(c.crc32);
+                dst.put_slice(&c.data);
+            }
+            Self::FirmwareCancel { image } => dst.put_slice(image),
             Self::Error(e) => {
                 dst.put_u16(e.code);
                 put_str(dst, &e.message);
@@ -653,6 +814,7 @@ impl Message {
             Self::Reject(r) => (Some(&r.reason), None),
             Self::Command(c) => (Some(&c.name), None),
             Self::Error(e) => (Some(&e.message), None),
+            Self::FirmwareOffer(o) => (Some(&o.model), Some(&o.version)),
             _ => (None, None),
         };
         a.into_iter().chain(b)

@@ -158,7 +158,7 @@ fn header_and_body_errors_surface_as_decode_errors() {
             vec![0, 0, 0, 10, 0x04, 0x01],
             DecodeError::Protocol("frame flags must be 0"),
         ),
-        (vec![0, 0, 0, 10, 0x0F, 0], DecodeError::UnknownType(0x0F)),
+        (vec![0, 0, 0, 10, 0x1F, 0], DecodeError::UnknownType(0x1F)),
         // HELLO version 2: the body is parsed too, unlike FrameDecoder alone.
         (
             vec![0, 0, 0, 3, 0x01, 0, 2],

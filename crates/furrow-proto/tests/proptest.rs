@@ -3,6 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use furrow_proto::content::{self, ContentError};
+use furrow_proto::{Chunk, ChunkRequest, FirmwareOffer};
 use furrow_proto::{
     Command, CommandResult, CommandStatus, ContentType, Desired, ErrorMsg, FrameDecoder, Goodbye,
     Hello, Message, Reject, Report, Str, Telemetry, Welcome, HEADER_LEN,
@@ -138,6 +139,46 @@ fn message() -> impl Strategy<Value = Message> {
                 patch,
             })
         }),
+        (
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            1..=u32::MAX,
+            1..=u16::MAX,
+            vec(any::<u8>(), 64),
+            utf8_upto(40),
+            utf8_upto(40),
+        )
+            .prop_map(|(image, size, chunk_max, window, sig, model, version)| {
+                let mut signature = [0u8; 64];
+                signature.copy_from_slice(&sig);
+                Message::FirmwareOffer(FirmwareOffer {
+                    image,
+                    size,
+                    chunk_max,
+                    window,
+                    signature,
+                    model,
+                    version,
+                })
+            }),
+        (any::<[u8; 32]>(), any::<u64>(), 1..=u32::MAX).prop_map(|(image, offset, length)| {
+            Message::ChunkRequest(ChunkRequest {
+                image,
+                offset,
+                length,
+            })
+        }),
+        (any::<[u8; 32]>(), any::<u64>(), any::<u32>(), payload()).prop_map(
+            |(image, offset, crc32, data)| {
+                Message::Chunk(Chunk {
+                    image,
+                    offset,
+                    crc32,
+                    data,
+                })
+            }
+        ),
+        any::<[u8; 32]>().prop_map(|image| Message::FirmwareCancel { image }),
     ]
 }
 

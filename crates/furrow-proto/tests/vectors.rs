@@ -8,6 +8,7 @@ use furrow_proto::{
     ErrorMsg, FrameDecoder, Goodbye, Hello, Message, MessageType, Reject, Report, Str, Telemetry,
     Welcome, CAP_STATE, DEFAULT_MAX_FRAME, HEADER_LEN,
 };
+use furrow_proto::{firmware_signed_message, Chunk, ChunkRequest, FirmwareOffer, CAP_FIRMWARE};
 
 /// The normative document, read at compile time so the vectors below cannot
 /// drift from it unnoticed.
@@ -30,6 +31,30 @@ const REPORT_HEX: &str = "00 00 00 1e 0e 00 00 00 00 00 00 00 00 2b 00 00 01 9a 
                           7b 22 6c 65 64 22 3a 22 6f 6e 22 7d";
 const REJECT_STATE_HEX: &str = "00 00 00 1d 05 00 00 00 00 00 00 00 00 2c 00 16 00 0f 73 74 61 \
                                 74 65 20 74 6f 6f 20 6c 61 72 67 65";
+const HELLO_FW_HEX: &str =
+    "00 00 00 17 01 00 01 00 1e 00 07 70 75 6d 70 2d 31 37 00 03 6b 33 79 00 00 00 03";
+const OFFER_HEX: &str = concat!(
+    "00 00 00 7b 0f 00 ",
+    "ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ",
+    "00 00 00 00 00 10 00 00 00 00 80 00 00 04 ",
+    "5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a ",
+    "5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a 5a ",
+    "00 02 70 37 00 05 31 2e 31 2e 30"
+);
+const CHUNK_REQUEST_HEX: &str = concat!(
+    "00 00 00 2e 10 00 ",
+    "ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ",
+    "00 00 00 00 00 00 80 00 00 00 80 00"
+);
+const CHUNK_HEX: &str = concat!(
+    "00 00 00 34 11 00 ",
+    "ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ",
+    "00 00 00 00 00 00 80 00 e4 1a 65 85 66 75 72 72 6f 77"
+);
+const CANCEL_HEX: &str = concat!(
+    "00 00 00 22 12 00 ",
+    "ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab ab"
+);
 
 const TOO_SHORT: DecodeError = DecodeError::Protocol("body too short for its fields");
 const LEFTOVER: DecodeError = DecodeError::Protocol("bytes left over after the last field");
@@ -138,6 +163,37 @@ fn spec_report() -> Message {
     })
 }
 
+const IMAGE: [u8; 32] = [0xab; 32];
+
+fn spec_offer() -> Message {
+    Message::FirmwareOffer(FirmwareOffer {
+        image: IMAGE,
+        size: 1_048_576,
+        chunk_max: 32_768,
+        window: 4,
+        signature: [0x5a; 64],
+        model: Str::from("p7"),
+        version: Str::from("1.1.0"),
+    })
+}
+
+fn spec_chunk_request() -> Message {
+    Message::ChunkRequest(ChunkRequest {
+        image: IMAGE,
+        offset: 32_768,
+        length: 32_768,
+    })
+}
+
+fn spec_chunk() -> Message {
+    Message::Chunk(Chunk {
+        image: IMAGE,
+        offset: 32_768,
+        crc32: 0xe41a_6585,
+        data: Bytes::from_static(b"furrow"),
+    })
+}
+
 fn with_caps(m: Message, caps: u32) -> Message {
     match m {
         Message::Hello(h) => Message::Hello(Hello {
@@ -180,6 +236,19 @@ fn spec_vectors() -> Vec<(&'static str, &'static str, Message)> {
                 reason: Str::from("state too large"),
             }),
         ),
+        (
+            "HELLO",
+            HELLO_FW_HEX,
+            with_caps(spec_hello(), CAP_STATE | CAP_FIRMWARE),
+        ),
+        ("FIRMWARE_OFFER", OFFER_HEX, spec_offer()),
+        ("CHUNK_REQUEST", CHUNK_REQUEST_HEX, spec_chunk_request()),
+        ("CHUNK", CHUNK_HEX, spec_chunk()),
+        (
+            "FIRMWARE_CANCEL",
+            CANCEL_HEX,
+            Message::FirmwareCancel { image: IMAGE },
+        ),
     ]
 }
 
@@ -220,6 +289,10 @@ fn one_of_each() -> Vec<Message> {
         spec_desired(),
         Message::DesiredAck { version: 3 },
         spec_report(),
+        spec_offer(),
+        spec_chunk_request(),
+        spec_chunk(),
+        Message::FirmwareCancel { image: IMAGE },
     ]
 }
 
@@ -231,6 +304,7 @@ fn has_rest(kind: MessageType) -> bool {
             | MessageType::CommandResult
             | MessageType::Desired
             | MessageType::Report
+            | MessageType::Chunk
     )
 }
 
@@ -365,6 +439,10 @@ fn message_kind_bytes_match_the_spec_table() {
         (0x0C, "DESIRED"),
         (0x0D, "DESIRED_ACK"),
         (0x0E, "REPORT"),
+        (0x0F, "FIRMWARE_OFFER"),
+        (0x10, "CHUNK_REQUEST"),
+        (0x11, "CHUNK"),
+        (0x12, "FIRMWARE_CANCEL"),
     ];
     let kinds: Vec<(u8, &str)> = one_of_each()
         .iter()
@@ -388,6 +466,7 @@ fn fixed_part(m: &Message) -> usize {
         Message::CommandResult(_) => 10,
         Message::Desired(_) => 8,
         Message::Report(_) => 16,
+        Message::Chunk(_) => 44,
         _ => m.body_len(),
     }
 }
@@ -802,13 +881,13 @@ fn flags_must_be_zero() {
 
 #[test]
 fn unknown_types() {
-    for t in (0u8..=255).filter(|t| !(1..=0x0E).contains(t)) {
+    for t in (0u8..=255).filter(|t| !(1..=0x12).contains(t)) {
         let frame = [0, 0, 0, 10, t, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(decode_header(&frame), Err(DecodeError::UnknownType(t)));
         // Decided from the header, before the body arrives.
         assert_eq!(decode_header(&frame[..6]), Err(DecodeError::UnknownType(t)));
     }
-    for t in 1u8..=0x0E {
+    for t in 1u8..=0x12 {
         let frame = [0, 0, 0, 10, t, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(
             decode_header(&frame),
@@ -901,9 +980,9 @@ fn check_order_length_then_flags_then_type() {
         // Bad flags beat an unknown type.
         (&[0, 0, 0, 2, 0xFF, 0x01], BAD_FLAGS),
         (&[0, 0, 0, 2, 0x00, 0x80], BAD_FLAGS),
-        (&[0, 0, 0, 10, 0x0F, 0x01], BAD_FLAGS),
+        (&[0, 0, 0, 10, 0x1F, 0x01], BAD_FLAGS),
         // An unknown type beats a body that is not there yet.
-        (&[0, 0, 0, 10, 0x0F, 0x00], DecodeError::UnknownType(0x0F)),
+        (&[0, 0, 0, 10, 0x1F, 0x00], DecodeError::UnknownType(0x1F)),
     ];
     for (bytes, want) in cases {
         let mut buf = BytesMut::from(*bytes);
@@ -929,7 +1008,7 @@ fn check_order_does_not_depend_on_read_boundaries() {
         &[0, 0, 0, 10, 0x00, 0x80],
         &[0, 0, 0, 1, 0xFF, 0x01],
         &[0, 0, 0, 2, 0x03, 0x01],
-        &[0, 0, 0, 2, 0x0F, 0x00],
+        &[0, 0, 0, 2, 0x1F, 0x00],
     ];
     for whole in bad_headers {
         let want = dec.decode(&mut BytesMut::from(*whole)).unwrap_err();
@@ -1098,4 +1177,66 @@ fn report_seq_zero_is_protocol_error() {
         DecodeError::Protocol("REPORT seq 0").code(),
         ErrorCode::ProtocolError
     );
+}
+
+#[test]
+fn firmware_messages_belong_to_their_capability_and_direction() {
+    for (kind, device) in [
+        (MessageType::FirmwareOffer, false),
+        (MessageType::ChunkRequest, true),
+        (MessageType::Chunk, false),
+        (MessageType::FirmwareCancel, false),
+    ] {
+        assert_eq!(kind.capability(), Some(CAP_FIRMWARE), "{}", kind.name());
+        assert_eq!(kind.sent_by_device(), device, "{}", kind.name());
+        assert_eq!(kind.sent_by_gateway(), !device, "{}", kind.name());
+    }
+}
+
+#[test]
+fn firmware_zero_fields_are_protocol_errors() {
+    // chunk_max 0, window 0, a request of length 0.
+    let offer = encode(&spec_offer());
+    let mut b = offer[HEADER_LEN..].to_vec();
+    b[40..44].copy_from_slice(&[0; 4]);
+    assert!(matches!(
+        parse(MessageType::FirmwareOffer, &b),
+        Err(DecodeError::Protocol(_))
+    ));
+    let mut b = offer[HEADER_LEN..].to_vec();
+    b[44..46].copy_from_slice(&[0; 2]);
+    assert!(matches!(
+        parse(MessageType::FirmwareOffer, &b),
+        Err(DecodeError::Protocol(_))
+    ));
+    let req = encode(&spec_chunk_request());
+    let mut b = req[HEADER_LEN..].to_vec();
+    b[40..44].copy_from_slice(&[0; 4]);
+    assert_eq!(
+        parse(MessageType::ChunkRequest, &b),
+        Err(DecodeError::Protocol("CHUNK_REQUEST length 0"))
+    );
+}
+
+#[test]
+fn the_chunk_vector_carries_the_crc32_of_its_data() {
+    let Message::Chunk(c) = decode_one(&unhex(CHUNK_HEX)).unwrap() else {
+        panic!("not CHUNK");
+    };
+    assert_eq!(crc32fast::hash(&c.data), c.crc32);
+}
+
+#[test]
+fn the_signed_message_is_laid_out_as_the_spec_says() {
+    let m = firmware_signed_message(&IMAGE, 1_048_576, "p7", "1.1.0");
+    let mut want = b"furrow/1 firmware\0".to_vec();
+    want.extend_from_slice(&IMAGE);
+    want.extend_from_slice(&1_048_576u64.to_be_bytes());
+    want.extend_from_slice(&[0, 2, b'p', b'7', 0, 5]);
+    want.extend_from_slice(b"1.1.0");
+    assert_eq!(m, want);
+    // Every field is covered: another version or model signs other bytes.
+    assert_ne!(m, firmware_signed_message(&IMAGE, 1_048_576, "p7", "1.1.1"));
+    assert_ne!(m, firmware_signed_message(&IMAGE, 1_048_576, "p8", "1.1.0"));
+    assert_ne!(m, firmware_signed_message(&IMAGE, 1_048_575, "p7", "1.1.0"));
 }

@@ -360,7 +360,7 @@ async fn proxy_headers_on_a_plain_listener_are_frame_too_large() {
 #[tokio::test]
 async fn unknown_type_before_and_after_hello() {
     let (gw, token) = gateway().await;
-    for kind in [0x00u8, 0x0F, 0x7F, 0xFF] {
+    for kind in [0x00u8, 0x1F, 0x7F, 0xFF] {
         let mut dev = RawDevice::connect(gw.addr()).await;
         dev.send_raw(&raw_frame(kind, 0, &[1, 2, 3])).await;
         dev.expect_error(code::UNKNOWN_TYPE).await;
@@ -371,7 +371,7 @@ async fn unknown_type_before_and_after_hello() {
     }
     // Flags are checked before the type.
     let mut dev = active(&gw, &token).await;
-    dev.send_raw(&raw_frame(0x0F, 1, &[])).await;
+    dev.send_raw(&raw_frame(0x1F, 1, &[])).await;
     dev.expect_error(code::PROTOCOL_ERROR).await;
 }
 
