@@ -60,6 +60,8 @@ pub struct Config {
     pub devices: Devices,
     /// Device state (desired and reported documents).
     pub state: State,
+    /// Firmware images and their transfer to devices.
+    pub firmware: Firmware,
 }
 
 impl Default for Config {
@@ -81,7 +83,58 @@ impl Default for Config {
             proxy_protocol: ProxyProtocol::default(),
             devices: Devices::default(),
             state: State::default(),
+            firmware: Firmware::default(),
         }
+    }
+}
+
+/// Firmware over the air (docs/protocol.md, "Firmware updates").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Firmware {
+    /// Largest image `POST /v1/firmware` takes (413 above it).
+    pub max_image_bytes: u64,
+    /// Longest range one CHUNK_REQUEST may ask for (FIRMWARE_OFFER's
+    /// `chunk_max`), never more than a frame carries.
+    pub chunk_max: u32,
+    /// CHUNK_REQUESTs a device may have unanswered (the offer's `window`).
+    pub window: u16,
+    /// Devices of one firmware job downloading at once on this instance,
+    /// when the job does not say (`max_downloads`).
+    pub max_downloads: u32,
+    /// Memory for images being served (least recently used out); at least
+    /// `max_image_bytes`.
+    pub cache_bytes: u64,
+    /// The operator's Ed25519 key (PKCS#8, from `furrow firmware keygen`):
+    /// uploads without a signature are signed with it. Empty: every upload
+    /// brings its signature.
+    pub signing_key_file: PathBuf,
+    /// Public keys (64 hex digits) whose signatures uploads may carry, in
+    /// addition to the signing key's own.
+    pub trusted_keys: Vec<String>,
+}
+
+impl Default for Firmware {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 64 << 20,
+            chunk_max: 32 << 10,
+            window: 4,
+            max_downloads: 200,
+            cache_bytes: 256 << 20,
+            signing_key_file: PathBuf::new(),
+            trusted_keys: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The chunk length in force: `firmware.chunk_max`, and never more
+    /// than a CHUNK frame carries (46 bytes of header fields).
+    pub fn chunk_max(&self) -> u32 {
+        self.firmware
+            .chunk_max
+            .min(self.limits.max_frame.saturating_sub(46))
     }
 }
 
@@ -882,6 +935,27 @@ impl Config {
         }
         if self.storage.connect_timeout_ms == 0 {
             return bad("storage.connect_timeout_ms", "must be above 0".into());
+        }
+        let fw = &self.firmware;
+        if fw.chunk_max < 512 {
+            return bad("firmware.chunk_max", "must be at least 512".into());
+        }
+        if fw.window == 0 {
+            return bad("firmware.window", "must be at least 1".into());
+        }
+        if fw.max_image_bytes == 0 {
+            return bad("firmware.max_image_bytes", "must be above 0".into());
+        }
+        if fw.cache_bytes < fw.max_image_bytes {
+            return bad(
+                "firmware.cache_bytes",
+                "must be at least firmware.max_image_bytes (an image is served from memory)".into(),
+            );
+        }
+        for k in &fw.trusted_keys {
+            if let Err(e) = crate::firmware::parse_public_key(k) {
+                return bad("firmware.trusted_keys", e.to_string());
+            }
         }
         if self.limits.max_inflight == 0 {
             return bad("limits.max_inflight", "must be at least 1".into());

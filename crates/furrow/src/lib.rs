@@ -27,6 +27,8 @@
 //!   takeover and command wakeups.
 //! * [`writer`]: group commit and ACK release.
 //! * [`store`]: the storage traits and their SQLite and PostgreSQL backends.
+//! * [`jobs`]: fleet jobs (commands, desired state, firmware) rolled out
+//!   at a rate; [`firmware`]: signed images served to devices in ranges.
 //! * [`publish`]: events to MQTT after commit.
 //! * [`server`]: assembly and phased shutdown; [`config`]: settings;
 //!   [`api`]: the operator's HTTP API.
@@ -41,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod envelope;
+pub mod firmware;
 pub mod ingress;
 pub mod jobs;
 pub mod metrics;

@@ -66,6 +66,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// Firmware signing: make the fleet's Ed25519 key, sign an image.
+    Firmware {
+        #[command(subcommand)]
+        cmd: FirmwareCmd,
+    },
     /// Apply database schema migrations and exit (the gateway also applies
     /// them when it starts).
     Migrate {
@@ -166,6 +171,32 @@ enum CertsCmd {
         out: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum FirmwareCmd {
+    /// A new Ed25519 key pair: OUT (PKCS#8, keep it secret; the gateway's
+    /// firmware.signing_key_file) and OUT.pub (the public key in hex, to
+    /// build into devices). Prints the public key.
+    Keygen {
+        #[arg(long, value_name = "FILE", default_value = "firmware.key")]
+        out: PathBuf,
+    },
+    /// Signs IMAGE for MODEL and VERSION; prints the hex signature, for
+    /// `POST /v1/firmware?...&signature=`.
+    Sign {
+        /// The key from `keygen`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The device model the image is for.
+        #[arg(long)]
+        model: String,
+        /// The version it installs.
+        #[arg(long)]
+        version: String,
+        /// The image file.
+        image: PathBuf,
     },
 }
 
@@ -370,6 +401,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", path.display());
             }
         }
+        Cmd::Firmware { cmd } => match cmd {
+            FirmwareCmd::Keygen { out } => {
+                use std::io::Write;
+                let der = furrow::firmware::SigningKey::generate()?;
+                let key = furrow::firmware::SigningKey::from_pkcs8(&der, "new key")?;
+                let mut f = std::fs::OpenOptions::new();
+                f.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+                f.open(&out)
+                    .and_then(|mut file| file.write_all(&der))
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                let mut public = out.clone().into_os_string();
+                public.push(".pub");
+                std::fs::write(&public, format!("{}\n", key.public_hex()))
+                    .with_context(|| format!("cannot write {public:?}"))?;
+                println!("{}", key.public_hex());
+            }
+            FirmwareCmd::Sign {
+                key,
+                model,
+                version,
+                image,
+            } => {
+                use sha2::Digest;
+                furrow::firmware::check_label("model", &model)?;
+                furrow::firmware::check_label("version", &version)?;
+                let key = furrow::firmware::SigningKey::load(&key)?;
+                let mut f = std::fs::File::open(&image)
+                    .with_context(|| format!("cannot open {}", image.display()))?;
+                let mut hash = sha2::Sha256::new();
+                let size = std::io::copy(&mut f, &mut hash)
+                    .with_context(|| format!("cannot read {}", image.display()))?;
+                let id: [u8; 32] = hash.finalize().into();
+                println!("{}", hex::encode(key.sign(&id, size, &model, &version)));
+            }
+        },
         Cmd::Send(args) => send::run(args).await?,
         Cmd::Sim(args) => sim::run(args).await?,
         Cmd::Bench(cmd) => bench::run(cmd).await?,

@@ -63,6 +63,9 @@ pub enum ServerError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::ingress::tls::TlsError),
+    /// The firmware signing key or a trusted key cannot be used.
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
     /// The device listener could not bind.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -182,6 +185,8 @@ pub struct Server {
     /// The abuse limits and what they track (ingress/limits.rs).
     limits: Arc<Limiter>,
     cluster: Cluster,
+    /// Firmware upload settings (the signing key, loaded at bind).
+    uploads: Arc<crate::firmware::Uploads>,
     /// The PostgreSQL store, whose retention the gateway runs.
     #[cfg(feature = "postgres")]
     postgres: Option<PostgresStore>,
@@ -261,6 +266,11 @@ impl Server {
             None
         };
         let limits = Arc::new(Limiter::new(&cfg.limits));
+        let uploads = Arc::new(crate::firmware::Uploads::from_config(&cfg)?);
+        std::fs::create_dir_all(&uploads.staging).map_err(|source| ServerError::DataDir {
+            path: uploads.staging.clone(),
+            source,
+        })?;
         Ok(Self {
             cfg,
             listener,
@@ -271,6 +281,7 @@ impl Server {
             registry: Arc::new(Registry::new()),
             limits,
             cluster: Cluster::single(),
+            uploads,
             #[cfg(feature = "postgres")]
             postgres: None,
         })
@@ -322,6 +333,7 @@ impl Server {
             registry,
             limits,
             cluster,
+            uploads,
             #[cfg(feature = "postgres")]
             postgres,
         } = self;
@@ -361,8 +373,12 @@ impl Server {
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let firmware =
+            crate::firmware::serve::Service::new(&cfg, Arc::clone(&store), Arc::clone(&registry));
         let api_task = api_listener.map(|l| {
             let state = ApiState {
+                firmware: Arc::clone(&firmware),
+                uploads: Arc::clone(&uploads),
                 store: Arc::clone(&store),
                 registry: Arc::clone(&registry),
                 metrics,
@@ -425,6 +441,7 @@ impl Server {
             events,
             cluster: cluster.clone(),
             tls: tls.clone(),
+            firmware,
         });
         let reloader = tls
             .clone()

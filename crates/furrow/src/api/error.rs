@@ -55,6 +55,9 @@ impl From<StoreError> for ApiError {
             StoreError::State(e) => Self::BadRequest(e.to_string()),
             StoreError::Tag(e) => Self::BadRequest(e.to_string()),
             StoreError::Job(m) => Self::BadRequest(m),
+            e @ (StoreError::FirmwareExists(_) | StoreError::FirmwareInUse(_)) => {
+                Self::Conflict(e.to_string())
+            }
             other => Self::Store(other),
         }
     }

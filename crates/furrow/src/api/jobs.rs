@@ -1,5 +1,5 @@
-//! Fleet jobs (`jobs`): `POST /v1/jobs` rolls one operation (a command or a
-//! desired-state patch) out over a tag selector or a list of devices, at a
+//! Fleet jobs (`jobs`): `POST /v1/jobs` rolls one operation (a command, a
+//! desired-state patch or a firmware image) out over a tag selector or a list of devices, at a
 //! rate, with an abort rule and a timeout per device; `GET /v1/jobs`,
 //! `GET /v1/jobs/{id}` (progress), `GET /v1/jobs/{id}/devices` (each
 //! device's state), `POST /v1/jobs/{id}/cancel`.
@@ -26,8 +26,9 @@ pub struct CreateJob {
     /// `{"tags": {"site": "north"}}` (every device with all these tags,
     /// now) or `{"devices": ["pump-1", ...]}`.
     pub target: Target,
-    /// `{"command": {"name", "content_type", "payload"}}` or
-    /// `{"desired": {...a JSON merge patch of the desired state...}}`.
+    /// `{"command": {"name", "content_type", "payload"}}`,
+    /// `{"desired": {...a JSON merge patch of the desired state...}}` or
+    /// `{"firmware": {"image": "<id>", "max_downloads": 200}}`.
     #[schema(value_type = Object)]
     pub operation: serde_json::Value,
     /// Devices started per minute (0, the default: all at once).
@@ -62,6 +63,15 @@ pub enum OperationView {
         /// The JSON merge patch.
         #[schema(value_type = Object)]
         patch: serde_json::Value,
+    },
+    /// A firmware image to install.
+    Firmware {
+        /// The image's id (hex SHA-256).
+        image: String,
+        /// The version it installs.
+        version: String,
+        /// Devices downloading at once per gateway instance.
+        max_downloads: u32,
     },
 }
 
@@ -122,6 +132,15 @@ impl JobView {
                 Operation::Desired { patch } => OperationView::Desired {
                     patch: serde_json::from_str(patch).unwrap_or_default(),
                 },
+                Operation::Firmware {
+                    image,
+                    version,
+                    max_downloads,
+                } => OperationView::Firmware {
+                    image: image.clone(),
+                    version: version.clone(),
+                    max_downloads: *max_downloads,
+                },
             },
             rate_per_minute: j.rate_per_min,
             abort: j.abort,
@@ -142,10 +161,12 @@ impl JobView {
 fn operation_of(s: &ApiState, v: serde_json::Value) -> Result<Operation, ApiError> {
     let bad = |m: &str| ApiError::BadRequest(format!("operation: {m}"));
     let serde_json::Value::Object(mut m) = v else {
-        return Err(bad("an object with one member, command or desired"));
+        return Err(bad(
+            "an object with one member, command, desired or firmware",
+        ));
     };
     if m.len() != 1 {
-        return Err(bad("exactly one of command or desired"));
+        return Err(bad("exactly one of command, desired or firmware"));
     }
     if let Some(c) = m.remove("command") {
         let c: super::commands::CreateCommand = serde_json::from_value(c)
@@ -181,7 +202,25 @@ fn operation_of(s: &ApiState, v: serde_json::Value) -> Result<Operation, ApiErro
             patch: serde_json::Value::Object(patch).to_string(),
         });
     }
-    Err(bad("exactly one of command or desired"))
+    if let Some(f) = m.remove("firmware") {
+        let f: FirmwareOp = serde_json::from_value(f)
+            .map_err(|e| ApiError::BadRequest(format!("operation.firmware: {e}")))?;
+        // The version is the image's, filled in by `create`.
+        return Ok(Operation::Firmware {
+            image: f.image,
+            version: String::new(),
+            max_downloads: f.max_downloads.unwrap_or(s.uploads.max_downloads),
+        });
+    }
+    Err(bad("exactly one of command, desired or firmware"))
+}
+
+/// `{"firmware": {"image": "<id>", "max_downloads": 50}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FirmwareOp {
+    image: String,
+    max_downloads: Option<u32>,
 }
 
 /// Creates a job; its devices are fixed now and started at its rate.
@@ -196,7 +235,15 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     Json(body): Json<CreateJob>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let operation = operation_of(&s, body.operation)?;
+    let mut operation = operation_of(&s, body.operation)?;
+    if let Operation::Firmware { image, version, .. } = &mut operation {
+        let rec = s
+            .store
+            .firmware(image)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no firmware image {image}")))?;
+        *version = rec.version;
+    }
     match &body.target {
         Target::Tags(t) => {
             for (k, v) in t {

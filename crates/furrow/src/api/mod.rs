@@ -31,6 +31,7 @@ pub mod auth;
 pub mod commands;
 pub mod devices;
 pub mod error;
+pub mod firmware;
 pub mod jobs;
 pub mod state;
 pub mod storage;
@@ -55,6 +56,10 @@ pub mod telemetry;
         state::get,
         state::patch_desired,
         state::history,
+        firmware::upload,
+        firmware::list,
+        firmware::get,
+        firmware::delete,
         jobs::create,
         jobs::list,
         jobs::get,
@@ -73,6 +78,7 @@ pub mod telemetry;
         (name = "commands", description = "Commands to devices"),
         (name = "state", description = "Desired and reported device state"),
         (name = "jobs", description = "Operations rolled out over a fleet"),
+        (name = "firmware", description = "Signed firmware images"),
         (name = "storage", description = "Retention and disk"),
         (name = "admin", description = "API tokens with roles, and the audit log")
     )
@@ -120,6 +126,10 @@ pub struct ApiState {
     pub cluster: crate::cluster::Cluster,
     /// `[state]`: document limits of desired state patches.
     pub state_limits: crate::devices::state::StateLimits,
+    /// Firmware images being served (a deleted one is dropped from memory).
+    pub firmware: Arc<crate::firmware::serve::Service>,
+    /// Firmware upload settings.
+    pub uploads: Arc<crate::firmware::Uploads>,
 }
 
 /// 404 unless the device exists.
@@ -160,6 +170,16 @@ pub fn app(state: ApiState) -> Router {
         .route(
             "/v1/devices/{device_id}/tags",
             get(devices::tags).patch(devices::patch_tags),
+        )
+        .route(
+            "/v1/firmware",
+            get(firmware::list)
+                .post(firmware::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/firmware/{image_id}",
+            get(firmware::get).delete(firmware::delete),
         )
         .route("/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/jobs/{job_id}", get(jobs::get))

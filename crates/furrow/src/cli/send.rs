@@ -111,8 +111,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             Ok(Ok(Event::TokenRotated { .. })) => {
                 println!("<- COMMAND furrow.token: a new token, used from the next connection")
             }
-            // `furrow send` does not speak device state.
-            Ok(Ok(Event::Desired { .. })) => {}
+            // `furrow send` speaks neither device state nor firmware.
+            Ok(Ok(_)) => {}
         }
     }
     client.close().await;

@@ -1,4 +1,5 @@
-//! Fleet jobs: one operation (a command, or a desired-state patch) rolled
+//! Fleet jobs: one operation (a command, a desired-state patch, or a
+//! firmware image to install) rolled
 //! out over a set of devices at a rate, stopped by an abort rule.
 //!
 //! A job's devices are fixed when it is created (a tag selector is
@@ -118,14 +119,58 @@ pub enum Operation {
         /// The patch, compact JSON of an object.
         patch: String,
     },
+    /// Install a firmware image: the device is offered it (when one of the
+    /// job's download slots on its instance is free) and succeeds once it
+    /// reports running `version`, fails once it reports `failed`.
+    Firmware {
+        /// The image's id (hex SHA-256).
+        image: String,
+        /// The version it installs (the image's).
+        version: String,
+        /// Devices of this job downloading at once per gateway instance.
+        max_downloads: u32,
+    },
+}
+
+/// How a firmware job's parameters are stored (`op_payload`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FirmwareParams {
+    /// The version the image installs.
+    pub version: String,
+    /// Devices downloading at once per instance.
+    pub max_downloads: u32,
 }
 
 impl Operation {
-    /// `command` or `desired`, as stored.
+    /// `command`, `desired` or `firmware`, as stored.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Command { .. } => "command",
             Self::Desired { .. } => "desired",
+            Self::Firmware { .. } => "firmware",
+        }
+    }
+
+    /// The stored columns: name, content type, payload.
+    pub fn columns(&self) -> (String, u8, Vec<u8>) {
+        match self {
+            Self::Command {
+                name,
+                content_type,
+                payload,
+            } => (name.clone(), *content_type, payload.clone()),
+            Self::Desired { patch } => (String::new(), 0, patch.clone().into_bytes()),
+            Self::Firmware {
+                image,
+                version,
+                max_downloads,
+            } => {
+                let p = FirmwareParams {
+                    version: version.clone(),
+                    max_downloads: *max_downloads,
+                };
+                (image.clone(), 0, serde_json::to_vec(&p).unwrap_or_default())
+            }
         }
     }
 }

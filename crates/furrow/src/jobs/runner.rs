@@ -74,7 +74,15 @@ impl Runner {
     }
 
     async fn after(&self, t: JobTick) {
-        for device_id in &t.started {
+        // A firmware device that finished (or whose job stopped) is woken
+        // too: its session withdraws the offer and frees its slot.
+        let firmware = matches!(t.job.operation, crate::jobs::Operation::Firmware { .. });
+        let finished = t
+            .changed
+            .iter()
+            .filter(|d| firmware && d.state.is_final())
+            .map(|d| &d.device_id);
+        for device_id in t.started.iter().chain(finished) {
             if !self.registry.notify_commands(device_id) {
                 self.cluster.command_created(device_id).await;
             }

@@ -899,10 +899,16 @@ impl Session {
                 live.handle().notify_commands();
             }
         }
-        // The same wake-up announces a change of the desired state.
+        // The same wake-up announces a change of the desired state, and a
+        // firmware job's start (or end).
         if live.m.has_state() {
             match self.shared.store.state_of(live.m.key()).await {
-                Ok(row) => live.m.desired_due(&row),
+                Ok(row) => {
+                    live.m.desired_due(&row);
+                    if live.m.has_firmware() {
+                        Box::pin(self.offer_firmware(live, &row)).await;
+                    }
+                }
                 Err(e) => {
                     warn!(device = %live.m.device_id(), error = %e, "cannot read the desired state; retrying at the next wake-up");
                     live.handle().notify_commands();
@@ -910,6 +916,45 @@ impl Session {
             }
         }
         self.run_effects(&mut live.m);
+    }
+
+    /// Offers the image the device's firmware job wants, when a download
+    /// slot is free (a freed slot wakes the session again), or withdraws
+    /// an offer its job no longer makes.
+    async fn offer_firmware(&mut self, live: &mut Live, row: &crate::devices::state::StateRow) {
+        let fw = Arc::clone(&self.shared.firmware);
+        let a = match self.shared.store.firmware_assignment(live.m.key()).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return live.m.firmware_withdraw(),
+            Err(e) => {
+                warn!(device = %live.m.device_id(), error = %e, "cannot read the firmware job; retrying at the next wake-up");
+                return live.handle().notify_commands();
+            }
+        };
+        if live.m.firmware_offered() == Some(a.image.as_str()) {
+            return;
+        }
+        let reported: serde_json::Value =
+            serde_json::from_str(&row.reported.document).unwrap_or_default();
+        if !crate::firmware::wants_offer(&reported, &a.image, &a.version) {
+            return;
+        }
+        let image = match fw.images.get(&a.image).await {
+            Ok(Some(img)) => img,
+            Ok(None) => {
+                warn!(device = %live.m.device_id(), image = %a.image, "the firmware job's image is gone or damaged");
+                return;
+            }
+            Err(e) => {
+                warn!(device = %live.m.device_id(), error = %e, "cannot load a firmware image; retrying at the next wake-up");
+                return live.handle().notify_commands();
+            }
+        };
+        let device = Arc::clone(live.m.device_id());
+        if let Some(slot) = fw.slots.try_acquire(a.job, a.max_downloads, &device) {
+            live.m
+                .firmware_offer(image, a.job, slot, fw.chunk_max, fw.window);
+        }
     }
 
     /// Waits for room in the writer queue and hands over the pending job,
@@ -1209,7 +1254,7 @@ mod tests {
         let server = crate::Server::bind(cfg.clone()).await.unwrap();
         let (writer, _rx) = tokio::sync::mpsc::channel(1);
         let shared = Arc::new(Shared {
-            cfg,
+            cfg: cfg.clone(),
             store: server.store(),
             registry: server.registry(),
             writer,
@@ -1220,6 +1265,7 @@ mod tests {
             limits: Arc::new(crate::ingress::limits::Limiter::new(&Default::default())),
             park: None,
             tracker: tokio_util::task::TaskTracker::new(),
+            firmware: crate::firmware::serve::Service::new(&cfg, server.store(), server.registry()),
         });
         let permit = shared.limits.try_connection().unwrap();
         let fut = run(stream, addr, Instant::now(), 1, shared, None, permit);

@@ -64,15 +64,23 @@ pub fn authenticated(
     }
 }
 
-/// WELCOME for a device asking for `requested_keepalive_s`, and the silence
-/// after which it is dropped (1.5 x the effective keepalive).
 /// Extensions this gateway supports (docs/protocol.md, "Capabilities").
-pub const SUPPORTED_CAPABILITIES: u32 = furrow_proto::CAP_STATE;
+pub const SUPPORTED_CAPABILITIES: u32 = furrow_proto::CAP_STATE | furrow_proto::CAP_FIRMWARE;
+
+/// The extensions granted for those asked: the supported ones, FIRMWARE
+/// only with STATE (progress travels in the reported state).
+pub fn grant(asked: u32) -> u32 {
+    let mut c = asked & SUPPORTED_CAPABILITIES;
+    if c & furrow_proto::CAP_STATE == 0 {
+        c &= !furrow_proto::CAP_FIRMWARE;
+    }
+    c
+}
 
 /// WELCOME for a HELLO that asked for `requested_keepalive_s` and
-/// `capabilities`: those granted are the ones asked for that this gateway
-/// supports, announced only to a device that asked (an older device's
-/// WELCOME is unchanged).
+/// `capabilities` ([`grant`]), announced only to a device that asked (an
+/// older device's WELCOME is unchanged); and the silence after which the
+/// device is dropped (1.5 x the effective keepalive).
 pub fn welcome(
     cfg: &Config,
     requested_keepalive_s: u16,
@@ -88,7 +96,7 @@ pub fn welcome(
         max_inflight: cfg.limits.max_inflight,
         last_seq,
         server_time_ms: now_ms,
-        capabilities: capabilities.map(|c| c & SUPPORTED_CAPABILITIES),
+        capabilities: capabilities.map(grant),
     };
     (welcome, Duration::from_millis(u64::from(ka) * 1500))
 }
@@ -96,6 +104,15 @@ pub fn welcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn firmware_is_granted_only_with_state() {
+        use furrow_proto::{CAP_FIRMWARE, CAP_STATE};
+        assert_eq!(grant(CAP_STATE | CAP_FIRMWARE), CAP_STATE | CAP_FIRMWARE);
+        assert_eq!(grant(CAP_FIRMWARE), 0);
+        assert_eq!(grant(u32::MAX), CAP_STATE | CAP_FIRMWARE);
+        assert_eq!(grant(0), 0);
+    }
 
     fn device(token: &str, revoked: bool) -> DeviceAuth {
         DeviceAuth {

@@ -144,6 +144,9 @@ pub struct Machine {
     pub(super) caps: u32,
     /// Highest desired version sent on this connection.
     pub(super) desired_sent: u64,
+    /// The firmware offer standing on this connection (capability
+    /// FIRMWARE).
+    pub(super) firmware: Option<Box<super::messages::firmware::Transfer>>,
     /// REPORT pacing (GCRA): when the device's reports would be on time
     /// at the allowed rate; `None` when it is not ahead of it.
     pub(super) report_tat: Option<Instant>,
@@ -171,7 +174,7 @@ pub struct Machine {
     /// reading: a backpressure pause.
     throttle: Option<Throttle>,
     pub(super) effects: Vec<Effect>,
-    end: Option<End>,
+    pub(super) end: Option<End>,
     draining: bool,
     /// The last [`Self::room`] found the throttle out of tokens.
     throttled: bool,
@@ -244,6 +247,7 @@ impl Machine {
             staged_reports: Vec::new(),
             caps: 0,
             desired_sent: 0,
+            firmware: None,
             report_tat: None,
             frame_time: now,
             staged_reject: 0,
@@ -278,6 +282,7 @@ impl Machine {
             && self.effects.is_empty()
             && self.batch.is_none()
             && self.report_tat.is_none()
+            && self.firmware.is_none()
     }
 
     /// Since when the session has been quiet: its last frame, its start,
@@ -481,6 +486,7 @@ impl Machine {
             Message::Goodbye(_) => self.end_with(End::Drain(Drain::DeviceGoodbye)),
             Message::Report(r) => self.on_report(r, now_ms),
             Message::DesiredAck { version } => self.on_desired_ack(version),
+            Message::ChunkRequest(r) => self.on_chunk_request(r),
             _ => {
                 let m = format!("{} is not allowed from a device", kind.name());
                 self.end_with(End::Fatal(Fatal(ErrorCode::ProtocolError, m)));

@@ -74,6 +74,8 @@ pub struct Shared {
     pub park: Option<Arc<ParkLot>>,
     /// The connection tasks (a resumed session's task joins them).
     pub tracker: tokio_util::task::TaskTracker,
+    /// Firmware images and download slots.
+    pub firmware: Arc<crate::firmware::serve::Service>,
 }
 
 /// Why a connection closed; the `reason` of the close log line and metric.

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::devices::state::{StateError, StateLimits, StateRow};
+use crate::firmware::{Assignment, FirmwareRecord};
 use crate::jobs::{DeviceState, JobDevice, JobRecord, NewJob, TagError, Tags};
 
 #[cfg(feature = "postgres")]
@@ -458,6 +459,12 @@ pub enum StoreError {
         /// Why.
         source: BackendError,
     },
+    /// An image with these bytes is stored already.
+    #[error("firmware image {0} exists already")]
+    FirmwareExists(String),
+    /// An active job rolls this image out.
+    #[error("firmware image {0} is used by an active job")]
+    FirmwareInUse(String),
     /// A device with this id exists already.
     #[error("device {0:?} already exists")]
     DeviceExists(String),
@@ -857,12 +864,47 @@ pub trait FleetStore: Send + Sync + 'static {
     ) -> Result<Option<JobTick>, StoreError>;
 }
 
+/// Firmware images (their bytes beside the database on SQLite, inside it
+/// on PostgreSQL) and what firmware jobs ask of each device.
+#[async_trait]
+pub trait FirmwareStore: Send + Sync + 'static {
+    /// Stores an image whose bytes are in the file `staged` (which is
+    /// consumed), under `record.id`, its SHA-256, which the caller has
+    /// computed over those bytes. [`StoreError::FirmwareExists`] if an
+    /// image with those bytes is stored already.
+    async fn put_firmware(
+        &self,
+        record: FirmwareRecord,
+        staged: std::path::PathBuf,
+    ) -> Result<FirmwareRecord, StoreError>;
+
+    /// One image's metadata.
+    async fn firmware(&self, id: &str) -> Result<Option<FirmwareRecord>, StoreError>;
+
+    /// Every image, newest first.
+    async fn list_firmware(&self) -> Result<Vec<FirmwareRecord>, StoreError>;
+
+    /// Deletes an image: `false` if there is none,
+    /// [`StoreError::FirmwareInUse`] while an active job rolls it out.
+    async fn delete_firmware(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// An image's bytes.
+    async fn firmware_bytes(&self, id: &str) -> Result<Option<Bytes>, StoreError>;
+
+    /// The image a running firmware job has started on this device and
+    /// not yet finished (the newest such job), if any.
+    async fn firmware_assignment(
+        &self,
+        device: DeviceKey,
+    ) -> Result<Option<Assignment>, StoreError>;
+}
+
 /// A whole backend, shared by the writer, the sessions, the API and the
 /// CLI: every job above, and a health check. Split by job so that a piece
 /// of the gateway can say which part of the store it needs.
 #[async_trait]
 pub trait Store:
-    TelemetryStore + DeviceStore + CommandStore + AdminStore + StateStore + FleetStore
+    TelemetryStore + DeviceStore + CommandStore + AdminStore + StateStore + FleetStore + FirmwareStore
 {
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -872,7 +914,8 @@ pub trait Store:
 /// Store` is called.
 pub mod prelude {
     pub use super::{
-        AdminStore, CommandStore, DeviceStore, FleetStore, StateStore, Store, TelemetryStore,
+        AdminStore, CommandStore, DeviceStore, FirmwareStore, FleetStore, StateStore, Store,
+        TelemetryStore,
     };
 }
 

@@ -135,6 +135,14 @@ impl JobColumns {
             Operation::Desired {
                 patch: String::from_utf8_lossy(&self.op_payload).into_owned(),
             }
+        } else if self.op_kind == "firmware" {
+            let p: crate::jobs::FirmwareParams =
+                serde_json::from_slice(&self.op_payload).unwrap_or_default();
+            Operation::Firmware {
+                image: self.op_name,
+                version: p.version,
+                max_downloads: p.max_downloads,
+            }
         } else {
             Operation::Command {
                 name: self.op_name,

@@ -3,6 +3,7 @@
 //! in [`super::machine::Machine::on_frame`].
 
 mod commands;
+pub mod firmware;
 mod ping;
 mod state;
 mod telemetry;

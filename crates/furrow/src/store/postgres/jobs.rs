@@ -13,12 +13,13 @@ use tokio_postgres::Row;
 
 use super::{clamp, device_query, device_row, i, PostgresStore};
 use crate::devices::state::{self, StateLimits};
+use crate::firmware::{Assignment, FirmwareRecord};
 use crate::jobs::{
     self, Counts, Decision, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
     Target, MAX_TAGS,
 };
 use crate::store::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
-use crate::store::{CommandState, DeviceInfo, FleetStore, JobTick, StoreError};
+use crate::store::{CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
@@ -154,14 +155,8 @@ async fn create(tx: &Tx<'_>, job: &NewJob, now: u64) -> Result<u64, StoreError> 
     if keys.is_empty() {
         return Err(StoreError::Job("the target matches no device".into()));
     }
-    let (kind, name, ct, payload) = match &job.operation {
-        Operation::Command {
-            name,
-            content_type,
-            payload,
-        } => ("command", name.as_str(), *content_type, payload.clone()),
-        Operation::Desired { patch } => ("desired", "", 0, patch.clone().into_bytes()),
-    };
+    let kind = job.operation.kind();
+    let (name, ct, payload) = job.operation.columns();
     let target = serde_json::to_string(&job.target).map_err(|e| StoreError::Job(e.to_string()))?;
     let row = tx
         .query_one(
@@ -295,6 +290,26 @@ async fn sync(
                 }
             }
         }
+        Operation::Firmware { image, version, .. } => {
+            let rows = tx
+                .query(
+                    "SELECT device, started_ms FROM job_devices
+                     WHERE job = $1 AND state = 'in_progress'",
+                    &[&i(job.id)],
+                )
+                .await?;
+            for r in rows {
+                let (key, started): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+                let row = super::state::read_row(tx, key, false).await?;
+                let reported: serde_json::Value =
+                    serde_json::from_str(&row.reported.document).unwrap_or_default();
+                if let Some(st) =
+                    crate::firmware::outcome(&reported, image, version, u(started), job, now)
+                {
+                    set_state(tx, job.id, key, st, now, changed).await?;
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -379,6 +394,15 @@ async fn start(
                     }
                     Err(_) => set_state(tx, job.id, key, DeviceState::Failed, now, changed).await?,
                 }
+            }
+            Operation::Firmware { .. } => {
+                // Its session offers the image when it looks next.
+                tx.execute(
+                    "UPDATE job_devices SET state = 'in_progress' WHERE job = $1 AND device = $2",
+                    &[&i(job.id), &key],
+                )
+                .await?;
+                changed.push((key, DeviceState::InProgress));
             }
         }
         started.push(key);
@@ -745,6 +769,203 @@ impl FleetStore for PostgresStore {
                 .filter_map(|k| names.get(k).cloned())
                 .collect(),
             changed: changed_devices,
+        }))
+    }
+}
+
+/// Bytes of one stored piece of an image (`firmware_blobs` rows).
+const BLOB_PIECE: usize = 1 << 20;
+
+const FIRMWARE_COLS: &str = "id, name, version, model, size, signature, created_ms, created_by";
+
+fn firmware_row(r: &Row) -> Result<FirmwareRecord, StoreError> {
+    Ok(FirmwareRecord {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        version: r.try_get(2)?,
+        model: r.try_get(3)?,
+        size: u(r.try_get(4)?),
+        signature: r.try_get(5)?,
+        created_ms: u(r.try_get(6)?),
+        created_by: r.try_get(7)?,
+    })
+}
+
+#[async_trait]
+impl FirmwareStore for PostgresStore {
+    async fn put_firmware(
+        &self,
+        record: FirmwareRecord,
+        staged: std::path::PathBuf,
+    ) -> Result<FirmwareRecord, StoreError> {
+        let result = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let inserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO firmware ({FIRMWARE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    &[
+                        &record.id,
+                        &record.name,
+                        &record.version,
+                        &record.model,
+                        &clamp(record.size),
+                        &record.signature,
+                        &clamp(record.created_ms),
+                        &record.created_by,
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Err(StoreError::FirmwareExists(record.id.clone()));
+            }
+            // Piece by piece: never the whole image in memory at once.
+            let mut file = tokio::fs::File::open(&staged).await.map_err(|source| StoreError::Io {
+                path: staged.clone(),
+                source,
+            })?;
+            let stmt = tx
+                .prepare_cached("INSERT INTO firmware_blobs (id, piece, data) VALUES ($1, $2, $3)")
+                .await?;
+            let mut piece: i32 = 0;
+            loop {
+                let mut buf = Vec::with_capacity(BLOB_PIECE);
+                let n = tokio::io::AsyncReadExt::read_buf(
+                    &mut tokio::io::AsyncReadExt::take(&mut file, BLOB_PIECE as u64),
+                    &mut buf,
+                )
+                .await
+                .map_err(|source| StoreError::Io {
+                    path: staged.clone(),
+                    source,
+                })?;
+                if n == 0 {
+                    break;
+                }
+                // Fill the piece: a short read is not the end.
+                while buf.len() < BLOB_PIECE {
+                    let more = tokio::io::AsyncReadExt::read_buf(
+                        &mut tokio::io::AsyncReadExt::take(&mut file, (BLOB_PIECE - buf.len()) as u64),
+                        &mut buf,
+                    )
+                    .await
+                    .map_err(|source| StoreError::Io {
+                        path: staged.clone(),
+                        source,
+                    })?;
+                    if more == 0 {
+                        break;
+                    }
+                }
+                tx.execute(&stmt, &[&record.id, &piece, &buf]).await?;
+                piece += 1;
+            }
+            tx.commit().await?;
+            Ok(record)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&staged).await;
+        result
+    }
+
+    async fn firmware(&self, id: &str) -> Result<Option<FirmwareRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {FIRMWARE_COLS} FROM firmware WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        row.as_ref().map(firmware_row).transpose()
+    }
+
+    async fn list_firmware(&self) -> Result<Vec<FirmwareRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {FIRMWARE_COLS} FROM firmware ORDER BY created_ms DESC, id"),
+                &[],
+            )
+            .await?;
+        rows.iter().map(firmware_row).collect()
+    }
+
+    async fn delete_firmware(&self, id: &str) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Serialises with job creation, which reads the image FOR SHARE.
+        let exists = tx
+            .query_opt("SELECT 1 FROM firmware WHERE id = $1 FOR UPDATE", &[&id])
+            .await?
+            .is_some();
+        if !exists {
+            return Ok(false);
+        }
+        let used = tx
+            .query_opt(
+                "SELECT 1 FROM jobs WHERE op_kind = 'firmware' AND op_name = $1 AND active LIMIT 1",
+                &[&id],
+            )
+            .await?
+            .is_some();
+        if used {
+            return Err(StoreError::FirmwareInUse(id.to_owned()));
+        }
+        tx.execute("DELETE FROM firmware_blobs WHERE id = $1", &[&id])
+            .await?;
+        tx.execute("DELETE FROM firmware WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn firmware_bytes(&self, id: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT data FROM firmware_blobs WHERE id = $1 ORDER BY piece",
+                &[&id],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut out = bytes::BytesMut::new();
+        for r in rows {
+            let piece: &[u8] = r.try_get(0)?;
+            out.extend_from_slice(piece);
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    async fn firmware_assignment(
+        &self,
+        device: crate::store::DeviceKey,
+    ) -> Result<Option<Assignment>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT j.id, j.op_name, j.op_payload FROM job_devices jd
+                 JOIN jobs j ON j.id = jd.job
+                 WHERE jd.device = $1 AND jd.state = 'in_progress'
+                   AND j.op_kind = 'firmware' AND j.status = 'running'
+                 ORDER BY j.id DESC LIMIT 1",
+            )
+            .await?;
+        let Some(r) = client.query_opt(&stmt, &[&device]).await? else {
+            return Ok(None);
+        };
+        let (job, image, payload): (i64, String, Vec<u8>) =
+            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        let p: jobs::FirmwareParams = serde_json::from_slice(&payload).unwrap_or_default();
+        Ok(Some(Assignment {
+            job: u(job),
+            image,
+            version: p.version,
+            max_downloads: p.max_downloads,
         }))
     }
 }

@@ -199,6 +199,28 @@ CREATE TABLE job_devices (
 );
 CREATE INDEX job_devices_by_state ON job_devices (job, state, pos);
 "#,
+    r#"
+-- Firmware images (firmware/): in the database, so that every instance
+-- can serve every image; the bytes in pieces of 1 MiB.
+CREATE TABLE firmware (
+    id          text   PRIMARY KEY,
+    name        text   NOT NULL,
+    version     text   NOT NULL,
+    model       text   NOT NULL,
+    size        bigint NOT NULL,
+    signature   text   NOT NULL,
+    created_ms  bigint NOT NULL,
+    created_by  text   NOT NULL
+);
+CREATE TABLE firmware_blobs (
+    id     text  NOT NULL REFERENCES firmware(id),
+    piece  int   NOT NULL,
+    data   bytea NOT NULL,
+    PRIMARY KEY (id, piece)
+);
+-- A session's look for its device's firmware job.
+CREATE INDEX job_devices_by_device ON job_devices (device, state);
+"#,
 ];
 
 pub(crate) mod batch;

@@ -8,9 +8,10 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::super::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
-use super::super::{CommandState, DeviceInfo, FleetStore, JobTick, StoreError};
+use super::super::{CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError};
 use super::{device_info, SqliteStore};
 use crate::devices::state::{self, StateLimits};
+use crate::firmware::{Assignment, FirmwareRecord};
 use crate::jobs::{
     self, Counts, Decision, DeviceState, JobDevice, JobRecord, JobStatus, NewJob, Operation, Tags,
     Target, MAX_TAGS,
@@ -160,14 +161,8 @@ fn create(tx: &Transaction<'_>, job: &NewJob, now: u64) -> Result<u64, StoreErro
     if keys.is_empty() {
         return Err(StoreError::Job("the target matches no device".into()));
     }
-    let (kind, name, ct, payload) = match &job.operation {
-        Operation::Command {
-            name,
-            content_type,
-            payload,
-        } => ("command", name.as_str(), *content_type, payload.clone()),
-        Operation::Desired { patch } => ("desired", "", 0, patch.clone().into_bytes()),
-    };
+    let kind = job.operation.kind();
+    let (name, ct, payload) = job.operation.columns();
     let target = serde_json::to_string(&job.target).map_err(|e| StoreError::Job(e.to_string()))?;
     tx.execute(
         "INSERT INTO jobs (status, active, target, op_kind, op_name, op_content_type,
@@ -292,6 +287,26 @@ fn sync(
                 }
             }
         }
+        Operation::Firmware { image, version, .. } => {
+            let rows: Vec<(i64, i64)> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT device, started_ms FROM job_devices
+                     WHERE job = ?1 AND state = 'in_progress'",
+                )?;
+                let rows = stmt.query_map([i(job.id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for (key, started) in rows {
+                let row = super::state::read_row(tx, key)?;
+                let reported: serde_json::Value =
+                    serde_json::from_str(&row.reported.document).unwrap_or_default();
+                if let Some(st) =
+                    crate::firmware::outcome(&reported, image, version, u(started), job, now)
+                {
+                    set_state(tx, job.id, key, st, now, changed)?;
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -364,6 +379,15 @@ fn start(
                     }
                     Err(_) => set_state(tx, job.id, key, DeviceState::Failed, now, changed)?,
                 }
+            }
+            Operation::Firmware { .. } => {
+                // Its session offers the image when it looks next (the
+                // runner wakes it): nothing to write but the state.
+                tx.execute(
+                    "UPDATE job_devices SET state = 'in_progress' WHERE job = ?1 AND device = ?2",
+                    params![i(job.id), key],
+                )?;
+                changed.push((key, DeviceState::InProgress));
             }
         }
         started.push(key);
@@ -709,6 +733,180 @@ impl FleetStore for SqliteStore {
                         .filter_map(|k| names.get(k).cloned())
                         .collect(),
                     changed: changed_devices,
+                }))
+            })
+            .await
+    }
+}
+
+fn firmware_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FirmwareRecord> {
+    Ok(FirmwareRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        model: r.get(3)?,
+        size: u(r.get(4)?),
+        signature: r.get(5)?,
+        created_ms: u(r.get(6)?),
+        created_by: r.get(7)?,
+    })
+}
+
+const FIRMWARE_COLS: &str = "id, name, version, model, size, signature, created_ms, created_by";
+
+/// Where an image's bytes live: `firmware/<id>.bin` beside the database.
+fn image_path(dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+    dir.join(format!("{id}.bin"))
+}
+
+/// Ids are hex SHA-256s; anything else is never a file name.
+fn is_image_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[async_trait]
+impl FirmwareStore for SqliteStore {
+    async fn put_firmware(
+        &self,
+        record: FirmwareRecord,
+        staged: std::path::PathBuf,
+    ) -> Result<FirmwareRecord, StoreError> {
+        if !is_image_id(&record.id) {
+            return Err(StoreError::Job(format!("bad image id {:?}", record.id)));
+        }
+        let dir = self.firmware_dir();
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let exists = tx
+                    .prepare_cached("SELECT 1 FROM firmware WHERE id = ?1")?
+                    .exists([&record.id])?;
+                if exists {
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(StoreError::FirmwareExists(record.id));
+                }
+                tx.execute(
+                    &format!("INSERT INTO firmware ({FIRMWARE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                    params![
+                        record.id,
+                        record.name,
+                        record.version,
+                        record.model,
+                        i(record.size),
+                        record.signature,
+                        i(record.created_ms),
+                        record.created_by
+                    ],
+                )?;
+                // The bytes are in place (and synced) before the row that
+                // names them commits.
+                let path = image_path(&dir, &record.id);
+                let placed = std::fs::File::open(&staged)
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(&staged, &path))
+                    .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+                if let Err(source) = placed {
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(StoreError::Io { path, source });
+                }
+                tx.commit()?;
+                Ok(record)
+            })
+            .await
+    }
+
+    async fn firmware(&self, id: &str) -> Result<Option<FirmwareRecord>, StoreError> {
+        let id = id.to_owned();
+        self.reader
+            .call(move |conn| {
+                Ok(conn
+                    .prepare_cached(&format!(
+                        "SELECT {FIRMWARE_COLS} FROM firmware WHERE id = ?1"
+                    ))?
+                    .query_row([id], firmware_row)
+                    .optional()?)
+            })
+            .await
+    }
+
+    async fn list_firmware(&self) -> Result<Vec<FirmwareRecord>, StoreError> {
+        self.reader
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {FIRMWARE_COLS} FROM firmware ORDER BY created_ms DESC, id"
+                ))?;
+                let rows = stmt.query_map([], firmware_row)?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+    }
+
+    async fn delete_firmware(&self, id: &str) -> Result<bool, StoreError> {
+        let (id, dir) = (id.to_owned(), self.firmware_dir());
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let used = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM jobs WHERE op_kind = 'firmware' AND op_name = ?1 AND active = 1",
+                    )?
+                    .exists([&id])?;
+                if used {
+                    return Err(StoreError::FirmwareInUse(id));
+                }
+                let n = tx.execute("DELETE FROM firmware WHERE id = ?1", [&id])?;
+                tx.commit()?;
+                if n > 0 && is_image_id(&id) {
+                    let _ = std::fs::remove_file(image_path(&dir, &id));
+                }
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    async fn firmware_bytes(&self, id: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+        if !is_image_id(id) {
+            return Ok(None);
+        }
+        let path = image_path(&self.firmware_dir(), id);
+        let read = tokio::task::spawn_blocking(move || std::fs::read(&path))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        match read {
+            Ok(b) => Ok(Some(bytes::Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io {
+                path: image_path(&self.firmware_dir(), id),
+                source,
+            }),
+        }
+    }
+
+    async fn firmware_assignment(
+        &self,
+        device: crate::store::DeviceKey,
+    ) -> Result<Option<Assignment>, StoreError> {
+        self.reader
+            .call(move |conn| {
+                let row: Option<(i64, String, Vec<u8>)> = conn
+                    .prepare_cached(
+                        "SELECT j.id, j.op_name, j.op_payload FROM job_devices jd
+                         JOIN jobs j ON j.id = jd.job
+                         WHERE jd.device = ?1 AND jd.state = 'in_progress'
+                           AND j.op_kind = 'firmware' AND j.status = 'running'
+                         ORDER BY j.id DESC LIMIT 1",
+                    )?
+                    .query_row([device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                Ok(row.map(|(job, image, payload)| {
+                    let p: jobs::FirmwareParams =
+                        serde_json::from_slice(&payload).unwrap_or_default();
+                    Assignment {
+                        job: u(job),
+                        image,
+                        version: p.version,
+                        max_downloads: p.max_downloads,
+                    }
                 }))
             })
             .await

@@ -221,6 +221,24 @@ CREATE TABLE job_devices (
 CREATE INDEX job_devices_by_state ON job_devices (job, state, pos);
 "#,
     ),
+    Migration::Sql(
+        r#"
+-- Firmware images (firmware/): metadata here, bytes in firmware/<id>.bin
+-- beside the database.
+CREATE TABLE firmware (
+    id          TEXT    PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    version     TEXT    NOT NULL,
+    model       TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    signature   TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    created_by  TEXT    NOT NULL
+);
+-- A session's look for its device's firmware job.
+CREATE INDEX job_devices_by_device ON job_devices (device, state);
+"#,
+    ),
 ];
 
 /// Once a device uses its new token, its `furrow.token` commands are moot
@@ -534,6 +552,8 @@ impl SqliteStore {
         };
         if opts.ingest {
             store.spawn_sealer()?;
+            let dir = store.firmware_dir();
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }
         Ok(store)
     }
@@ -578,6 +598,15 @@ impl SqliteStore {
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         metrics::gauge!("furrow_storage_free_bytes").set(free as f64);
         Ok(free)
+    }
+
+    /// Where firmware images live: `firmware/` beside the database
+    /// (created when the store opens).
+    pub fn firmware_dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("firmware")
     }
 
     /// The database file.
