@@ -34,6 +34,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::backoff::Backoff;
 use crate::commands::{Command, CommandReply, Handler, Recent, Seen};
+use crate::firmware::{Download, FirmwareConfig, FirmwareError, FirmwareStats, Output, ReportSlot};
 use crate::outbox::{FileOutbox, FileOutboxOptions, MemoryOutbox, Outbox, OutboxError};
 
 /// How a client connects and behaves.
@@ -63,6 +64,9 @@ pub struct Config {
     pub command_memory: usize,
     /// TLS (and mutual TLS) to the gateway; `None`: plain TCP.
     pub tls: Option<crate::tls::TlsOptions>,
+    /// Firmware updates over the air; `None`: the client does not ask for
+    /// them.
+    pub firmware: Option<FirmwareConfig>,
 }
 
 impl Config {
@@ -84,6 +88,7 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             command_memory: 1024,
             tls: None,
+            firmware: None,
         }
     }
 }
@@ -150,6 +155,26 @@ pub enum Event {
         /// Its version.
         version: u64,
     },
+    /// A firmware image is downloaded and verified (its SHA-256 and the
+    /// fleet key's signature): install it from `path`, then say how it went
+    /// ([`Client::firmware_installing`], [`Client::firmware_installed`],
+    /// [`Client::firmware_failed`]).
+    FirmwareReady {
+        /// The image's SHA-256, hex.
+        image: String,
+        /// The version it installs.
+        version: String,
+        /// Where the sink put it.
+        path: PathBuf,
+    },
+    /// A firmware image was refused (another model, a bad signature, a
+    /// SHA-256 mismatch, a storage error); the gateway was told.
+    FirmwareRefused {
+        /// The image's SHA-256, hex.
+        image: String,
+        /// Why.
+        reason: String,
+    },
     /// The gateway refused a reading for good; it was dropped.
     Rejected {
         /// The reading's seq.
@@ -191,6 +216,9 @@ pub enum ClientError {
     /// ([`Client::start_with_handlers`]) and a gateway that grants it.
     #[error("device state is off: {0}")]
     StateOff(&'static str),
+    /// A firmware call that cannot be made now.
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
 }
 
 /// A device state document the gateway sent: the whole desired state.
@@ -260,6 +288,25 @@ struct Shared {
     /// The gateway refused a HELLO with capabilities (an older gateway):
     /// connect without them from now on.
     no_capabilities: std::sync::atomic::AtomicBool,
+    /// Firmware updates, with [`Config::firmware`].
+    firmware: Option<Firmware>,
+}
+
+/// The client's firmware side.
+struct Firmware {
+    /// Fed by the connection loop, read by the application's calls; held
+    /// for short synchronous work only (never across an await).
+    download: Mutex<Download>,
+    /// Reports on their way to the outbox (see [`firmware_reporter`]).
+    reports: ReportSlot,
+    /// The running version was reported after a connection granting STATE.
+    version_reported: std::sync::atomic::AtomicBool,
+}
+
+impl Firmware {
+    fn download(&self) -> std::sync::MutexGuard<'_, Download> {
+        self.download.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Shared {
@@ -359,6 +406,11 @@ impl Client {
             Some(opts) => Some(crate::tls::Tls::new(opts, &cfg.addr).map_err(ClientError::Tls)?),
             None => None,
         };
+        let firmware = cfg.firmware.as_ref().map(|f| Firmware {
+            download: Mutex::new(Download::new(f)),
+            reports: ReportSlot::new(),
+            version_reported: std::sync::atomic::AtomicBool::new(false),
+        });
         let (acked, _) = watch::channel(0);
         let (events, first_events) = broadcast::channel(1024);
         let (closing, _) = watch::channel(false);
@@ -381,7 +433,11 @@ impl Client {
             desired: Mutex::new(None),
             state_granted: std::sync::atomic::AtomicU8::new(0),
             no_capabilities: std::sync::atomic::AtomicBool::new(false),
+            firmware,
         });
+        if shared.firmware.is_some() {
+            tokio::spawn(firmware_reporter(Arc::clone(&shared)));
+        }
         let task = tokio::spawn(run(Arc::clone(&shared), handler));
         Ok(Self {
             shared,
@@ -421,31 +477,7 @@ impl Client {
         content_type: u8,
         payload: Bytes,
     ) -> Result<u64, ClientError> {
-        let max = self.shared.max_payload.load(Ordering::Relaxed) as usize;
-        if payload.len() > max {
-            return Err(ClientError::TooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
-        loop {
-            let space = self.shared.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            if self.shared.closing() {
-                return Err(ClientError::Closed);
-            }
-            {
-                let mut ob = self.shared.outbox();
-                if ob.len() < self.shared.cfg.outbox_capacity {
-                    let seq = ob.push(timestamp_ms, content_type, payload)?;
-                    drop(ob);
-                    self.shared.work.notify_one();
-                    return Ok(seq);
-                }
-            }
-            space.await;
-        }
+        queue(&self.shared, timestamp_ms, content_type, payload).await
     }
 
     /// Queues a change of the device's reported state: `patch` is a JSON
@@ -453,10 +485,11 @@ impl Client {
     /// members replace the document's (`null` removes one). It takes the
     /// next seq and stays in the outbox until ACKed, exactly like a
     /// reading; [`Client::flush`] waits for it too. Needs a desired-state
-    /// handler ([`Client::start_with_handlers`]); refused once a gateway
-    /// has said it does not speak device state.
+    /// handler ([`Client::start_with_handlers`]) or [`Config::firmware`]
+    /// (either makes the client ask for device state); refused once a
+    /// gateway has said it does not speak device state.
     pub async fn report(&self, patch: serde_json::Value) -> Result<u64, ClientError> {
-        if self.shared.desired_handler.is_none() {
+        if self.shared.desired_handler.is_none() && self.shared.firmware.is_none() {
             return Err(ClientError::StateOff(
                 "start the client with a desired-state handler",
             ));
@@ -471,6 +504,82 @@ impl Client {
         }
         let bytes = serde_json::to_vec(&patch).map_err(|_| ClientError::NotAnObject)?;
         self.queue(now_ms(), REPORT_MARKER, bytes.into()).await
+    }
+
+    /// Tells the gateway the image of the last [`Event::FirmwareReady`] is
+    /// being installed (`update.state` "installing"). Returns once the
+    /// report is in the outbox.
+    pub async fn firmware_installing(&self) -> Result<(), ClientError> {
+        let fw = self.firmware()?;
+        let patch = fw.download().installing()?;
+        self.firmware_report(fw, patch).await
+    }
+
+    /// The device runs `version` now: reports it as `firmware.version`
+    /// (what makes a firmware job count the device as updated) and, for the
+    /// image last made ready, `update.state` "installed". Later reports
+    /// carry this version. Call it after installing, or at boot into new
+    /// firmware if the configuration still names the old version.
+    pub async fn firmware_installed(&self, version: &str) -> Result<(), ClientError> {
+        let fw = self.firmware()?;
+        let patch = fw.download().installed(version);
+        self.firmware_report(fw, patch).await
+    }
+
+    /// Installing the image of the last [`Event::FirmwareReady`] failed:
+    /// reports `update.state` "failed" with `reason` (what makes a
+    /// firmware job count the device as failed).
+    pub async fn firmware_failed(&self, reason: &str) -> Result<(), ClientError> {
+        let fw = self.firmware()?;
+        let patch = fw.download().failed(reason)?;
+        self.firmware_report(fw, patch).await
+    }
+
+    /// Firmware counters (all zero without [`Config::firmware`]).
+    pub fn firmware_stats(&self) -> FirmwareStats {
+        self.shared
+            .firmware
+            .as_ref()
+            .map(|fw| fw.download().stats())
+            .unwrap_or_default()
+    }
+
+    fn firmware(&self) -> Result<&Firmware, ClientError> {
+        let fw = self
+            .shared
+            .firmware
+            .as_ref()
+            .ok_or(FirmwareError::NotConfigured)?;
+        if self.shared.state_granted.load(Ordering::Acquire) == 2 {
+            return Err(ClientError::StateOff(
+                "the gateway does not speak device state",
+            ));
+        }
+        Ok(fw)
+    }
+
+    /// Posts a firmware report behind those of the connection loop (same
+    /// order, same slot) and waits until it is in the outbox.
+    async fn firmware_report(
+        &self,
+        fw: &Firmware,
+        patch: serde_json::Value,
+    ) -> Result<(), ClientError> {
+        let mut queued = fw.reports.queued.subscribe();
+        let mut closing = self.shared.closing.subscribe();
+        let gen = fw.reports.post(patch);
+        loop {
+            if *queued.borrow_and_update() >= gen {
+                return Ok(());
+            }
+            if *closing.borrow_and_update() {
+                return Err(ClientError::Closed);
+            }
+            tokio::select! {
+                r = queued.changed() => if r.is_err() { return Err(ClientError::Closed) },
+                _ = closing.changed() => {}
+            }
+        }
     }
 
     /// The last desired state received (`None` before the first).
@@ -590,6 +699,79 @@ impl Outcome {
     }
 }
 
+/// Puts a checked reading (or a state report) in the outbox; waits while
+/// it is full.
+async fn queue(
+    shared: &Shared,
+    timestamp_ms: u64,
+    content_type: u8,
+    payload: Bytes,
+) -> Result<u64, ClientError> {
+    let max = shared.max_payload.load(Ordering::Relaxed) as usize;
+    if payload.len() > max {
+        return Err(ClientError::TooLarge {
+            len: payload.len(),
+            max,
+        });
+    }
+    loop {
+        let space = shared.space.notified();
+        tokio::pin!(space);
+        space.as_mut().enable();
+        if shared.closing() {
+            return Err(ClientError::Closed);
+        }
+        {
+            let mut ob = shared.outbox();
+            if ob.len() < shared.cfg.outbox_capacity {
+                let seq = ob.push(timestamp_ms, content_type, payload)?;
+                drop(ob);
+                shared.work.notify_one();
+                return Ok(seq);
+            }
+        }
+        space.await;
+    }
+}
+
+/// Moves firmware reports from their slot into the outbox. A task of its
+/// own because the outbox may be full: the connection loop, which must
+/// keep reading (its ACKs are what make room), only ever posts.
+async fn firmware_reporter(shared: Arc<Shared>) {
+    let Some(fw) = &shared.firmware else { return };
+    let mut closing = shared.closing.subscribe();
+    loop {
+        if shared.closing() {
+            return;
+        }
+        if let Some((gen, patch)) = fw.reports.take() {
+            // To a gateway without device state, a report would only be
+            // dropped at the next WELCOME.
+            if shared.state_granted.load(Ordering::Acquire) != 2 {
+                let bytes = match serde_json::to_vec(&patch) {
+                    Ok(b) => Bytes::from(b),
+                    Err(e) => {
+                        tracing::error!(error = %e, "firmware report not encodable");
+                        fw.reports.mark_queued(gen);
+                        continue;
+                    }
+                };
+                match queue(&shared, now_ms(), REPORT_MARKER, bytes).await {
+                    Ok(_) => {}
+                    Err(ClientError::Closed) => return,
+                    Err(e) => tracing::warn!(error = %e, "firmware report dropped"),
+                }
+            }
+            fw.reports.mark_queued(gen);
+            continue;
+        }
+        tokio::select! {
+            _ = fw.reports.wake.notified() => {}
+            _ = closing.changed() => return,
+        }
+    }
+}
+
 async fn run(shared: Arc<Shared>, handler: Option<Handler>) {
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut attempt: u32 = 0;
@@ -609,6 +791,11 @@ async fn run(shared: Arc<Shared>, handler: Option<Handler>) {
             &mut closing,
         )
         .await;
+        // Requests in flight died with the connection; the next one waits
+        // for the gateway's offer and resumes from what the sink holds.
+        if let Some(fw) = &shared.firmware {
+            fw.download().on_disconnect();
+        }
         // A session that was welcomed resets the backoff, unless the gateway
         // ended it with ERROR: then something about this device is wrong and
         // reconnecting at once would only repeat it.
@@ -757,10 +944,17 @@ async fn serve_connection(
     let _reader = AbortOnDrop(tokio::spawn(read_loop(rd, msg_tx)));
 
     // Device state is announced only by a client that handles it, and
-    // not to a gateway that refused capabilities before.
-    let capabilities = (shared.desired_handler.is_some()
-        && !shared.no_capabilities.load(Ordering::Acquire))
-    .then_some(furrow_proto::CAP_STATE);
+    // not to a gateway that refused capabilities before. Firmware needs
+    // device state too: progress travels in the reported state.
+    let mut caps = 0;
+    if shared.desired_handler.is_some() {
+        caps |= furrow_proto::CAP_STATE;
+    }
+    if shared.firmware.is_some() {
+        caps |= furrow_proto::CAP_STATE | furrow_proto::CAP_FIRMWARE;
+    }
+    let capabilities =
+        (caps != 0 && !shared.no_capabilities.load(Ordering::Acquire)).then_some(caps);
     let hello = Message::Hello(Hello {
         version: furrow_proto::VERSION,
         keepalive_s: cfg.keepalive_s,
@@ -832,6 +1026,19 @@ async fn serve_connection(
     shared
         .state_granted
         .store(if state { 1 } else { 2 }, Ordering::Release);
+    // Firmware on this connection only if granted (never without STATE).
+    let firmware = match &shared.firmware {
+        Some(fw) if state => {
+            if !fw.version_reported.swap(true, Ordering::AcqRel) {
+                fw.reports.post(fw.download().version_report());
+            }
+            welcome
+                .capabilities
+                .is_some_and(|c| c & furrow_proto::CAP_FIRMWARE != 0)
+                .then_some(fw)
+        }
+        _ => None,
+    };
     let too_large = {
         let mut ob = shared.outbox();
         let res = if welcome.last_seq > ob.last_seq() {
@@ -1068,6 +1275,27 @@ async fn serve_connection(
                         }
                         last_tx = Instant::now();
                     }
+                    Message::FirmwareOffer(o) if firmware.is_some() => {
+                        if let Some(fw) = firmware {
+                            let outs = fw.download().on_offer(&o);
+                            if let Err(e) = firmware_outputs(shared, fw, outs, &mut wr, write_limit, &mut last_tx).await {
+                                return session(e);
+                            }
+                        }
+                    }
+                    Message::Chunk(c) if firmware.is_some() => {
+                        if let Some(fw) = firmware {
+                            let outs = fw.download().on_chunk(&c);
+                            if let Err(e) = firmware_outputs(shared, fw, outs, &mut wr, write_limit, &mut last_tx).await {
+                                return session(e);
+                            }
+                        }
+                    }
+                    Message::FirmwareCancel { image } if firmware.is_some() => {
+                        if let Some(fw) = firmware {
+                            fw.download().on_cancel(&image);
+                        }
+                    }
                     Message::Goodbye(g) => {
                         return Outcome {
                             reason: Disconnect::Goodbye { code: g.code, retry_after_ms: g.retry_after_ms },
@@ -1109,6 +1337,35 @@ async fn serve_connection(
             _ = sleep_until(dead_at) => return session(Disconnect::KeepaliveTimeout),
         }
     }
+}
+
+/// Carries out what the firmware download asked for: CHUNK_REQUESTs go out
+/// (one write), reports to their slot, events to the application.
+async fn firmware_outputs<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    fw: &Firmware,
+    outs: Vec<Output>,
+    wr: &mut W,
+    limit: Duration,
+    last_tx: &mut Instant,
+) -> Result<(), Disconnect> {
+    let mut frames = BytesMut::new();
+    for o in outs {
+        match o {
+            Output::Request(r) => Message::ChunkRequest(r)
+                .encode(&mut frames)
+                .map_err(|e| Disconnect::Protocol(e.to_string()))?,
+            Output::Report(patch) => {
+                fw.reports.post(patch);
+            }
+            Output::Event(e) => shared.emit(e),
+        }
+    }
+    if !frames.is_empty() {
+        write_all(wr, &frames, limit).await?;
+        *last_tx = Instant::now();
+    }
+    Ok(())
 }
 
 /// Runs `fut` unless the client is closed first (`None`).

@@ -30,12 +30,18 @@
 //!   telling the application ([`Event::TokenRotated`]) so it can persist it;
 //! * reports [`Event`]s: connected, disconnected (with why), acked, rejected;
 //! * speaks TLS, with a client certificate for mutual TLS, when
-//!   [`Config::tls`] is set ([`TlsOptions`]).
+//!   [`Config::tls`] is set ([`TlsOptions`]);
+//! * downloads firmware the gateway offers when [`Config::firmware`] is set
+//!   ([`FirmwareConfig`]): checks the fleet key's signature first, pulls the
+//!   image by CRC-checked ranges, resumes after reconnects and restarts,
+//!   verifies its SHA-256, hands it over ([`Event::FirmwareReady`]) and
+//!   reports progress in the reported state.
 #![deny(missing_docs)]
 
 pub mod backoff;
 pub mod client;
 pub mod commands;
+pub mod firmware;
 pub mod outbox;
 pub mod tls;
 
@@ -44,4 +50,7 @@ pub use client::{
     Client, ClientError, Config, Desired, DesiredHandler, Disconnect, Event, TOKEN_COMMAND,
 };
 pub use commands::{handler, Command, CommandReply, Handler};
+pub use firmware::{
+    FileSink, FirmwareConfig, FirmwareError, FirmwareSink, FirmwareStats, ImageInfo, SinkFactory,
+};
 pub use tls::TlsOptions;

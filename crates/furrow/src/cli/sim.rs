@@ -6,7 +6,9 @@
 //! `sim-0..` by default; a second run reuses them with new tokens) or read from a file of `device_id token` lines
 //! (`--devices-file`). A live line shows devices connected, messages per
 //! second sent and acknowledged, and reconnects; a summary follows at the
-//! end.
+//! end. With `--firmware-key` each device also takes the firmware updates
+//! the gateway offers and "installs" them (or fails, for a chosen share),
+//! so a firmware job can be tried at fleet scale.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -70,6 +72,48 @@ pub struct SimArgs {
     /// answer "succeeded"): try a job's abort rule at scale.
     #[arg(long, default_value_t = 0.0)]
     pub fail_share: f64,
+    /// Take firmware updates signed by this key: the fleet's Ed25519
+    /// public key, 64 hex digits. Each device downloads what it is offered,
+    /// checks it, and reports it installed (as the version the offer names).
+    #[arg(long, value_name = "HEX")]
+    pub firmware_key: Option<String>,
+    /// The model the simulated devices are (offers for another are refused).
+    #[arg(long, default_value = "sim", requires = "firmware_key")]
+    pub firmware_model: String,
+    /// The firmware version the simulated devices run at start.
+    #[arg(long, default_value = "1.0.0", requires = "firmware_key")]
+    pub firmware_version: String,
+    /// Download firmware into DIR/<device_id>/ (kept: a later run with the
+    /// same DIR resumes unfinished downloads). Default: a directory under
+    /// the OS temp dir for this run, removed at its end.
+    #[arg(long, value_name = "DIR", requires = "firmware_key")]
+    pub firmware_dir: Option<PathBuf>,
+    /// Share of devices (0 to 1, chosen by a hash of the id, as for
+    /// --fail-share) whose installation fails: they report the update
+    /// "failed" (try a firmware job's abort rule).
+    #[arg(long, default_value_t = 0.0, requires = "firmware_key")]
+    pub firmware_fail_share: f64,
+}
+
+/// How long a simulated device takes to "install" an image.
+const INSTALL_PAUSE: Duration = Duration::from_millis(500);
+
+/// Firmware settings shared by every simulated device.
+#[derive(Debug, Clone)]
+struct SimFirmware {
+    key: [u8; 32],
+    /// Each device downloads into `dir/<device_id>`.
+    dir: PathBuf,
+}
+
+/// Parses `--firmware-key`: 32 bytes in hex.
+fn parse_key(hex_key: &str) -> anyhow::Result<[u8; 32]> {
+    let bytes = hex::decode(hex_key.trim())
+        .context("--firmware-key must be hex (the 32-byte Ed25519 public key)")?;
+    let len = bytes.len();
+    bytes.try_into().map_err(|_| {
+        anyhow::anyhow!("--firmware-key must be 32 bytes (64 hex digits), got {len} bytes")
+    })
 }
 
 /// Descriptors the simulator needs besides one per device.
@@ -89,6 +133,9 @@ struct Counters {
     rejected: AtomicU64,
     commands: AtomicU64,
     desired: AtomicU64,
+    firmware_installed: AtomicU64,
+    firmware_failed: AtomicU64,
+    firmware_refused: AtomicU64,
     connected: AtomicUsize,
     reconnects: AtomicU64,
     errors: AtomicU64,
@@ -105,12 +152,22 @@ fn payload(bytes: usize, value: f64) -> Vec<u8> {
 
 async fn device(
     args: Arc<SimArgs>,
+    firmware: Option<SimFirmware>,
     id: String,
     token: String,
     counters: Arc<Counters>,
     stop_at: Instant,
 ) -> anyhow::Result<()> {
     let mut cfg = Config::new(args.addr.clone(), id.clone(), token);
+    if let Some(fw) = &firmware {
+        // One directory per device: a sink keeps one download per directory.
+        cfg.firmware = Some(furrow_client::FirmwareConfig::new(
+            fw.key,
+            args.firmware_model.clone(),
+            args.firmware_version.clone(),
+            fw.dir.join(&id),
+        ));
+    }
     if let Some(dir) = &args.outbox_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create outbox directory {}", dir.display()))?;
@@ -161,6 +218,37 @@ async fn device(
             }
         })
     };
+    // Firmware: a verified image is "installed" (or fails, for the failing
+    // share) by a task of the device, as the application would.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let install = {
+        let (client, c) = (Arc::clone(&client), Arc::clone(&counters));
+        let failing = furrow::jobs::in_share(&id, args.firmware_fail_share);
+        tokio::spawn(async move {
+            while let Some(version) = ready_rx.recv().await {
+                if failing {
+                    match client.firmware_failed("install failed (simulated)").await {
+                        Ok(()) => {
+                            c.firmware_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "firmware report failed"),
+                    }
+                    continue;
+                }
+                if let Err(e) = client.firmware_installing().await {
+                    tracing::warn!(error = %e, "firmware report failed");
+                    continue;
+                }
+                tokio::time::sleep(INSTALL_PAUSE).await;
+                match client.firmware_installed(&version).await {
+                    Ok(()) => {
+                        c.firmware_installed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "firmware report failed"),
+                }
+            }
+        })
+    };
     let mut events = client.events();
     let c = Arc::clone(&counters);
     let watcher = tokio::spawn(async move {
@@ -197,6 +285,13 @@ async fn device(
                 // The client switches tokens by itself; a simulated
                 // device keeps nothing to persist.
                 Ok(Event::TokenRotated { .. } | Event::Desired { .. }) => {}
+                Ok(Event::FirmwareReady { version, .. }) => {
+                    let _ = ready_tx.send(version);
+                }
+                // The SDK logs why.
+                Ok(Event::FirmwareRefused { .. }) => {
+                    c.firmware_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
             }
@@ -242,6 +337,7 @@ async fn device(
     let _ = tokio::time::timeout(Duration::from_secs(10), client.flush()).await;
     client.close().await;
     echo.abort();
+    install.abort();
     drop(client);
     let _ = watcher.await;
     Ok(())
@@ -258,6 +354,27 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.fail_share) {
         bail!("--fail-share must be between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&args.firmware_fail_share) {
+        bail!("--firmware-fail-share must be between 0 and 1");
+    }
+    // The default download directory belongs to this run and goes with it.
+    let (firmware, temp_firmware_dir) = match &args.firmware_key {
+        None => (None, None),
+        Some(k) => {
+            let key = parse_key(k)?;
+            let (dir, temp) = match &args.firmware_dir {
+                Some(d) => (d.clone(), None),
+                None => {
+                    let d = std::env::temp_dir()
+                        .join(format!("furrow-sim-firmware-{}", std::process::id()));
+                    (d.clone(), Some(d))
+                }
+            };
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create firmware directory {}", dir.display()))?;
+            (Some(SimFirmware { key, dir }), temp)
+        }
+    };
     if let Some(limit) = open_files_limit() {
         if args.devices + FD_MARGIN > limit {
             bail!(
@@ -292,6 +409,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     for (id, token) in devices {
         tasks.push(tokio::spawn(device(
             Arc::clone(&args),
+            firmware.clone(),
             id,
             token,
             Arc::clone(&counters),
@@ -357,5 +475,18 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         counters.commands.load(Ordering::Relaxed),
         counters.desired.load(Ordering::Relaxed),
     );
+    if firmware.is_some() {
+        println!(
+            "sim: firmware installed {}, failed (simulated) {}, refused {}",
+            counters.firmware_installed.load(Ordering::Relaxed),
+            counters.firmware_failed.load(Ordering::Relaxed),
+            counters.firmware_refused.load(Ordering::Relaxed),
+        );
+    }
+    if let Some(dir) = temp_firmware_dir {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the firmware directory");
+        }
+    }
     Ok(())
 }
