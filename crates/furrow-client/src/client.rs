@@ -851,7 +851,15 @@ where
                 }
             }
         }
-        buf.reserve(8 * 1024);
+        // Room for the rest of the frame begun (a firmware CHUNK is up to
+        // 64 KiB: one read, no regrowth), at least 8 KiB.
+        let want = match buf.get(..4) {
+            Some(h) => (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize + 4)
+                .min(16 * 1024 * 1024 + 4)
+                .saturating_sub(buf.len()),
+            None => 0,
+        };
+        buf.reserve(want.max(8 * 1024));
         match rd.read_buf(&mut buf).await {
             Ok(0) => return,
             Ok(_) => {}

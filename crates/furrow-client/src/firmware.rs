@@ -43,9 +43,10 @@ use crate::client::Event;
 /// Requests kept in flight when neither side says otherwise.
 pub const DEFAULT_WINDOW: u16 = 4;
 
-/// Longest range asked for at once when neither side says otherwise: 32 KiB
-/// is a few TCP round trips' worth without a large buffer on the device.
-pub const DEFAULT_CHUNK_LEN: u32 = 32 * 1024;
+/// Longest range asked for at once when neither side says otherwise: 64 KiB
+/// (the gateway caps it at what a frame carries) halves the requests and
+/// wake-ups of 32 KiB on both sides; a device short of memory sets less.
+pub const DEFAULT_CHUNK_LEN: u32 = 64 * 1024;
 
 /// Makes the device's [`FirmwareSink`]; called once, when the client starts.
 pub type SinkFactory = Arc<dyn Fn() -> Box<dyn FirmwareSink> + Send + Sync>;

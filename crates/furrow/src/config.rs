@@ -95,7 +95,8 @@ pub struct Firmware {
     /// Largest image `POST /v1/firmware` takes (413 above it).
     pub max_image_bytes: u64,
     /// Longest range one CHUNK_REQUEST may ask for (FIRMWARE_OFFER's
-    /// `chunk_max`), never more than a frame carries.
+    /// `chunk_max`), never more than a frame carries (65,490 bytes at the
+    /// default `limits.max_frame`).
     pub chunk_max: u32,
     /// CHUNK_REQUESTs a device may have unanswered (the offer's `window`).
     pub window: u16,
@@ -105,6 +106,10 @@ pub struct Firmware {
     /// Memory for images being served (least recently used out); at least
     /// `max_image_bytes`.
     pub cache_bytes: u64,
+    /// Firmware bytes this instance sends per second, all devices together
+    /// (0: no limit). Past it, chunk requests wait: a rollout takes a
+    /// bounded share of CPU and uplink and telemetry keeps its latency.
+    pub max_bytes_per_s: u64,
     /// The operator's Ed25519 key (PKCS#8, from `furrow firmware keygen`):
     /// uploads without a signature are signed with it. Empty: every upload
     /// brings its signature.
@@ -118,10 +123,11 @@ impl Default for Firmware {
     fn default() -> Self {
         Self {
             max_image_bytes: 64 << 20,
-            chunk_max: 32 << 10,
+            chunk_max: 64 << 10,
             window: 4,
             max_downloads: 200,
             cache_bytes: 256 << 20,
+            max_bytes_per_s: 128 << 20,
             signing_key_file: PathBuf::new(),
             trusted_keys: Vec::new(),
         }

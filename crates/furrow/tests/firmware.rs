@@ -254,7 +254,7 @@ async fn a_device_pulls_an_image_by_ranges_and_the_job_succeeds() {
         .expect("an offer");
     assert_eq!(offer.image, sha256(&img));
     assert_eq!(offer.size, 100_000);
-    assert_eq!(offer.chunk_max, 32 * 1024);
+    assert_eq!(offer.chunk_max, 65_536 - 46, "64 KiB, capped by the frame");
     assert_eq!(offer.window, 4);
     assert_eq!(
         (offer.model.as_str(), offer.version.as_str()),
@@ -423,4 +423,132 @@ async fn download_slots_cap_a_jobs_concurrent_downloads() {
         }
     }
     assert_eq!(next, 1, "one freed slot, one more offer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_is_paced_at_the_instances_rate() {
+    // 200 kB/s with bursts of 10 kB (a twentieth of a second): 100 kB
+    // take at least 0.45 s, whatever the device asks for.
+    let (api, _key, _k) = gateway_with_key(|c| {
+        c.firmware.chunk_max = 1024;
+        c.firmware.max_bytes_per_s = 200_000;
+    })
+    .await;
+    let img = image(100_000, 9);
+    let (_, rec) = upload(&api, img.clone(), "2.0.0", None).await;
+    let id = rec["id"].as_str().unwrap().to_owned();
+    let token = api.gw.add_device("pump-1").await;
+    let mut dev = connect_fw(&api.gw, "pump-1", &token).await;
+    firmware_job(&api, &["pump-1"], &id, 10).await;
+    let offer = offer_within(&mut dev, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut asked = 0u64;
+    // Ask for everything at once: past the window the gateway stops
+    // reading, and serves at its pace.
+    let (mut rd, mut wr) = dev.split();
+    let writer = tokio::spawn(async move {
+        while asked < 100_000 {
+            let length = (100_000 - asked).min(1024) as u32;
+            wr.send(&Message::ChunkRequest(ChunkRequest {
+                image: offer.image,
+                offset: asked,
+                length,
+            }))
+            .await
+            .unwrap();
+            asked += u64::from(length);
+        }
+        wr
+    });
+    while got.len() < 100_000 {
+        match rd.recv_within(Duration::from_secs(10)).await {
+            Some(Message::Chunk(c)) => {
+                assert_eq!(c.offset, got.len() as u64);
+                got.extend_from_slice(&c.data);
+            }
+            other => panic!("expected CHUNK, got {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    let _wr = writer.await.unwrap();
+    assert_eq!(got, img);
+    assert!(took >= Duration::from_millis(400), "took {took:?}");
+    let m = api.metrics().await;
+    let paced: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("furrow_firmware_paced_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(paced > 0.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_paced_downloads_all_complete() {
+    // Sessions contend for the pace, and two chunks fill a session's
+    // outbox: every held request is served in the end, none waits forever
+    // (a request held for room in the outbox once was, when the socket
+    // took the outbox before the session looked again).
+    const DEVICES: usize = 60;
+    const SIZE: usize = 40_000;
+    let (api, _key, _k) = gateway_with_key(|c| {
+        c.firmware.chunk_max = 2048;
+        c.firmware.max_bytes_per_s = 2_000_000;
+        c.limits.max_unsent_bytes = 3000;
+    })
+    .await;
+    let img = image(SIZE, 4);
+    let (_, rec) = upload(&api, img.clone(), "2.0.0", None).await;
+    let id = rec["id"].as_str().unwrap().to_owned();
+    let mut names = Vec::new();
+    let mut tasks = Vec::new();
+    for n in 0..DEVICES {
+        let name = format!("pump-{n}");
+        let token = api.gw.add_device(&name).await;
+        let mut dev = connect_fw(&api.gw, &name, &token).await;
+        names.push(name);
+        tasks.push(tokio::spawn(async move {
+            let offer = offer_within(&mut dev, Duration::from_secs(20))
+                .await
+                .unwrap();
+            let chunk = u64::from(offer.chunk_max);
+            let mut next = 0u64;
+            let mut held = 0usize;
+            for _ in 0..offer.window {
+                let length = (SIZE as u64 - next).min(chunk) as u32;
+                dev.send(&Message::ChunkRequest(ChunkRequest {
+                    image: offer.image,
+                    offset: next,
+                    length,
+                }))
+                .await;
+                next += u64::from(length);
+            }
+            while held < SIZE {
+                match dev.recv_within(Duration::from_secs(20)).await {
+                    Some(Message::Chunk(c)) => held += c.data.len(),
+                    other => panic!("expected CHUNK, got {other:?} at {held}"),
+                }
+                if next < SIZE as u64 {
+                    let length = (SIZE as u64 - next).min(chunk) as u32;
+                    dev.send(&Message::ChunkRequest(ChunkRequest {
+                        image: offer.image,
+                        offset: next,
+                        length,
+                    }))
+                    .await;
+                    next += u64::from(length);
+                }
+            }
+        }));
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    firmware_job(&api, &refs, &id, 100).await;
+    for t in tasks {
+        within(Duration::from_secs(30), "a paced download", t)
+            .await
+            .unwrap();
+    }
 }

@@ -8,6 +8,13 @@
 //! up to `firmware.cache_bytes`; an image still being served stays alive
 //! through its sessions' `Arc`s even when evicted.
 //!
+//! [`Pace`] caps the bytes of firmware this instance sends per second (all
+//! sessions together, `firmware.max_bytes_per_s`): a session whose next
+//! CHUNK would go over it holds the request (and reads no more once it
+//! holds a window of them) until the pace allows, so a rollout takes a
+//! bounded share of the gateway's CPU and uplink and telemetry keeps its
+//! latency.
+//!
 //! [`Slots`] caps how many devices of one job download at once here (the
 //! job's `max_downloads`), so that a rollout cannot take the gateway's
 //! whole uplink: a device gets its FIRMWARE_OFFER only with a slot, holds
@@ -254,12 +261,79 @@ impl Drop for SlotGuard {
     }
 }
 
+/// The instance's firmware byte rate (GCRA over one atomic: sessions on
+/// every worker thread pay into it without a lock).
+#[derive(Debug)]
+pub struct Pace {
+    base: std::time::Instant,
+    /// Nanoseconds per byte, scaled by 2^16 (0: no limit).
+    ns_per_byte_q16: u64,
+    /// How far ahead of the rate a burst may run, ns.
+    tolerance_ns: u64,
+    /// Theoretical arrival time of the next byte, ns since `base`.
+    tat: std::sync::atomic::AtomicU64,
+}
+
+impl Pace {
+    /// `bytes_per_s` (0: no limit) with bursts of `burst` bytes.
+    pub fn new(bytes_per_s: u64, burst: u64) -> Self {
+        let ns_per_byte_q16 = if bytes_per_s == 0 {
+            0
+        } else {
+            ((1_000_000_000u128 << 16) / u128::from(bytes_per_s)).max(1) as u64
+        };
+        Self {
+            base: std::time::Instant::now(),
+            ns_per_byte_q16,
+            tolerance_ns: ((u128::from(burst) * u128::from(ns_per_byte_q16)) >> 16) as u64,
+            tat: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Books `bytes` and says when they may go: `now` while the rate and
+    /// its burst allow, else the time their turn comes. Every request
+    /// books its own turn (and the backlog grows by it), so sessions
+    /// waiting for the pace each wake once, at their turn, in the order
+    /// they asked: no herd of sessions retrying at the same instant.
+    pub fn reserve(&self, bytes: u64, now: tokio::time::Instant) -> tokio::time::Instant {
+        use std::sync::atomic::Ordering;
+        if self.ns_per_byte_q16 == 0 {
+            return now;
+        }
+        let now_ns = now
+            .into_std()
+            .saturating_duration_since(self.base)
+            .as_nanos() as u64;
+        let cost = ((u128::from(bytes) * u128::from(self.ns_per_byte_q16)) >> 16) as u64;
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let start = tat.max(now_ns);
+            match self.tat.compare_exchange_weak(
+                tat,
+                start + cost,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    // Within the burst: at once; beyond: when the
+                    // backlog ahead of it is down to the burst.
+                    let wait = start.saturating_sub(now_ns + self.tolerance_ns);
+                    return now + std::time::Duration::from_nanos(wait);
+                }
+                Err(t) => tat = t,
+            }
+        }
+    }
+}
+
 /// What sessions need to serve firmware, shared by all of them.
 pub struct Service {
     /// Images in memory.
     pub images: Images,
     /// Download slots per job.
     pub slots: Arc<Slots>,
+    /// The instance's firmware byte rate.
+    pub pace: Arc<Pace>,
     /// The offers' `chunk_max` (see `Config::chunk_max`).
     pub chunk_max: u32,
     /// The offers' `window`.
@@ -272,6 +346,11 @@ impl Service {
         Arc::new(Self {
             images: Images::new(store, cfg.firmware.cache_bytes),
             slots: Slots::new(registry),
+            // Bursts of a few chunks per device, or a twentieth of a second.
+            pace: Arc::new(Pace::new(
+                cfg.firmware.max_bytes_per_s,
+                (u64::from(cfg.chunk_max()) * 4).max(cfg.firmware.max_bytes_per_s / 20),
+            )),
             chunk_max: cfg.chunk_max(),
             window: cfg.firmware.window,
         })
@@ -281,6 +360,36 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pace_allows_its_rate_and_a_burst() {
+        let pace = Pace::new(1_000_000, 100_000);
+        let t0 = tokio::time::Instant::now();
+        // The burst goes at once; later requests get their turns, in the
+        // order they asked, a request's worth of time apart.
+        let turns: Vec<_> = (0..30).map(|_| pace.reserve(10_000, t0) - t0).collect();
+        let at_once = turns.iter().filter(|d| d.is_zero()).count();
+        assert!((10..=11).contains(&at_once), "{turns:?}");
+        for w in turns.windows(2).skip(at_once) {
+            assert_eq!(
+                w[1] - w[0],
+                std::time::Duration::from_millis(10),
+                "{turns:?}"
+            );
+        }
+        // 30 requests of 10 kB at 1 MB/s with a 100 kB burst: the last
+        // goes 0.2 s in.
+        let last = *turns.last().unwrap();
+        assert!(
+            last >= std::time::Duration::from_millis(190)
+                && last <= std::time::Duration::from_millis(210),
+            "{last:?}"
+        );
+        // Idle long enough, the burst is back.
+        let later = t0 + std::time::Duration::from_secs(5);
+        assert_eq!(pace.reserve(10_000, later), later);
+        assert_eq!(Pace::new(0, 0).reserve(u64::MAX / 2, t0), t0, "0: no limit");
+    }
 
     #[test]
     fn slots_cap_a_job_and_free_in_turn() {
@@ -297,8 +406,11 @@ mod tests {
         assert_eq!(slots.active(1), 2);
         drop(ga);
         assert_eq!(slots.active(1), 1);
-        assert!(slots.try_acquire(1, 2, &c).is_some());
+        let gc = slots.try_acquire(1, 2, &c);
+        assert!(gc.is_some(), "the freed slot");
         assert_eq!(slots.active(1), 2);
+        drop(gc);
+        assert_eq!(slots.active(1), 1, "a dropped guard frees its slot");
         assert!(slots.try_acquire(3, 0, &a).is_some(), "0: no limit");
     }
 }

@@ -834,6 +834,9 @@ impl Session {
                 live.m.peer_closed();
                 return false;
             }
+            // The socket took the outbox: firmware requests held for room
+            // in it are served now (written on the way out of the wait).
+            live.m.on_flushed(now);
             let room = live.m.room(now);
             let buffered = self.conn.has_complete_frame();
             if room && buffered {
@@ -952,8 +955,14 @@ impl Session {
         };
         let device = Arc::clone(live.m.device_id());
         if let Some(slot) = fw.slots.try_acquire(a.job, a.max_downloads, &device) {
-            live.m
-                .firmware_offer(image, a.job, slot, fw.chunk_max, fw.window);
+            let terms = crate::session::messages::firmware::OfferTerms {
+                job: a.job,
+                slot,
+                chunk_max: fw.chunk_max,
+                window: fw.window,
+                pace: Arc::clone(&fw.pace),
+            };
+            live.m.firmware_offer(image, terms);
         }
     }
 

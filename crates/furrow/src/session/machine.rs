@@ -175,7 +175,7 @@ pub struct Machine {
     throttle: Option<Throttle>,
     pub(super) effects: Vec<Effect>,
     pub(super) end: Option<End>,
-    draining: bool,
+    pub(super) draining: bool,
     /// The last [`Self::room`] found the throttle out of tokens.
     throttled: bool,
     /// Since when the session has been quiet: its last frame, its start,
@@ -420,6 +420,7 @@ impl Machine {
             && self.out.len() < self.limits.max_unsent
             && self.throttle.as_mut().is_none_or(|t| t.ready(now))
             && self.reports_ready(now)
+            && self.firmware_room()
     }
 
     /// Extensions granted in WELCOME.
@@ -564,8 +565,16 @@ impl Machine {
     }
 
     /// Pops resolved entries; queues the ACK they allow when `ack` (not
-    /// when the socket is gone).
+    /// when the socket is gone); then serves firmware requests held for
+    /// room in the outbox (behind the ACK: ACKs never wait for chunks).
     pub fn advance(&mut self, now: Instant, ack: bool) {
+        self.advance_acks(now, ack);
+        if ack && self.end.is_none() && !self.draining {
+            self.serve_chunks(now);
+        }
+    }
+
+    fn advance_acks(&mut self, now: Instant, ack: bool) {
         // Reports a commit refused: REJECT before the ACK that covers them.
         for r in self.id.cell.take_refused() {
             if ack {
@@ -622,6 +631,7 @@ impl Machine {
             && self.pending_job.is_none()
             && self.out.len() < self.limits.max_unsent
             && !self.throttled
+            && self.firmware_room()
     }
 
     /// Whether the driver waits for the socket to be readable now (time
@@ -654,12 +664,19 @@ impl Machine {
         if let Some(due) = self.reports_due().filter(|_| self.throttled) {
             at = Some(at.map_or(due, |a: Instant| a.min(due)));
         }
+        // Firmware requests held for the pace.
+        if let Some(due) = self.firmware_due() {
+            at = Some(at.map_or(due, |a: Instant| a.min(due)));
+        }
         at
     }
 
     /// The time has come to look: a silent device is dropped at its
     /// keepalive deadline.
     pub fn on_timer(&mut self, now: Instant) {
+        if self.end.is_none() && !self.draining {
+            self.serve_chunks(now);
+        }
         if self.end.is_none() && !self.draining && self.keepalive.expired(now) {
             self.end_with(End::Fatal(Fatal(
                 ErrorCode::KeepaliveTimeout,
