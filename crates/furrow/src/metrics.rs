@@ -184,6 +184,42 @@ fn describe() {
         "furrow_commands_total",
         "Command state changes, by the state entered (queued, delivered, succeeded, failed, expired)."
     );
+    describe_histogram!(
+        "furrow_job_tick_seconds",
+        Unit::Seconds,
+        "Time one job's tick took (on SQLite it holds the writer)."
+    );
+    describe_counter!("furrow_firmware_offers_total", "FIRMWARE_OFFERs sent.");
+    describe_counter!(
+        "furrow_firmware_bytes_sent_total",
+        Unit::Bytes,
+        "Firmware image bytes sent in CHUNKs."
+    );
+    describe_counter!(
+        "furrow_firmware_paced_total",
+        "CHUNK_REQUESTs that waited for firmware.max_bytes_per_s."
+    );
+    describe_counter!(
+        "furrow_firmware_requests_refused_total",
+        "CHUNK_REQUESTs refused, by reason (not_offered: answered FIRMWARE_CANCEL; range: PROTOCOL_ERROR)."
+    );
+    describe_counter!(
+        "furrow_firmware_slot_waits_total",
+        "Offers held back because the job's download slots here were taken."
+    );
+    describe_gauge!(
+        "furrow_firmware_downloads_active",
+        "Download slots in use on this instance."
+    );
+    describe_gauge!(
+        "furrow_firmware_cache_bytes",
+        Unit::Bytes,
+        "Firmware image bytes held in memory."
+    );
+    describe_counter!(
+        "furrow_firmware_uploads_total",
+        "Firmware uploads, by outcome (stored, too_large, bad_signature)."
+    );
     describe_counter!(
         "furrow_connection_panics_total",
         "Connection tasks that panicked (the server goes on)."

@@ -453,6 +453,7 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(api_tokens_and_audit);
     case!(device_state);
     case!(tags_and_jobs);
+    case!(firmware_images_and_jobs);
 }
 
 fn tags(pairs: &[(&str, Option<&str>)]) -> std::collections::BTreeMap<String, Option<String>> {
@@ -597,7 +598,13 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
     let t0 = job.created_ms;
     let tick = |at: u64| {
         let store = Arc::clone(&store);
-        async move { store.tick_job(job.id, at, limits).await.unwrap().unwrap() }
+        async move {
+            store
+                .tick_job(job.id, at, limits, None)
+                .await
+                .unwrap()
+                .unwrap()
+        }
     };
     let t = tick(t0).await;
     assert_eq!(t.started, vec!["j0".to_owned()]);
@@ -627,7 +634,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .is_empty());
     assert!(
         store
-            .tick_job(job.id, t0 + 5000, limits)
+            .tick_job(job.id, t0 + 5000, limits, None)
             .await
             .unwrap()
             .is_none(),
@@ -672,12 +679,16 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t0 = job.created_ms;
-    let t = store.tick_job(job.id, t0, limits).await.unwrap().unwrap();
+    let t = store
+        .tick_job(job.id, t0, limits, None)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(t.started.len(), 5);
     answer(&*store, &["j0", "j1"], 1).await;
     answer(&*store, &["j2"], 0).await;
     let t = store
-        .tick_job(job.id, t0 + 10, limits)
+        .tick_job(job.id, t0 + 10, limits, None)
         .await
         .unwrap()
         .unwrap();
@@ -704,13 +715,17 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t0 = job.created_ms;
-    let t = store.tick_job(job.id, t0, limits).await.unwrap().unwrap();
+    let t = store
+        .tick_job(job.id, t0, limits, None)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(t.started, vec!["j3".to_owned()]);
     let k3 = key_of(&*store, "j3").await;
     let row = store.state_of(k3).await.unwrap();
     assert_eq!(doc(&row.desired.document), doc(r#"{"mode":"eco"}"#));
     let t = store
-        .tick_job(job.id, t0 + 10, limits)
+        .tick_job(job.id, t0 + 10, limits, None)
         .await
         .unwrap()
         .unwrap();
@@ -725,7 +740,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t = store
-        .tick_job(job.id, t0 + 20, limits)
+        .tick_job(job.id, t0 + 20, limits, None)
         .await
         .unwrap()
         .unwrap();
@@ -743,7 +758,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t = store
-        .tick_job(job.id, job.created_ms + 100, limits)
+        .tick_job(job.id, job.created_ms + 100, limits, None)
         .await
         .unwrap()
         .unwrap();
@@ -757,8 +772,8 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        store.tick_job(job.id, job.created_ms, limits),
-        store.tick_job(job.id, job.created_ms, limits),
+        store.tick_job(job.id, job.created_ms, limits, None),
+        store.tick_job(job.id, job.created_ms, limits, None),
     );
     let started = |r: Result<Option<furrow::store::JobTick>, StoreError>| {
         r.unwrap().map_or(0, |t| t.started.len())
@@ -796,6 +811,130 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
     ));
     assert_eq!(store.jobs(None, 100).await.unwrap().len(), 5);
     assert!(store.active_jobs().await.unwrap().contains(&job.id));
+}
+
+/// Firmware images (stored from a staged file, read back, refused twice,
+/// kept while a job uses them) and a firmware job's devices: assigned
+/// while in progress, succeeded once they report the version, and looked
+/// at only when their state changed since the caller's last look.
+async fn firmware_images_and_jobs(store: Arc<dyn Store>) {
+    use furrow::firmware::FirmwareRecord;
+    use sha2::Digest;
+    let limits = StateLimits::default();
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let id = hex::encode(sha2::Sha256::digest(&bytes));
+    let stage = |name: &str| {
+        let p = std::env::temp_dir().join(format!("furrow-conf-{}-{name}", std::process::id()));
+        std::fs::write(&p, &bytes).unwrap();
+        p
+    };
+    let rec = FirmwareRecord {
+        id: id.clone(),
+        name: "pump".into(),
+        version: "2.0.0".into(),
+        model: "p7".into(),
+        size: bytes.len() as u64,
+        signature: "00".repeat(64),
+        created_ms: now(),
+        created_by: "test".into(),
+    };
+    let staged = stage("a");
+    assert_eq!(
+        store
+            .put_firmware(rec.clone(), staged.clone())
+            .await
+            .unwrap(),
+        rec
+    );
+    assert!(!staged.exists(), "the staged file is consumed");
+    assert!(matches!(
+        store.put_firmware(rec.clone(), stage("b")).await,
+        Err(StoreError::FirmwareExists(_))
+    ));
+    assert_eq!(store.firmware(&id).await.unwrap(), Some(rec.clone()));
+    assert_eq!(store.list_firmware().await.unwrap(), vec![rec.clone()]);
+    let back = store.firmware_bytes(&id).await.unwrap().unwrap();
+    assert!(
+        back[..] == bytes[..],
+        "bytes read back whole (over several pieces)"
+    );
+    assert!(store
+        .firmware_bytes(&"0".repeat(64))
+        .await
+        .unwrap()
+        .is_none());
+
+    store.create_device("f1", [1; 32]).await.unwrap();
+    let k = key_of(&*store, "f1").await;
+    assert!(store.firmware_assignment(k).await.unwrap().is_none());
+    let job = store
+        .create_job(NewJob {
+            operation: Operation::Firmware {
+                image: id.clone(),
+                version: "2.0.0".into(),
+                max_downloads: 7,
+            },
+            ..command_job(
+                Target::Devices(vec!["f1".into()]),
+                0,
+                None,
+                now() + 3_600_000,
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.job(job.id).await.unwrap().unwrap().operation,
+        job.operation,
+        "the operation reads back"
+    );
+    let t0 = job.created_ms;
+    let t = store
+        .tick_job(job.id, t0, limits, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.started, vec!["f1".to_owned()]);
+    let a = store.firmware_assignment(k).await.unwrap().unwrap();
+    assert_eq!(
+        (a.job, a.image.as_str(), a.version.as_str(), a.max_downloads),
+        (job.id, id.as_str(), "2.0.0", 7)
+    );
+    assert!(matches!(
+        store.delete_firmware(&id).await,
+        Err(StoreError::FirmwareInUse(_))
+    ));
+    store
+        .append(Arc::new(Batch {
+            records: vec![],
+            rejections: vec![],
+            reports: vec![report(k, 1, r#"{"firmware":{"version":"2.0.0"}}"#)],
+        }))
+        .await
+        .unwrap();
+    // A look that only wants changes after this one skips the device...
+    let t = store
+        .tick_job(job.id, t0 + 10, limits, Some(now() + 60_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        t.job.counts.in_progress, 1,
+        "unchanged since: not looked at"
+    );
+    // ...one since before it sees it.
+    let t = store
+        .tick_job(job.id, t0 + 20, limits, Some(0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.job.counts.succeeded, 1, "{:?}", t.job);
+    assert_eq!(t.job.status, JobStatus::Completed);
+    assert!(store.firmware_assignment(k).await.unwrap().is_none());
+    assert!(store.delete_firmware(&id).await.unwrap());
+    assert!(!store.delete_firmware(&id).await.unwrap());
+    assert!(store.firmware(&id).await.unwrap().is_none());
+    assert!(store.firmware_bytes(&id).await.unwrap().is_none());
 }
 
 fn report(device: i64, seq: u64, patch: &str) -> ReportRecord {

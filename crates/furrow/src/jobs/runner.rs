@@ -20,6 +20,14 @@ use crate::store::JobTick;
 /// How often active jobs are looked at.
 pub const TICK: Duration = Duration::from_millis(200);
 
+/// Every this many ticks of a job, all its in-progress devices are looked
+/// at, not only those whose state changed (5 s at [`TICK`]).
+const FULL_LOOK_EVERY: u64 = 25;
+
+/// How far before the last look a change still counts (a report applied
+/// then but committed after the look read).
+const LOOK_SLACK_MS: u64 = 5_000;
+
 /// What the runner needs.
 pub struct Runner {
     /// The store.
@@ -32,6 +40,8 @@ pub struct Runner {
     pub events: Events,
     /// Limits of desired-state patches.
     pub limits: StateLimits,
+    /// When this instance last looked at each job, and how many times.
+    pub looked: std::sync::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
 }
 
 impl Runner {
@@ -64,12 +74,33 @@ impl Runner {
     /// One pass over the active jobs; returns how many there are.
     pub async fn tick_all(&self) -> Result<usize, crate::store::StoreError> {
         let ids = self.store.active_jobs().await?;
+        let mut looked = self
+            .looked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        looked.retain(|id, _| ids.contains(id));
         for &id in &ids {
             let now = crate::clock::now_ms();
-            if let Some(t) = self.store.tick_job(id, now, self.limits).await? {
+            // Since the last look, with slack for reports committed after
+            // it read; and every device now and then, whatever happened.
+            let since = match looked.get(&id) {
+                Some(&(at, n)) if n % FULL_LOOK_EVERY != 0 => {
+                    Some(at.saturating_sub(LOOK_SLACK_MS))
+                }
+                _ => None,
+            };
+            let started = std::time::Instant::now();
+            let ticked = self.store.tick_job(id, now, self.limits, since).await?;
+            let n = looked.get(&id).map_or(0, |&(_, n)| n);
+            looked.insert(id, (now, n + 1));
+            // On SQLite a tick holds the writer (telemetry commits wait).
+            metrics::histogram!("furrow_job_tick_seconds").record(started.elapsed().as_secs_f64());
+            if let Some(t) = ticked {
                 self.after(t).await;
             }
         }
+        *self.looked.lock().unwrap_or_else(|p| p.into_inner()) = looked;
         Ok(ids.len())
     }
 

@@ -856,11 +856,16 @@ pub trait FleetStore: Send + Sync + 'static {
 
     /// Advances a job (see `jobs`), in one transaction with the job
     /// locked; `None` if it is not active or another instance holds it.
+    /// `changed_since_ms`: the caller looked at every in-progress device
+    /// then; a firmware job's devices whose reported state has not
+    /// changed since (and that are not due to time out) are skipped. `None`
+    /// looks at all of them.
     async fn tick_job(
         &self,
         id: u64,
         now_ms: u64,
         limits: StateLimits,
+        changed_since_ms: Option<u64>,
     ) -> Result<Option<JobTick>, StoreError>;
 }
 

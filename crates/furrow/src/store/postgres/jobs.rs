@@ -238,6 +238,7 @@ async fn sync(
     tx: &Tx<'_>,
     job: &JobRecord,
     now: u64,
+    since: Option<u64>,
     changed: &mut Vec<(i64, DeviceState)>,
 ) -> Result<(), StoreError> {
     match &job.operation {
@@ -291,11 +292,23 @@ async fn sync(
             }
         }
         Operation::Firmware { image, version, .. } => {
+            // Only devices whose reported state changed since the last
+            // look, or that may have run out of time.
             let rows = tx
                 .query(
-                    "SELECT device, started_ms FROM job_devices
-                     WHERE job = $1 AND state = 'in_progress'",
-                    &[&i(job.id)],
+                    "SELECT jd.device, jd.started_ms FROM job_devices jd
+                     WHERE jd.job = $1 AND jd.state = 'in_progress'
+                       AND ($2::int8 IS NULL OR $4::int8 >= $5::int8
+                            OR jd.started_ms + $3::int8 <= $4::int8
+                            OR EXISTS (SELECT 1 FROM device_state s WHERE s.device = jd.device
+                                       AND s.reported_updated_ms >= $2::int8))",
+                    &[
+                        &i(job.id),
+                        &since.map(clamp),
+                        &clamp(job.device_timeout_ms),
+                        &clamp(now),
+                        &clamp(job.deadline_ms),
+                    ],
                 )
                 .await?;
             for r in rows {
@@ -468,6 +481,7 @@ async fn tick(
     id: u64,
     now: u64,
     limits: StateLimits,
+    since: Option<u64>,
 ) -> Result<Option<Ticked>, StoreError> {
     let row = tx
         .query_opt(
@@ -481,7 +495,7 @@ async fn tick(
     let mut job = job_row(&row)?;
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
-    sync(tx, &job, now, &mut changed).await?;
+    sync(tx, &job, now, since, &mut changed).await?;
     let mut c = counts(tx, id).await?;
     if job.status == JobStatus::Running {
         match jobs::decide(&job, &c, now) {
@@ -730,10 +744,12 @@ impl FleetStore for PostgresStore {
         id: u64,
         now_ms: u64,
         limits: StateLimits,
+        changed_since_ms: Option<u64>,
     ) -> Result<Option<JobTick>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let Some((job, status_changed, started, changed)) = tick(&tx, id, now_ms, limits).await?
+        let Some((job, status_changed, started, changed)) =
+            tick(&tx, id, now_ms, limits, changed_since_ms).await?
         else {
             return Ok(None);
         };

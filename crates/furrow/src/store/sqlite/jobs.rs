@@ -235,6 +235,7 @@ fn sync(
     tx: &Transaction<'_>,
     job: &JobRecord,
     now: u64,
+    since: Option<u64>,
     changed: &mut Vec<(i64, DeviceState)>,
 ) -> Result<(), StoreError> {
     match &job.operation {
@@ -288,12 +289,28 @@ fn sync(
             }
         }
         Operation::Firmware { image, version, .. } => {
+            // Only devices whose reported state changed since the last
+            // look, or that may have run out of time (a tick on SQLite
+            // holds the writer: reading every row each time would delay
+            // telemetry commits by the size of the rollout).
             let rows: Vec<(i64, i64)> = {
                 let mut stmt = tx.prepare_cached(
-                    "SELECT device, started_ms FROM job_devices
-                     WHERE job = ?1 AND state = 'in_progress'",
+                    "SELECT jd.device, jd.started_ms FROM job_devices jd
+                     WHERE jd.job = ?1 AND jd.state = 'in_progress'
+                       AND (?2 IS NULL OR ?4 >= ?5 OR jd.started_ms + ?3 <= ?4
+                            OR EXISTS (SELECT 1 FROM device_state s WHERE s.device = jd.device
+                                       AND s.reported_updated_ms >= ?2))",
                 )?;
-                let rows = stmt.query_map([i(job.id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let rows = stmt.query_map(
+                    params![
+                        i(job.id),
+                        since.map(i),
+                        i(job.device_timeout_ms),
+                        i(now),
+                        i(job.deadline_ms)
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 rows.collect::<Result<_, _>>()?
             };
             for (key, started) in rows {
@@ -443,6 +460,7 @@ fn tick(
     id: u64,
     now: u64,
     limits: StateLimits,
+    since: Option<u64>,
 ) -> Result<Option<Ticked>, StoreError> {
     let Some(mut job) = tx
         .prepare_cached(&format!(
@@ -455,7 +473,7 @@ fn tick(
     };
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
-    sync(tx, &job, now, &mut changed)?;
+    sync(tx, &job, now, since, &mut changed)?;
     let mut c = counts(tx, id)?;
     if job.status == JobStatus::Running {
         match jobs::decide(&job, &c, now) {
@@ -700,11 +718,12 @@ impl FleetStore for SqliteStore {
         id: u64,
         now_ms: u64,
         limits: StateLimits,
+        changed_since_ms: Option<u64>,
     ) -> Result<Option<JobTick>, StoreError> {
         self.writer
             .call(move |conn| {
                 let tx = conn.transaction()?;
-                let Some((job, status_changed, started, changed)) = tick(&tx, id, now_ms, limits)?
+                let Some((job, status_changed, started, changed)) = tick(&tx, id, now_ms, limits, changed_since_ms)?
                 else {
                     return Ok(None);
                 };
@@ -801,10 +820,13 @@ impl FirmwareStore for SqliteStore {
                 // The bytes are in place (and synced) before the row that
                 // names them commits.
                 let path = image_path(&dir, &record.id);
-                let placed = std::fs::File::open(&staged)
-                    .and_then(|f| f.sync_all())
-                    .and_then(|()| std::fs::rename(&staged, &path))
+                // A rename when the staged file is beside the images (the
+                // API stages there), a copy from anywhere else.
+                let placed = std::fs::rename(&staged, &path)
+                    .or_else(|_| std::fs::copy(&staged, &path).map(|_| ()))
+                    .and_then(|()| std::fs::File::open(&path)?.sync_all())
                     .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+                let _ = std::fs::remove_file(&staged);
                 if let Err(source) = placed {
                     let _ = std::fs::remove_file(&staged);
                     return Err(StoreError::Io { path, source });
