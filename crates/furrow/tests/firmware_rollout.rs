@@ -560,3 +560,87 @@ async fn sigkill_mid_rollout_resumes_the_job_and_every_transfer() {
         c.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_takes_updates_with_a_failing_share() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, path) = keypair(keys.path(), "fleet.key");
+    let api = Api::start_with(|c| c.firmware.signing_key_file = path).await;
+    let resp = api
+        .http
+        .post(api.gw.api_url("/v1/firmware"))
+        .query(&[("name", "sim"), ("version", VERSION), ("model", "sim")])
+        .body(image(50_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let data = api.gw.config().data_dir.clone();
+    let dl = tempfile::tempdir().unwrap();
+    let sim = furrow_cmd(&[
+        "sim",
+        "--addr",
+        &api.gw.addr().to_string(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--devices",
+        "20",
+        "--rate",
+        "1",
+        "--duration",
+        "10",
+        "--firmware-key",
+        &hex::encode(key.public()),
+        "--firmware-dir",
+        dl.path().to_str().unwrap(),
+        "--firmware-fail-share",
+        "0.3",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("furrow sim starts");
+    within(
+        Duration::from_secs(20),
+        "20 simulated devices online",
+        async {
+            while api.gw.registry().len() < 20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    let ids: Vec<String> = (0..20).map(|n| format!("sim-{n}")).collect();
+    let (st, job) = api
+        .post(
+            "/v1/jobs",
+            json!({"target": {"devices": ids}, "operation": {"firmware": {"image": id}}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let done = job_when(
+        &api.http,
+        &api.gw.api_url(""),
+        job["job_id"].as_u64().unwrap(),
+        Duration::from_secs(30),
+        |v| v["status"] != "running",
+    )
+    .await;
+    let failing = ids
+        .iter()
+        .filter(|i| furrow::jobs::in_share(i, 0.3))
+        .count() as u64;
+    assert!(failing > 0 && failing < 20, "{failing}");
+    assert_eq!(done["counts"]["failed"], failing, "{done}");
+    assert_eq!(done["counts"]["succeeded"], 20 - failing, "{done}");
+    let out = sim.wait_with_output().expect("furrow sim ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
