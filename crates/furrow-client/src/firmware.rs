@@ -960,6 +960,19 @@ mod tests {
             .collect()
     }
 
+    /// A download of a fresh image of `len` bytes offered (signed by the
+    /// device's key) as version 1.1.0 for model p7: its sink, the download,
+    /// the image, the offer and what the offer made the download do.
+    fn offered(len: usize) -> (MemSink, Download, Vec<u8>, FirmwareOffer, Vec<Output>) {
+        let key = keypair();
+        let sink = MemSink::default();
+        let mut dl = Download::new(&config(&key, sink.clone()));
+        let data = image(len);
+        let o = offer(&key, sha256(&data), data.len() as u64, "p7", "1.1.0");
+        let first = dl.on_offer(&o);
+        (sink, dl, data, o, first)
+    }
+
     fn ready(outs: &[Output]) -> bool {
         outs.iter()
             .any(|o| matches!(o, Output::Event(Event::FirmwareReady { .. })))
@@ -967,17 +980,7 @@ mod tests {
 
     #[test]
     fn a_signed_image_downloads_verifies_and_is_handed_over() {
-        let key = keypair();
-        let sink = MemSink::default();
-        let mut dl = Download::new(&config(&key, sink.clone()));
-        let data = image(10_500);
-        let first = dl.on_offer(&offer(
-            &key,
-            sha256(&data),
-            data.len() as u64,
-            "p7",
-            "1.1.0",
-        ));
+        let (sink, mut dl, data, _, first) = offered(10_500);
         let outs = serve(&mut dl, first, &data, usize::MAX, |_, _| {});
         assert_eq!(*sink.0.lock().unwrap(), data);
         let s = states(&outs);
@@ -1061,17 +1064,7 @@ mod tests {
 
     #[test]
     fn a_damaged_chunk_is_fetched_again_and_the_image_is_bit_identical() {
-        let key = keypair();
-        let sink = MemSink::default();
-        let mut dl = Download::new(&config(&key, sink.clone()));
-        let data = image(20_000);
-        let first = dl.on_offer(&offer(
-            &key,
-            sha256(&data),
-            data.len() as u64,
-            "p7",
-            "1.1.0",
-        ));
+        let (sink, mut dl, data, _, first) = offered(20_000);
         let outs = serve(&mut dl, first, &data, usize::MAX, |i, b| {
             if i == 5 {
                 b[17] ^= 0x40;
@@ -1093,12 +1086,7 @@ mod tests {
 
     #[test]
     fn after_a_disconnect_the_next_offer_resumes_where_the_download_stopped() {
-        let key = keypair();
-        let sink = MemSink::default();
-        let mut dl = Download::new(&config(&key, sink.clone()));
-        let data = image(50_000);
-        let o = offer(&key, sha256(&data), data.len() as u64, "p7", "1.1.0");
-        let first = dl.on_offer(&o);
+        let (sink, mut dl, data, o, first) = offered(50_000);
         let outs = serve(&mut dl, first, &data, 20, |_, _| {});
         assert!(!ready(&outs));
         assert_eq!(sink.0.lock().unwrap().len(), 20_000);
@@ -1128,12 +1116,7 @@ mod tests {
 
     #[test]
     fn a_cancelled_offer_stops_requests_and_a_later_one_resumes() {
-        let key = keypair();
-        let sink = MemSink::default();
-        let mut dl = Download::new(&config(&key, sink.clone()));
-        let data = image(10_000);
-        let o = offer(&key, sha256(&data), data.len() as u64, "p7", "1.1.0");
-        let first = dl.on_offer(&o);
+        let (sink, mut dl, data, o, first) = offered(10_000);
         serve(&mut dl, first, &data, 3, |_, _| {});
         dl.on_cancel(&o.image);
         // An answer still in flight after the cancel is not appended.

@@ -97,6 +97,15 @@ async fn offer_within(dev: &mut RawDevice, wait: Duration) -> Option<furrow_prot
     }
 }
 
+/// CHUNK_REQUEST for `length` bytes at `offset` of `image`.
+fn ask(image: [u8; 32], offset: u64, length: u32) -> Message {
+    Message::ChunkRequest(ChunkRequest {
+        image,
+        offset,
+        length,
+    })
+}
+
 async fn firmware_job(api: &Api, devices: &[&str], image: &str, max_downloads: u32) -> u64 {
     let (st, job) = api
         .post(
@@ -275,12 +284,7 @@ async fn a_device_pulls_an_image_by_ranges_and_the_job_succeeds() {
     let offsets: Vec<u64> = (0..10u64).rev().map(|n| n * 10_000).collect();
     for pair in offsets.chunks(2) {
         for &o in pair {
-            dev.send(&Message::ChunkRequest(ChunkRequest {
-                image: offer.image,
-                offset: o,
-                length: 10_000,
-            }))
-            .await;
+            dev.send(&ask(offer.image, o, 10_000)).await;
         }
         for &o in pair {
             match dev.recv().await {
@@ -296,12 +300,7 @@ async fn a_device_pulls_an_image_by_ranges_and_the_job_succeeds() {
     }
     assert_eq!(got, img, "bit-identical");
     // A request for an image not on offer here: FIRMWARE_CANCEL.
-    dev.send(&Message::ChunkRequest(ChunkRequest {
-        image: [9; 32],
-        offset: 0,
-        length: 10,
-    }))
-    .await;
+    dev.send(&ask([9; 32], 0, 10)).await;
     match dev.recv().await {
         Some(Message::FirmwareCancel { image }) => assert_eq!(image, [9; 32]),
         other => panic!("expected FIRMWARE_CANCEL, got {other:?}"),
@@ -347,12 +346,7 @@ async fn a_range_outside_the_image_is_a_protocol_error() {
     let offer = offer_within(&mut dev, Duration::from_secs(10))
         .await
         .unwrap();
-    dev.send(&Message::ChunkRequest(ChunkRequest {
-        image: offer.image,
-        offset: 4000,
-        length: 1001,
-    }))
-    .await;
+    dev.send(&ask(offer.image, 4000, 1001)).await;
     dev.expect_error(ErrorCode::ProtocolError as u16).await;
     // Longer than chunk_max, inside the image: also refused.
     let mut dev = connect_fw(&api.gw, "pump-1", &token).await;
@@ -360,12 +354,7 @@ async fn a_range_outside_the_image_is_a_protocol_error() {
         .await
         .unwrap();
     assert_eq!(offer.chunk_max, 1024, "capped by the configured chunk_max");
-    dev.send(&Message::ChunkRequest(ChunkRequest {
-        image: offer.image,
-        offset: 0,
-        length: 1025,
-    }))
-    .await;
+    dev.send(&ask(offer.image, 0, 1025)).await;
     dev.expect_error(ErrorCode::ProtocolError as u16).await;
 }
 
@@ -400,13 +389,7 @@ async fn download_slots_cap_a_jobs_concurrent_downloads() {
     let mut off = 0u64;
     while off < 50_000 {
         let len = (50_000 - off).min(u64::from(offer.chunk_max)) as u32;
-        devs[first]
-            .send(&Message::ChunkRequest(ChunkRequest {
-                image: offer.image,
-                offset: off,
-                length: len,
-            }))
-            .await;
+        devs[first].send(&ask(offer.image, off, len)).await;
         match devs[first].recv().await {
             Some(Message::Chunk(c)) => assert_eq!(c.offset, off),
             other => panic!("expected CHUNK, got {other:?}"),
@@ -452,13 +435,7 @@ async fn firmware_is_paced_at_the_instances_rate() {
     let writer = tokio::spawn(async move {
         while asked < 100_000 {
             let length = (100_000 - asked).min(1024) as u32;
-            wr.send(&Message::ChunkRequest(ChunkRequest {
-                image: offer.image,
-                offset: asked,
-                length,
-            }))
-            .await
-            .unwrap();
+            wr.send(&ask(offer.image, asked, length)).await.unwrap();
             asked += u64::from(length);
         }
         wr
@@ -513,34 +490,23 @@ async fn many_paced_downloads_all_complete() {
             let offer = offer_within(&mut dev, Duration::from_secs(20))
                 .await
                 .unwrap();
+            // The window's worth at once, then one more per CHUNK.
             let chunk = u64::from(offer.chunk_max);
             let mut next = 0u64;
             let mut held = 0usize;
-            for _ in 0..offer.window {
-                let length = (SIZE as u64 - next).min(chunk) as u32;
-                dev.send(&Message::ChunkRequest(ChunkRequest {
-                    image: offer.image,
-                    offset: next,
-                    length,
-                }))
-                .await;
-                next += u64::from(length);
-            }
+            let mut asks = u64::from(offer.window);
             while held < SIZE {
+                while asks > 0 && next < SIZE as u64 {
+                    let length = (SIZE as u64 - next).min(chunk) as u32;
+                    dev.send(&ask(offer.image, next, length)).await;
+                    next += u64::from(length);
+                    asks -= 1;
+                }
                 match dev.recv_within(Duration::from_secs(20)).await {
                     Some(Message::Chunk(c)) => held += c.data.len(),
                     other => panic!("expected CHUNK, got {other:?} at {held}"),
                 }
-                if next < SIZE as u64 {
-                    let length = (SIZE as u64 - next).min(chunk) as u32;
-                    dev.send(&Message::ChunkRequest(ChunkRequest {
-                        image: offer.image,
-                        offset: next,
-                        length,
-                    }))
-                    .await;
-                    next += u64::from(length);
-                }
+                asks += 1;
             }
         }));
     }

@@ -66,19 +66,21 @@ async fn post(http: &reqwest::Client, url: String, body: Value) -> (StatusCode, 
     (st, resp.json().await.expect("JSON"))
 }
 
-async fn job_when(
-    http: &reqwest::Client,
-    api: &str,
-    id: u64,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
+/// `POST /v1/jobs` with `body` (which must be created): the job's id.
+async fn start_job(http: &reqwest::Client, api: &str, body: Value) -> u64 {
+    let (st, job) = post(http, format!("{api}/v1/jobs"), body).await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    job["job_id"].as_u64().unwrap()
+}
+
+/// Waits (bounded) until job `id` stops running; the job then.
+async fn job_stopped(http: &reqwest::Client, api: &str, id: u64, limit: Duration) -> Value {
     within(limit, &format!("job {id}"), async {
         loop {
             let r = http.get(format!("{api}/v1/jobs/{id}")).send().await;
             if let Ok(r) = r {
                 if let Ok(v) = r.json::<Value>().await {
-                    if done(&v) {
+                    if v["status"] != "running" {
                         return v;
                     }
                 }
@@ -189,23 +191,15 @@ async fn two_hundred_devices_update_through_a_faulty_network() {
         install_on_ready(&c, false, Arc::clone(&ready));
         clients.push((name, c));
     }
-    let (st, job) = api
-        .post(
-            "/v1/jobs",
-            json!({"target": {"tags": {"fleet": "a"}},
-                   "operation": {"firmware": {"image": id, "max_downloads": 50}}}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
-    let job_id = job["job_id"].as_u64().unwrap();
-    let done = job_when(
+    let base = api.gw.api_url("");
+    let job_id = start_job(
         &api.http,
-        &api.gw.api_url(""),
-        job_id,
-        Duration::from_secs(240),
-        |v| v["status"] != "running",
+        &base,
+        json!({"target": {"tags": {"fleet": "a"}},
+                   "operation": {"firmware": {"image": id, "max_downloads": 50}}}),
     )
     .await;
+    let done = job_stopped(&api.http, &base, job_id, Duration::from_secs(240)).await;
     let counts = proxy.counts();
     eprintln!("proxy: {counts:?}");
     assert_eq!(done["status"], "completed", "{done}");
@@ -307,21 +301,14 @@ async fn a_flipped_byte_is_caught_and_its_range_fetched_again() {
     );
     let ready = Arc::new(std::sync::Mutex::new(Vec::new()));
     install_on_ready(&c, false, Arc::clone(&ready));
-    let (st, job) = api
-        .post(
-            "/v1/jobs",
-            json!({"target": {"devices": ["pump-1"]}, "operation": {"firmware": {"image": id}}}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
-    let done = job_when(
+    let base = api.gw.api_url("");
+    let job_id = start_job(
         &api.http,
-        &api.gw.api_url(""),
-        job["job_id"].as_u64().unwrap(),
-        Duration::from_secs(30),
-        |v| v["status"] != "running",
+        &base,
+        json!({"target": {"devices": ["pump-1"]}, "operation": {"firmware": {"image": id}}}),
     )
     .await;
+    let done = job_stopped(&api.http, &base, job_id, Duration::from_secs(30)).await;
     assert_eq!(done["counts"]["succeeded"], 1, "{done}");
     assert!(flipped.load(Ordering::SeqCst), "the proxy flipped a byte");
     let stats = c.firmware_stats();
@@ -348,13 +335,13 @@ async fn an_image_signed_by_another_key_is_refused_by_the_device() {
         |_| {},
     );
     let mut events = c.events();
-    let (st, job) = api
-        .post(
-            "/v1/jobs",
-            json!({"target": {"devices": ["pump-1"]}, "operation": {"firmware": {"image": id}}}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let base = api.gw.api_url("");
+    let job_id = start_job(
+        &api.http,
+        &base,
+        json!({"target": {"devices": ["pump-1"]}, "operation": {"firmware": {"image": id}}}),
+    )
+    .await;
     let reason = within(Duration::from_secs(20), "refusal", async {
         loop {
             if let Ok(Event::FirmwareRefused { reason, image }) = events.recv().await {
@@ -365,14 +352,7 @@ async fn an_image_signed_by_another_key_is_refused_by_the_device() {
     })
     .await;
     assert!(reason.contains("signature"), "{reason}");
-    let done = job_when(
-        &api.http,
-        &api.gw.api_url(""),
-        job["job_id"].as_u64().unwrap(),
-        Duration::from_secs(20),
-        |v| v["status"] != "running",
-    )
-    .await;
+    let done = job_stopped(&api.http, &base, job_id, Duration::from_secs(20)).await;
     assert_eq!(done["counts"]["failed"], 1, "{done}");
     assert_eq!(c.firmware_stats().bytes_received, 0, "nothing fetched");
     assert_eq!(c.firmware_stats().refused, 1);
@@ -416,25 +396,17 @@ async fn a_rollout_with_a_fifth_failing_stops_at_its_abort_rule() {
         .count();
     assert!((20..=60).contains(&failing), "{failing} of {DEVICES} fail");
     // 1,200 a minute: twenty a second; abort past 10 % of 20 completed.
-    let (st, job) = api
-        .post(
-            "/v1/jobs",
-            json!({"target": {"devices": names},
+    let base = api.gw.api_url("");
+    let job_id = start_job(
+        &api.http,
+        &base,
+        json!({"target": {"devices": names},
                    "operation": {"firmware": {"image": id}},
                    "rate_per_minute": 1200,
                    "abort": {"failed_pct": 10.0, "min_completed": 20}}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
-    let job_id = job["job_id"].as_u64().unwrap();
-    let done = job_when(
-        &api.http,
-        &api.gw.api_url(""),
-        job_id,
-        Duration::from_secs(60),
-        |v| v["status"] != "running",
     )
     .await;
+    let done = job_stopped(&api.http, &base, job_id, Duration::from_secs(60)).await;
     assert_eq!(done["status"], "aborted", "{done}");
     let c = &done["counts"];
     let started = done["started"].as_u64().unwrap();
@@ -499,14 +471,12 @@ async fn sigkill_mid_rollout_resumes_the_job_and_every_transfer() {
         clients.push(c);
         names.push(name);
     }
-    let (st, job) = post(
+    let job_id = start_job(
         &http,
-        format!("{api}/v1/jobs"),
+        &api,
         json!({"target": {"devices": names}, "operation": {"firmware": {"image": id}}}),
     )
     .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
-    let job_id = job["job_id"].as_u64().unwrap();
     // Kill once some devices are part way through.
     within(Duration::from_secs(60), "transfers under way", async {
         loop {
@@ -538,10 +508,7 @@ async fn sigkill_mid_rollout_resumes_the_job_and_every_transfer() {
     let mut gw = GatewayProcess::spawn_with_env(dir.path(), "gw", listen, &[], &env);
     gw.ready(&http).await;
     let api = format!("http://{}", gw.api);
-    let done = job_when(&http, &api, job_id, Duration::from_secs(180), |v| {
-        v["status"] != "running"
-    })
-    .await;
+    let done = job_stopped(&http, &api, job_id, Duration::from_secs(180)).await;
     assert_eq!(done["counts"]["succeeded"], DEVICES as u64, "{done}");
     assert_eq!(
         done["started"], DEVICES as u64,
@@ -615,21 +582,14 @@ async fn the_simulator_takes_updates_with_a_failing_share() {
     )
     .await;
     let ids: Vec<String> = (0..20).map(|n| format!("sim-{n}")).collect();
-    let (st, job) = api
-        .post(
-            "/v1/jobs",
-            json!({"target": {"devices": ids}, "operation": {"firmware": {"image": id}}}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{job}");
-    let done = job_when(
+    let base = api.gw.api_url("");
+    let job_id = start_job(
         &api.http,
-        &api.gw.api_url(""),
-        job["job_id"].as_u64().unwrap(),
-        Duration::from_secs(30),
-        |v| v["status"] != "running",
+        &base,
+        json!({"target": {"devices": ids}, "operation": {"firmware": {"image": id}}}),
     )
     .await;
+    let done = job_stopped(&api.http, &base, job_id, Duration::from_secs(30)).await;
     let failing = ids
         .iter()
         .filter(|i| furrow::jobs::in_share(i, 0.3))

@@ -848,8 +848,9 @@ impl FirmwareStore for PostgresStore {
                 .await?;
             let mut piece: i32 = 0;
             loop {
+                // A whole piece (a short read is not the end), or the rest.
                 let mut buf = Vec::with_capacity(BLOB_PIECE);
-                let n = tokio::io::AsyncReadExt::read_buf(
+                tokio::io::AsyncReadExt::read_to_end(
                     &mut tokio::io::AsyncReadExt::take(&mut file, BLOB_PIECE as u64),
                     &mut buf,
                 )
@@ -858,23 +859,8 @@ impl FirmwareStore for PostgresStore {
                     path: staged.clone(),
                     source,
                 })?;
-                if n == 0 {
+                if buf.is_empty() {
                     break;
-                }
-                // Fill the piece: a short read is not the end.
-                while buf.len() < BLOB_PIECE {
-                    let more = tokio::io::AsyncReadExt::read_buf(
-                        &mut tokio::io::AsyncReadExt::take(&mut file, (BLOB_PIECE - buf.len()) as u64),
-                        &mut buf,
-                    )
-                    .await
-                    .map_err(|source| StoreError::Io {
-                        path: staged.clone(),
-                        source,
-                    })?;
-                    if more == 0 {
-                        break;
-                    }
                 }
                 tx.execute(&stmt, &[&record.id, &piece, &buf]).await?;
                 piece += 1;
