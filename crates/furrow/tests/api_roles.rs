@@ -42,7 +42,7 @@ async fn token(api: &Api, name: &str, role: &str) -> String {
 }
 
 /// Every (method, path) of the OpenAPI document, path parameters filled in.
-async fn routes(api: &Api, command_id: u64, job_id: u64) -> Vec<(Method, String)> {
+async fn routes(api: &Api, command_id: u64, job_id: u64, image_id: &str) -> Vec<(Method, String)> {
     let (st, doc) = api.get("/v1/openapi.json").await;
     assert_eq!(st, StatusCode::OK);
     let mut out = Vec::new();
@@ -51,6 +51,7 @@ async fn routes(api: &Api, command_id: u64, job_id: u64) -> Vec<(Method, String)
             .replace("{device_id}", "d1")
             .replace("{command_id}", &command_id.to_string())
             .replace("{job_id}", &job_id.to_string())
+            .replace("{image_id}", image_id)
             .replace("{name}", "victim");
         for method in ops.as_object().expect("operations").keys() {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("a method");
@@ -75,7 +76,23 @@ fn body_for(path: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_gets_exactly_its_routes_listed_from_the_openapi_document() {
-    let api = Api::with_token().await;
+    // A signing key, so that the admin can upload the image the firmware
+    // routes name.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("fleet.key");
+    std::fs::write(&key, furrow::firmware::SigningKey::generate().unwrap()).unwrap();
+    let api = Api::with_token_and(|c| c.firmware.signing_key_file = key).await;
+    let resp = api
+        .http
+        .post(api.gw.api_url("/v1/firmware?name=fw&version=1.0.0&model=m"))
+        .bearer_auth(support::http::TOKEN)
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let image: Value = resp.json().await.unwrap();
+    let image_id = image["id"].as_str().unwrap().to_owned();
     api.post("/v1/devices", json!({ "device_id": "d1" })).await;
     let (_, c) = api
         .post("/v1/devices/d1/commands", json!({ "name": "ping" }))
@@ -86,7 +103,7 @@ async fn each_role_gets_exactly_its_routes_listed_from_the_openapi_document() {
     let read = token(&api, "dashboard", "read").await;
     let operate = token(&api, "ops-bot", "operate").await;
     token(&api, "victim", "read").await;
-    let routes = routes(&api, command_id, job_id).await;
+    let routes = routes(&api, command_id, job_id, &image_id).await;
 
     // read: every GET but the admin ones, and 403 on every write route.
     let mut writes = 0;

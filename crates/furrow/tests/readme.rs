@@ -330,6 +330,29 @@ fn the_readme_works_as_written() {
     let doc = json(one(&ran, "openapi.json"));
     assert!(doc["paths"]["/v1/devices"].is_object(), "every route");
 
+    // Firmware: one image signed by the gateway, one signed elsewhere with
+    // the same key; both listed.
+    let hex = |v: &Value, n: usize| {
+        v.as_str()
+            .is_some_and(|s| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let keygen = one(&ran, "furrow firmware keygen");
+    assert!(
+        hex(&Value::from(keygen.output.trim()), 64),
+        "{}",
+        keygen.output
+    );
+    let by_gateway = json(one(&ran, "version=2.1.0&model=p7'"));
+    assert!(
+        hex(&by_gateway["id"], 64) && hex(&by_gateway["signature"], 128),
+        "{by_gateway}"
+    );
+    assert_eq!(by_gateway["size"], 300_000, "{by_gateway}");
+    let elsewhere = json(one(&ran, "signature=$SIG"));
+    assert_eq!(elsewhere["version"], "2.2.0", "{elsewhere}");
+    let listed = json(one(&ran, "localhost:7780/v1/firmware "));
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+
     // The simulator, twice: 100 devices x 2/s x 10 s = 2,000 readings each
     // time, all acknowledged; the second run reuses the devices.
     let sims = outputs(&ran, "furrow sim --addr 127.0.0.1", 2);

@@ -51,9 +51,18 @@ impl Api {
 
     /// A gateway whose API needs [`TOKEN`]; requests carry it.
     pub async fn with_token() -> Self {
+        Self::with_token_and(|_| {}).await
+    }
+
+    /// Like [`Self::with_token`], with `tweak` applied to the configuration.
+    pub async fn with_token_and(tweak: impl FnOnce(&mut furrow::Config)) -> Self {
         Self {
             http: reqwest::Client::new(),
-            gw: TestGateway::start_with(|c| c.api.token = TOKEN.into()).await,
+            gw: TestGateway::start_with(|c| {
+                c.api.token = TOKEN.into();
+                tweak(c);
+            })
+            .await,
             token: Some(TOKEN),
         }
     }
