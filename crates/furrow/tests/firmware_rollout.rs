@@ -571,16 +571,7 @@ async fn the_simulator_takes_updates_with_a_failing_share() {
     .stderr(std::process::Stdio::null())
     .spawn()
     .expect("furrow sim starts");
-    within(
-        Duration::from_secs(20),
-        "20 simulated devices online",
-        async {
-            while api.gw.registry().len() < 20 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        },
-    )
-    .await;
+    api.gw.wait_sessions(20, Duration::from_secs(20)).await;
     let ids: Vec<String> = (0..20).map(|n| format!("sim-{n}")).collect();
     let base = api.gw.api_url("");
     let job_id = start_job(

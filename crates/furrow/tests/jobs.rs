@@ -232,12 +232,7 @@ async fn a_job_over_1000_devices_stops_at_its_abort_rule() {
         cfg.backoff.initial = Duration::from_millis(50);
         clients.push(Client::start_with_handler(cfg, h).unwrap());
     }
-    within(Duration::from_secs(60), "1000 devices online", async {
-        while api.gw.registry().len() < N {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    api.gw.wait_sessions(N, Duration::from_secs(60)).await;
     let (st, job) = api
         .post(
             "/v1/jobs",
@@ -361,16 +356,7 @@ async fn the_simulator_answers_jobs_and_echoes_desired_state() {
     .stderr(std::process::Stdio::null())
     .spawn()
     .expect("furrow sim starts");
-    within(
-        Duration::from_secs(20),
-        "20 simulated devices online",
-        async {
-            while api.gw.registry().len() < 20 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        },
-    )
-    .await;
+    api.gw.wait_sessions(20, Duration::from_secs(20)).await;
     let store = api.gw.store();
     let ids: Vec<String> = (0..20).map(|n| format!("sim-{n}")).collect();
     for id in &ids {

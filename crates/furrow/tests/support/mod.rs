@@ -245,6 +245,16 @@ impl TestGateway {
         .await
     }
 
+    /// Waits (up to `limit`) until `n` device sessions are registered.
+    pub async fn wait_sessions(&self, n: usize, limit: Duration) {
+        within(limit, &format!("{n} device sessions registered"), async {
+            while self.registry.len() < n {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+    }
+
     /// Whether `run` is still going.
     pub fn is_running(&self) -> bool {
         self.task.as_ref().is_some_and(|t| !t.is_finished())
