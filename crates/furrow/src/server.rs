@@ -458,7 +458,6 @@ impl Server {
                 cluster: cluster.clone(),
                 events: shared.events.clone(),
                 limits: shared.cfg.state_limits(),
-                looked: Default::default(),
             }
             .run(jobs_stop.clone()),
         );

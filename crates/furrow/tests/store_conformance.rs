@@ -18,7 +18,7 @@ use furrow::jobs::{AbortRule, DeviceState, JobStatus, NewJob, Operation, Tags, T
 use furrow::store::sqlite::SqliteOptions;
 use furrow::store::{
     Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
-    ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
+    ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord, TickScope,
 };
 use support::postgres::Postgres;
 
@@ -454,6 +454,7 @@ async fn suite(backend: &str, fresh: Fresh<'_>) {
     case!(device_state);
     case!(tags_and_jobs);
     case!(firmware_images_and_jobs);
+    case!(jobs_tick_in_slices);
 }
 
 fn tags(pairs: &[(&str, Option<&str>)]) -> std::collections::BTreeMap<String, Option<String>> {
@@ -600,7 +601,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         let store = Arc::clone(&store);
         async move {
             store
-                .tick_job(job.id, at, limits, None)
+                .tick_job(job.id, at, limits, TickScope::all())
                 .await
                 .unwrap()
                 .unwrap()
@@ -634,7 +635,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .is_empty());
     assert!(
         store
-            .tick_job(job.id, t0 + 5000, limits, None)
+            .tick_job(job.id, t0 + 5000, limits, TickScope::all())
             .await
             .unwrap()
             .is_none(),
@@ -680,7 +681,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .unwrap();
     let t0 = job.created_ms;
     let t = store
-        .tick_job(job.id, t0, limits, None)
+        .tick_job(job.id, t0, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -688,7 +689,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
     answer(&*store, &["j0", "j1"], 1).await;
     answer(&*store, &["j2"], 0).await;
     let t = store
-        .tick_job(job.id, t0 + 10, limits, None)
+        .tick_job(job.id, t0 + 10, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -716,7 +717,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .unwrap();
     let t0 = job.created_ms;
     let t = store
-        .tick_job(job.id, t0, limits, None)
+        .tick_job(job.id, t0, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -725,7 +726,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
     let row = store.state_of(k3).await.unwrap();
     assert_eq!(doc(&row.desired.document), doc(r#"{"mode":"eco"}"#));
     let t = store
-        .tick_job(job.id, t0 + 10, limits, None)
+        .tick_job(job.id, t0 + 10, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -740,7 +741,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t = store
-        .tick_job(job.id, t0 + 20, limits, None)
+        .tick_job(job.id, t0 + 20, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -758,7 +759,7 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t = store
-        .tick_job(job.id, job.created_ms + 100, limits, None)
+        .tick_job(job.id, job.created_ms + 100, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -772,8 +773,8 @@ async fn tags_and_jobs(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        store.tick_job(job.id, job.created_ms, limits, None),
-        store.tick_job(job.id, job.created_ms, limits, None),
+        store.tick_job(job.id, job.created_ms, limits, TickScope::all()),
+        store.tick_job(job.id, job.created_ms, limits, TickScope::all()),
     );
     let started = |r: Result<Option<furrow::store::JobTick>, StoreError>| {
         r.unwrap().map_or(0, |t| t.started.len())
@@ -890,7 +891,7 @@ async fn firmware_images_and_jobs(store: Arc<dyn Store>) {
     );
     let t0 = job.created_ms;
     let t = store
-        .tick_job(job.id, t0, limits, None)
+        .tick_job(job.id, t0, limits, TickScope::all())
         .await
         .unwrap()
         .unwrap();
@@ -904,30 +905,40 @@ async fn firmware_images_and_jobs(store: Arc<dyn Store>) {
         store.delete_firmware(&id).await,
         Err(StoreError::FirmwareInUse(_))
     ));
-    store
-        .append(Arc::new(Batch {
-            records: vec![],
-            rejections: vec![],
-            reports: vec![report(k, 1, r#"{"firmware":{"version":"2.0.0"}}"#)],
-        }))
-        .await
-        .unwrap();
-    // A look that only wants changes after this one skips the device...
+    // Nothing reported yet: a look at changed devices finds none.
     let t = store
-        .tick_job(job.id, t0 + 10, limits, Some(now() + 60_000))
+        .tick_job(job.id, t0 + 10, limits, TickScope::changed())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        t.job.counts.in_progress, 1,
-        "unchanged since: not looked at"
-    );
-    // ...one since before it sees it.
-    let t = store
-        .tick_job(job.id, t0 + 20, limits, Some(0))
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(t.changed.is_empty());
+    assert_eq!(t.job.counts.in_progress, 1);
+    // Progress is looked at (the device is not done), and then the new
+    // version: a look at changed devices misses no report.
+    // (Patches under the 64 bytes of `report`'s limits.)
+    let progress = r#"{"firmware":{"update":{"percent":40}}}"#;
+    let done = r#"{"firmware":{"version":"2.0.0"}}"#;
+    let mut counts = Vec::new();
+    let mut last = None;
+    for (seq, patch) in [(1, progress), (2, done)] {
+        store
+            .append(Arc::new(Batch {
+                records: vec![],
+                rejections: vec![],
+                reports: vec![report(k, seq, patch)],
+            }))
+            .await
+            .unwrap();
+        let t = store
+            .tick_job(job.id, t0 + 10 + seq, limits, TickScope::changed())
+            .await
+            .unwrap()
+            .unwrap();
+        counts.push((t.job.counts.in_progress, t.job.counts.succeeded));
+        last = Some(t);
+    }
+    assert_eq!(counts, vec![(1, 0), (0, 1)]);
+    let t = last.unwrap();
     assert_eq!(t.job.counts.succeeded, 1, "{:?}", t.job);
     assert_eq!(t.job.status, JobStatus::Completed);
     assert!(store.firmware_assignment(k).await.unwrap().is_none());
@@ -935,6 +946,83 @@ async fn firmware_images_and_jobs(store: Arc<dyn Store>) {
     assert!(!store.delete_firmware(&id).await.unwrap());
     assert!(store.firmware(&id).await.unwrap().is_none());
     assert!(store.firmware_bytes(&id).await.unwrap().is_none());
+}
+
+/// A tick cut into slices of at most `max_devices` starts and looks at no
+/// more than that per call, goes on where the slice before stopped, and
+/// decides the job's next step only once every device has been looked at.
+async fn jobs_tick_in_slices(store: Arc<dyn Store>) {
+    let limits = StateLimits::default();
+    let ids: Vec<String> = (0..7).map(|n| format!("s{n}")).collect();
+    for id in &ids {
+        store.create_device(id, [3; 32]).await.unwrap();
+    }
+    let job = store
+        .create_job(command_job(
+            Target::Devices(ids.clone()),
+            0,
+            None,
+            now() + 3_600_000,
+        ))
+        .await
+        .unwrap();
+    let t0 = job.created_ms;
+    let slice = |after: Option<i64>| TickScope {
+        changed_only: false,
+        after,
+        max_devices: 3,
+    };
+    let mut started = Vec::new();
+    let mut after = None;
+    let mut calls = 0;
+    loop {
+        let t = store
+            .tick_job(job.id, t0, limits, slice(after))
+            .await
+            .unwrap()
+            .unwrap();
+        calls += 1;
+        assert!(t.started.len() <= 3, "{:?}", t.started);
+        started.extend(t.started);
+        match t.more {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+        assert!(calls < 10, "slices end");
+    }
+    assert_eq!(started, ids, "each started once, in order");
+    assert_eq!(calls, 3);
+
+    let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+    answer(&*store, &all, 0).await;
+    let (mut after, mut calls, mut changed) = (None, 0, 0);
+    loop {
+        let t = store
+            .tick_job(job.id, t0 + 10, limits, slice(after))
+            .await
+            .unwrap()
+            .unwrap();
+        calls += 1;
+        assert!(t.changed.len() <= 3);
+        changed += t.changed.len();
+        match t.more {
+            Some(k) => {
+                assert_eq!(t.job.status, JobStatus::Running, "not decided mid-way");
+                after = Some(k);
+            }
+            None => {
+                assert_eq!(t.job.status, JobStatus::Completed, "{:?}", t.job);
+                assert!(t.status_changed);
+                break;
+            }
+        }
+        assert!(calls < 10, "slices end");
+    }
+    assert_eq!((changed, calls), (7, 3));
+    assert_eq!(
+        store.job(job.id).await.unwrap().unwrap().counts.succeeded,
+        7
+    );
 }
 
 fn report(device: i64, seq: u64, patch: &str) -> ReportRecord {

@@ -15,18 +15,16 @@ use crate::devices::registry::Registry;
 use crate::devices::state::StateLimits;
 use crate::publish::Events;
 use crate::store::prelude::*;
-use crate::store::JobTick;
+use crate::store::{JobTick, TickScope};
 
 /// How often active jobs are looked at.
 pub const TICK: Duration = Duration::from_millis(200);
 
-/// Every this many ticks of a job, all its in-progress devices are looked
-/// at, not only those whose state changed (5 s at [`TICK`]).
-const FULL_LOOK_EVERY: u64 = 25;
-
-/// How far before the last look a change still counts (a report applied
-/// then but committed after the look read).
-const LOOK_SLACK_MS: u64 = 5_000;
+/// Devices a tick looks at or starts per slice (each slice its own
+/// transaction: on SQLite the writer's telemetry commits queued behind a
+/// tick wait for one slice, a couple of milliseconds, not for a thousand
+/// devices that finish a rollout at once).
+const TICK_SLICE: usize = 64;
 
 /// What the runner needs.
 pub struct Runner {
@@ -40,8 +38,6 @@ pub struct Runner {
     pub events: Events,
     /// Limits of desired-state patches.
     pub limits: StateLimits,
-    /// When this instance last looked at each job, and how many times.
-    pub looked: std::sync::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
 }
 
 impl Runner {
@@ -74,33 +70,31 @@ impl Runner {
     /// One pass over the active jobs; returns how many there are.
     pub async fn tick_all(&self) -> Result<usize, crate::store::StoreError> {
         let ids = self.store.active_jobs().await?;
-        let mut looked = self
-            .looked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        looked.retain(|id, _| ids.contains(id));
         for &id in &ids {
             let now = crate::clock::now_ms();
-            // Since the last look, with slack for reports committed after
-            // it read; and every device now and then, whatever happened.
-            let since = match looked.get(&id) {
-                Some(&(at, n)) if n % FULL_LOOK_EVERY != 0 => {
-                    Some(at.saturating_sub(LOOK_SLACK_MS))
-                }
-                _ => None,
+            // A firmware job looks only at devices that reported since its
+            // last look (or may have timed out), in slices.
+            let mut scope = TickScope {
+                changed_only: true,
+                after: None,
+                max_devices: TICK_SLICE,
             };
-            let started = std::time::Instant::now();
-            let ticked = self.store.tick_job(id, now, self.limits, since).await?;
-            let n = looked.get(&id).map_or(0, |&(_, n)| n);
-            looked.insert(id, (now, n + 1));
-            // On SQLite a tick holds the writer (telemetry commits wait).
-            metrics::histogram!("furrow_job_tick_seconds").record(started.elapsed().as_secs_f64());
-            if let Some(t) = ticked {
+            loop {
+                let started = std::time::Instant::now();
+                let ticked = self.store.tick_job(id, now, self.limits, scope).await?;
+                // On SQLite a slice holds the writer (telemetry commits
+                // wait): this is how long.
+                metrics::histogram!("furrow_job_tick_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let Some(t) = ticked else { break };
+                let more = t.more;
                 self.after(t).await;
+                match more {
+                    Some(key) => scope.after = Some(key),
+                    None => break,
+                }
             }
         }
-        *self.looked.lock().unwrap_or_else(|p| p.into_inner()) = looked;
         Ok(ids.len())
     }
 

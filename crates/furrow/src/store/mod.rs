@@ -802,6 +802,44 @@ pub struct JobTick {
     pub started: Vec<String>,
     /// Devices whose state changed in this tick.
     pub changed: Vec<JobDevice>,
+    /// The tick stopped at [`TickScope::max_devices`]: tick again with
+    /// [`TickScope::after`] set to this to go on where it stopped.
+    pub more: Option<i64>,
+}
+
+/// What part of a job one call of [`FleetStore::tick_job`] looks at.
+///
+/// A tick is cut into slices of at most `max_devices` devices, each its
+/// own transaction, so that on SQLite, where a tick holds the one writer,
+/// telemetry commits queued behind it wait for one slice, never for the
+/// whole of a rollout that starts or finishes a thousand devices at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickScope {
+    /// A firmware job's devices that have not reported since the job last
+    /// looked at them (and are not due to time out) are skipped; false
+    /// looks at all of them.
+    pub changed_only: bool,
+    /// Only in-progress devices after this one (the `more` of the slice
+    /// before) are looked at; `None`: from the first.
+    pub after: Option<i64>,
+    /// Devices looked at or started in this slice at most (0: no limit).
+    pub max_devices: usize,
+}
+
+impl TickScope {
+    /// Every device, in one slice.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Devices that reported since the last look (see `changed_only`),
+    /// in one slice.
+    pub fn changed() -> Self {
+        Self {
+            changed_only: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// Fleets: device tags and selectors, and jobs over them.
@@ -856,16 +894,16 @@ pub trait FleetStore: Send + Sync + 'static {
 
     /// Advances a job (see `jobs`), in one transaction with the job
     /// locked; `None` if it is not active or another instance holds it.
-    /// `changed_since_ms`: the caller looked at every in-progress device
-    /// then; a firmware job's devices whose reported state has not
-    /// changed since (and that are not due to time out) are skipped. `None`
-    /// looks at all of them.
+    /// `scope` says which devices to look at (see [`TickScope`]): in-progress
+    /// devices are brought up to date in the order of their keys, and only
+    /// once all of them have been is the job's next step decided (devices
+    /// started, or the job stopped).
     async fn tick_job(
         &self,
         id: u64,
         now_ms: u64,
         limits: StateLimits,
-        changed_since_ms: Option<u64>,
+        scope: TickScope,
     ) -> Result<Option<JobTick>, StoreError>;
 }
 

@@ -19,7 +19,9 @@ use crate::jobs::{
     Target, MAX_TAGS,
 };
 use crate::store::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
-use crate::store::{CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError};
+use crate::store::{
+    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope,
+};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
@@ -234,25 +236,41 @@ async fn set_state(
     Ok(())
 }
 
+/// Brings in-progress devices up to date, those after `scope.after` in
+/// key order and at most `scope.max_devices` of them; returns how many it
+/// looked at and the last one's key.
 async fn sync(
     tx: &Tx<'_>,
     job: &JobRecord,
     now: u64,
-    since: Option<u64>,
+    scope: TickScope,
     changed: &mut Vec<(i64, DeviceState)>,
-) -> Result<(), StoreError> {
+) -> Result<(usize, Option<i64>), StoreError> {
+    let after = scope.after.unwrap_or(i64::MIN);
+    // LIMIT NULL is no limit.
+    let limit = match scope.max_devices {
+        0 => None,
+        n => Some(i64::try_from(n).unwrap_or(i64::MAX)),
+    };
+    let mut looked = (0, None);
+    let mut saw = |key: i64| {
+        looked.0 += 1;
+        looked.1 = Some(key);
+    };
     match &job.operation {
         Operation::Command { .. } => {
             let rows = tx
                 .query(
                     "SELECT jd.device, c.id, c.status, c.updated_ms FROM job_devices jd
                      JOIN commands c ON c.id = jd.command_id
-                     WHERE jd.job = $1 AND jd.state = 'in_progress'",
-                    &[&i(job.id)],
+                     WHERE jd.job = $1 AND jd.state = 'in_progress' AND jd.device > $2
+                     ORDER BY jd.device LIMIT $3",
+                    &[&i(job.id), &after, &limit],
                 )
                 .await?;
             for r in rows {
                 let (key, cmd): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+                saw(key);
                 let Some(cs) = CommandState::parse(&r.try_get::<_, String>(2)?) else {
                     continue;
                 };
@@ -276,13 +294,15 @@ async fn sync(
             let rows = tx
                 .query(
                     "SELECT device, desired_version, started_ms FROM job_devices
-                     WHERE job = $1 AND state = 'in_progress'",
-                    &[&i(job.id)],
+                     WHERE job = $1 AND state = 'in_progress' AND device > $2
+                     ORDER BY device LIMIT $3",
+                    &[&i(job.id), &after, &limit],
                 )
                 .await?;
             for r in rows {
                 let (key, version, started): (i64, i64, i64) =
                     (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                saw(key);
                 let row = super::state::read_row(tx, key, false).await?;
                 if let Some(st) =
                     jobs::desired_outcome(&row, patch, u(version), u(started), job, now)
@@ -292,39 +312,49 @@ async fn sync(
             }
         }
         Operation::Firmware { image, version, .. } => {
-            // Only devices whose reported state changed since the last
-            // look, or that may have run out of time.
+            // Only devices that reported since the last look (their
+            // reported version is past the one seen then), or that may
+            // have run out of time.
             let rows = tx
                 .query(
                     "SELECT jd.device, jd.started_ms FROM job_devices jd
-                     WHERE jd.job = $1 AND jd.state = 'in_progress'
-                       AND ($2::int8 IS NULL OR $4::int8 >= $5::int8
+                     WHERE jd.job = $1 AND jd.state = 'in_progress' AND jd.device > $6
+                       AND (NOT $2::bool OR $4::int8 >= $5::int8
                             OR jd.started_ms + $3::int8 <= $4::int8
                             OR EXISTS (SELECT 1 FROM device_state s WHERE s.device = jd.device
-                                       AND s.reported_updated_ms >= $2::int8))",
+                                       AND s.reported_version > jd.reported_seen))
+                     ORDER BY jd.device LIMIT $7",
                     &[
                         &i(job.id),
-                        &since.map(clamp),
+                        &scope.changed_only,
                         &clamp(job.device_timeout_ms),
                         &clamp(now),
                         &clamp(job.deadline_ms),
+                        &after,
+                        &limit,
                     ],
                 )
                 .await?;
             for r in rows {
                 let (key, started): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+                saw(key);
                 let row = super::state::read_row(tx, key, false).await?;
                 let reported: serde_json::Value =
                     serde_json::from_str(&row.reported.document).unwrap_or_default();
-                if let Some(st) =
-                    crate::firmware::outcome(&reported, image, version, u(started), job, now)
-                {
-                    set_state(tx, job.id, key, st, now, changed).await?;
+                match crate::firmware::outcome(&reported, image, version, u(started), job, now) {
+                    Some(st) => set_state(tx, job.id, key, st, now, changed).await?,
+                    None => {
+                        tx.execute(
+                            "UPDATE job_devices SET reported_seen = $3 WHERE job = $1 AND device = $2",
+                            &[&i(job.id), &key, &clamp(row.reported.version)],
+                        )
+                        .await?;
+                    }
                 }
             }
         }
     }
-    Ok(())
+    Ok(looked)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -474,14 +504,22 @@ async fn stop(
     Ok(())
 }
 
-type Ticked = (JobRecord, bool, Vec<i64>, Vec<(i64, DeviceState)>);
+/// The job after a tick, whether its status changed, the keys of devices
+/// started and changed, and where the next slice starts (if one is due).
+type Ticked = (
+    JobRecord,
+    bool,
+    Vec<i64>,
+    Vec<(i64, DeviceState)>,
+    Option<i64>,
+);
 
 async fn tick(
     tx: &Tx<'_>,
     id: u64,
     now: u64,
     limits: StateLimits,
-    since: Option<u64>,
+    scope: TickScope,
 ) -> Result<Option<Ticked>, StoreError> {
     let row = tx
         .query_opt(
@@ -495,7 +533,23 @@ async fn tick(
     let mut job = job_row(&row)?;
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
-    sync(tx, &job, now, since, &mut changed).await?;
+    let (looked, last) = sync(tx, &job, now, scope, &mut changed).await?;
+    if scope.max_devices > 0 && looked >= scope.max_devices {
+        // The slice is full: the next one goes on after `last`; the job's
+        // next step waits until every device has been looked at.
+        if !changed.is_empty() {
+            tx.execute(
+                "UPDATE jobs SET updated_ms = $2 WHERE id = $1",
+                &[&i(id), &clamp(now)],
+            )
+            .await?;
+        }
+        let job = load_job(tx, id)
+            .await?
+            .ok_or_else(|| StoreError::Job("the job vanished".into()))?;
+        return Ok(Some((job, false, started, changed, last)));
+    }
+    let mut more = None;
     let mut c = counts(tx, id).await?;
     if job.status == JobStatus::Running {
         match jobs::decide(&job, &c, now) {
@@ -504,7 +558,16 @@ async fn tick(
                 job.status = status;
             }
             Decision::Start(n) => {
-                start(tx, &job, n, now, limits, &mut started, &mut changed).await?
+                let room = match scope.max_devices {
+                    0 => n,
+                    max => n.min((max - looked) as u64),
+                };
+                if room < n {
+                    // Past every in-progress device: the next slice only
+                    // starts more.
+                    more = Some(i64::MAX);
+                }
+                start(tx, &job, room, now, limits, &mut started, &mut changed).await?
             }
             Decision::Wait => {}
         }
@@ -532,7 +595,7 @@ async fn tick(
         .await?
         .ok_or_else(|| StoreError::Job("the job vanished".into()))?;
     let status_changed = job.status != before;
-    Ok(Some((job, status_changed, started, changed)))
+    Ok(Some((job, status_changed, started, changed, more)))
 }
 
 #[async_trait]
@@ -744,12 +807,12 @@ impl FleetStore for PostgresStore {
         id: u64,
         now_ms: u64,
         limits: StateLimits,
-        changed_since_ms: Option<u64>,
+        scope: TickScope,
     ) -> Result<Option<JobTick>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let Some((job, status_changed, started, changed)) =
-            tick(&tx, id, now_ms, limits, changed_since_ms).await?
+        let Some((job, status_changed, started, changed, more)) =
+            tick(&tx, id, now_ms, limits, scope).await?
         else {
             return Ok(None);
         };
@@ -785,6 +848,7 @@ impl FleetStore for PostgresStore {
                 .filter_map(|k| names.get(k).cloned())
                 .collect(),
             changed: changed_devices,
+            more,
         }))
     }
 }

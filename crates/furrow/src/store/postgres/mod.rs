@@ -221,6 +221,9 @@ CREATE TABLE firmware_blobs (
 -- A session's look for its device's firmware job.
 CREATE INDEX job_devices_by_device ON job_devices (device, state);
 "#,
+    // The device's reported version when its firmware job last looked at
+    // it: a tick looks again only at devices that reported since.
+    "ALTER TABLE job_devices ADD COLUMN reported_seen bigint NOT NULL DEFAULT 0;",
 ];
 
 pub(crate) mod batch;

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::super::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
-use super::super::{CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError};
+use super::super::{
+    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope,
+};
 use super::{device_info, SqliteStore};
 use crate::devices::state::{self, StateLimits};
 use crate::firmware::{Assignment, FirmwareRecord};
@@ -97,7 +99,15 @@ type Selected = (i64, String, i64, Option<i64>);
 
 /// What a tick did: the job, whether its status changed, the devices it
 /// started and each device's new state.
-type Ticked = (JobRecord, bool, Vec<i64>, Vec<(i64, DeviceState)>);
+/// The job after a tick, whether its status changed, the keys of devices
+/// started and changed, and where the next slice starts (if one is due).
+type Ticked = (
+    JobRecord,
+    bool,
+    Vec<i64>,
+    Vec<(i64, DeviceState)>,
+    Option<i64>,
+);
 
 /// Keys and ids of live devices carrying every tag of `selector`, in id
 /// order, after `after`, at most `limit`.
@@ -230,28 +240,39 @@ fn set_state(
     Ok(())
 }
 
-/// Brings in-progress devices up to date.
+/// Brings in-progress devices up to date, those after `scope.after` in
+/// key order and at most `scope.max_devices` of them; returns how many it
+/// looked at and the last one's key.
 fn sync(
     tx: &Transaction<'_>,
     job: &JobRecord,
     now: u64,
-    since: Option<u64>,
+    scope: TickScope,
     changed: &mut Vec<(i64, DeviceState)>,
-) -> Result<(), StoreError> {
+) -> Result<(usize, Option<i64>), StoreError> {
+    let after = scope.after.unwrap_or(i64::MIN);
+    let limit = slice_limit(scope);
+    let mut looked = (0, None);
+    let mut saw = |key: i64| {
+        looked.0 += 1;
+        looked.1 = Some(key);
+    };
     match &job.operation {
         Operation::Command { .. } => {
             let rows: Vec<(i64, i64, String, i64)> = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT jd.device, c.id, c.status, c.updated_ms FROM job_devices jd
                      JOIN commands c ON c.id = jd.command_id
-                     WHERE jd.job = ?1 AND jd.state = 'in_progress'",
+                     WHERE jd.job = ?1 AND jd.state = 'in_progress' AND jd.device > ?2
+                     ORDER BY jd.device LIMIT ?3",
                 )?;
-                let rows = stmt.query_map([i(job.id)], |r| {
+                let rows = stmt.query_map(params![i(job.id), after, limit], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })?;
                 rows.collect::<Result<_, _>>()?
             };
             for (key, cmd, status, updated) in rows {
+                saw(key);
                 let Some(cs) = CommandState::parse(&status) else {
                     continue;
                 };
@@ -273,13 +294,16 @@ fn sync(
             let rows: Vec<(i64, i64, i64)> = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT device, desired_version, started_ms FROM job_devices
-                     WHERE job = ?1 AND state = 'in_progress'",
+                     WHERE job = ?1 AND state = 'in_progress' AND device > ?2
+                     ORDER BY device LIMIT ?3",
                 )?;
-                let rows =
-                    stmt.query_map([i(job.id)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                let rows = stmt.query_map(params![i(job.id), after, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
                 rows.collect::<Result<_, _>>()?
             };
             for (key, version, started) in rows {
+                saw(key);
                 let row = super::state::read_row(tx, key)?;
                 if let Some(st) =
                     jobs::desired_outcome(&row, patch, u(version), u(started), job, now)
@@ -289,43 +313,60 @@ fn sync(
             }
         }
         Operation::Firmware { image, version, .. } => {
-            // Only devices whose reported state changed since the last
-            // look, or that may have run out of time (a tick on SQLite
-            // holds the writer: reading every row each time would delay
-            // telemetry commits by the size of the rollout).
+            // Only devices that reported since the last look (their
+            // reported version is past the one seen then), or that may
+            // have run out of time: a tick on SQLite holds the writer, and
+            // reading every row each time would delay telemetry commits by
+            // the size of the rollout.
             let rows: Vec<(i64, i64)> = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT jd.device, jd.started_ms FROM job_devices jd
-                     WHERE jd.job = ?1 AND jd.state = 'in_progress'
-                       AND (?2 IS NULL OR ?4 >= ?5 OR jd.started_ms + ?3 <= ?4
+                     WHERE jd.job = ?1 AND jd.state = 'in_progress' AND jd.device > ?6
+                       AND (NOT ?2 OR ?4 >= ?5 OR jd.started_ms + ?3 <= ?4
                             OR EXISTS (SELECT 1 FROM device_state s WHERE s.device = jd.device
-                                       AND s.reported_updated_ms >= ?2))",
+                                       AND s.reported_version > jd.reported_seen))
+                     ORDER BY jd.device LIMIT ?7",
                 )?;
                 let rows = stmt.query_map(
                     params![
                         i(job.id),
-                        since.map(i),
+                        scope.changed_only,
                         i(job.device_timeout_ms),
                         i(now),
-                        i(job.deadline_ms)
+                        i(job.deadline_ms),
+                        after,
+                        limit
                     ],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
                 rows.collect::<Result<_, _>>()?
             };
             for (key, started) in rows {
+                saw(key);
                 let row = super::state::read_row(tx, key)?;
                 let reported: serde_json::Value =
                     serde_json::from_str(&row.reported.document).unwrap_or_default();
-                if let Some(st) =
-                    crate::firmware::outcome(&reported, image, version, u(started), job, now)
-                {
-                    set_state(tx, job.id, key, st, now, changed)?;
+                match crate::firmware::outcome(&reported, image, version, u(started), job, now) {
+                    Some(st) => set_state(tx, job.id, key, st, now, changed)?,
+                    None => {
+                        tx.prepare_cached(
+                            "UPDATE job_devices SET reported_seen = ?3 WHERE job = ?1 AND device = ?2",
+                        )?
+                        .execute(params![i(job.id), key, i(row.reported.version)])?;
+                    }
                 }
             }
         }
     }
-    Ok(())
+    Ok(looked)
+}
+
+/// `LIMIT` for a slice of `scope` (SQLite: -1 is none).
+fn slice_limit(scope: TickScope) -> i64 {
+    match scope.max_devices {
+        0 => -1,
+        n => i64::try_from(n).unwrap_or(i64::MAX),
+    }
 }
 
 /// Starts up to `n` queued devices.
@@ -347,15 +388,11 @@ fn start(
         let rows = stmt.query_map(params![i(job.id), i(n)], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<Result<_, _>>()?
     };
+    tx.prepare_cached("UPDATE jobs SET started = started + ?2 WHERE id = ?1")?
+        .execute(params![i(job.id), picked.len() as i64])?;
     for (key, revoked) in picked {
-        tx.execute(
-            "UPDATE jobs SET started = started + 1 WHERE id = ?1",
-            [i(job.id)],
-        )?;
-        tx.execute(
-            "UPDATE job_devices SET started_ms = ?3 WHERE job = ?1 AND device = ?2",
-            params![i(job.id), key, i(now)],
-        )?;
+        tx.prepare_cached("UPDATE job_devices SET started_ms = ?3 WHERE job = ?1 AND device = ?2")?
+            .execute(params![i(job.id), key, i(now)])?;
         if revoked {
             set_state(tx, job.id, key, DeviceState::Cancelled, now, changed)?;
             continue;
@@ -400,10 +437,10 @@ fn start(
             Operation::Firmware { .. } => {
                 // Its session offers the image when it looks next (the
                 // runner wakes it): nothing to write but the state.
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE job_devices SET state = 'in_progress' WHERE job = ?1 AND device = ?2",
-                    params![i(job.id), key],
-                )?;
+                )?
+                .execute(params![i(job.id), key])?;
                 changed.push((key, DeviceState::InProgress));
             }
         }
@@ -460,7 +497,7 @@ fn tick(
     id: u64,
     now: u64,
     limits: StateLimits,
-    since: Option<u64>,
+    scope: TickScope,
 ) -> Result<Option<Ticked>, StoreError> {
     let Some(mut job) = tx
         .prepare_cached(&format!(
@@ -473,7 +510,20 @@ fn tick(
     };
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
-    sync(tx, &job, now, since, &mut changed)?;
+    let (looked, last) = sync(tx, &job, now, scope, &mut changed)?;
+    if scope.max_devices > 0 && looked >= scope.max_devices {
+        // The slice is full: the next one goes on after `last`; the job's
+        // next step waits until every device has been looked at.
+        if !changed.is_empty() {
+            tx.execute(
+                "UPDATE jobs SET updated_ms = ?2 WHERE id = ?1",
+                params![i(id), i(now)],
+            )?;
+        }
+        let job = load_job(tx, id)?.ok_or_else(|| StoreError::Job("the job vanished".into()))?;
+        return Ok(Some((job, false, started, changed, last)));
+    }
+    let mut more = None;
     let mut c = counts(tx, id)?;
     if job.status == JobStatus::Running {
         match jobs::decide(&job, &c, now) {
@@ -481,7 +531,18 @@ fn tick(
                 stop(tx, &job, status, &reason, now, &mut changed)?;
                 job.status = status;
             }
-            Decision::Start(n) => start(tx, &job, n, now, limits, &mut started, &mut changed)?,
+            Decision::Start(n) => {
+                let room = match scope.max_devices {
+                    0 => n,
+                    max => n.min((max - looked) as u64),
+                };
+                if room < n {
+                    // Past every in-progress device: the next slice only
+                    // starts more.
+                    more = Some(i64::MAX);
+                }
+                start(tx, &job, room, now, limits, &mut started, &mut changed)?
+            }
             Decision::Wait => {}
         }
         c = counts(tx, id)?;
@@ -503,7 +564,13 @@ fn tick(
         ],
     )?;
     let job = load_job(tx, id)?.ok_or_else(|| StoreError::Job("the job vanished".into()))?;
-    Ok(Some((job.clone(), job.status != before, started, changed)))
+    Ok(Some((
+        job.clone(),
+        job.status != before,
+        started,
+        changed,
+        more,
+    )))
 }
 
 fn device_ids(conn: &Connection, keys: &[i64]) -> Result<BTreeMap<i64, String>, StoreError> {
@@ -718,12 +785,13 @@ impl FleetStore for SqliteStore {
         id: u64,
         now_ms: u64,
         limits: StateLimits,
-        changed_since_ms: Option<u64>,
+        scope: TickScope,
     ) -> Result<Option<JobTick>, StoreError> {
         self.writer
             .call(move |conn| {
                 let tx = conn.transaction()?;
-                let Some((job, status_changed, started, changed)) = tick(&tx, id, now_ms, limits, changed_since_ms)?
+                let Some((job, status_changed, started, changed, more)) =
+                    tick(&tx, id, now_ms, limits, scope)?
                 else {
                     return Ok(None);
                 };
@@ -752,6 +820,7 @@ impl FleetStore for SqliteStore {
                         .filter_map(|k| names.get(k).cloned())
                         .collect(),
                     changed: changed_devices,
+                    more,
                 }))
             })
             .await

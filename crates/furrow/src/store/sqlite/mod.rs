@@ -239,6 +239,9 @@ CREATE TABLE firmware (
 CREATE INDEX job_devices_by_device ON job_devices (device, state);
 "#,
     ),
+    // The device's reported version when its firmware job last looked at
+    // it: a tick looks again only at devices that reported since.
+    Migration::Sql("ALTER TABLE job_devices ADD COLUMN reported_seen INTEGER NOT NULL DEFAULT 0;"),
 ];
 
 /// Once a device uses its new token, its `furrow.token` commands are moot
