@@ -8,7 +8,9 @@
 #   bench/firmware.sh [DOWNLOADERS] [IMAGE_BYTES] [STREAMERS] [RATE] [SECONDS] [ROUNDS] [MODE]
 #
 # FIRMWARE_RATE (bytes/s) sets the gateway's firmware.max_bytes_per_s
-# (default: the gateway's, 128 MiB/s).
+# (default: the gateway's, 128 MiB/s). ROLLOUT_NICE=19 runs the
+# downloaders niced, so that the measuring client keeps CPU 1 when both
+# want it (its figures then are more the gateway's own).
 #
 # MODE sdk: the downloaders are the Rust SDK (CRC-32, signature, SHA-256 of
 # every image: on one core the SHA-256 caps the load side); wire: lean
@@ -31,7 +33,7 @@ start_gateway FURROW_API__LISTEN="127.0.0.1:$api_port" \
     FURROW_LIMITS__CONNECT_RATE_PER_IP=0 \
     FURROW_FIRMWARE__MAX_BYTES_PER_S="${FIRMWARE_RATE:-134217728}"
 rollout() {
-    taskset -c 1 target/release/examples/firmware_rollout "$addr" "http://127.0.0.1:$api_port" \
+    taskset -c 1 nice -n "${ROLLOUT_NICE:-0}" target/release/examples/firmware_rollout "$addr" "http://127.0.0.1:$api_port" \
         "$(cat "$keys/fleet.key.pub")" "$downloaders" "$size" "$1" "$mode"
 }
 steady() {
@@ -47,5 +49,9 @@ rollout "$rounds" &
 roll=$!
 sleep 4
 steady
-wait $roll
+# The telemetry run is the measure: rounds still going are stopped.
+# (The function's subshell and the generator it started.)
+pkill -TERM -P "$roll" 2>/dev/null || true
+kill "$roll" 2>/dev/null || true
+wait "$roll" 2>/dev/null || true
 rm -rf "$keys"
