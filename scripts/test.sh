@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. This is the README's test command.
+# Runs every test of the workspace, the C device library's included. This
+# is the README's test command.
 #
 # SQLite is compiled in (rusqlite's bundled feature). Tests that need a
 # real MQTT broker, PostgreSQL or HAProxy start their own throwaway
@@ -49,6 +50,18 @@ need_pkg openssl openssl
 need_pkg mosquitto mosquitto
 need_pkg haproxy haproxy
 need_pkg systemd-analyze systemd
+# The C device library (sdk/c, run by crates/furrow/tests/c_sdk.rs): its
+# build, sanitizers, libFuzzer (clang's runtime), cppcheck, Cortex-M code
+# size, and the mbedTLS port's headers.
+need_pkg make make
+need_pkg clang clang
+need_pkg cppcheck cppcheck
+need_pkg arm-none-eabi-gcc gcc-arm-none-eabi
+need_deb() { # package
+    if ! dpkg -s "$1" >/dev/null 2>&1; then install_pkgs "$1"; fi
+}
+need_deb libclang-rt-dev
+need_deb libmbedtls-dev
 # PostgreSQL's server programs live outside PATH (/usr/lib/postgresql/N/bin);
 # the tests run initdb and pg_ctl from there (as `postgres` when root).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -14,6 +14,10 @@ use furrow_proto::{firmware_signed_message, Chunk, ChunkRequest, FirmwareOffer, 
 /// drift from it unnoticed.
 const PROTOCOL_MD: &str = include_str!("../../../docs/protocol.md");
 
+/// The vectors every implementation checks against (the C library's tests
+/// read the same file): `name: hex` lines, in the spec's order.
+const SHARED_VECTORS: &str = include_str!("../../../docs/test-vectors.txt");
+
 const HELLO_HEX: &str = "00 00 00 13 01 00 01 00 1e 00 07 70 75 6d 70 2d 31 37 00 03 6b 33 79";
 const WELCOME_HEX: &str = "00 00 00 1b 02 00 01 00 1e 00 01 00 00 01 00 00 00 00 00 00 00 00 29 \
                            00 00 01 9a a3 b5 ec 00";
@@ -326,6 +330,42 @@ fn vectors_match_the_spec_text() {
         .collect();
     let ours: Vec<Vec<u8>> = spec_vectors().iter().map(|(_, h, _)| unhex(h)).collect();
     assert_eq!(in_spec, ours);
+}
+
+#[test]
+fn the_shared_vector_file_holds_these_vectors() {
+    let in_file: Vec<(String, Vec<u8>)> = SHARED_VECTORS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (name, hex) = l.split_once(':').expect("a `name: hex` line");
+            (name.trim().to_owned(), unhex(hex))
+        })
+        .collect();
+    let names = [
+        "hello",
+        "welcome",
+        "telemetry",
+        "ack",
+        "hello_caps",
+        "welcome_caps",
+        "desired",
+        "desired_ack",
+        "report",
+        "reject_state",
+        "hello_fw",
+        "offer",
+        "chunk_request",
+        "chunk",
+        "cancel",
+    ];
+    let ours: Vec<(String, Vec<u8>)> = names
+        .iter()
+        .zip(spec_vectors())
+        .map(|(n, (_, hex, _))| (n.to_string(), unhex(hex)))
+        .collect();
+    assert_eq!(in_file, ours, "docs/test-vectors.txt");
 }
 
 #[test]
