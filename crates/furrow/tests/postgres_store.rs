@@ -124,8 +124,9 @@ async fn a_database_from_furrow_0_1_migrates() {
         .unwrap()
         .get(0);
     // Every migration since 0.1 ran (0.2's partitions, token rotation,
-    // API tokens and the audit log, device state and tags, jobs).
-    assert_eq!(version, 7);
+    // API tokens and the audit log, device state and tags, jobs, firmware,
+    // what a firmware job saw of each device).
+    assert_eq!(version, 8);
 
     assert_eq!(seqs(&store, "pump-1").await, (1..=50).collect::<Vec<_>>());
     // Seqs above i64::MAX are kept but not listed by seq range
