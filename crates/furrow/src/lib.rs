@@ -46,6 +46,7 @@ pub mod envelope;
 pub mod firmware;
 pub mod ingress;
 pub mod jobs;
+pub mod live;
 pub mod metrics;
 pub mod publish;
 pub mod server;

@@ -375,8 +375,19 @@ impl Server {
             .map_or_else(|| "-".to_owned(), |a| a.to_string());
         let firmware =
             crate::firmware::serve::Service::new(&cfg, Arc::clone(&store), Arc::clone(&registry));
+        // The last hour of traffic, for the console's overview.
+        let series = crate::live::Series::new();
+        let series_task = tokio::spawn(Arc::clone(&series).sample(
+            crate::live::STEP,
+            {
+                let registry = Arc::clone(&registry);
+                move || registry.len() as u64
+            },
+            api_stop.clone(),
+        ));
         let api_task = api_listener.map(|l| {
             let state = ApiState {
+                series: Arc::clone(&series),
                 firmware: Arc::clone(&firmware),
                 uploads: Arc::clone(&uploads),
                 store: Arc::clone(&store),
@@ -544,6 +555,7 @@ impl Server {
         }
         revocations.abort();
         expiry.abort();
+        series_task.abort();
         // A tick is one transaction: stopping between ticks loses nothing.
         jobs_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), jobs).await;

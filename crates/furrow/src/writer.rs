@@ -279,6 +279,7 @@ async fn run(
                         .record(batch.records.len() as f64);
                     metrics::counter!("furrow_telemetry_stored_total")
                         .increment(batch.records.len() as u64);
+                    crate::live::live().acked(batch.records.len() as u64);
                     if !healthy {
                         tracing::info!("storage commits succeed again");
                         healthy = true;

@@ -214,8 +214,16 @@ async fn devices(store: Arc<dyn Store>) {
         .unwrap()
         .last()
         .map_or(0, |r| r.0);
+    let counts = store.count_devices().await.unwrap();
+    assert_eq!((counts.total, counts.revoked), (5, 0));
     assert!(store.revoke_device("a").await.unwrap());
     assert!(!store.revoke_device("a").await.unwrap());
+    let counts = store.count_devices().await.unwrap();
+    assert_eq!(
+        (counts.total, counts.revoked),
+        (5, 1),
+        "revoked still count"
+    );
     assert!(matches!(
         store.revoke_device("zz").await,
         Err(StoreError::NoSuchDevice(_))

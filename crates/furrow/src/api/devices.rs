@@ -101,6 +101,7 @@ pub struct DevicePage {
 
 /// Paging and filtering of `GET /v1/devices`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Start after this device id.
@@ -111,6 +112,12 @@ pub struct ListQuery {
     /// must match).
     #[param(rename = "tag")]
     pub tag: Option<Vec<String>>,
+    /// Only devices whose id starts with this.
+    pub prefix: Option<String>,
+    /// Only devices connected now (`true`) or not (`false`). A page may
+    /// then hold fewer than `limit` devices and still have a `next`: each
+    /// request looks at a bounded number of devices.
+    pub online: Option<bool>,
 }
 
 impl ListQuery {
@@ -121,6 +128,8 @@ impl ListQuery {
             after: None,
             limit: None,
             tag: None,
+            prefix: None,
+            online: None,
         };
         for (k, v) in pairs {
             match k.as_str() {
@@ -132,9 +141,21 @@ impl ListQuery {
                         })?)
                 }
                 "tag" => q.tag.get_or_insert_with(Vec::new).push(v),
+                "prefix" => q.prefix = Some(v),
+                "online" => {
+                    q.online = Some(match v.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(ApiError::BadRequest(format!(
+                                "online: true or false, not {v:?}"
+                            )))
+                        }
+                    })
+                }
                 other => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {other:?}: expected after, limit or tag"
+                        "unknown query parameter {other:?}: expected after, limit, tag, prefix or online"
                     )))
                 }
             }
@@ -260,27 +281,80 @@ pub async fn list(
 ) -> Result<Json<DevicePage>, ApiError> {
     let q = ListQuery::of(pairs)?;
     let limit = super::page_limit(q.limit)?;
-    let rows = match &q.tag {
-        Some(terms) => {
-            let selector = crate::jobs::parse_selector(terms)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            s.store.select_devices(&selector, q.after, limit).await?
+    let selector = q
+        .tag
+        .as_ref()
+        .map(|terms| crate::jobs::parse_selector(terms))
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let prefix = q.prefix.unwrap_or_default();
+    let mut after = q.after;
+    // Ids in order: those with the prefix start at the prefix itself,
+    // which `device_id > after` would skip, so it is looked at first.
+    let mut first = None;
+    if !prefix.is_empty() && after.as_deref().is_none_or(|a| a < prefix.as_str()) {
+        if let Some(d) = s.store.device(&prefix).await? {
+            let tagged = match &selector {
+                Some(sel) => {
+                    let tags = s.store.tags_of(std::slice::from_ref(&prefix)).await?;
+                    let have = tags.get(&prefix);
+                    sel.iter()
+                        .all(|(k, v)| have.and_then(|t| t.get(k)) == Some(v))
+                }
+                None => true,
+            };
+            first = tagged.then_some(d);
         }
-        None => s.store.list_devices(q.after, limit).await?,
+        after = Some(prefix.clone());
+    }
+    // With an online filter, devices are read until the page is full or
+    // `ONLINE_SCAN_MAX` have been looked at (then `next` goes on from
+    // there): bounded work per request whatever the fleet.
+    let fetch = if q.online.is_some() { 500 } else { limit };
+    let mut devices = Vec::new();
+    let mut scanned = 0usize;
+    let mut pending: std::collections::VecDeque<DeviceInfo> = first.into_iter().collect();
+    // The store has nothing after what `pending` holds.
+    let mut exhausted = false;
+    let next = loop {
+        if pending.is_empty() && !exhausted {
+            let page = match &selector {
+                Some(sel) => s.store.select_devices(sel, after.clone(), fetch).await?,
+                None => s.store.list_devices(after.clone(), fetch).await?,
+            };
+            exhausted = page.len() < fetch as usize;
+            pending.extend(page);
+        }
+        let Some(d) = pending.pop_front() else {
+            break None;
+        };
+        if !d.device_id.starts_with(&prefix) {
+            // Past the ids with the prefix.
+            break None;
+        }
+        scanned += 1;
+        after = Some(d.device_id.clone());
+        let view = Device::of(&s, d).await?;
+        if q.online.is_none_or(|want| view.online == want) {
+            devices.push(view);
+            if devices.len() == limit as usize {
+                break after.filter(|_| !(exhausted && pending.is_empty()));
+            }
+        }
+        if q.online.is_some() && scanned >= ONLINE_SCAN_MAX {
+            break after.filter(|_| !(exhausted && pending.is_empty()));
+        }
     };
-    let next = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|d| d.device_id.clone()))
-        .flatten();
-    let ids: Vec<String> = rows.iter().map(|d| d.device_id.clone()).collect();
+    let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
     let mut tags = s.store.tags_of(&ids).await?;
-    let mut devices = Vec::with_capacity(rows.len());
-    for d in rows {
-        let mut view = Device::of(&s, d).await?;
+    for view in &mut devices {
         view.tags = tags.remove(&view.device_id).unwrap_or_default();
-        devices.push(view);
     }
     Ok(Json(DevicePage { devices, next }))
 }
+
+/// Devices one listing with an online filter looks at, at most.
+const ONLINE_SCAN_MAX: usize = 2_000;
 
 /// One device, with its connection if it is online.
 #[utoipa::path(get, path = "/v1/devices/{device_id}", tag = "devices",

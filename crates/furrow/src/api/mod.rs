@@ -33,9 +33,11 @@ pub mod devices;
 pub mod error;
 pub mod firmware;
 pub mod jobs;
+pub mod overview;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod ui;
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(utoipa::OpenApi)]
@@ -66,6 +68,7 @@ pub mod telemetry;
         jobs::devices,
         jobs::cancel,
         storage::get,
+        overview::get,
         admin::create_token,
         admin::list_tokens,
         admin::revoke_token,
@@ -130,6 +133,8 @@ pub struct ApiState {
     pub firmware: Arc<crate::firmware::serve::Service>,
     /// Firmware upload settings.
     pub uploads: Arc<crate::firmware::Uploads>,
+    /// The last hour of traffic (`GET /v1/overview`).
+    pub series: Arc<crate::live::Series>,
 }
 
 /// 404 unless the device exists.
@@ -192,6 +197,7 @@ pub fn app(state: ApiState) -> Router {
         )
         .route("/v1/devices/{device_id}/state/history", get(state::history))
         .route("/v1/storage", get(storage::get))
+        .route("/v1/overview", get(overview::get))
         .route(
             "/v1/api-tokens",
             get(admin::list_tokens).post(admin::create_token),
@@ -205,6 +211,9 @@ pub fn app(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // The console's files are public (its sign-in form is one of
+        // them); everything it shows comes from the API, with a token.
+        .merge(ui::routes())
         .merge(protected)
         .with_state(state)
 }

@@ -204,6 +204,16 @@ impl Cluster {
         Ok(None)
     }
 
+    /// Live instances and how many devices each holds, by name; `None`
+    /// when this instance is alone (its registry has the count).
+    pub async fn instances(&self) -> Result<Option<Vec<(String, u64)>>, StoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(inner) = &self.inner {
+            return inner.instances().await.map(Some);
+        }
+        Ok(None)
+    }
+
     /// Leaves the cluster after the sessions have drained: waits (bounded)
     /// for their releases, then removes this instance and any session rows
     /// still recorded for it.

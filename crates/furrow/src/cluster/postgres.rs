@@ -236,6 +236,24 @@ impl Inner {
         .transpose()
     }
 
+    /// Live instances and the devices each holds, by name.
+    pub(super) async fn instances(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let client = self.store.pool().get().await.map_err(pool_err)?;
+        let alive_after = now_ms().saturating_sub(self.instance_timeout.as_millis() as u64);
+        let rows = client
+            .query(
+                "SELECT i.instance_id, COUNT(s.device) FROM instances i
+                 LEFT JOIN sessions s ON s.instance_id = i.instance_id
+                 WHERE i.heartbeat_ms >= $1
+                 GROUP BY i.instance_id ORDER BY i.instance_id",
+                &[&i(alive_after)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)?.max(0) as u64)))
+            .collect()
+    }
+
     /// Leaves the cluster after the sessions have drained: waits (bounded)
     /// for their releases, then removes this instance and any session rows
     /// still recorded for it.

@@ -602,9 +602,11 @@ impl Machine {
             self.read_marks.pop_front();
         }
         if let Some(at) = oldest {
+            let latency = now.saturating_duration_since(at);
             crate::metrics::wire()
                 .ack_latency
-                .record(now.saturating_duration_since(at).as_secs_f64());
+                .record(latency.as_secs_f64());
+            crate::live::live().ack_latency(latency);
         }
     }
 

@@ -546,6 +546,15 @@ pub trait TelemetryStore: Send + Sync + 'static {
     async fn storage_info(&self) -> Result<StorageInfo, StoreError>;
 }
 
+/// How many devices there are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    /// Provisioned, revoked ones included.
+    pub total: u64,
+    /// Revoked.
+    pub revoked: u64,
+}
+
 /// Devices: provisioning, authentication, revocation.
 #[async_trait]
 pub trait DeviceStore: Send + Sync + 'static {
@@ -554,6 +563,9 @@ pub trait DeviceStore: Send + Sync + 'static {
 
     /// Registers a device with the hash of its token.
     async fn create_device(&self, device_id: &str, token_hash: [u8; 32]) -> Result<(), StoreError>;
+
+    /// How many devices are provisioned, and how many of them are revoked.
+    async fn count_devices(&self) -> Result<DeviceCounts, StoreError>;
 
     /// Lists devices in id order, after `after` (exclusive), at most `limit`.
     async fn list_devices(

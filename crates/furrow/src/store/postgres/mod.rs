@@ -27,8 +27,8 @@ use tokio_postgres::Row;
 use super::prelude::*;
 use super::sql::{CommandColumns, COMMAND_COLS};
 use super::{
-    ApiToken, AuditEntry, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceInfo,
-    DeviceKey, NewAudit, NewCommand, Role, StoreError,
+    ApiToken, AuditEntry, CommandOutcome, CommandRecord, CommandState, DeviceAuth, DeviceCounts,
+    DeviceInfo, DeviceKey, NewAudit, NewCommand, Role, StoreError,
 };
 use crate::clock::now_ms;
 
@@ -615,6 +615,17 @@ impl DeviceStore for PostgresStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COUNT(*), COUNT(revoked_ms) FROM devices", &[])
+            .await?;
+        Ok(DeviceCounts {
+            total: row.try_get::<_, i64>(0)?.max(0) as u64,
+            revoked: row.try_get::<_, i64>(1)?.max(0) as u64,
+        })
     }
 
     async fn list_devices(

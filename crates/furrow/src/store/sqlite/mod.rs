@@ -35,8 +35,8 @@ use super::sql::{CommandColumns, COMMAND_COLS};
 use super::DeviceKey as Key;
 use super::{
     ApiToken, Appended, AuditEntry, Batch, CommandOutcome, CommandRecord, CommandState, DeviceAuth,
-    DeviceInfo, DeviceKey, DeviceSeqs, NewAudit, NewCommand, Role, StorageInfo, StoreError,
-    StoredTelemetry, TelemetryRange,
+    DeviceCounts, DeviceInfo, DeviceKey, DeviceSeqs, NewAudit, NewCommand, Role, StorageInfo,
+    StoreError, StoredTelemetry, TelemetryRange,
 };
 use crate::clock::now_ms;
 
@@ -915,6 +915,20 @@ impl DeviceStore for SqliteStore {
                     }
                     Err(e) => Err(e.into()),
                 }
+            })
+            .await
+    }
+
+    async fn count_devices(&self) -> Result<DeviceCounts, StoreError> {
+        self.reader
+            .call(|conn| {
+                let (total, revoked): (i64, i64) = conn
+                    .prepare_cached("SELECT COUNT(*), COUNT(revoked_ms) FROM devices")?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(DeviceCounts {
+                    total: total.max(0) as u64,
+                    revoked: revoked.max(0) as u64,
+                })
             })
             .await
     }

@@ -1,0 +1,169 @@
+//! The operator's console at `/ui/`: static files compiled into the binary
+//! (`crates/furrow/ui/`: hand-written HTML, CSS and JavaScript modules, no
+//! build step), so it works offline, on a fresh install, with nothing
+//! else to run. Everything it shows it reads from the API with the
+//! operator's token, which it keeps in the tab's `sessionStorage` and sends
+//! as a bearer header: no cookie, so no cross-site request can act with
+//! it.
+//!
+//! Every file goes out with a strict Content-Security-Policy (scripts,
+//! styles and requests from this origin only; no inline script or style;
+//! no framing), `nosniff` and no referrer.
+
+use axum::extract::Path;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::ApiState;
+
+/// The policy every console file carries.
+pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+    form-action 'none'; object-src 'none'";
+
+/// The console's files: path under `/ui/`, content type, bytes.
+const FILES: &[(&str, &str, &[u8])] = &[
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../../ui/index.html"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../ui/app.css"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/app.js"),
+    ),
+    (
+        "api.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/api.js"),
+    ),
+    (
+        "dom.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/dom.js"),
+    ),
+    (
+        "charts.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/charts.js"),
+    ),
+    (
+        "overview.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/overview.js"),
+    ),
+    (
+        "devices.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/devices.js"),
+    ),
+    (
+        "device.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/device.js"),
+    ),
+    (
+        "jobs.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/jobs.js"),
+    ),
+    (
+        "firmware.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/firmware.js"),
+    ),
+    (
+        "favicon.svg",
+        "image/svg+xml",
+        include_bytes!("../../ui/favicon.svg"),
+    ),
+];
+
+/// `/ui` (to `/ui/`), `/ui/` (the page) and `/ui/{file}`.
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
+        .route("/ui/", get(|| async { file("index.html") }))
+        .route(
+            "/ui/{*path}",
+            get(|Path(path): Path<String>| async move { file(&path) }),
+        )
+}
+
+fn file(path: &str) -> Response {
+    let Some((_, kind, bytes)) = FILES.iter().find(|(p, _, _)| *p == path) else {
+        return (StatusCode::NOT_FOUND, "no such console file").into_response();
+    };
+    let mut r = (*bytes).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Small files, served from memory: always the running version's.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file in `ui/` is served (a new one cannot be forgotten), and
+    /// nothing else is listed.
+    #[test]
+    fn every_console_file_is_served() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
+        let mut on_disk = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(&dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .replace('\\', "/");
+                    on_disk.push(rel);
+                }
+            }
+        }
+        on_disk.sort();
+        let mut served: Vec<String> = FILES.iter().map(|(p, _, _)| p.to_string()).collect();
+        served.sort();
+        assert_eq!(on_disk, served);
+        for (p, kind, bytes) in FILES {
+            let ext = p.rsplit('.').next().unwrap_or_default();
+            let want = match ext {
+                "html" => "text/html",
+                "css" => "text/css",
+                "js" => "text/javascript",
+                "svg" => "image/svg+xml",
+                other => panic!("{p}: no content type for .{other}"),
+            };
+            assert!(kind.starts_with(want), "{p}: {kind}");
+            assert!(!bytes.is_empty(), "{p} is empty");
+        }
+    }
+}
