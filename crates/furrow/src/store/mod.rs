@@ -852,7 +852,35 @@ impl TickScope {
             ..Self::default()
         }
     }
+
+    /// Whether a slice that looked at `looked` devices is full: the job's
+    /// next step waits for the slices after it.
+    pub fn full(&self, looked: usize) -> bool {
+        self.max_devices > 0 && looked >= self.max_devices
+    }
+
+    /// Of `n` devices due to start, how many a slice that looked at
+    /// `looked` may start, and, when not all of them, where the next slice
+    /// goes on (past every in-progress device: it only starts more).
+    pub fn room(&self, n: u64, looked: usize) -> (u64, Option<i64>) {
+        let room = match self.max_devices {
+            0 => n,
+            max => n.min(max.saturating_sub(looked) as u64),
+        };
+        (room, (room < n).then_some(i64::MAX))
+    }
 }
+
+/// What a backend's tick returns inside its transaction: the job after
+/// it, whether its status changed, the keys of the devices started and
+/// changed, and where the next slice starts (if one is due).
+pub(crate) type Ticked = (
+    JobRecord,
+    bool,
+    Vec<i64>,
+    Vec<(i64, DeviceState)>,
+    Option<i64>,
+);
 
 /// Fleets: device tags and selectors, and jobs over them.
 #[async_trait]

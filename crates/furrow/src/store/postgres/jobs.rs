@@ -20,7 +20,7 @@ use crate::jobs::{
 };
 use crate::store::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
 use crate::store::{
-    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope,
+    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope, Ticked,
 };
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -504,16 +504,6 @@ async fn stop(
     Ok(())
 }
 
-/// The job after a tick, whether its status changed, the keys of devices
-/// started and changed, and where the next slice starts (if one is due).
-type Ticked = (
-    JobRecord,
-    bool,
-    Vec<i64>,
-    Vec<(i64, DeviceState)>,
-    Option<i64>,
-);
-
 async fn tick(
     tx: &Tx<'_>,
     id: u64,
@@ -534,7 +524,7 @@ async fn tick(
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
     let (looked, last) = sync(tx, &job, now, scope, &mut changed).await?;
-    if scope.max_devices > 0 && looked >= scope.max_devices {
+    if scope.full(looked) {
         // The slice is full: the next one goes on after `last`; the job's
         // next step waits until every device has been looked at.
         if !changed.is_empty() {
@@ -558,15 +548,8 @@ async fn tick(
                 job.status = status;
             }
             Decision::Start(n) => {
-                let room = match scope.max_devices {
-                    0 => n,
-                    max => n.min((max - looked) as u64),
-                };
-                if room < n {
-                    // Past every in-progress device: the next slice only
-                    // starts more.
-                    more = Some(i64::MAX);
-                }
+                let room;
+                (room, more) = scope.room(n, looked);
                 start(tx, &job, room, now, limits, &mut started, &mut changed).await?
             }
             Decision::Wait => {}

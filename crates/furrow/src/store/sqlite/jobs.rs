@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::super::sql::{JobColumns, JobDeviceColumns, JOB_COLS, JOB_DEVICE_COLS};
 use super::super::{
-    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope,
+    CommandState, DeviceInfo, FirmwareStore, FleetStore, JobTick, StoreError, TickScope, Ticked,
 };
 use super::{device_info, SqliteStore};
 use crate::devices::state::{self, StateLimits};
@@ -96,18 +96,6 @@ fn tags_of_key(conn: &Connection, key: i64) -> Result<Tags, StoreError> {
 
 /// A selected device: key, id, created, revoked.
 type Selected = (i64, String, i64, Option<i64>);
-
-/// What a tick did: the job, whether its status changed, the devices it
-/// started and each device's new state.
-/// The job after a tick, whether its status changed, the keys of devices
-/// started and changed, and where the next slice starts (if one is due).
-type Ticked = (
-    JobRecord,
-    bool,
-    Vec<i64>,
-    Vec<(i64, DeviceState)>,
-    Option<i64>,
-);
 
 /// Keys and ids of live devices carrying every tag of `selector`, in id
 /// order, after `after`, at most `limit`.
@@ -511,7 +499,7 @@ fn tick(
     let before = job.status;
     let (mut started, mut changed) = (Vec::new(), Vec::new());
     let (looked, last) = sync(tx, &job, now, scope, &mut changed)?;
-    if scope.max_devices > 0 && looked >= scope.max_devices {
+    if scope.full(looked) {
         // The slice is full: the next one goes on after `last`; the job's
         // next step waits until every device has been looked at.
         if !changed.is_empty() {
@@ -532,15 +520,8 @@ fn tick(
                 job.status = status;
             }
             Decision::Start(n) => {
-                let room = match scope.max_devices {
-                    0 => n,
-                    max => n.min((max - looked) as u64),
-                };
-                if room < n {
-                    // Past every in-progress device: the next slice only
-                    // starts more.
-                    more = Some(i64::MAX);
-                }
+                let room;
+                (room, more) = scope.room(n, looked);
                 start(tx, &job, room, now, limits, &mut started, &mut changed)?
             }
             Decision::Wait => {}
