@@ -17,8 +17,9 @@ use furrow::devices::state::{StateError, StateLimits};
 use furrow::jobs::{AbortRule, DeviceState, JobStatus, NewJob, Operation, Tags, Target};
 use furrow::store::sqlite::SqliteOptions;
 use furrow::store::{
-    Batch, CommandOutcome, CommandState, DeviceSeqs, NewCommand, PostgresOptions, PostgresStore,
-    ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord, TickScope,
+    Batch, CommandOutcome, CommandState, DeviceSeqs, JobTick, NewCommand, PostgresOptions,
+    PostgresStore, ReportRecord, SqliteStore, Store, StoreError, TelemetryRange, TelemetryRecord,
+    TickScope,
 };
 use support::postgres::Postgres;
 
@@ -960,7 +961,6 @@ async fn firmware_images_and_jobs(store: Arc<dyn Store>) {
 /// more than that per call, goes on where the slice before stopped, and
 /// decides the job's next step only once every device has been looked at.
 async fn jobs_tick_in_slices(store: Arc<dyn Store>) {
-    let limits = StateLimits::default();
     let ids: Vec<String> = (0..7).map(|n| format!("s{n}")).collect();
     for id in &ids {
         store.create_device(id, [3; 32]).await.unwrap();
@@ -975,62 +975,56 @@ async fn jobs_tick_in_slices(store: Arc<dyn Store>) {
         .await
         .unwrap();
     let t0 = job.created_ms;
-    let slice = |after: Option<i64>| TickScope {
-        changed_only: false,
-        after,
-        max_devices: 3,
-    };
-    let mut started = Vec::new();
-    let mut after = None;
-    let mut calls = 0;
-    loop {
-        let t = store
-            .tick_job(job.id, t0, limits, slice(after))
-            .await
-            .unwrap()
-            .unwrap();
-        calls += 1;
-        assert!(t.started.len() <= 3, "{:?}", t.started);
-        started.extend(t.started);
-        match t.more {
-            Some(k) => after = Some(k),
-            None => break,
-        }
-        assert!(calls < 10, "slices end");
-    }
-    assert_eq!(started, ids, "each started once, in order");
-    assert_eq!(calls, 3);
 
+    // Slices of 3 start 3, 3 and 1, in order.
+    let slices = tick_in_slices(&*store, job.id, t0, 3).await;
+    assert_eq!(slices.len(), 3);
+    assert!(slices.iter().all(|t| t.started.len() <= 3));
+    let started: Vec<String> = slices.into_iter().flat_map(|t| t.started).collect();
+    assert_eq!(started, ids, "each started once, in order");
+
+    // Once all answered: 3, 3 and 1 change, and only the last slice, past
+    // every device, decides that the job is done.
     let all: Vec<&str> = ids.iter().map(String::as_str).collect();
     answer(&*store, &all, 0).await;
-    let (mut after, mut calls, mut changed) = (None, 0, 0);
-    loop {
-        let t = store
-            .tick_job(job.id, t0 + 10, limits, slice(after))
-            .await
-            .unwrap()
-            .unwrap();
-        calls += 1;
-        assert!(t.changed.len() <= 3);
-        changed += t.changed.len();
-        match t.more {
-            Some(k) => {
-                assert_eq!(t.job.status, JobStatus::Running, "not decided mid-way");
-                after = Some(k);
-            }
-            None => {
-                assert_eq!(t.job.status, JobStatus::Completed, "{:?}", t.job);
-                assert!(t.status_changed);
-                break;
-            }
-        }
-        assert!(calls < 10, "slices end");
+    let slices = tick_in_slices(&*store, job.id, t0 + 10, 3).await;
+    assert_eq!(slices.len(), 3);
+    assert!(slices.iter().all(|t| t.changed.len() <= 3));
+    assert_eq!(slices.iter().map(|t| t.changed.len()).sum::<usize>(), 7);
+    let (last, before) = slices.split_last().unwrap();
+    for t in before {
+        assert_eq!(t.job.status, JobStatus::Running, "not decided mid-way");
     }
-    assert_eq!((changed, calls), (7, 3));
+    assert_eq!(last.job.status, JobStatus::Completed, "{:?}", last.job);
+    assert!(last.status_changed);
     assert_eq!(
         store.job(job.id).await.unwrap().unwrap().counts.succeeded,
         7
     );
+}
+
+/// Ticks job `id` at `at` in slices of `max` devices, each going on where
+/// the one before stopped, until one says there is no more.
+async fn tick_in_slices(store: &dyn Store, id: u64, at: u64, max: usize) -> Vec<JobTick> {
+    let mut slices: Vec<JobTick> = Vec::new();
+    loop {
+        let scope = TickScope {
+            changed_only: false,
+            after: slices.last().and_then(|t| t.more),
+            max_devices: max,
+        };
+        let t = store
+            .tick_job(id, at, StateLimits::default(), scope)
+            .await
+            .unwrap()
+            .unwrap();
+        let more = t.more.is_some();
+        slices.push(t);
+        if !more {
+            return slices;
+        }
+        assert!(slices.len() < 10, "slices end");
+    }
 }
 
 fn report(device: i64, seq: u64, patch: &str) -> ReportRecord {
