@@ -62,6 +62,10 @@ need_deb() { # package
 }
 need_deb libclang-rt-dev
 need_deb libmbedtls-dev
+# The console's browser tests (crates/furrow/tests/console_browser.rs): a
+# headless Chromium driven over WebDriver.
+need_pkg chromium chromium
+need_pkg chromedriver chromium-driver
 # PostgreSQL's server programs live outside PATH (/usr/lib/postgresql/N/bin);
 # the tests run initdb and pg_ctl from there (as `postgres` when root).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -4,7 +4,7 @@ import { h, page, num, bytes, when, table, emptyRow, report } from './dom.js';
 import { api } from './api.js';
 
 export async function render({ view, signal }) {
-  const t = table([['Name'], ['Version'], ['Model'], ['Size', 'num'], ['Created'], ['Id (SHA-256)']], { 'aria-label': 'Firmware images, newest first' });
+  const t = table([['Name'], ['Version'], ['Model'], ['Size', 'num'], ['Created'], ['Id (SHA-256)']], { 'aria-label': 'Firmware images, newest first', 'data-testid': 'firmware-table' });
   view.append(page('Firmware'), t.wrap);
   try {
     const list = await api('/v1/firmware', { signal });

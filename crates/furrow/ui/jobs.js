@@ -37,7 +37,7 @@ function pager(load, testid = 'next-page') {
 }
 
 export async function renderList({ view, signal }) {
-  const t = table([['Job'], ['Status'], ['Operation'], ['Target'], ['Progress'], ['Created']], { 'aria-label': 'Jobs, newest first' });
+  const t = table([['Job'], ['Status'], ['Operation'], ['Target'], ['Progress'], ['Created']], { 'aria-label': 'Jobs, newest first', 'data-testid': 'jobs-table' });
   const pg = pager(() => load().catch((e) => report(e, 'Cannot list the jobs')));
   view.append(page('Jobs'), t.wrap, pg.el);
   async function load() {
@@ -64,7 +64,7 @@ export async function renderJob({ view, signal, params: [id] }) {
   const bar = h('div');
   const counts = table([['State'], ['Devices', 'num']], { 'aria-label': 'Devices by state' });
   const filter = h('select', { id: 'job-state' }, h('option', { value: '', text: 'All' }), STATES.map((x) => h('option', { value: x, text: x.replace('_', ' ') })));
-  const dt = table([['Device'], ['State'], ['Started'], ['Finished'], ['Command', 'num']], { 'aria-label': 'The job\'s devices' });
+  const dt = table([['Device'], ['State'], ['Started'], ['Finished'], ['Command', 'num']], { 'aria-label': 'The job\'s devices', 'data-testid': 'job-devices-table' });
   const pg = pager(() => loadDevices().catch((e) => report(e, 'Cannot list the job\'s devices')));
   filter.addEventListener('change', () => { pg.stack = []; pg.cur = null; loadDevices().catch((e) => report(e, 'Cannot list the job\'s devices')); });
   view.append(h('p', null, h('a', { href: '#/jobs', text: '← All jobs' })),

@@ -17,7 +17,7 @@ export async function render({ view, signal }) {
   const rateFig = h('figure', { class: 'chart' });
   const p99Fig = h('figure', { class: 'chart' });
   const storage = h('dl', { class: 'kv' });
-  const inst = table([['Instance'], ['Devices connected', 'num']], { 'aria-label': 'Instances' });
+  const inst = table([['Instance'], ['Devices connected', 'num']], { 'aria-label': 'Devices connected per instance' });
   const live = h('div');
   const instPanel = h('section', { class: 'panel', 'aria-labelledby': 'ov-in-h' }, h('h2', { id: 'ov-in-h', text: 'Instances' }), inst.wrap);
   view.append(
@@ -73,8 +73,12 @@ export async function render({ view, signal }) {
     set('p99', last?.ack_p99_ms != null ? num(last.ack_p99_ms, 2) : '—');
     const end = o.now_ms || Date.now();
     stamp.textContent = `Instance ${o.instance ?? '?'}${d.revoked != null ? ` · ${num(d.revoked)} revoked devices` : ''} · updated ${hms(end, true)}`;
-    chart(rateFig, pts, (p) => p.acked_per_s, 'Readings acknowledged per second', end);
-    chart(p99Fig, pts, (p) => p.ack_p99_ms, 'ACK p99 in ms', end);
+    // The step under way too, once it is a few seconds long: a fleet that
+    // just started shows on the charts before the first 10 s point.
+    const cur = o.series?.current;
+    const drawn = cur && (!pts.length || cur.t_ms - pts[pts.length - 1].t_ms >= 3000) ? pts.concat([cur]) : pts;
+    chart(rateFig, drawn, (p) => p.acked_per_s, 'Readings acknowledged per second', end);
+    chart(p99Fig, drawn, (p) => p.ack_p99_ms, 'ACK p99 in ms', end);
     showStorage(o.storage);
     const list = Array.isArray(o.instances) ? o.instances : [];
     inst.tbody.replaceChildren(...(list.length ? list.map((i) => h('tr', null,
