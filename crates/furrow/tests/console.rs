@@ -48,6 +48,24 @@ async fn the_console_files_are_public_with_a_strict_policy() {
         .to_str()
         .unwrap()
         .starts_with("text/javascript"));
+    // Revalidation: the same file again costs a 304 without a body.
+    let tag = r.headers()["etag"].clone();
+    let r = plain
+        .get(url("/ui/app.js"))
+        .header("if-none-match", tag.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers()["etag"], tag);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = plain
+        .get(url("/ui/app.js"))
+        .header("if-none-match", "\"stale\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "a changed file is sent again");
     for missing in ["/ui/nope.js", "/ui/../Cargo.toml", "/ui/%2e%2e/Cargo.toml"] {
         let r = plain.get(url(missing)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{missing}");

@@ -63,12 +63,18 @@ function route(focus) {
     if (focus) view.querySelector('h1').focus();
     return;
   }
+  const t0 = performance.now();
   load().then((mod) => {
     if (ctrl.signal.aborted) return undefined;
     // Each page puts its heading in before its first await: focus it.
     const done = mod[fn]({ view, signal: ctrl.signal, params });
     if (focus) view.querySelector('h1')?.focus();
     return done;
+  }).then(() => {
+    // A page's render resolves once its first data is drawn: "furrow:view"
+    // marks that moment (its startTime counts from the page load), for
+    // examples/console_load.rs's time to first view.
+    if (!ctrl.signal.aborted) performance.mark('furrow:view', { detail: { page: nav, route_ms: performance.now() - t0 } });
   }).catch((e) => { if (!ctrl.signal.aborted) report(e); });
 }
 

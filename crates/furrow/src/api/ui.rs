@@ -10,8 +10,10 @@
 //! styles and requests from this origin only; no inline script or style;
 //! no framing), `nosniff` and no referrer.
 
+use std::sync::OnceLock;
+
 use axum::extract::Path;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
@@ -91,19 +93,53 @@ const FILES: &[(&str, &str, &[u8])] = &[
 pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
-        .route("/ui/", get(|| async { file("index.html") }))
+        .route(
+            "/ui/",
+            get(|headers: HeaderMap| async move { file("index.html", &headers) }),
+        )
         .route(
             "/ui/{*path}",
-            get(|Path(path): Path<String>| async move { file(&path) }),
+            get(
+                |Path(path): Path<String>, headers: HeaderMap| async move { file(&path, &headers) },
+            ),
         )
 }
 
-fn file(path: &str) -> Response {
-    let Some((_, kind, bytes)) = FILES.iter().find(|(p, _, _)| *p == path) else {
+/// Each file's entity tag: a quoted prefix of its SHA-256, computed once.
+fn etag(index: usize) -> &'static HeaderValue {
+    static TAGS: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    &TAGS.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        FILES
+            .iter()
+            .map(|(_, _, bytes)| {
+                let d = Sha256::digest(bytes);
+                let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
+                HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header")
+            })
+            .collect()
+    })[index]
+}
+
+fn file(path: &str, req: &HeaderMap) -> Response {
+    let Some(i) = FILES.iter().position(|(p, _, _)| *p == path) else {
         return (StatusCode::NOT_FOUND, "no such console file").into_response();
     };
-    let mut r = (*bytes).into_response();
+    let (_, kind, bytes) = FILES[i];
+    let tag = etag(i);
+    // `no-cache` below makes the browser ask each time; an unchanged file
+    // costs a 304 and no body.
+    let fresh = req
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let mut r = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        bytes.into_response()
+    };
     let h = r.headers_mut();
+    h.insert(header::ETAG, tag.clone());
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -164,6 +200,31 @@ mod tests {
             };
             assert!(kind.starts_with(want), "{p}: {kind}");
             assert!(!bytes.is_empty(), "{p} is empty");
+        }
+    }
+
+    /// The scripts build the DOM from text nodes only: nothing a device or
+    /// an API answer sends can become markup or code (the CSP forbids
+    /// `eval` too; this keeps the source honest).
+    #[test]
+    fn no_script_turns_text_into_markup_or_code() {
+        for (p, _, bytes) in FILES.iter().filter(|(p, _, _)| p.ends_with(".js")) {
+            let text = std::str::from_utf8(bytes).expect("UTF-8");
+            let code: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect();
+            for sink in [
+                ".innerHTML",
+                ".outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+                "new Function",
+                "localStorage",
+            ] {
+                assert!(!code.contains(sink), "{p} uses {sink}");
+            }
         }
     }
 }

@@ -49,7 +49,13 @@ pub struct Browser {
 pub fn screenshot_dir() -> PathBuf {
     std::env::var_os("FURROW_SCREENSHOTS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"))
+        .unwrap_or_else(|| {
+            // Tests have a target/tmp; examples (console_load) the OS's.
+            option_env!("CARGO_TARGET_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join("console-screenshots")
+        })
 }
 
 impl Browser {
@@ -225,11 +231,16 @@ impl Browser {
 
     /// Writes a screenshot of the window; its path.
     pub async fn screenshot(&self, name: &str) -> PathBuf {
-        let png = self.client.screenshot().await.expect("screenshot");
         let path = self.shots.join(format!("{}-{name}.png", self.prefix));
-        std::fs::write(&path, png).expect("write screenshot");
-        eprintln!("screenshot: {}", path.display());
+        self.screenshot_to(&path).await;
         path
+    }
+
+    /// Writes a screenshot of the window to `path`.
+    pub async fn screenshot_to(&self, path: &std::path::Path) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        std::fs::write(path, png).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
     }
 
     /// The console's last message (its live region).
