@@ -429,3 +429,216 @@ async fn the_console_has_no_serious_accessibility_violations() {
         "serious accessibility violations: {found:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_list_pages_and_filters_on_the_server() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let api = Api::with_token().await;
+    // 120 devices: three pages of 50; every tenth tagged site:north.
+    for i in 0..120 {
+        let id = format!("node-{i:03}");
+        let (st, v) = api.post("/v1/devices", json!({ "device_id": id })).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        if i % 10 == 0 {
+            api.call(
+                reqwest::Method::PATCH,
+                &format!("/v1/devices/{id}/tags"),
+                Some(json!({ "site": "north" })),
+            )
+            .await;
+        }
+    }
+    let token = api.gw.add_device("online-1").await;
+    let (_dev, _) = api.gw.connect_device("online-1", &token).await;
+    api.gw.wait_online("online-1").await;
+
+    let b = Browser::start("list", 1280, 900).await;
+    sign_in(&b, &api, TOKEN).await;
+    b.wait_text("overview-total", "121").await;
+    b.click_css("a[data-nav=devices]").await;
+    let ids = "return [...document.querySelectorAll('[data-testid=device-row]')].map((r) => r.dataset.deviceId);";
+    let page_is = |first: &'static str, n: usize| {
+        format!(
+            "const ids = [...document.querySelectorAll('[data-testid=device-row]')].map((r) => r.dataset.deviceId);
+             return ids.length === {n} && ids[0] === '{first}';"
+        )
+    };
+    b.wait_js("page 1", &page_is("node-000", 50), vec![]).await;
+    b.click("next-page").await;
+    b.wait_js("page 2", &page_is("node-050", 50), vec![]).await;
+    b.click("next-page").await;
+    b.wait_js("page 3", &page_is("node-100", 21), vec![]).await;
+    let next_off = b
+        .js(
+            "return document.querySelector('[data-testid=next-page]').disabled;",
+            vec![],
+        )
+        .await;
+    assert_eq!(next_off, json!(true), "no page after the last");
+    b.click("prev-page").await;
+    b.wait_js("back on page 2", &page_is("node-050", 50), vec![])
+        .await;
+
+    // Filters: online only; a tag; a prefix with no match.
+    b.wait_testid("device-online")
+        .await
+        .select_by_value("true")
+        .await
+        .unwrap();
+    b.wait_js("online only", &page_is("online-1", 1), vec![])
+        .await;
+    b.wait_testid("device-online")
+        .await
+        .select_by_value("")
+        .await
+        .unwrap();
+    b.type_into("device-tag", "site:north\n").await;
+    b.wait_js("site:north only", &page_is("node-000", 12), vec![])
+        .await;
+    let tagged = b.js(ids, vec![]).await;
+    assert!(
+        tagged
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|id| id.as_str().unwrap().ends_with('0')),
+        "{tagged}"
+    );
+    b.type_into("device-tag", "nope\n").await;
+    b.wait_js(
+        "a malformed tag refused in place",
+        "return document.querySelector('[data-testid=device-tag]').getAttribute('aria-invalid') === 'true';",
+        vec![],
+    )
+    .await;
+    b.type_into("device-tag", "\n").await;
+    b.type_into("device-search", "zzz").await;
+    b.wait_js(
+        "no device matches",
+        "return document.querySelectorAll('[data-testid=device-row]').length === 0
+            && document.querySelector('[data-testid=device-table] td.empty') !== null;",
+        vec![],
+    )
+    .await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_edits_tags_and_desired_state_and_rotates_a_token() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let api = Api::with_token().await;
+    api.gw.add_device("valve-1").await;
+
+    let b = Browser::start("admin", 1280, 900).await;
+    sign_in(&b, &api, TOKEN).await;
+    b.wait_testid("overview-online").await;
+    b.goto(&api.gw.api_url("/ui/#/devices/valve-1")).await;
+    b.wait_text("device-status", "offline").await;
+
+    // A tag.
+    b.type_into("tag-key", "site").await;
+    b.type_into("tag-value", "east").await;
+    b.click("tag-save").await;
+    b.wait_js(
+        "the tag shown",
+        "return (document.querySelector('[data-testid=device-tags]')?.textContent ?? '').includes('site:east');",
+        vec![],
+    )
+    .await;
+    let (_, dev) = api.get("/v1/devices/valve-1").await;
+    assert_eq!(dev["tags"], json!({ "site": "east" }), "{dev}");
+
+    // The desired state, edited as JSON and saved as a merge patch.
+    b.type_into("desired-editor", r#"{"valve": "open", "interval_s": 30}"#)
+        .await;
+    b.click("desired-save").await;
+    b.wait_js(
+        "the desired state saved",
+        "return (document.querySelector('[data-testid=state-desired]')?.textContent ?? '').includes('\"valve\": \"open\"');",
+        vec![],
+    )
+    .await;
+    let (_, state) = api.get("/v1/devices/valve-1/state").await;
+    assert_eq!(
+        state["desired"]["document"],
+        json!({ "valve": "open", "interval_s": 30 }),
+        "{state}"
+    );
+    // Someone else changes it meanwhile: the console's save does not
+    // overwrite theirs.
+    let (st, v) = api
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/devices/valve-1/state/desired",
+            Some(json!({ "interval_s": 60 })),
+        )
+        .await;
+    assert!(st.is_success(), "{v}");
+    b.type_into("desired-editor", r#"{"valve": "closed", "interval_s": 30}"#)
+        .await;
+    b.click("desired-save").await;
+    b.wait_js(
+        "the conflict told",
+        "return (document.getElementById('announce')?.textContent ?? '').includes('changed the desired state first');",
+        vec![],
+    )
+    .await;
+    let (_, state) = api.get("/v1/devices/valve-1/state").await;
+    assert_eq!(
+        state["desired"]["document"],
+        json!({ "valve": "open", "interval_s": 60 }),
+        "{state}"
+    );
+
+    // Rotate the token, through the confirmation: shown once, and it works.
+    b.click("rotate-button").await;
+    b.wait_css("dialog#confirm[open]").await;
+    b.click("confirm-yes").await;
+    let shown = b.wait_testid("new-token").await;
+    let token = shown.prop("value").await.unwrap().unwrap_or_default();
+    assert!(token.len() >= 32, "a token: {token:?}");
+    b.screenshot("rotated").await;
+    let (_dev, _) = api.gw.connect_device("valve-1", &token).await;
+    api.gw.wait_online("valve-1").await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_follows_a_job_and_cancels_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let api = Api::with_token().await;
+    let token = api.gw.add_device("j-1").await;
+    api.gw.add_device("j-2").await;
+    let (_dev, _) = api.gw.connect_device("j-1", &token).await;
+    api.gw.wait_online("j-1").await;
+    // A command job: j-1 gets it (and never answers), j-2 is offline.
+    let (st, job) = api
+        .post(
+            "/v1/jobs",
+            json!({ "target": {"devices": ["j-1", "j-2"]}, "operation": {"command": {"name": "flush"}} }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let id = job["job_id"].as_u64().unwrap();
+
+    let b = Browser::start("job", 1280, 900).await;
+    sign_in(&b, &api, TOKEN).await;
+    b.wait_testid("overview-online").await;
+    b.click_css("a[data-nav=jobs]").await;
+    b.click_css(&format!("tr[data-job-id='{id}'] a")).await;
+    b.wait_text("job-status", "running").await;
+    b.wait_js(
+        "both devices listed",
+        "return document.querySelectorAll('[data-testid=job-device-row]').length === 2;",
+        vec![],
+    )
+    .await;
+    b.screenshot("job").await;
+    b.click("cancel-button").await;
+    b.wait_css("dialog#confirm[open]").await;
+    b.click("confirm-yes").await;
+    b.wait_text("job-status", "cancelled").await;
+    let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    b.close().await;
+}
