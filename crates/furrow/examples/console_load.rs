@@ -129,14 +129,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         b.screenshot_to(&dir.join("console-overview.png")).await;
+        // Tall enough for the status, tags and the chart.
+        b.client.set_window_size(1280, 1100).await?;
         b.goto(&format!("{ui}#/devices/{}", args.device)).await;
         b.wait_testid("telemetry-chart").await;
-        b.js(
-            "document.querySelector('[data-testid=telemetry-chart]').scrollIntoView({ block: 'center' }); return true;",
-            vec![],
-        )
-        .await;
         b.screenshot_to(&dir.join("console-device.png")).await;
+        b.client.set_window_size(1280, 900).await?;
     }
 
     // ---- gateway CPU: no console, then N on the overview ----
