@@ -54,6 +54,8 @@ pub struct Config {
     pub mqtt: Mqtt,
     /// The TLS device listener (off until a certificate is set).
     pub tls: Tls,
+    /// The QUIC device listener (off until `quic.listen` is set).
+    pub quic: Quic,
     /// PROXY protocol headers from a load balancer.
     pub proxy_protocol: ProxyProtocol,
     /// Device credentials.
@@ -80,6 +82,7 @@ impl Default for Config {
             api: Api::default(),
             mqtt: Mqtt::default(),
             tls: Tls::default(),
+            quic: Quic::default(),
             proxy_protocol: ProxyProtocol::default(),
             devices: Devices::default(),
             state: State::default(),
@@ -618,6 +621,17 @@ impl Config {
     }
 }
 
+/// The QUIC device listener: furrow/1 on one bidirectional stream of a
+/// QUIC connection (ALPN `furrow/1`), with the TLS listener's certificate,
+/// client CA and reloads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quic {
+    /// UDP address of the QUIC listener. Unset: no QUIC. Needs
+    /// `tls.cert_file` and `tls.key_file`.
+    pub listen: Option<SocketAddr>,
+}
+
 /// The TLS device listener (see `tls`). On when `cert_file` is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -867,6 +881,12 @@ impl Config {
     /// Checks ranges and relations between values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.quic.listen.is_some() && !self.tls.enabled() {
+            return bad(
+                "quic.listen",
+                "QUIC needs the TLS certificate: set tls.cert_file and tls.key_file".into(),
+            );
+        }
         // The largest HELLO (128-byte id, 256-byte token) must fit.
         if self.limits.max_frame < 512 {
             return bad(

@@ -179,6 +179,8 @@ pub struct Server {
     /// TLS devices (when a certificate is configured).
     tls_listener: Option<TcpListener>,
     tls: Option<Arc<TlsState>>,
+    /// QUIC devices (when `quic.listen` is set).
+    quic: Option<quinn::Endpoint>,
     api_listener: Option<TcpListener>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -255,6 +257,20 @@ impl Server {
             Some(_) => Some(bind(cfg.tls.listen)?),
             None => None,
         };
+        let quic = match (cfg.quic.listen, &tls) {
+            (Some(addr), Some(state)) => {
+                let config = crate::ingress::quic::server_config(
+                    state.quic_current(),
+                    quic_idle_timeout(&cfg),
+                )?;
+                Some(
+                    quinn::Endpoint::server(config, addr)
+                        .map_err(|source| ServerError::Bind { addr, source })?,
+                )
+            }
+            // Config::validate refuses QUIC without TLS files.
+            _ => None,
+        };
         let api_listener = if cfg.api.enabled {
             let addr = cfg.api.listen;
             Some(
@@ -276,6 +292,7 @@ impl Server {
             listener,
             tls_listener,
             tls,
+            quic,
             api_listener,
             store,
             registry: Arc::new(Registry::new()),
@@ -305,6 +322,11 @@ impl Server {
         self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The QUIC listener's (UDP) address, if QUIC is on.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
     /// The store.
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::clone(&self.store)
@@ -328,6 +350,7 @@ impl Server {
             listener,
             tls_listener,
             tls,
+            quic,
             api_listener,
             store,
             registry,
@@ -454,9 +477,13 @@ impl Server {
             tls: tls.clone(),
             firmware,
         });
-        let reloader = tls
-            .clone()
-            .map(|t| tokio::spawn(reload_tls(t, shared.cfg.tls.watch_ms)));
+        let reloader = tls.clone().map(|t| {
+            tokio::spawn(reload_tls(
+                t,
+                shared.cfg.tls.watch_ms,
+                quic.clone().map(|e| (e, quic_idle_timeout(&shared.cfg))),
+            ))
+        });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         // Fleet jobs: every instance ticks them; the store's locks decide
@@ -481,6 +508,7 @@ impl Server {
         info!(
             addr = %addr_of(&listener),
             tls_addr = %addr_of(&tls_listener),
+            quic_addr = %quic.as_ref().and_then(|e| e.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             api = %api_addr,
             database = %shared.cfg.storage_location(),
             mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
@@ -527,10 +555,34 @@ impl Server {
                 _ => std::future::pending().await,
             }
         };
+        let quic_shared = Arc::clone(&shared);
+        let quic_devices = async {
+            match &quic {
+                Some(endpoint) => {
+                    let timeout = Duration::from_millis(quic_shared.cfg.tls.handshake_timeout_ms)
+                        .min(quic_shared.cfg.handshake_timeout());
+                    let limits = Arc::clone(&quic_shared.limits);
+                    let shared = Arc::clone(&quic_shared);
+                    crate::ingress::quic::accept_loop(
+                        endpoint,
+                        &tracker,
+                        &shutdown,
+                        &limits,
+                        timeout,
+                        move |stream, at, id, permit| {
+                            session::run_quic(stream, at, id, Arc::clone(&shared), permit)
+                        },
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = signal => {}
             _ = plain => {}
             _ = secure => {}
+            _ = quic_devices => {}
         }
 
         // Phase 1: stop accepting (and say so on /readyz, which stays up
@@ -540,6 +592,10 @@ impl Server {
         drop(tls_listener);
         if let Some(r) = reloader {
             r.abort();
+        }
+        if let Some(endpoint) = &quic {
+            // New QUIC connections are refused from now on; open ones drain.
+            endpoint.set_server_config(None);
         }
         info!(sessions = tracker.len(), "shutting down: listener closed");
         // Phase 2: signal sessions to drain. Handshaking sessions watch the
@@ -597,13 +653,25 @@ impl Server {
         cluster.leave().await;
         upkeep.abort();
         mqtt_stop.cancel();
+        if let Some(endpoint) = quic {
+            // Lets the last CONNECTION_CLOSE frames out.
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
         info!("shutdown complete");
     }
 }
 
+/// How long a QUIC connection may stay silent: past the longest keepalive
+/// (plus its 50 % grace), so that QUIC never ends a session furrow/1 still
+/// considers alive.
+fn quic_idle_timeout(cfg: &Config) -> Duration {
+    Duration::from_secs(u64::from(cfg.keepalive.max_s) * 3 / 2 + 30)
+}
+
 /// Reloads the TLS files on SIGHUP and, every `watch_ms` (0: never), when
 /// one of them changed. A failed reload keeps the certificates in force.
-async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64) {
+/// The QUIC endpoint, if any, takes each new configuration too.
+async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64, quic: Option<(quinn::Endpoint, Duration)>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -613,6 +681,7 @@ async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64) {
         }
     };
     let watch = (watch_ms > 0).then(|| Duration::from_millis(watch_ms));
+    let mut last_quic = quic.as_ref().map(|_| tls.quic_current());
     loop {
         let hup_recv = async {
             match hup.as_mut() {
@@ -639,6 +708,19 @@ async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64) {
             _ = tick => {
                 let tls = Arc::clone(&tls);
                 let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+            }
+        }
+        if let Some((endpoint, idle)) = &quic {
+            // Cheap: an Arc of the current configuration; a reload swapped it.
+            let current = tls.quic_current();
+            if last_quic.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &current)) {
+                match crate::ingress::quic::server_config(Arc::clone(&current), *idle) {
+                    Ok(c) => endpoint.set_server_config(Some(c)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot give the QUIC listener the reloaded certificates")
+                    }
+                }
+                last_quic = Some(current);
             }
         }
     }

@@ -71,7 +71,8 @@ struct HandleInner {
     done: AtomicBool,
     done_notify: Notify,
     /// For operators (the API's device view).
-    peer: std::net::SocketAddr,
+    /// Changes only when a QUIC device migrates (rare: a lock is fine).
+    peer: std::sync::Mutex<std::net::SocketAddr>,
     connected_ms: u64,
     last_seen_ms: AtomicU64,
     /// Set when the device may have commands to (re)send; the session
@@ -106,7 +107,7 @@ impl SessionHandle {
                 wake,
                 done: AtomicBool::new(false),
                 done_notify: Notify::new(),
-                peer,
+                peer: std::sync::Mutex::new(peer),
                 connected_ms,
                 last_seen_ms: AtomicU64::new(connected_ms),
                 // A new session first looks for open commands (delivery
@@ -157,10 +158,15 @@ impl SessionHandle {
     /// The session as operators see it.
     pub fn info(&self) -> LiveInfo {
         LiveInfo {
-            peer: self.inner.peer,
+            peer: *self.inner.peer.lock().unwrap_or_else(|p| p.into_inner()),
             connected_ms: self.inner.connected_ms,
             last_seen_ms: self.inner.last_seen_ms.load(Ordering::Relaxed),
         }
+    }
+
+    /// Records the device's new address (a QUIC connection migrated).
+    pub fn set_peer(&self, peer: std::net::SocketAddr) {
+        *self.inner.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
     }
 
     /// The connection id.

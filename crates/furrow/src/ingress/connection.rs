@@ -20,15 +20,21 @@
 //! second stream type, no buffer while idle (the ciphertext buffers are
 //! released like the read buffer), and the PROXY header (plaintext, before
 //! the ClientHello) is read by the same code as without TLS.
+//!
+//! QUIC ([`super::quic`]) is the other transport: its stream is polled
+//! the same way (once without waiting, or with the task's waker), behind
+//! the same methods, so the session does not know which one it runs on.
 
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::BytesMut;
 use furrow_proto::{DecodeError, FrameDecoder, RawFrame};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::quic::QuicStream;
 use super::tls_conn::{Next, TlsConn};
 
 /// Counters for the close log line and metrics.
@@ -42,9 +48,17 @@ pub struct Stats {
     pub bytes_out: u64,
 }
 
+/// What carries the bytes.
+enum Transport {
+    /// A TCP socket (plain, or under [`Connection::start_tls`]).
+    Tcp(TcpStream),
+    /// A QUIC stream (boxed: TCP connections pay one enum tag).
+    Quic(Box<QuicStream>),
+}
+
 /// The socket plus its read and write buffers.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Transport,
     /// TLS state, once [`Connection::start_tls`] has run (boxed: plain
     /// connections pay one pointer).
     tls: Option<Box<TlsConn>>,
@@ -70,11 +84,46 @@ impl Connection {
     /// Whether the connection holds nothing but its socket's state: no
     /// bytes read and not handled, none waiting in rustls either way.
     pub fn parkable(&self) -> bool {
-        self.rbuf.is_empty() && !self.tls_pending && self.tls.as_ref().is_none_or(|t| t.is_idle())
+        matches!(self.stream, Transport::Tcp(_))
+            && self.rbuf.is_empty()
+            && !self.tls_pending
+            && self.tls.as_ref().is_none_or(|t| t.is_idle())
+    }
+
+    /// Whether this connection is a QUIC stream.
+    pub fn is_quic(&self) -> bool {
+        matches!(self.stream, Transport::Quic(_))
+    }
+
+    /// The QUIC stream, on a QUIC connection.
+    pub fn quic(&self) -> Option<&QuicStream> {
+        match &self.stream {
+            Transport::Quic(q) => Some(q),
+            Transport::Tcp(_) => None,
+        }
+    }
+
+    /// The TCP socket; an error on QUIC, whose paths never get here (no
+    /// TLS layer of ours, no parking).
+    fn tcp(&self) -> io::Result<&TcpStream> {
+        match &self.stream {
+            Transport::Tcp(s) => Ok(s),
+            Transport::Quic(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "not a TCP connection",
+            )),
+        }
     }
 
     /// Splits off the socket (see [`Self::parkable`]; buffers are dropped).
-    pub fn into_parts(mut self) -> (TcpStream, Parts) {
+    /// A QUIC connection has no socket to park: an error.
+    pub fn into_parts(mut self) -> io::Result<(TcpStream, Parts)> {
+        let Transport::Tcp(stream) = self.stream else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a QUIC session is not parked",
+            ));
+        };
         if let Some(tls) = self.tls.as_mut() {
             tls.release_idle();
         }
@@ -84,13 +133,13 @@ impl Connection {
             read_chunk: u32::try_from(self.read_chunk).unwrap_or(u32::MAX),
             stats: self.stats,
         };
-        (self.stream, parts)
+        Ok((stream, parts))
     }
 
     /// Puts a parked connection back together.
     pub fn from_parts(stream: TcpStream, parts: Parts) -> Self {
         Self {
-            stream,
+            stream: Transport::Tcp(stream),
             tls: parts.tls,
             tls_pending: false,
             rbuf: BytesMut::new(),
@@ -102,6 +151,15 @@ impl Connection {
 
     /// Wraps an accepted socket.
     pub fn new(stream: TcpStream, max_frame: u32, read_chunk: usize) -> Self {
+        Self::with(Transport::Tcp(stream), max_frame, read_chunk)
+    }
+
+    /// Wraps a device's QUIC stream.
+    pub fn new_quic(stream: QuicStream, max_frame: u32, read_chunk: usize) -> Self {
+        Self::with(Transport::Quic(Box::new(stream)), max_frame, read_chunk)
+    }
+
+    fn with(stream: Transport, max_frame: u32, read_chunk: usize) -> Self {
         Self {
             stream,
             tls: None,
@@ -121,9 +179,19 @@ impl Connection {
     /// Reads what the socket has, waiting for it without holding a buffer.
     /// `Ok(0)` is end of stream. Cancel-safe.
     pub async fn read_some(&mut self) -> io::Result<usize> {
+        if self.is_quic() {
+            self.reserve_read();
+            let Self { stream, rbuf, .. } = self;
+            let Transport::Quic(q) = stream else {
+                return Ok(0);
+            };
+            let n = std::future::poll_fn(|cx| q.poll_read(cx, rbuf)).await?;
+            self.count_in(n);
+            return Ok(n);
+        }
         loop {
             if !self.tls_pending {
-                self.stream.readable().await?;
+                self.tcp()?.readable().await?;
             }
             if let Some(n) = self.try_read()? {
                 return Ok(n);
@@ -151,7 +219,10 @@ impl Connection {
         if read && self.tls_pending {
             return self.try_read();
         }
-        let ready = self.stream.ready(interest).await?;
+        if self.is_quic() {
+            return self.io_quic(out, read, write).await;
+        }
+        let ready = self.tcp()?.ready(interest).await?;
         if write && ready.is_writable() {
             self.try_flush(out)?;
         }
@@ -161,23 +232,87 @@ impl Connection {
         Ok(None)
     }
 
+    /// [`Self::io`] on QUIC: polls the stream's write side (with `out`)
+    /// and read side with the task's waker until one moves.
+    async fn io_quic(
+        &mut self,
+        out: &mut BytesMut,
+        read: bool,
+        write: bool,
+    ) -> io::Result<Option<usize>> {
+        if read {
+            self.reserve_read();
+        }
+        let Self {
+            stream,
+            rbuf,
+            stats,
+            ..
+        } = self;
+        let Transport::Quic(q) = stream else {
+            return Ok(None);
+        };
+        let got = std::future::poll_fn(|cx| {
+            let mut wrote = false;
+            if write && !out.is_empty() {
+                match q.poll_write(cx, out) {
+                    Poll::Ready(Ok(n)) => {
+                        stats.bytes_out += n as u64;
+                        crate::metrics::wire().bytes_out.increment(n as u64);
+                        wrote = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if read {
+                if let Poll::Ready(r) = q.poll_read(cx, rbuf) {
+                    return Poll::Ready(r.map(Some));
+                }
+            }
+            if wrote {
+                Poll::Ready(Ok(None))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await?;
+        if let Some(n) = got {
+            self.count_in(n);
+        }
+        Ok(got)
+    }
+
+    /// Room for the next read: the frame in progress when it is larger
+    /// than a read chunk.
+    fn reserve_read(&mut self) {
+        let want = match self.decoder.check_header(&self.rbuf) {
+            Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(self.read_chunk),
+            _ => self.read_chunk,
+        };
+        self.rbuf.reserve(want);
+    }
+
+    fn count_in(&mut self, n: usize) {
+        self.stats.bytes_in += n as u64;
+        crate::metrics::wire().bytes_in.increment(n as u64);
+    }
+
     /// One non-blocking read into a buffer reserved just for it. `None`
     /// when the socket had nothing after all.
     fn try_read(&mut self) -> io::Result<Option<usize>> {
         if self.tls.is_some() {
             return self.try_read_tls();
         }
-        // Size the read to the frame in progress when it is larger.
-        let want = match self.decoder.check_header(&self.rbuf) {
-            Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(self.read_chunk),
-            _ => self.read_chunk,
-        };
-        self.rbuf.reserve(want);
+        self.reserve_read();
         let spare = self.rbuf.capacity() - self.rbuf.len();
-        match read_short_clears(&self.stream, &mut self.rbuf, spare) {
+        let r = match &mut self.stream {
+            Transport::Tcp(stream) => read_short_clears(stream, &mut self.rbuf, spare),
+            Transport::Quic(q) => q.try_read(&mut self.rbuf),
+        };
+        match r {
             Ok(n) => {
-                self.stats.bytes_in += n as u64;
-                crate::metrics::wire().bytes_in.increment(n as u64);
+                self.count_in(n);
                 Ok(Some(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -195,8 +330,11 @@ impl Connection {
             self.tls_pending = false;
             return Ok(Some(0));
         }
+        let Transport::Tcp(stream) = &self.stream else {
+            return Ok(None);
+        };
         let mut eof = false;
-        match tls.read_from(&self.stream, self.read_chunk) {
+        match tls.read_from(stream, self.read_chunk) {
             Ok(0) => eof = true,
             Ok(n) => {
                 self.stats.bytes_in += n as u64;
@@ -209,7 +347,7 @@ impl Connection {
         let next = tls.process(&mut self.rbuf, None);
         // Alerts, session tickets, key updates: out at once, best effort
         // (a socket that takes none now gets them with the next write).
-        match tls.write_to(&self.stream) {
+        match tls.write_to(stream) {
             Ok(n) => {
                 self.stats.bytes_out += n as u64;
                 crate::metrics::wire().bytes_out.increment(n as u64);
@@ -232,8 +370,13 @@ impl Connection {
     /// read (after a PROXY header) are the start of the ClientHello.
     pub async fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let early = std::mem::take(&mut self.rbuf);
-        let (tls, read, written) =
-            TlsConn::accept(&self.stream, config, &early, &mut self.rbuf).await?;
+        let Transport::Tcp(stream) = &self.stream else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "QUIC brings its own TLS",
+            ));
+        };
+        let (tls, read, written) = TlsConn::accept(stream, config, &early, &mut self.rbuf).await?;
         self.stats.bytes_in += read;
         self.stats.bytes_out += written;
         crate::metrics::wire().bytes_in.increment(read);
@@ -247,7 +390,10 @@ impl Connection {
 
     /// TLS: the verified client certificate chain, if the device sent one.
     pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
-        self.tls.as_ref().and_then(|t| t.peer_certificates())
+        match &self.stream {
+            Transport::Quic(q) => q.peer_certificates(),
+            Transport::Tcp(_) => self.tls.as_ref().and_then(|t| t.peer_certificates()),
+        }
     }
 
     /// TLS: the protocol version and whether the session was resumed.
@@ -316,6 +462,22 @@ impl Connection {
     /// Writes as much of `out` as the socket takes now, without waiting,
     /// and advances `out` past it.
     pub fn try_flush(&mut self, out: &mut BytesMut) -> io::Result<()> {
+        let stream = match &mut self.stream {
+            Transport::Quic(q) => {
+                while !out.is_empty() {
+                    match q.try_write(out) {
+                        Ok(n) => {
+                            self.stats.bytes_out += n as u64;
+                            crate::metrics::wire().bytes_out.increment(n as u64);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(());
+            }
+            Transport::Tcp(s) => s,
+        };
         if let Some(tls) = self.tls.as_mut() {
             loop {
                 let mut progressed = false;
@@ -328,7 +490,7 @@ impl Connection {
                     progressed = out.len() < before;
                 }
                 if tls.unsent() > 0 {
-                    match tls.write_to(&self.stream) {
+                    match tls.write_to(stream) {
                         Ok(n) => {
                             self.stats.bytes_out += n as u64;
                             crate::metrics::wire().bytes_out.increment(n as u64);
@@ -344,7 +506,7 @@ impl Connection {
             }
         }
         while !out.is_empty() {
-            match self.stream.try_write(out) {
+            match stream.try_write(out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.stats.bytes_out += n as u64;
@@ -359,12 +521,20 @@ impl Connection {
     }
 
     /// Resolves when the socket can take more bytes. Cancel-safe.
-    pub async fn writable(&self) -> io::Result<()> {
-        self.stream.writable().await
+    async fn writable(&self) -> io::Result<()> {
+        self.tcp()?.writable().await
     }
 
     /// Writes all of `out`, waiting as needed (bounded by the caller).
     pub async fn flush(&mut self, out: &mut BytesMut) -> io::Result<()> {
+        if let Transport::Quic(q) = &mut self.stream {
+            let before = out.len();
+            let r = q.write_all(out).await;
+            let n = (before - out.len()) as u64;
+            self.stats.bytes_out += n;
+            crate::metrics::wire().bytes_out.increment(n);
+            return r;
+        }
         loop {
             self.try_flush(out)?;
             if self.unsent(out) == 0 {
@@ -386,7 +556,10 @@ impl Connection {
             }
         }
         self.flush(out).await?;
-        self.stream.shutdown().await
+        match &mut self.stream {
+            Transport::Tcp(s) => s.shutdown().await,
+            Transport::Quic(q) => q.finish().await,
+        }
     }
 }
 

@@ -312,7 +312,8 @@ impl Limiter {
     }
 }
 
-fn refused(reason: &'static str) {
+/// Counts a connection refused for `reason`.
+pub(crate) fn refused(reason: &'static str) {
     metrics::counter!("furrow_connections_refused_total", "reason" => reason).increment(1);
 }
 

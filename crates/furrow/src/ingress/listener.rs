@@ -45,6 +45,12 @@ mod libc_codes {
     pub const ENOBUFS: i32 = 105;
 }
 
+/// The next connection id, unique across the listeners of the process.
+pub fn next_conn_id() -> u64 {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Accepts until `shutdown`, spawning `handler` for each connection on
 /// `tracker`. Returns when shutdown is signalled (the listener is dropped
 /// by the caller, which stops the kernel from queueing more).
@@ -57,7 +63,6 @@ pub async fn accept_loop<H, F>(
     H: Fn(TcpStream, SocketAddr, Instant, u64) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
     let mut streak = false;
     loop {
@@ -70,7 +75,7 @@ pub async fn accept_loop<H, F>(
                 backoff = Duration::from_millis(5);
                 streak = false;
                 metrics::counter!("furrow_connections_accepted_total").increment(1);
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let id = next_conn_id();
                 let fut = handler(stream, peer, Instant::now(), id);
                 // A panic ends one connection, not the server. Caught inside
                 // the task rather than by a supervisor task per connection,

@@ -3,11 +3,12 @@
 //! puts first ([`proxy`]), and the transport a session reads and writes
 //! ([`connection`]: plain TCP or TLS, [`tls_conn`] a device's TLS state
 //! through rustls' unbuffered API, with [`tls`] the TLS listener's
-//! configuration, mutual TLS and reloads).
+//! configuration, mutual TLS and reloads; or a QUIC stream, [`quic`]).
 
 pub mod connection;
 pub mod limits;
 pub mod listener;
 pub mod proxy;
+pub mod quic;
 pub mod tls;
 pub mod tls_conn;

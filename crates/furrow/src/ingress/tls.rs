@@ -108,6 +108,8 @@ fn stamps(cfg: &TlsConfig) -> Vec<Option<SystemTime>> {
 pub struct TlsState {
     cfg: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// The same certificates for QUIC: TLS 1.3 only, ALPN `furrow/1`.
+    quic: RwLock<Arc<ServerConfig>>,
     stamps: std::sync::Mutex<Vec<Option<SystemTime>>>,
     ticketer: Arc<dyn ProducesTickets>,
     cache: Arc<dyn StoresServerSessions>,
@@ -129,10 +131,12 @@ impl TlsState {
         let cache: Arc<dyn StoresServerSessions> =
             ServerSessionMemoryCache::new(cfg.session_cache.max(1));
         let stamps = stamps(cfg);
-        let config = build(cfg, &ticketer, &cache)?;
+        let config = build(cfg, &ticketer, &cache, false)?;
+        let quic = build(cfg, &ticketer, &cache, true)?;
         Ok(Arc::new(Self {
             cfg: cfg.clone(),
             current: RwLock::new(config),
+            quic: RwLock::new(quic),
             stamps: std::sync::Mutex::new(stamps),
             ticketer,
             cache,
@@ -143,6 +147,11 @@ impl TlsState {
     pub fn current(&self) -> Arc<ServerConfig> {
         // A poisoned lock still holds a complete Arc.
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The configuration of the QUIC listener (TLS 1.3, ALPN `furrow/1`).
+    pub fn quic_current(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.quic.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether devices must present a certificate.
@@ -158,8 +167,10 @@ impl TlsState {
     /// Loads the files again; on failure the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamps = stamps(&self.cfg);
-        let config = build(&self.cfg, &self.ticketer, &self.cache)?;
+        let config = build(&self.cfg, &self.ticketer, &self.cache, false)?;
+        let quic = build(&self.cfg, &self.ticketer, &self.cache, true)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.quic.write().unwrap_or_else(|p| p.into_inner()) = quic;
         *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
         metrics::counter!("furrow_tls_reloads_total", "outcome" => "ok").increment(1);
         tracing::info!(cert = %self.cfg.cert_file.display(), "TLS certificates reloaded");
@@ -188,15 +199,23 @@ impl TlsState {
     }
 }
 
+/// The rustls configuration of the TLS listener, or with `quic` of the
+/// QUIC one (TLS 1.3 only, as QUIC requires, and ALPN `furrow/1`).
 fn build(
     cfg: &TlsConfig,
     ticketer: &Arc<dyn ProducesTickets>,
     cache: &Arc<dyn StoresServerSessions>,
+    quic: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certs("certificate", &cfg.cert_file)?;
     let key = read_key(&cfg.key_file)?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if quic {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
     let builder = if cfg.client_ca_file.as_os_str().is_empty() {
         builder.with_no_client_auth()
     } else {
@@ -214,6 +233,9 @@ fn build(
     let mut config = builder.with_single_cert(chain, key)?;
     config.ticketer = Arc::clone(ticketer);
     config.session_storage = Arc::clone(cache);
+    if quic {
+        config.alpn_protocols = vec![super::quic::ALPN.to_vec()];
+    }
     // Frames are small; the default 16 KiB records are fine, and rustls
     // bounds what it buffers for a peer that does not read (64 KiB).
     Ok(Arc::new(config))

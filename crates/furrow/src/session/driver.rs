@@ -189,6 +189,38 @@ pub fn run(
     session.run_logged().instrument(span)
 }
 
+/// Runs a device's QUIC session (its connection's one bidirectional
+/// stream) to the end, like [`run`]: the same session over another
+/// transport. The connect rate and TLS were dealt with at accept.
+pub fn run_quic(
+    stream: crate::ingress::quic::QuicStream,
+    accepted: Instant,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    permit: ConnPermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    let peer = stream.remote_address();
+    let span = tracing::debug_span!(
+        "conn",
+        id = conn_id,
+        peer = tracing::field::Empty,
+        device = tracing::field::Empty
+    );
+    let conn = Connection::new_quic(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
+    let session = Session {
+        conn,
+        out: Outbox::new(),
+        shared,
+        conn_id,
+        peer,
+        accepted,
+        tls: None,
+        permit: Some(permit),
+        _gauge: OpenGauge::new(),
+    };
+    session.run_logged().instrument(span)
+}
+
 struct Session {
     conn: Connection,
     /// Frames to send before the machine exists (WELCOME, ERROR) and after
@@ -224,7 +256,10 @@ async fn send_error(
 impl Session {
     async fn run_logged(mut self) {
         let tcp_peer = self.peer;
-        if self.shared.cfg.proxy_protocol.enabled {
+        let quic = self.conn.is_quic();
+        // PROXY headers come from TCP balancers; QUIC's connect rate was
+        // judged before its handshake.
+        if self.shared.cfg.proxy_protocol.enabled && !quic {
             // Boxed: the idle session's future stays as small as without it.
             if let Err(outcome) = Box::pin(self.proxy_header()).await {
                 metrics::counter!("furrow_connections_closed_total", "reason" => "proxy_refused")
@@ -235,10 +270,11 @@ impl Session {
         }
         // The connect rate is judged here, where the real peer is known
         // (behind a balancer, from the PROXY header).
-        if !self
-            .shared
-            .limits
-            .allow_connect(self.peer.ip(), Instant::now())
+        if !quic
+            && !self
+                .shared
+                .limits
+                .allow_connect(self.peer.ip(), Instant::now())
         {
             debug!(conn = self.conn_id, peer = %self.peer, "connection refused: connect rate");
             if self.tls.is_none() {
@@ -261,7 +297,9 @@ impl Session {
             }
         }
         tracing::Span::current().record("peer", tracing::field::display(self.peer));
-        if self.peer == tcp_peer {
+        if quic {
+            info!(conn = self.conn_id, peer = %self.peer, transport = "quic", "connection opened");
+        } else if self.peer == tcp_peer {
             info!(conn = self.conn_id, peer = %self.peer, "connection opened");
         } else {
             info!(conn = self.conn_id, peer = %self.peer, via = %tcp_peer, "connection opened");
@@ -754,6 +792,18 @@ impl Session {
 
     /// Feeds the machine the frames already read, while it takes them.
     fn handle_frames(&mut self, live: &mut Live, now: Instant) {
+        if let Some(q) = self.conn.quic() {
+            // QUIC keeps the connection when the device's address changes:
+            // the session goes on, and shows where the device is now.
+            let now_at = q.remote_address();
+            if now_at != self.peer {
+                metrics::counter!("furrow_quic_migrations_total").increment(1);
+                info!(conn = self.conn_id, device = %live.m.device_id(), from = %self.peer, to = %now_at,
+                    "device address changed; the session goes on");
+                self.peer = now_at;
+                live.guard.handle.set_peer(now_at);
+            }
+        }
         let mut wall = None;
         while live.m.accepts_frame(now) {
             match self.conn.next_frame() {
@@ -1178,8 +1228,8 @@ impl Session {
         // Kept past the move into the record: to look once more after.
         let handle = guard.handle.clone();
         let cell = Arc::clone(handle.cell());
-        let (stream, conn) = self.conn.into_parts();
-        let std_stream = match stream.into_std() {
+        let parts = self.conn.into_parts();
+        let (std_stream, conn) = match parts.and_then(|(s, conn)| Ok((s.into_std()?, conn))) {
             Ok(s) => s,
             Err(e) => {
                 // Dropping everything closes the connection and releases

@@ -34,6 +34,7 @@ pub const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 pub mod haproxy;
 pub mod http;
 pub mod mosquitto;
+pub mod pki;
 pub mod postgres;
 pub mod process;
 
@@ -79,6 +80,7 @@ pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = T>) ->
 pub struct TestGateway {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
     api: Option<SocketAddr>,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -129,6 +131,7 @@ impl TestGateway {
         .expect("the gateway binds");
         let addr = server.local_addr();
         let tls_addr = server.tls_addr();
+        let quic_addr = server.quic_addr();
         let api = server.api_addr();
         let store = server.store();
         let registry = server.registry();
@@ -140,6 +143,7 @@ impl TestGateway {
         Self {
             addr,
             tls_addr,
+            quic_addr,
             api,
             store,
             registry,
@@ -149,6 +153,11 @@ impl TestGateway {
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// The QUIC listener's address (panics if QUIC is off).
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr.expect("the QUIC listener is on")
     }
 
     /// The TLS listener's address (panics if TLS is off).

@@ -1,0 +1,245 @@
+//! furrow/1 over QUIC (quinn): the listener's configuration and one device
+//! session's stream.
+//!
+//! A device opens a QUIC connection (TLS 1.3, ALPN [`ALPN`], the same
+//! certificates, client CA and reloads as the TLS listener) and one
+//! bidirectional stream on it; furrow/1 runs on that stream unchanged,
+//! frame for frame, as on TCP. QUIC brings what TCP cannot: the connection
+//! survives the device's address changing (a NAT rebinding, a modem moving
+//! cells) without a new handshake, and its loss recovery is per stream.
+//!
+//! [`QuicStream`] gives the session the same non-blocking reads and writes
+//! as a TCP socket (`try_*` poll the stream once with a no-op waker; the
+//! waits poll it with the task's), so the session code is the same for
+//! both transports. A QUIC session is never parked (parking is for TCP
+//! sockets on the shared readiness loop): it keeps its task.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls_pki_types::CertificateDer;
+use tokio::io::AsyncWrite;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::limits::{refused, ConnPermit, Limiter};
+use super::listener::{next_conn_id, spawn_contained};
+use super::tls::TlsError;
+
+/// The ALPN protocol id a furrow/1 QUIC client offers (docs/protocol.md).
+pub const ALPN: &[u8] = b"furrow/1";
+
+/// quinn's server configuration over `tls` (a TLS 1.3 rustls configuration
+/// with [`ALPN`]). `idle` is the longest a connection may stay silent:
+/// above the longest keepalive a session allows, so that QUIC never closes
+/// a session furrow/1 still considers alive.
+pub fn server_config(
+    tls: Arc<rustls::ServerConfig>,
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Verifier(format!("QUIC: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // One furrow/1 session per connection, on one bidirectional stream.
+    transport.max_concurrent_bidi_streams(1u8.into());
+    transport.max_concurrent_uni_streams(0u8.into());
+    let idle = quinn::IdleTimeout::try_from(idle)
+        .map_err(|e| TlsError::Verifier(format!("QUIC idle timeout: {e}")))?;
+    transport.max_idle_timeout(Some(idle));
+    config.transport_config(Arc::new(transport));
+    // A device whose address changes keeps its connection.
+    config.migration(true);
+    Ok(config)
+}
+
+/// Accepts QUIC connections until `shutdown`. Before any handshake work,
+/// an address over its connect rate, or a gateway at `max_connections`,
+/// is refused (a QUIC refusal: the device backs off). Each accepted
+/// connection completes its handshake and opens its stream within
+/// `handshake_timeout`, in its own task, then runs `handler`.
+pub async fn accept_loop<H, F>(
+    endpoint: &quinn::Endpoint,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    limits: &Limiter,
+    handshake_timeout: Duration,
+    handler: H,
+) where
+    H: Fn(QuicStream, Instant, u64, ConnPermit) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                // The endpoint was closed.
+                None => return,
+            },
+        };
+        let at = Instant::now();
+        let peer = incoming.remote_address();
+        metrics::counter!("furrow_connections_accepted_total").increment(1);
+        if !limits.allow_connect(peer.ip(), at) {
+            tracing::debug!(peer = %peer, "QUIC connection refused: connect rate");
+            incoming.refuse();
+            continue;
+        }
+        let Some(permit) = limits.try_connection() else {
+            refused("max_connections");
+            incoming.refuse();
+            continue;
+        };
+        let id = next_conn_id();
+        let handler = handler.clone();
+        spawn_contained(tracker, id, async move {
+            let started = std::time::Instant::now();
+            let outcome = match tokio::time::timeout(handshake_timeout, establish(incoming)).await {
+                Err(_) => Err("timeout"),
+                Ok(r) => r,
+            };
+            let count = |outcome: &'static str| {
+                metrics::counter!("furrow_quic_handshakes_total", "outcome" => outcome)
+                    .increment(1);
+            };
+            match outcome {
+                Ok(stream) => {
+                    count("ok");
+                    metrics::histogram!("furrow_quic_handshake_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    handler(stream, at, id, permit).await;
+                }
+                Err(outcome) => {
+                    count(outcome);
+                    tracing::debug!(conn = id, peer = %peer, outcome, "QUIC connection refused: handshake");
+                }
+            }
+        });
+    }
+}
+
+/// The handshake, then the device's stream.
+async fn establish(incoming: quinn::Incoming) -> Result<QuicStream, &'static str> {
+    let conn = incoming
+        .accept()
+        .map_err(|_| "error")?
+        .await
+        .map_err(|_| "error")?;
+    let (send, recv) = conn.accept_bi().await.map_err(|_| "no_stream")?;
+    Ok(QuicStream::new(conn, send, recv))
+}
+
+/// A device session's QUIC stream and its connection.
+pub struct QuicStream {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The verified client certificate chain (mutual TLS).
+    certs: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl QuicStream {
+    /// The session's stream `send`/`recv` on `conn`.
+    pub fn new(conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        let certs = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .map(|b| *b);
+        Self {
+            conn,
+            send,
+            recv,
+            certs,
+        }
+    }
+
+    /// The device's address now (it changes when the device migrates).
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// The verified client certificate chain, if the device sent one.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.certs.as_deref()
+    }
+
+    /// Reads into `buf`'s spare capacity (the caller reserved some) with
+    /// the task's waker. `Ready(Ok(0))`: the device finished its stream.
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.recv), cx, buf)
+    }
+
+    /// One read without waiting: `WouldBlock` if nothing is there.
+    pub fn try_read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self.poll_read(&mut Context::from_waker(Waker::noop()), buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Writes from `out` with the task's waker; advances `out`.
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        // The trait's (io::Error), not quinn's inherent one (WriteError).
+        match AsyncWrite::poll_write(Pin::new(&mut self.send), cx, out) {
+            Poll::Ready(Ok(0)) if !out.is_empty() => {
+                Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+            }
+            Poll::Ready(Ok(n)) => {
+                let _ = out.split_to(n);
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    /// One write without waiting: `WouldBlock` if the stream takes nothing
+    /// now (flow control).
+    pub fn try_write(&mut self, out: &mut BytesMut) -> io::Result<usize> {
+        match self.poll_write(&mut Context::from_waker(Waker::noop()), out) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Writes all of `out`, waiting for flow control as needed.
+    pub async fn write_all(&mut self, out: &mut BytesMut) -> io::Result<()> {
+        while !out.is_empty() {
+            poll_fn(|cx| self.poll_write(cx, out)).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends our side of the stream and waits until the device has read
+    /// it all (or stopped it): what was queued, GOODBYE or ERROR last, is
+    /// delivered before the connection goes. The caller bounds it in time.
+    pub async fn finish(&mut self) -> io::Result<()> {
+        // Finishing twice is harmless: the stream is finished either way.
+        let _ = self.send.finish();
+        let _ = self.send.stopped().await;
+        Ok(())
+    }
+}
+
+impl Drop for QuicStream {
+    fn drop(&mut self) {
+        // The session is over: the connection goes with it (code 0, like a
+        // TCP close), rather than idling until its timeout.
+        self.conn.close(0u8.into(), b"");
+    }
+}
