@@ -40,7 +40,8 @@ use crate::outbox::{FileOutbox, FileOutboxOptions, MemoryOutbox, Outbox, OutboxE
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Gateway address, `host:port`.
+    /// Gateway address: `host:port` (TCP, or TLS with [`Self::tls`]), or
+    /// `quic://host:port` (QUIC; needs [`Self::tls`] for the gateway's CA).
     pub addr: String,
     /// This device's id.
     pub device_id: String,
@@ -260,6 +261,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 struct Shared {
     /// The TLS connector, built once from `cfg.tls`.
     tls: Option<crate::tls::Tls>,
+    /// QUIC, for a `quic://` address.
+    quic: Option<crate::quic::Quic>,
     cfg: Config,
     /// The token HELLO presents: `cfg.token` until the gateway hands over
     /// a new one.
@@ -402,9 +405,23 @@ impl Client {
             )?),
             None => Box::new(MemoryOutbox::default()),
         };
+        let quic_addr = cfg.addr.strip_prefix("quic://");
+        let host_port = quic_addr.unwrap_or(&cfg.addr);
         let tls = match &cfg.tls {
-            Some(opts) => Some(crate::tls::Tls::new(opts, &cfg.addr).map_err(ClientError::Tls)?),
+            Some(opts) => Some(crate::tls::Tls::new(opts, host_port).map_err(ClientError::Tls)?),
             None => None,
+        };
+        let quic = match (quic_addr, &tls) {
+            (None, _) => None,
+            (Some(addr), Some(t)) => Some(
+                crate::quic::Quic::new(t.connector.config(), addr, &t.host)
+                    .map_err(ClientError::Tls)?,
+            ),
+            (Some(_), None) => {
+                return Err(ClientError::Tls(
+                    "a quic:// address needs TLS options (the gateway's CA)".into(),
+                ))
+            }
         };
         let firmware = cfg.firmware.as_ref().map(|f| Firmware {
             download: Mutex::new(Download::new(f)),
@@ -427,6 +444,7 @@ impl Client {
             rebases: AtomicU64::new(0),
             closing,
             tls,
+            quic,
             token: Mutex::new(cfg.token.clone()),
             cfg,
             desired_handler,
@@ -906,23 +924,21 @@ fn result_frame(id: u64, reply: &CommandReply) -> Result<Bytes, Disconnect> {
     }))
 }
 
-#[allow(clippy::too_many_lines)]
-async fn serve_connection(
+/// A TCP connection to the gateway, under TLS when configured.
+async fn connect_tcp(
     shared: &Arc<Shared>,
-    handler: Option<&Handler>,
-    recent: &mut Recent,
-    results_tx: &mpsc::Sender<(u64, CommandReply)>,
-    results_rx: &mut mpsc::Receiver<(u64, CommandReply)>,
     closing: &mut watch::Receiver<bool>,
-) -> Outcome {
+) -> Result<Box<dyn Io>, Outcome> {
     let cfg = &shared.cfg;
     let connect = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr));
     let stream = match unless_closing(closing, connect).await {
-        None => return Outcome::failed(Disconnect::Closed),
+        None => return Err(Outcome::failed(Disconnect::Closed)),
         Some(Ok(Ok(s))) => s,
-        Some(Ok(Err(e))) => return Outcome::failed(Disconnect::ConnectFailed(e.to_string())),
+        Some(Ok(Err(e))) => return Err(Outcome::failed(Disconnect::ConnectFailed(e.to_string()))),
         Some(Err(_)) => {
-            return Outcome::failed(Disconnect::ConnectFailed("connect timed out".into()))
+            return Err(Outcome::failed(Disconnect::ConnectFailed(
+                "connect timed out".into(),
+            )))
         }
     };
     let _ = stream.set_nodelay(true);
@@ -934,18 +950,51 @@ async fn serve_connection(
                 tls.connector.connect(tls.name.clone(), stream),
             );
             match unless_closing(closing, handshake).await {
-                None => return Outcome::failed(Disconnect::Closed),
+                None => return Err(Outcome::failed(Disconnect::Closed)),
                 Some(Ok(Ok(s))) => Box::new(s),
                 Some(Ok(Err(e))) => {
-                    return Outcome::failed(Disconnect::ConnectFailed(format!("tls: {e}")))
+                    return Err(Outcome::failed(Disconnect::ConnectFailed(format!(
+                        "tls: {e}"
+                    ))))
                 }
                 Some(Err(_)) => {
-                    return Outcome::failed(Disconnect::ConnectFailed(
+                    return Err(Outcome::failed(Disconnect::ConnectFailed(
                         "TLS handshake timed out".into(),
+                    )))
+                }
+            }
+        }
+    };
+    Ok(stream)
+}
+
+#[allow(clippy::too_many_lines)]
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    handler: Option<&Handler>,
+    recent: &mut Recent,
+    results_tx: &mpsc::Sender<(u64, CommandReply)>,
+    results_rx: &mut mpsc::Receiver<(u64, CommandReply)>,
+    closing: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let cfg = &shared.cfg;
+    let stream = match &shared.quic {
+        Some(quic) => {
+            match unless_closing(closing, timeout(cfg.connect_timeout, quic.connect())).await {
+                None => return Outcome::failed(Disconnect::Closed),
+                Some(Ok(Ok(s))) => Box::new(s) as Box<dyn Io>,
+                Some(Ok(Err(e))) => return Outcome::failed(Disconnect::ConnectFailed(e)),
+                Some(Err(_)) => {
+                    return Outcome::failed(Disconnect::ConnectFailed(
+                        "QUIC handshake timed out".into(),
                     ))
                 }
             }
         }
+        None => match connect_tcp(shared, closing).await {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        },
     };
     let (rd, mut wr) = tokio::io::split(stream);
     let (msg_tx, mut msgs) = mpsc::channel(256);

@@ -43,6 +43,7 @@ pub mod client;
 pub mod commands;
 pub mod firmware;
 pub mod outbox;
+pub mod quic;
 pub mod tls;
 
 pub use backoff::Backoff;

@@ -47,6 +47,8 @@ impl TlsOptions {
 pub(crate) struct Tls {
     pub(crate) connector: TlsConnector,
     pub(crate) name: ServerName<'static>,
+    /// The name as text (QUIC takes a `&str`).
+    pub(crate) host: String,
 }
 
 fn bad(path: &std::path::Path, e: impl std::fmt::Display) -> String {
@@ -88,10 +90,11 @@ impl Tls {
             Some(n) => n.clone(),
             None => host_of(addr).to_owned(),
         };
-        let name = ServerName::try_from(host).map_err(|e| format!("server name: {e}"))?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| format!("server name: {e}"))?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
             name,
+            host,
         })
     }
 }
