@@ -557,6 +557,10 @@ impl Server {
         };
         let quic_shared = Arc::clone(&shared);
         let quic_devices = async {
+            // Moved in: dropped with this future at the end of the select
+            // below, not held to the end of `run` (the writer finishes only
+            // once the last `Shared` is gone).
+            let quic_shared = quic_shared;
             match &quic {
                 Some(endpoint) => {
                     let timeout = Duration::from_millis(quic_shared.cfg.tls.handshake_timeout_ms)

@@ -242,12 +242,7 @@ async fn a_read_token_sees_the_console_and_changes_nothing() {
 
     // A wrong token is refused and the form stays.
     sign_in(&b, &api, "not-a-token").await;
-    b.wait_js(
-        "the refusal told",
-        "return (document.getElementById('announce')?.textContent ?? '').includes('401');",
-        vec![],
-    )
-    .await;
+    b.wait_contains("#announce", "401").await;
     b.wait_testid("signin-token").await;
 
     sign_in(&b, &api, &read).await;
@@ -539,12 +534,8 @@ async fn an_admin_edits_tags_and_desired_state_and_rotates_a_token() {
     b.type_into("tag-key", "site").await;
     b.type_into("tag-value", "east").await;
     b.click("tag-save").await;
-    b.wait_js(
-        "the tag shown",
-        "return (document.querySelector('[data-testid=device-tags]')?.textContent ?? '').includes('site:east');",
-        vec![],
-    )
-    .await;
+    b.wait_contains("[data-testid=device-tags]", "site:east")
+        .await;
     let (_, dev) = api.get("/v1/devices/valve-1").await;
     assert_eq!(dev["tags"], json!({ "site": "east" }), "{dev}");
 
@@ -552,12 +543,8 @@ async fn an_admin_edits_tags_and_desired_state_and_rotates_a_token() {
     b.type_into("desired-editor", r#"{"valve": "open", "interval_s": 30}"#)
         .await;
     b.click("desired-save").await;
-    b.wait_js(
-        "the desired state saved",
-        "return (document.querySelector('[data-testid=state-desired]')?.textContent ?? '').includes('\"valve\": \"open\"');",
-        vec![],
-    )
-    .await;
+    b.wait_contains("[data-testid=state-desired]", r#""valve": "open""#)
+        .await;
     let (_, state) = api.get("/v1/devices/valve-1/state").await;
     assert_eq!(
         state["desired"]["document"],
@@ -577,12 +564,8 @@ async fn an_admin_edits_tags_and_desired_state_and_rotates_a_token() {
     b.type_into("desired-editor", r#"{"valve": "closed", "interval_s": 30}"#)
         .await;
     b.click("desired-save").await;
-    b.wait_js(
-        "the conflict told",
-        "return (document.getElementById('announce')?.textContent ?? '').includes('changed the desired state first');",
-        vec![],
-    )
-    .await;
+    b.wait_contains("#announce", "changed the desired state first")
+        .await;
     let (_, state) = api.get("/v1/devices/valve-1/state").await;
     assert_eq!(
         state["desired"]["document"],

@@ -161,32 +161,14 @@ pub fn run(
     tls: Option<Arc<rustls::ServerConfig>>,
     permit: ConnPermit,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // A debug-level span: at the default level it is disabled and costs an
-    // idle connection nothing (span storage measured ~300 bytes each); the
-    // info lines carry peer and device as fields of their own.
-    // `peer` is recorded once known: behind a balancer, from the PROXY header.
-    let span = tracing::debug_span!(
-        "conn",
-        id = conn_id,
-        peer = tracing::field::Empty,
-        device = tracing::field::Empty
-    );
+    let span = conn_span(conn_id);
     let _ = stream.set_nodelay(true);
     // HELLO is at most 397 bytes: small reads until WELCOME, so that a
     // crowd of handshakes does not touch a full read chunk each.
     let conn = Connection::new(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
-    let session = Session {
-        conn,
-        out: Outbox::new(),
-        shared,
-        conn_id,
-        peer,
-        accepted,
-        tls,
-        permit: Some(permit),
-        _gauge: OpenGauge::new(),
-    };
-    session.run_logged().instrument(span)
+    Session::new(conn, peer, accepted, conn_id, shared, tls, permit)
+        .run_logged()
+        .instrument(span)
 }
 
 /// Runs a device's QUIC session (its connection's one bidirectional
@@ -200,25 +182,11 @@ pub fn run_quic(
     permit: ConnPermit,
 ) -> impl std::future::Future<Output = ()> + Send {
     let peer = stream.remote_address();
-    let span = tracing::debug_span!(
-        "conn",
-        id = conn_id,
-        peer = tracing::field::Empty,
-        device = tracing::field::Empty
-    );
+    let span = conn_span(conn_id);
     let conn = Connection::new_quic(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
-    let session = Session {
-        conn,
-        out: Outbox::new(),
-        shared,
-        conn_id,
-        peer,
-        accepted,
-        tls: None,
-        permit: Some(permit),
-        _gauge: OpenGauge::new(),
-    };
-    session.run_logged().instrument(span)
+    Session::new(conn, peer, accepted, conn_id, shared, None, permit)
+        .run_logged()
+        .instrument(span)
 }
 
 struct Session {
@@ -253,7 +221,44 @@ async fn send_error(
     CloseReason::Error(code)
 }
 
+/// A connection's span: debug level, so at the default level it is
+/// disabled and costs an idle connection nothing (span storage measured
+/// ~300 bytes each); the info lines carry peer and device as fields of
+/// their own. `peer` is recorded once known (behind a balancer, from the
+/// PROXY header).
+fn conn_span(conn_id: u64) -> tracing::Span {
+    tracing::debug_span!(
+        "conn",
+        id = conn_id,
+        peer = tracing::field::Empty,
+        device = tracing::field::Empty
+    )
+}
+
 impl Session {
+    /// A session that has not read a byte yet.
+    fn new(
+        conn: Connection,
+        peer: SocketAddr,
+        accepted: Instant,
+        conn_id: u64,
+        shared: Arc<Shared>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        permit: ConnPermit,
+    ) -> Self {
+        Self {
+            conn,
+            out: Outbox::new(),
+            shared,
+            conn_id,
+            peer,
+            accepted,
+            tls,
+            permit: Some(permit),
+            _gauge: OpenGauge::new(),
+        }
+    }
+
     async fn run_logged(mut self) {
         let tcp_peer = self.peer;
         let quic = self.conn.is_quic();

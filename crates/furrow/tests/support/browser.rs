@@ -202,6 +202,17 @@ impl Browser {
         .await;
     }
 
+    /// Waits until the text of the first element matching `css` contains
+    /// `text`.
+    pub async fn wait_contains(&self, css: &str, text: &str) {
+        self.wait_js(
+            &format!("{css} containing {text:?}"),
+            "return (document.querySelector(arguments[0])?.textContent ?? '').includes(arguments[1]);",
+            vec![json!(css), json!(text)],
+        )
+        .await;
+    }
+
     /// Clicks `[data-testid=testid]` once it is shown.
     pub async fn click(&self, testid: &str) {
         self.click_css(&format!("[data-testid=\"{testid}\"]")).await;
