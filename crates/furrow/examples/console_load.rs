@@ -51,9 +51,9 @@ struct Args {
     /// Seconds of each CPU span (without consoles, then with them).
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Page loads timed per page.
-    #[arg(long, default_value_t = 7)]
-    loads: usize,
+    /// Page loads timed per page (at least 1).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..))]
+    loads: u16,
     /// Also write screenshots of the overview and of device `--device`
     /// (the README's) into this directory.
     #[arg(long)]
@@ -93,12 +93,7 @@ async fn main() -> anyhow::Result<()> {
         for _ in 0..args.loads {
             b.goto("about:blank").await;
             b.goto(&format!("{ui}{hash}")).await;
-            b.wait_js(
-                "the first view drawn",
-                "return performance.getEntriesByName('furrow:view').length > 0;",
-                vec![],
-            )
-            .await;
+            wait_view(&b).await;
             let t = b
                 .js(
                     "return performance.getEntriesByName('furrow:view')[0].startTime;",
@@ -117,12 +112,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = &args.screenshots {
         std::fs::create_dir_all(dir)?;
         b.goto(&format!("{ui}#/")).await;
-        b.wait_js(
-            "the overview drawn",
-            "return performance.getEntriesByName('furrow:view').length > 0;",
-            vec![],
-        )
-        .await;
+        wait_view(&b).await;
         b.js(
             "document.getElementById('announce-close').click(); return true;",
             vec![],
@@ -193,6 +183,16 @@ async fn main() -> anyhow::Result<()> {
     );
     b.close().await;
     Ok(())
+}
+
+/// Waits for the page's `furrow:view` mark: its first data drawn.
+async fn wait_view(b: &Browser) {
+    b.wait_js(
+        "the first view drawn",
+        "return performance.getEntriesByName('furrow:view').length > 0;",
+        vec![],
+    )
+    .await;
 }
 
 /// The share of one core `pid` used over `span` (utime + stime from
