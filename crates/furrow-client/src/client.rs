@@ -277,6 +277,8 @@ struct Shared {
     /// Gateway clock minus local clock, ms; i64::MIN until known.
     clock_offset: AtomicI64,
     max_payload: AtomicU64,
+    /// The last WELCOME's `max_inflight`; 0 before the first.
+    last_window: AtomicU64,
     /// Bumped (under the outbox lock) whenever a rebase renumbers readings,
     /// so a waiting `flush` re-reads its target.
     rebases: AtomicU64,
@@ -442,6 +444,7 @@ impl Client {
                 (furrow_proto::DEFAULT_MAX_FRAME as usize - TELEMETRY_OVERHEAD) as u64,
             ),
             rebases: AtomicU64::new(0),
+            last_window: AtomicU64::new(0),
             closing,
             tls,
             quic,
@@ -968,6 +971,38 @@ async fn connect_tcp(
     Ok(stream)
 }
 
+/// Over QUIC, the first readings go right behind HELLO, before WELCOME
+/// (docs/protocol.md, "Session" 4), so that with 0-RTT they travel in the
+/// first flight and the first ACK comes one round trip after the reconnect
+/// began. Only after an earlier WELCOME (whose window and frame size bound
+/// the batch), and only readings: a state report waits for WELCOME to
+/// grant device state. Returns the seqs sent (a prefix of the outbox).
+async fn send_early<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    wr: &mut W,
+) -> Result<Vec<u64>, Disconnect> {
+    let window = shared.last_window.load(Ordering::Relaxed) as usize;
+    if shared.quic.is_none() || window == 0 {
+        return Ok(Vec::new());
+    }
+    let max_payload = shared.max_payload.load(Ordering::Relaxed) as usize;
+    let batch = shared.outbox().after(0, window);
+    let mut out = BytesMut::new();
+    let mut sent = Vec::new();
+    for e in batch
+        .iter()
+        .take_while(|e| e.content_type != REPORT_MARKER && e.payload.len() <= max_payload)
+    {
+        encode_telemetry(e.seq, e.timestamp_ms, e.content_type, &e.payload, &mut out)
+            .map_err(|err| Disconnect::Protocol(err.to_string()))?;
+        sent.push(e.seq);
+    }
+    if !out.is_empty() {
+        write_all(wr, &out, shared.cfg.connect_timeout).await?;
+    }
+    Ok(sent)
+}
+
 #[allow(clippy::too_many_lines)]
 async fn serve_connection(
     shared: &Arc<Shared>,
@@ -1026,6 +1061,10 @@ async fn serve_connection(
     if let Err(e) = write_all(&mut wr, &hello, cfg.connect_timeout).await {
         return Outcome::failed(e);
     }
+    let early = match send_early(shared, &mut wr).await {
+        Ok(e) => e,
+        Err(e) => return Outcome::failed(e),
+    };
     let answer = match unless_closing(closing, timeout(cfg.connect_timeout, msgs.recv())).await {
         None => return Outcome::failed(Disconnect::Closed),
         Some(a) => a,
@@ -1096,9 +1135,11 @@ async fn serve_connection(
         }
         _ => None,
     };
+    let mut rebased = false;
     let too_large = {
         let mut ob = shared.outbox();
         let res = if welcome.last_seq > ob.last_seq() {
+            rebased = true;
             if shared.cfg.outbox_path.is_none() || ob.last_seq() == 0 {
                 // A counter that lives in memory, or a new file: it starts
                 // at 0 with every process, and continuing after the
@@ -1142,7 +1183,7 @@ async fn serve_connection(
         }
         big
     };
-    for (seq, len) in too_large {
+    for &(seq, len) in &too_large {
         let (code, reason) = if len > max_payload {
             (
                 furrow_proto::ErrorCode::FrameTooLarge,
@@ -1177,8 +1218,21 @@ async fn serve_connection(
     let ka = Duration::from_secs(u64::from(welcome.keepalive_s.max(1)));
     let write_limit = ka + ka / 2;
     let window = usize::from(welcome.max_inflight.max(1));
+    shared.last_window.store(window as u64, Ordering::Relaxed);
     let mut inflight: VecDeque<u64> = VecDeque::with_capacity(window.min(1024));
     let mut sent_upto = welcome.last_seq;
+    // What went behind HELLO is in flight, unless WELCOME covered it or
+    // the seqs were renumbered (then the gateway took those frames for
+    // duplicates of what it had, and the renumbered ones go out below).
+    if !rebased {
+        inflight.extend(
+            early
+                .iter()
+                .copied()
+                .filter(|s| *s > welcome.last_seq && !too_large.iter().any(|(t, _)| t == s)),
+        );
+        sent_upto = sent_upto.max(early.last().copied().unwrap_or(0));
+    }
     let mut last_rx = Instant::now();
     let mut last_tx = Instant::now();
     let mut ping_nonce = 0u64;

@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         key_file: dir.path().join("server.key"),
         ..Default::default()
     };
-    let state = TlsState::load(&cfg)?;
+    let state = TlsState::load(&cfg, 0)?;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     for c in furrow::ingress::tls::read_certs("CA", &dir.path().join("ca.pem"))? {
         roots.add(c)?;

@@ -269,7 +269,7 @@ mod tests {
             client_ca_file: dir.path().join("ca.pem"),
             ..crate::config::Tls::default()
         };
-        let state = crate::ingress::tls::TlsState::load(&cfg).unwrap();
+        let state = crate::ingress::tls::TlsState::load(&cfg, 0).unwrap();
         assert!(state.mutual());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("ca.key"))

@@ -624,12 +624,27 @@ impl Config {
 /// The QUIC device listener: furrow/1 on one bidirectional stream of a
 /// QUIC connection (ALPN `furrow/1`), with the TLS listener's certificate,
 /// client CA and reloads.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Quic {
     /// UDP address of the QUIC listener. Unset: no QUIC. Needs
     /// `tls.cert_file` and `tls.key_file`.
     pub listen: Option<SocketAddr>,
+    /// Session tickets remembered for resumption and 0-RTT, one per
+    /// device (about 300 bytes each, more under mutual TLS, which keeps
+    /// the client's certificate chain with it). Each ticket is good for
+    /// one resumption: a replayed 0-RTT flight finds none. 0: no
+    /// resumption, every QUIC handshake is a full one.
+    pub session_cache: usize,
+}
+
+impl Default for Quic {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            session_cache: 100_000,
+        }
+    }
 }
 
 /// The TLS device listener (see `tls`). On when `cert_file` is set.

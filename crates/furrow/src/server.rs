@@ -244,7 +244,7 @@ impl Server {
         };
         // Fail closed: unreadable or unparsable TLS files stop the start.
         let tls = if cfg.tls.enabled() {
-            Some(TlsState::load(&cfg.tls)?)
+            Some(TlsState::load(&cfg.tls, cfg.quic.session_cache)?)
         } else {
             None
         };

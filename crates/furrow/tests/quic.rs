@@ -2,9 +2,15 @@
 //! one bidirectional stream and speaks furrow/1 on it unchanged. Telemetry
 //! is stored once and acknowledged; the ALPN and mutual TLS are enforced;
 //! a device whose UDP address changes mid-stream keeps its session (no new
-//! HELLO, nothing lost or stored twice); shutdown says GOODBYE.
+//! HELLO, nothing lost or stored twice); shutdown says GOODBYE; commands
+//! make the round trip. 0-RTT: a resumed device's first TELEMETRY is ACKed
+//! one round trip after it began, and a replayed 0-RTT flight is refused.
+//! Through a UDP proxy that drops and reorders datagrams, the SDK's
+//! readings are stored exactly once.
 
 mod support;
+#[path = "support/udp_proxy.rs"]
+mod udp_proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use furrow::certs::Issued;
 use furrow_proto::{FrameDecoder, Message};
 use support::pki::{client_config, tls_on, Pki};
 use support::*;
+use udp_proxy::{UdpFaults, UdpProxy};
 
 /// A quinn client configuration trusting `pki`, offering `alpn`.
 fn quic_client(pki: &Pki, cert: Option<&Issued>, alpn: &[u8]) -> quinn::ClientConfig {
@@ -22,6 +29,30 @@ fn quic_client(pki: &Pki, cert: Option<&Issued>, alpn: &[u8]) -> quinn::ClientCo
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a TLS 1.3 client");
     quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// Like [`quic_client`], with 0-RTT on (rustls keeps the tickets in the
+/// configuration, so every connection made with a clone of it may resume).
+fn quic_client_0rtt(pki: &Pki) -> quinn::ClientConfig {
+    let mut tls = (*client_config(pki, None)).clone();
+    tls.alpn_protocols = vec![b"furrow/1".to_vec()];
+    tls.enable_early_data = true;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a TLS 1.3 client");
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// The value of the counter `name{outcome="..."}` on `gw` (0 if absent).
+async fn counter(gw: &TestGateway, name: &str, outcome: &str) -> u64 {
+    let text = reqwest::get(gw.api_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = format!("{name}{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 /// A gateway with TLS and QUIC on loopback.
@@ -62,6 +93,44 @@ impl QuicDevice {
             recv,
             buf: BytesMut::new(),
         })
+    }
+
+    /// Connects with 0-RTT: Err if the configuration holds no ticket for
+    /// the gateway. The future says, once the handshake is over, whether
+    /// the gateway took the early data.
+    async fn connect_0rtt(
+        to: SocketAddr,
+        cfg: quinn::ClientConfig,
+    ) -> Result<(Self, quinn::ZeroRttAccepted), &'static str> {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(cfg);
+        let connecting = endpoint.connect(to, "localhost").unwrap();
+        let (conn, accepted) = connecting.into_0rtt().map_err(|_| "no 0-RTT ticket")?;
+        let (send, recv) = conn.open_bi().await.map_err(|_| "open_bi")?;
+        Ok((
+            Self {
+                endpoint,
+                conn,
+                send,
+                recv,
+                buf: BytesMut::new(),
+            },
+            accepted,
+        ))
+    }
+
+    /// Ends the stream and the connection, and waits until the gateway
+    /// has seen the close.
+    async fn close(self) {
+        let mut send = self.send;
+        let _ = send.finish();
+        self.conn.close(0u8.into(), b"");
+        within(
+            Duration::from_secs(5),
+            "QUIC close",
+            self.endpoint.wait_idle(),
+        )
+        .await;
     }
 
     /// A device on `gw`, trusting `pki`, offering ALPN `furrow/1`.
@@ -334,4 +403,328 @@ async fn the_sdk_streams_over_quic_and_loses_nothing_across_a_reconnect() {
         Client::start(bare),
         Err(furrow_client::ClientError::Tls(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_make_the_round_trip_over_quic() {
+    use support::http::Api;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cmd");
+    let api = Api::start_with(|c| {
+        tls_on(c, &pki, false);
+        c.tls.listen = "127.0.0.1:0".parse().unwrap();
+        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let token = api.gw.add_device("pump-cmd").await;
+    let mut d = QuicDevice::open(&api.gw, &pki).await;
+    assert!(matches!(
+        d.hello("pump-cmd", &token).await,
+        Message::Welcome(_)
+    ));
+    api.gw.wait_online("pump-cmd").await;
+    let (st, v) = api
+        .post(
+            "/v1/devices/pump-cmd/commands",
+            serde_json::json!({"name": "open_valve", "payload": {"pct": 40}}),
+        )
+        .await;
+    assert_eq!(st, reqwest::StatusCode::CREATED, "{v}");
+    let id = v["command_id"].as_u64().unwrap();
+    let cmd = match d.recv().await {
+        Some(Message::Command(c)) => c,
+        other => panic!("expected COMMAND, got {other:?}"),
+    };
+    assert_eq!(cmd.command_id, id);
+    assert_eq!(cmd.name.as_str(), "open_valve");
+    d.send(&command_result_msg(
+        id,
+        furrow_proto::CommandStatus::Succeeded,
+    ))
+    .await;
+    within(Duration::from_secs(10), "the command succeeds", async {
+        loop {
+            let (_, v) = api.get(&format!("/v1/commands/{id}")).await;
+            if v["state"] == "succeeded" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// One round trip through the proxy in the 0-RTT tests: long beside what
+/// the gateway spends on a frame, so the count of round trips shows.
+const RTT: Duration = Duration::from_millis(300);
+
+/// A device connects once in full (and is given a ticket), then comes back
+/// through a proxy that delays each way by RTT/2: with 0-RTT its HELLO and
+/// first TELEMETRY travel in its first flight, and the ACK arrives one
+/// round trip after it began. Without a ticket the same takes two (the
+/// handshake, then the data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "zrtt");
+    let gw = gateway(&pki, false).await;
+    let token = gw.add_device("cell-1").await;
+    let cfg = quic_client_0rtt(&pki);
+
+    let mut d = QuicDevice::connect(gw.quic_addr(), cfg.clone(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    assert!(matches!(
+        d.hello("cell-1", &token).await,
+        Message::Welcome(_)
+    ));
+    d.send(&telemetry_msg(1, 1, &json_payload(1))).await;
+    d.until_ack(1).await;
+    d.close().await;
+    gw.wait_offline("cell-1").await;
+
+    let proxy = UdpProxy::start(
+        gw.quic_addr(),
+        UdpFaults {
+            one_way: RTT / 2,
+            ..UdpFaults::default()
+        },
+    )
+    .await;
+    let accepted_before = counter(&gw, "furrow_quic_0rtt_total", "accepted").await;
+    let began = tokio::time::Instant::now();
+    let (mut d, accepted) = QuicDevice::connect_0rtt(proxy.addr, cfg.clone())
+        .await
+        .expect("the first connection left a ticket");
+    d.send(&hello_msg("cell-1", &token, 30)).await;
+    d.send(&telemetry_msg(2, 1, &json_payload(2))).await;
+    match d.recv().await {
+        Some(Message::Welcome(w)) => assert_eq!(w.last_seq, 1),
+        other => panic!("expected WELCOME, got {other:?}"),
+    }
+    d.until_ack(2).await;
+    let first_ack = began.elapsed();
+    assert!(accepted.await, "the gateway took the 0-RTT data");
+    assert!(
+        first_ack < RTT + RTT / 2,
+        "first ACK after {first_ack:?}, one round trip is {RTT:?}"
+    );
+    assert!(counter(&gw, "furrow_quic_0rtt_total", "accepted").await > accepted_before);
+    d.close().await;
+
+    // Without a ticket: a round trip for the handshake, one for the data.
+    let began = tokio::time::Instant::now();
+    let mut d = QuicDevice::connect(
+        proxy.addr,
+        quic_client(&pki, None, b"furrow/1"),
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    d.send(&hello_msg("cell-1", &token, 30)).await;
+    d.send(&telemetry_msg(3, 1, &json_payload(3))).await;
+    assert!(matches!(d.recv().await, Some(Message::Welcome(_))));
+    d.until_ack(3).await;
+    let full = began.elapsed();
+    assert!(
+        full >= RTT * 2,
+        "a full handshake's first ACK after {full:?}"
+    );
+    assert_seqs(
+        &stored_seqs_async(&gw.db_path(), "cell-1").await,
+        1..=3,
+        "with and without 0-RTT",
+    );
+}
+
+/// An attacker who captured a device's 0-RTT flight sends it again, from
+/// another address, after the device is done: the ticket was used, the
+/// gateway refuses the early data, and nothing happens (no session, no
+/// row). Had the gateway taken it, the seqs in it are stored already and
+/// would not be stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_0rtt_flight_is_refused_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "replay");
+    let gw = gateway(&pki, false).await;
+    let token = gw.add_device("cell-2").await;
+    let cfg = quic_client_0rtt(&pki);
+
+    let mut d = QuicDevice::connect(gw.quic_addr(), cfg.clone(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    assert!(matches!(
+        d.hello("cell-2", &token).await,
+        Message::Welcome(_)
+    ));
+    d.close().await;
+    gw.wait_offline("cell-2").await;
+
+    // A delay, so that the whole first flight (the 0-RTT data too) is out
+    // before the gateway's first answer and the proxy records all of it.
+    let faults = UdpFaults {
+        one_way: Duration::from_millis(50),
+        ..UdpFaults::default()
+    };
+    let proxy = UdpProxy::start(gw.quic_addr(), faults).await;
+    let (mut d, accepted) = QuicDevice::connect_0rtt(proxy.addr, cfg.clone())
+        .await
+        .expect("a ticket");
+    d.send(&hello_msg("cell-2", &token, 30)).await;
+    for seq in 1..=5 {
+        d.send(&telemetry_msg(seq, 1, &json_payload(seq))).await;
+    }
+    assert!(matches!(d.recv().await, Some(Message::Welcome(_))));
+    d.until_ack(5).await;
+    assert!(accepted.await, "the 0-RTT data was taken");
+    d.close().await;
+    gw.wait_offline("cell-2").await;
+
+    let rejected = counter(&gw, "furrow_quic_0rtt_total", "rejected").await;
+    let sent = proxy
+        .replay_first_flight(0, Duration::from_millis(500))
+        .await;
+    assert!(sent >= 1, "the proxy recorded the first flight");
+    within(Duration::from_secs(10), "the replay refused", async {
+        while counter(&gw, "furrow_quic_0rtt_total", "rejected").await == rejected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Give a (wrongly) accepted replay time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gw.registry().handle("cell-2").is_none(),
+        "the replayed HELLO opened no session"
+    );
+    assert_seqs(
+        &stored_seqs_async(&gw.db_path(), "cell-2").await,
+        1..=5,
+        "after the replay",
+    );
+}
+
+/// The SDK streams through a proxy that drops 10% of the datagrams each
+/// way and holds back another 10% (so later ones overtake them): QUIC
+/// recovers, and every reading is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_and_reordering_lose_nothing_and_store_nothing_twice() {
+    use furrow::store::TelemetryRange;
+    use furrow_client::{Client, Config as ClientConfig, TlsOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "lossy");
+    let gw = gateway(&pki, false).await;
+    let token = gw.add_device("sat-1").await;
+    let proxy = UdpProxy::start(
+        gw.quic_addr(),
+        UdpFaults {
+            one_way: Duration::from_millis(2),
+            loss: 0.1,
+            reorder: 0.1,
+            hold: Duration::from_millis(8),
+            seed: 7,
+        },
+    )
+    .await;
+    let mut cfg = ClientConfig::new(
+        format!("quic://localhost:{}", proxy.addr.port()),
+        "sat-1",
+        token,
+    );
+    cfg.tls = Some(TlsOptions::new(pki.ca_file()));
+    cfg.backoff.initial = Duration::from_millis(50);
+    let client = Client::start(cfg).unwrap();
+    // In rounds, so that many datagrams cross the proxy.
+    for round in 0..25u64 {
+        for i in 1..=20u64 {
+            client.send(1, json_payload(round * 20 + i)).await.unwrap();
+        }
+        within(Duration::from_secs(30), "flush", client.flush())
+            .await
+            .unwrap();
+    }
+    client.close().await;
+    let rows = gw
+        .store()
+        .telemetry("sat-1", TelemetryRange::default(), 1000)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    assert_seqs(&seqs, 1..=500, "through loss and reordering");
+    let (dropped, reordered) = (proxy.dropped(), proxy.reordered());
+    assert!(
+        dropped >= 5 && reordered >= 5,
+        "the proxy dropped {dropped} and reordered {reordered} datagrams"
+    );
+}
+
+/// The SDK resumes in 0-RTT; when the gateway no longer holds its ticket
+/// (here: evicted from a cache of one by another device's) the early data
+/// is refused, and the SDK writes it again on the established connection:
+/// no second disconnect, nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
+    use furrow::store::TelemetryRange;
+    use furrow_client::{Client, Config as ClientConfig, Event, TlsOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "refused");
+    let gw = TestGateway::start_with(|c| {
+        tls_on(c, &pki, false);
+        c.tls.listen = "127.0.0.1:0".parse().unwrap();
+        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.quic.session_cache = 1;
+    })
+    .await;
+    let sdk = |id: &str, token: String| {
+        let mut cfg = ClientConfig::new(
+            format!("quic://localhost:{}", gw.quic_addr().port()),
+            id,
+            token,
+        );
+        cfg.tls = Some(TlsOptions::new(pki.ca_file()));
+        cfg.backoff.initial = Duration::from_millis(50);
+        Client::start(cfg).unwrap()
+    };
+    let token = gw.add_device("sdk-r").await;
+    let client = sdk("sdk-r", token);
+    let mut events = client.events();
+    for i in 1..=50u64 {
+        client.send(1, json_payload(i)).await.unwrap();
+    }
+    within(Duration::from_secs(10), "flush", client.flush())
+        .await
+        .unwrap();
+    // Another device's ticket evicts ours.
+    let other_token = gw.add_device("sdk-o").await;
+    let other = sdk("sdk-o", other_token);
+    gw.wait_online("sdk-o").await;
+    other.close().await;
+
+    let rejected = counter(&gw, "furrow_quic_0rtt_total", "rejected").await;
+    gw.registry()
+        .kick("sdk-r", furrow_proto::GoodbyeCode::SessionTakenOver);
+    for i in 51..=100u64 {
+        client.send(1, json_payload(i)).await.unwrap();
+    }
+    within(Duration::from_secs(10), "flush", client.flush())
+        .await
+        .unwrap();
+    assert!(counter(&gw, "furrow_quic_0rtt_total", "rejected").await > rejected);
+    let mut disconnects = 0;
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, Event::Disconnected { .. }) {
+            disconnects += 1;
+        }
+    }
+    assert_eq!(disconnects, 1, "only the kick ended a session");
+    let rows = gw
+        .store()
+        .telemetry("sdk-r", TelemetryRange::default(), 1000)
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    assert_seqs(&seqs, 1..=100, "across a refused 0-RTT flight");
+    client.close().await;
 }

@@ -127,13 +127,43 @@ pub async fn accept_loop<H, F>(
 }
 
 /// The handshake, then the device's stream.
+///
+/// 0-RTT: a resuming device may send its stream (HELLO, and TELEMETRY
+/// behind it) in its first flight. Such a stream is served at once, before
+/// the handshake completes, and the gateway's answers (WELCOME, ACKs) go
+/// out as 0.5-RTT data: the device has its first ACK one round trip after
+/// it began. That is safe because rustls accepts early data only on a
+/// ticket it still holds and takes it at that use (a replayed flight finds
+/// none and its data is discarded), and because what early data can do is
+/// idempotent anyway: a TELEMETRY seq already taken is a duplicate, never
+/// stored twice (docs/protocol.md, "Transport"). The device's identity
+/// under mutual TLS is the one its ticket carries, verified at the
+/// handshake that issued it. Any other stream waits for the handshake to
+/// complete, so the client certificate is verified before the first frame.
 async fn establish(incoming: quinn::Incoming) -> Result<QuicStream, &'static str> {
-    let conn = incoming
-        .accept()
-        .map_err(|_| "error")?
-        .await
-        .map_err(|_| "error")?;
-    let (send, recv) = conn.accept_bi().await.map_err(|_| "no_stream")?;
+    let connecting = incoming.accept().map_err(|_| "error")?;
+    // A server's conversion always succeeds (quinn); the fallback is a
+    // plain handshake all the same.
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, Some(done)),
+        Err(connecting) => (connecting.await.map_err(|_| "error")?, None),
+    };
+    let (send, recv) = conn.accept_bi().await.map_err(|e| match e {
+        // What a failed handshake ends with (a TLS alert is a transport
+        // error), against a device that went away without a stream.
+        quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_) => {
+            "error"
+        }
+        _ => "no_stream",
+    })?;
+    if recv.is_0rtt() {
+        metrics::counter!("furrow_quic_0rtt_total", "outcome" => "accepted").increment(1);
+    } else if let Some(done) = handshake {
+        done.await;
+        if conn.close_reason().is_some() {
+            return Err("error");
+        }
+    }
     Ok(QuicStream::new(conn, send, recv))
 }
 

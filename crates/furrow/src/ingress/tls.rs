@@ -11,7 +11,9 @@
 //!
 //! Resumption: one ticketer and one session cache outlive reloads, so a
 //! device resumes across a certificate rotation too (TLS 1.3 tickets, TLS
-//! 1.2 session ids).
+//! 1.2 session ids). QUIC keeps its tickets in a cache of its own
+//! (`quic.session_cache`), each good for one resumption, since rustls
+//! allows 0-RTT only on such tickets: a replayed flight finds none.
 //!
 //! Device identity under mutual TLS comes from the verified client
 //! certificate: its subject CN, or its first DNS or URI SAN
@@ -113,6 +115,10 @@ pub struct TlsState {
     stamps: std::sync::Mutex<Vec<Option<SystemTime>>>,
     ticketer: Arc<dyn ProducesTickets>,
     cache: Arc<dyn StoresServerSessions>,
+    /// QUIC's tickets, kept here (stateful) rather than sealed by the
+    /// ticketer: rustls allows 0-RTT only on stateful tickets, each taken
+    /// at its one use.
+    quic_cache: Arc<dyn StoresServerSessions>,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -126,13 +132,19 @@ impl std::fmt::Debug for TlsState {
 
 impl TlsState {
     /// Loads the certificate, key and (optional) client CA; fails closed.
-    pub fn load(cfg: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+    /// `quic_sessions`: QUIC session tickets remembered (`quic.session_cache`).
+    pub fn load(cfg: &TlsConfig, quic_sessions: usize) -> Result<Arc<Self>, TlsError> {
         let ticketer = rustls::crypto::ring::Ticketer::new()?;
         let cache: Arc<dyn StoresServerSessions> =
             ServerSessionMemoryCache::new(cfg.session_cache.max(1));
+        let quic_cache: Arc<dyn StoresServerSessions> = if quic_sessions == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            Arc::new(QuicTickets(ServerSessionMemoryCache::new(quic_sessions)))
+        };
         let stamps = stamps(cfg);
         let config = build(cfg, &ticketer, &cache, false)?;
-        let quic = build(cfg, &ticketer, &cache, true)?;
+        let quic = build(cfg, &ticketer, &quic_cache, true)?;
         Ok(Arc::new(Self {
             cfg: cfg.clone(),
             current: RwLock::new(config),
@@ -140,6 +152,7 @@ impl TlsState {
             stamps: std::sync::Mutex::new(stamps),
             ticketer,
             cache,
+            quic_cache,
         }))
     }
 
@@ -168,7 +181,7 @@ impl TlsState {
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamps = stamps(&self.cfg);
         let config = build(&self.cfg, &self.ticketer, &self.cache, false)?;
-        let quic = build(&self.cfg, &self.ticketer, &self.cache, true)?;
+        let quic = build(&self.cfg, &self.ticketer, &self.quic_cache, true)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
         *self.quic.write().unwrap_or_else(|p| p.into_inner()) = quic;
         *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
@@ -231,14 +244,54 @@ fn build(
         builder.with_client_cert_verifier(verifier)
     };
     let mut config = builder.with_single_cert(chain, key)?;
-    config.ticketer = Arc::clone(ticketer);
     config.session_storage = Arc::clone(cache);
     if quic {
         config.alpn_protocols = vec![super::quic::ALPN.to_vec()];
+        // 0-RTT: early data only on a stateful ticket (no ticketer), which
+        // rustls takes from the cache at its one use, so a replayed flight
+        // finds no ticket and its early data is refused. One ticket per
+        // connection: a device uses one per resumption.
+        config.max_early_data_size = u32::MAX;
+        config.send_tls13_tickets = 1;
+    } else {
+        config.ticketer = Arc::clone(ticketer);
     }
     // Frames are small; the default 16 KiB records are fine, and rustls
     // bounds what it buffers for a peer that does not read (64 KiB).
     Ok(Arc::new(config))
+}
+
+/// QUIC's session tickets: rustls's in-memory cache, counting what a
+/// resuming device finds. rustls takes a ticket (`take`) when a device
+/// resumes with it, so each is good once.
+#[derive(Debug)]
+struct QuicTickets(Arc<ServerSessionMemoryCache>);
+
+impl StoresServerSessions for QuicTickets {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.0.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let found = self.0.take(key);
+        // The device offered a ticket, and 0-RTT data with it. Not found:
+        // used before (a replay), evicted, or issued by another instance or
+        // before a restart; the handshake goes on in full and the early
+        // data is discarded. (Accepted 0-RTT is counted where the stream
+        // arrives: ingress/quic.rs.)
+        if found.is_none() {
+            metrics::counter!("furrow_quic_0rtt_total", "outcome" => "rejected").increment(1);
+        }
+        found
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
 }
 
 /// The device id a verified client certificate names, per `from`.
