@@ -41,6 +41,18 @@ start_gateway() {
     return 1
 }
 
+# Runs `furrow bench KIND --addr TARGET ARGS...` on CPU 1, its devices
+# provisioned into the gateway's store under a fresh prefix (NAME-N-);
+# prints the path of its JSON report, written under $out.
+#   bench_json NAME KIND TARGET ARGS...
+bench_json() {
+    local name=$1 kind=$2 target=$3; shift 3
+    local n=$((${#name} + RANDOM))
+    taskset -c 1 "$furrow" bench "$kind" --addr "$target" --data-dir "$dir" --prefix "$name-$n-" \
+        --json "$out/$name-$n.json" "$@" >/dev/null
+    echo "$out/$name-$n.json"
+}
+
 # What the gateway stores into, for the scripts' first line.
 store_label() {
     if [[ -n $db ]]; then echo "PostgreSQL (fresh database $db)"; else echo "SQLite synchronous=$1"; fi

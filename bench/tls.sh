@@ -32,18 +32,11 @@ print(' '.join(f'{k}={v}' for k, v in sorted(c.items())))"
 }
 out=$(mktemp -d)
 tls=(--tls --tls-ca "$certs/ca.pem" --tls-server-name localhost)
-run() { # name kind addr args...
-    local name=$1 kind=$2 target=$3; shift 3
-    local n=$((${#name} + RANDOM))
-    taskset -c 1 "$furrow" bench "$kind" --addr "$target" --data-dir "$dir" --prefix "$name-$n-" \
-        --json "$out/$name-$n.json" "$@" >/dev/null
-    echo "$out/$name-$n.json"
-}
 for r in $(seq "$rounds"); do
     echo "round $r"
     for v in plain tls; do
         if [ $v = tls ]; then a="127.0.0.1:$tls_port"; extra=("${tls[@]}"); else a=$addr; extra=(); fi
-        f=$(run "flat-$v" flat "$a" --devices "$devices" --window 64 --duration 8 --warmup 2 \
+        f=$(bench_json "flat-$v" flat "$a" --devices "$devices" --window 64 --duration 8 --warmup 2 \
             --server-pid "$gw" "${extra[@]}")
         python3 -c "import json,sys; r=json.load(open('$f')); print(f'  flat {\"$v\":5} {r[\"msgs_per_s\"]:>10.0f} msgs/s  cpu/msg {r.get(\"server_cpu_us_per_msg\") or 0:.2f} us')"
     done
@@ -53,7 +46,7 @@ for r in $(seq "$rounds"); do
             full) a="127.0.0.1:$tls_port"; extra=("${tls[@]}" --tls-no-resume) ;;
             resumed) a="127.0.0.1:$tls_port"; extra=("${tls[@]}") ;;
         esac
-        f=$(run "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 10 "${extra[@]}")
+        f=$(bench_json "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 10 "${extra[@]}")
         echo "  gateway TLS handshakes so far: $(handshakes)"
         python3 -c "
 import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms']

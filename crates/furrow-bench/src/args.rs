@@ -99,6 +99,11 @@ pub struct BenchArgs {
     /// `--tls-ca`).
     #[arg(long, requires = "tls_ca")]
     pub tls: bool,
+    /// Connect over QUIC (furrow/1 on one stream, ALPN `furrow/1`, TLS
+    /// 1.3 checked against `--tls-ca`; 0-RTT when resuming): `--addr` is
+    /// then the gateway's QUIC (UDP) address.
+    #[arg(long, requires = "tls_ca", conflicts_with = "tls")]
+    pub quic: bool,
     /// PEM file of the certificate authorities to trust.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
@@ -159,7 +164,7 @@ impl BenchArgs {
             return bad("--rate must be a positive number of messages per second");
         }
         if self.mode == Mode::Authflood {
-            if self.protocol != Protocol::Furrow || self.tls {
+            if self.protocol != Protocol::Furrow || self.tls || self.quic {
                 return bad("authflood speaks furrow/1 over plain TCP only");
             }
             if self.worker_count() > 1 {
@@ -168,6 +173,9 @@ impl BenchArgs {
             if self.attack_sources == 0 || self.attack_sources > 254 {
                 return bad("--attack-sources must be 1 to 254");
             }
+        }
+        if self.quic && self.protocol != Protocol::Furrow {
+            return bad("--quic speaks furrow/1 only");
         }
         if self.window == 0 || (self.protocol == Protocol::Mqtt && self.window > 65_535) {
             return bad("--window must be 1 to 65,535");

@@ -240,12 +240,19 @@ impl Device {
         shared: &Shared,
     ) -> Result<(Conn, BytesMut, Granted), DeviceError> {
         let args = &shared.args;
-        let tcp = open(self.addr, self.source)
-            .await
-            .map_err(DeviceError::Connect)?;
         let mut stream = match &self.tls {
-            Some(tls) => tls.connect(tcp).await?,
-            None => Conn::Plain(tcp),
+            Some(tls) if tls.is_quic() => tls.connect_quic(self.addr, self.source).await?,
+            Some(tls) => {
+                let tcp = open(self.addr, self.source)
+                    .await
+                    .map_err(DeviceError::Connect)?;
+                tls.connect(tcp).await?
+            }
+            None => Conn::Plain(
+                open(self.addr, self.source)
+                    .await
+                    .map_err(DeviceError::Connect)?,
+            ),
         };
         let mut out = BytesMut::with_capacity(256);
         wire.hello(&self.cred.id, &self.cred.token, args.keepalive, &mut out)?;

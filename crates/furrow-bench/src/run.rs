@@ -238,9 +238,9 @@ pub fn run(
             creds.len()
         )));
     }
-    if let (true, Some(ca)) = (args.tls, &args.tls_ca) {
+    if let (true, Some(ca)) = (args.tls || args.quic, &args.tls_ca) {
         // Check the CA file here, before any worker process starts.
-        crate::conn::Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?;
+        crate::conn::Tls::new(ca, &args.tls_server_name, !args.tls_no_resume, args.quic)?;
     }
     let rss_before = args.server_pid.map(rss_kib).transpose()?;
     let n_workers = args.worker_count();
@@ -427,7 +427,16 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
     Ok(Report {
         mode: args.mode,
         protocol: args.protocol,
-        addrs: args.addrs.iter().map(|a| a.to_string()).collect(),
+        // The transport shows as a scheme: tls://, quic://, or none (TCP).
+        addrs: args
+            .addrs
+            .iter()
+            .map(|a| match (args.quic, args.tls) {
+                (true, _) => format!("quic://{a}"),
+                (_, true) => format!("tls://{a}"),
+                _ => a.to_string(),
+            })
+            .collect(),
         devices: args.devices,
         workers: c.workers.len(),
         threads: args.threads,

@@ -72,9 +72,16 @@ impl Engine {
         let threads = args.threads.clamp(1, devices.len().max(1));
         let t0 = Instant::now();
         let sources = args.source_count();
-        let tls = match (&args.tls, &args.tls_ca) {
-            (true, Some(ca)) => Some(Tls::new(ca, &args.tls_server_name, !args.tls_no_resume)?),
-            (true, None) => return Err(BenchError::Invalid("--tls needs --tls-ca".into())),
+        let tls = match (args.tls || args.quic, &args.tls_ca) {
+            (true, Some(ca)) => Some(Tls::new(
+                ca,
+                &args.tls_server_name,
+                !args.tls_no_resume,
+                args.quic,
+            )?),
+            (true, None) => {
+                return Err(BenchError::Invalid("--tls and --quic need --tls-ca".into()))
+            }
             _ => None,
         };
         // authflood: the attackers claim the devices' own ids.

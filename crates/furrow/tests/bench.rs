@@ -413,3 +413,63 @@ fn more_devices_than_open_files_is_refused_before_connecting() {
         "{err}"
     );
 }
+
+/// `--quic`: the devices reach the gateway's QUIC listener; a storm brings
+/// them all back, resuming (0-RTT) with the tickets of their first
+/// connection, and what was acknowledged is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_storm_brings_every_device_back_with_0rtt() {
+    use support::pki::{tls_on, Pki};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "bench-quic");
+    let gw = TestGateway::start_with(|c| {
+        tls_on(c, &pki, false);
+        c.tls.listen = "127.0.0.1:0".parse().unwrap();
+        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let (addr, data, ca) = (
+        gw.quic_addr().to_string(),
+        gw.config().data_dir.to_string_lossy().into_owned(),
+        pki.ca_file().to_string_lossy().into_owned(),
+    );
+    let r = bench(
+        dir.path(),
+        &[
+            "storm",
+            "--addr",
+            &addr,
+            "--data-dir",
+            &data,
+            "--quic",
+            "--tls-ca",
+            &ca,
+            "--devices",
+            "100",
+            "--rate",
+            "5",
+            "--warmup",
+            "1",
+            "--duration",
+            "30",
+        ],
+    )
+    .await;
+    assert_eq!(u(&r, "/connected"), 100, "{r}");
+    assert_eq!(u(&r, "/storm/back"), 100, "{r}");
+    assert!(r["errors"].as_object().unwrap().is_empty(), "{r}");
+    assert!(
+        r["addrs"][0].as_str().unwrap().starts_with("quic://"),
+        "{r}"
+    );
+    let accepted = gw.counter("furrow_quic_0rtt_total", "accepted").await;
+    assert!(
+        accepted >= 100,
+        "every device came back in 0-RTT: {accepted}"
+    );
+    for i in [0, 50, 99] {
+        let seqs = stored_seqs_async(&gw.db_path(), &format!("bench-{i}")).await;
+        assert!(!seqs.is_empty());
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+}

@@ -25,34 +25,35 @@ use udp_proxy::{UdpFaults, UdpProxy};
 
 /// A quinn client configuration trusting `pki`, offering `alpn`.
 fn quic_client(pki: &Pki, cert: Option<&Issued>, alpn: &[u8]) -> quinn::ClientConfig {
-    let mut tls = (*client_config(pki, cert)).clone();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a TLS 1.3 client");
-    quinn::ClientConfig::new(Arc::new(crypto))
+    quic_client_with(pki, cert, alpn, false)
 }
 
 /// Like [`quic_client`], with 0-RTT on (rustls keeps the tickets in the
 /// configuration, so every connection made with a clone of it may resume).
 fn quic_client_0rtt(pki: &Pki) -> quinn::ClientConfig {
-    let mut tls = (*client_config(pki, None)).clone();
-    tls.alpn_protocols = vec![b"furrow/1".to_vec()];
-    tls.enable_early_data = true;
+    quic_client_with(pki, None, b"furrow/1", true)
+}
+
+fn quic_client_with(
+    pki: &Pki,
+    cert: Option<&Issued>,
+    alpn: &[u8],
+    early_data: bool,
+) -> quinn::ClientConfig {
+    let mut tls = (*client_config(pki, cert)).clone();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.enable_early_data = early_data;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("a TLS 1.3 client");
     quinn::ClientConfig::new(Arc::new(crypto))
 }
 
-/// The value of the counter `name{outcome="..."}` on `gw` (0 if absent).
-async fn counter(gw: &TestGateway, name: &str, outcome: &str) -> u64 {
-    let text = reqwest::get(gw.api_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let key = format!("{name}{{outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.trim().parse().unwrap())
+/// An SDK configuration for `id` over QUIC to `port` on localhost,
+/// trusting `pki`, reconnecting after 50 ms.
+fn sdk_config(port: u16, id: &str, token: String, pki: &Pki) -> furrow_client::Config {
+    let mut cfg = furrow_client::Config::new(format!("quic://localhost:{port}"), id, token);
+    cfg.tls = Some(furrow_client::TlsOptions::new(pki.ca_file()));
+    cfg.backoff.initial = Duration::from_millis(50);
+    cfg
 }
 
 /// A gateway with TLS and QUIC on loopback.
@@ -354,19 +355,13 @@ async fn shutdown_says_goodbye_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_streams_over_quic_and_loses_nothing_across_a_reconnect() {
     use furrow::store::TelemetryRange;
-    use furrow_client::{Client, Config as ClientConfig, TlsOptions};
+    use furrow_client::Client;
 
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "sdk");
     let gw = gateway(&pki, false).await;
     let token = gw.add_device("sdk-q").await;
-    let mut cfg = ClientConfig::new(
-        format!("quic://localhost:{}", gw.quic_addr().port()),
-        "sdk-q",
-        token,
-    );
-    cfg.tls = Some(TlsOptions::new(pki.ca_file()));
-    cfg.backoff.initial = Duration::from_millis(50);
+    let cfg = sdk_config(gw.quic_addr().port(), "sdk-q", token, &pki);
     let client = Client::start(cfg.clone()).unwrap();
     for i in 1..=150u64 {
         client.send(1, json_payload(i)).await.unwrap();
@@ -491,7 +486,7 @@ async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
         },
     )
     .await;
-    let accepted_before = counter(&gw, "furrow_quic_0rtt_total", "accepted").await;
+    let accepted_before = gw.counter("furrow_quic_0rtt_total", "accepted").await;
     let began = tokio::time::Instant::now();
     let (mut d, accepted) = QuicDevice::connect_0rtt(proxy.addr, cfg.clone())
         .await
@@ -509,7 +504,7 @@ async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
         first_ack < RTT + RTT / 2,
         "first ACK after {first_ack:?}, one round trip is {RTT:?}"
     );
-    assert!(counter(&gw, "furrow_quic_0rtt_total", "accepted").await > accepted_before);
+    assert!(gw.counter("furrow_quic_0rtt_total", "accepted").await > accepted_before);
     d.close().await;
 
     // Without a ticket: a round trip for the handshake, one for the data.
@@ -580,13 +575,13 @@ async fn a_replayed_0rtt_flight_is_refused_and_stores_nothing() {
     d.close().await;
     gw.wait_offline("cell-2").await;
 
-    let rejected = counter(&gw, "furrow_quic_0rtt_total", "rejected").await;
+    let rejected = gw.counter("furrow_quic_0rtt_total", "rejected").await;
     let sent = proxy
         .replay_first_flight(0, Duration::from_millis(500))
         .await;
     assert!(sent >= 1, "the proxy recorded the first flight");
     within(Duration::from_secs(10), "the replay refused", async {
-        while counter(&gw, "furrow_quic_0rtt_total", "rejected").await == rejected {
+        while gw.counter("furrow_quic_0rtt_total", "rejected").await == rejected {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -610,7 +605,7 @@ async fn a_replayed_0rtt_flight_is_refused_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_and_reordering_lose_nothing_and_store_nothing_twice() {
     use furrow::store::TelemetryRange;
-    use furrow_client::{Client, Config as ClientConfig, TlsOptions};
+    use furrow_client::Client;
 
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "lossy");
@@ -627,13 +622,7 @@ async fn loss_and_reordering_lose_nothing_and_store_nothing_twice() {
         },
     )
     .await;
-    let mut cfg = ClientConfig::new(
-        format!("quic://localhost:{}", proxy.addr.port()),
-        "sat-1",
-        token,
-    );
-    cfg.tls = Some(TlsOptions::new(pki.ca_file()));
-    cfg.backoff.initial = Duration::from_millis(50);
+    let cfg = sdk_config(proxy.addr.port(), "sat-1", token, &pki);
     let client = Client::start(cfg).unwrap();
     // In rounds, so that many datagrams cross the proxy.
     for round in 0..25u64 {
@@ -666,7 +655,7 @@ async fn loss_and_reordering_lose_nothing_and_store_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
     use furrow::store::TelemetryRange;
-    use furrow_client::{Client, Config as ClientConfig, Event, TlsOptions};
+    use furrow_client::{Client, Event};
 
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "refused");
@@ -678,14 +667,7 @@ async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
     })
     .await;
     let sdk = |id: &str, token: String| {
-        let mut cfg = ClientConfig::new(
-            format!("quic://localhost:{}", gw.quic_addr().port()),
-            id,
-            token,
-        );
-        cfg.tls = Some(TlsOptions::new(pki.ca_file()));
-        cfg.backoff.initial = Duration::from_millis(50);
-        Client::start(cfg).unwrap()
+        Client::start(sdk_config(gw.quic_addr().port(), id, token, &pki)).unwrap()
     };
     let token = gw.add_device("sdk-r").await;
     let client = sdk("sdk-r", token);
@@ -702,7 +684,7 @@ async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
     gw.wait_online("sdk-o").await;
     other.close().await;
 
-    let rejected = counter(&gw, "furrow_quic_0rtt_total", "rejected").await;
+    let rejected = gw.counter("furrow_quic_0rtt_total", "rejected").await;
     gw.registry()
         .kick("sdk-r", furrow_proto::GoodbyeCode::SessionTakenOver);
     for i in 51..=100u64 {
@@ -711,7 +693,7 @@ async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
     within(Duration::from_secs(10), "flush", client.flush())
         .await
         .unwrap();
-    assert!(counter(&gw, "furrow_quic_0rtt_total", "rejected").await > rejected);
+    assert!(gw.counter("furrow_quic_0rtt_total", "rejected").await > rejected);
     let mut disconnects = 0;
     while let Ok(e) = events.try_recv() {
         if matches!(e, Event::Disconnected { .. }) {

@@ -66,16 +66,7 @@ async fn recv_over(s: &mut TlsStream<TcpStream>) -> Result<Message, String> {
 }
 
 async fn tls_handshakes(gw: &TestGateway, outcome: &str) -> u64 {
-    let text = reqwest::get(gw.api_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let key = format!("furrow_tls_handshakes_total{{outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    gw.counter("furrow_tls_handshakes_total", outcome).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

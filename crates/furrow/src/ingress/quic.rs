@@ -156,12 +156,13 @@ async fn establish(incoming: quinn::Incoming) -> Result<QuicStream, &'static str
         }
         _ => "no_stream",
     })?;
-    if recv.is_0rtt() {
-        metrics::counter!("furrow_quic_0rtt_total", "outcome" => "accepted").increment(1);
-    } else if let Some(done) = handshake {
-        done.await;
-        if conn.close_reason().is_some() {
-            return Err("error");
+    // (0-RTT is counted where the ticket is looked up: ingress/tls.rs.)
+    if !recv.is_0rtt() {
+        if let Some(done) = handshake {
+            done.await;
+            if conn.close_reason().is_some() {
+                return Err("error");
+            }
         }
     }
     Ok(QuicStream::new(conn, send, recv))

@@ -278,14 +278,17 @@ impl StoresServerSessions for QuicTickets {
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
         let found = self.0.take(key);
-        // The device offered a ticket, and 0-RTT data with it. Not found:
-        // used before (a replay), evicted, or issued by another instance or
+        // The device offered a ticket, and 0-RTT data with it. Found: the
+        // device resumes and its early data is taken. Not found: used
+        // before (a replay), evicted, or issued by another instance or
         // before a restart; the handshake goes on in full and the early
-        // data is discarded. (Accepted 0-RTT is counted where the stream
-        // arrives: ingress/quic.rs.)
-        if found.is_none() {
-            metrics::counter!("furrow_quic_0rtt_total", "outcome" => "rejected").increment(1);
-        }
+        // data is discarded.
+        let outcome = if found.is_some() {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        metrics::counter!("furrow_quic_0rtt_total", "outcome" => outcome).increment(1);
         found
     }
 

@@ -160,6 +160,22 @@ impl TestGateway {
         self.quic_addr.expect("the QUIC listener is on")
     }
 
+    /// The value of the counter `name{outcome="OUTCOME"}` in `GET
+    /// /metrics` (0 while it has not been counted). The recorder is
+    /// global to a test process: compare before and after.
+    pub async fn counter(&self, name: &str, outcome: &str) -> u64 {
+        let text = reqwest::get(self.api_url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let key = format!("{name}{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0, |v| v.trim().parse().expect("a counter's value"))
+    }
+
     /// The TLS listener's address (panics if TLS is off).
     pub fn tls_addr(&self) -> SocketAddr {
         self.tls_addr.expect("the TLS listener is on")
