@@ -35,6 +35,9 @@ for l in sys.stdin:
         k = l.split('outcome=\"')[1].split('\"')[0]; c[k] = int(float(l.split()[-1]))
 print(' '.join(f'{k}={v}' for k, v in sorted(c.items())) or 'none')"
 }
+# Datagrams the kernel dropped for want of room in a UDP socket's receive
+# buffer (all sockets of the machine: run nothing else meanwhile).
+udp_drops() { awk '/^Udp:/ { if (h) print $6; h = 1 }' /proc/net/snmp; }
 out=$(mktemp -d)
 ca=(--tls-ca "$certs/ca.pem" --tls-server-name localhost)
 for r in $(seq "$rounds"); do
@@ -47,7 +50,9 @@ for r in $(seq "$rounds"); do
     done
     for v in tls quic; do
         if [ $v = tls ]; then a="127.0.0.1:$tls_port"; t=--tls; else a="127.0.0.1:$quic_port"; t=--quic; fi
+        drops=$(udp_drops)
         f=$(bench_json "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 20 $t "${ca[@]}")
+        echo "  UDP receive-buffer drops during the run: $(($(udp_drops) - drops))"
         python3 -c "
 import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms'] or float('nan')
 print(f'  storm {\"$v\":5} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; back p50 {s[\"back_us\"][\"p50\"]/1000:.1f} ms, p99 {s[\"back_us\"][\"p99\"]/1000:.1f} ms; errors {r[\"errors\"]}')"

@@ -636,6 +636,10 @@ pub struct Quic {
     /// one resumption: a replayed 0-RTT flight finds none. 0: no
     /// resumption, every QUIC handshake is a full one.
     pub session_cache: usize,
+    /// Receive and send buffer of the QUIC listener's UDP socket, bytes:
+    /// room for a reconnect storm's first flights, which UDP would drop
+    /// (the kernel caps it at net.core.rmem_max / wmem_max).
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for Quic {
@@ -643,6 +647,7 @@ impl Default for Quic {
         Self {
             listen: None,
             session_cache: 100_000,
+            socket_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -153,6 +153,28 @@ fn describe() {
         "furrow_tls_handshakes_total",
         "TLS handshakes, by outcome (full, resumed, timeout, error, shutdown)."
     );
+    describe_counter!(
+        "furrow_quic_handshakes_total",
+        "QUIC handshakes (up to the device's stream), by outcome (ok, timeout, error, no_stream)."
+    );
+    describe_histogram!(
+        "furrow_quic_handshake_seconds",
+        Unit::Seconds,
+        "Time from a QUIC connection's first packet to its stream."
+    );
+    describe_counter!(
+        "furrow_quic_0rtt_total",
+        "QUIC resumptions with a session ticket: accepted (0-RTT data taken) or rejected (ticket used, evicted or unknown: full handshake)."
+    );
+    describe_counter!(
+        "furrow_quic_migrations_total",
+        "QUIC sessions whose device address changed (connection migration)."
+    );
+    describe_gauge!(
+        "furrow_quic_socket_buffer_bytes",
+        Unit::Bytes,
+        "The QUIC listener's UDP socket buffers as the kernel granted them, by direction."
+    );
     describe_histogram!(
         "furrow_tls_handshake_seconds",
         Unit::Seconds,

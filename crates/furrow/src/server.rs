@@ -263,10 +263,18 @@ impl Server {
                     state.quic_current(),
                     quic_idle_timeout(&cfg),
                 )?;
-                Some(
-                    quinn::Endpoint::server(config, addr)
-                        .map_err(|source| ServerError::Bind { addr, source })?,
-                )
+                // The recorder first: the socket's buffer sizes are gauges.
+                let _ = crate::metrics::handle();
+                let bound = crate::ingress::quic::bind_socket(addr, cfg.quic.socket_buffer_bytes)
+                    .and_then(|socket| {
+                        quinn::Endpoint::new(
+                            quinn::EndpointConfig::default(),
+                            Some(config),
+                            socket,
+                            Arc::new(quinn::TokioRuntime),
+                        )
+                    });
+                Some(bound.map_err(|source| ServerError::Bind { addr, source })?)
             }
             // Config::validate refuses QUIC without TLS files.
             _ => None,

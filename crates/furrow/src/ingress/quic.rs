@@ -60,6 +60,44 @@ pub fn server_config(
     Ok(config)
 }
 
+/// The QUIC listener's UDP socket on `addr`, its receive and send buffers
+/// asked for at `buffer` bytes each. A reconnect storm's first flights
+/// (a padded 1,200-byte Initial, and 0-RTT, from every device at once)
+/// arrive faster than one endpoint task reads them: with the kernel's
+/// default buffer (208 KiB) 2,000 devices reconnecting at once lost most
+/// of them, and each loss costs the device a retransmission timeout
+/// (docs/performance.md, "QUIC"). The kernel caps the size at
+/// `net.core.rmem_max` / `wmem_max`; a capped size is logged, and
+/// `furrow_quic_socket_buffer_bytes{direction}` shows what was granted.
+pub fn bind_socket(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a refused size leaves the default, reported below.
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    for (direction, got) in [
+        ("receive", socket.recv_buffer_size()?),
+        ("send", socket.send_buffer_size()?),
+    ] {
+        metrics::gauge!("furrow_quic_socket_buffer_bytes", "direction" => direction)
+            .set(got as f64);
+        // Linux grants min(asked, cap) and reports twice that (the
+        // doubling covers its bookkeeping): less, and the sysctl capped it.
+        if got < buffer.saturating_mul(2) {
+            tracing::warn!(
+                direction,
+                asked = buffer,
+                granted = got,
+                "QUIC socket buffer capped by the kernel: raise net.core.rmem_max and wmem_max \
+                 for reconnect storms without losses"
+            );
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Accepts QUIC connections until `shutdown`. Before any handshake work,
 /// an address over its connect rate, or a gateway at `max_connections`,
 /// is refused (a QUIC refusal: the device backs off). Each accepted
@@ -272,5 +310,31 @@ impl Drop for QuicStream {
         // The session is over: the connection goes with it (code 0, like a
         // TCP close), rather than idling until its timeout.
         self.conn.close(0u8.into(), b"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the kernel allows a socket buffer to grow to (sysctl).
+    fn cap(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .expect("the sysctl")
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn the_listener_socket_gets_the_buffers_asked_for_up_to_the_kernels_cap() {
+        for asked in [256 * 1024, 1024 * 1024] {
+            let socket = bind_socket("127.0.0.1:0".parse().unwrap(), asked).unwrap();
+            let s = socket2::SockRef::from(&socket);
+            // Linux grants min(asked, cap) and reports twice that.
+            let want = |cap: usize| 2 * asked.min(cap);
+            assert_eq!(s.recv_buffer_size().unwrap(), want(cap("rmem_max")));
+            assert_eq!(s.send_buffer_size().unwrap(), want(cap("wmem_max")));
+        }
     }
 }
