@@ -51,11 +51,13 @@ for r in $(seq "$rounds"); do
     for v in tls quic; do
         if [ $v = tls ]; then a="127.0.0.1:$tls_port"; t=--tls; else a="127.0.0.1:$quic_port"; t=--quic; fi
         drops=$(udp_drops)
-        f=$(bench_json "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 20 $t "${ca[@]}")
+        f=$(bench_json "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 20 \
+            --server-pid "$gw" $t "${ca[@]}")
         echo "  UDP receive-buffer drops during the run: $(($(udp_drops) - drops))"
         python3 -c "
 import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms'] or float('nan')
-print(f'  storm {\"$v\":5} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; back p50 {s[\"back_us\"][\"p50\"]/1000:.1f} ms, p99 {s[\"back_us\"][\"p99\"]/1000:.1f} ms; errors {r[\"errors\"]}')"
+cpu = (r.get('server_cpu_s') or 0) * 1e6 / max(s['back'], 1)
+print(f'  storm {\"$v\":5} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; back p50 {s[\"back_us\"][\"p50\"]/1000:.1f} ms, p99 {s[\"back_us\"][\"p99\"]/1000:.1f} ms; gateway CPU {cpu:.0f} us per reconnect; errors {r[\"errors\"]}')"
     done
     echo "  gateway 0-RTT so far: $(zero_rtt)"
     taskset -c 1 target/release/examples/quic_migration "127.0.0.1:$quic_port" \

@@ -116,8 +116,9 @@ pub struct BenchArgs {
     /// MQTT topic prefix (topics are PREFIX/DEVICE_ID).
     #[arg(long, default_value = "furrow-bench")]
     pub topic_prefix: String,
-    /// Process id of the server, to report its resident memory (idle mode:
-    /// bytes per connection).
+    /// Process id of the server, to report its CPU time (flat, steady and
+    /// authflood: per message; storm: per reconnect) and its resident
+    /// memory (idle: bytes per connection).
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// authflood: connections sending wrong tokens at once.

@@ -36,6 +36,18 @@ pub struct Tls {
     endpoint: Arc<Mutex<Option<quinn::Endpoint>>>,
 }
 
+/// rustls with ring, offering AES-128-GCM first, as the SDK does: its
+/// SHA-256 key schedule runs on the CPU's SHA extensions, SHA-384's does
+/// not, which makes a QUIC handshake about a tenth cheaper for the gateway
+/// (docs/performance.md, "QUIC").
+fn provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    use tokio_rustls::rustls::CipherSuite;
+    let mut p = tokio_rustls::rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
 /// quinn's client configuration over `tls` (ALPN `furrow/1`, 0-RTT on).
 fn quic_config(tls: &ClientConfig) -> Result<quinn::ClientConfig, BenchError> {
     let mut tls = tls.clone();
@@ -43,7 +55,13 @@ fn quic_config(tls: &ClientConfig) -> Result<quinn::ClientConfig, BenchError> {
     tls.enable_early_data = true;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| BenchError::Invalid(format!("--quic needs TLS 1.3: {e}")))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    // As the SDK: no path MTU probes, which would cost the gateway (and
+    // this generator) datagrams per connection that devices do not send.
+    let mut transport = quinn::TransportConfig::default();
+    transport.mtu_discovery_config(None);
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 impl Tls {
@@ -65,8 +83,7 @@ impl Tls {
         if roots.is_empty() {
             return Err(bad("no certificate in the file".into()));
         }
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let mut cfg = ClientConfig::builder_with_provider(provider)
+        let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| BenchError::Invalid(e.to_string()))?
             .with_root_certificates(roots)

@@ -219,6 +219,13 @@ impl Report {
                 st.devices,
                 pct(&st.back_us)
             );
+            if let Some(cpu) = self.server_cpu_s {
+                let _ = writeln!(
+                    s,
+                    "  server     {cpu:.2} CPU-s until all were back: {:.0} us per reconnect",
+                    cpu * 1e6 / st.back.max(1) as f64
+                );
+            }
         }
         if let Some(f) = &self.flood {
             let list: Vec<String> = f

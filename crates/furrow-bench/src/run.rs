@@ -406,6 +406,9 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
                 s = c.tick(second, "stream")?;
             }
             let devices = s.connected;
+            // The server's CPU from the drop until every device is back:
+            // what a reconnect costs it (streaming devices add theirs).
+            let mark = CpuMark::take(args.server_pid)?;
             c.phase(Phase::Storm(Instant::now()))?;
             let until = Instant::now() + Duration::from_secs(args.duration);
             let mut back = new_hist();
@@ -415,6 +418,9 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
                 if s.storm_back >= devices || Instant::now() >= until {
                     break;
                 }
+            }
+            if let Some(mark) = mark {
+                (server_cpu_s, server_threads_cpu_s) = mark.since()?;
             }
             storm = Some(StormReport {
                 devices,

@@ -54,8 +54,15 @@ impl Quic {
         tls.enable_early_data = true;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| format!("QUIC needs TLS 1.3: {e}"))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        // No path MTU probes: readings are small, and each probe is a
+        // padded datagram (and its ACK) on a metered link, processed by
+        // the gateway too, in every reconnect of a storm.
+        let mut transport = quinn::TransportConfig::default();
+        transport.mtu_discovery_config(None);
+        config.transport_config(Arc::new(transport));
         Ok(Self {
-            config: quinn::ClientConfig::new(Arc::new(crypto)),
+            config,
             addr: addr.to_owned(),
             name: name.to_owned(),
             endpoint: Mutex::new(None),

@@ -67,8 +67,16 @@ impl Tls {
         if roots.is_empty() {
             return Err(bad(&opts.ca_file, "no PEM certificate"));
         }
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
+        // AES-128-GCM first: its SHA-256 key schedule runs on the CPU's
+        // SHA extensions where SHA-384's does not, so each handshake costs
+        // the gateway less (a QUIC reconnect about a tenth). The gateway
+        // follows the device's order, so a device without AES hardware
+        // may still put ChaCha20 first.
+        let mut provider = tokio_rustls::rustls::crypto::ring::default_provider();
+        provider.cipher_suites.sort_by_key(|s| {
+            s.suite() != tokio_rustls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        });
+        let builder = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots);

@@ -640,6 +640,12 @@ pub struct Quic {
     /// room for a reconnect storm's first flights, which UDP would drop
     /// (the kernel caps it at net.core.rmem_max / wmem_max).
     pub socket_buffer_bytes: usize,
+    /// Path MTU discovery: probe each connection's path for datagrams
+    /// larger than QUIC's 1,200-byte floor (up to 1,452). Off by default:
+    /// furrow/1 frames are small, and the probes cost every new
+    /// connection datagrams that a reconnect storm pays for. On: fewer,
+    /// larger datagrams for firmware transfers.
+    pub mtu_discovery: bool,
 }
 
 impl Default for Quic {
@@ -648,6 +654,7 @@ impl Default for Quic {
             listen: None,
             session_cache: 100_000,
             socket_buffer_bytes: 4 * 1024 * 1024,
+            mtu_discovery: false,
         }
     }
 }

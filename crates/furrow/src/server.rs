@@ -261,7 +261,7 @@ impl Server {
             (Some(addr), Some(state)) => {
                 let config = crate::ingress::quic::server_config(
                     state.quic_current(),
-                    quic_idle_timeout(&cfg),
+                    crate::ingress::quic::Transport::from_config(&cfg),
                 )?;
                 // The recorder first: the socket's buffer sizes are gauges.
                 let _ = crate::metrics::handle();
@@ -489,7 +489,8 @@ impl Server {
             tokio::spawn(reload_tls(
                 t,
                 shared.cfg.tls.watch_ms,
-                quic.clone().map(|e| (e, quic_idle_timeout(&shared.cfg))),
+                quic.clone()
+                    .map(|e| (e, crate::ingress::quic::Transport::from_config(&shared.cfg))),
             ))
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
@@ -673,17 +674,14 @@ impl Server {
     }
 }
 
-/// How long a QUIC connection may stay silent: past the longest keepalive
-/// (plus its 50 % grace), so that QUIC never ends a session furrow/1 still
-/// considers alive.
-fn quic_idle_timeout(cfg: &Config) -> Duration {
-    Duration::from_secs(u64::from(cfg.keepalive.max_s) * 3 / 2 + 30)
-}
-
 /// Reloads the TLS files on SIGHUP and, every `watch_ms` (0: never), when
 /// one of them changed. A failed reload keeps the certificates in force.
 /// The QUIC endpoint, if any, takes each new configuration too.
-async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64, quic: Option<(quinn::Endpoint, Duration)>) {
+async fn reload_tls(
+    tls: Arc<TlsState>,
+    watch_ms: u64,
+    quic: Option<(quinn::Endpoint, crate::ingress::quic::Transport)>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -722,11 +720,11 @@ async fn reload_tls(tls: Arc<TlsState>, watch_ms: u64, quic: Option<(quinn::Endp
                 let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
             }
         }
-        if let Some((endpoint, idle)) = &quic {
+        if let Some((endpoint, settings)) = &quic {
             // Cheap: an Arc of the current configuration; a reload swapped it.
             let current = tls.quic_current();
             if last_quic.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &current)) {
-                match crate::ingress::quic::server_config(Arc::clone(&current), *idle) {
+                match crate::ingress::quic::server_config(Arc::clone(&current), *settings) {
                     Ok(c) => endpoint.set_server_config(Some(c)),
                     Err(e) => {
                         warn!(error = %e, "cannot give the QUIC listener the reloaded certificates")

@@ -36,13 +36,35 @@ use super::tls::TlsError;
 /// The ALPN protocol id a furrow/1 QUIC client offers (docs/protocol.md).
 pub const ALPN: &[u8] = b"furrow/1";
 
+/// The QUIC transport settings the listener applies to every connection,
+/// kept so that a certificate reload rebuilds the same configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Transport {
+    /// The longest a connection may stay silent: above the longest
+    /// keepalive a session allows, so that QUIC never closes a session
+    /// furrow/1 still considers alive.
+    pub idle: Duration,
+    /// Path MTU discovery (`quic.mtu_discovery`): off, every datagram
+    /// stays within QUIC's 1,200-byte floor.
+    pub mtu_discovery: bool,
+}
+
+impl Transport {
+    /// From the gateway's configuration: the idle timeout past the longest
+    /// keepalive (plus its 50 % grace).
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            idle: Duration::from_secs(u64::from(cfg.keepalive.max_s) * 3 / 2 + 30),
+            mtu_discovery: cfg.quic.mtu_discovery,
+        }
+    }
+}
+
 /// quinn's server configuration over `tls` (a TLS 1.3 rustls configuration
-/// with [`ALPN`]). `idle` is the longest a connection may stay silent:
-/// above the longest keepalive a session allows, so that QUIC never closes
-/// a session furrow/1 still considers alive.
+/// with [`ALPN`]).
 pub fn server_config(
     tls: Arc<rustls::ServerConfig>,
-    idle: Duration,
+    settings: Transport,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(format!("QUIC: {e}")))?;
@@ -51,9 +73,16 @@ pub fn server_config(
     // One furrow/1 session per connection, on one bidirectional stream.
     transport.max_concurrent_bidi_streams(1u8.into());
     transport.max_concurrent_uni_streams(0u8.into());
-    let idle = quinn::IdleTimeout::try_from(idle)
+    let idle = quinn::IdleTimeout::try_from(settings.idle)
         .map_err(|e| TlsError::Verifier(format!("QUIC idle timeout: {e}")))?;
     transport.max_idle_timeout(Some(idle));
+    // furrow/1 frames are small. quinn's discovery probes every new
+    // connection's path with padded datagrams up to 1,452 bytes (about four
+    // probes and their ACKs each way), which cost a 2,000-device reconnect
+    // storm a third of its time here (docs/performance.md, "QUIC").
+    if !settings.mtu_discovery {
+        transport.mtu_discovery_config(None);
+    }
     config.transport_config(Arc::new(transport));
     // A device whose address changes keeps its connection.
     config.migration(true);
@@ -324,6 +353,82 @@ mod tests {
             .trim()
             .parse()
             .expect("a number")
+    }
+
+    /// A quinn server with [`server_config`] (`mtu_discovery` as given)
+    /// and a client with quinn's defaults (which probe): the server's path
+    /// MTU probes once a stream has carried a few exchanges both ways.
+    async fn server_probes(mtu_discovery: bool) -> u64 {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let ca = crate::certs::Ca::new("test CA", 1).unwrap();
+        let issued = ca.server(&["localhost".to_owned()], 1).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let settings = Transport {
+            idle: Duration::from_secs(30),
+            mtu_discovery,
+        };
+        let config = server_config(Arc::new(tls), settings).unwrap();
+        let server = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let client_config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        ));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(client_config, addr, "localhost")
+            .unwrap();
+        let serve = async {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut buf = [0u8; 4];
+            for _ in 0..20 {
+                recv.read_exact(&mut buf).await.unwrap();
+                send.write_all(&buf).await.unwrap();
+            }
+            conn
+        };
+        let talk = async {
+            let conn = connecting.await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let mut buf = [0u8; 4];
+            for i in 0..20u32 {
+                send.write_all(&i.to_be_bytes()).await.unwrap();
+                recv.read_exact(&mut buf).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            conn
+        };
+        let (conn, _client_conn) = tokio::join!(serve, talk);
+        conn.stats().path.sent_plpmtud_probes
+    }
+
+    #[tokio::test]
+    async fn path_mtu_probes_only_when_asked_for() {
+        // quinn's discovery probes as soon as the handshake is confirmed:
+        // 200 ms of exchanges leave it time for several.
+        assert!(server_probes(true).await > 0, "discovery on: probes");
+        assert_eq!(server_probes(false).await, 0, "discovery off: none");
     }
 
     #[test]
