@@ -419,13 +419,11 @@ fn more_devices_than_open_files_is_refused_before_connecting() {
 /// connection, and what was acknowledged is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_storm_brings_every_device_back_with_0rtt() {
-    use support::pki::{tls_on, Pki};
+    use support::pki::{quic_on, Pki};
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "bench-quic");
     let gw = TestGateway::start_with(|c| {
-        tls_on(c, &pki, false);
-        c.tls.listen = "127.0.0.1:0".parse().unwrap();
-        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+        quic_on(c, &pki, false);
     })
     .await;
     let (addr, data, ca) = (

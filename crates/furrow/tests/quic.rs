@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use furrow::certs::Issued;
 use furrow_proto::{FrameDecoder, Message};
-use support::pki::{client_config, tls_on, Pki};
+use support::pki::{client_config, quic_on, Pki};
 use support::*;
 use udp_proxy::{UdpFaults, UdpProxy};
 
@@ -59,9 +59,7 @@ fn sdk_config(port: u16, id: &str, token: String, pki: &Pki) -> furrow_client::C
 /// A gateway with TLS and QUIC on loopback.
 async fn gateway(pki: &Pki, mutual: bool) -> TestGateway {
     TestGateway::start_with(|c| {
-        tls_on(c, pki, mutual);
-        c.tls.listen = "127.0.0.1:0".parse().unwrap();
-        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+        quic_on(c, pki, mutual);
     })
     .await
 }
@@ -406,9 +404,7 @@ async fn commands_make_the_round_trip_over_quic() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "cmd");
     let api = Api::start_with(|c| {
-        tls_on(c, &pki, false);
-        c.tls.listen = "127.0.0.1:0".parse().unwrap();
-        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+        quic_on(c, &pki, false);
     })
     .await;
     let token = api.gw.add_device("pump-cmd").await;
@@ -660,9 +656,7 @@ async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "refused");
     let gw = TestGateway::start_with(|c| {
-        tls_on(c, &pki, false);
-        c.tls.listen = "127.0.0.1:0".parse().unwrap();
-        c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+        quic_on(c, &pki, false);
         c.quic.session_cache = 1;
     })
     .await;

@@ -52,6 +52,14 @@ pub fn tls_on(c: &mut furrow::Config, pki: &Pki, mutual: bool) {
     }
 }
 
+/// [`tls_on`] with the TLS listener and a QUIC listener on loopback, on
+/// ports of their own.
+pub fn quic_on(c: &mut furrow::Config, pki: &Pki, mutual: bool) {
+    tls_on(c, pki, mutual);
+    c.tls.listen = "127.0.0.1:0".parse().unwrap();
+    c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+}
+
 /// A rustls client trusting `ca`, presenting `client` if given.
 pub fn client_config(ca: &Pki, client: Option<&Issued>) -> Arc<RustlsClient> {
     let mut roots = RootCertStore::empty();
