@@ -21,7 +21,8 @@ use furrow_client::{Client, Config, Disconnect, Event};
 /// `furrow sim` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
-    /// Gateway device address.
+    /// Gateway device address: HOST:PORT, or quic://HOST:PORT for the
+    /// QUIC listener (with --tls-ca).
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub addr: String,
     /// Number of simulated devices.
