@@ -534,7 +534,13 @@ impl Server {
                         // At max_connections: ERROR BUSY, no session.
                         let shared = Arc::clone(&plain_shared);
                         plain_shared.limits.admit(stream, move |stream, permit| {
-                            session::run(stream, peer, at, id, shared, None, permit)
+                            let arrival = session::Arrival {
+                                peer,
+                                at,
+                                conn_id: id,
+                                permit,
+                            };
+                            session::run(stream, arrival, shared, None)
                         })
                     })
                     .await
@@ -556,7 +562,13 @@ impl Server {
                         tls_shared
                             .limits
                             .admit_silent(stream, move |stream, permit| {
-                                session::run(stream, peer, at, id, shared, Some(config), permit)
+                                let arrival = session::Arrival {
+                                    peer,
+                                    at,
+                                    conn_id: id,
+                                    permit,
+                                };
+                                session::run(stream, arrival, shared, Some(config))
                             })
                     })
                     .await

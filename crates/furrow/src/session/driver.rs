@@ -154,21 +154,32 @@ fn storage_answers() {
 /// arguments as captured values (measured: ~150 bytes per idle device).
 pub fn run(
     stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    accepted: Instant,
-    conn_id: u64,
+    arrival: Arrival,
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    permit: ConnPermit,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let span = conn_span(conn_id);
+    let span = conn_span(arrival.conn_id);
     let _ = stream.set_nodelay(true);
     // HELLO is at most 397 bytes: small reads until WELCOME, so that a
     // crowd of handshakes does not touch a full read chunk each.
     let conn = Connection::new(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
-    Session::new(conn, peer, accepted, conn_id, shared, tls, permit)
+    Session::new(conn, arrival, shared, tls)
         .run_logged()
         .instrument(span)
+}
+
+/// How a connection arrived: what every transport's listener knows of it
+/// before its session starts.
+pub struct Arrival {
+    /// The device's address (behind a balancer: the balancer's, until the
+    /// PROXY header names the device's).
+    pub peer: SocketAddr,
+    /// When it was accepted.
+    pub at: Instant,
+    /// The connection's id in logs.
+    pub conn_id: u64,
+    /// Its place under `limits.max_connections`.
+    pub permit: ConnPermit,
 }
 
 /// Runs a device's QUIC session (its connection's one bidirectional
@@ -181,10 +192,15 @@ pub fn run_quic(
     shared: Arc<Shared>,
     permit: ConnPermit,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let peer = stream.remote_address();
+    let arrival = Arrival {
+        peer: stream.remote_address(),
+        at: accepted,
+        conn_id,
+        permit,
+    };
     let span = conn_span(conn_id);
     let conn = Connection::new_quic(stream, shared.cfg.limits.max_frame, HANDSHAKE_READ_CHUNK);
-    Session::new(conn, peer, accepted, conn_id, shared, None, permit)
+    Session::new(conn, arrival, shared, None)
         .run_logged()
         .instrument(span)
 }
@@ -239,22 +255,19 @@ impl Session {
     /// A session that has not read a byte yet.
     fn new(
         conn: Connection,
-        peer: SocketAddr,
-        accepted: Instant,
-        conn_id: u64,
+        arrival: Arrival,
         shared: Arc<Shared>,
         tls: Option<Arc<rustls::ServerConfig>>,
-        permit: ConnPermit,
     ) -> Self {
         Self {
             conn,
             out: Outbox::new(),
             shared,
-            conn_id,
-            peer,
-            accepted,
+            conn_id: arrival.conn_id,
+            peer: arrival.peer,
+            accepted: arrival.at,
             tls,
-            permit: Some(permit),
+            permit: Some(arrival.permit),
             _gauge: OpenGauge::new(),
         }
     }
@@ -1332,7 +1345,13 @@ mod tests {
             firmware: crate::firmware::serve::Service::new(&cfg, server.store(), server.registry()),
         });
         let permit = shared.limits.try_connection().unwrap();
-        let fut = run(stream, addr, Instant::now(), 1, shared, None, permit);
+        let arrival = Arrival {
+            peer: addr,
+            at: Instant::now(),
+            conn_id: 1,
+            permit,
+        };
+        let fut = run(stream, arrival, shared, None);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1280, "connection future grew to {size} bytes");
     }

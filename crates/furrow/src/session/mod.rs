@@ -48,7 +48,7 @@ use crate::publish::Events;
 use crate::store::prelude::*;
 use crate::writer::WriterTx;
 
-pub use driver::{run, run_quic, start_lot, ParkLot, ParkedSession};
+pub use driver::{run, run_quic, start_lot, Arrival, ParkLot, ParkedSession};
 
 /// What every session shares.
 pub struct Shared {
