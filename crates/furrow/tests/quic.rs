@@ -450,10 +450,11 @@ async fn commands_make_the_round_trip_over_quic() {
 const RTT: Duration = Duration::from_millis(300);
 
 /// A device connects once in full (and is given a ticket), then comes back
-/// through a proxy that delays each way by RTT/2: with 0-RTT its HELLO and
-/// first TELEMETRY travel in its first flight, and the ACK arrives one
-/// round trip after it began. Without a ticket the same takes two (the
-/// handshake, then the data).
+/// through a proxy that delays each way by RTT/2 and passes only its first
+/// flight: with 0-RTT its HELLO and first TELEMETRY travel in that flight,
+/// and the WELCOME and the ACK come back on it alone, one round trip after
+/// it began (counted in flights, not timed). Without a ticket the same
+/// takes at least two (the handshake, then the data).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
     let dir = tempfile::tempdir().unwrap();
@@ -474,10 +475,15 @@ async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
     d.close().await;
     gw.wait_offline("cell-1").await;
 
+    // Only the device's first flight gets through: its handshake never
+    // completes at the gateway, so the WELCOME and the ACK it receives were
+    // sent on the first flight alone, one round trip, however slow this
+    // machine is (a bound on the elapsed time failed loaded CI runs).
     let proxy = UdpProxy::start(
         gw.quic_addr(),
         UdpFaults {
             one_way: RTT / 2,
+            first_flight_only: true,
             ..UdpFaults::default()
         },
     )
@@ -494,16 +500,27 @@ async fn a_resumed_device_has_its_first_ack_within_one_round_trip() {
         other => panic!("expected WELCOME, got {other:?}"),
     }
     d.until_ack(2).await;
-    let first_ack = began.elapsed();
-    assert!(accepted.await, "the gateway took the 0-RTT data");
-    assert!(
-        first_ack < RTT + RTT / 2,
-        "first ACK after {first_ack:?}, one round trip is {RTT:?}"
+    println!(
+        "0-RTT: first ACK after {:?} (one round trip: {RTT:?}); the proxy held back {} later datagrams",
+        began.elapsed(),
+        proxy.dropped()
     );
+    assert!(accepted.await, "the gateway took the 0-RTT data");
     assert!(gw.counter("furrow_quic_0rtt_total", "accepted").await > accepted_before);
-    d.close().await;
+    // The gateway never hears this connection close (the proxy holds
+    // back the close too): the next HELLO takes the session over.
+    drop(d);
+    drop(proxy);
 
     // Without a ticket: a round trip for the handshake, one for the data.
+    let proxy = UdpProxy::start(
+        gw.quic_addr(),
+        UdpFaults {
+            one_way: RTT / 2,
+            ..UdpFaults::default()
+        },
+    )
+    .await;
     let began = tokio::time::Instant::now();
     let mut d = QuicDevice::connect(
         proxy.addr,
@@ -615,6 +632,7 @@ async fn loss_and_reordering_lose_nothing_and_store_nothing_twice() {
             reorder: 0.1,
             hold: Duration::from_millis(8),
             seed: 7,
+            ..UdpFaults::default()
         },
     )
     .await;

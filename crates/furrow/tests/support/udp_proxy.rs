@@ -39,6 +39,12 @@ pub struct UdpFaults {
     pub hold: Duration,
     /// The RNG's seed.
     pub seed: u64,
+    /// Forward each client's first flight only: what it sends once it
+    /// can have seen the gateway's first answer (the answer's arrival at
+    /// the proxy plus `one_way`), its handshake's completion among it, is
+    /// dropped. What the client still receives, the gateway sent on the
+    /// first flight alone: within one round trip, whatever the timing.
+    pub first_flight_only: bool,
 }
 
 impl Default for UdpFaults {
@@ -49,6 +55,7 @@ impl Default for UdpFaults {
             reorder: 0.0,
             hold: Duration::from_millis(5),
             seed: 1,
+            first_flight_only: false,
         }
     }
 }
@@ -65,7 +72,8 @@ pub struct UdpStats {
 #[derive(Default)]
 struct Flight {
     datagrams: Vec<Vec<u8>>,
-    answered: bool,
+    /// When the gateway's first answer reached the proxy.
+    answered: Option<tokio::time::Instant>,
 }
 
 /// A running proxy; stops when dropped.
@@ -176,7 +184,9 @@ impl UdpProxy {
                             readers.spawn(async move {
                                 let mut buf = vec![0u8; 65_536];
                                 while let Ok(n) = b.recv(&mut buf).await {
-                                    flights.lock().unwrap()[flight].answered = true;
+                                    flights.lock().unwrap()[flight]
+                                        .answered
+                                        .get_or_insert_with(tokio::time::Instant::now);
                                     forward(
                                         &front,
                                         Some(client),
@@ -191,12 +201,18 @@ impl UdpProxy {
                             (back, flight)
                         }
                     };
-                    {
+                    let later = {
                         let mut f = flights.lock().unwrap();
                         let f = &mut f[flight];
-                        if !f.answered {
+                        if f.answered.is_none() {
                             f.datagrams.push(buf[..n].to_vec());
                         }
+                        // Sent once the client can have seen the answer.
+                        f.answered.is_some_and(|at| at.elapsed() >= faults.one_way)
+                    };
+                    if later && faults.first_flight_only {
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     }
                     forward(&back, None, buf[..n].to_vec(), &faults, &rng, &stats);
                 }
