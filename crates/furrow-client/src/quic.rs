@@ -185,6 +185,13 @@ impl QuicIo {
     }
 }
 
+/// Whether `e` is quinn's refusal of what was written in 0-RTT.
+fn zero_rtt_rejected(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::WriteError>())
+        .is_some_and(|w| matches!(w, quinn::WriteError::ZeroRttRejected))
+}
+
 impl AsyncRead for QuicIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -213,12 +220,26 @@ impl AsyncWrite for QuicIo {
                 // (Otherwise the handshake, or the reopening, wakes us.)
                 if let Some(early) = this.early.as_mut() {
                     if early.reopen.is_none() && early.sent.len() + buf.len() <= EARLY_MAX {
-                        let n = ready!(AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf))?;
-                        early.sent.extend_from_slice(&buf[..n]);
-                        return Poll::Ready(Ok(n));
+                        match ready!(AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf)) {
+                            Ok(n) => {
+                                early.sent.extend_from_slice(&buf[..n]);
+                                return Poll::Ready(Ok(n));
+                            }
+                            // The handshake ended in a refusal since
+                            // `poll_settled` looked (the connection runs
+                            // on another thread): settle now, which opens
+                            // the stream again, and write there.
+                            Err(e) if zero_rtt_rejected(&e) => {
+                                ready!(this.poll_settled(cx))?;
+                            }
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    } else {
+                        return Poll::Pending;
                     }
+                } else {
+                    return Poll::Pending;
                 }
-                return Poll::Pending;
             }
         }
         AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf)

@@ -39,12 +39,12 @@ pub struct UdpFaults {
     pub hold: Duration,
     /// The RNG's seed.
     pub seed: u64,
-    /// Forward each client's first flight only: what it sends once it
-    /// can have seen the gateway's first answer (the answer's arrival at
-    /// the proxy plus `one_way`), its handshake's completion among it, is
-    /// dropped. What the client still receives, the gateway sent on the
-    /// first flight alone: within one round trip, whatever the timing.
-    pub first_flight_only: bool,
+    /// Extra delay of what a client sends once it can have seen the
+    /// gateway's first answer (the answer's arrival at the proxy plus
+    /// `one_way`): its later flights, its handshake's completion among
+    /// them. Made long, what the client receives before it passes was sent
+    /// by the gateway on the first flight alone.
+    pub later_flights: Duration,
 }
 
 impl Default for UdpFaults {
@@ -55,7 +55,7 @@ impl Default for UdpFaults {
             reorder: 0.0,
             hold: Duration::from_millis(5),
             seed: 1,
-            first_flight_only: false,
+            later_flights: Duration::ZERO,
         }
     }
 }
@@ -66,6 +66,8 @@ pub struct UdpStats {
     pub forwarded: AtomicU64,
     pub dropped: AtomicU64,
     pub reordered: AtomicU64,
+    /// Later flights held back by `later_flights`.
+    pub held: AtomicU64,
 }
 
 /// One client's first flight, and whether it is complete.
@@ -92,16 +94,45 @@ impl Drop for UdpProxy {
     }
 }
 
-/// Sends `data` on `sock` to `to` after the fault draws; never blocks the
-/// caller (a delayed datagram is sent by a task of its own).
-fn forward(
-    sock: &Arc<UdpSocket>,
+/// One direction toward one socket: datagrams leave in the order they
+/// came, each `one_way` after it came. (A task per datagram, as before,
+/// reordered datagrams of the same delay now and then: a 0-RTT packet
+/// overtaking its Initial is dropped by the gateway, which made the 0-RTT
+/// tests flaky.)
+#[derive(Clone)]
+struct Lane {
+    tx: tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>)>,
+    sock: Arc<UdpSocket>,
     to: Option<SocketAddr>,
-    data: Vec<u8>,
-    faults: &UdpFaults,
-    rng: &Mutex<StdRng>,
-    stats: &UdpStats,
-) {
+}
+
+impl Lane {
+    fn new(sock: Arc<UdpSocket>, to: Option<SocketAddr>) -> Self {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let (s, t) = (Arc::clone(&sock), to);
+        // Ends when the proxy (every sender) is gone.
+        tokio::spawn(async move {
+            while let Some((due, data)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                send(&s, t, &data).await;
+            }
+        });
+        Self { tx, sock, to }
+    }
+}
+
+async fn send(sock: &UdpSocket, to: Option<SocketAddr>, data: &[u8]) {
+    let _ = match to {
+        Some(to) => sock.send_to(data, to).await,
+        None => sock.send(data).await,
+    };
+}
+
+/// Sends `data` down `lane` after the fault draws; never blocks the
+/// caller. A reordered datagram leaves on its own, `hold` later, so the
+/// ones behind it overtake it.
+fn forward(lane: &Lane, data: Vec<u8>, faults: &UdpFaults, rng: &Mutex<StdRng>, stats: &UdpStats) {
     let (drop, reorder) = {
         let mut rng = rng.lock().unwrap();
         (rng.gen_bool(faults.loss), rng.gen_bool(faults.reorder))
@@ -110,27 +141,23 @@ fn forward(
         stats.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let mut delay = faults.one_way;
+    stats.forwarded.fetch_add(1, Ordering::Relaxed);
     if reorder {
         stats.reordered.fetch_add(1, Ordering::Relaxed);
-        delay += faults.hold;
-    }
-    stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let sock = Arc::clone(sock);
-    let send = async move {
-        let _ = match to {
-            Some(to) => sock.send_to(&data, to).await,
-            None => sock.send(&data).await,
-        };
-    };
-    if delay.is_zero() {
-        tokio::spawn(send);
-    } else {
+        let (sock, to, delay) = (
+            Arc::clone(&lane.sock),
+            lane.to,
+            faults.one_way + faults.hold,
+        );
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            send.await;
+            send(&sock, to, &data).await;
         });
+        return;
     }
+    let _ = lane
+        .tx
+        .send((tokio::time::Instant::now() + faults.one_way, data));
 }
 
 impl UdpProxy {
@@ -149,7 +176,7 @@ impl UdpProxy {
             let (stats, flights) = (Arc::clone(&stats), Arc::clone(&flights));
             tokio::spawn(async move {
                 // Each client's socket toward the gateway, and its flight.
-                let mut backs: HashMap<SocketAddr, (Arc<UdpSocket>, usize)> = HashMap::new();
+                let mut backs: HashMap<SocketAddr, (Lane, usize)> = HashMap::new();
                 // Dropped with this task (the proxy): the readers stop too.
                 let mut readers = tokio::task::JoinSet::new();
                 let mut buf = vec![0u8; 65_536];
@@ -157,7 +184,7 @@ impl UdpProxy {
                     let Ok((n, client)) = front.recv_from(&mut buf).await else {
                         return;
                     };
-                    let (back, flight) = match backs.get(&client) {
+                    let (up, flight) = match backs.get(&client) {
                         Some(b) => b.clone(),
                         None => {
                             let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else {
@@ -167,15 +194,16 @@ impl UdpProxy {
                                 return;
                             }
                             let back = Arc::new(back);
+                            let up = Lane::new(Arc::clone(&back), None);
                             let flight = {
                                 let mut f = flights.lock().unwrap();
                                 f.push(Flight::default());
                                 f.len() - 1
                             };
                             // The gateway's answers to this client.
-                            let (b, front, rng, stats, flights, faults) = (
+                            let (b, down, rng, stats, flights, faults) = (
                                 Arc::clone(&back),
-                                Arc::clone(&front),
+                                Lane::new(Arc::clone(&front), Some(client)),
                                 Arc::clone(&rng),
                                 Arc::clone(&stats),
                                 Arc::clone(&flights),
@@ -187,18 +215,11 @@ impl UdpProxy {
                                     flights.lock().unwrap()[flight]
                                         .answered
                                         .get_or_insert_with(tokio::time::Instant::now);
-                                    forward(
-                                        &front,
-                                        Some(client),
-                                        buf[..n].to_vec(),
-                                        &faults,
-                                        &rng,
-                                        &stats,
-                                    );
+                                    forward(&down, buf[..n].to_vec(), &faults, &rng, &stats);
                                 }
                             });
-                            backs.insert(client, (Arc::clone(&back), flight));
-                            (back, flight)
+                            backs.insert(client, (up.clone(), flight));
+                            (up, flight)
                         }
                     };
                     let later = {
@@ -210,11 +231,22 @@ impl UdpProxy {
                         // Sent once the client can have seen the answer.
                         f.answered.is_some_and(|at| at.elapsed() >= faults.one_way)
                     };
-                    if later && faults.first_flight_only {
-                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    if later && !faults.later_flights.is_zero() {
+                        stats.held.fetch_add(1, Ordering::Relaxed);
+                        let (up, data, faults, rng, stats) = (
+                            up.clone(),
+                            buf[..n].to_vec(),
+                            faults.clone(),
+                            Arc::clone(&rng),
+                            Arc::clone(&stats),
+                        );
+                        tokio::spawn(async move {
+                            tokio::time::sleep(faults.later_flights).await;
+                            forward(&up, data, &faults, &rng, &stats);
+                        });
                         continue;
                     }
-                    forward(&back, None, buf[..n].to_vec(), &faults, &rng, &stats);
+                    forward(&up, buf[..n].to_vec(), &faults, &rng, &stats);
                 }
             })
         };
@@ -254,6 +286,10 @@ impl UdpProxy {
 
     pub fn dropped(&self) -> u64 {
         self.stats.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn held(&self) -> u64 {
+        self.stats.held.load(Ordering::Relaxed)
     }
 
     pub fn reordered(&self) -> u64 {
