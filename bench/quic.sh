@@ -4,7 +4,9 @@
 #   1. throughput: `bench flat`, DEVICES devices, window 64, TLS vs QUIC;
 #   2. reconnect storm: STORM devices reconnect at once, TLS with session
 #      resumption vs QUIC with resumption and 0-RTT. Rate = devices / time
-#      until all are back (handshake + HELLO/WELCOME + the first ACK);
+#      until all are back (handshake + HELLO/WELCOME + the first ACK), and
+#      the gateway's CPU per reconnect. STORM may list several sizes,
+#      comma-separated (500,1000,2000);
 #   3. an address change mid-stream (examples/quic_migration.rs): the ACK
 #      latency before and after, and the longest wait between ACKs.
 #
@@ -48,16 +50,18 @@ for r in $(seq "$rounds"); do
             --server-pid "$gw" $t "${ca[@]}")
         python3 -c "import json,sys; r=json.load(open('$f')); print(f'  flat {\"$v\":5} {r[\"msgs_per_s\"]:>10.0f} msgs/s  cpu/msg {r.get(\"server_cpu_us_per_msg\") or 0:.2f} us  ack p50 {r[\"ack_us\"][\"p50\"]/1000:.2f} ms')"
     done
-    for v in tls quic; do
-        if [ $v = tls ]; then a="127.0.0.1:$tls_port"; t=--tls; else a="127.0.0.1:$quic_port"; t=--quic; fi
-        drops=$(udp_drops)
-        f=$(bench_json "storm-$v" storm "$a" --devices "$storm" --rate 1 --warmup 2 --duration 20 \
-            --server-pid "$gw" $t "${ca[@]}")
-        echo "  UDP receive-buffer drops during the run: $(($(udp_drops) - drops))"
-        python3 -c "
+    for n in ${storm//,/ }; do
+        for v in tls quic; do
+            if [ $v = tls ]; then a="127.0.0.1:$tls_port"; t=--tls; else a="127.0.0.1:$quic_port"; t=--quic; fi
+            drops=$(udp_drops)
+            f=$(bench_json "storm-$v" storm "$a" --devices "$n" --rate 1 --warmup 2 --duration 20 \
+                --server-pid "$gw" $t "${ca[@]}")
+            echo "  UDP receive-buffer drops during the run: $(($(udp_drops) - drops))"
+            python3 -c "
 import json; r=json.load(open('$f')); s=r['storm']; ms=s['all_back_ms'] or float('nan')
 cpu = (r.get('server_cpu_s') or 0) * 1e6 / max(s['back'], 1)
 print(f'  storm {\"$v\":5} {s[\"back\"]}/{r[\"connected\"]} back in {ms:.0f} ms: {s[\"back\"]/ms*1000:>8.0f} reconnects/s; back p50 {s[\"back_us\"][\"p50\"]/1000:.1f} ms, p99 {s[\"back_us\"][\"p99\"]/1000:.1f} ms; gateway CPU {cpu:.0f} us per reconnect; errors {r[\"errors\"]}')"
+        done
     done
     echo "  gateway 0-RTT so far: $(zero_rtt)"
     taskset -c 1 target/release/examples/quic_migration "127.0.0.1:$quic_port" \
