@@ -14,9 +14,24 @@ cargo build --release -q -p furrow
 furrow=${GATEWAY_BIN:-target/release/furrow}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# A free loopback port: TCP, or UDP with `free_port udp`.
+free_port() {
+    python3 -c "import socket, sys
+s = socket.socket(type=socket.SOCK_DGRAM if sys.argv[1:] == ['udp'] else socket.SOCK_STREAM)
+s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])" "$@"
+}
+
+# A development CA and a server certificate for localhost (`furrow certs`)
+# in a fresh directory: sets $certs.
+make_certs() {
+    certs=$(mktemp -d)
+    "$furrow" certs ca --out "$certs" >/dev/null
+    "$furrow" certs server --name localhost --out "$certs" >/dev/null
+}
+
 start_gateway() {
     dir=$(mktemp -d)
-    port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    port=$(free_port)
     addr="127.0.0.1:$port"
     provision=(--data-dir "$dir")
     db=""

@@ -17,12 +17,9 @@ rounds=${1:-3}
 devices=${2:-100}
 storm=${3:-2000}
 cargo build --release -q -p furrow --example quic_migration
-certs=$(mktemp -d)
-"$furrow" certs ca --out "$certs" >/dev/null
-"$furrow" certs server --name localhost --out "$certs" >/dev/null
-free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+make_certs
 tls_port=$(free_port)
-quic_port=$(python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+quic_port=$(free_port udp)
 api_port=$(free_port)
 start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
     FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_QUIC__LISTEN="127.0.0.1:$quic_port" \

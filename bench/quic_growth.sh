@@ -12,11 +12,9 @@
 source "$(dirname "$0")/lib.sh"
 rows=("$@")
 [ ${#rows[@]} -gt 0 ] || rows=(100x500 1000x50 10000x5 10000x1)
-certs=$(mktemp -d)
-"$furrow" certs ca --out "$certs" >/dev/null
-"$furrow" certs server --name localhost --out "$certs" >/dev/null
-tls_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-quic_port=$(python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+make_certs
+tls_port=$(free_port)
+quic_port=$(free_port udp)
 start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
     FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_QUIC__LISTEN="127.0.0.1:$quic_port"
 out=$(mktemp -d)

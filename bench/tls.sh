@@ -13,11 +13,9 @@ source "$(dirname "$0")/lib.sh"
 rounds=${1:-3}
 devices=${2:-100}
 storm=${3:-2000}
-certs=$(mktemp -d)
-"$furrow" certs ca --out "$certs" >/dev/null
-"$furrow" certs server --name localhost --out "$certs" >/dev/null
-tls_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-api_port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+make_certs
+tls_port=$(free_port)
+api_port=$(free_port)
 start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
     FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_API__LISTEN="127.0.0.1:$api_port"
 # The gateway's own count of TLS handshakes by outcome (full, resumed).
