@@ -218,27 +218,23 @@ impl AsyncWrite for QuicIo {
             Poll::Pending => {
                 // Still early: write in 0-RTT while the copy has room.
                 // (Otherwise the handshake, or the reopening, wakes us.)
-                if let Some(early) = this.early.as_mut() {
-                    if early.reopen.is_none() && early.sent.len() + buf.len() <= EARLY_MAX {
-                        match ready!(AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf)) {
-                            Ok(n) => {
-                                early.sent.extend_from_slice(&buf[..n]);
-                                return Poll::Ready(Ok(n));
-                            }
-                            // The handshake ended in a refusal since
-                            // `poll_settled` looked (the connection runs
-                            // on another thread): settle now, which opens
-                            // the stream again, and write there.
-                            Err(e) if zero_rtt_rejected(&e) => {
-                                ready!(this.poll_settled(cx))?;
-                            }
-                            Err(e) => return Poll::Ready(Err(e)),
-                        }
-                    } else {
-                        return Poll::Pending;
-                    }
-                } else {
+                let Some(early) = this.early.as_mut() else {
                     return Poll::Pending;
+                };
+                if early.reopen.is_some() || early.sent.len() + buf.len() > EARLY_MAX {
+                    return Poll::Pending;
+                }
+                match ready!(AsyncWrite::poll_write(Pin::new(&mut this.send), cx, buf)) {
+                    Ok(n) => {
+                        early.sent.extend_from_slice(&buf[..n]);
+                        return Poll::Ready(Ok(n));
+                    }
+                    // The handshake ended in a refusal since `poll_settled`
+                    // looked (the connection runs on another thread):
+                    // settle now, which opens the stream again, and write
+                    // there.
+                    Err(e) if zero_rtt_rejected(&e) => ready!(this.poll_settled(cx))?,
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
         }
