@@ -116,6 +116,11 @@ fn describe() {
         "furrow_writer_queue_depth",
         "Jobs waiting for the storage writer."
     );
+    describe_histogram!(
+        "furrow_sqlite_seal_slice_seconds",
+        Unit::Seconds,
+        "Time of one seal slice (postings for a slice of devices), run on the writer's connection between commits."
+    );
     describe_gauge!(
         "furrow_sqlite_wal_pages",
         "Pages in SQLite's WAL at the last checkpoint."

@@ -116,6 +116,7 @@ fn open_sqlite(cfg: &Config, ingest: bool) -> Result<SqliteStore, ServerError> {
             chunk_span_ms: cfg.storage.chunk_span.ms(),
             retention_ms: cfg.storage.retention.ms(),
             max_bytes: cfg.storage.max_bytes,
+            ..Default::default()
         },
         min_free_bytes: cfg.storage.min_free_bytes,
         ..SqliteOptions::default()

@@ -366,6 +366,9 @@ fn options(vfs: Option<&str>) -> SqliteOptions {
         log: LogOptions {
             seal_rows: 40,
             seal_after_ms: 5,
+            // One device per slice: power is lost between slices too.
+            slice_budget: Duration::ZERO,
+            slice_step: 1,
             ..LogOptions::default()
         },
         ..SqliteOptions::default()

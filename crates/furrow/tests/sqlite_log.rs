@@ -46,6 +46,10 @@ fn options() -> SqliteOptions {
             seal_rows: 13,
             seal_after_ms: 0,
             chunk_span_ms: 0,
+            // One device per slice: a seal's round spans many slices, with
+            // appends and reopens between them.
+            slice_budget: Duration::ZERO,
+            slice_step: 1,
             ..LogOptions::default()
         },
         ..SqliteOptions::default()
@@ -388,6 +392,7 @@ fn chunk_per_append(retention_ms: u64, max_bytes: u64) -> SqliteOptions {
             chunk_span_ms: 0,
             retention_ms,
             max_bytes,
+            ..LogOptions::default()
         },
         ..SqliteOptions::default()
     }

@@ -24,9 +24,10 @@
 //!   It is bounded: a *seal* starts when it holds `seal_rows` rows or its
 //!   oldest row is `seal_after_ms` old.
 //! - A seal writes, per device, a **posting** (its rows' rowids, seq and
-//!   time bounds) and raises its **watermark**, for at most
-//!   [`SLICE_DEVICES`] devices per transaction, so that appends go on in
-//!   between. Its cost is per device and seal, not per reading.
+//!   time bounds) and raises its **watermark**, in slices of at most
+//!   [`LogOptions::slice_budget`] of work (and [`SLICE_DEVICES`] devices)
+//!   per transaction, so that appends go on in between. Its cost is per
+//!   device and seal, not per reading.
 //! - **Reads** by seq or time walk the device's postings in seq order
 //!   (one seek to the first), fetch rows by rowid, then add the tail.
 //! - **Duplicates**: a device's stored seqs only grow (furrow/1's rule: a
@@ -50,8 +51,8 @@ use super::super::{
     Appended, Batch, DeviceKey as Key, StoreError, StoredTelemetry, TelemetryRange,
 };
 
-/// Devices sealed per transaction: a few milliseconds of work, so appends
-/// waiting behind a slice are not held up for long.
+/// Devices sealed per transaction at most (see also
+/// [`LogOptions::slice_budget`]).
 pub(super) const SLICE_DEVICES: usize = 2_000;
 
 /// Rows per posting at most (its rowid list stays a few KB).
@@ -115,6 +116,12 @@ pub struct LogOptions {
     pub retention_ms: u64,
     /// Drop the oldest chunks while the database uses more bytes (0: no cap).
     pub max_bytes: u64,
+    /// A seal slice commits once it has worked this long (commits wait
+    /// behind it on the writer's connection)...
+    pub slice_budget: std::time::Duration,
+    /// ...looking at the clock after every this many devices (a slice
+    /// takes at least this many, and at most [`SLICE_DEVICES`]).
+    pub slice_step: usize,
 }
 
 impl Default for LogOptions {
@@ -125,6 +132,8 @@ impl Default for LogOptions {
             chunk_span_ms: 86_400_000,
             retention_ms: 0,
             max_bytes: 0,
+            slice_budget: std::time::Duration::from_millis(1),
+            slice_step: 8,
         }
     }
 }
@@ -494,13 +503,19 @@ pub(super) fn append(
 
 /// Runs one slice of a seal if one is due or under way. Returns whether
 /// more remains (call again soon).
+///
+/// A slice ends after [`SLICE_DEVICES`] devices or
+/// [`LogOptions::slice_budget`] of work, whichever comes first: commits wait behind it on the writer's
+/// connection, so its length is their latency tail (a 1,000-device slice
+/// took 16-30 ms and set the ACK p99 at 1,000 devices x 50 msgs/s;
+/// docs/performance.md, "Seal slices").
 pub(super) fn seal_step(
     conn: &mut Connection,
     log: &Shared,
     opts: &LogOptions,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
-    let (rows, end, last, upto) = {
+    let (upto, next, total) = {
         let mut g = lock(log);
         if g.round.is_none() {
             if !g.due(opts, now_ms) {
@@ -524,43 +539,23 @@ pub(super) fn seal_step(
         let Some(round) = g.round.as_ref() else {
             return Ok(false);
         };
-        let upto = round.upto;
-        let end = (round.next + SLICE_DEVICES).min(round.devices.len());
-        let last = end == round.devices.len();
-        let rows: Vec<(Key, Vec<TailRow>)> = round.devices[round.next..end]
-            .iter()
-            .filter_map(|k| {
-                let rs: Vec<TailRow> = g
-                    .tail
-                    .get(k)?
-                    .iter()
-                    .take_while(|r| r.at() <= upto)
-                    .copied()
-                    .collect();
-                (!rs.is_empty()).then_some((*k, rs))
-            })
-            .collect();
-        (rows, end, last, upto)
+        (round.upto, round.next, round.devices.len())
     };
 
-    let tx = conn.transaction()?;
-    for (key, rs) in &rows {
-        write_postings(&tx, *key, rs)?;
+    // A seal's commit need not reach the disk by itself: lost in a crash,
+    // its rows are still in their chunk above `sealed_upto` and are sealed
+    // again. So it does not wait for an fsync of its own (the next
+    // telemetry commit's fsync covers it, the WAL being written in order).
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    if sync > 1 {
+        conn.pragma_update(None, "synchronous", 1)?;
     }
-    if last {
-        // Chunks before the round's are closed and now wholly sealed.
-        tx.execute(
-            "UPDATE chunks SET sealed_upto = 9223372036854775807 WHERE id < ?1 AND closed = 1",
-            [upto.0],
-        )?;
-        tx.execute(
-            "UPDATE chunks SET sealed_upto = max(sealed_upto, ?2) WHERE id = ?1",
-            params![upto.0, upto.1],
-        )?;
+    let sealed = seal_slice(conn, log, opts, upto, next, total);
+    if sync > 1 {
+        conn.pragma_update(None, "synchronous", sync)?;
     }
-    tx.commit()?;
-    metrics::counter!("furrow_sqlite_sealed_rows_total")
-        .increment(rows.iter().map(|r| r.1.len() as u64).sum());
+    let (rows, end) = sealed?;
+    let last = end == total;
 
     let mut g = lock(log);
     for (key, rs) in &rows {
@@ -586,6 +581,73 @@ pub(super) fn seal_step(
         r.next = end;
     }
     Ok(true)
+}
+
+/// Tail rows by device, as a slice takes them.
+type DeviceRows = Vec<(Key, Vec<TailRow>)>;
+
+/// Writes the postings of the round's devices from `next` on, within the
+/// slice's bounds, in one transaction; returns the rows sealed and where
+/// the next slice starts.
+fn seal_slice(
+    conn: &mut Connection,
+    log: &Shared,
+    opts: &LogOptions,
+    upto: (i64, i64),
+    next: usize,
+    total: usize,
+) -> Result<(DeviceRows, usize), StoreError> {
+    let started = std::time::Instant::now();
+    let limit = (next + SLICE_DEVICES).min(total);
+    let mut end = next;
+    let mut rows: DeviceRows = Vec::new();
+    let tx = conn.transaction()?;
+    while end < limit && (end == next || started.elapsed() < opts.slice_budget) {
+        // A few devices at a time out of the tail (appends take the same
+        // lock between slices, never during one: both run on this thread).
+        let step = (end + opts.slice_step.max(1)).min(limit);
+        let batch: DeviceRows = {
+            let g = lock(log);
+            let Some(round) = g.round.as_ref() else {
+                break;
+            };
+            round.devices[end..step]
+                .iter()
+                .filter_map(|k| {
+                    let rs: Vec<TailRow> = g
+                        .tail
+                        .get(k)?
+                        .iter()
+                        .take_while(|r| r.at() <= upto)
+                        .copied()
+                        .collect();
+                    (!rs.is_empty()).then_some((*k, rs))
+                })
+                .collect()
+        };
+        for (key, rs) in &batch {
+            write_postings(&tx, *key, rs)?;
+        }
+        rows.extend(batch);
+        end = step;
+    }
+    let last = end == total;
+    if last {
+        // Chunks before the round's are closed and now wholly sealed.
+        tx.execute(
+            "UPDATE chunks SET sealed_upto = 9223372036854775807 WHERE id < ?1 AND closed = 1",
+            [upto.0],
+        )?;
+        tx.execute(
+            "UPDATE chunks SET sealed_upto = max(sealed_upto, ?2) WHERE id = ?1",
+            params![upto.0, upto.1],
+        )?;
+    }
+    tx.commit()?;
+    metrics::histogram!("furrow_sqlite_seal_slice_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("furrow_sqlite_sealed_rows_total")
+        .increment(rows.iter().map(|r| r.1.len() as u64).sum());
+    Ok((rows, end))
 }
 
 /// What retention dropped.
