@@ -219,9 +219,8 @@ pub struct Limits {
     /// ERROR HANDSHAKE_TIMEOUT) and the device's lookup answered (beyond:
     /// ERROR BUSY, before anything is claimed for it).
     pub handshake_timeout_ms: u64,
-    /// Most bytes read from a socket at a time (each read is twice the
-    /// last, from 1 KiB up to this). Allocated only while data flows: an
-    /// idle connection holds no read buffer.
+    /// Bytes read from a socket at a time. Allocated only while data flows:
+    /// an idle connection holds no read buffer.
     pub read_chunk_bytes: usize,
     /// Outgoing bytes a connection may have unsent before the gateway stops
     /// reading it (a device that never reads its ACKs).

@@ -3,8 +3,7 @@
 //!
 //! Memory is the point of this module. An idle connection holds no buffer:
 //! it waits for readiness ([`TcpStream::readable`]) with nothing allocated,
-//! and only then reserves room for one read (twice the last read, at most
-//! `read_chunk`) and reads without blocking.
+//! and only then reserves `read_chunk` bytes and reads without blocking.
 //! Frames are split off the read buffer as `Bytes` (no copy), and the read
 //! buffer is released once it is empty. The write buffer likewise exists
 //! only while bytes wait to be sent. So a quiet fleet costs a task and a
@@ -68,11 +67,7 @@ pub struct Connection {
     tls_pending: bool,
     rbuf: BytesMut,
     decoder: FrameDecoder,
-    /// The largest read (`limits.read_chunk_bytes`).
-    read_chunk: u32,
-    /// The next read's size: twice the last read's, from [`FIRST_READ`]
-    /// up to `read_chunk` (see [`Self::reserve_read`]).
-    read_next: u32,
+    read_chunk: usize,
     /// Traffic counters.
     pub stats: Stats,
 }
@@ -135,7 +130,7 @@ impl Connection {
         let parts = Parts {
             tls: self.tls,
             decoder: self.decoder,
-            read_chunk: self.read_chunk,
+            read_chunk: u32::try_from(self.read_chunk).unwrap_or(u32::MAX),
             stats: self.stats,
         };
         Ok((stream, parts))
@@ -149,8 +144,7 @@ impl Connection {
             tls_pending: false,
             rbuf: BytesMut::new(),
             decoder: parts.decoder,
-            read_chunk: parts.read_chunk,
-            read_next: first_read(parts.read_chunk),
+            read_chunk: parts.read_chunk as usize,
             stats: parts.stats,
         }
     }
@@ -166,7 +160,6 @@ impl Connection {
     }
 
     fn with(stream: Transport, max_frame: u32, read_chunk: usize) -> Self {
-        let read_chunk = u32::try_from(read_chunk).unwrap_or(u32::MAX);
         Self {
             stream,
             tls: None,
@@ -174,15 +167,13 @@ impl Connection {
             rbuf: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             read_chunk,
-            read_next: first_read(read_chunk),
             stats: Stats::default(),
         }
     }
 
     /// Changes the size of subsequent reads.
     pub fn set_read_chunk(&mut self, bytes: usize) {
-        self.read_chunk = u32::try_from(bytes).unwrap_or(u32::MAX);
-        self.read_next = first_read(self.read_chunk);
+        self.read_chunk = bytes;
     }
 
     /// Reads what the socket has, waiting for it without holding a buffer.
@@ -293,31 +284,18 @@ impl Connection {
     }
 
     /// Room for the next read: the frame in progress when it is larger
-    /// than the read's size.
-    ///
-    /// The size follows the traffic: twice the last read, from
-    /// [`FIRST_READ`] up to `read_chunk`. A quiet device's read is one
-    /// small frame, and the buffer is given back after it: a 16 KiB buffer
-    /// per message cost glibc's slow path (`_int_malloc`, `_int_free`,
-    /// `unlink_chunk`: 6.6 % of the gateway's CPU at 10,000 devices x
-    /// 5 msgs/s), while a 1 KiB one comes from its thread cache. A read
-    /// that fills the buffer leaves the socket readable (see
-    /// [`read_short_clears`]), so a busy device reads again at once, at
-    /// twice the size, and reaches `read_chunk` within a few reads.
+    /// than a read chunk.
     fn reserve_read(&mut self) {
-        let next = self.read_next as usize;
         let want = match self.decoder.check_header(&self.rbuf) {
-            Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(next),
-            _ => next,
+            Ok(Some(total)) => total.saturating_sub(self.rbuf.len()).max(self.read_chunk),
+            _ => self.read_chunk,
         };
         self.rbuf.reserve(want);
     }
 
-    /// Counts `n` bytes read, and sizes the next read by them.
     fn count_in(&mut self, n: usize) {
         self.stats.bytes_in += n as u64;
         crate::metrics::wire().bytes_in.increment(n as u64);
-        self.read_next = next_read(n, self.read_chunk);
     }
 
     /// One non-blocking read into a buffer reserved just for it. `None`
@@ -356,12 +334,11 @@ impl Connection {
             return Ok(None);
         };
         let mut eof = false;
-        match tls.read_from(stream, self.read_next as usize) {
+        match tls.read_from(stream, self.read_chunk) {
             Ok(0) => eof = true,
             Ok(n) => {
                 self.stats.bytes_in += n as u64;
                 crate::metrics::wire().bytes_in.increment(n as u64);
-                self.read_next = next_read(n, self.read_chunk);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -598,22 +575,6 @@ impl Connection {
 /// event came since the read began (its tick), data arriving later raises a
 /// new edge, and a close seen by epoll is never cleared.
 /// `spare` is the room the caller reserved in `buf`.
-/// The first read's size, and the smallest: one quiet device's frame (a
-/// 120-byte reading is 140 bytes on the wire), and within what glibc's
-/// per-thread cache serves (up to 1,032 bytes).
-const FIRST_READ: u32 = 1024;
-
-fn first_read(read_chunk: u32) -> u32 {
-    FIRST_READ.min(read_chunk)
-}
-
-/// The read after one of `n` bytes: twice that, within
-/// [`FIRST_READ`]..=`read_chunk`.
-fn next_read(n: usize, read_chunk: u32) -> u32 {
-    let twice = u32::try_from(n.saturating_mul(2)).unwrap_or(u32::MAX);
-    twice.clamp(first_read(read_chunk), read_chunk)
-}
-
 pub(crate) fn read_short_clears<B: bytes::BufMut>(
     stream: &TcpStream,
     buf: &mut B,
@@ -702,57 +663,5 @@ mod tests {
         let n = read_short_clears(&server, &mut buf, spare).unwrap();
         assert_eq!(n, spare);
         assert!(server.readable().now_or_never().is_some());
-    }
-
-    /// Reads follow the traffic: small after a small read, doubling while
-    /// reads fill their room, never above the configured chunk.
-    #[test]
-    fn reads_are_sized_by_the_last_one() {
-        assert_eq!(next_read(140, 16_384), FIRST_READ);
-        assert_eq!(next_read(0, 16_384), FIRST_READ);
-        assert_eq!(next_read(1_024, 16_384), 2_048);
-        assert_eq!(next_read(12_000, 16_384), 16_384);
-        assert_eq!(next_read(usize::MAX, 16_384), 16_384);
-        assert_eq!(first_read(512), 512, "never above the chunk");
-        assert_eq!(next_read(140, 512), 512);
-    }
-
-    /// A burst larger than the first read arrives whole, read after read
-    /// without waiting (each filled read leaves the socket readable), in
-    /// growing reads; quiet reads after it are small again.
-    #[tokio::test]
-    async fn a_burst_is_read_in_growing_reads_and_a_quiet_read_is_small() {
-        let (mut client, server) = pair().await;
-        let mut conn = Connection::new(server, 1 << 20, 16_384);
-        let burst: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
-        client.write_all(&burst).await.unwrap();
-        // Let the whole burst reach the server's socket.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut sizes = Vec::new();
-        while conn.rbuf.len() < burst.len() {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read_some())
-                .await
-                .expect("the burst is there to read")
-                .unwrap();
-            sizes.push(n);
-        }
-        assert_eq!(&conn.rbuf[..], &burst[..]);
-        assert_eq!(sizes[0], FIRST_READ as usize, "{sizes:?}");
-        assert!(sizes.windows(2).take(4).all(|w| w[1] >= w[0]), "{sizes:?}");
-        assert!(sizes.iter().all(|&n| n <= 16_384), "{sizes:?}");
-        assert_eq!(conn.read_next, 16_384, "{sizes:?}");
-
-        // The first quiet read still has the burst's size; it sets the
-        // next one back to the smallest.
-        for round in 0..2 {
-            conn.rbuf.clear();
-            conn.release_idle();
-            client.write_all(b"quiet").await.unwrap();
-            assert_eq!(conn.read_some().await.unwrap(), 5);
-            assert_eq!(conn.read_next, FIRST_READ);
-            if round == 1 {
-                assert!(conn.rbuf.capacity() < 2 * FIRST_READ as usize);
-            }
-        }
     }
 }

@@ -116,8 +116,9 @@ pub struct LogOptions {
     pub retention_ms: u64,
     /// Drop the oldest chunks while the database uses more bytes (0: no cap).
     pub max_bytes: u64,
-    /// A seal slice commits once it has worked this long (commits wait
-    /// behind it on the writer's connection)...
+    /// A seal slice commits once it has worked this long, or as long as
+    /// the last append took if that is longer (commits wait behind it on
+    /// the writer's connection; zero: every slice is one step)...
     pub slice_budget: std::time::Duration,
     /// ...looking at the clock after every this many devices (a slice
     /// takes at least this many, and at most [`SLICE_DEVICES`]).
@@ -166,6 +167,9 @@ pub(super) struct Log {
     marks: HashMap<Key, u64>,
     active: Option<Chunk>,
     round: Option<Round>,
+    /// How long the last append took: a seal slice may take as long (see
+    /// [`seal_step`]).
+    last_append: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -387,6 +391,7 @@ pub(super) fn append(
     opts: &LogOptions,
     now_ms: i64,
 ) -> Result<(bool, Appended), StoreError> {
+    let started = std::time::Instant::now();
     // The marks of this batch's devices (a cache, filled from the tail and
     // the watermarks table on first sight).
     // Devices first seen here: the highest seq of their tail, if any.
@@ -493,6 +498,7 @@ pub(super) fn append(
     tx.commit()?;
 
     let mut g = lock(log);
+    g.last_append = started.elapsed();
     g.active = Some(chunk);
     g.marks.extend(marks);
     for (key, row) in added {
@@ -504,18 +510,23 @@ pub(super) fn append(
 /// Runs one slice of a seal if one is due or under way. Returns whether
 /// more remains (call again soon).
 ///
-/// A slice ends after [`SLICE_DEVICES`] devices or
-/// [`LogOptions::slice_budget`] of work, whichever comes first: commits wait behind it on the writer's
+/// A slice ends after [`SLICE_DEVICES`] devices or its budget of work,
+/// whichever comes first: commits wait behind it on the writer's
 /// connection, so its length is their latency tail (a 1,000-device slice
 /// took 16-30 ms and set the ACK p99 at 1,000 devices x 50 msgs/s;
-/// docs/performance.md, "Seal slices").
+/// docs/performance.md, "Seal slices"). The budget is
+/// [`LogOptions::slice_budget`] or the last append's time, whichever is
+/// longer: slices and appends alternate, so the seal gets at least half
+/// of the writer's time when commits are long (flat out, where 1 ms
+/// slices fell behind the appends at 10,000 devices) and quiet fleets'
+/// short commits wait for short slices.
 pub(super) fn seal_step(
     conn: &mut Connection,
     log: &Shared,
     opts: &LogOptions,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
-    let (upto, next, total) = {
+    let (upto, next, total, budget) = {
         let mut g = lock(log);
         if g.round.is_none() {
             if !g.due(opts, now_ms) {
@@ -539,7 +550,12 @@ pub(super) fn seal_step(
         let Some(round) = g.round.as_ref() else {
             return Ok(false);
         };
-        (round.upto, round.next, round.devices.len())
+        let budget = if opts.slice_budget.is_zero() {
+            opts.slice_budget
+        } else {
+            opts.slice_budget.max(g.last_append)
+        };
+        (round.upto, round.next, round.devices.len(), budget)
     };
 
     // A seal's commit need not reach the disk by itself: lost in a crash,
@@ -550,7 +566,7 @@ pub(super) fn seal_step(
     if sync > 1 {
         conn.pragma_update(None, "synchronous", 1)?;
     }
-    let sealed = seal_slice(conn, log, opts, upto, next, total);
+    let sealed = seal_slice(conn, log, opts, (upto, budget), next, total);
     if sync > 1 {
         conn.pragma_update(None, "synchronous", sync)?;
     }
@@ -593,7 +609,7 @@ fn seal_slice(
     conn: &mut Connection,
     log: &Shared,
     opts: &LogOptions,
-    upto: (i64, i64),
+    (upto, budget): ((i64, i64), std::time::Duration),
     next: usize,
     total: usize,
 ) -> Result<(DeviceRows, usize), StoreError> {
@@ -602,7 +618,7 @@ fn seal_slice(
     let mut end = next;
     let mut rows: DeviceRows = Vec::new();
     let tx = conn.transaction()?;
-    while end < limit && (end == next || started.elapsed() < opts.slice_budget) {
+    while end < limit && (end == next || started.elapsed() < budget) {
         // A few devices at a time out of the tail (appends take the same
         // lock between slices, never during one: both run on this thread).
         let step = (end + opts.slice_step.max(1)).min(limit);
