@@ -526,7 +526,7 @@ pub(super) fn seal_step(
     opts: &LogOptions,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
-    let (upto, next, total, budget) = {
+    let at = {
         let mut g = lock(log);
         if g.round.is_none() {
             if !g.due(opts, now_ms) {
@@ -555,7 +555,12 @@ pub(super) fn seal_step(
         } else {
             opts.slice_budget.max(g.last_append)
         };
-        (round.upto, round.next, round.devices.len(), budget)
+        SliceAt {
+            upto: round.upto,
+            next: round.next,
+            total: round.devices.len(),
+            budget,
+        }
     };
 
     // A seal's commit need not reach the disk by itself: lost in a crash,
@@ -566,12 +571,12 @@ pub(super) fn seal_step(
     if sync > 1 {
         conn.pragma_update(None, "synchronous", 1)?;
     }
-    let sealed = seal_slice(conn, log, opts, (upto, budget), next, total);
+    let sealed = seal_slice(conn, log, opts, &at);
     if sync > 1 {
         conn.pragma_update(None, "synchronous", sync)?;
     }
     let (rows, end) = sealed?;
-    let last = end == total;
+    let last = end == at.total;
 
     let mut g = lock(log);
     for (key, rs) in &rows {
@@ -602,25 +607,42 @@ pub(super) fn seal_step(
 /// Tail rows by device, as a slice takes them.
 type DeviceRows = Vec<(Key, Vec<TailRow>)>;
 
-/// Writes the postings of the round's devices from `next` on, within the
-/// slice's bounds, in one transaction; returns the rows sealed and where
-/// the next slice starts.
+/// Where a slice of the round starts, and what bounds it.
+#[derive(Clone, Copy)]
+struct SliceAt {
+    /// The round's newest row: rows after it wait for the next round.
+    upto: (i64, i64),
+    /// The round's first device not sealed yet...
+    next: usize,
+    /// ...of this many.
+    total: usize,
+    /// Work before the slice commits.
+    budget: std::time::Duration,
+}
+
+/// Writes the postings of the round's devices from `at.next` on, within
+/// the slice's bounds, in one transaction; returns the rows sealed and
+/// where the next slice starts.
 fn seal_slice(
     conn: &mut Connection,
     log: &Shared,
     opts: &LogOptions,
-    (upto, budget): ((i64, i64), std::time::Duration),
-    next: usize,
-    total: usize,
+    at: &SliceAt,
 ) -> Result<(DeviceRows, usize), StoreError> {
+    let SliceAt {
+        upto,
+        next,
+        total,
+        budget,
+    } = *at;
     let started = std::time::Instant::now();
     let limit = (next + SLICE_DEVICES).min(total);
     let mut end = next;
     let mut rows: DeviceRows = Vec::new();
     let tx = conn.transaction()?;
     while end < limit && (end == next || started.elapsed() < budget) {
-        // A few devices at a time out of the tail (appends take the same
-        // lock between slices, never during one: both run on this thread).
+        // A few devices at a time out of the tail: reads on the other
+        // thread take the same lock, so it is not held for the whole slice.
         let step = (end + opts.slice_step.max(1)).min(limit);
         let batch: DeviceRows = {
             let g = lock(log);
