@@ -204,6 +204,12 @@ async fn run(
     let mut healthy = true;
     // When the previous commit started, for pacing.
     let mut last_start: Option<tokio::time::Instant> = None;
+    // One timer for every batch's wait, reset per batch rather than made
+    // per job: a timer made afresh for each job that arrives while the
+    // batch waits registers and deregisters under the timer wheel's lock
+    // each time (half a registration per message at 10,000 quiet devices).
+    let pause = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(pause);
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut rows = jobs[0].records.len() + jobs[0].reports.len();
@@ -216,6 +222,9 @@ async fn run(
             None => arrived + cfg.batch_delay,
         };
         let waits = deadline > arrived;
+        if waits && pause.deadline() != deadline {
+            pause.as_mut().reset(deadline);
+        }
         while rows < cfg.batch_max_rows {
             let job = match rx.try_recv() {
                 Ok(job) => job,
@@ -224,9 +233,12 @@ async fn run(
                     if !waits {
                         break;
                     }
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(job)) => job,
-                        Ok(None) | Err(_) => break,
+                    tokio::select! {
+                        job = rx.recv() => match job {
+                            Some(job) => job,
+                            None => break,
+                        },
+                        () = pause.as_mut() => break,
                     }
                 }
             };

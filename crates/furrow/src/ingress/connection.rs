@@ -3,7 +3,8 @@
 //!
 //! Memory is the point of this module. An idle connection holds no buffer:
 //! it waits for readiness ([`TcpStream::readable`]) with nothing allocated,
-//! and only then reserves `read_chunk` bytes and reads without blocking.
+//! and only then reads without blocking, up to `read_chunk` bytes into its
+//! worker thread's scratch, keeping just the bytes that came.
 //! Frames are split off the read buffer as `Bytes` (no copy), and the read
 //! buffer is released once it is empty. The write buffer likewise exists
 //! only while bytes wait to be sent. So a quiet fleet costs a task and a
@@ -304,11 +305,24 @@ impl Connection {
         if self.tls.is_some() {
             return self.try_read_tls();
         }
-        self.reserve_read();
+        // No buffer held (an idle connection released it): read into the
+        // thread's scratch and keep only what came.
+        let scratch = self.rbuf.capacity() == 0;
+        if !scratch {
+            self.reserve_read();
+        }
         let spare = self.rbuf.capacity() - self.rbuf.len();
         let r = match &mut self.stream {
+            Transport::Tcp(stream) if scratch => {
+                read_into_scratch(stream, &mut self.rbuf, self.read_chunk)
+            }
             Transport::Tcp(stream) => read_short_clears(stream, &mut self.rbuf, spare),
-            Transport::Quic(q) => q.try_read(&mut self.rbuf),
+            Transport::Quic(q) => {
+                if scratch {
+                    self.rbuf.reserve(self.read_chunk);
+                }
+                q.try_read(&mut self.rbuf)
+            }
         };
         match r {
             Ok(n) => {
@@ -597,6 +611,31 @@ pub(crate) fn read_short_clears<B: bytes::BufMut>(
     }
 }
 
+thread_local! {
+    /// Each worker thread's read scratch (see [`read_into_scratch`]).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read for a connection that holds no buffer: up to `chunk` bytes into
+/// the thread's scratch, then into `buf` at their exact size. A quiet
+/// device's one frame then costs an allocation of its own size (glibc's
+/// per-thread cache serves it) instead of a `chunk`-sized one from the
+/// heap's bins, split and released again for every message, and the read
+/// is as wide as ever (narrower reads cost more syscalls when many devices
+/// stream at once).
+fn read_into_scratch(stream: &TcpStream, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < chunk {
+            scratch.resize(chunk, 0);
+        }
+        let mut room = &mut scratch[..chunk];
+        let n = read_short_clears(stream, &mut room, chunk)?;
+        buf.extend_from_slice(&scratch[..n]);
+        Ok(n)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,6 +688,54 @@ mod tests {
             .unwrap();
         n = read_short_clears(&server, &mut buf, 54).unwrap();
         assert_eq!(n, 0, "end of stream");
+    }
+
+    /// A connection holding no buffer reads through the thread's scratch
+    /// and keeps exactly what came: a frame larger than the read chunk
+    /// arrives whole over several reads, and after the buffer is released
+    /// the next frame comes through the scratch again, not mixed with
+    /// leftovers of the first.
+    #[tokio::test]
+    async fn reads_without_a_buffer_go_through_the_scratch() {
+        let (mut client, server) = pair().await;
+        let mut conn = Connection::new(server, 1 << 20, 512);
+        let big = vec![b'x'; 1500];
+        let mut wire = BytesMut::new();
+        furrow_proto::message::encode_telemetry(1, 0, 0, &big, &mut wire).unwrap();
+        furrow_proto::message::encode_telemetry(2, 0, 0, b"small", &mut wire).unwrap();
+        client.write_all(&wire).await.unwrap();
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read_some())
+                .await
+                .expect("data")
+                .unwrap();
+            assert!(
+                n > 0 && n <= 1500,
+                "one read is at most a chunk or a frame's rest: {n}"
+            );
+            while let Some(f) = conn.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames[0].body.len(), 17 + 1500);
+        assert_eq!(&frames[0].body[17..], &big[..]);
+        assert_eq!(&frames[1].body[17..], b"small");
+        assert!(!conn.has_buffered_input());
+
+        conn.release_idle();
+        wire.clear();
+        furrow_proto::message::encode_telemetry(3, 0, 0, b"again", &mut wire).unwrap();
+        client.write_all(&wire).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read_some())
+            .await
+            .expect("data")
+            .unwrap();
+        assert_eq!(n, wire.len());
+        let f = conn.next_frame().unwrap().expect("a whole frame");
+        assert_eq!(&f.body[..8], &3u64.to_be_bytes());
+        assert_eq!(&f.body[17..], b"again");
+        assert!(conn.next_frame().unwrap().is_none());
     }
 
     /// A read that fills the room it was given leaves readiness set: more

@@ -870,6 +870,16 @@ impl Session {
                 chatty: Duration::from_millis(sessions.park_chatty_ms),
             }
         });
+        // One timer for the whole loop, not one per turn: a message takes
+        // two turns (its read, its commit), and a Sleep made anew each turn
+        // registers and deregisters each time under the timer wheel's lock,
+        // where a later deadline (keepalive, park) only moves a kept one's
+        // expiry (an atomic store). The commit wake-up stays per turn: a
+        // Notified kept registered while the task runs turns each commit
+        // that lands meanwhile into a spurious wake-up of the task, where a
+        // Notify without a waiter keeps a permit for the next turn.
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut timer = std::pin::pin!(sleep_until(far));
         loop {
             if self.shared.shutdown.is_cancelled() {
                 live.m.close(GoodbyeCode::ServerShutdown);
@@ -929,19 +939,28 @@ impl Session {
             }
             let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
             // Quiet with nothing in flight: park when the quiet lasts.
-            let park_at = policy
-                .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable())
-                .map(|p| live.m.quiet_since() + live.m.park_after(p));
+            let park_check = policy.map(|p| live.m.quiet_since() + live.m.park_after(p));
+            let park_at = park_check
+                .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable());
             if park_at.is_some_and(|at| at <= now) && !live.handle().commands_pending() {
                 return true;
             }
-            let wake_at = match (live.m.wake_at(can_read, now), park_at) {
+            // While a commit or a write keeps the session from parking, the
+            // timer still aims at the park check (a turn that finds the
+            // session busy costs nothing else), so that its deadline only
+            // ever moves later from a message's read to its ACK: Tokio
+            // moves a deadline later with an atomic store, earlier only by
+            // registering again under the wheel's lock.
+            let park_wake = park_at.or(park_check.filter(|&at| at > now));
+            let wake_at = match (live.m.wake_at(can_read, now), park_wake) {
                 (Some(w), Some(p)) => Some(w.min(p)),
                 (w, p) => w.or(p),
             };
-            let far = now + Duration::from_secs(3600);
+            if let Some(at) = wake_at.filter(|&at| at != timer.deadline()) {
+                timer.as_mut().reset(at);
+            }
             tokio::select! {
-                _ = cell.changed() => {}
+                () = cell.changed() => {}
                 r = self.conn.io(live.m.out().bytes_mut(), can_read, write), if can_read || write => match r {
                     Ok(Some(0)) | Err(_) => {
                         live.m.peer_closed();
@@ -950,7 +969,7 @@ impl Session {
                     Ok(Some(_)) => live.m.on_bytes(Instant::now()),
                     Ok(None) => {}
                 },
-                _ = sleep_until(wake_at.unwrap_or(far)), if wake_at.is_some() => {
+                () = timer.as_mut(), if wake_at.is_some() => {
                     live.m.on_timer(Instant::now());
                     if live.m.ended().is_some() {
                         return false;
