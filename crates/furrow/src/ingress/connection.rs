@@ -307,7 +307,7 @@ impl Connection {
         }
         // No buffer held (an idle connection released it): read into the
         // thread's scratch and keep only what came.
-        let scratch = self.rbuf.capacity() == 0;
+        let scratch = self.rbuf.capacity() == 0 && matches!(self.stream, Transport::Tcp(_));
         if !scratch {
             self.reserve_read();
         }
@@ -317,12 +317,7 @@ impl Connection {
                 read_into_scratch(stream, &mut self.rbuf, self.read_chunk)
             }
             Transport::Tcp(stream) => read_short_clears(stream, &mut self.rbuf, spare),
-            Transport::Quic(q) => {
-                if scratch {
-                    self.rbuf.reserve(self.read_chunk);
-                }
-                q.try_read(&mut self.rbuf)
-            }
+            Transport::Quic(q) => q.try_read(&mut self.rbuf),
         };
         match r {
             Ok(n) => {
