@@ -240,7 +240,8 @@ def main():
         md.append("Server RSS growth while N authenticated connections are held for 4 s, divided "
                   "by N (kernel socket memory not included, the same for all). Furrow parks a "
                   "session quiet for `sessions.park_after_ms` (250 ms; 2 s for a device sending more often than every 2 s): "
-                  "no task, no buffer "
+                  "no task, no buffer, and once the connection burst is over it gives the heap pages the "
+                  "burst's tasks freed back to the system (`sessions.trim_after`) "
                   "(docs/performance.md); the parking-off column is the same build with "
                   "`park_after_ms = 0`.\n")
         md.append("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "

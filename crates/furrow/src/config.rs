@@ -547,6 +547,10 @@ pub struct Sessions {
     /// `park_after_ms`), so that a device sending every second keeps its
     /// task instead of paying a wake-up for each message.
     pub park_chatty_ms: u64,
+    /// Once this many session tasks have ended or parked since the busiest
+    /// moment, the gateway gives the heap pages they freed back to the
+    /// system (glibc's malloc_trim, checked once a second). 0 never does.
+    pub trim_after: usize,
 }
 
 impl Default for Sessions {
@@ -554,6 +558,7 @@ impl Default for Sessions {
         Self {
             park_after_ms: 250,
             park_chatty_ms: 2_000,
+            trim_after: 256,
             takeover_wait_ms: 5_000,
             revocation_poll_ms: 1_000,
             heartbeat_ms: 1_000,

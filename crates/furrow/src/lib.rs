@@ -47,6 +47,7 @@ pub mod firmware;
 pub mod ingress;
 pub mod jobs;
 pub mod live;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod server;

@@ -495,6 +495,11 @@ impl Server {
             ))
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
+        let trim_stop = CancellationToken::new();
+        let trim = tokio::spawn(crate::memory::run(
+            shared.cfg.sessions.trim_after,
+            trim_stop.clone(),
+        ));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         // Fleet jobs: every instance ticks them; the store's locks decide
         // who does each tick.
@@ -636,6 +641,8 @@ impl Server {
             lot.stop();
         }
         revocations.abort();
+        trim_stop.cancel();
+        let _ = trim.await;
         expiry.abort();
         series_task.abort();
         // A tick is one transaction: stopping between ticks loses nothing.

@@ -111,7 +111,9 @@ pub fn spawn_contained<F>(tracker: &TaskTracker, id: u64, fut: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let alive = crate::memory::TaskAlive::new();
     tracker.spawn(AssertUnwindSafe(fut).catch_unwind().map(move |r| {
+        drop(alive);
         if r.is_err() {
             metrics::counter!("furrow_connection_panics_total").increment(1);
             error!(conn = id, "connection task panicked; the server goes on");

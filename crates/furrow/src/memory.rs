@@ -1,0 +1,157 @@
+//! Giving the heap back after a burst of connections.
+//!
+//! A session's task, its readiness state and its buffers (about 2.5 KB)
+//! are freed when it parks or closes, but glibc keeps freed pages that lie
+//! between live objects (the registry entries and parked records allocated
+//! meanwhile): after 10,000 devices connect in two seconds and park, about
+//! 400 bytes per connection stay resident for nothing. `malloc_trim` hands
+//! every whole free page back to the kernel (docs/performance.md, "Memory
+//! per idle connection"). It walks the heap, so it runs only when there
+//! is something to give back: after at least `sessions.trim_after` session
+//! tasks have ended or parked since the busiest moment, checked once a
+//! second. A steady fleet whose tasks come and go at the same rate does
+//! not trigger it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Session tasks alive now, and the most alive since the last trim.
+static ALIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one session task while it lives (connection tasks hold one).
+#[derive(Debug)]
+pub struct TaskAlive(());
+
+impl TaskAlive {
+    /// Counts a task that is starting.
+    pub fn new() -> Self {
+        let now = ALIVE.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Default for TaskAlive {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TaskAlive {
+    fn drop(&mut self) {
+        ALIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether enough tasks have gone since the busiest moment (`peak`) that
+/// their memory is worth giving back (`after` 0: never).
+pub fn worth_trimming(peak: usize, alive: usize, after: usize) -> bool {
+    after > 0 && peak.saturating_sub(alive) >= after
+}
+
+/// Checks once a second until `stop`, trimming when [`worth_trimming`].
+pub async fn run(after: usize, stop: CancellationToken) {
+    if after == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let alive = ALIVE.load(Ordering::Relaxed);
+        if !worth_trimming(PEAK.load(Ordering::Relaxed), alive, after) {
+            continue;
+        }
+        // From here the busiest moment is now: tasks that start and end
+        // later count from this level.
+        PEAK.store(alive, Ordering::Relaxed);
+        // It walks every arena under its lock: off the workers.
+        if let Ok(Some(freed)) = tokio::task::spawn_blocking(trim).await {
+            metrics::counter!("furrow_memory_trims_total").increment(1);
+            metrics::counter!("furrow_memory_trimmed_bytes_total").increment(freed);
+            debug!(freed, "gave freed heap pages back");
+        }
+    }
+}
+
+/// Gives free heap pages back to the kernel; returns the resident bytes
+/// that went (None where the allocator cannot).
+pub fn trim() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let before = resident();
+        // SAFETY: malloc_trim takes no pointer and only returns free pages
+        // of glibc's own heap to the kernel (madvise); it locks each arena
+        // as it goes, so it is safe to call while other threads allocate.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        Some(before.saturating_sub(resident()))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// The process's resident bytes (Linux: /proc/self/statm), 0 if unknown.
+fn resident() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_only_after_enough_tasks_went() {
+        assert!(!worth_trimming(1_000, 900, 256), "100 gone: not yet");
+        assert!(worth_trimming(1_000, 744, 256));
+        assert!(worth_trimming(1_250, 0, 256), "a burst that parked");
+        assert!(
+            !worth_trimming(1_000, 1_200, 256),
+            "more alive than the peak"
+        );
+        assert!(!worth_trimming(10_000, 0, 0), "0 turns it off");
+    }
+
+    #[test]
+    fn tasks_are_counted_while_they_live() {
+        let base = ALIVE.load(Ordering::Relaxed);
+        let tasks: Vec<_> = (0..3).map(|_| TaskAlive::new()).collect();
+        assert!(ALIVE.load(Ordering::Relaxed) >= base + 3);
+        assert!(PEAK.load(Ordering::Relaxed) >= base + 3);
+        drop(tasks);
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn trimming_returns_freed_pages() {
+        // 64 MiB in 16 KiB blocks, every other block kept: the freed half
+        // is whole pages between live blocks, as after a burst.
+        let mut blocks: Vec<Vec<u8>> = (0..4096).map(|_| vec![1u8; 16 * 1024]).collect();
+        let kept: Vec<Vec<u8>> = blocks
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .map(|(_, b)| std::mem::take(b))
+            .collect();
+        drop(blocks);
+        let freed = trim().unwrap_or(0);
+        assert!(
+            freed >= 16 * 1024 * 1024,
+            "only {freed} bytes given back of 32 MiB freed"
+        );
+        drop(kept);
+    }
+}
