@@ -387,7 +387,8 @@ impl Sim {
         self.gw.next_id += 1;
         let cell = Arc::new(AckCell::default());
         let handle = SessionHandle::new(id, Arc::clone(&cell), "127.0.0.1:1".parse().unwrap(), 0);
-        let (_, slot) = self.gw.registry.claim(&dev.id, handle.clone());
+        let device_id: Arc<str> = Arc::from(dev.id.as_str());
+        let (_, slot) = self.gw.registry.claim(&device_id, handle.clone());
         let (stored, rejected) = {
             let s = self.store.state();
             conn.stored_at_welcome = s.stored.get(&dev.key).cloned().unwrap_or_default();
@@ -408,7 +409,7 @@ impl Sim {
         out.queue(&Message::Welcome(welcome));
         let m = Machine::new(
             Identity {
-                device_id: Arc::from(dev.id.as_str()),
+                device_id,
                 key: dev.key,
                 slot,
                 cell,

@@ -65,11 +65,10 @@ struct HandleInner {
     /// The session's one wakeup, shared with the writer's commit reports,
     /// so an idle session waits on a single Notify.
     wake: Arc<AckCell>,
-    // A flag and a Notify rather than a CancellationToken: this lives once
-    // per connected device, and the token's tree node is several times
-    // larger.
+    // A flag rather than a CancellationToken: this lives once per
+    // connected device, and the token's tree node is several times larger.
+    // Waiters wait on FINISHED.
     done: AtomicBool,
-    done_notify: Notify,
     /// For operators (the API's device view).
     /// Changes only when a QUIC device migrates (rare: a lock is fine).
     peer: std::sync::Mutex<std::net::SocketAddr>,
@@ -96,6 +95,12 @@ pub struct LiveInfo {
 
 const NO_KICK: u16 = u16::MAX;
 
+/// Wakes whoever waits for a session to finish (a takeover, rare). One for
+/// all sessions rather than one per handle: a Notify is 32 bytes per
+/// connected device; a waiter woken for another session checks its own
+/// flag and waits again.
+static FINISHED: Notify = Notify::const_new();
+
 impl SessionHandle {
     /// A handle for connection `id` from `peer`, established at
     /// `connected_ms`, waking the session through `wake`.
@@ -106,7 +111,6 @@ impl SessionHandle {
                 kick: AtomicU16::new(NO_KICK),
                 wake,
                 done: AtomicBool::new(false),
-                done_notify: Notify::new(),
                 peer: std::sync::Mutex::new(peer),
                 connected_ms,
                 last_seen_ms: AtomicU64::new(connected_ms),
@@ -204,13 +208,13 @@ impl SessionHandle {
     /// Marks the session finished (called from its drop guard).
     pub fn finish(&self) {
         self.inner.done.store(true, Ordering::Release);
-        self.inner.done_notify.notify_waiters();
+        FINISHED.notify_waiters();
     }
 
     /// Resolves when the session has finished.
     pub async fn finished(&self) {
         loop {
-            let notified = self.inner.done_notify.notified();
+            let notified = FINISHED.notified();
             tokio::pin!(notified);
             // Register before checking the flag, so a finish in between is
             // not missed.
@@ -231,7 +235,8 @@ struct Entry {
 /// Device id to live session.
 #[derive(Default)]
 pub struct Registry {
-    map: Mutex<HashMap<String, Entry>>,
+    /// Keyed by the session's own `Arc<str>` id: no second copy per device.
+    map: Mutex<HashMap<Arc<str>, Entry>>,
 }
 
 impl Registry {
@@ -240,7 +245,7 @@ impl Registry {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
         // Every critical section below is a plain map update that cannot
         // leave the map inconsistent, so a poisoned lock is still sound.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
@@ -251,11 +256,11 @@ impl Registry {
     /// old session, or new).
     pub fn claim(
         &self,
-        device_id: &str,
+        device_id: &Arc<str>,
         session: SessionHandle,
     ) -> (Option<SessionHandle>, Arc<DeviceSlot>) {
         let mut map = self.lock();
-        match map.get_mut(device_id) {
+        match map.get_mut(&**device_id) {
             Some(e) => {
                 let old = std::mem::replace(&mut e.session, session);
                 (Some(old), Arc::clone(&e.slot))
@@ -263,7 +268,7 @@ impl Registry {
             None => {
                 let slot = Arc::new(DeviceSlot::default());
                 map.insert(
-                    device_id.to_owned(),
+                    Arc::clone(device_id),
                     Entry {
                         session,
                         slot: Arc::clone(&slot),
@@ -333,7 +338,7 @@ impl Registry {
     pub fn sessions(&self) -> Vec<(String, SessionHandle)> {
         self.lock()
             .iter()
-            .map(|(id, e)| (id.clone(), e.session.clone()))
+            .map(|(id, e)| (id.to_string(), e.session.clone()))
             .collect()
     }
 
@@ -371,11 +376,12 @@ mod tests {
     async fn takeover_hands_back_old_and_shares_slot() {
         let r = Registry::new();
         let a = SessionHandle::new(1, Default::default(), "127.0.0.1:1".parse().unwrap(), 0);
-        let (old, slot_a) = r.claim("d", a.clone());
+        let d: Arc<str> = Arc::from("d");
+        let (old, slot_a) = r.claim(&d, a.clone());
         assert!(old.is_none());
         slot_a.take(7);
         let (old, slot_b) = r.claim(
-            "d",
+            &d,
             SessionHandle::new(2, Default::default(), "127.0.0.1:1".parse().unwrap(), 0),
         );
         assert_eq!(old.unwrap().id(), 1);

@@ -641,8 +641,8 @@ impl Session {
         // read and closes before this one announces last_seq.
         let cell = Arc::new(AckCell::default());
         let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell), self.peer, now_ms());
-        let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
         let device_id: Arc<str> = Arc::from(device_id);
+        let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
         let guard = DeviceGuard {
             shared: Arc::clone(&self.shared),
             device_id: Arc::clone(&device_id),
