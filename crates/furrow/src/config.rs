@@ -547,9 +547,10 @@ pub struct Sessions {
     /// `park_after_ms`), so that a device sending every second keeps its
     /// task instead of paying a wake-up for each message.
     pub park_chatty_ms: u64,
-    /// Once this many session tasks have ended or parked since the busiest
-    /// moment, the gateway gives the heap pages they freed back to the
-    /// system (glibc's malloc_trim, checked once a second). 0 never does.
+    /// Once this many session tasks, and at least half of them, have ended
+    /// or parked since the busiest moment, the gateway gives the heap pages
+    /// they freed back to the system (glibc's malloc_trim, checked once a
+    /// second). 0 never does.
     pub trim_after: usize,
 }
 

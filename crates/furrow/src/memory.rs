@@ -8,9 +8,9 @@
 //! every whole free page back to the kernel (docs/performance.md, "Memory
 //! per idle connection"). It walks the heap, so it runs only when there
 //! is something to give back: after at least `sessions.trim_after` session
-//! tasks have ended or parked since the busiest moment, checked once a
-//! second. A steady fleet whose tasks come and go at the same rate does
-//! not trigger it.
+//! tasks, and at least half of them, have ended or parked since the
+//! busiest moment, checked once a second. A steady fleet whose tasks come
+//! and go at the same rate does not trigger it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -48,9 +48,12 @@ impl Drop for TaskAlive {
 }
 
 /// Whether enough tasks have gone since the busiest moment (`peak`) that
-/// their memory is worth giving back (`after` 0: never).
+/// their memory is worth giving back: at least `after` (0: never) and at
+/// least half of them. The half keeps a fleet whose active sessions swing
+/// by a few hundred around thousands from trimming every second (each
+/// trim's pages would only be faulted back in).
 pub fn worth_trimming(peak: usize, alive: usize, after: usize) -> bool {
-    after > 0 && peak.saturating_sub(alive) >= after
+    after > 0 && peak.saturating_sub(alive) >= after.max(peak / 2)
 }
 
 /// Checks once a second until `stop`, trimming when [`worth_trimming`].
@@ -66,17 +69,25 @@ pub async fn run(after: usize, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let alive = ALIVE.load(Ordering::Relaxed);
-        if !worth_trimming(PEAK.load(Ordering::Relaxed), alive, after) {
+        let peak = PEAK.load(Ordering::Relaxed);
+        if !worth_trimming(peak, alive, after) {
             continue;
         }
         // From here the busiest moment is now: tasks that start and end
         // later count from this level.
         PEAK.store(alive, Ordering::Relaxed);
         // It walks every arena under its lock: off the workers.
+        let started = std::time::Instant::now();
         if let Ok(Some(freed)) = tokio::task::spawn_blocking(trim).await {
             metrics::counter!("furrow_memory_trims_total").increment(1);
             metrics::counter!("furrow_memory_trimmed_bytes_total").increment(freed);
-            debug!(freed, "gave freed heap pages back");
+            debug!(
+                freed,
+                alive,
+                peak,
+                took_us = started.elapsed().as_micros() as u64,
+                "gave freed heap pages back"
+            );
         }
     }
 }
@@ -116,8 +127,13 @@ mod tests {
     #[test]
     fn trims_only_after_enough_tasks_went() {
         assert!(!worth_trimming(1_000, 900, 256), "100 gone: not yet");
-        assert!(worth_trimming(1_000, 744, 256));
+        assert!(worth_trimming(400, 144, 256));
         assert!(worth_trimming(1_250, 0, 256), "a burst that parked");
+        assert!(worth_trimming(12_000, 6_000, 256), "half went");
+        assert!(
+            !worth_trimming(12_000, 11_000, 256),
+            "a steady fleet's swing"
+        );
         assert!(
             !worth_trimming(1_000, 1_200, 256),
             "more alive than the peak"
