@@ -15,6 +15,9 @@
 //! * shutdown: SIGINT, and every session still open (these and the
 //!   others, parked again) gets GOODBYE SERVER_SHUTDOWN.
 //!
+//! Once they have parked, the memory their tasks freed goes back to the
+//! system (`memory.rs`; checked to fail with `sessions.trim_after` = 0).
+//!
 //! Each wake-up within 1 s (see [`on_time`]): the parked session woke for
 //! it, rather than at its next deadline (600 s away). The latencies are
 //! printed, not asserted (a timed bound on a shared 2-core machine fails
@@ -212,6 +215,17 @@ async fn ten_thousand_parked_sessions_each_wake_for_what_concerns_them() {
     let takeover = fleet.connect(&groups[3], 600).await;
     let shutdown = fleet.connect(&groups[4], 600).await;
     fleet.until_parked(4 * GROUP).await;
+    // The tasks they left freed their memory: it goes back to the system
+    // (memory.rs checks once a second).
+    let started = Instant::now();
+    while fleet.metric("furrow_memory_trimmed_bytes_total").await <= 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no trim after {} sessions parked",
+            4 * GROUP
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Frame: TELEMETRY 1 -> ACK 1.
     let frame = spread(frame, SPREAD, |_, mut d, _| async move {
