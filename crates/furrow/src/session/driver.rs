@@ -19,7 +19,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::handshake::{self, Certificate};
 use super::machine::{self, Drain, Effect, End, Fatal, Identity, Limits, Machine};
 use super::outbox::Outbox;
-use super::park::{Lot, Unpark, Wake};
+use super::park::{Lot, Parked, Unpark, Wake};
 use super::{CloseReason, Shared};
 use crate::clock::now_ms;
 use crate::cluster::Claim;
@@ -1173,6 +1173,16 @@ pub struct ParkedSession {
     token: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
+impl Parked for ParkedSession {
+    fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    fn deadline(&self) -> std::time::Instant {
+        self.m.deadline().into_std()
+    }
+}
+
 /// Starts the parking lot; woken sessions resume as tasks on `tracker`.
 /// Call from within the runtime.
 pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<ParkLot>> {
@@ -1278,7 +1288,6 @@ impl Session {
             }
         };
         let m = m.park(Instant::now());
-        let deadline = m.deadline().into_std();
         let id = self.conn_id;
         let parked = ParkedSession {
             conn,
@@ -1298,7 +1307,7 @@ impl Session {
                 id,
             }))
         };
-        match lot.park(id, stream, deadline, parked, parked_at) {
+        match lot.park(stream, parked, parked_at) {
             Ok(()) => {
                 // A wake-up between the last look and now found no lot:
                 // look once more.
