@@ -117,7 +117,7 @@ fn resident() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
 }
 
 #[cfg(test)]
