@@ -56,8 +56,14 @@ pub fn worth_trimming(peak: usize, alive: usize, after: usize) -> bool {
     after > 0 && peak.saturating_sub(alive) >= after.max(peak / 2)
 }
 
-/// Checks once a second until `stop`, trimming when [`worth_trimming`].
-pub async fn run(after: usize, stop: CancellationToken) {
+/// Checks once a second until `stop`, trimming when [`worth_trimming`];
+/// `release` runs first (the store's page caches, which the burst's
+/// device lookups filled), so that the pages it frees go back as well.
+pub async fn run<F, Fut>(after: usize, stop: CancellationToken, release: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     if after == 0 {
         return;
     }
@@ -76,6 +82,7 @@ pub async fn run(after: usize, stop: CancellationToken) {
         // From here the busiest moment is now: tasks that start and end
         // later count from this level.
         PEAK.store(alive, Ordering::Relaxed);
+        release().await;
         // It walks every arena under its lock: off the workers.
         let started = std::time::Instant::now();
         if let Ok(Some(freed)) = tokio::task::spawn_blocking(trim).await {

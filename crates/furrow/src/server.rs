@@ -496,9 +496,18 @@ impl Server {
         });
         let revocations = tokio::spawn(watch_revocations(Arc::clone(&shared)));
         let trim_stop = CancellationToken::new();
+        let caches = Arc::clone(&store);
         let trim = tokio::spawn(crate::memory::run(
             shared.cfg.sessions.trim_after,
             trim_stop.clone(),
+            move || {
+                let store = Arc::clone(&caches);
+                async move {
+                    if let Err(e) = store.release_memory().await {
+                        tracing::debug!(error = %e, "the store kept its caches");
+                    }
+                }
+            },
         ));
         let expiry = tokio::spawn(expire_commands(Arc::clone(&shared)));
         // Fleet jobs: every instance ticks them; the store's locks decide

@@ -991,6 +991,13 @@ pub trait Store:
 {
     /// A cheap query proving the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Gives back memory held only to go faster (page caches), called when
+    /// a burst is over and the gateway trims its heap (`memory.rs`). A
+    /// backend without such caches in the gateway's process does nothing.
+    async fn release_memory(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The store's traits, for `use crate::store::prelude::*` where a `dyn
