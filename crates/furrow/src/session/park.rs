@@ -79,11 +79,68 @@ struct Entry<S> {
     session: S,
 }
 
+/// Slab keys the deadline index can hold (16.7 million parked sessions
+/// in one process); past it a session stays in its task.
+const MAX_KEYS: usize = 1 << KEY_BITS;
+const KEY_BITS: u32 = 24;
+/// Milliseconds since the lot started: 40 bits, 34 years.
+const MAX_MS: u64 = (1 << (64 - KEY_BITS)) - 1;
+
+/// The parked sessions' deadlines in order, each packed in a `u64`:
+/// milliseconds since the lot started (rounded up, so nobody is woken
+/// early) above the slab key. An `(Instant, usize)` pair is 24 bytes and
+/// the B-tree's nodes are about half full as deadlines arrive in order:
+/// 40 bytes per parked device against 15 packed.
+struct Deadlines {
+    epoch: Instant,
+    set: BTreeSet<u64>,
+}
+
+impl Deadlines {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            set: BTreeSet::new(),
+        }
+    }
+
+    fn pack(&self, at: Instant, key: usize) -> u64 {
+        let since = at.saturating_duration_since(self.epoch);
+        let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
+        (ms.min(u128::from(MAX_MS)) as u64) << KEY_BITS | key as u64
+    }
+
+    /// Adds `key` due `at` (`key` below [`MAX_KEYS`]); true if it is now
+    /// the first due.
+    fn insert(&mut self, at: Instant, key: usize) -> bool {
+        let packed = self.pack(at, key);
+        self.set.insert(packed);
+        self.set.first() == Some(&packed)
+    }
+
+    fn remove(&mut self, at: Instant, key: usize) {
+        let packed = self.pack(at, key);
+        self.set.remove(&packed);
+    }
+
+    /// The first due: when, and its key.
+    fn first(&self) -> Option<(Instant, usize)> {
+        self.set.first().map(|&p| {
+            let at = self.epoch + Duration::from_millis(p >> KEY_BITS);
+            (at, (p & (MAX_KEYS as u64 - 1)) as usize)
+        })
+    }
+
+    fn pop_first(&mut self) {
+        self.set.pop_first();
+    }
+}
+
 struct State<S> {
     /// Boxed: a slab doubles its capacity as it grows, so inline records
     /// would leave up to half their bytes unused; a box leaves a pointer.
     slab: Slab<Box<Entry<S>>>,
-    deadlines: BTreeSet<(Instant, usize)>,
+    deadlines: Deadlines,
     called: Vec<(usize, u64)>,
     stopping: bool,
 }
@@ -109,7 +166,7 @@ impl<S: Parked> Lot<S> {
             waker,
             state: Mutex::new(State {
                 slab: Slab::new(),
-                deadlines: BTreeSet::new(),
+                deadlines: Deadlines::new(),
                 called: Vec::new(),
                 stopping: false,
             }),
@@ -145,6 +202,9 @@ impl<S: Parked> Lot<S> {
         }
         let entry = st.slab.vacant_entry();
         let key = entry.key();
+        if key >= MAX_KEYS {
+            return Err((stream, session));
+        }
         if let Err(e) = self
             .registry
             .register(&mut stream, Token(key + 1), Interest::READABLE)
@@ -153,8 +213,7 @@ impl<S: Parked> Lot<S> {
             return Err((stream, session));
         }
         entry.insert(Box::new(Entry { stream, session }));
-        st.deadlines.insert((deadline, key));
-        let first = st.deadlines.first().is_some_and(|d| d.1 == key);
+        let first = st.deadlines.insert(deadline, key);
         parked(key);
         drop(st);
         metrics::gauge!("furrow_sessions_parked").increment(1.0);
@@ -192,7 +251,7 @@ impl<S: Parked> Lot<S> {
             return None;
         }
         let mut e = st.slab.remove(key);
-        st.deadlines.remove(&(e.session.deadline(), key));
+        st.deadlines.remove(e.session.deadline(), key);
         let _ = self.registry.deregister(&mut e.stream);
         Some(*e)
     }
@@ -236,7 +295,7 @@ impl<S: Parked> Lot<S> {
                     }
                 }
                 let now = Instant::now();
-                while let Some(&(d, key)) = st.deadlines.first() {
+                while let Some((d, key)) = st.deadlines.first() {
                     if d > now {
                         break;
                     }
@@ -314,6 +373,36 @@ mod tests {
     }
 
     const LATER: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn deadlines_keep_order_round_up_and_remove_exactly() {
+        let mut d = Deadlines::new();
+        let t = d.epoch + Duration::from_millis(10);
+        assert!(d.insert(t + Duration::from_micros(1), 7));
+        assert!(!d.insert(t + Duration::from_secs(90), 3));
+        assert!(d.insert(t, MAX_KEYS - 1), "earlier: now the first");
+        assert_eq!(d.first(), Some((t, MAX_KEYS - 1)));
+        d.pop_first();
+        // 10.001 ms is due at 11 ms: a millisecond late, never early.
+        assert_eq!(d.first(), Some((t + Duration::from_millis(1), 7)));
+        d.remove(t + Duration::from_micros(1), 7);
+        assert_eq!(d.first(), Some((t + Duration::from_secs(90), 3)));
+        d.remove(t + Duration::from_secs(90), 3);
+        assert_eq!(d.first(), None);
+        // Before the lot started, and past 34 years: clamped, still found.
+        let long = d.epoch + Duration::from_secs(40 * 366 * 86_400);
+        d.insert(long, 1);
+        d.insert(
+            d.epoch
+                .checked_sub(Duration::from_millis(5))
+                .unwrap_or(d.epoch),
+            2,
+        );
+        assert_eq!(d.first().map(|f| f.1), Some(2));
+        d.remove(long, 1);
+        d.pop_first();
+        assert!(d.set.is_empty());
+    }
 
     #[test]
     fn readiness_deadline_call_and_stop_each_wake_once() {
