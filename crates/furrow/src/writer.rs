@@ -32,12 +32,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::devices::registry::HandleState;
 use crate::publish::Events;
 use crate::store::prelude::*;
 use crate::store::{Batch, DeviceKey, ReportRecord, TelemetryRecord};
 
 /// Where the writer reports a session's progress; also the session's one
-/// wakeup for other events (see [`crate::devices::registry::SessionHandle::kick`]).
+/// wakeup for other events (see [`crate::devices::registry::SessionHandle::kick`]),
+/// and what the registry knows of it: one allocation per connected device.
 #[derive(Default)]
 pub struct AckCell {
     committed: AtomicU64,
@@ -47,6 +49,8 @@ pub struct AckCell {
     /// Where the session waits while parked (see `session::park`), and
     /// the rare news a commit brings besides its ticket.
     slow: std::sync::Mutex<Slow>,
+    /// The registry's view of the session (`SessionHandle` points here).
+    session: HandleState,
 }
 
 /// The parts of an [`AckCell`] behind its lock.
@@ -89,6 +93,19 @@ pub struct Parking {
 }
 
 impl AckCell {
+    /// A cell for the session that `session` describes.
+    pub fn with_session(session: HandleState) -> Self {
+        Self {
+            session,
+            ..Default::default()
+        }
+    }
+
+    /// The registry's view of the session.
+    pub fn session(&self) -> &HandleState {
+        &self.session
+    }
+
     /// Highest committed ticket of this session.
     pub fn committed(&self) -> u64 {
         self.committed.load(Ordering::Acquire)

@@ -52,7 +52,7 @@ use furrow::store::{
     Appended, Batch, DeviceAuth, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry,
     TelemetryRange, TelemetryStore,
 };
-use furrow::writer::{self, AckCell, WriterConfig, WriterTx};
+use furrow::writer::{self, WriterConfig, WriterTx};
 use furrow_proto::{FrameDecoder, Goodbye, GoodbyeCode, Message, Str, Telemetry};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
@@ -385,10 +385,15 @@ impl Sim {
         let _ = dec.decode(&mut conn.inbound);
         let id = self.gw.next_id;
         self.gw.next_id += 1;
-        let cell = Arc::new(AckCell::default());
-        let handle = SessionHandle::new(id, Arc::clone(&cell), "127.0.0.1:1".parse().unwrap(), 0);
         let device_id: Arc<str> = Arc::from(dev.id.as_str());
-        let (_, slot) = self.gw.registry.claim(&device_id, handle.clone());
+        let handle = SessionHandle::new(
+            id,
+            Arc::clone(&device_id),
+            "127.0.0.1:1".parse().unwrap(),
+            0,
+        );
+        let cell = Arc::clone(handle.cell());
+        let (_, slot) = self.gw.registry.claim(handle.clone());
         let (stored, rejected) = {
             let s = self.store.state();
             conn.stored_at_welcome = s.stored.get(&dev.key).cloned().unwrap_or_default();

@@ -10,11 +10,12 @@
 //! Later layers route commands and revocations through [`Registry::kick`]
 //! and the handles found here.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use furrow_proto::GoodbyeCode;
+use hashbrown::hash_table::{self, HashTable};
 use tokio::sync::Notify;
 
 use crate::writer::AckCell;
@@ -52,34 +53,64 @@ impl DeviceSlot {
     }
 }
 
-/// How a registry asks a session to end. Cheap to clone.
+/// How a registry asks a session to end. Cheap to clone: a pointer to the
+/// session's [`AckCell`], which holds the [`HandleState`] too, so that a
+/// connected device costs one allocation for both.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    id: u64,
-    inner: Arc<HandleInner>,
+    inner: Arc<AckCell>,
 }
 
+/// What the registry and the gateway know of a live session, kept in its
+/// [`AckCell`] (see [`SessionHandle`]).
 #[derive(Debug)]
-struct HandleInner {
+pub struct HandleState {
+    /// The device's id (also the registry's key).
+    device: Arc<str>,
+    /// The connection id.
+    id: u64,
     kick: AtomicU16,
-    /// The session's one wakeup, shared with the writer's commit reports,
-    /// so an idle session waits on a single Notify.
-    wake: Arc<AckCell>,
     // A flag rather than a CancellationToken: this lives once per
     // connected device, and the token's tree node is several times larger.
     // Waiters wait on FINISHED.
     done: AtomicBool,
+    /// Set when the device may have commands to (re)send; the session
+    /// looks them up in the store.
+    commands: AtomicBool,
     /// For operators (the API's device view).
     /// Changes only when a QUIC device migrates (rare: a lock is fine).
     peer: std::sync::Mutex<std::net::SocketAddr>,
     connected_ms: u64,
     last_seen_ms: AtomicU64,
-    /// Set when the device may have commands to (re)send; the session
-    /// looks them up in the store.
-    commands: AtomicBool,
     /// The session's cluster-wide generation (see `cluster`), 0 until the
     /// claim is recorded: a takeover elsewhere kicks only older sessions.
     generation: AtomicU64,
+}
+
+impl HandleState {
+    fn new(id: u64, device: Arc<str>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
+        Self {
+            device,
+            id,
+            kick: AtomicU16::new(NO_KICK),
+            done: AtomicBool::new(false),
+            // A new session first looks for open commands (delivery
+            // after a reconnect).
+            commands: AtomicBool::new(true),
+            peer: std::sync::Mutex::new(peer),
+            connected_ms,
+            last_seen_ms: AtomicU64::new(connected_ms),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for HandleState {
+    /// A session of no device (writer tests that only need commit
+    /// reports).
+    fn default() -> Self {
+        Self::new(0, Arc::from(""), ([0, 0, 0, 0], 0).into(), 0)
+    }
 }
 
 /// What the registry knows of a live session, for operators.
@@ -102,96 +133,94 @@ const NO_KICK: u16 = u16::MAX;
 static FINISHED: Notify = Notify::const_new();
 
 impl SessionHandle {
-    /// A handle for connection `id` from `peer`, established at
-    /// `connected_ms`, waking the session through `wake`.
-    pub fn new(id: u64, wake: Arc<AckCell>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
+    /// A handle for connection `id` of `device` from `peer`, established
+    /// at `connected_ms`, with a fresh [`AckCell`].
+    pub fn new(id: u64, device: Arc<str>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
+        let state = HandleState::new(id, device, peer, connected_ms);
         Self {
-            id,
-            inner: Arc::new(HandleInner {
-                kick: AtomicU16::new(NO_KICK),
-                wake,
-                done: AtomicBool::new(false),
-                peer: std::sync::Mutex::new(peer),
-                connected_ms,
-                last_seen_ms: AtomicU64::new(connected_ms),
-                // A new session first looks for open commands (delivery
-                // after a reconnect).
-                commands: AtomicBool::new(true),
-                generation: AtomicU64::new(0),
-            }),
+            inner: Arc::new(AckCell::with_session(state)),
         }
+    }
+
+    fn st(&self) -> &HandleState {
+        self.inner.session()
     }
 
     /// The session's wake-up (and commit reports).
     pub fn cell(&self) -> &Arc<AckCell> {
-        &self.inner.wake
+        &self.inner
+    }
+
+    /// The device's id.
+    pub fn device(&self) -> &Arc<str> {
+        &self.st().device
     }
 
     /// Tells the session it has commands to send.
     pub fn notify_commands(&self) {
-        self.inner.commands.store(true, Ordering::Release);
-        self.inner.wake.wake();
+        self.st().commands.store(true, Ordering::Release);
+        self.inner.wake();
     }
 
     /// Whether commands are announced and not yet taken.
     pub fn commands_pending(&self) -> bool {
-        self.inner.commands.load(Ordering::Acquire)
+        self.st().commands.load(Ordering::Acquire)
     }
 
     /// Whether commands were announced since the last call.
     pub fn take_commands(&self) -> bool {
-        self.inner.commands.swap(false, Ordering::AcqRel)
+        self.st().commands.swap(false, Ordering::AcqRel)
     }
 
     /// Records the cluster-wide generation of this session's claim.
     pub fn set_generation(&self, generation: u64) {
-        self.inner.generation.store(generation, Ordering::Release);
+        self.st().generation.store(generation, Ordering::Release);
     }
 
     /// The cluster-wide generation, 0 if not recorded (single instance, or
     /// not yet).
     pub fn generation(&self) -> u64 {
-        self.inner.generation.load(Ordering::Acquire)
+        self.st().generation.load(Ordering::Acquire)
     }
 
     /// Records that the device sent something at `ms`.
     pub fn seen(&self, ms: u64) {
-        self.inner.last_seen_ms.store(ms, Ordering::Relaxed);
+        self.st().last_seen_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The session as operators see it.
     pub fn info(&self) -> LiveInfo {
         LiveInfo {
-            peer: *self.inner.peer.lock().unwrap_or_else(|p| p.into_inner()),
-            connected_ms: self.inner.connected_ms,
-            last_seen_ms: self.inner.last_seen_ms.load(Ordering::Relaxed),
+            peer: *self.st().peer.lock().unwrap_or_else(|p| p.into_inner()),
+            connected_ms: self.st().connected_ms,
+            last_seen_ms: self.st().last_seen_ms.load(Ordering::Relaxed),
         }
     }
 
     /// Records the device's new address (a QUIC connection migrated).
     pub fn set_peer(&self, peer: std::net::SocketAddr) {
-        *self.inner.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
+        *self.st().peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
     }
 
     /// The connection id.
     pub fn id(&self) -> u64 {
-        self.id
+        self.st().id
     }
 
     /// Asks the session to say GOODBYE `code` and close. The first kick wins.
     pub fn kick(&self, code: GoodbyeCode) {
-        let _ = self.inner.kick.compare_exchange(
+        let _ = self.st().kick.compare_exchange(
             NO_KICK,
             code as u16,
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        self.inner.wake.wake();
+        self.inner.wake();
     }
 
     /// The kick received, if any.
     pub fn kicked(&self) -> Option<GoodbyeCode> {
-        GoodbyeCode::from_u16(self.inner.kick.load(Ordering::Acquire))
+        GoodbyeCode::from_u16(self.st().kick.load(Ordering::Acquire))
     }
 
     /// Resolves when a kick arrives (cancel-safe; a kick before the call
@@ -201,13 +230,13 @@ impl SessionHandle {
             if let Some(code) = self.kicked() {
                 return code;
             }
-            self.inner.wake.changed().await;
+            self.inner.changed().await;
         }
     }
 
     /// Marks the session finished (called from its drop guard).
     pub fn finish(&self) {
-        self.inner.done.store(true, Ordering::Release);
+        self.st().done.store(true, Ordering::Release);
         FINISHED.notify_waiters();
     }
 
@@ -219,7 +248,7 @@ impl SessionHandle {
             // Register before checking the flag, so a finish in between is
             // not missed.
             notified.as_mut().enable();
-            if self.inner.done.load(Ordering::Acquire) {
+            if self.st().done.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -235,8 +264,11 @@ struct Entry {
 /// Device id to live session.
 #[derive(Default)]
 pub struct Registry {
-    /// Keyed by the session's own `Arc<str>` id: no second copy per device.
-    map: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Hashed by the device id the session holds: 16 bytes per device in
+    /// the table, where a map keyed by the id (`Arc<str>`, 16 more) would
+    /// hold a second pointer to it.
+    map: Mutex<HashTable<Entry>>,
+    hasher: RandomState,
 }
 
 impl Registry {
@@ -245,35 +277,44 @@ impl Registry {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashTable<Entry>> {
         // Every critical section below is a plain map update that cannot
         // leave the map inconsistent, so a poisoned lock is still sound.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `session` the device's live session. Returns the session it
+    fn hash(&self, device_id: &str) -> u64 {
+        self.hasher.hash_one(device_id)
+    }
+
+    fn get(&self, device_id: &str) -> Option<SessionHandle> {
+        self.lock()
+            .find(self.hash(device_id), |e| &**e.session.device() == device_id)
+            .map(|e| e.session.clone())
+    }
+
+    /// Makes `session` its device's live session. Returns the session it
     /// replaces (to be kicked) and the device's slot (inherited from the
     /// old session, or new).
-    pub fn claim(
-        &self,
-        device_id: &Arc<str>,
-        session: SessionHandle,
-    ) -> (Option<SessionHandle>, Arc<DeviceSlot>) {
+    pub fn claim(&self, session: SessionHandle) -> (Option<SessionHandle>, Arc<DeviceSlot>) {
+        let hash = self.hash(session.device());
         let mut map = self.lock();
-        match map.get_mut(&**device_id) {
-            Some(e) => {
+        match map.entry(
+            hash,
+            |e| e.session.device() == session.device(),
+            |e| self.hash(e.session.device()),
+        ) {
+            hash_table::Entry::Occupied(mut e) => {
+                let e = e.get_mut();
                 let old = std::mem::replace(&mut e.session, session);
                 (Some(old), Arc::clone(&e.slot))
             }
-            None => {
+            hash_table::Entry::Vacant(v) => {
                 let slot = Arc::new(DeviceSlot::default());
-                map.insert(
-                    Arc::clone(device_id),
-                    Entry {
-                        session,
-                        slot: Arc::clone(&slot),
-                    },
-                );
+                v.insert(Entry {
+                    session,
+                    slot: Arc::clone(&slot),
+                });
                 (None, slot)
             }
         }
@@ -282,21 +323,20 @@ impl Registry {
     /// Removes the device's entry if `session_id` still holds it; returns
     /// whether it did (false: a newer session took the device over).
     pub fn release(&self, device_id: &str, session_id: u64) -> bool {
+        let hash = self.hash(device_id);
         let mut map = self.lock();
-        if map
-            .get(device_id)
-            .is_some_and(|e| e.session.id == session_id)
-        {
-            map.remove(device_id);
-            return true;
+        match map.find_entry(hash, |e| &**e.session.device() == device_id) {
+            Ok(e) if e.get().session.id() == session_id => {
+                e.remove();
+                true
+            }
+            _ => false,
         }
-        false
     }
 
     /// Kicks the device's live session, if any. Returns whether one was found.
     pub fn kick(&self, device_id: &str, code: GoodbyeCode) -> bool {
-        let handle = self.lock().get(device_id).map(|e| e.session.clone());
-        match handle {
+        match self.get(device_id) {
             Some(h) => {
                 h.kick(code);
                 true
@@ -307,7 +347,7 @@ impl Registry {
 
     /// Kicks every live session.
     pub fn kick_all(&self, code: GoodbyeCode) {
-        let handles: Vec<_> = self.lock().values().map(|e| e.session.clone()).collect();
+        let handles: Vec<_> = self.lock().iter().map(|e| e.session.clone()).collect();
         for h in handles {
             h.kick(code);
         }
@@ -325,12 +365,12 @@ impl Registry {
 
     /// Whether a device is online.
     pub fn is_online(&self, device_id: &str) -> bool {
-        self.lock().contains_key(device_id)
+        self.get(device_id).is_some()
     }
 
     /// The device's live session, if any.
     pub fn handle(&self, device_id: &str) -> Option<SessionHandle> {
-        self.lock().get(device_id).map(|e| e.session.clone())
+        self.get(device_id)
     }
 
     /// Every online device with its session (for the cluster's
@@ -338,20 +378,19 @@ impl Registry {
     pub fn sessions(&self) -> Vec<(String, SessionHandle)> {
         self.lock()
             .iter()
-            .map(|(id, e)| (id.to_string(), e.session.clone()))
+            .map(|e| (e.session.device().to_string(), e.session.clone()))
             .collect()
     }
 
     /// Tells the device's live session, if any, to send its open commands.
     /// Returns whether the device is online here.
     pub fn notify_commands(&self, device_id: &str) -> bool {
-        let handle = self.lock().get(device_id).map(|e| e.session.clone());
-        handle.map(|h| h.notify_commands()).is_some()
+        self.get(device_id).map(|h| h.notify_commands()).is_some()
     }
 
     /// The device's live session, if it is online here.
     pub fn info(&self, device_id: &str) -> Option<LiveInfo> {
-        self.lock().get(device_id).map(|e| e.session.info())
+        self.get(device_id).map(|h| h.info())
     }
 }
 
@@ -375,15 +414,17 @@ mod tests {
     #[tokio::test]
     async fn takeover_hands_back_old_and_shares_slot() {
         let r = Registry::new();
-        let a = SessionHandle::new(1, Default::default(), "127.0.0.1:1".parse().unwrap(), 0);
         let d: Arc<str> = Arc::from("d");
-        let (old, slot_a) = r.claim(&d, a.clone());
+        let a = SessionHandle::new(1, Arc::clone(&d), "127.0.0.1:1".parse().unwrap(), 0);
+        let (old, slot_a) = r.claim(a.clone());
         assert!(old.is_none());
         slot_a.take(7);
-        let (old, slot_b) = r.claim(
-            &d,
-            SessionHandle::new(2, Default::default(), "127.0.0.1:1".parse().unwrap(), 0),
-        );
+        let (old, slot_b) = r.claim(SessionHandle::new(
+            2,
+            Arc::from("d"),
+            "127.0.0.1:1".parse().unwrap(),
+            0,
+        ));
         assert_eq!(old.unwrap().id(), 1);
         assert!(!slot_b.take(7), "the new session inherits the watermark");
         // The old session's release does not remove the new one.
@@ -395,7 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn kick_first_wins_and_is_not_lost() {
-        let h = SessionHandle::new(1, Default::default(), "127.0.0.1:1".parse().unwrap(), 0);
+        let h = SessionHandle::new(1, Arc::from("d"), "127.0.0.1:1".parse().unwrap(), 0);
         h.kick(GoodbyeCode::SessionTakenOver);
         h.kick(GoodbyeCode::DeviceRevoked);
         assert_eq!(h.wait_kick().await, GoodbyeCode::SessionTakenOver);

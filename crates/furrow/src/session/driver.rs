@@ -72,8 +72,8 @@ impl Live {
 /// one place, active or parked.
 struct DeviceGuard {
     shared: Arc<Shared>,
-    device_id: Arc<str>,
     key: crate::store::DeviceKey,
+    /// Also the device's id.
     handle: SessionHandle,
 }
 
@@ -81,12 +81,11 @@ impl Drop for DeviceGuard {
     fn drop(&mut self) {
         let shared = &self.shared;
         // Offline only if no newer session of the device took over.
-        if shared.registry.release(&self.device_id, self.handle.id()) {
-            shared.events.status(&self.device_id, false);
+        let device_id = self.handle.device();
+        if shared.registry.release(device_id, self.handle.id()) {
+            shared.events.status(device_id, false);
         }
-        shared
-            .cluster
-            .release(self.key, &self.device_id, &self.handle);
+        shared.cluster.release(self.key, device_id, &self.handle);
         self.handle.finish();
     }
 }
@@ -639,13 +638,12 @@ impl Session {
         }
         // Takeover: the newest connection wins. The older one stores what it
         // read and closes before this one announces last_seq.
-        let cell = Arc::new(AckCell::default());
-        let handle = SessionHandle::new(self.conn_id, Arc::clone(&cell), self.peer, now_ms());
         let device_id: Arc<str> = Arc::from(device_id);
-        let (old, slot) = self.shared.registry.claim(&device_id, handle.clone());
+        let handle = SessionHandle::new(self.conn_id, Arc::clone(&device_id), self.peer, now_ms());
+        let cell = Arc::clone(handle.cell());
+        let (old, slot) = self.shared.registry.claim(handle.clone());
         let guard = DeviceGuard {
             shared: Arc::clone(&self.shared),
-            device_id: Arc::clone(&device_id),
             key: found.key,
             handle: handle.clone(),
         };
@@ -1234,7 +1232,7 @@ fn resume(
     let now = Instant::now();
     let mut m = Machine::unpark(
         m,
-        Arc::clone(&guard.device_id),
+        Arc::clone(guard.handle.device()),
         guard.key,
         Arc::clone(&cell),
         session_limits(cfg),
@@ -1247,8 +1245,7 @@ fn resume(
     let info = guard.handle.info();
     // The connection's age, for its close line, from the wall clock.
     let age = Duration::from_millis(now_ms().saturating_sub(info.connected_ms));
-    let span =
-        tracing::debug_span!("conn", id = conn_id, peer = %info.peer, device = %guard.device_id);
+    let span = tracing::debug_span!("conn", id = conn_id, peer = %info.peer, device = %guard.handle.device());
     let live = Box::new(Live { m, guard });
     let session = Session {
         conn: Connection::from_parts(stream, conn),
@@ -1392,6 +1389,6 @@ mod parked_size {
     #[test]
     fn a_parked_session_stays_small() {
         let size = std::mem::size_of::<super::ParkedSession>();
-        assert!(size <= 192, "a parked session grew to {size} bytes");
+        assert!(size <= 168, "a parked session grew to {size} bytes");
     }
 }

@@ -106,7 +106,7 @@ impl Deadlines {
 
     fn pack(&self, at: Instant, key: usize) -> u64 {
         let since = at.saturating_duration_since(self.epoch);
-        let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
+        let ms = since.as_millis() + u128::from(!since.subsec_nanos().is_multiple_of(1_000_000));
         (ms.min(u128::from(MAX_MS)) as u64) << KEY_BITS | key as u64
     }
 
