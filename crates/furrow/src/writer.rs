@@ -54,13 +54,25 @@ pub struct AckCell {
 }
 
 /// The parts of an [`AckCell`] behind its lock.
-#[derive(Default)]
 struct Slow {
     parked: Option<Parking>,
+    /// The device's address, for operators. Changes only when a QUIC
+    /// device migrates, so it shares the lock (no mutex of its own).
+    peer: std::net::SocketAddr,
     /// Reports a commit refused, `(seq, code, reason)`: REJECTed by the
     /// session before the ACK that covers them. A boxed slice (8 bytes in
     /// every connection's cell): almost always none.
     refused: Option<Box<[Refusal]>>,
+}
+
+impl Default for Slow {
+    fn default() -> Self {
+        Self {
+            parked: None,
+            peer: ([0, 0, 0, 0], 0).into(),
+            refused: None,
+        }
+    }
 }
 
 /// A REPORT a commit refused, for the session's REJECT.
@@ -88,17 +100,28 @@ pub struct Parking {
     pub lot: Arc<dyn crate::session::park::Unpark>,
     /// The session's key there.
     pub key: usize,
-    /// Its connection id.
-    pub id: u64,
 }
 
 impl AckCell {
-    /// A cell for the session that `session` describes.
-    pub fn with_session(session: HandleState) -> Self {
-        Self {
+    /// A cell for the session that `session` describes, of a device at
+    /// `peer`.
+    pub fn with_session(session: HandleState, peer: std::net::SocketAddr) -> Self {
+        let cell = Self {
             session,
             ..Default::default()
-        }
+        };
+        cell.lock_slow().peer = peer;
+        cell
+    }
+
+    /// The device's address.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.lock_slow().peer
+    }
+
+    /// Records the device's new address (a QUIC connection migrated).
+    pub fn set_peer(&self, peer: std::net::SocketAddr) {
+        self.lock_slow().peer = peer;
     }
 
     /// The registry's view of the session.
@@ -123,7 +146,7 @@ impl AckCell {
         self.notify.notify_one();
         let parked = self.lock_slow().parked.take();
         if let Some(p) = parked {
-            p.lot.unpark(p.key, p.id);
+            p.lot.unpark(p.key, self.session.id());
         }
     }
 

@@ -77,9 +77,6 @@ pub struct HandleState {
     /// Set when the device may have commands to (re)send; the session
     /// looks them up in the store.
     commands: AtomicBool,
-    /// For operators (the API's device view).
-    /// Changes only when a QUIC device migrates (rare: a lock is fine).
-    peer: std::sync::Mutex<std::net::SocketAddr>,
     connected_ms: u64,
     last_seen_ms: AtomicU64,
     /// The session's cluster-wide generation (see `cluster`), 0 until the
@@ -88,7 +85,12 @@ pub struct HandleState {
 }
 
 impl HandleState {
-    fn new(id: u64, device: Arc<str>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
+    /// The connection id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn new(id: u64, device: Arc<str>, connected_ms: u64) -> Self {
         Self {
             device,
             id,
@@ -97,7 +99,6 @@ impl HandleState {
             // A new session first looks for open commands (delivery
             // after a reconnect).
             commands: AtomicBool::new(true),
-            peer: std::sync::Mutex::new(peer),
             connected_ms,
             last_seen_ms: AtomicU64::new(connected_ms),
             generation: AtomicU64::new(0),
@@ -109,7 +110,7 @@ impl Default for HandleState {
     /// A session of no device (writer tests that only need commit
     /// reports).
     fn default() -> Self {
-        Self::new(0, Arc::from(""), ([0, 0, 0, 0], 0).into(), 0)
+        Self::new(0, Arc::from(""), 0)
     }
 }
 
@@ -136,9 +137,9 @@ impl SessionHandle {
     /// A handle for connection `id` of `device` from `peer`, established
     /// at `connected_ms`, with a fresh [`AckCell`].
     pub fn new(id: u64, device: Arc<str>, peer: std::net::SocketAddr, connected_ms: u64) -> Self {
-        let state = HandleState::new(id, device, peer, connected_ms);
+        let state = HandleState::new(id, device, connected_ms);
         Self {
-            inner: Arc::new(AckCell::with_session(state)),
+            inner: Arc::new(AckCell::with_session(state, peer)),
         }
     }
 
@@ -191,7 +192,7 @@ impl SessionHandle {
     /// The session as operators see it.
     pub fn info(&self) -> LiveInfo {
         LiveInfo {
-            peer: *self.st().peer.lock().unwrap_or_else(|p| p.into_inner()),
+            peer: self.inner.peer(),
             connected_ms: self.st().connected_ms,
             last_seen_ms: self.st().last_seen_ms.load(Ordering::Relaxed),
         }
@@ -199,7 +200,7 @@ impl SessionHandle {
 
     /// Records the device's new address (a QUIC connection migrated).
     pub fn set_peer(&self, peer: std::net::SocketAddr) {
-        *self.st().peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
+        self.inner.set_peer(peer);
     }
 
     /// The connection id.

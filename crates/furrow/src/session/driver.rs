@@ -1159,10 +1159,9 @@ pub type ParkLot = Lot<ParkedSession>;
 
 /// A parked session, held (boxed) in the lot beside its socket: no task, no
 /// future, no buffer, and no field that another one already holds (the
-/// peer and connection time are in the registry's handle).
+/// peer, connection time and connection id are in the registry's handle).
 pub struct ParkedSession {
     conn: connection::Parts,
-    conn_id: u64,
     permit: Option<ConnPermit>,
     gauge: OpenGauge,
     m: machine::Parked,
@@ -1173,7 +1172,7 @@ pub struct ParkedSession {
 
 impl Parked for ParkedSession {
     fn conn_id(&self) -> u64 {
-        self.conn_id
+        self.guard.handle.id()
     }
 
     fn deadline(&self) -> std::time::Instant {
@@ -1187,7 +1186,7 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
     let runtime = tokio::runtime::Handle::current();
     Lot::start(Box::new(move |stream, parked: ParkedSession, why| {
         let _entered = runtime.enter();
-        let id = parked.conn_id;
+        let id = parked.conn_id();
         let std_stream: std::net::TcpStream = stream.into();
         match tokio::net::TcpStream::from_std(std_stream) {
             Ok(stream) => {
@@ -1216,9 +1215,9 @@ fn resume(
     impl std::future::Future<Output = ()> + Send,
     tokio_util::task::task_tracker::TaskTrackerToken,
 ) {
+    let conn_id = parked.conn_id();
     let ParkedSession {
         conn,
-        conn_id,
         permit,
         gauge,
         m,
@@ -1288,7 +1287,6 @@ impl Session {
         let id = self.conn_id;
         let parked = ParkedSession {
             conn,
-            conn_id: id,
             permit: self.permit,
             gauge: self._gauge,
             m,
@@ -1297,13 +1295,7 @@ impl Session {
         };
         let stream = mio::net::TcpStream::from_std(std_stream);
         let unpark: Arc<dyn Unpark> = Arc::clone(&lot) as Arc<dyn Unpark>;
-        let parked_at = |key| {
-            cell.set_parked(Some(Parking {
-                lot: unpark,
-                key,
-                id,
-            }))
-        };
+        let parked_at = |key| cell.set_parked(Some(Parking { lot: unpark, key }));
         match lot.park(stream, parked, parked_at) {
             Ok(()) => {
                 // A wake-up between the last look and now found no lot:
@@ -1389,6 +1381,6 @@ mod parked_size {
     #[test]
     fn a_parked_session_stays_small() {
         let size = std::mem::size_of::<super::ParkedSession>();
-        assert!(size <= 168, "a parked session grew to {size} bytes");
+        assert!(size <= 160, "a parked session grew to {size} bytes");
     }
 }
