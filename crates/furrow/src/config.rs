@@ -550,7 +550,7 @@ pub struct Sessions {
     /// Once this many session tasks, and at least half of them, have ended
     /// or parked since the busiest moment, the gateway gives the heap pages
     /// they freed back to the system (glibc's malloc_trim, checked once a
-    /// second). 0 never does.
+    /// second) and SQLite empties its page caches. 0 never does.
     pub trim_after: usize,
 }
 
