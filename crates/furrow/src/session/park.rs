@@ -374,6 +374,35 @@ mod tests {
 
     const LATER: Duration = Duration::from_secs(3600);
 
+    proptest::proptest! {
+        /// Against a model: (deadline rounded up to the millisecond, key)
+        /// pairs in a sorted set, keys unique as the slab's are.
+        #[test]
+        fn deadlines_match_a_sorted_model(
+            ops in proptest::collection::vec((0u64..5_000_000, 0usize..32, proptest::bool::ANY), 1..300)
+        ) {
+            let mut d = Deadlines::new();
+            let mut model = std::collections::BTreeSet::new();
+            let mut live: std::collections::HashMap<usize, Instant> = Default::default();
+            for (micros, key, insert) in ops {
+                let at = d.epoch + Duration::from_micros(micros);
+                if insert && !live.contains_key(&key) {
+                    let first = d.insert(at, key);
+                    model.insert((micros.div_ceil(1000), key));
+                    live.insert(key, at);
+                    proptest::prop_assert_eq!(first, model.first() == Some(&(micros.div_ceil(1000), key)));
+                } else if let Some(at) = live.remove(&key) {
+                    d.remove(at, key);
+                    let micros = at.duration_since(d.epoch).as_micros() as u64;
+                    model.remove(&(micros.div_ceil(1000), key));
+                }
+                let want = model.first().map(|&(ms, k)| (d.epoch + Duration::from_millis(ms), k));
+                proptest::prop_assert_eq!(d.first(), want);
+                proptest::prop_assert_eq!(d.set.len(), model.len());
+            }
+        }
+    }
+
     #[test]
     fn deadlines_keep_order_round_up_and_remove_exactly() {
         let mut d = Deadlines::new();
