@@ -106,12 +106,16 @@ impl AckCell {
     /// A cell for the session that `session` describes, of a device at
     /// `peer`.
     pub fn with_session(session: HandleState, peer: std::net::SocketAddr) -> Self {
-        let cell = Self {
+        Self {
+            committed: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            notify: Notify::new(),
+            slow: std::sync::Mutex::new(Slow {
+                peer,
+                ..Slow::default()
+            }),
             session,
-            ..Default::default()
-        };
-        cell.lock_slow().peer = peer;
-        cell
+        }
     }
 
     /// The device's address.
