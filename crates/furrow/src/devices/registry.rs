@@ -189,6 +189,11 @@ impl SessionHandle {
         self.st().last_seen_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// When the session was established, Unix ms.
+    pub fn connected_ms(&self) -> u64 {
+        self.st().connected_ms
+    }
+
     /// The session as operators see it.
     pub fn info(&self) -> LiveInfo {
         LiveInfo {

@@ -662,7 +662,7 @@ impl Session {
         handle.take_commands();
         let cluster = self.shared.cluster.clone();
         let reads = match cluster
-            .claim(found.key, &handle, self.peer, handle.info().connected_ms)
+            .claim(found.key, &handle, self.peer, handle.connected_ms())
             .await
         {
             Ok(Claim {
