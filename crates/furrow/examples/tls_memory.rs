@@ -5,8 +5,9 @@
 //! Runs N handshakes over loopback against the gateway's own TLS setup
 //! (`TlsState` with a certificate from `furrow certs`), each server side on
 //! one thread whose allocations are counted, then exchanges one record
-//! each way and releases the idle buffers, as a parked session does. It
-//! prints the live bytes and allocations per connection at each step: the
+//! each way, releases the idle buffers (the records leave rustls then) and
+//! parks, as a quiet session does. It prints the live bytes and
+//! allocations per connection at each step: the
 //! floor under `bench/compare.py`'s TLS idle row, without the allocator's
 //! fragmentation or the rest of the session.
 
@@ -121,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         })
     });
 
-    let (handshake, traffic, idle) = rt.block_on(async {
+    let (handshake, traffic, idle, parked) = rt.block_on(async {
         let mut conns = Vec::new();
         let mut at_handshake = (0, 0);
         for _ in 0..N {
@@ -157,8 +158,16 @@ fn main() -> anyhow::Result<()> {
             tls.release_idle();
         }
         let idle = counted();
+        for (_, tls) in conns.iter_mut() {
+            anyhow::ensure!(
+                tls.handed_over() == (true, true),
+                "TLS 1.3 records or key schedule stayed with rustls"
+            );
+            tls.park();
+        }
+        let parked = counted();
         COUNTING.with(|c| c.set(false));
-        Ok::<_, anyhow::Error>((at_handshake, traffic, idle))
+        Ok::<_, anyhow::Error>((at_handshake, traffic, idle, parked))
     })?;
     devices
         .join()
@@ -173,6 +182,13 @@ fn main() -> anyhow::Result<()> {
     println!("per TLS connection, {N} connections (rustls unbuffered, ECDSA P-256, TLS 1.3):");
     println!("  after the handshake      {}", per(handshake));
     println!("  after a record each way  {}", per(traffic));
-    println!("  idle buffers released    {}", per(idle));
+    println!(
+        "  idle: buffers released, records handed over from rustls {}",
+        per(idle)
+    );
+    println!(
+        "  parked: expanded keys dropped too                      {}",
+        per(parked)
+    );
     Ok(())
 }

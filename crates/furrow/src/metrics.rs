@@ -159,6 +159,10 @@ fn describe() {
         "TLS handshakes, by outcome (full, resumed, timeout, error, shutdown)."
     );
     describe_counter!(
+        "furrow_tls_record_handovers_total",
+        "TLS 1.3 sessions whose records left rustls for the gateway's own record layer at their first idle moment, by key schedule (own; rustls, when the traffic secrets were not captured; failed, the session then ends)."
+    );
+    describe_counter!(
         "furrow_quic_handshakes_total",
         "QUIC handshakes (up to the device's stream), by outcome (ok, timeout, error, no_stream)."
     );

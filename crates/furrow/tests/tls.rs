@@ -453,10 +453,12 @@ async fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
     assert_eq!(tls_handshakes(&gw, "timeout").await, before + 2);
 }
 
-/// A quiet TLS session parks (its ciphertext buffers freed, rustls'
-/// unbuffered state kept) and resumes on its next record, twice; a frame
-/// larger than a TLS record arrives whole; a device GOODBYE ends with the
-/// gateway's close_notify (a clean end of stream for the device's TLS).
+/// A quiet TLS session parks (its ciphertext buffers freed, its records
+/// handed over from rustls to the gateway's own record layer) and resumes
+/// on its next record, twice; a frame larger than a TLS record arrives
+/// whole; a key update the device asks for is answered and the stream
+/// goes on; a device GOODBYE ends with the gateway's close_notify (a
+/// clean end of stream for the device's TLS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_tls_session_parks_resumes_and_closes_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -515,6 +517,34 @@ async fn a_quiet_tls_session_parks_resumes_and_closes_cleanly() {
         .unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1].payload, big);
+    let text = reqwest::get(gw.api_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The recorder is the process's: other tests' sessions count too.
+    let handovers = |schedule: &str| {
+        let prefix = format!("furrow_tls_record_handovers_total{{schedule=\"{schedule}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    assert!(
+        handovers("own") >= 1.0,
+        "records handed over, with our key schedule"
+    );
+    assert_eq!(handovers("failed"), 0.0);
+
+    // The device asks for fresh keys both ways (rustls sends KeyUpdate
+    // with update_requested): the gateway answers with its own.
+    s.get_mut().1.refresh_traffic_keys().unwrap();
+    for seq in [4, 5] {
+        s.write_all(&encode(&telemetry_msg(seq, 1, &json_payload(seq))))
+            .await
+            .unwrap();
+        assert_eq!(recv_over(&mut s).await, Ok(Message::Ack { seq }));
+    }
 
     s.write_all(&encode(&Message::Goodbye(furrow_proto::Goodbye {
         code: 0,

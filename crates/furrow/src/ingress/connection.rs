@@ -126,7 +126,7 @@ impl Connection {
             ));
         };
         if let Some(tls) = self.tls.as_mut() {
-            tls.release_idle();
+            tls.park();
         }
         let parts = Parts {
             tls: self.tls,

@@ -255,6 +255,10 @@ fn build(
         config.send_tls13_tickets = 1;
     } else {
         config.ticketer = Arc::clone(ticketer);
+        // TLS 1.3 records are sealed by tls_records.rs once the session
+        // is established: rustls hands the traffic secrets over.
+        config.enable_secret_extraction = true;
+        config.key_log = Arc::new(super::tls_records::SecretCapture);
     }
     // Frames are small; the default 16 KiB records are fine, and rustls
     // bounds what it buffers for a peer that does not read (64 KiB).

@@ -1,0 +1,639 @@
+//! TLS 1.3 records after the handshake, sealed and opened here instead of
+//! by rustls, so that an idle TLS session keeps its traffic keys (about a
+//! hundred bytes) instead of rustls's connection state (3.3 KB).
+//!
+//! This is the split kernel TLS makes: rustls runs the handshake, then
+//! hands the traffic keys over (`dangerous_into_kernel_connection`); the
+//! records themselves (RFC 8446 section 5) are simple enough to do here,
+//! with ring's AEADs, the same code rustls would call. Kernel TLS is not
+//! available on every host (this project's CI machine has none), so this
+//! does it in user space.
+//!
+//! Key updates (RFC 8446, 7.2) need the application traffic secrets, not
+//! only the keys rustls hands over. rustls keeps them in its
+//! `KernelConnection` (800 bytes per connection, most of it state for
+//! QUIC); the secrets themselves are 64-96 bytes. rustls gives them to a
+//! [`KeyLog`] while the handshake runs, synchronously, on the thread that
+//! drives it: [`SecretCapture`] takes them there (see [`capture`]), and
+//! [`Records::new`] keeps its own key schedule when the keys it derives
+//! from them are the ones rustls handed over, rustls's otherwise.
+//!
+//! Sans-IO: bytes in, plaintext and bytes to send out. The expanded AEAD
+//! keys (~500 bytes each for AES-GCM) are built on first use and dropped by
+//! [`Records::shed_keys`] when the session parks; the raw key, IV,
+//! sequence number and traffic secret are all that a parked session keeps.
+//!
+//! What a peer may send after the handshake (RFC 8446, 5 and 4.6.3):
+//! application data, alerts (close_notify ends the stream; user_canceled
+//! is a warning; anything else is fatal) and KeyUpdate; anything else, a
+//! record that fails authentication, or one over 2^14 bytes of plaintext
+//! ends the connection with the alert the RFC names.
+
+use std::cell::RefCell;
+
+use bytes::BytesMut;
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::hkdf;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, KeyLog};
+
+/// Record header: type, legacy version, length.
+const HEADER: usize = 5;
+/// AEAD tag of every TLS 1.3 suite.
+const TAG: usize = 16;
+/// Most plaintext in one record (RFC 8446, 5.1).
+pub const MAX_PLAINTEXT: usize = 1 << 14;
+/// Most ciphertext in one record: plaintext, content type, padding, tag.
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const KEY_UPDATE: u8 = 24;
+
+/// Alert descriptions sent or understood here.
+pub mod alert {
+    pub const CLOSE_NOTIFY: u8 = 0;
+    pub const UNEXPECTED_MESSAGE: u8 = 10;
+    pub const BAD_RECORD_MAC: u8 = 20;
+    pub const RECORD_OVERFLOW: u8 = 22;
+    pub const ILLEGAL_PARAMETER: u8 = 47;
+    pub const DECODE_ERROR: u8 = 50;
+    pub const INTERNAL_ERROR: u8 = 80;
+    pub const USER_CANCELED: u8 = 90;
+}
+
+/// Why the record layer ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("TLS record failed authentication")]
+    BadRecordMac,
+    #[error("TLS record of {0} bytes is over the limit")]
+    Overflow(usize),
+    #[error("unexpected TLS message: {0}")]
+    Unexpected(&'static str),
+    #[error("malformed TLS message: {0}")]
+    Decode(&'static str),
+    #[error("KeyUpdate with an invalid request value {0}")]
+    IllegalKeyUpdate(u8),
+    #[error("the peer sent TLS alert {0}")]
+    PeerAlert(u8),
+    #[error("TLS key schedule: {0}")]
+    Keys(String),
+    #[error("TLS 1.3 with cipher suite {0} has no record layer here")]
+    Unsupported(String),
+}
+
+impl RecordError {
+    /// The alert to send the peer before closing, if any.
+    pub fn alert(&self) -> Option<u8> {
+        Some(match self {
+            Self::BadRecordMac => alert::BAD_RECORD_MAC,
+            Self::Overflow(_) => alert::RECORD_OVERFLOW,
+            Self::Unexpected(_) => alert::UNEXPECTED_MESSAGE,
+            Self::Decode(_) => alert::DECODE_ERROR,
+            Self::IllegalKeyUpdate(_) => alert::ILLEGAL_PARAMETER,
+            Self::PeerAlert(_) => return None,
+            Self::Keys(_) | Self::Unsupported(_) => alert::INTERNAL_ERROR,
+        })
+    }
+}
+
+/// An application traffic secret (SHA-256 or SHA-384 long).
+#[derive(Clone)]
+pub struct Secret {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl Secret {
+    fn from_slice(s: &[u8]) -> Option<Self> {
+        if s.len() != 32 && s.len() != 48 {
+            return None;
+        }
+        let mut bytes = [0u8; 48];
+        bytes[..s.len()].copy_from_slice(s);
+        Some(Self {
+            bytes,
+            len: s.len() as u8,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    fn hash(&self) -> hkdf::Algorithm {
+        if self.len == 48 {
+            hkdf::HKDF_SHA384
+        } else {
+            hkdf::HKDF_SHA256
+        }
+    }
+
+    /// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446, 7.1).
+    fn expand_label(&self, label: &[u8], out: &mut [u8]) -> Result<(), RecordError> {
+        struct Len(usize);
+        impl hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let length = u16::try_from(out.len())
+            .map_err(|_| RecordError::Keys("label output too long".into()))?
+            .to_be_bytes();
+        let label_len = [(b"tls13 ".len() + label.len()) as u8];
+        let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
+        hkdf::Prk::new_less_safe(self.hash(), self.as_slice())
+            .expand(&info, Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .map_err(|_| RecordError::Keys("HKDF-Expand-Label failed".into()))
+    }
+
+    /// The next generation after a KeyUpdate (RFC 8446, 7.2).
+    fn next(&self) -> Result<Self, RecordError> {
+        let mut next = Self {
+            bytes: [0; 48],
+            len: self.len,
+        };
+        let len = usize::from(self.len);
+        self.expand_label(b"traffic upd", &mut next.bytes[..len])?;
+        Ok(next)
+    }
+
+    /// The key and IV this secret gives `alg` (RFC 8446, 7.3).
+    fn keys(&self, alg: &'static aead::Algorithm) -> Result<([u8; 32], [u8; 12]), RecordError> {
+        let mut key = [0u8; 32];
+        let mut iv = [0u8; 12];
+        self.expand_label(b"key", &mut key[..alg.key_len()])?;
+        self.expand_label(b"iv", &mut iv)?;
+        Ok((key, iv))
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.bytes.fill(0);
+    }
+}
+
+/// Both directions' application traffic secrets.
+#[derive(Clone, Default)]
+pub struct TrafficSecrets {
+    client: Option<Secret>,
+    server: Option<Secret>,
+}
+
+/// Taking the traffic secrets from rustls while it runs a handshake.
+///
+/// rustls hands each secret to the configuration's [`KeyLog`] inside
+/// `process_tls_records`, on the calling thread, with no await in
+/// between. So the thread that drives a handshake arms a thread-local
+/// slot before that call ([`capture::arm`]) and takes what came after it
+/// ([`capture::take`]); a handshake driven without arming (or on another
+/// thread) leaves nothing behind, and [`Records::new`] then keeps
+/// rustls's key schedule.
+pub mod capture {
+    use super::*;
+
+    thread_local! {
+        static SLOT: RefCell<Option<TrafficSecrets>> = const { RefCell::new(None) };
+    }
+
+    /// Starts capturing on this thread.
+    pub fn arm() {
+        SLOT.with(|s| *s.borrow_mut() = Some(TrafficSecrets::default()));
+    }
+
+    /// Stops capturing; what came since [`arm`].
+    pub fn take() -> TrafficSecrets {
+        SLOT.with(|s| s.borrow_mut().take()).unwrap_or_default()
+    }
+
+    pub(super) fn put(label: &str, secret: &[u8]) {
+        SLOT.with(|s| {
+            if let Some(slot) = s.borrow_mut().as_mut() {
+                let secret = Secret::from_slice(secret);
+                match label {
+                    "CLIENT_TRAFFIC_SECRET_0" => slot.client = secret,
+                    "SERVER_TRAFFIC_SECRET_0" => slot.server = secret,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+impl TrafficSecrets {
+    /// Adds what a later capture found (the secrets come in different
+    /// calls of the handshake).
+    pub fn merge(&mut self, other: TrafficSecrets) {
+        if other.client.is_some() {
+            self.client = other.client;
+        }
+        if other.server.is_some() {
+            self.server = other.server;
+        }
+    }
+}
+
+/// The [`KeyLog`] of the TCP listener's configuration: the application
+/// traffic secrets to the thread's capture slot, nothing else, nowhere
+/// else.
+#[derive(Debug)]
+pub struct SecretCapture;
+
+impl KeyLog for SecretCapture {
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, "CLIENT_TRAFFIC_SECRET_0" | "SERVER_TRAFFIC_SECRET_0")
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        capture::put(label, secret);
+    }
+}
+
+/// Where the next traffic secrets come from.
+enum Schedule {
+    /// Our own: the current secret of each direction.
+    Own { tx: Secret, rx: Secret },
+    /// rustls's, when the secrets were not captured.
+    Rustls(Box<KernelConnection<ServerConnectionData>>),
+}
+
+/// One direction's keys: what a parked session keeps, plus the expanded
+/// key while the session is active.
+struct Keys {
+    alg: &'static aead::Algorithm,
+    key: [u8; 32],
+    key_len: u8,
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+    expanded: Option<Box<LessSafeKey>>,
+}
+
+impl Keys {
+    /// From the key and IV of a traffic secret of ours.
+    fn derive(
+        alg: &'static aead::Algorithm,
+        seq: u64,
+        secret: &Secret,
+    ) -> Result<Self, RecordError> {
+        let (key, iv) = secret.keys(alg)?;
+        Ok(Self {
+            alg,
+            key,
+            key_len: alg.key_len() as u8,
+            iv,
+            seq,
+            expanded: None,
+        })
+    }
+
+    /// Whether both hold the same key and IV.
+    fn same(&self, other: &Keys) -> bool {
+        std::ptr::eq(self.alg, other.alg)
+            && self.key == other.key
+            && self.key_len == other.key_len
+            && self.iv == other.iv
+    }
+
+    fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Self, RecordError> {
+        let (alg, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(RecordError::Unsupported("a new AEAD".into())),
+        };
+        let (key, iv) = (key.as_ref(), iv.as_ref());
+        let mut k = [0u8; 32];
+        let mut i = [0u8; aead::NONCE_LEN];
+        if key.len() != alg.key_len() || key.len() > k.len() || iv.len() != i.len() {
+            return Err(RecordError::Keys("traffic key of the wrong length".into()));
+        }
+        k[..key.len()].copy_from_slice(key);
+        i.copy_from_slice(iv);
+        Ok(Self {
+            alg,
+            key: k,
+            key_len: key.len() as u8,
+            iv: i,
+            seq,
+            expanded: None,
+        })
+    }
+
+    /// The expanded key, built on first use.
+    fn key(&mut self) -> Result<&LessSafeKey, RecordError> {
+        if self.expanded.is_none() {
+            let unbound = UnboundKey::new(self.alg, &self.key[..usize::from(self.key_len)])
+                .map_err(|_| RecordError::Keys("ring refused the traffic key".into()))?;
+            self.expanded = Some(Box::new(LessSafeKey::new(unbound)));
+        }
+        match &self.expanded {
+            Some(k) => Ok(k),
+            None => Err(RecordError::Keys("no key".into())),
+        }
+    }
+
+    /// The per-record nonce (RFC 8446, 5.3): the IV XOR the sequence
+    /// number, which then moves on.
+    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+        let mut n = self.iv;
+        for (b, s) in n[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *b ^= s;
+        }
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or(RecordError::Keys("sequence numbers exhausted".into()))?;
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        // Best effort: the raw key does not outlive the connection in
+        // this allocation (ring's expanded key is its own business).
+        self.key.fill(0);
+        self.iv.fill(0);
+    }
+}
+
+/// What [`Records::open`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Bytes of the input taken (whole records only).
+    pub consumed: usize,
+    /// close_notify came; nothing after it is read.
+    pub closed: bool,
+}
+
+/// The record layer of one established TLS 1.3 connection.
+pub struct Records {
+    tx: Keys,
+    rx: Keys,
+    /// For the secrets after a KeyUpdate.
+    schedule: Schedule,
+    /// The start of a KeyUpdate split over records (at most its 4-byte
+    /// header: it must end on a record boundary).
+    hs: [u8; 4],
+    hs_len: u8,
+    /// Records sealed under one key before a KeyUpdate of ours.
+    limit: u64,
+}
+
+impl Records {
+    /// Takes over from rustls after the handshake: `secrets` and
+    /// `kernel` from `dangerous_into_kernel_connection`, `captured` what
+    /// [`SecretCapture`] took during the handshake. The key schedule is
+    /// ours when the captured secrets give exactly the keys rustls handed
+    /// over (not so if rustls already took a KeyUpdate), rustls's
+    /// otherwise.
+    pub fn new(
+        secrets: ExtractedSecrets,
+        kernel: KernelConnection<ServerConnectionData>,
+        captured: TrafficSecrets,
+    ) -> Result<Self, RecordError> {
+        let limit = kernel
+            .negotiated_cipher_suite()
+            .tls13()
+            .map(|s| s.common.confidentiality_limit)
+            .ok_or_else(|| RecordError::Unsupported("TLS 1.2".into()))?;
+        let tx = Keys::new(secrets.tx.0, secrets.tx.1)?;
+        let rx = Keys::new(secrets.rx.0, secrets.rx.1)?;
+        let own = match (captured.server, captured.client) {
+            (Some(s), Some(c)) => {
+                let mine = Keys::derive(tx.alg, tx.seq, &s)
+                    .and_then(|t| Ok((t, Keys::derive(rx.alg, rx.seq, &c)?)));
+                match mine {
+                    Ok((t, r)) if t.same(&tx) && r.same(&rx) => {
+                        Some(Schedule::Own { tx: s, rx: c })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        Ok(Self {
+            tx,
+            rx,
+            schedule: own.unwrap_or_else(|| Schedule::Rustls(Box::new(kernel))),
+            hs: [0; 4],
+            hs_len: 0,
+            limit: limit.min(u64::MAX / 2),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn set_limit_for_tests(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+
+    /// Whether the key schedule is ours (rustls's state is gone).
+    pub fn own_schedule(&self) -> bool {
+        matches!(self.schedule, Schedule::Own { .. })
+    }
+
+    /// The next receiving keys, after the peer's KeyUpdate.
+    fn next_rx(&mut self) -> Result<Keys, RecordError> {
+        match &mut self.schedule {
+            Schedule::Own { rx, .. } => {
+                *rx = rx.next()?;
+                Keys::derive(self.rx.alg, 0, rx)
+            }
+            Schedule::Rustls(k) => {
+                let (seq, secrets) = k
+                    .update_rx_secret()
+                    .map_err(|e| RecordError::Keys(e.to_string()))?;
+                Keys::new(seq, secrets)
+            }
+        }
+    }
+
+    /// The next sending keys, after our KeyUpdate.
+    fn next_tx(&mut self) -> Result<Keys, RecordError> {
+        match &mut self.schedule {
+            Schedule::Own { tx, .. } => {
+                *tx = tx.next()?;
+                Keys::derive(self.tx.alg, 0, tx)
+            }
+            Schedule::Rustls(k) => {
+                let (seq, secrets) = k
+                    .update_tx_secret()
+                    .map_err(|e| RecordError::Keys(e.to_string()))?;
+                Keys::new(seq, secrets)
+            }
+        }
+    }
+
+    /// Drops the expanded keys (rebuilt on the next record).
+    pub fn shed_keys(&mut self) {
+        self.tx.expanded = None;
+        self.rx.expanded = None;
+    }
+
+    /// Opens every complete record at the front of `input` (in place):
+    /// application data is appended to `plain`; a KeyUpdate the peer
+    /// asks to be answered queues ours in `out`. Stops after close_notify.
+    pub fn open(
+        &mut self,
+        input: &mut [u8],
+        plain: &mut BytesMut,
+        out: &mut Vec<u8>,
+    ) -> Result<Opened, RecordError> {
+        let mut done = Opened::default();
+        while !done.closed {
+            let rest = &mut input[done.consumed..];
+            let Some(header) = rest.get(..HEADER) else {
+                break;
+            };
+            let header: [u8; HEADER] = [header[0], header[1], header[2], header[3], header[4]];
+            if header[0] != APPLICATION_DATA {
+                return Err(RecordError::Unexpected("a record not protected"));
+            }
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if len > MAX_CIPHERTEXT {
+                return Err(RecordError::Overflow(len));
+            }
+            let Some(body) = rest.get_mut(HEADER..HEADER + len) else {
+                break;
+            };
+            let nonce = self.rx.next_nonce()?;
+            let opened = self
+                .rx
+                .key()?
+                .open_in_place(nonce, Aad::from(header), body)
+                .map_err(|_| RecordError::BadRecordMac)?;
+            done.consumed += HEADER + len;
+            // The content type is the last byte that is not padding.
+            let end = opened
+                .iter()
+                .rposition(|&b| b != 0)
+                .ok_or(RecordError::Unexpected("a record of padding only"))?;
+            let (content, kind) = (&opened[..end], opened[end]);
+            if content.len() > MAX_PLAINTEXT {
+                return Err(RecordError::Overflow(content.len()));
+            }
+            if self.hs_len > 0 && kind != HANDSHAKE {
+                return Err(RecordError::Unexpected(
+                    "a record inside a handshake message",
+                ));
+            }
+            match kind {
+                APPLICATION_DATA => plain.extend_from_slice(content),
+                ALERT => match content {
+                    [_, alert::CLOSE_NOTIFY] => done.closed = true,
+                    [_, alert::USER_CANCELED] => {}
+                    [_, desc] => return Err(RecordError::PeerAlert(*desc)),
+                    _ => return Err(RecordError::Decode("an alert of the wrong length")),
+                },
+                HANDSHAKE => self.handshake(content, out)?,
+                _ => return Err(RecordError::Unexpected("a record of an unknown type")),
+            }
+        }
+        Ok(done)
+    }
+
+    /// A handshake record's content: only KeyUpdate may come now.
+    fn handshake(&mut self, mut content: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if content.is_empty() {
+            return Err(RecordError::Unexpected("an empty handshake record"));
+        }
+        while !content.is_empty() {
+            let need = 4 - usize::from(self.hs_len);
+            if need > 0 {
+                let take = need.min(content.len());
+                let at = usize::from(self.hs_len);
+                self.hs[at..at + take].copy_from_slice(&content[..take]);
+                self.hs_len += take as u8;
+                content = &content[take..];
+                if self.hs_len < 4 {
+                    break;
+                }
+                if self.hs != [KEY_UPDATE, 0, 0, 1] {
+                    return Err(RecordError::Unexpected(
+                        "a handshake message other than KeyUpdate after the handshake",
+                    ));
+                }
+                if content.is_empty() {
+                    // The request byte comes in the next record.
+                    break;
+                }
+            }
+            // The request byte, last in its record (a key change follows).
+            let [request] = content else {
+                return Err(RecordError::Unexpected(
+                    "a KeyUpdate not aligned with its record's end",
+                ));
+            };
+            content = &[];
+            self.hs_len = 0;
+            if *request > 1 {
+                return Err(RecordError::IllegalKeyUpdate(*request));
+            }
+            self.rx = self.next_rx()?;
+            if *request == 1 {
+                self.update_tx(out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a KeyUpdate (not requesting one back) under the current key,
+    /// then moves to the next.
+    fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        self.seal_one(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+        self.tx = self.next_tx()?;
+        Ok(())
+    }
+
+    /// Seals `data` as application data records into `out`.
+    pub fn seal(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        for chunk in data.chunks(MAX_PLAINTEXT) {
+            self.seal_one(APPLICATION_DATA, chunk, out)?;
+        }
+        Ok(())
+    }
+
+    /// Seals an alert (close_notify is a warning, the rest fatal).
+    pub fn seal_alert(&mut self, desc: u8, out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let level = if desc == alert::CLOSE_NOTIFY { 1 } else { 2 };
+        self.seal_one(ALERT, &[level, desc], out)
+    }
+
+    fn seal_one(&mut self, kind: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if self.tx.seq >= self.limit && kind != HANDSHAKE {
+            // Near the suite's confidentiality limit: fresh keys first.
+            self.update_tx(out)?;
+        }
+        let len = data.len() + 1 + TAG;
+        let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+        let start = out.len();
+        out.reserve(HEADER + len);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(data);
+        out.push(kind);
+        let nonce = self.tx.next_nonce()?;
+        let sealed = self.tx.key().and_then(|k| {
+            k.seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
+                .map_err(|_| RecordError::Keys("sealing failed".into()))
+        });
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+}
