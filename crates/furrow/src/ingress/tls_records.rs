@@ -613,13 +613,20 @@ impl Records {
             // Near the suite's confidentiality limit: fresh keys first.
             self.update_tx(out)?;
         }
-        let len = data.len() + 1 + TAG;
+        self.seal_record(&[data, &[kind]], out)
+    }
+
+    /// Seals one record whose inner plaintext (content, type, padding)
+    /// is `parts` one after the other.
+    fn seal_record(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>() + TAG;
         let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
         let start = out.len();
         out.reserve(HEADER + len);
         out.extend_from_slice(&header);
-        out.extend_from_slice(data);
-        out.push(kind);
+        for p in parts {
+            out.extend_from_slice(p);
+        }
         let nonce = self.tx.next_nonce()?;
         let sealed = self.tx.key().and_then(|k| {
             k.seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
@@ -635,5 +642,250 @@ impl Records {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    impl Records {
+        /// Both ends of a connection without rustls: (gateway, device).
+        fn pair(alg: &'static aead::Algorithm, hash_len: usize) -> (Records, Records) {
+            let s = Secret::from_slice(&vec![7u8; hash_len]).unwrap();
+            let c = Secret::from_slice(&vec![9u8; hash_len]).unwrap();
+            let end = |tx: &Secret, rx: &Secret| Records {
+                tx: Keys::derive(alg, 0, tx).unwrap(),
+                rx: Keys::derive(alg, 0, rx).unwrap(),
+                schedule: Schedule::Own {
+                    tx: tx.clone(),
+                    rx: rx.clone(),
+                },
+                hs: [0; 4],
+                hs_len: 0,
+                limit: u64::MAX / 2,
+            };
+            (end(&s, &c), end(&c, &s))
+        }
+    }
+
+    /// What the device sends, one record each unless split.
+    #[derive(Debug, Clone)]
+    enum Msg {
+        Data(Vec<u8>, usize),
+        UserCanceled,
+        KeyUpdate { request: bool, split: usize },
+        Close,
+        Bad(Bad),
+    }
+
+    /// Records that must end the connection.
+    #[derive(Debug, Clone)]
+    enum Bad {
+        UnknownType(u8),
+        EmptyHandshake,
+        OtherHandshake(u8),
+        OnlyPadding(usize),
+        AlertOfThree,
+        FatalAlert(u8),
+        IllegalKeyUpdate(u8),
+        KeyUpdateWithMore,
+        DataInsideKeyUpdate,
+        Tampered,
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        let bad = prop_oneof![
+            (0u8..=255)
+                .prop_filter("not a known type", |t| ![0, 21, 22, 23].contains(t))
+                .prop_map(Bad::UnknownType),
+            Just(Bad::EmptyHandshake),
+            (0u8..=255)
+                .prop_filter("not KeyUpdate", |t| *t != KEY_UPDATE)
+                .prop_map(Bad::OtherHandshake),
+            (0usize..40).prop_map(Bad::OnlyPadding),
+            Just(Bad::AlertOfThree),
+            (1u8..=255)
+                .prop_filter("fatal", |d| *d != alert::USER_CANCELED)
+                .prop_map(Bad::FatalAlert),
+            (2u8..=255).prop_map(Bad::IllegalKeyUpdate),
+            Just(Bad::KeyUpdateWithMore),
+            Just(Bad::DataInsideKeyUpdate),
+            Just(Bad::Tampered),
+        ];
+        prop_oneof![
+            8 => (proptest::collection::vec(any::<u8>(), 0..300), 0usize..20)
+                .prop_map(|(d, pad)| Msg::Data(d, pad)),
+            1 => Just(Msg::UserCanceled),
+            3 => (any::<bool>(), 0usize..5).prop_map(|(request, split)| Msg::KeyUpdate { request, split }),
+            1 => Just(Msg::Close),
+            1 => bad.prop_map(Msg::Bad),
+        ]
+    }
+
+    /// The device's side: seals `m` into `wire` (moving its keys on
+    /// after a KeyUpdate of its own).
+    fn send(dev: &mut Records, m: &Msg, wire: &mut Vec<u8>) {
+        let pad = |n: usize| vec![0u8; n];
+        match m {
+            Msg::Data(d, p) => dev
+                .seal_record(&[d, &[APPLICATION_DATA], &pad(*p)], wire)
+                .unwrap(),
+            Msg::UserCanceled => dev
+                .seal_record(&[&[1, alert::USER_CANCELED], &[ALERT]], wire)
+                .unwrap(),
+            Msg::Close => dev.seal_alert(alert::CLOSE_NOTIFY, wire).unwrap(),
+            Msg::KeyUpdate { request, split } => {
+                let ku = [KEY_UPDATE, 0, 0, 1, u8::from(*request)];
+                let at = (*split).min(4);
+                if at == 0 {
+                    dev.seal_record(&[&ku, &[HANDSHAKE]], wire).unwrap();
+                } else {
+                    dev.seal_record(&[&ku[..at], &[HANDSHAKE]], wire).unwrap();
+                    dev.seal_record(&[&ku[at..], &[HANDSHAKE], &pad(3)], wire)
+                        .unwrap();
+                }
+                dev.tx = dev.next_tx().unwrap();
+            }
+            Msg::Bad(b) => match b {
+                Bad::UnknownType(t) => dev.seal_record(&[b"x", &[*t]], wire).unwrap(),
+                Bad::EmptyHandshake => dev.seal_record(&[&[HANDSHAKE]], wire).unwrap(),
+                Bad::OtherHandshake(t) => dev
+                    .seal_record(&[&[*t, 0, 0, 1, 0], &[HANDSHAKE]], wire)
+                    .unwrap(),
+                Bad::OnlyPadding(n) => dev.seal_record(&[&pad(*n)], wire).unwrap(),
+                Bad::AlertOfThree => dev.seal_record(&[&[1, 0, 0], &[ALERT]], wire).unwrap(),
+                Bad::FatalAlert(d) => dev.seal_record(&[&[2, *d], &[ALERT]], wire).unwrap(),
+                Bad::IllegalKeyUpdate(r) => dev
+                    .seal_record(&[&[KEY_UPDATE, 0, 0, 1, *r], &[HANDSHAKE]], wire)
+                    .unwrap(),
+                Bad::KeyUpdateWithMore => dev
+                    .seal_record(&[&[KEY_UPDATE, 0, 0, 1, 0, 1], &[HANDSHAKE]], wire)
+                    .unwrap(),
+                Bad::DataInsideKeyUpdate => {
+                    dev.seal_record(&[&[KEY_UPDATE, 0], &[HANDSHAKE]], wire)
+                        .unwrap();
+                    dev.seal_record(&[b"data", &[APPLICATION_DATA]], wire)
+                        .unwrap();
+                }
+                Bad::Tampered => {
+                    let start = wire.len();
+                    dev.seal_record(&[b"reading", &[APPLICATION_DATA]], wire)
+                        .unwrap();
+                    let i = start + HEADER + 3;
+                    wire[i] ^= 0x40;
+                }
+            },
+        }
+    }
+
+    fn suites() -> impl Strategy<Value = (&'static aead::Algorithm, usize)> {
+        prop_oneof![
+            Just((&aead::AES_128_GCM, 32)),
+            Just((&aead::AES_256_GCM, 48)),
+            Just((&aead::CHACHA20_POLY1305, 32)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Against a model of RFC 8446's record rules: the gateway
+        /// delivers exactly the application data sent before the first
+        /// close_notify or bad record, ends with an error exactly at a
+        /// bad record, follows the device's key updates (answering the
+        /// ones that ask), and its own records stay readable to the
+        /// device throughout; however the bytes are split.
+        #[test]
+        fn the_record_layer_follows_the_model(
+            suite in suites(),
+            msgs in proptest::collection::vec(msg(), 0..24),
+            chunks in proptest::collection::vec(1usize..200, 1..6),
+        ) {
+            let (mut gw, mut dev) = Records::pair(suite.0, suite.1);
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            let mut ends = None;
+            let mut requests = 0;
+            for m in &msgs {
+                send(&mut dev, m, &mut wire);
+                match m {
+                    Msg::KeyUpdate { request: true, .. } => requests += 1,
+                    Msg::Data(d, _) => expected.extend_from_slice(d),
+                    Msg::Close => { ends = Some(true); break; }
+                    Msg::Bad(_) => { ends = Some(false); break; }
+                    _ => {}
+                }
+            }
+            // The gateway reads it in pieces, answering into `back`.
+            let mut pending = Vec::new();
+            let mut plain = BytesMut::new();
+            let mut back = Vec::new();
+            let (mut at, mut i) = (0, 0);
+            let mut outcome = None;
+            while at < wire.len() && outcome.is_none() {
+                let n = chunks[i % chunks.len()].min(wire.len() - at);
+                pending.extend_from_slice(&wire[at..at + n]);
+                at += n;
+                i += 1;
+                match gw.open(&mut pending, &mut plain, &mut back) {
+                    Ok(o) => {
+                        pending.drain(..o.consumed);
+                        if o.closed {
+                            outcome = Some(true);
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert!(e.alert().is_some() || matches!(e, RecordError::PeerAlert(_)));
+                        outcome = Some(false);
+                    }
+                }
+            }
+            prop_assert_eq!(outcome, ends);
+            prop_assert_eq!(&plain[..], &expected[..]);
+            if ends.is_none() {
+                prop_assert!(pending.is_empty(), "whole records all taken");
+            }
+            if ends != Some(false) {
+                // The gateway's records (its KeyUpdates first) open on
+                // the device's side, and so does what it sends next.
+                gw.seal(b"ack", &mut back).unwrap();
+                let Schedule::Own { rx: first, .. } = &dev.schedule else { unreachable!() };
+                let mut want = first.clone();
+                for _ in 0..requests {
+                    want = want.next().unwrap();
+                }
+                let mut got = BytesMut::new();
+                let mut sink = Vec::new();
+                let o = dev.open(&mut back, &mut got, &mut sink).unwrap();
+                prop_assert_eq!(&got[..], b"ack");
+                prop_assert!(!o.closed);
+                // One KeyUpdate of the gateway's per request, no more.
+                let Schedule::Own { rx: now, .. } = &dev.schedule else { unreachable!() };
+                prop_assert_eq!(now.as_slice(), want.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn key_update_labels_follow_rfc_8446() {
+        // RFC 8448 (example handshake traces), section 3: the server's
+        // application traffic secret and the key and IV it gives for
+        // TLS_AES_128_GCM_SHA256.
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let secret = Secret::from_slice(&hex(
+            "a11af9f05531f856ad47116b45a950328204b4f44bfb6b3a4b4f1f3fcb631643",
+        ))
+        .unwrap();
+        let (key, iv) = secret.keys(&aead::AES_128_GCM).unwrap();
+        assert_eq!(&key[..16], &hex("9f02283b6c9c07efc26bb9f2ac92e356")[..]);
+        assert_eq!(&iv[..], &hex("cf782b88dd83549aadf1e984")[..]);
     }
 }
