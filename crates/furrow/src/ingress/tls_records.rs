@@ -441,33 +441,23 @@ impl Records {
         matches!(self.schedule, Schedule::Own { .. })
     }
 
-    /// The next receiving keys, after the peer's KeyUpdate.
-    fn next_rx(&mut self) -> Result<Keys, RecordError> {
+    /// The next keys of one direction (`tx`: ours, after our KeyUpdate;
+    /// otherwise the peer's, after theirs).
+    fn next_keys(&mut self, tx: bool) -> Result<Keys, RecordError> {
+        let alg = if tx { self.tx.alg } else { self.rx.alg };
         match &mut self.schedule {
-            Schedule::Own { rx, .. } => {
-                *rx = rx.next()?;
-                Keys::derive(self.rx.alg, 0, rx)
+            Schedule::Own { tx: t, rx: r } => {
+                let secret = if tx { t } else { r };
+                *secret = secret.next()?;
+                Keys::derive(alg, 0, secret)
             }
             Schedule::Rustls(k) => {
-                let (seq, secrets) = k
-                    .update_rx_secret()
-                    .map_err(|e| RecordError::Keys(e.to_string()))?;
-                Keys::new(seq, secrets)
-            }
-        }
-    }
-
-    /// The next sending keys, after our KeyUpdate.
-    fn next_tx(&mut self) -> Result<Keys, RecordError> {
-        match &mut self.schedule {
-            Schedule::Own { tx, .. } => {
-                *tx = tx.next()?;
-                Keys::derive(self.tx.alg, 0, tx)
-            }
-            Schedule::Rustls(k) => {
-                let (seq, secrets) = k
-                    .update_tx_secret()
-                    .map_err(|e| RecordError::Keys(e.to_string()))?;
+                let next = if tx {
+                    k.update_tx_secret()
+                } else {
+                    k.update_rx_secret()
+                };
+                let (seq, secrets) = next.map_err(|e| RecordError::Keys(e.to_string()))?;
                 Keys::new(seq, secrets)
             }
         }
@@ -578,7 +568,7 @@ impl Records {
             if *request > 1 {
                 return Err(RecordError::IllegalKeyUpdate(*request));
             }
-            self.rx = self.next_rx()?;
+            self.rx = self.next_keys(false)?;
             if *request == 1 {
                 self.update_tx(out)?;
             }
@@ -590,7 +580,7 @@ impl Records {
     /// then moves to the next.
     fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         self.seal_one(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
-        self.tx = self.next_tx()?;
+        self.tx = self.next_keys(true)?;
         Ok(())
     }
 
@@ -747,7 +737,7 @@ mod tests {
                     dev.seal_record(&[&ku[at..], &[HANDSHAKE], &pad(3)], wire)
                         .unwrap();
                 }
-                dev.tx = dev.next_tx().unwrap();
+                dev.tx = dev.next_keys(true).unwrap();
             }
             Msg::Bad(b) => match b {
                 Bad::UnknownType(t) => dev.seal_record(&[b"x", &[*t]], wire).unwrap(),
