@@ -70,6 +70,14 @@ fn counted() -> (i64, i64) {
 const N: usize = 200;
 
 fn main() -> anyhow::Result<()> {
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        measure(version)?;
+    }
+    Ok(())
+}
+
+/// One round of N connections over `version`.
+fn measure(version: &'static rustls::SupportedProtocolVersion) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ca = furrow::certs::Ca::new("tls-memory", 2)?;
     let server = ca.server(&["localhost".to_owned()], 2)?;
@@ -87,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         roots.add(c)?;
     }
     let client = Arc::new(
-        tokio_rustls::rustls::ClientConfig::builder()
+        tokio_rustls::rustls::ClientConfig::builder_with_protocol_versions(&[version])
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
@@ -179,7 +187,10 @@ fn main() -> anyhow::Result<()> {
             a / N as i64
         )
     };
-    println!("per TLS connection, {N} connections (rustls unbuffered, ECDSA P-256, TLS 1.3):");
+    println!(
+        "per TLS connection, {N} connections (rustls unbuffered, ECDSA P-256, {:?}):",
+        version.version
+    );
     println!("  after the handshake      {}", per(handshake));
     println!("  after a record each way  {}", per(traffic));
     println!(

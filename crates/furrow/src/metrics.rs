@@ -160,7 +160,7 @@ fn describe() {
     );
     describe_counter!(
         "furrow_tls_record_handovers_total",
-        "TLS 1.3 sessions whose records left rustls for the gateway's own record layer at their first idle moment, by key schedule (own; rustls, when the traffic secrets were not captured; failed, the session then ends)."
+        "TLS sessions whose records left rustls for the gateway's own record layer at their first idle moment, by key schedule (own, or TLS 1.2's fixed keys; rustls, when a TLS 1.3 session's traffic secrets were not captured; failed, the session then ends)."
     );
     describe_counter!(
         "furrow_quic_handshakes_total",

@@ -1,5 +1,5 @@
-//! TLS 1.3 records after the handshake, sealed and opened here instead of
-//! by rustls, so that an idle TLS session keeps its traffic keys (about a
+//! TLS records after the handshake, sealed and opened here instead of by
+//! rustls, so that an idle TLS session keeps its traffic keys (a few
 //! hundred bytes) instead of rustls's connection state (3.3 KB).
 //!
 //! This is the split kernel TLS makes: rustls runs the handshake, then
@@ -27,7 +27,9 @@
 //! application data, alerts (close_notify ends the stream; user_canceled
 //! is a warning; anything else is fatal) and KeyUpdate; anything else, a
 //! record that fails authentication, or one over 2^14 bytes of plaintext
-//! ends the connection with the alert the RFC names.
+//! ends the connection with the alert the RFC names. TLS 1.2 has no key
+//! update: its warnings are passed over, a renegotiation is refused with
+//! a no_renegotiation warning (as rustls does) and the connection goes on.
 
 use std::cell::RefCell;
 
@@ -40,12 +42,17 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, KeyLog};
 
 /// Record header: type, legacy version, length.
 const HEADER: usize = 5;
-/// AEAD tag of every TLS 1.3 suite.
+/// AEAD tag of every suite here (AES-GCM, ChaCha20-Poly1305).
 const TAG: usize = 16;
 /// Most plaintext in one record (RFC 8446, 5.1).
 pub const MAX_PLAINTEXT: usize = 1 << 14;
 /// Most ciphertext in one record: plaintext, content type, padding, tag.
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+/// TLS 1.2's bound (RFC 5246, 6.2.3).
+const MAX_CIPHERTEXT_12: usize = MAX_PLAINTEXT + 2048;
+/// TLS 1.2 AES-GCM's explicit nonce, sent before each record's ciphertext
+/// (RFC 5288, 3).
+const EXPLICIT_NONCE: usize = 8;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
@@ -55,6 +62,7 @@ const KEY_UPDATE: u8 = 24;
 /// Alert descriptions sent or understood here.
 pub mod alert {
     pub const CLOSE_NOTIFY: u8 = 0;
+    pub const NO_RENEGOTIATION: u8 = 100;
     pub const UNEXPECTED_MESSAGE: u8 = 10;
     pub const BAD_RECORD_MAC: u8 = 20;
     pub const RECORD_OVERFLOW: u8 = 22;
@@ -81,7 +89,7 @@ pub enum RecordError {
     PeerAlert(u8),
     #[error("TLS key schedule: {0}")]
     Keys(String),
-    #[error("TLS 1.3 with cipher suite {0} has no record layer here")]
+    #[error("cipher suite {0} has no record layer here")]
     Unsupported(String),
 }
 
@@ -260,6 +268,8 @@ enum Schedule {
     Own { tx: Secret, rx: Secret },
     /// rustls's, when the secrets were not captured.
     Rustls(Box<KernelConnection<ServerConnectionData>>),
+    /// TLS 1.2: no key updates; the keys last the connection.
+    Fixed,
 }
 
 /// One direction's keys: what a parked session keeps, plus the expanded
@@ -339,9 +349,11 @@ impl Keys {
         }
     }
 
-    /// The per-record nonce (RFC 8446, 5.3): the IV XOR the sequence
-    /// number, which then moves on.
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+    /// The per-record nonce (RFC 8446, 5.3; the same construction for
+    /// TLS 1.2's ChaCha20 and, as rustls does, for the nonces AES-GCM
+    /// sends in TLS 1.2): the IV XOR the sequence number, which then
+    /// moves on. Also returns that sequence number.
+    fn next_nonce(&mut self) -> Result<([u8; aead::NONCE_LEN], u64), RecordError> {
         let mut n = self.iv;
         for (b, s) in n[aead::NONCE_LEN - 8..]
             .iter_mut()
@@ -349,11 +361,12 @@ impl Keys {
         {
             *b ^= s;
         }
+        let seq = self.seq;
         self.seq = self
             .seq
             .checked_add(1)
             .ok_or(RecordError::Keys("sequence numbers exhausted".into()))?;
-        Ok(Nonce::assume_unique_for_key(n))
+        Ok((n, seq))
     }
 }
 
@@ -375,7 +388,7 @@ pub struct Opened {
     pub closed: bool,
 }
 
-/// The record layer of one established TLS 1.3 connection.
+/// The record layer of one established TLS connection.
 pub struct Records {
     tx: Keys,
     rx: Keys,
@@ -385,8 +398,11 @@ pub struct Records {
     /// header: it must end on a record boundary).
     hs: [u8; 4],
     hs_len: u8,
-    /// Records sealed under one key before a KeyUpdate of ours.
+    /// Records sealed under one key before a KeyUpdate of ours (TLS 1.3)
+    /// or before the connection ends (TLS 1.2, which has no key update).
     limit: u64,
+    /// TLS 1.2's record format (RFC 5246, 6.2.3.3; RFC 5288; RFC 7905).
+    tls12: bool,
 }
 
 impl Records {
@@ -401,14 +417,14 @@ impl Records {
         kernel: KernelConnection<ServerConnectionData>,
         captured: TrafficSecrets,
     ) -> Result<Self, RecordError> {
-        let limit = kernel
-            .negotiated_cipher_suite()
-            .tls13()
-            .map(|s| s.common.confidentiality_limit)
-            .ok_or_else(|| RecordError::Unsupported("TLS 1.2".into()))?;
+        let (limit, tls12) = match kernel.negotiated_cipher_suite() {
+            rustls::SupportedCipherSuite::Tls13(s) => (s.common.confidentiality_limit, false),
+            rustls::SupportedCipherSuite::Tls12(s) => (s.common.confidentiality_limit, true),
+        };
         let tx = Keys::new(secrets.tx.0, secrets.tx.1)?;
         let rx = Keys::new(secrets.rx.0, secrets.rx.1)?;
         let own = match (captured.server, captured.client) {
+            _ if tls12 => Some(Schedule::Fixed),
             (Some(s), Some(c)) => {
                 let mine = Keys::derive(tx.alg, tx.seq, &s)
                     .and_then(|t| Ok((t, Keys::derive(rx.alg, rx.seq, &c)?)));
@@ -428,6 +444,7 @@ impl Records {
             hs: [0; 4],
             hs_len: 0,
             limit: limit.min(u64::MAX / 2),
+            tls12,
         })
     }
 
@@ -438,7 +455,7 @@ impl Records {
 
     /// Whether the key schedule is ours (rustls's state is gone).
     pub fn own_schedule(&self) -> bool {
-        matches!(self.schedule, Schedule::Own { .. })
+        matches!(self.schedule, Schedule::Own { .. } | Schedule::Fixed)
     }
 
     /// The next keys of one direction (`tx`: ours, after our KeyUpdate;
@@ -460,6 +477,7 @@ impl Records {
                 let (seq, secrets) = next.map_err(|e| RecordError::Keys(e.to_string()))?;
                 Keys::new(seq, secrets)
             }
+            Schedule::Fixed => Err(RecordError::Keys("TLS 1.2 has no key update".into())),
         }
     }
 
@@ -478,6 +496,9 @@ impl Records {
         plain: &mut BytesMut,
         out: &mut Vec<u8>,
     ) -> Result<Opened, RecordError> {
+        if self.tls12 {
+            return self.open12(input, plain, out);
+        }
         let mut done = Opened::default();
         while !done.closed {
             let rest = &mut input[done.consumed..];
@@ -495,11 +516,11 @@ impl Records {
             let Some(body) = rest.get_mut(HEADER..HEADER + len) else {
                 break;
             };
-            let nonce = self.rx.next_nonce()?;
+            let (nonce, _) = self.rx.next_nonce()?;
             let opened = self
                 .rx
                 .key()?
-                .open_in_place(nonce, Aad::from(header), body)
+                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), body)
                 .map_err(|_| RecordError::BadRecordMac)?;
             done.consumed += HEADER + len;
             // The content type is the last byte that is not padding.
@@ -526,6 +547,73 @@ impl Records {
                 },
                 HANDSHAKE => self.handshake(content, out)?,
                 _ => return Err(RecordError::Unexpected("a record of an unknown type")),
+            }
+        }
+        Ok(done)
+    }
+
+    /// [`Self::open`] for TLS 1.2: the record's type is its own, the
+    /// additional data is the sequence number, type, version and
+    /// plaintext length, and AES-GCM sends the nonce's last 8 bytes.
+    fn open12(
+        &mut self,
+        input: &mut [u8],
+        plain: &mut BytesMut,
+        out: &mut Vec<u8>,
+    ) -> Result<Opened, RecordError> {
+        let gcm = !std::ptr::eq(self.rx.alg, &aead::CHACHA20_POLY1305);
+        let explicit = if gcm { EXPLICIT_NONCE } else { 0 };
+        let mut done = Opened::default();
+        while !done.closed {
+            let rest = &mut input[done.consumed..];
+            let Some(header) = rest.get(..HEADER) else {
+                break;
+            };
+            let (kind, version) = (header[0], [header[1], header[2]]);
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if !matches!(kind, APPLICATION_DATA | ALERT | HANDSHAKE) {
+                return Err(RecordError::Unexpected("a record of an unexpected type"));
+            }
+            if len > MAX_CIPHERTEXT_12 {
+                return Err(RecordError::Overflow(len));
+            }
+            let Some(body) = rest.get_mut(HEADER..HEADER + len) else {
+                break;
+            };
+            let Some(plain_len) = len.checked_sub(explicit + TAG) else {
+                return Err(RecordError::BadRecordMac);
+            };
+            let (mut nonce, seq) = self.rx.next_nonce()?;
+            if gcm {
+                nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
+            }
+            let aad = aad12(seq, kind, version, plain_len);
+            let content = self
+                .rx
+                .key()?
+                .open_within(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    body,
+                    explicit..,
+                )
+                .map_err(|_| RecordError::BadRecordMac)?;
+            done.consumed += HEADER + len;
+            if content.len() > MAX_PLAINTEXT {
+                return Err(RecordError::Overflow(content.len()));
+            }
+            match kind {
+                APPLICATION_DATA => plain.extend_from_slice(content),
+                ALERT => match content {
+                    [_, alert::CLOSE_NOTIFY] => done.closed = true,
+                    // Warnings go on (RFC 5246, 7.2).
+                    [1, _] => {}
+                    [_, desc] => return Err(RecordError::PeerAlert(*desc)),
+                    _ => return Err(RecordError::Decode("an alert of the wrong length")),
+                },
+                // A renegotiation: refused with a warning, as rustls
+                // does, and the connection goes on.
+                _ => self.seal_one(ALERT, &[1, alert::NO_RENEGOTIATION], out)?,
             }
         }
         Ok(done)
@@ -599,11 +687,52 @@ impl Records {
     }
 
     fn seal_one(&mut self, kind: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        if self.tls12 {
+            if self.tx.seq >= self.limit {
+                return Err(RecordError::Keys(
+                    "the suite's confidentiality limit".into(),
+                ));
+            }
+            return self.seal12(kind, data, out);
+        }
         if self.tx.seq >= self.limit && kind != HANDSHAKE {
             // Near the suite's confidentiality limit: fresh keys first.
             self.update_tx(out)?;
         }
         self.seal_record(&[data, &[kind]], out)
+    }
+
+    /// One TLS 1.2 record of `kind`.
+    fn seal12(&mut self, kind: u8, data: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
+        let gcm = !std::ptr::eq(self.tx.alg, &aead::CHACHA20_POLY1305);
+        let (nonce, seq) = self.tx.next_nonce()?;
+        let explicit: &[u8] = if gcm { &nonce[4..] } else { &[] };
+        let len = explicit.len() + data.len() + TAG;
+        let start = out.len();
+        out.reserve(HEADER + len);
+        out.extend_from_slice(&[kind, 3, 3, (len >> 8) as u8, len as u8]);
+        out.extend_from_slice(explicit);
+        let body = out.len();
+        out.extend_from_slice(data);
+        let aad = aad12(seq, kind, [3, 3], data.len());
+        let sealed = self.tx.key().and_then(|k| {
+            k.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[body..],
+            )
+            .map_err(|_| RecordError::Keys("sealing failed".into()))
+        });
+        match sealed {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
     }
 
     /// Seals one record whose inner plaintext (content, type, padding)
@@ -617,10 +746,14 @@ impl Records {
         for p in parts {
             out.extend_from_slice(p);
         }
-        let nonce = self.tx.next_nonce()?;
+        let (nonce, _) = self.tx.next_nonce()?;
         let sealed = self.tx.key().and_then(|k| {
-            k.seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start + HEADER..])
-                .map_err(|_| RecordError::Keys("sealing failed".into()))
+            k.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(header),
+                &mut out[start + HEADER..],
+            )
+            .map_err(|_| RecordError::Keys("sealing failed".into()))
         });
         match sealed {
             Ok(tag) => {
@@ -635,6 +768,16 @@ impl Records {
     }
 }
 
+/// TLS 1.2's additional data (RFC 5246, 6.2.3.3).
+fn aad12(seq: u64, kind: u8, version: [u8; 2], len: usize) -> [u8; 13] {
+    let mut aad = [0u8; 13];
+    aad[..8].copy_from_slice(&seq.to_be_bytes());
+    aad[8] = kind;
+    aad[9..11].copy_from_slice(&version);
+    aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
+    aad
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -644,6 +787,14 @@ mod tests {
     impl Records {
         /// Both ends of a connection without rustls: (gateway, device).
         fn pair(alg: &'static aead::Algorithm, hash_len: usize) -> (Records, Records) {
+            Self::pair_of(alg, hash_len, false)
+        }
+
+        fn pair_of(
+            alg: &'static aead::Algorithm,
+            hash_len: usize,
+            tls12: bool,
+        ) -> (Records, Records) {
             let s = Secret::from_slice(&vec![7u8; hash_len]).unwrap();
             let c = Secret::from_slice(&vec![9u8; hash_len]).unwrap();
             let end = |tx: &Secret, rx: &Secret| Records {
@@ -656,6 +807,7 @@ mod tests {
                 hs: [0; 4],
                 hs_len: 0,
                 limit: u64::MAX / 2,
+                tls12,
             };
             (end(&s, &c), end(&c, &s))
         }
@@ -856,6 +1008,71 @@ mod tests {
                 let Schedule::Own { rx: now, .. } = &dev.schedule else { unreachable!() };
                 prop_assert_eq!(now.as_slice(), want.as_slice());
             }
+        }
+    }
+
+    /// TLS 1.2's records (AES-GCM with its explicit nonce, ChaCha20
+    /// without): data either way, warnings passed over, a renegotiation
+    /// refused with a warning while the connection goes on, a fatal alert
+    /// or a tampered record ending it, close_notify.
+    #[test]
+    fn tls12_records() {
+        for alg in [
+            &aead::AES_128_GCM,
+            &aead::AES_256_GCM,
+            &aead::CHACHA20_POLY1305,
+        ] {
+            let (mut gw, mut dev) = Records::pair_of(alg, 32, true);
+            let mut wire = Vec::new();
+            dev.seal(b"one", &mut wire).unwrap();
+            dev.seal_one(HANDSHAKE, &[1, 0, 0, 4, 3, 3, 0, 0], &mut wire)
+                .unwrap();
+            dev.seal_one(ALERT, &[1, alert::NO_RENEGOTIATION], &mut wire)
+                .unwrap();
+            dev.seal(&vec![5u8; 20_000], &mut wire).unwrap();
+            let (mut plain, mut back) = (BytesMut::new(), Vec::new());
+            let o = gw.open(&mut wire, &mut plain, &mut back).unwrap();
+            assert_eq!(
+                o,
+                Opened {
+                    consumed: wire.len(),
+                    closed: false
+                }
+            );
+            assert_eq!(plain.len(), 3 + 20_000);
+            assert_eq!(&plain[..3], b"one");
+            // The refusal, then the gateway's data, open on the device.
+            gw.seal(b"ack", &mut back).unwrap();
+            let mut got = BytesMut::new();
+            let o = dev.open(&mut back, &mut got, &mut Vec::new()).unwrap();
+            assert_eq!((&got[..], o.closed), (&b"ack"[..], false));
+
+            let mut wire = Vec::new();
+            dev.seal_alert(alert::CLOSE_NOTIFY, &mut wire).unwrap();
+            let o = gw
+                .open(&mut wire, &mut BytesMut::new(), &mut Vec::new())
+                .unwrap();
+            assert!(o.closed);
+
+            let (mut gw, mut dev) = Records::pair_of(alg, 32, true);
+            let mut wire = Vec::new();
+            dev.seal_alert(alert::BAD_RECORD_MAC, &mut wire).unwrap();
+            assert!(matches!(
+                gw.open(&mut wire, &mut BytesMut::new(), &mut Vec::new()),
+                Err(RecordError::PeerAlert(alert::BAD_RECORD_MAC))
+            ));
+
+            let (mut gw, mut dev) = Records::pair_of(alg, 32, true);
+            let mut wire = Vec::new();
+            dev.seal(b"reading", &mut wire).unwrap();
+            let at = wire.len() - 20;
+            wire[at] ^= 1;
+            let mut plain = BytesMut::new();
+            assert!(matches!(
+                gw.open(&mut wire, &mut plain, &mut Vec::new()),
+                Err(RecordError::BadRecordMac)
+            ));
+            assert!(plain.is_empty());
         }
     }
 
