@@ -113,6 +113,11 @@ pub struct BenchArgs {
     /// Full handshakes only: no TLS session resumption.
     #[arg(long)]
     pub tls_no_resume: bool,
+    /// Offer TLS 1.2 only, as devices on mbedTLS 2.x do (TLS 1.3 by
+    /// default).
+    #[arg(long, requires = "tls", default_value_t = false)]
+    #[serde(default)]
+    pub tls12: bool,
     /// MQTT topic prefix (topics are PREFIX/DEVICE_ID).
     #[arg(long, default_value = "furrow-bench")]
     pub topic_prefix: String,

@@ -66,12 +66,14 @@ fn quic_config(tls: &ClientConfig) -> Result<quinn::ClientConfig, BenchError> {
 
 impl Tls {
     /// Trusts the certificates in `ca_pem`; names the server `server_name`;
-    /// resumes sessions unless `resume` is false; over QUIC with `quic`.
+    /// resumes sessions unless `resume` is false; over QUIC with `quic`;
+    /// offers only TLS 1.2 with `tls12`.
     pub fn new(
         ca_pem: &Path,
         server_name: &str,
         resume: bool,
         quic: bool,
+        tls12: bool,
     ) -> Result<Self, BenchError> {
         let bad = |m: String| BenchError::Invalid(format!("--tls-ca {}: {m}", ca_pem.display()));
         let mut roots = RootCertStore::empty();
@@ -83,8 +85,13 @@ impl Tls {
         if roots.is_empty() {
             return Err(bad("no certificate in the file".into()));
         }
+        let versions: &[&'static tokio_rustls::rustls::SupportedProtocolVersion] = if tls12 {
+            &[&tokio_rustls::rustls::version::TLS12]
+        } else {
+            tokio_rustls::rustls::DEFAULT_VERSIONS
+        };
         let mut cfg = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| BenchError::Invalid(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();

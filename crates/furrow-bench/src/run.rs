@@ -240,7 +240,13 @@ pub fn run(
     }
     if let (true, Some(ca)) = (args.tls || args.quic, &args.tls_ca) {
         // Check the CA file here, before any worker process starts.
-        crate::conn::Tls::new(ca, &args.tls_server_name, !args.tls_no_resume, args.quic)?;
+        crate::conn::Tls::new(
+            ca,
+            &args.tls_server_name,
+            !args.tls_no_resume,
+            args.quic,
+            args.tls12,
+        )?;
     }
     let rss_before = args.server_pid.map(rss_kib).transpose()?;
     let n_workers = args.worker_count();

@@ -78,6 +78,7 @@ impl Engine {
                 &args.tls_server_name,
                 !args.tls_no_resume,
                 args.quic,
+                args.tls12,
             )?),
             (true, None) => {
                 return Err(BenchError::Invalid("--tls and --quic need --tls-ca".into()))
