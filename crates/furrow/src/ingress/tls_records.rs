@@ -715,24 +715,7 @@ impl Records {
         let body = out.len();
         out.extend_from_slice(data);
         let aad = aad12(seq, kind, [3, 3], data.len());
-        let sealed = self.tx.key().and_then(|k| {
-            k.seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut out[body..],
-            )
-            .map_err(|_| RecordError::Keys("sealing failed".into()))
-        });
-        match sealed {
-            Ok(tag) => {
-                out.extend_from_slice(tag.as_ref());
-                Ok(())
-            }
-            Err(e) => {
-                out.truncate(start);
-                Err(e)
-            }
-        }
+        self.seal_in_place(nonce, &aad, out, start, body)
     }
 
     /// Seals one record whose inner plaintext (content, type, padding)
@@ -747,11 +730,24 @@ impl Records {
             out.extend_from_slice(p);
         }
         let (nonce, _) = self.tx.next_nonce()?;
+        self.seal_in_place(nonce, &header, out, start, start + HEADER)
+    }
+
+    /// Seals `out[body..]` in place and appends the tag; on a failure the
+    /// record (from `start`) is taken back out.
+    fn seal_in_place(
+        &mut self,
+        nonce: [u8; aead::NONCE_LEN],
+        aad: &[u8],
+        out: &mut Vec<u8>,
+        start: usize,
+        body: usize,
+    ) -> Result<(), RecordError> {
         let sealed = self.tx.key().and_then(|k| {
             k.seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(header),
-                &mut out[start + HEADER..],
+                Aad::from(aad),
+                &mut out[body..],
             )
             .map_err(|_| RecordError::Keys("sealing failed".into()))
         });
