@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::warn;
 
 use super::tls_records::{self, Records};
 
@@ -466,7 +466,7 @@ impl TlsConn {
                 schedule
             }
             Err(e) => {
-                debug!(error = %e, "TLS records could not leave rustls");
+                warn!(error = %e, "TLS records could not leave rustls; the session ends");
                 "failed"
             }
         };
