@@ -361,6 +361,7 @@ async fn the_sdk_streams_over_quic_and_loses_nothing_across_a_reconnect() {
     let token = gw.add_device("sdk-q").await;
     let cfg = sdk_config(gw.quic_addr().port(), "sdk-q", token, &pki);
     let client = Client::start(cfg.clone()).unwrap();
+    let mut events = client.events();
     for i in 1..=150u64 {
         client.send(1, json_payload(i)).await.unwrap();
     }
@@ -368,16 +369,25 @@ async fn the_sdk_streams_over_quic_and_loses_nothing_across_a_reconnect() {
         .await
         .unwrap();
     // The gateway drops the session: the SDK reconnects over QUIC and
-    // resends what was not acknowledged.
+    // resends what was not acknowledged. (The gateway stores and
+    // acknowledges what reaches it before its GOODBYE, so how much of
+    // 151..=300 travels again depends on timing; the reconnect does not.)
     let first = gw.registry().handle("sdk-q").expect("online").id();
-    gw.registry()
-        .kick("sdk-q", furrow_proto::GoodbyeCode::SessionTakenOver);
+    assert!(gw
+        .registry()
+        .kick("sdk-q", furrow_proto::GoodbyeCode::SessionTakenOver));
     for i in 151..=300u64 {
         client.send(1, json_payload(i)).await.unwrap();
     }
     within(Duration::from_secs(20), "flush", client.flush())
         .await
         .unwrap();
+    within(
+        Duration::from_secs(10),
+        "the SDK's reconnect",
+        until_reconnected(&mut events),
+    )
+    .await;
     let rows = gw
         .store()
         .telemetry("sdk-q", TelemetryRange::default(), 1000)
@@ -443,6 +453,19 @@ async fn commands_make_the_round_trip_over_quic() {
         }
     })
     .await;
+}
+
+/// Until the SDK's events show a session end and then a new session.
+async fn until_reconnected(events: &mut tokio::sync::broadcast::Receiver<furrow_client::Event>) {
+    use furrow_client::Event;
+    let mut ended = false;
+    loop {
+        match events.recv().await.expect("the client's events") {
+            Event::Disconnected { .. } => ended = true,
+            Event::Connected { .. } if ended => return,
+            _ => {}
+        }
+    }
 }
 
 /// One round trip through the proxy in the 0-RTT tests: long beside what
@@ -706,15 +729,31 @@ async fn the_sdk_resends_what_a_refused_0rtt_flight_carried() {
 
     let rejected = gw.counter("furrow_quic_0rtt_total", "rejected").await;
     let accepted = gw.counter("furrow_quic_0rtt_total", "accepted").await;
-    gw.registry()
-        .kick("sdk-r", furrow_proto::GoodbyeCode::SessionTakenOver);
+    assert!(gw
+        .registry()
+        .kick("sdk-r", furrow_proto::GoodbyeCode::SessionTakenOver));
+    // Readings sent once the session is gone wait in the outbox and go
+    // in the reconnect's first flight (or in its early writes), which the
+    // gateway refuses. (Sent before, they may still reach the old session,
+    // which stores and acknowledges what it read before its GOODBYE.)
+    let mut seen = within(Duration::from_secs(10), "the kick's disconnect", async {
+        let mut seen = Vec::new();
+        loop {
+            let e = events.recv().await.expect("the client's events");
+            let done = matches!(e, Event::Disconnected { .. });
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    })
+    .await;
     for i in 51..=100u64 {
         client.send(1, json_payload(i)).await.unwrap();
     }
     within(Duration::from_secs(10), "flush", client.flush())
         .await
         .unwrap();
-    let mut seen = Vec::new();
     while let Ok(e) = events.try_recv() {
         seen.push(e);
     }
