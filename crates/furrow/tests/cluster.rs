@@ -359,6 +359,84 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
     }
 }
 
+/// A fleet moving to another instance at once, while the first still holds
+/// every device: each claim displaces a live session, and what the claims
+/// read is read again once the old sessions released (batched, like the
+/// claims). Every device still gets its own exact `last_seq` and its
+/// unfinished command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_moving_to_another_instance_at_once_gets_exact_last_seq_and_its_commands() {
+    const DEVICES: usize = 40;
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let a = instance(&url, "gw-a").await;
+    let b = instance(&url, "gw-b").await;
+    let stored = |i: usize| (i % 5 + 1) as u64;
+    let commanded = |i: usize| i.is_multiple_of(4);
+    let mut tokens = Vec::new();
+    let mut on_a = Vec::new();
+    for i in 0..DEVICES {
+        let id = format!("fleet-{i}");
+        let token = a.add_device(&id).await;
+        let (mut dev, _) = a.connect_device(&id, &token).await;
+        dev.telemetry_batch(1..=stored(i)).await;
+        let mut acked = 0;
+        while acked < stored(i) {
+            match dev.recv().await {
+                Some(furrow_proto::Message::Ack { seq }) => acked = seq,
+                other => panic!("expected ACK, got {other:?}"),
+            }
+        }
+        tokens.push(token);
+        on_a.push(dev);
+    }
+    for i in (0..DEVICES).filter(|&i| commanded(i)) {
+        // Delivered to the device on gw-a, never answered: still open.
+        post(
+            &a,
+            &format!("/v1/devices/fleet-{i}/commands"),
+            json!({"name": format!("move-{i}"), "payload": {}}),
+        )
+        .await;
+    }
+    for i in 0..DEVICES {
+        until_held_by(&b, &format!("fleet-{i}"), "gw-a").await;
+    }
+
+    let addr = b.addr();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let token = token.clone();
+        tasks.spawn(async move {
+            let mut dev = RawDevice::connect(addr).await;
+            let w = dev.hello(&format!("fleet-{i}"), &token, 0).await;
+            let command = if commanded(i) {
+                match dev.recv_within(Duration::from_secs(10)).await {
+                    Some(furrow_proto::Message::Command(c)) => Some(c.name.to_string()),
+                    other => panic!("device {i}: expected its open COMMAND, got {other:?}"),
+                }
+            } else {
+                None
+            };
+            (i, w.last_seq, command, dev)
+        });
+    }
+    let mut devices = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (i, last_seq, command, dev) = r.expect("device task");
+        assert_eq!(last_seq, stored(i), "device {i}: last_seq");
+        if commanded(i) {
+            assert_eq!(command.as_deref(), Some(format!("move-{i}").as_str()));
+        }
+        devices.push(dev);
+    }
+    assert_eq!(devices.len(), DEVICES);
+    for i in [0, DEVICES / 2, DEVICES - 1] {
+        until_held_by(&a, &format!("fleet-{i}"), "gw-b").await;
+    }
+    drop(on_a);
+}
+
 /// A store too slow for the handshake's deadline: the device gets BUSY at
 /// the deadline (and backs off), and nothing is claimed for a connection
 /// it has given up on. Here a transaction holds `devices` locked, so the

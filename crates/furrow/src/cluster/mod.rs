@@ -164,6 +164,19 @@ impl Cluster {
         true
     }
 
+    /// After a takeover of a session on another instance: the device's
+    /// watermarks and open commands as they stand now (batched with other
+    /// handshakes'), or `None` when this instance is alone (the store is
+    /// to be asked).
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub async fn reread(&self, key: DeviceKey) -> Result<Option<ClaimReads>, StoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(inner) = &self.inner {
+            return inner.reread(key).await.map(Some);
+        }
+        Ok(None)
+    }
+
     /// Records that the session `handle` of device `key` has ended (in the
     /// background: called from a drop guard). If another instance holds
     /// the device now, tells it this session is gone.

@@ -52,6 +52,9 @@ pub(super) struct Inner {
     remote_wait: Duration,
     /// Handshakes' claims, batched.
     claims: Batcher<ClaimRequest, Claimed>,
+    /// The reads of handshakes that displaced a session elsewhere, made
+    /// again once it released, batched like the claims.
+    rereads: Batcher<DeviceKey, ClaimReads>,
     /// Sessions' ends, batched.
     ends: Batcher<SessionEnd, ()>,
     /// Notifications, batched: a storm of reconnections sends two per
@@ -83,6 +86,10 @@ impl Inner {
                 claim_batch(pool.clone(), Arc::clone(&instance), instance_timeout, reqs)
             })
         };
+        let rereads = {
+            let pool = store.pool().clone();
+            Batcher::start(2, move |keys| read_batch(pool.clone(), keys))
+        };
         let ends = {
             let pool = store.pool().clone();
             Batcher::start(2, move |ends| end_batch(pool.clone(), ends))
@@ -93,6 +100,7 @@ impl Inner {
         };
         let inner = Arc::new(Inner {
             claims,
+            rereads,
             ends,
             notes,
             store,
@@ -137,6 +145,15 @@ impl Inner {
             displaced: c.displaced,
             reads: Some(c.reads),
         })
+    }
+
+    /// The device's watermarks and open commands, read again after a
+    /// takeover: what the claim read predates the displaced session's
+    /// last commit. In a reconnect storm most devices land on another
+    /// instance than the one still closing their old session, so these
+    /// share statements as the claims do ([`read_batch`]).
+    pub(super) async fn reread(&self, key: DeviceKey) -> Result<ClaimReads, StoreError> {
+        self.rereads.call(key).await
     }
 
     /// Tells the displaced session's instance to close it, and waits
@@ -752,6 +769,22 @@ async fn claim_batch(
     out.into_iter()
         .map(|c| c.ok_or_else(|| StoreError::Task("a claim was left unanswered".into())))
         .collect()
+}
+
+/// Reads the watermarks and open commands of a batch of devices, the two
+/// statements in one round trip (as [`claim_batch`] does after its claims).
+async fn read_batch(pool: Pool, keys: Vec<DeviceKey>) -> Result<Vec<ClaimReads>, StoreError> {
+    let client = pool.get().await.map_err(pool_err)?;
+    let (seqs, commands) =
+        tokio::try_join!(seqs_of(&client, &keys), open_commands_of(&client, &keys))?;
+    // A device may be asked for twice in one batch (it reconnected again).
+    Ok(keys
+        .iter()
+        .map(|k| ClaimReads {
+            seqs: seqs.get(k).copied().unwrap_or_default(),
+            commands: commands.get(k).cloned().unwrap_or_default(),
+        })
+        .collect())
 }
 
 /// A session's end, as the batch takes it.
