@@ -104,29 +104,6 @@ impl Connection {
         }
     }
 
-    /// Whether the device has already closed or reset the connection: its
-    /// FIN (with nothing unread before it) or RST has arrived. One
-    /// `recv(MSG_PEEK)`, nothing consumed. A handshake looks before it
-    /// claims the device: in a reconnect storm a device that gave up
-    /// waiting has dialled again, and a claim for its abandoned attempt
-    /// would only give the next attempt a session to take over.
-    pub fn peer_gone(&self) -> bool {
-        match &self.stream {
-            Transport::Tcp(s) => {
-                let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-                // The socket is non-blocking (Tokio's): nothing waits here.
-                match socket2::SockRef::from(s).peek(&mut byte) {
-                    Ok(n) => n == 0,
-                    Err(e) => !matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ),
-                }
-            }
-            Transport::Quic(q) => q.is_closed(),
-        }
-    }
-
     /// The TCP socket; an error on QUIC, whose paths never get here (no
     /// TLS layer of ours, no parking).
     fn tcp(&self) -> io::Result<&TcpStream> {
@@ -668,46 +645,6 @@ mod tests {
             .unwrap();
         let (server, _) = l.accept().await.unwrap();
         (client, server)
-    }
-
-    /// Until `cond` holds of the connection (a close takes a moment to
-    /// arrive), at most 5 s.
-    async fn until(conn: &Connection, cond: impl Fn(&Connection) -> bool) -> bool {
-        for _ in 0..500 {
-            if cond(conn) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    }
-
-    /// `peer_gone` sees a close and a reset, and neither data waiting to be
-    /// read nor a quiet peer; it consumes nothing.
-    #[tokio::test]
-    async fn peer_gone_sees_a_close_or_a_reset_and_consumes_nothing() {
-        let (mut client, server) = pair().await;
-        let conn = Connection::new(server, 1024, 64);
-        assert!(!conn.peer_gone(), "a quiet peer is there");
-        client.write_all(b"abc").await.unwrap();
-        client.shutdown().await.unwrap();
-        // Data before the close: unread, it hides the close (the device
-        // may still be waiting for the answer to it).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!conn.peer_gone(), "data is waiting");
-        let Transport::Tcp(s) = &conn.stream else {
-            panic!("a TCP connection")
-        };
-        let mut buf = [0u8; 8];
-        assert_eq!(s.try_read(&mut buf).unwrap(), 3, "peeking consumed nothing");
-        assert!(until(&conn, |c| c.peer_gone()).await, "the close is seen");
-
-        // A reset (SO_LINGER 0), without data before it.
-        let (client, server) = pair().await;
-        let conn = Connection::new(server, 1024, 64);
-        client.set_zero_linger().unwrap();
-        drop(client);
-        assert!(until(&conn, |c| c.peer_gone()).await, "the reset is seen");
     }
 
     /// A short read clears readiness (no second `recv` to learn the queue is

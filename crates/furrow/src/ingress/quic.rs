@@ -323,12 +323,6 @@ impl QuicStream {
         Ok(())
     }
 
-    /// Whether the connection has closed (the device closed it, or it
-    /// timed out).
-    pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
-    }
-
     /// Ends our side of the stream and waits until the device has read
     /// it all (or stopped it): what was queued, GOODBYE or ERROR last, is
     /// delivered before the connection goes. The caller bounds it in time.

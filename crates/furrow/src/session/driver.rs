@@ -636,14 +636,6 @@ impl Session {
         if Instant::now() >= deadline {
             return self.overloaded().await;
         }
-        if self.conn.peer_gone() {
-            // The device gave up on this attempt (in a storm: it waited
-            // past its own timeout) and has likely dialled again; claiming
-            // for it now would cost the store a claim and the next attempt
-            // a takeover. Nobody is left to answer.
-            metrics::counter!("furrow_handshakes_total", "outcome" => "abandoned").increment(1);
-            return Phase::Closed(CloseReason::PeerClosed);
-        }
         // Takeover: the newest connection wins. The older one stores what it
         // read and closes before this one announces last_seq.
         let device_id: Arc<str> = Arc::from(device_id);
