@@ -267,6 +267,27 @@ async fn a_revocation_through_one_instance_disconnects_the_device_on_another() {
     }
 }
 
+/// A device connecting (again) to `addr`: its WELCOME's `last_seq`, and
+/// the name of the COMMAND it must be sent first if `commanded`.
+async fn come_back(
+    addr: std::net::SocketAddr,
+    id: &str,
+    token: &str,
+    commanded: bool,
+) -> (u64, Option<String>, RawDevice) {
+    let mut dev = RawDevice::connect(addr).await;
+    let w = dev.hello(id, token, 0).await;
+    let command = if commanded {
+        match dev.recv_within(Duration::from_secs(10)).await {
+            Some(furrow_proto::Message::Command(c)) => Some(c.name.to_string()),
+            other => panic!("{id}: expected its open COMMAND, got {other:?}"),
+        }
+    } else {
+        None
+    };
+    (w.last_seq, command, dev)
+}
+
 /// A fleet reconnecting at once: the handshakes' lookups and claims are
 /// answered in batches (`store/postgres/batch.rs`), and every device still
 /// gets its own exact `last_seq` and the commands queued while it was
@@ -327,17 +348,9 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
         for _ in 0..if i < TWICE { 2 } else { 1 } {
             let token = token.clone();
             tasks.spawn(async move {
-                let mut dev = RawDevice::connect(addr).await;
-                let w = dev.hello(&format!("burst-{i}"), &token, 0).await;
-                let command = if commanded(i) {
-                    match dev.recv_within(Duration::from_secs(10)).await {
-                        Some(furrow_proto::Message::Command(c)) => Some(c.name.to_string()),
-                        other => panic!("device {i}: expected its queued COMMAND, got {other:?}"),
-                    }
-                } else {
-                    None
-                };
-                (i, w.last_seq, command, dev)
+                let (last_seq, command, dev) =
+                    come_back(addr, &format!("burst-{i}"), &token, commanded(i)).await;
+                (i, last_seq, command, dev)
             });
         }
     }
@@ -408,17 +421,9 @@ async fn a_fleet_moving_to_another_instance_at_once_gets_exact_last_seq_and_its_
     for (i, token) in tokens.iter().enumerate() {
         let token = token.clone();
         tasks.spawn(async move {
-            let mut dev = RawDevice::connect(addr).await;
-            let w = dev.hello(&format!("fleet-{i}"), &token, 0).await;
-            let command = if commanded(i) {
-                match dev.recv_within(Duration::from_secs(10)).await {
-                    Some(furrow_proto::Message::Command(c)) => Some(c.name.to_string()),
-                    other => panic!("device {i}: expected its open COMMAND, got {other:?}"),
-                }
-            } else {
-                None
-            };
-            (i, w.last_seq, command, dev)
+            let (last_seq, command, dev) =
+                come_back(addr, &format!("fleet-{i}"), &token, commanded(i)).await;
+            (i, last_seq, command, dev)
         });
     }
     let mut devices = Vec::new();
