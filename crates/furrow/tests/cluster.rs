@@ -393,13 +393,7 @@ async fn a_fleet_moving_to_another_instance_at_once_gets_exact_last_seq_and_its_
         let token = a.add_device(&id).await;
         let (mut dev, _) = a.connect_device(&id, &token).await;
         dev.telemetry_batch(1..=stored(i)).await;
-        let mut acked = 0;
-        while acked < stored(i) {
-            match dev.recv().await {
-                Some(furrow_proto::Message::Ack { seq }) => acked = seq,
-                other => panic!("expected ACK, got {other:?}"),
-            }
-        }
+        dev.until_ack(stored(i)).await;
         tokens.push(token);
         on_a.push(dev);
     }
