@@ -363,3 +363,94 @@ async fn ten_thousand_parked_sessions_each_wake_for_what_concerns_them() {
         assert_eq!(stored_seqs_in(&db, id), vec![1], "{id}");
     }
 }
+
+/// Devices that hang up while parked: those with nothing more to say are
+/// closed by the lot itself, without a task (`furrow_parked_hangups_total`
+/// says which way each went), released at once, so that each one's next
+/// connection finds no session to take over; those whose last frame came
+/// just before their close are resumed, and that frame is stored once and
+/// acknowledged before the gateway closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_devices_that_hang_up_are_closed_by_the_lot_and_lose_nothing() {
+    const GONE: usize = 200;
+    const LAST_WORD: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(&dir.path().join("gw"));
+    cfg.storage.synchronous = Synchronous::Off;
+    let store = furrow::server::connect_store(&cfg).await.expect("store");
+    let mut creds = Vec::new();
+    for i in 0..GONE + LAST_WORD {
+        let id = format!("hup-{i}");
+        let token = furrow::devices::add_device(&*store, &id)
+            .await
+            .expect("provision");
+        creds.push((id, token));
+    }
+    drop(store);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut gw = GatewayProcess::spawn_with_env(
+        dir.path(),
+        "gw",
+        listen,
+        &[],
+        &[
+            ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
+            ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
+            ("RUST_LOG", "warn"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    gw.ready(&http).await;
+    let fleet = Fleet {
+        http,
+        gw,
+        addr: listen,
+    };
+    let (gone, last_word) = creds.split_at(GONE);
+    let gone_devices = fleet.connect(gone, 600).await;
+    let last_devices = fleet.connect(last_word, 600).await;
+    fleet.until_parked(GONE + LAST_WORD).await;
+
+    // Hang up with nothing more to say: closed where they are parked.
+    drop(gone_devices);
+    let closed = r#"furrow_parked_hangups_total{outcome="closed"}"#;
+    let started = Instant::now();
+    while (fleet.metric(closed).await as usize) < GONE {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {GONE} hung-up sessions closed by the lot\n{}",
+            fleet.metric(closed).await,
+            fleet.gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each comes back to a released device: WELCOME, nothing taken over.
+    let back = fleet.connect(gone, 600).await;
+    assert_eq!(back.len(), GONE);
+    let taken = r#"furrow_connections_closed_total{reason="SESSION_TAKEN_OVER"}"#;
+    assert_eq!(fleet.metric(taken).await, 0.0, "{}", fleet.gw.logs());
+
+    // A last frame, then the sending side closed: stored and ACKed first.
+    let mut set = JoinSet::new();
+    for (mut d, _) in last_devices {
+        set.spawn(async move {
+            d.telemetry(1, r#"{"last":true}"#).await;
+            d.writer.shutdown().await.expect("half-close");
+            match next_within(&mut d, Duration::from_secs(10)).await {
+                Some(Message::Ack { seq: 1 }) => {}
+                other => panic!("expected ACK 1 before the close, got {other:?}"),
+            }
+            d.reader.expect_closed().await;
+        });
+    }
+    set.join_all().await;
+    // Those were resumed (their frame came with or before the close), not
+    // closed by the lot.
+    assert_eq!(fleet.metric(closed).await as usize, GONE);
+    drop(back);
+
+    let db = open_db(&cfg.database_path());
+    for (id, _) in last_word {
+        assert_eq!(stored_seqs_in(&db, id), vec![1], "{id}");
+    }
+}

@@ -81,6 +81,13 @@ pub struct Parts {
     stats: Stats,
 }
 
+impl Parts {
+    /// The connection's counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+}
+
 impl Connection {
     /// Whether the connection holds nothing but its socket's state: no
     /// bytes read and not handled, none waiting in rustls either way.

@@ -106,6 +106,36 @@ impl Drop for OpenGauge {
     }
 }
 
+/// A closed connection's figures: counted by reason and logged once,
+/// whether its task or the parking lot closed it.
+struct Closed<'a> {
+    conn: u64,
+    peer: SocketAddr,
+    device: &'a str,
+    duration: Duration,
+    stats: connection::Stats,
+    frames_out: u64,
+}
+
+impl Closed<'_> {
+    fn count_and_log(&self, reason: CloseReason) {
+        metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
+            .increment(1);
+        info!(
+            conn = self.conn,
+            peer = %self.peer,
+            device = self.device,
+            duration_ms = self.duration.as_millis() as u64,
+            frames_in = self.stats.frames_in,
+            frames_out = self.frames_out,
+            bytes_in = self.stats.bytes_in,
+            bytes_out = self.stats.bytes_out,
+            reason = reason.as_str(),
+            "connection closed"
+        );
+    }
+}
+
 /// Whether handshakes are failing for want of storage: during an outage
 /// every reconnecting device would otherwise log its own warning. The
 /// first failure warns, the rest are debug, and the first handshake that
@@ -341,21 +371,15 @@ impl Session {
             Exit::Closed(reason, device) => (reason, device),
             Exit::Park(live) => return Some(live),
         };
-        let st = self.conn.stats;
-        metrics::counter!("furrow_connections_closed_total", "reason" => reason.as_str())
-            .increment(1);
-        info!(
-            conn = self.conn_id,
-            peer = %self.peer,
-            device = device.as_deref().unwrap_or("-"),
-            duration_ms = self.accepted.elapsed().as_millis() as u64,
-            frames_in = st.frames_in,
-            frames_out = self.out.frames(),
-            bytes_in = st.bytes_in,
-            bytes_out = st.bytes_out,
-            reason = reason.as_str(),
-            "connection closed"
-        );
+        Closed {
+            conn: self.conn_id,
+            peer: self.peer,
+            device: device.as_deref().unwrap_or("-"),
+            duration: self.accepted.elapsed(),
+            stats: self.conn.stats,
+            frames_out: self.out.frames(),
+        }
+        .count_and_log(reason);
         None
     }
 
@@ -1177,6 +1201,49 @@ pub struct ParkedSession {
     token: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
+impl ParkedSession {
+    /// Whether the device is gone and nothing is left to do for it: the
+    /// socket has nothing more to read (the device closed it, or it failed)
+    /// and nothing waits to be said to the device (a kick, commands,
+    /// shutdown). A parked session has nothing in flight, so its task
+    /// would only read the close and end; in a reconnect storm that is a
+    /// task per device, queued behind the new handshakes, while each
+    /// returning device finds its old session still open and takes it
+    /// over (docs/performance.md, "100,000 devices on one machine").
+    fn gone(&self, stream: &mio::net::TcpStream) -> bool {
+        let handle = &self.guard.handle;
+        if self.guard.shared.shutdown.is_cancelled()
+            || handle.kicked().is_some()
+            || handle.commands_pending()
+        {
+            return false;
+        }
+        match stream.peek(&mut [0u8; 1]) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
+    /// Ends a session found [`gone`](Self::gone) where the lot holds it,
+    /// counted and logged as its task would have; dropping it releases the
+    /// device and closes the socket.
+    fn close_gone(self) {
+        let info = self.guard.handle.info();
+        Closed {
+            conn: self.conn_id(),
+            peer: info.peer,
+            device: self.guard.handle.device(),
+            duration: Duration::from_millis(now_ms().saturating_sub(info.connected_ms)),
+            stats: self.conn.stats(),
+            frames_out: self.m.frames_out(),
+        }
+        .count_and_log(CloseReason::PeerClosed);
+    }
+}
+
 impl Parked for ParkedSession {
     fn conn_id(&self) -> u64 {
         self.guard.handle.id()
@@ -1194,6 +1261,15 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
     Lot::start(Box::new(move |stream, parked: ParkedSession, why| {
         let _entered = runtime.enter();
         let id = parked.conn_id();
+        if why == Wake::Hangup {
+            if parked.gone(&stream) {
+                metrics::counter!("furrow_parked_hangups_total", "outcome" => "closed")
+                    .increment(1);
+                parked.close_gone();
+                return;
+            }
+            metrics::counter!("furrow_parked_hangups_total", "outcome" => "resumed").increment(1);
+        }
         let std_stream: std::net::TcpStream = stream.into();
         match tokio::net::TcpStream::from_std(std_stream) {
             Ok(stream) => {

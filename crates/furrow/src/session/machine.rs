@@ -226,6 +226,11 @@ impl Parked {
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    /// Frames sent on this connection so far.
+    pub fn frames_out(&self) -> u64 {
+        self.frames_out
+    }
 }
 
 impl Machine {

@@ -8,7 +8,9 @@
 //! thread waits on that epoll and hands a record back (to the resume
 //! callback, which spawns a task again) when
 //!
-//! * its socket is readable: a frame, or the device closing;
+//! * its socket is readable: a frame, or the device closing (told apart
+//!   as [`Wake::Hangup`], so that the resume callback can end a session
+//!   whose device is gone without giving it a task);
 //! * its deadline passes: the keepalive, so a silent device is still
 //!   closed at 1.5 x keepalive;
 //! * someone calls [`Unpark::unpark`]: the registry wakes a session for a
@@ -36,8 +38,11 @@ const WAKER: Token = Token(0);
 /// `furrow_session_unparks_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
-    /// The socket became readable (or closed).
+    /// The socket became readable.
     Readable,
+    /// The peer closed its side or the socket failed (there may still be
+    /// bytes to read before the close).
+    Hangup,
     /// The deadline passed.
     Deadline,
     /// The gateway has something for the session.
@@ -50,6 +55,7 @@ impl Wake {
     fn as_str(self) -> &'static str {
         match self {
             Self::Readable => "readable",
+            Self::Hangup => "hangup",
             Self::Deadline => "deadline",
             Self::Called => "called",
             Self::Stop => "stop",
@@ -284,8 +290,13 @@ impl<S: Parked> Lot<S> {
                     if ev.token() == WAKER {
                         continue;
                     }
+                    let why = if ev.is_read_closed() || ev.is_error() {
+                        Wake::Hangup
+                    } else {
+                        Wake::Readable
+                    };
                     if let Some(e) = self.take(&mut st, ev.token().0 - 1, None) {
-                        woken.push((e, Wake::Readable));
+                        woken.push((e, why));
                     }
                 }
                 let called = std::mem::take(&mut st.called);
@@ -444,6 +455,17 @@ mod tests {
             .unwrap();
         c1.write_all(b"x").unwrap();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Readable));
+        // The peer closing, with or without bytes before: a hang-up (both
+        // done before parking, so that one event reports them together).
+        for (id, bytes) in [(11, &b""[..]), (12, &b"x"[..])] {
+            let (mut c, s) = pair();
+            c.write_all(bytes).unwrap();
+            drop(c);
+            lot.park(s, Session(id, Instant::now() + LATER), |_| {})
+                .ok()
+                .unwrap();
+            assert_eq!(rx.recv_timeout(wait).unwrap(), (id, Wake::Hangup));
+        }
         // Deadline.
         let (_c2, s2) = pair();
         let t = Instant::now();
