@@ -30,10 +30,12 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use furrow::store::Synchronous;
+use furrow::Config;
 use furrow_proto::Message;
 use serde_json::json;
 use support::process::GatewayProcess;
@@ -56,6 +58,46 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Provisions `n` devices (`PREFIX-i`) into a data directory under
+    /// `dir` and starts a gateway process on it that parks sessions quiet
+    /// for 200 ms and allows keepalives from 1 s. Returns the fleet, its
+    /// configuration (for the database path) and the devices' credentials.
+    async fn start(dir: &Path, prefix: &str, n: usize) -> (Fleet, Config, Vec<(String, String)>) {
+        let mut cfg = base_config(&dir.join("gw"));
+        cfg.storage.synchronous = Synchronous::Off;
+        let store = furrow::server::connect_store(&cfg).await.expect("store");
+        let mut creds = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            let token = furrow::devices::add_device(&*store, &id)
+                .await
+                .expect("provision");
+            creds.push((id, token));
+        }
+        drop(store);
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut gw = GatewayProcess::spawn_with_env(
+            dir,
+            "gw",
+            listen,
+            &[],
+            &[
+                ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
+                ("FURROW_KEEPALIVE__MIN_S", "1"),
+                ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
+                ("RUST_LOG", "warn"),
+            ],
+        );
+        let http = reqwest::Client::new();
+        gw.ready(&http).await;
+        let fleet = Fleet {
+            http,
+            gw,
+            addr: listen,
+        };
+        (fleet, cfg, creds)
+    }
+
     async fn metric(&self, name: &str) -> f64 {
         self.gw.metric(&self.http, name).await
     }
@@ -173,41 +215,8 @@ async fn next_within(d: &mut RawDevice, wait: Duration) -> Option<Message> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_parked_sessions_each_wake_for_what_concerns_them() {
     let dir = tempfile::tempdir().unwrap();
-    // Provision into the data directory the gateway will use.
-    let mut cfg = base_config(&dir.path().join("gw"));
-    cfg.storage.synchronous = Synchronous::Off;
-    let store = furrow::server::connect_store(&cfg).await.expect("store");
-    let mut fleet_ids = Vec::with_capacity(5 * GROUP);
-    for i in 0..5 * GROUP {
-        let id = format!("park-{i}");
-        let token = furrow::devices::add_device(&*store, &id)
-            .await
-            .expect("provision");
-        fleet_ids.push((id, token));
-    }
-    drop(store);
+    let (fleet, cfg, fleet_ids) = Fleet::start(dir.path(), "park", 5 * GROUP).await;
     let groups: Vec<Vec<(String, String)>> = fleet_ids.chunks(GROUP).map(|c| c.to_vec()).collect();
-
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut gw = GatewayProcess::spawn_with_env(
-        dir.path(),
-        "gw",
-        listen,
-        &[],
-        &[
-            ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
-            ("FURROW_KEEPALIVE__MIN_S", "1"),
-            ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
-            ("RUST_LOG", "warn"),
-        ],
-    );
-    let http = reqwest::Client::new();
-    gw.ready(&http).await;
-    let fleet = Fleet {
-        http,
-        gw,
-        addr: listen,
-    };
 
     // Everyone but the deadline group connects with a long keepalive.
     let frame = fleet.connect(&groups[0], 600).await;
@@ -375,37 +384,7 @@ async fn parked_devices_that_hang_up_are_closed_by_the_lot_and_lose_nothing() {
     const GONE: usize = 200;
     const LAST_WORD: usize = 100;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = base_config(&dir.path().join("gw"));
-    cfg.storage.synchronous = Synchronous::Off;
-    let store = furrow::server::connect_store(&cfg).await.expect("store");
-    let mut creds = Vec::new();
-    for i in 0..GONE + LAST_WORD {
-        let id = format!("hup-{i}");
-        let token = furrow::devices::add_device(&*store, &id)
-            .await
-            .expect("provision");
-        creds.push((id, token));
-    }
-    drop(store);
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut gw = GatewayProcess::spawn_with_env(
-        dir.path(),
-        "gw",
-        listen,
-        &[],
-        &[
-            ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
-            ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
-            ("RUST_LOG", "warn"),
-        ],
-    );
-    let http = reqwest::Client::new();
-    gw.ready(&http).await;
-    let fleet = Fleet {
-        http,
-        gw,
-        addr: listen,
-    };
+    let (fleet, cfg, creds) = Fleet::start(dir.path(), "hup", GONE + LAST_WORD).await;
     let (gone, last_word) = creds.split_at(GONE);
     let gone_devices = fleet.connect(gone, 600).await;
     let last_devices = fleet.connect(last_word, 600).await;
