@@ -44,6 +44,24 @@ async fn post(gw: &TestGateway, path: &str, body: Value) -> Value {
     r.json().await.expect("JSON")
 }
 
+/// Queues, through `gw`'s API, command `NAME-i` for device `PREFIX-i`,
+/// for each `i` of `devices`.
+async fn command_each(
+    gw: &TestGateway,
+    prefix: &str,
+    name: &str,
+    devices: impl Iterator<Item = usize>,
+) {
+    for i in devices {
+        post(
+            gw,
+            &format!("/v1/devices/{prefix}-{i}/commands"),
+            json!({"name": format!("{name}-{i}"), "payload": {}}),
+        )
+        .await;
+    }
+}
+
 /// Waits until `gw`'s API shows the device online at `instance`.
 async fn until_held_by(gw: &TestGateway, id: &str, instance: &str) -> Value {
     within(Duration::from_secs(10), "device held", async {
@@ -332,14 +350,7 @@ async fn a_burst_of_handshakes_gets_exact_last_seq_and_queued_commands() {
     // A command queued for every fifth device (not one that connects twice:
     // which of its connections is told is a race).
     let commanded = |i: usize| i.is_multiple_of(5) && i >= TWICE;
-    for i in (0..DEVICES).filter(|&i| commanded(i)) {
-        post(
-            &a,
-            &format!("/v1/devices/burst-{i}/commands"),
-            json!({"name": format!("wake-{i}"), "payload": {}}),
-        )
-        .await;
-    }
+    command_each(&a, "burst", "wake", (0..DEVICES).filter(|&i| commanded(i))).await;
 
     // All at once, the first TWICE devices on two connections each.
     let addr = a.addr();
@@ -397,15 +408,8 @@ async fn a_fleet_moving_to_another_instance_at_once_gets_exact_last_seq_and_its_
         tokens.push(token);
         on_a.push(dev);
     }
-    for i in (0..DEVICES).filter(|&i| commanded(i)) {
-        // Delivered to the device on gw-a, never answered: still open.
-        post(
-            &a,
-            &format!("/v1/devices/fleet-{i}/commands"),
-            json!({"name": format!("move-{i}"), "payload": {}}),
-        )
-        .await;
-    }
+    // Delivered to the devices on gw-a, never answered: still open.
+    command_each(&a, "fleet", "move", (0..DEVICES).filter(|&i| commanded(i))).await;
     for i in 0..DEVICES {
         until_held_by(&b, &format!("fleet-{i}"), "gw-a").await;
     }
