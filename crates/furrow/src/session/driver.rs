@@ -1257,9 +1257,9 @@ impl Parked for ParkedSession {
 /// Starts the parking lot; woken sessions resume as tasks on `tracker`.
 /// Call from within the runtime.
 pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<ParkLot>> {
-    let runtime = tokio::runtime::Handle::current();
+    // The lot is a task on this runtime: its callback runs on a worker,
+    // where a spawn goes to that worker's own queue.
     Lot::start(Box::new(move |stream, parked: ParkedSession, why| {
-        let _entered = runtime.enter();
         let id = parked.conn_id();
         if why == Wake::Hangup {
             if parked.gone(&stream) {
