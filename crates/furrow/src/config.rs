@@ -540,7 +540,9 @@ pub struct Sessions {
     /// A session with nothing in flight that has been quiet this long is
     /// parked: no task, no buffer, its socket on the parking epoll, until
     /// the device sends, its keepalive runs out or the gateway has
-    /// something for it. 0 never parks.
+    /// something for it. A session woken for its device's frame parks
+    /// again as soon as that is ACKed, unless the device is chatty. 0
+    /// never parks.
     pub park_after_ms: u64,
     /// A device whose last two frames came less than this apart is chatty:
     /// its session parks only after this long quiet (at least

@@ -63,6 +63,16 @@ impl Fleet {
     /// for 200 ms and allows keepalives from 1 s. Returns the fleet, its
     /// configuration (for the database path) and the devices' credentials.
     async fn start(dir: &Path, prefix: &str, n: usize) -> (Fleet, Config, Vec<(String, String)>) {
+        Self::start_parking_after(dir, prefix, n, 200).await
+    }
+
+    /// [`Self::start`] with sessions parked after `park_after_ms` of quiet.
+    async fn start_parking_after(
+        dir: &Path,
+        prefix: &str,
+        n: usize,
+        park_after_ms: u64,
+    ) -> (Fleet, Config, Vec<(String, String)>) {
         let mut cfg = base_config(&dir.join("gw"));
         cfg.storage.synchronous = Synchronous::Off;
         let store = furrow::server::connect_store(&cfg).await.expect("store");
@@ -76,13 +86,14 @@ impl Fleet {
         }
         drop(store);
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let park_after = park_after_ms.to_string();
         let mut gw = GatewayProcess::spawn_with_env(
             dir,
             "gw",
             listen,
             &[],
             &[
-                ("FURROW_SESSIONS__PARK_AFTER_MS", "200"),
+                ("FURROW_SESSIONS__PARK_AFTER_MS", park_after.as_str()),
                 ("FURROW_KEEPALIVE__MIN_S", "1"),
                 ("FURROW_LIMITS__CONNECT_RATE_PER_IP", "0"),
                 ("RUST_LOG", "warn"),
@@ -378,7 +389,8 @@ async fn ten_thousand_parked_sessions_each_wake_for_what_concerns_them() {
 /// says which way each went), released at once, so that each one's next
 /// connection finds no session to take over; those whose last frame came
 /// just before their close are resumed, and that frame is stored once and
-/// acknowledged before the gateway closes.
+/// acknowledged before the gateway closes (parked again after the ACK, the
+/// session is then closed by the lot too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_devices_that_hang_up_are_closed_by_the_lot_and_lose_nothing() {
     const GONE: usize = 200;
@@ -409,7 +421,8 @@ async fn parked_devices_that_hang_up_are_closed_by_the_lot_and_lose_nothing() {
     let taken = r#"furrow_connections_closed_total{reason="SESSION_TAKEN_OVER"}"#;
     assert_eq!(fleet.metric(taken).await, 0.0, "{}", fleet.gw.logs());
 
-    // A last frame, then the sending side closed: stored and ACKed first.
+    // A last frame, then the sending side closed: stored and ACKed first,
+    // the close seen after.
     let mut set = JoinSet::new();
     for (mut d, _) in last_devices {
         set.spawn(async move {
@@ -423,13 +436,70 @@ async fn parked_devices_that_hang_up_are_closed_by_the_lot_and_lose_nothing() {
         });
     }
     set.join_all().await;
-    // Those were resumed (their frame came with or before the close), not
-    // closed by the lot.
-    assert_eq!(fleet.metric(closed).await as usize, GONE);
+    // Those were resumed for their frame (it came with or before the
+    // close), ACKed, and parked again at once; their hang-up then ended
+    // them on the lot as well.
+    assert_eq!(fleet.metric(closed).await as usize, GONE + LAST_WORD);
     drop(back);
 
     let db = open_db(&cfg.database_path());
     for (id, _) in last_word {
         assert_eq!(stored_seqs_in(&db, id), vec![1], "{id}");
+    }
+}
+
+/// A session the lot woke for its device's frame parks again as soon as
+/// the ACK is out, not after another `sessions.park_after_ms` of quiet (so
+/// its socket need never enter Tokio's reactor): with a 5 s quiet spell,
+/// every one of 200 woken sessions is parked again long before 5 s have
+/// passed since its ACK. Twice, to see that a re-parked session wakes for
+/// its next frame the same way. Every reading is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_woken_by_a_frame_parks_again_once_it_is_acked() {
+    const N: usize = 200;
+    const QUIET: Duration = Duration::from_secs(5);
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, cfg, creds) =
+        Fleet::start_parking_after(dir.path(), "repark", N, QUIET.as_millis() as u64).await;
+    let mut devices: Vec<RawDevice> = fleet
+        .connect(&creds, 600)
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    fleet.until_parked(N).await;
+    for seq in 1..=2u64 {
+        let parks = fleet.metric("furrow_session_parks_total").await as usize;
+        let mut set = JoinSet::new();
+        for mut d in devices {
+            set.spawn(async move {
+                d.telemetry(seq, r#"{"v":1}"#).await;
+                match next_within(&mut d, Duration::from_secs(10)).await {
+                    Some(Message::Ack { seq: s }) if s == seq => {}
+                    other => panic!("expected ACK {seq}, got {other:?}"),
+                }
+                d
+            });
+        }
+        devices = set.join_all().await;
+        let acked = Instant::now();
+        loop {
+            let again = fleet.metric("furrow_session_parks_total").await as usize - parks;
+            if again >= N {
+                break;
+            }
+            assert!(
+                acked.elapsed() < QUIET - Duration::from_secs(1),
+                "round {seq}: {again} of {N} woken sessions parked again within {:?} of their ACKs\n{}",
+                acked.elapsed(),
+                fleet.gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(devices);
+    let db = open_db(&cfg.database_path());
+    for (id, _) in &creds {
+        assert_eq!(stored_seqs_in(&db, id), vec![1, 2], "{id}");
     }
 }

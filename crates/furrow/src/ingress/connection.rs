@@ -25,6 +25,14 @@
 //! QUIC ([`super::quic`]) is the other transport: its stream is polled
 //! the same way (once without waiting, or with the task's waker), behind
 //! the same methods, so the session does not know which one it runs on.
+//!
+//! A plain TCP session resumed from the parking lot starts without a place
+//! in Tokio's reactor (`Transport::Direct`): the lot woke it because bytes
+//! came, so it reads and writes the socket directly, and registers only
+//! when it has to wait for the socket. A quiet device's message then costs
+//! no `epoll_ctl` pair and no trip through the reactor for the readiness
+//! the lot has already seen, when its session parks again right after the
+//! ACK (`session/driver.rs`).
 
 use std::io;
 use std::sync::Arc;
@@ -53,6 +61,11 @@ pub struct Stats {
 enum Transport {
     /// A TCP socket (plain, or under [`Connection::start_tls`]).
     Tcp(TcpStream),
+    /// A plain TCP socket not registered in Tokio's reactor (yet): read and
+    /// written directly until the session has to wait for it.
+    Direct(std::net::TcpStream),
+    /// No socket: a registration failed halfway (the session ends).
+    Detached,
     /// A QUIC stream (boxed: TCP connections pay one enum tag).
     Quic(Box<QuicStream>),
 }
@@ -92,7 +105,7 @@ impl Connection {
     /// Whether the connection holds nothing but its socket's state: no
     /// bytes read and not handled, none waiting in rustls either way.
     pub fn parkable(&self) -> bool {
-        matches!(self.stream, Transport::Tcp(_))
+        matches!(self.stream, Transport::Tcp(_) | Transport::Direct(_))
             && self.rbuf.is_empty()
             && !self.tls_pending
             && self.tls.as_ref().is_none_or(|t| t.is_idle())
@@ -107,30 +120,48 @@ impl Connection {
     pub fn quic(&self) -> Option<&QuicStream> {
         match &self.stream {
             Transport::Quic(q) => Some(q),
-            Transport::Tcp(_) => None,
+            _ => None,
         }
     }
 
-    /// The TCP socket; an error on QUIC, whose paths never get here (no
-    /// TLS layer of ours, no parking).
-    fn tcp(&self) -> io::Result<&TcpStream> {
+    /// The TCP socket, registered in Tokio's reactor first if it is not
+    /// yet (to wait for it); an error on QUIC, whose paths never get here
+    /// (no TLS layer of ours, no parking).
+    fn registered(&mut self) -> io::Result<&TcpStream> {
+        if matches!(self.stream, Transport::Direct(_)) {
+            if let Transport::Direct(s) = std::mem::replace(&mut self.stream, Transport::Detached) {
+                self.stream = Transport::Tcp(TcpStream::from_std(s)?);
+            }
+        }
         match &self.stream {
             Transport::Tcp(s) => Ok(s),
             Transport::Quic(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "not a TCP connection",
             )),
+            Transport::Direct(_) | Transport::Detached => Err(detached()),
         }
     }
 
-    /// Splits off the socket (see [`Self::parkable`]; buffers are dropped).
-    /// A QUIC connection has no socket to park: an error.
-    pub fn into_parts(mut self) -> io::Result<(TcpStream, Parts)> {
-        let Transport::Tcp(stream) = self.stream else {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a QUIC session is not parked",
-            ));
+    /// Whether the socket is read and written without Tokio's reactor.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.stream, Transport::Direct(_))
+    }
+
+    /// Splits off the socket (see [`Self::parkable`]; buffers are dropped),
+    /// out of Tokio's reactor. A QUIC connection has no socket to park: an
+    /// error.
+    pub fn into_parts(mut self) -> io::Result<(std::net::TcpStream, Parts)> {
+        let stream = match self.stream {
+            Transport::Tcp(s) => s.into_std()?,
+            Transport::Direct(s) => s,
+            Transport::Quic(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a QUIC session is not parked",
+                ))
+            }
+            Transport::Detached => return Err(detached()),
         };
         if let Some(tls) = self.tls.as_mut() {
             tls.park();
@@ -144,17 +175,25 @@ impl Connection {
         Ok((stream, parts))
     }
 
-    /// Puts a parked connection back together.
-    pub fn from_parts(stream: TcpStream, parts: Parts) -> Self {
-        Self {
-            stream: Transport::Tcp(stream),
+    /// Puts a parked connection back together: a plain one reads and
+    /// writes its socket directly until it has to wait for it; a TLS one
+    /// is registered in Tokio's reactor at once (its record layer reads
+    /// through Tokio's readiness).
+    pub fn from_parts(stream: std::net::TcpStream, parts: Parts) -> io::Result<Self> {
+        let stream = if parts.tls.is_some() {
+            Transport::Tcp(TcpStream::from_std(stream)?)
+        } else {
+            Transport::Direct(stream)
+        };
+        Ok(Self {
+            stream,
             tls: parts.tls,
             tls_pending: false,
             rbuf: BytesMut::new(),
             decoder: parts.decoder,
             read_chunk: parts.read_chunk as usize,
             stats: parts.stats,
-        }
+        })
     }
 
     /// Wraps an accepted socket.
@@ -198,8 +237,13 @@ impl Connection {
             return Ok(n);
         }
         loop {
+            if self.is_direct() {
+                if let Some(n) = self.try_read()? {
+                    return Ok(n);
+                }
+            }
             if !self.tls_pending {
-                self.tcp()?.readable().await?;
+                self.registered()?.readable().await?;
             }
             if let Some(n) = self.try_read()? {
                 return Ok(n);
@@ -230,7 +274,23 @@ impl Connection {
         if self.is_quic() {
             return self.io_quic(out, read, write).await;
         }
-        let ready = self.tcp()?.ready(interest).await?;
+        if self.is_direct() {
+            // Whatever the socket takes or has now, without the reactor;
+            // only a socket with neither is registered to wait.
+            let before = out.len();
+            if write {
+                self.try_flush(out)?;
+            }
+            if read {
+                if let Some(n) = self.try_read()? {
+                    return Ok(Some(n));
+                }
+            }
+            if out.len() < before {
+                return Ok(None);
+            }
+        }
+        let ready = self.registered()?.ready(interest).await?;
         if write && ready.is_writable() {
             self.try_flush(out)?;
         }
@@ -315,7 +375,8 @@ impl Connection {
         // No buffer held (an idle connection released it): read into the
         // thread's scratch and keep only what came.
         let scratch = self.rbuf.capacity() == 0 && matches!(self.stream, Transport::Tcp(_));
-        if !scratch {
+        // A direct read always goes through the scratch (`read_direct`).
+        if !scratch && !self.is_direct() {
             self.reserve_read();
         }
         let spare = self.rbuf.capacity() - self.rbuf.len();
@@ -324,7 +385,9 @@ impl Connection {
                 read_into_scratch(stream, &mut self.rbuf, self.read_chunk)
             }
             Transport::Tcp(stream) => read_short_clears(stream, &mut self.rbuf, spare),
+            Transport::Direct(stream) => read_direct(stream, &mut self.rbuf, self.read_chunk),
             Transport::Quic(q) => q.try_read(&mut self.rbuf),
+            Transport::Detached => Err(detached()),
         };
         match r {
             Ok(n) => {
@@ -408,7 +471,7 @@ impl Connection {
     pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
         match &self.stream {
             Transport::Quic(q) => q.peer_certificates(),
-            Transport::Tcp(_) => self.tls.as_ref().and_then(|t| t.peer_certificates()),
+            _ => self.tls.as_ref().and_then(|t| t.peer_certificates()),
         }
     }
 
@@ -492,6 +555,11 @@ impl Connection {
                 }
                 return Ok(());
             }
+            Transport::Direct(s) => {
+                // Plain only (`from_parts`): no record layer in between.
+                return write_direct(s, out, &mut self.stats);
+            }
+            Transport::Detached => return Err(detached()),
             Transport::Tcp(s) => s,
         };
         if let Some(tls) = self.tls.as_mut() {
@@ -537,8 +605,8 @@ impl Connection {
     }
 
     /// Resolves when the socket can take more bytes. Cancel-safe.
-    async fn writable(&self) -> io::Result<()> {
-        self.tcp()?.writable().await
+    async fn writable(&mut self) -> io::Result<()> {
+        self.registered()?.writable().await
     }
 
     /// Writes all of `out`, waiting as needed (bounded by the caller).
@@ -574,9 +642,60 @@ impl Connection {
         self.flush(out).await?;
         match &mut self.stream {
             Transport::Tcp(s) => s.shutdown().await,
+            Transport::Direct(s) => s.shutdown(std::net::Shutdown::Write),
             Transport::Quic(q) => q.finish().await,
+            Transport::Detached => Err(detached()),
         }
     }
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the socket was lost")
+}
+
+/// A read from a socket outside Tokio's reactor: up to `room` bytes
+/// through the thread's scratch (initialised memory, which `Read` needs),
+/// appended to `buf` at their exact size. `WouldBlock` when nothing came.
+fn read_direct(stream: &std::net::TcpStream, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+    use std::io::Read;
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < room {
+            scratch.resize(room, 0);
+        }
+        let n = loop {
+            match (&*stream).read(&mut scratch[..room]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        buf.extend_from_slice(&scratch[..n]);
+        Ok(n)
+    })
+}
+
+/// Writes as much of `out` as a socket outside Tokio's reactor takes now,
+/// and advances `out` past it.
+fn write_direct(
+    stream: &std::net::TcpStream,
+    out: &mut BytesMut,
+    stats: &mut Stats,
+) -> io::Result<()> {
+    use std::io::Write;
+    while !out.is_empty() {
+        match (&*stream).write(out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                stats.bytes_out += n as u64;
+                crate::metrics::wire().bytes_out.increment(n as u64);
+                let _ = out.split_to(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// One non-blocking read into `buf`'s spare capacity that, when the socket
@@ -643,7 +762,7 @@ mod tests {
     use super::*;
     use futures_util::FutureExt;
     use std::time::Duration;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (tokio::net::TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -652,6 +771,70 @@ mod tests {
             .unwrap();
         let (server, _) = l.accept().await.unwrap();
         (client, server)
+    }
+
+    /// A parked plain connection comes back outside Tokio's reactor: it
+    /// reads what came and writes its answer directly, parks again without
+    /// ever registering, and registers only when it has to wait, missing
+    /// nothing that came before (or after) it did.
+    #[tokio::test]
+    async fn a_resumed_connection_works_directly_until_it_waits() {
+        let (mut client, server) = pair().await;
+        let conn = Connection::new(server, 1 << 20, 512);
+        let (std_stream, parts) = conn.into_parts().unwrap();
+        let mut wire = BytesMut::new();
+        furrow_proto::message::encode_telemetry(1, 0, 0, b"one", &mut wire).unwrap();
+        client.write_all(&wire).await.unwrap();
+        let mut conn = Connection::from_parts(std_stream, parts).unwrap();
+        assert!(conn.is_direct());
+        // The bytes are there (the lot saw them); wait for the kernel to
+        // have them all, as the lot's event says.
+        let mut out = BytesMut::from(&b"ack-1"[..]);
+        let n = loop {
+            match conn.io(&mut out, true, true).await.unwrap() {
+                Some(n) => break n,
+                None => tokio::task::yield_now().await,
+            }
+        };
+        assert!(conn.is_direct(), "nothing had to wait: still direct");
+        assert_eq!(n, wire.len());
+        assert!(out.is_empty(), "the answer went out directly");
+        let f = conn.next_frame().unwrap().expect("a whole frame");
+        assert_eq!(&f.body[17..], b"one");
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ack-1");
+
+        // Parks again without having registered, and comes back.
+        conn.release_idle();
+        assert!(conn.parkable());
+        let (std_stream, parts) = conn.into_parts().unwrap();
+        let mut conn = Connection::from_parts(std_stream, parts).unwrap();
+        // Nothing to read: it registers and waits; bytes sent later wake it.
+        let mut none = BytesMut::new();
+        let waiting = conn.io(&mut none, true, false);
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            wire.clear();
+            furrow_proto::message::encode_telemetry(2, 0, 0, b"two", &mut wire).unwrap();
+            client.write_all(&wire).await.unwrap();
+            client
+        };
+        let (got, mut client) = tokio::join!(
+            async { tokio::time::timeout(Duration::from_secs(5), waiting).await },
+            late
+        );
+        assert!(matches!(got.expect("woken by the late bytes"), Ok(Some(n)) if n > 0));
+        assert!(!conn.is_direct(), "it waited, so it is registered");
+        let f = conn.next_frame().unwrap().expect("a whole frame");
+        assert_eq!(&f.body[17..], b"two");
+        // A close reads as the end, registered or not.
+        drop(client.shutdown().await);
+        drop(client);
+        let end = tokio::time::timeout(Duration::from_secs(5), conn.read_some())
+            .await
+            .expect("the close");
+        assert_eq!(end.unwrap(), 0);
     }
 
     /// A short read clears readiness (no second `recv` to learn the queue is

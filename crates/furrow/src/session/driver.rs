@@ -249,6 +249,12 @@ struct Session {
     /// The connection's place under `limits.max_connections`.
     permit: Option<ConnPermit>,
     _gauge: OpenGauge,
+    /// A session the lot woke for its device's bytes parks again as soon
+    /// as it has handled a frame (its count of frames read is past this)
+    /// and is idle, unless the device is chatty: its socket then never
+    /// enters Tokio's reactor (`Connection::from_parts`). `u64::MAX`: the
+    /// usual quiet spell first.
+    repark_after: u64,
 }
 
 /// Queues ERROR and closes (best effort, bounded).
@@ -298,6 +304,7 @@ impl Session {
             tls,
             permit: Some(arrival.permit),
             _gauge: OpenGauge::new(),
+            repark_after: u64::MAX,
         }
     }
 
@@ -967,8 +974,14 @@ impl Session {
                 live.m.release_idle();
             }
             let write = self.conn.unsent(live.m.out().bytes_mut()) > 0;
-            // Quiet with nothing in flight: park when the quiet lasts.
-            let park_check = policy.map(|p| live.m.quiet_since() + live.m.park_after(p));
+            // Quiet with nothing in flight: park when the quiet lasts (at
+            // once for a woken session that has handled its frame, unless
+            // the device turned out chatty).
+            let park_check = policy.map(|p| {
+                let after = live.m.park_after(p);
+                let quick = self.conn.stats.frames_in > self.repark_after && after == p.after;
+                live.m.quiet_since() + if quick { Duration::ZERO } else { after }
+            });
             let park_at = park_check
                 .filter(|_| can_read && !write && live.m.parkable() && self.conn.parkable());
             if park_at.is_some_and(|at| at <= now) && !live.handle().commands_pending() {
@@ -988,9 +1001,14 @@ impl Session {
             if let Some(at) = wake_at.filter(|&at| at != timer.deadline()) {
                 timer.as_mut().reset(at);
             }
+            // A socket outside the reactor (a woken session) is not
+            // registered just to watch for more while its frame's commit is
+            // pending: the ACK comes first, and more bytes then either find
+            // the session still here or wake it from the lot again.
+            let read_now = can_read && (live.m.settled() || !self.conn.is_direct());
             tokio::select! {
                 () = cell.changed() => {}
-                r = self.conn.io(live.m.out().bytes_mut(), can_read, write), if can_read || write => match r {
+                r = self.conn.io(live.m.out().bytes_mut(), read_now, write), if read_now || write => match r {
                     Ok(Some(0)) | Err(_) => {
                         live.m.peer_closed();
                         return false;
@@ -1271,9 +1289,8 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
             metrics::counter!("furrow_parked_hangups_total", "outcome" => "resumed").increment(1);
         }
         let std_stream: std::net::TcpStream = stream.into();
-        match tokio::net::TcpStream::from_std(std_stream) {
-            Ok(stream) => {
-                let (task, token) = resume(stream, parked, why == Wake::Stop);
+        match resume(std_stream, parked, why) {
+            Ok((task, token)) => {
                 crate::ingress::listener::spawn_contained(&tracker, id, task);
                 drop(token);
             }
@@ -1291,13 +1308,13 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
 /// lot stops, so the gateway is shutting down). Returns the task and the
 /// parked session's tracker token, to drop once the task is spawned.
 fn resume(
-    stream: tokio::net::TcpStream,
+    stream: std::net::TcpStream,
     parked: ParkedSession,
-    stopping: bool,
-) -> (
+    why: Wake,
+) -> std::io::Result<(
     impl std::future::Future<Output = ()> + Send,
     tokio_util::task::task_tracker::TaskTrackerToken,
-) {
+)> {
     let conn_id = parked.conn_id();
     let ParkedSession {
         conn,
@@ -1307,6 +1324,11 @@ fn resume(
         guard,
         token,
     } = parked;
+    let conn = Connection::from_parts(stream, conn)?;
+    let repark_after = match why {
+        Wake::Readable | Wake::Hangup => conn.stats.frames_in,
+        Wake::Deadline | Wake::Called | Wake::Stop => u64::MAX,
+    };
     let cell = Arc::clone(guard.handle.cell());
     cell.set_parked(None);
     let shared = Arc::clone(&guard.shared);
@@ -1321,7 +1343,7 @@ fn resume(
         shared.limits.throttle(now),
         now,
     );
-    if stopping {
+    if why == Wake::Stop {
         m.close(GoodbyeCode::ServerShutdown);
     }
     let info = guard.handle.info();
@@ -1330,7 +1352,7 @@ fn resume(
     let span = tracing::debug_span!("conn", id = conn_id, peer = %info.peer, device = %guard.handle.device());
     let live = Box::new(Live { m, guard });
     let session = Session {
-        conn: Connection::from_parts(stream, conn),
+        conn,
         out: Outbox::new(),
         shared,
         conn_id,
@@ -1339,8 +1361,9 @@ fn resume(
         tls: None,
         permit,
         _gauge: gauge,
+        repark_after,
     };
-    (session.resumed(live).instrument(span), token)
+    Ok((session.resumed(live).instrument(span), token))
 }
 
 impl Session {
@@ -1354,8 +1377,7 @@ impl Session {
         // Kept past the move into the record: to look once more after.
         let handle = guard.handle.clone();
         let cell = Arc::clone(handle.cell());
-        let parts = self.conn.into_parts();
-        let (std_stream, conn) = match parts.and_then(|(s, conn)| Ok((s.into_std()?, conn))) {
+        let (std_stream, conn) = match self.conn.into_parts() {
             Ok(s) => s,
             Err(e) => {
                 // Dropping everything closes the connection and releases
@@ -1392,10 +1414,8 @@ impl Session {
             }
             Err((stream, parked)) => {
                 // The lot is stopping: resume at once, in a task of its own.
-                let std_stream: std::net::TcpStream = stream.into();
-                match tokio::net::TcpStream::from_std(std_stream) {
-                    Ok(s) => {
-                        let (task, token) = resume(s, parked, true);
+                match resume(stream.into(), parked, Wake::Stop) {
+                    Ok((task, token)) => {
                         crate::ingress::listener::spawn_contained(&self.shared.tracker, id, task);
                         drop(token);
                     }
