@@ -26,8 +26,8 @@
 //! the same way (once without waiting, or with the task's waker), behind
 //! the same methods, so the session does not know which one it runs on.
 //!
-//! A plain TCP session resumed from the parking lot starts without a place
-//! in Tokio's reactor (`Transport::Direct`): the lot woke it because bytes
+//! A TCP session (plain or TLS) resumed from the parking lot starts
+//! without a place in Tokio's reactor (`Transport::Direct`): the lot woke it because bytes
 //! came, so it reads and writes the socket directly, and registers only
 //! when it has to wait for the socket. A quiet device's message then costs
 //! no `epoll_ctl` pair and no trip through the reactor for the readiness
@@ -61,7 +61,7 @@ pub struct Stats {
 enum Transport {
     /// A TCP socket (plain, or under [`Connection::start_tls`]).
     Tcp(TcpStream),
-    /// A plain TCP socket not registered in Tokio's reactor (yet): read and
+    /// A TCP socket not registered in Tokio's reactor (yet): read and
     /// written directly until the session has to wait for it.
     Direct(std::net::TcpStream),
     /// No socket: a registration failed halfway (the session ends).
@@ -175,25 +175,19 @@ impl Connection {
         Ok((stream, parts))
     }
 
-    /// Puts a parked connection back together: a plain one reads and
-    /// writes its socket directly until it has to wait for it; a TLS one
-    /// is registered in Tokio's reactor at once (its record layer reads
-    /// through Tokio's readiness).
-    pub fn from_parts(stream: std::net::TcpStream, parts: Parts) -> io::Result<Self> {
-        let stream = if parts.tls.is_some() {
-            Transport::Tcp(TcpStream::from_std(stream)?)
-        } else {
-            Transport::Direct(stream)
-        };
-        Ok(Self {
-            stream,
+    /// Puts a parked connection back together; it reads and writes its
+    /// socket directly until it has to wait for it (plain or TLS: the
+    /// record layer reads and writes through [`Socket`]).
+    pub fn from_parts(stream: std::net::TcpStream, parts: Parts) -> Self {
+        Self {
+            stream: Transport::Direct(stream),
             tls: parts.tls,
             tls_pending: false,
             rbuf: BytesMut::new(),
             decoder: parts.decoder,
             read_chunk: parts.read_chunk as usize,
             stats: parts.stats,
-        })
+        }
     }
 
     /// Wraps an accepted socket.
@@ -409,8 +403,10 @@ impl Connection {
             self.tls_pending = false;
             return Ok(Some(0));
         }
-        let Transport::Tcp(stream) = &self.stream else {
-            return Ok(None);
+        let stream: &dyn Socket = match &self.stream {
+            Transport::Tcp(s) => s,
+            Transport::Direct(s) => s,
+            Transport::Quic(_) | Transport::Detached => return Ok(None),
         };
         let mut eof = false;
         match tls.read_from(stream, self.read_chunk) {
@@ -541,26 +537,23 @@ impl Connection {
     /// Writes as much of `out` as the socket takes now, without waiting,
     /// and advances `out` past it.
     pub fn try_flush(&mut self, out: &mut BytesMut) -> io::Result<()> {
-        let stream = match &mut self.stream {
-            Transport::Quic(q) => {
-                while !out.is_empty() {
-                    match q.try_write(out) {
-                        Ok(n) => {
-                            self.stats.bytes_out += n as u64;
-                            crate::metrics::wire().bytes_out.increment(n as u64);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
+        if let Transport::Quic(q) = &mut self.stream {
+            while !out.is_empty() {
+                match q.try_write(out) {
+                    Ok(n) => {
+                        self.stats.bytes_out += n as u64;
+                        crate::metrics::wire().bytes_out.increment(n as u64);
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
                 }
-                return Ok(());
             }
-            Transport::Direct(s) => {
-                // Plain only (`from_parts`): no record layer in between.
-                return write_direct(s, out, &mut self.stats);
-            }
-            Transport::Detached => return Err(detached()),
+            return Ok(());
+        }
+        let stream: &dyn Socket = match &self.stream {
             Transport::Tcp(s) => s,
+            Transport::Direct(s) => s,
+            Transport::Quic(_) | Transport::Detached => return Err(detached()),
         };
         if let Some(tls) = self.tls.as_mut() {
             loop {
@@ -590,7 +583,7 @@ impl Connection {
             }
         }
         while !out.is_empty() {
-            match stream.try_write(out) {
+            match stream.write_some(out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.stats.bytes_out += n as u64;
@@ -656,7 +649,11 @@ fn detached() -> io::Error {
 /// A read from a socket outside Tokio's reactor: up to `room` bytes
 /// through the thread's scratch (initialised memory, which `Read` needs),
 /// appended to `buf` at their exact size. `WouldBlock` when nothing came.
-fn read_direct(stream: &std::net::TcpStream, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+fn read_direct<B: bytes::BufMut>(
+    stream: &std::net::TcpStream,
+    buf: &mut B,
+    room: usize,
+) -> io::Result<usize> {
     use std::io::Read;
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
@@ -669,33 +666,47 @@ fn read_direct(stream: &std::net::TcpStream, buf: &mut BytesMut, room: usize) ->
                 r => break r?,
             }
         };
-        buf.extend_from_slice(&scratch[..n]);
+        buf.put_slice(&scratch[..n]);
         Ok(n)
     })
 }
 
-/// Writes as much of `out` as a socket outside Tokio's reactor takes now,
-/// and advances `out` past it.
-fn write_direct(
-    stream: &std::net::TcpStream,
-    out: &mut BytesMut,
-    stats: &mut Stats,
-) -> io::Result<()> {
-    use std::io::Write;
-    while !out.is_empty() {
-        match (&*stream).write(out) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                stats.bytes_out += n as u64;
-                crate::metrics::wire().bytes_out.increment(n as u64);
-                let _ = out.split_to(n);
+/// A TCP socket's non-blocking reads and writes, whether Tokio's reactor
+/// watches it ([`TcpStream`]: a short read clears its readiness, see
+/// [`read_short_clears`]) or not (a woken session's socket, read and
+/// written directly until it has to wait). The TLS record layer takes
+/// either.
+pub trait Socket {
+    /// One read into `buf`'s spare room (`spare` bytes reserved).
+    fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize>;
+    /// One write of what `bytes` the socket takes now.
+    fn write_some(&self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+impl Socket for TcpStream {
+    fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize> {
+        read_short_clears(self, buf, spare)
+    }
+
+    fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.try_write(bytes)
+    }
+}
+
+impl Socket for std::net::TcpStream {
+    fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize> {
+        read_direct(self, buf, spare)
+    }
+
+    fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
+        use std::io::Write;
+        loop {
+            match (&*self).write(bytes) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 /// One non-blocking read into `buf`'s spare capacity that, when the socket
@@ -785,7 +796,7 @@ mod tests {
         let mut wire = BytesMut::new();
         furrow_proto::message::encode_telemetry(1, 0, 0, b"one", &mut wire).unwrap();
         client.write_all(&wire).await.unwrap();
-        let mut conn = Connection::from_parts(std_stream, parts).unwrap();
+        let mut conn = Connection::from_parts(std_stream, parts);
         assert!(conn.is_direct());
         // The bytes are there (the lot saw them); wait for the kernel to
         // have them all, as the lot's event says.
@@ -809,7 +820,7 @@ mod tests {
         conn.release_idle();
         assert!(conn.parkable());
         let (std_stream, parts) = conn.into_parts().unwrap();
-        let mut conn = Connection::from_parts(std_stream, parts).unwrap();
+        let mut conn = Connection::from_parts(std_stream, parts);
         // Nothing to read: it registers and waits; bytes sent later wake it.
         let mut none = BytesMut::new();
         let waiting = conn.io(&mut none, true, false);

@@ -25,6 +25,8 @@ use bytes::BytesMut;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::net::TcpStream;
+
+use super::connection::Socket;
 use tracing::warn;
 
 use super::tls_records::{self, Records};
@@ -379,18 +381,18 @@ impl TlsConn {
     }
 
     /// One non-blocking read of up to `chunk` bytes of ciphertext.
-    pub fn read_from(&mut self, stream: &TcpStream, chunk: usize) -> io::Result<usize> {
+    pub fn read_from(&mut self, stream: &dyn Socket, chunk: usize) -> io::Result<usize> {
         self.incoming.reserve(chunk);
         let spare = self.incoming.capacity() - self.incoming.len();
-        super::connection::read_short_clears(stream, &mut self.incoming, spare)
+        stream.read_into(&mut self.incoming, spare)
     }
 
     /// Writes what `outgoing` holds, without waiting; returns the bytes
     /// written (WouldBlock when the socket took none).
-    pub fn write_to(&mut self, stream: &TcpStream) -> io::Result<usize> {
+    pub fn write_to(&mut self, stream: &dyn Socket) -> io::Result<usize> {
         let mut total = 0;
         while self.sent < self.outgoing.len() {
-            match stream.try_write(&self.outgoing[self.sent..]) {
+            match stream.write_some(&self.outgoing[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.sent += n;

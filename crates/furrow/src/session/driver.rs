@@ -1289,18 +1289,9 @@ pub fn start_lot(tracker: tokio_util::task::TaskTracker) -> std::io::Result<Arc<
             metrics::counter!("furrow_parked_hangups_total", "outcome" => "resumed").increment(1);
         }
         let std_stream: std::net::TcpStream = stream.into();
-        match resume(std_stream, parked, why) {
-            Ok((task, token)) => {
-                crate::ingress::listener::spawn_contained(&tracker, id, task);
-                drop(token);
-            }
-            Err(e) => {
-                // The session ends here: its guard releases the device.
-                warn!(conn = id, error = %e, "cannot resume a parked session; closing it");
-                metrics::counter!("furrow_connections_closed_total", "reason" => "io_error")
-                    .increment(1);
-            }
-        }
+        let (task, token) = resume(std_stream, parked, why);
+        crate::ingress::listener::spawn_contained(&tracker, id, task);
+        drop(token);
     }))
 }
 
@@ -1311,10 +1302,10 @@ fn resume(
     stream: std::net::TcpStream,
     parked: ParkedSession,
     why: Wake,
-) -> std::io::Result<(
+) -> (
     impl std::future::Future<Output = ()> + Send,
     tokio_util::task::task_tracker::TaskTrackerToken,
-)> {
+) {
     let conn_id = parked.conn_id();
     let ParkedSession {
         conn,
@@ -1324,7 +1315,7 @@ fn resume(
         guard,
         token,
     } = parked;
-    let conn = Connection::from_parts(stream, conn)?;
+    let conn = Connection::from_parts(stream, conn);
     let repark_after = match why {
         Wake::Readable | Wake::Hangup => conn.stats.frames_in,
         Wake::Deadline | Wake::Called | Wake::Stop => u64::MAX,
@@ -1363,7 +1354,7 @@ fn resume(
         _gauge: gauge,
         repark_after,
     };
-    Ok((session.resumed(live).instrument(span), token))
+    (session.resumed(live).instrument(span), token)
 }
 
 impl Session {
@@ -1414,13 +1405,9 @@ impl Session {
             }
             Err((stream, parked)) => {
                 // The lot is stopping: resume at once, in a task of its own.
-                match resume(stream.into(), parked, Wake::Stop) {
-                    Ok((task, token)) => {
-                        crate::ingress::listener::spawn_contained(&self.shared.tracker, id, task);
-                        drop(token);
-                    }
-                    Err(e) => warn!(conn = id, error = %e, "cannot resume a session; closing it"),
-                }
+                let (task, token) = resume(stream.into(), parked, Wake::Stop);
+                crate::ingress::listener::spawn_contained(&self.shared.tracker, id, task);
+                drop(token);
             }
         }
     }
