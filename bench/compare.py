@@ -290,8 +290,8 @@ def main():
         print("f. quiet fleet", flush=True)
         md.append("## f. A quiet fleet\n")
         md.append("10,000 devices, one message every 5 s each (2,000 msgs/s), `synchronous=full`: "
-                  "each Furrow session parks between its messages (250 ms after each: 5 s apart "
-                  "is not chatty), so every message "
+                  "each Furrow session parks between its messages (again as soon as its message "
+                  "is ACKed: 5 s apart is not chatty), so every message "
                   "wakes one.\n")
         md.append("| system | acked msgs/s | ACK p50 | p99 | server CPU per msg |")
         md.append("|---|---|---|---|---|")
