@@ -655,19 +655,11 @@ fn read_direct<B: bytes::BufMut>(
     room: usize,
 ) -> io::Result<usize> {
     use std::io::Read;
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if scratch.len() < room {
-            scratch.resize(room, 0);
+    via_scratch(buf, room, |scratch| loop {
+        match (&*stream).read(scratch) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
         }
-        let n = loop {
-            match (&*stream).read(&mut scratch[..room]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => break r?,
-            }
-        };
-        buf.put_slice(&scratch[..n]);
-        Ok(n)
     })
 }
 
@@ -756,14 +748,25 @@ thread_local! {
 /// is as wide as ever (narrower reads cost more syscalls when many devices
 /// stream at once).
 fn read_into_scratch(stream: &TcpStream, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+    via_scratch(buf, chunk, |mut room| {
+        read_short_clears(stream, &mut room, chunk)
+    })
+}
+
+/// One read by `read` into the first `room` bytes of the thread's scratch,
+/// whose bytes are then appended to `buf`.
+fn via_scratch<B: bytes::BufMut>(
+    buf: &mut B,
+    room: usize,
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        if scratch.len() < chunk {
-            scratch.resize(chunk, 0);
+        if scratch.len() < room {
+            scratch.resize(room, 0);
         }
-        let mut room = &mut scratch[..chunk];
-        let n = read_short_clears(stream, &mut room, chunk)?;
-        buf.extend_from_slice(&scratch[..n]);
+        let n = read(&mut scratch[..room])?;
+        buf.put_slice(&scratch[..n]);
         Ok(n)
     })
 }

@@ -523,6 +523,13 @@ mod tests {
 
     const LATER: Duration = Duration::from_secs(3600);
 
+    /// Parks `s` as session `id`, due `at`; returns its key.
+    fn park(lot: &Lot<Session>, s: TcpStream, id: u64, at: Instant) -> usize {
+        let mut key = usize::MAX;
+        lot.park(s, Session(id, at), |k| key = k).ok().unwrap();
+        key
+    }
+
     proptest::proptest! {
         /// Against a model: (deadline rounded up to the millisecond, key)
         /// pairs in a sorted set, keys unique as the slab's are.
@@ -597,9 +604,7 @@ mod tests {
         let mut clients = Vec::new();
         for id in 0..n {
             let (c, s) = pair();
-            lot.park(s, Session(id, Instant::now() + LATER), |_| {})
-                .ok()
-                .unwrap();
+            park(&lot, s, id, Instant::now() + LATER);
             clients.push(c);
         }
         for c in &mut clients {
@@ -614,9 +619,7 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         assert!(lot.is_empty());
         let (mut c, s) = pair();
-        lot.park(s, Session(n, Instant::now() + LATER), |_| {})
-            .ok()
-            .unwrap();
+        park(&lot, s, n, Instant::now() + LATER);
         c.write_all(b"x").unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(5)).unwrap(),
@@ -633,38 +636,23 @@ mod tests {
         let (_rt, lot, rx) = lot();
         let wait = Duration::from_secs(5);
         let (c, s) = pair();
-        let mut key = usize::MAX;
-        lot.park(s, Session(1, Instant::now() + LATER), |k| key = k)
-            .ok()
-            .unwrap();
+        let key = park(&lot, s, 1, Instant::now() + LATER);
         lot.unpark(key, 1);
         assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Called));
-        // Parked again (the test's callback dropped the first stream: a
-        // new one for the same id stands in for the resumed session).
+        // Parked again (a new socket for the same id stands in for the
+        // resumed session's).
         let (mut c1, s1) = pair();
-        lot.park(s1, Session(1, Instant::now() + LATER), |_| {})
-            .ok()
-            .unwrap();
+        park(&lot, s1, 1, Instant::now() + LATER);
         c1.write_all(b"x").unwrap();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Readable));
         // A session woken by its deadline leaves its socket armed; another
         // session parks under the same key; the first socket's bytes wake
         // nobody, the second's wake the second.
         let (mut c2, s2) = pair();
-        let mut k2 = usize::MAX;
-        lot.park(
-            s2,
-            Session(2, Instant::now() + Duration::from_millis(20)),
-            |k| k2 = k,
-        )
-        .ok()
-        .unwrap();
+        let k2 = park(&lot, s2, 2, Instant::now() + Duration::from_millis(20));
         assert_eq!(rx.recv_timeout(wait).unwrap(), (2, Wake::Deadline));
         let (mut c3, s3) = pair();
-        let mut k3 = usize::MAX;
-        lot.park(s3, Session(3, Instant::now() + LATER), |k| k3 = k)
-            .ok()
-            .unwrap();
+        let k3 = park(&lot, s3, 3, Instant::now() + LATER);
         assert_eq!(k2, k3, "the slab reuses the key");
         c2.write_all(b"x").unwrap();
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
@@ -690,9 +678,7 @@ mod tests {
         let wait = Duration::from_secs(5);
         // Readable.
         let (mut c1, s1) = pair();
-        lot.park(s1, Session(1, Instant::now() + LATER), |_| {})
-            .ok()
-            .unwrap();
+        park(&lot, s1, 1, Instant::now() + LATER);
         c1.write_all(b"x").unwrap();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (1, Wake::Readable));
         // The peer closing, with or without bytes before: a hang-up (both
@@ -701,25 +687,18 @@ mod tests {
             let (mut c, s) = pair();
             c.write_all(bytes).unwrap();
             drop(c);
-            lot.park(s, Session(id, Instant::now() + LATER), |_| {})
-                .ok()
-                .unwrap();
+            park(&lot, s, id, Instant::now() + LATER);
             assert_eq!(rx.recv_timeout(wait).unwrap(), (id, Wake::Hangup));
         }
         // Deadline.
         let (_c2, s2) = pair();
         let t = Instant::now();
-        lot.park(s2, Session(2, t + Duration::from_millis(50)), |_| {})
-            .ok()
-            .unwrap();
+        park(&lot, s2, 2, t + Duration::from_millis(50));
         assert_eq!(rx.recv_timeout(wait).unwrap(), (2, Wake::Deadline));
         assert!(t.elapsed() >= Duration::from_millis(50));
         // Called; a stale call (wrong id) does nothing.
         let (_c3, s3) = pair();
-        let mut key = usize::MAX;
-        lot.park(s3, Session(3, Instant::now() + LATER), |k| key = k)
-            .ok()
-            .unwrap();
+        let key = park(&lot, s3, 3, Instant::now() + LATER);
         lot.unpark(key, 99);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         lot.unpark(key, 3);
@@ -728,9 +707,7 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         // Stop resumes the rest and refuses new ones.
         let (_c4, s4) = pair();
-        lot.park(s4, Session(4, Instant::now() + LATER), |_| {})
-            .ok()
-            .unwrap();
+        park(&lot, s4, 4, Instant::now() + LATER);
         lot.stop();
         assert_eq!(rx.recv_timeout(wait).unwrap(), (4, Wake::Stop));
         let (_c5, s5) = pair();
