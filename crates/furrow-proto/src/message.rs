@@ -823,8 +823,21 @@ impl Message {
 
 /// Appends an ACK frame; the hot path's encoder, infallible.
 pub fn encode_ack(seq: u64, dst: &mut BytesMut) {
-    put_header(dst, MessageType::Ack, 8);
-    dst.put_u64(seq);
+    dst.extend_from_slice(&ack_frame(seq));
+}
+
+/// Bytes in an ACK frame.
+pub const ACK_FRAME_LEN: usize = crate::HEADER_LEN + 8;
+
+/// An ACK frame as bytes, for a caller that writes it to a socket without
+/// a buffer of its own (the gateway's storage writer does).
+pub fn ack_frame(seq: u64) -> [u8; ACK_FRAME_LEN] {
+    let mut f = [0u8; ACK_FRAME_LEN];
+    // The length field counts type and flags: 2 + 8.
+    f[..4].copy_from_slice(&10u32.to_be_bytes());
+    f[4] = MessageType::Ack as u8;
+    f[crate::HEADER_LEN..].copy_from_slice(&seq.to_be_bytes());
+    f
 }
 
 /// Appends a TELEMETRY frame without building a [`Message`] (no `Bytes` for

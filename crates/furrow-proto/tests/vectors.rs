@@ -2,7 +2,7 @@
 //! tests for every decoding error docs/protocol.md defines.
 
 use bytes::{Bytes, BytesMut};
-use furrow_proto::message::{encode_ack, encode_telemetry, valid_device_id};
+use furrow_proto::message::{ack_frame, encode_ack, encode_telemetry, valid_device_id};
 use furrow_proto::{
     content, Command, CommandResult, CommandStatus, ContentType, DecodeError, Desired, ErrorCode,
     ErrorMsg, FrameDecoder, Goodbye, Hello, Message, MessageType, Reject, Report, Str, Telemetry,
@@ -432,6 +432,7 @@ fn hot_path_encoders_match_the_vectors() {
     let mut b = BytesMut::new();
     encode_ack(42, &mut b);
     assert_eq!(&b[..], &unhex(ACK_HEX)[..]);
+    assert_eq!(&ack_frame(42)[..], &unhex(ACK_HEX)[..]);
 
     let mut b = BytesMut::new();
     encode_telemetry(42, 1_763_683_200_123, 1, br#"{"t":21.5}"#, &mut b).unwrap();

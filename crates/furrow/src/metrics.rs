@@ -94,6 +94,10 @@ fn describe() {
         Unit::Seconds,
         "From reading a frame to sending the ACK that covers it (oldest frame of each ACK)."
     );
+    describe_counter!(
+        "furrow_writer_acks_total",
+        "ACKs the storage writer wrote to a waiting session's socket itself (plain TCP), not waking the session."
+    );
     describe_histogram!(
         "furrow_store_commit_seconds",
         Unit::Seconds,

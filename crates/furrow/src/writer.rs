@@ -7,7 +7,9 @@
 //! commits the batch through [`TelemetryStore::append`]; and only then publishes each
 //! session's committed ticket through its [`AckCell`]. Nothing is ACKed
 //! before its commit because the ticket is the only way a session learns of
-//! one.
+//! one. A session waiting on plain TCP with nothing else to say lends the
+//! writer its socket ([`AckCell::arm`]): the writer then writes the ACK the
+//! commit allows itself, and the session sleeps on.
 //!
 //! Pacing: a commit starts at most once per `min_commit_interval`. A job
 //! that arrives sooner after the previous commit started waits out the
@@ -63,6 +65,15 @@ struct Slow {
     /// session before the ACK that covers them. A boxed slice (8 bytes in
     /// every connection's cell): almost always none.
     refused: Option<Box<[Refusal]>>,
+    /// The plain TCP socket the writer may write this session's ACKs to
+    /// while the session waits ([`AckCell::arm`]); -1 when not armed.
+    wire: i32,
+    /// Bytes of the writer's last ACK that reached the socket, 0 if it
+    /// wrote none since the session last looked ([`Armed::disarm`]).
+    written: u8,
+    /// The last ACK written to the socket while armed (the session's,
+    /// then the writer's).
+    sent: u64,
 }
 
 impl Default for Slow {
@@ -71,8 +82,59 @@ impl Default for Slow {
             parked: None,
             peer: ([0, 0, 0, 0], 0).into(),
             refused: None,
+            wire: -1,
+            written: 0,
+            sent: 0,
         }
     }
+}
+
+/// An ACK the writer wrote to the device itself ([`AckCell::arm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterAck {
+    /// Its seq.
+    pub seq: u64,
+    /// Bytes of its frame that reached the socket: all of them
+    /// ([`furrow_proto::message::ACK_FRAME_LEN`]), or fewer, and then the
+    /// session writes the rest before anything else.
+    pub written: usize,
+}
+
+/// A session's socket lent to the writer; dropping it (or
+/// [`Armed::disarm`]) takes it back.
+#[must_use]
+pub struct Armed<'a> {
+    cell: &'a AckCell,
+}
+
+impl Armed<'_> {
+    /// Takes the socket back; returns the ACK the writer wrote meanwhile,
+    /// if it wrote one.
+    pub fn disarm(self) -> Option<WriterAck> {
+        let ack = self.cell.take_wire();
+        std::mem::forget(self);
+        ack
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        // A session dropped while it waits (the runtime shuts down): the
+        // socket closes after this, so the writer must not hold it.
+        let _ = self.cell.take_wire();
+    }
+}
+
+/// An ACK the writer may send itself once a job commits
+/// ([`AckCell::arm`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AckOnCommit {
+    /// The ACK's seq: the job's commit resolves everything the session
+    /// read up to and including it.
+    pub seq: u64,
+    /// When the session read the oldest frame this ACK is the first to
+    /// cover (for `furrow_ack_latency_seconds`).
+    pub read_at: tokio::time::Instant,
 }
 
 /// A REPORT a commit refused, for the session's REJECT.
@@ -183,8 +245,100 @@ impl AckCell {
         slow.refused.take().map(Vec::from).unwrap_or_default()
     }
 
-    fn publish(&self, ticket: u64) {
+    /// Lends the writer the session's plain TCP socket `fd` while the
+    /// session waits: a commit that [`AckOnCommit`] says resolves all the
+    /// session has read then writes its ACK to the socket and leaves the
+    /// session asleep, instead of waking it to write the same 14 bytes. A
+    /// quiet device's message then costs the gateway one wake-up (its
+    /// read) instead of two (docs/performance.md, "ACKs from the writer").
+    ///
+    /// The caller writes nothing to the socket, and keeps it open, until
+    /// it takes it back through the guard: the writer writes to it
+    /// meanwhile.
+    /// `acked` is the last ACK the session wrote: the writer writes only
+    /// ACKs above it.
+    pub fn arm(&self, fd: std::os::fd::RawFd, acked: u64) -> Armed<'_> {
+        let mut slow = self.lock_slow();
+        slow.wire = fd;
+        slow.written = 0;
+        slow.sent = acked;
+        Armed { cell: self }
+    }
+
+    fn take_wire(&self) -> Option<WriterAck> {
+        let mut slow = self.lock_slow();
+        slow.wire = -1;
+        let written = std::mem::take(&mut slow.written);
+        (written > 0).then_some(WriterAck {
+            seq: slow.sent,
+            written: written.into(),
+        })
+    }
+
+    /// Writes `ack` to the armed socket; true when the whole frame went.
+    fn write_ack(&self, ack: &AckOnCommit) -> bool {
+        use furrow_proto::message::{ack_frame, ACK_FRAME_LEN};
+        if self.refused.load(Ordering::Acquire) {
+            // REJECTs go first, and the session writes them.
+            return false;
+        }
+        let mut slow = self.lock_slow();
+        if slow.wire < 0 {
+            return false;
+        }
+        if ack.seq <= slow.sent {
+            // Written already (a REJECT resolved it before its commit, or
+            // an earlier commit's ACK covered it): nothing to say.
+            return true;
+        }
+        let frame = ack_frame(ack.seq);
+        // SAFETY: `wire` is an open socket: the session that armed it keeps
+        // it open and writes nothing to it until it takes it back, which
+        // it does under this lock (`take_wire`, also when its guard
+        // drops), so it cannot close (and the number cannot be reused)
+        // while this call holds the lock. `frame` is valid for its length.
+        // MSG_DONTWAIT: a full socket buffer returns at once (the session
+        // is woken to write the ACK then); MSG_NOSIGNAL: a closed peer is
+        // an error, not SIGPIPE. Measured: this saves the session's second
+        // wake-up per quiet message (docs/performance.md).
+        let n = unsafe {
+            libc::send(
+                slow.wire,
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n <= 0 {
+            return false;
+        }
+        // n <= ACK_FRAME_LEN, which fits a u8.
+        slow.written = n as u8;
+        slow.sent = ack.seq;
+        if n as usize != ACK_FRAME_LEN {
+            // The session writes the rest, and everything after it.
+            slow.wire = -1;
+            return false;
+        }
+        drop(slow);
+        let wire = crate::metrics::wire();
+        wire.frame_out(furrow_proto::MessageType::Ack, ACK_FRAME_LEN);
+        wire.bytes_out.increment(ACK_FRAME_LEN as u64);
+        let latency = ack.read_at.elapsed();
+        wire.ack_latency.record(latency.as_secs_f64());
+        crate::live::live().ack_latency(latency);
+        metrics::counter!("furrow_writer_acks_total").increment(1);
+        true
+    }
+
+    /// Publishes a commit of the session's tickets up to `ticket`: writes
+    /// the ACK it allows when the session lent its socket, else wakes the
+    /// session to.
+    fn publish(&self, ticket: u64, ack: Option<&AckOnCommit>) {
         self.committed.fetch_max(ticket, Ordering::AcqRel);
+        if ack.is_some_and(|a| self.write_ack(a)) {
+            return;
+        }
         self.notify.notify_one();
     }
 }
@@ -206,6 +360,16 @@ pub struct WriteJob {
     pub reports: Vec<ReportRecord>,
     /// Highest seq rejected since the last job, 0 if none.
     pub rejected_upto: u64,
+    /// The ACK this job's commit allows, when nothing else holds it back.
+    pub ack: Option<AckOnCommit>,
+}
+
+/// One session's jobs in a batch: what its commit publishes.
+struct Owner {
+    cell: Arc<AckCell>,
+    ticket: u64,
+    device: DeviceKey,
+    ack: Option<AckOnCommit>,
 }
 
 /// Writer tuning.
@@ -300,7 +464,7 @@ async fn run(
             rejections: Vec::new(),
             reports: Vec::new(),
         };
-        let mut owners: Vec<(Arc<AckCell>, u64, DeviceKey)> = Vec::with_capacity(jobs.len());
+        let mut owners: Vec<Owner> = Vec::with_capacity(jobs.len());
         // (device id, its records in the batch), for events after the commit.
         let mut names: Vec<(Arc<str>, usize)> = Vec::new();
         // (device id, its reports in the batch), likewise.
@@ -318,8 +482,16 @@ async fn run(
                 batch.rejections.push((job.device, job.rejected_upto));
             }
             match owners.last_mut() {
-                Some((cell, t, _)) if Arc::ptr_eq(cell, &job.owner) => *t = job.ticket,
-                _ => owners.push((job.owner, job.ticket, job.device)),
+                Some(o) if Arc::ptr_eq(&o.cell, &job.owner) => {
+                    o.ticket = job.ticket;
+                    o.ack = job.ack;
+                }
+                _ => owners.push(Owner {
+                    cell: job.owner,
+                    ticket: job.ticket,
+                    device: job.device,
+                    ack: job.ack,
+                }),
             }
         }
         let batch = Arc::new(batch);
@@ -359,7 +531,7 @@ async fn run(
         for r in &appended.refused {
             metrics::counter!("furrow_state_reports_rejected_total", "reason" => "document")
                 .increment(1);
-            if let Some((cell, _, _)) = owners.iter().find(|(_, _, d)| *d == r.device) {
+            if let Some(Owner { cell, .. }) = owners.iter().find(|o| o.device == r.device) {
                 cell.refuse(Refusal {
                     seq: r.seq,
                     code: r.code,
@@ -371,8 +543,8 @@ async fn run(
             metrics::counter!("furrow_state_reports_stored_total")
                 .increment((batch.reports.len() - appended.refused.len()) as u64);
         }
-        for (cell, ticket, _) in owners {
-            cell.publish(ticket);
+        for o in owners {
+            o.cell.publish(o.ticket, o.ack.as_ref());
         }
         // After the ACKs are released: events never delay them.
         let mut records = batch.records.iter();
@@ -448,6 +620,7 @@ mod tests {
                 payload: Bytes::from_static(b"{}"),
             }],
             rejected_upto: 0,
+            ack: None,
             reports: Vec::new(),
         }
     }
@@ -466,6 +639,102 @@ mod tests {
             Events::off(),
         );
         (store, tx)
+    }
+
+    /// A loopback connection: (the gateway's end, the device's end).
+    fn socket_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let device = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (gateway, _) = l.accept().unwrap();
+        (gateway, device)
+    }
+
+    fn ack(seq: u64) -> AckOnCommit {
+        AckOnCommit {
+            seq,
+            read_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The next `n` bytes the device receives.
+    fn receive(device: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
+        use std::io::Read;
+        device.set_nonblocking(false).unwrap();
+        device
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = vec![0u8; n];
+        device.read_exact(&mut got).unwrap();
+        got
+    }
+
+    /// Whether the device has received nothing (more).
+    fn nothing_received(device: &mut std::net::TcpStream) -> bool {
+        use std::io::Read;
+        device.set_nonblocking(true).unwrap();
+        matches!(device.read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    fn woken(cell: &AckCell) -> bool {
+        futures_util::FutureExt::now_or_never(cell.changed()).is_some()
+    }
+
+    /// While the session lends its socket, a commit's ACK goes straight to
+    /// the device and the session sleeps on; once it takes the socket
+    /// back, commits wake it again and nothing more is written.
+    #[test]
+    fn an_armed_session_gets_its_acks_written_without_waking() {
+        use furrow_proto::message::{ack_frame, ACK_FRAME_LEN};
+        use std::os::fd::AsRawFd;
+        let (gateway, mut device) = socket_pair();
+        let cell = AckCell::default();
+        let armed = cell.arm(gateway.as_raw_fd(), 0);
+        cell.publish(3, Some(&ack(7)));
+        cell.publish(4, Some(&ack(9)));
+        assert_eq!(cell.committed(), 4);
+        assert!(!woken(&cell), "the session sleeps on");
+        assert_eq!(
+            armed.disarm(),
+            Some(WriterAck {
+                seq: 9,
+                written: ACK_FRAME_LEN
+            })
+        );
+        assert_eq!(
+            receive(&mut device, 2 * ACK_FRAME_LEN),
+            [ack_frame(7), ack_frame(9)].concat()
+        );
+
+        cell.publish(5, Some(&ack(11)));
+        assert!(woken(&cell), "taken back: the session writes its ACK");
+        // A commit without an ACK of its own (a duplicate waits) wakes the
+        // session even while armed.
+        let armed = cell.arm(gateway.as_raw_fd(), 0);
+        cell.publish(6, None);
+        assert!(woken(&cell));
+        drop(armed);
+        cell.publish(7, Some(&ack(12)));
+        assert!(woken(&cell), "a dropped guard takes the socket back too");
+        assert!(nothing_received(&mut device));
+    }
+
+    /// A refused report's REJECT comes before the ACK that covers it, and
+    /// only the session writes REJECTs: the writer leaves that ACK to it.
+    #[test]
+    fn a_refusal_leaves_the_ack_to_the_session() {
+        use std::os::fd::AsRawFd;
+        let (gateway, mut device) = socket_pair();
+        let cell = AckCell::default();
+        let armed = cell.arm(gateway.as_raw_fd(), 0);
+        cell.refuse(Refusal {
+            seq: 2,
+            code: furrow_proto::ErrorCode::InvalidPayload,
+            reason: "no".into(),
+        });
+        cell.publish(1, Some(&ack(2)));
+        assert!(woken(&cell));
+        assert_eq!(armed.disarm(), None);
+        assert!(nothing_received(&mut device));
     }
 
     /// Jobs from many devices that arrive within one interval of a commit

@@ -6,9 +6,10 @@
 //! Each case plays the connections of one device in turn, from the fuzz
 //! harness's step sequences (`harness/session.rs`: the committed corpus
 //! replays here too). The schedule decides how many jobs the writer queue
-//! takes, when the writer commits, whether the device reads its answers
-//! (a slow reader fills the outbox) and whether the gateway crashes (the
-//! queue and the device's watermarks are lost, the store is not).
+//! takes, when the writer commits (and whether it writes the ACK itself),
+//! whether the device reads its answers (a slow reader fills the outbox)
+//! and whether the gateway crashes (the queue and the device's watermarks
+//! are lost, the store is not).
 //!
 //! Checked:
 //! * every answer of a connection that closes is what the spec says for
@@ -19,6 +20,10 @@
 //!   connection took is in the model store or was REJECTed;
 //! * stored exactly once: the model store refuses a seq twice, across
 //!   connections and crashes;
+//! * the answer frames, and ACKs only go forward, each sent once, also
+//!   when the writer writes a commit's ACK itself (whole, or its first
+//!   bytes, the session writing the rest) while the session waits with
+//!   nothing unsent (`AckCell::arm`);
 //! * only invalid payloads are REJECTed, and only valid ones stored;
 //! * WELCOME's `last_seq` is the highest stored seq;
 //! * no session is stuck: each one settles within a bounded number of
@@ -42,8 +47,9 @@ use furrow::session::handshake::{self, Certificate};
 use furrow::session::machine::{Drain, End, Fatal, Identity, Limits, Machine};
 use furrow::session::outbox::Outbox;
 use furrow::store::DeviceAuth;
-use furrow::writer::{AckCell, WriteJob};
+use furrow::writer::{AckCell, WriteJob, WriterAck};
 use furrow::Config;
+use furrow_proto::message::{ack_frame, ACK_FRAME_LEN};
 use furrow_proto::{content, FrameDecoder, Goodbye, Message, MessageType};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -65,6 +71,9 @@ struct Schedule {
     read_pct: u64,
     /// Percent chance, per step, that the gateway crashes.
     crash_pct: u64,
+    /// Percent chance that a commit's ACK is written by the writer while
+    /// the session waits with nothing unsent (`AckCell::arm`).
+    writer_ack_pct: u64,
 }
 
 impl Schedule {
@@ -74,12 +83,14 @@ impl Schedule {
         let commit_pct = [0, 10, 50, 100][(dice.next() % 4) as usize];
         let read_pct = [10, 50, 100, 100][(dice.next() % 4) as usize];
         let crash_pct = [0, 0, 0, 2][(dice.next() % 4) as usize];
+        let writer_ack_pct = [0, 50, 100][(dice.next() % 3) as usize];
         Self {
             dice,
             queue_capacity,
             commit_pct,
             read_pct,
             crash_pct,
+            writer_ack_pct,
         }
     }
 }
@@ -156,8 +167,11 @@ impl World {
         self.slot = Arc::new(DeviceSlot::default());
     }
 
-    /// The writer commits the oldest job (or all of them).
-    fn commit(&mut self, all: bool, m: &mut Machine) {
+    /// The writer commits the oldest job (or all of them); with `armed`,
+    /// the session waits with nothing unsent and lent the writer its
+    /// socket, so the writer may write the job's ACK itself (all of its
+    /// bytes or some, the session then writing the rest).
+    fn commit(&mut self, all: bool, m: &mut Machine, mut armed: Option<&mut ConnModel>) {
         while let Some(job) = self.queue.pop_front() {
             for r in &job.records {
                 assert!(
@@ -169,6 +183,27 @@ impl World {
             }
             self.rejected_mark = self.rejected_mark.max(job.rejected_upto);
             m.on_commit(job.ticket);
+            let lent = m.out().is_empty() && self.sched.dice.chance(self.sched.writer_ack_pct);
+            // As `AckCell::arm` lends it: the writer writes only an ACK
+            // above the session's last.
+            let due = job.ack.filter(|a| a.seq > m.acked());
+            if let (Some(ack), Some(model), true) = (due, armed.as_deref_mut(), lent) {
+                let frame = ack_frame(ack.seq);
+                let written = if self.sched.dice.chance(50) {
+                    1 + (self.sched.dice.next() as usize) % (ACK_FRAME_LEN - 1)
+                } else {
+                    ACK_FRAME_LEN
+                };
+                self.received(model, &frame[..written]);
+                m.on_writer_ack(WriterAck {
+                    seq: ack.seq,
+                    written,
+                });
+                if written < ACK_FRAME_LEN {
+                    // The session writes the rest before anything else.
+                    armed = None;
+                }
+            }
             if !all {
                 break;
             }
@@ -265,7 +300,7 @@ impl World {
                 return None;
             }
             if self.sched.dice.chance(self.sched.commit_pct) {
-                self.commit(false, &mut m);
+                self.commit(false, &mut m, Some(&mut model));
             }
             let room = m.room(now);
             let buffered = complete_frame(&dec, &buf);
@@ -279,7 +314,7 @@ impl World {
             }
             // No room: the writer or the device's reading must move.
             if !self.queue.is_empty() {
-                self.commit(false, &mut m);
+                self.commit(false, &mut m, Some(&mut model));
             } else {
                 self.collect(&mut m, &mut model);
             }
@@ -320,7 +355,7 @@ impl World {
     fn settle(&mut self, m: &mut Machine, model: &mut ConnModel, ack: bool) {
         for _ in 0..MAX_STEPS {
             self.submit(m);
-            self.commit(true, m);
+            self.commit(true, m, None);
             m.advance(self.t0, ack);
             if ack {
                 self.collect(m, model);
@@ -334,6 +369,10 @@ impl World {
 
     /// The connection's end: everything it took is resolved.
     fn finish(&self, model: ConnModel) -> Vec<u8> {
+        assert!(
+            model.dec.is_none() || model.pending.is_empty(),
+            "the answer ends inside a frame"
+        );
         for s in &model.taken {
             assert!(
                 self.stored.contains(s) || self.rejected.contains(s),
@@ -377,14 +416,29 @@ impl World {
     /// checked as it leaves.
     fn collect(&mut self, m: &mut Machine, model: &mut ConnModel) {
         let bytes = m.out().bytes_mut().split();
-        model.reply.extend_from_slice(&bytes);
-        model.pending.extend_from_slice(&bytes);
+        self.received(model, &bytes);
+    }
+
+    /// The device receives `bytes`.
+    fn received(&mut self, model: &mut ConnModel, bytes: &[u8]) {
+        model.reply.extend_from_slice(bytes);
+        model.pending.extend_from_slice(bytes);
         let Some(dec) = model.dec.as_ref() else {
             return;
         };
-        while let Ok(Some(f)) = dec.decode(&mut model.pending) {
+        loop {
+            let f = match dec.decode(&mut model.pending) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => panic!("the answer does not frame: {e}"),
+            };
             match Message::from_frame(f) {
                 Ok(Message::Ack { seq }) => {
+                    assert!(
+                        seq > model.last_ack,
+                        "ACK {seq} after ACK {}: ACKs only go forward, each once",
+                        model.last_ack
+                    );
                     for s in model.taken.iter().filter(|s| **s <= seq) {
                         assert!(
                             self.stored.contains(s) || self.rejected.contains(s),
@@ -401,7 +455,8 @@ impl World {
                     );
                     self.rejected.insert(r.seq);
                 }
-                _ => {}
+                Ok(_) => {}
+                Err(e) => panic!("the gateway sent a message that does not decode: {e}"),
             }
         }
     }

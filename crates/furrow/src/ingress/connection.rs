@@ -111,6 +111,22 @@ impl Connection {
             && self.tls.as_ref().is_none_or(|t| t.is_idle())
     }
 
+    /// The socket's descriptor when bytes may go to it past this
+    /// connection's buffers (see `crate::writer::AckCell::arm`): plain TCP
+    /// only, as TLS records are sealed here and QUIC has no socket per
+    /// device.
+    pub fn plain_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        if self.tls.is_some() || self.tls_pending {
+            return None;
+        }
+        match &self.stream {
+            Transport::Tcp(s) => Some(s.as_raw_fd()),
+            Transport::Direct(s) => Some(s.as_raw_fd()),
+            Transport::Detached | Transport::Quic(_) => None,
+        }
+    }
+
     /// Whether this connection is a QUIC stream.
     pub fn is_quic(&self) -> bool {
         matches!(self.stream, Transport::Quic(_))

@@ -46,6 +46,11 @@ pub struct AckTracker {
     entries: VecDeque<Entry>,
     last_acked: u64,
     best: u64,
+    /// `Dup` entries held (they resolve on the device's watermark, not on
+    /// a commit of this connection's).
+    dups: usize,
+    /// Highest seq pushed.
+    pushed: u64,
 }
 
 impl AckTracker {
@@ -56,6 +61,7 @@ impl AckTracker {
 
     /// A frame handed to the writer under `ticket`.
     pub fn push_store(&mut self, seq: u64, ticket: u64) {
+        self.pushed = self.pushed.max(seq);
         self.entries.push_back(Entry {
             seq,
             kind: Kind::Store(ticket),
@@ -64,6 +70,7 @@ impl AckTracker {
 
     /// A frame rejected (REJECT already queued before any ACK covering it).
     pub fn push_rejected(&mut self, seq: u64) {
+        self.pushed = self.pushed.max(seq);
         self.entries.push_back(Entry {
             seq,
             kind: Kind::Resolved,
@@ -72,6 +79,8 @@ impl AckTracker {
 
     /// A duplicate frame.
     pub fn push_dup(&mut self, seq: u64) {
+        self.pushed = self.pushed.max(seq);
+        self.dups += 1;
         self.entries.push_back(Entry {
             seq,
             kind: Kind::Dup,
@@ -104,7 +113,9 @@ impl AckTracker {
             if !done {
                 break;
             }
-            if e.kind != Kind::Dup {
+            if e.kind == Kind::Dup {
+                self.dups -= 1;
+            } else {
                 resolved_here = resolved_here.max(e.seq);
                 watermark = watermark.max(e.seq);
             }
@@ -124,6 +135,22 @@ impl AckTracker {
     /// The last ACK handed out, 0 if none.
     pub fn last_acked(&self) -> u64 {
         self.last_acked
+    }
+
+    /// The ACK that a commit of every entry's ticket will allow, if it is
+    /// that commit alone that holds them back (no duplicate among them
+    /// waits on the device's watermark): then whoever learns of the commit
+    /// first may send it (the storage writer does, see
+    /// `crate::writer::AckCell::arm`).
+    pub fn ack_on_commit(&self) -> Option<u64> {
+        let due = self.pushed.max(self.best);
+        (self.dups == 0 && due > self.last_acked).then_some(due)
+    }
+
+    /// ACK `seq` went out without this tracker (see [`Self::ack_on_commit`]):
+    /// [`Self::advance`] hands out only ACKs above it.
+    pub fn acked_elsewhere(&mut self, seq: u64) {
+        self.last_acked = self.last_acked.max(seq);
     }
 }
 
@@ -192,5 +219,35 @@ mod tests {
         t.push_dup(4);
         assert_eq!(t.advance(1, 10).ack, None);
         assert_eq!(t.last_acked(), 10);
+    }
+
+    #[test]
+    fn an_ack_sent_elsewhere_on_commit_is_not_sent_again() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.ack_on_commit(), None, "nothing to ACK");
+        t.push_store(1, 1);
+        t.push_rejected(2);
+        t.push_store(3, 2);
+        assert_eq!(t.ack_on_commit(), Some(3));
+        t.acked_elsewhere(3);
+        assert_eq!(t.advance(2, 0).ack, None, "3 went out already");
+        assert_eq!(t.outstanding(), 0);
+        t.push_store(4, 3);
+        assert_eq!(t.advance(3, 0).ack, Some(4), "later ACKs still go out");
+    }
+
+    #[test]
+    fn no_ack_on_commit_while_a_duplicate_waits() {
+        let mut t = AckTracker::new();
+        t.push_dup(7);
+        t.push_store(8, 1);
+        assert_eq!(
+            t.ack_on_commit(),
+            None,
+            "7 waits on the device, not a commit"
+        );
+        assert_eq!(t.advance(1, 7).ack, Some(8));
+        t.push_store(9, 2);
+        assert_eq!(t.ack_on_commit(), Some(9), "the duplicate is gone");
     }
 }

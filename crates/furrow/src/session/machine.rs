@@ -546,11 +546,47 @@ impl Machine {
                         records,
                         reports,
                         rejected_upto: rejected,
+                        ack: None,
                     })
                 }
             }
+            if let Some(job) = &mut self.pending_job {
+                // Everything read so far resolves with this job's commit
+                // (unless a duplicate waits on the device): its ACK.
+                job.ack = self
+                    .acks
+                    .ack_on_commit()
+                    .zip(self.read_marks.front())
+                    .map(|(seq, &(_, read_at))| crate::writer::AckOnCommit { seq, read_at });
+            }
         }
         self.pending_job.take()
+    }
+
+    /// The last ACK this session has queued or had written.
+    pub fn acked(&self) -> u64 {
+        self.acks.last_acked()
+    }
+
+    /// The storage writer wrote ACK `ack.seq` (see
+    /// [`crate::writer::AckCell::arm`]): it is not sent again, and the rest
+    /// of a frame it only began comes before anything else.
+    pub fn on_writer_ack(&mut self, ack: crate::writer::WriterAck) {
+        if ack.written < furrow_proto::message::ACK_FRAME_LEN {
+            self.out.queue_ack_rest(ack.seq, ack.written);
+        } else {
+            self.out.count_written_elsewhere();
+        }
+        self.acks.acked_elsewhere(ack.seq);
+        // Its latency was measured where it was written.
+        self.committed = self.committed.max(self.id.cell.committed());
+        while self
+            .read_marks
+            .front()
+            .is_some_and(|&(ticket, _)| ticket <= self.committed)
+        {
+            self.read_marks.pop_front();
+        }
     }
 
     /// The writer's queue was full: the job waits here (and the session

@@ -53,6 +53,22 @@ impl Outbox {
         crate::metrics::wire().frame_out(MessageType::Ack, furrow_proto::HEADER_LEN + 8);
     }
 
+    /// Queues what the storage writer did not write of ACK `seq`'s frame
+    /// (its first `written` bytes reached the socket; the outbox is empty:
+    /// nothing was queued while the writer held the socket).
+    pub fn queue_ack_rest(&mut self, seq: u64, written: usize) {
+        let frame = furrow_proto::message::ack_frame(seq);
+        self.buf
+            .extend_from_slice(&frame[written.min(frame.len())..]);
+        self.frames += 1;
+        crate::metrics::wire().frame_out(MessageType::Ack, frame.len());
+    }
+
+    /// Counts an ACK frame the storage writer wrote whole.
+    pub fn count_written_elsewhere(&mut self) {
+        self.frames += 1;
+    }
+
     /// Bytes waiting.
     pub fn len(&self) -> usize {
         self.buf.len()
