@@ -28,7 +28,7 @@
 //! ACK is a promise, so the writer would rather stall ingest than drop a
 //! batch. Each change between healthy and failing is logged once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,15 @@ pub struct AckCell {
     committed: AtomicU64,
     /// Set while `slow` holds refused reports (read without the lock).
     refused: AtomicBool,
+    /// Bytes of the writer's last ACK that reached the socket, 0 if it
+    /// wrote none since the session last looked ([`Armed::disarm`]).
+    /// Read and written with `slow` locked (here, not there, to fill the
+    /// padding after `refused`: 16 bytes less per connection).
+    written: AtomicU8,
+    /// The plain TCP socket the writer may write this session's ACKs to
+    /// while the session waits ([`AckCell::arm`]); -1 when not armed.
+    /// With `slow` locked, as `written`.
+    wire: AtomicI32,
     notify: Notify,
     /// Where the session waits while parked (see `session::park`), and
     /// the rare news a commit brings besides its ticket.
@@ -62,17 +71,15 @@ struct Slow {
     /// device migrates, so it shares the lock (no mutex of its own).
     peer: std::net::SocketAddr,
     /// Reports a commit refused, `(seq, code, reason)`: REJECTed by the
-    /// session before the ACK that covers them. A boxed slice (8 bytes in
-    /// every connection's cell): almost always none.
-    refused: Option<Box<[Refusal]>>,
-    /// The plain TCP socket the writer may write this session's ACKs to
-    /// while the session waits ([`AckCell::arm`]); -1 when not armed.
-    wire: i32,
-    /// Bytes of the writer's last ACK that reached the socket, 0 if it
-    /// wrote none since the session last looked ([`Armed::disarm`]).
-    written: u8,
-    /// The last ACK written to the socket while armed (the session's,
-    /// then the writer's).
+    /// session before the ACK that covers them. Boxed (8 bytes in every
+    /// connection's cell): almost always none.
+    #[allow(
+        clippy::box_collection,
+        reason = "a thin pointer: 8 bytes per connection where a Vec takes 24"
+    )]
+    refused: Option<Box<Vec<Refusal>>>,
+    /// The last ACK written to the lent socket (the session's, then the
+    /// writer's; see [`AckCell::arm`]).
     sent: u64,
 }
 
@@ -82,8 +89,6 @@ impl Default for Slow {
             parked: None,
             peer: ([0, 0, 0, 0], 0).into(),
             refused: None,
-            wire: -1,
-            written: 0,
             sent: 0,
         }
     }
@@ -171,6 +176,8 @@ impl AckCell {
         Self {
             committed: AtomicU64::new(0),
             refused: AtomicBool::new(false),
+            written: AtomicU8::new(0),
+            wire: AtomicI32::new(0),
             notify: Notify::new(),
             slow: std::sync::Mutex::new(Slow {
                 peer,
@@ -229,9 +236,7 @@ impl AckCell {
     /// covers it is published.
     fn refuse(&self, refusal: Refusal) {
         let mut slow = self.lock_slow();
-        let mut all = slow.refused.take().map(Vec::from).unwrap_or_default();
-        all.push(refusal);
-        slow.refused = Some(all.into_boxed_slice());
+        slow.refused.get_or_insert_with(Box::default).push(refusal);
         self.refused.store(true, Ordering::Release);
     }
 
@@ -242,7 +247,7 @@ impl AckCell {
         }
         let mut slow = self.lock_slow();
         self.refused.store(false, Ordering::Release);
-        slow.refused.take().map(Vec::from).unwrap_or_default()
+        slow.refused.take().map(|all| *all).unwrap_or_default()
     }
 
     /// Lends the writer the session's plain TCP socket `fd` while the
@@ -254,21 +259,22 @@ impl AckCell {
     ///
     /// The caller writes nothing to the socket, and keeps it open, until
     /// it takes it back through the guard: the writer writes to it
-    /// meanwhile.
-    /// `acked` is the last ACK the session wrote: the writer writes only
-    /// ACKs above it.
+    /// meanwhile. `acked` is the last ACK the session wrote: the writer
+    /// writes only ACKs above it.
     pub fn arm(&self, fd: std::os::fd::RawFd, acked: u64) -> Armed<'_> {
         let mut slow = self.lock_slow();
-        slow.wire = fd;
-        slow.written = 0;
+        // Stored plus one: zero (a new cell's) means not armed.
+        self.wire
+            .store(fd.checked_add(1).unwrap_or(0), Ordering::Relaxed);
+        self.written.store(0, Ordering::Relaxed);
         slow.sent = acked;
         Armed { cell: self }
     }
 
     fn take_wire(&self) -> Option<WriterAck> {
-        let mut slow = self.lock_slow();
-        slow.wire = -1;
-        let written = std::mem::take(&mut slow.written);
+        let slow = self.lock_slow();
+        self.wire.store(0, Ordering::Relaxed);
+        let written = self.written.swap(0, Ordering::Relaxed);
         (written > 0).then_some(WriterAck {
             seq: slow.sent,
             written: written.into(),
@@ -283,7 +289,8 @@ impl AckCell {
             return false;
         }
         let mut slow = self.lock_slow();
-        if slow.wire < 0 {
+        let fd = self.wire.load(Ordering::Relaxed) - 1;
+        if fd < 0 {
             return false;
         }
         if ack.seq <= slow.sent {
@@ -292,7 +299,7 @@ impl AckCell {
             return true;
         }
         let frame = ack_frame(ack.seq);
-        // SAFETY: `wire` is an open socket: the session that armed it keeps
+        // SAFETY: `fd` is an open socket: the session that armed it keeps
         // it open and writes nothing to it until it takes it back, which
         // it does under this lock (`take_wire`, also when its guard
         // drops), so it cannot close (and the number cannot be reused)
@@ -303,7 +310,7 @@ impl AckCell {
         // wake-up per quiet message (docs/performance.md).
         let n = unsafe {
             libc::send(
-                slow.wire,
+                fd,
                 frame.as_ptr().cast(),
                 frame.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -313,11 +320,11 @@ impl AckCell {
             return false;
         }
         // n <= ACK_FRAME_LEN, which fits a u8.
-        slow.written = n as u8;
+        self.written.store(n as u8, Ordering::Relaxed);
         slow.sent = ack.seq;
         if n as usize != ACK_FRAME_LEN {
             // The session writes the rest, and everything after it.
-            slow.wire = -1;
+            self.wire.store(0, Ordering::Relaxed);
             return false;
         }
         drop(slow);
@@ -735,6 +742,16 @@ mod tests {
         assert!(woken(&cell));
         assert_eq!(armed.disarm(), None);
         assert!(nothing_received(&mut device));
+    }
+
+    /// Every connected device holds one cell (with its registry handle):
+    /// this notices a field that grows it into the next allocation size
+    /// class (glibc: the Arc's two counts, the cell, 8 bytes of header,
+    /// rounded up to 16).
+    #[test]
+    fn a_cell_stays_small() {
+        let size = std::mem::size_of::<AckCell>();
+        assert!(size <= 184, "an AckCell grew to {size} bytes");
     }
 
     /// Jobs from many devices that arrive within one interval of a commit
