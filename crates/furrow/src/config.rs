@@ -384,7 +384,11 @@ pub struct Storage {
     /// share one fsync. Never paid after a pause or by a full batch.
     pub min_commit_interval_us: u64,
     /// Writer queue capacity, in jobs (one job is one read's worth of
-    /// telemetry from one connection).
+    /// telemetry from one connection). Room for the jobs that arrive while
+    /// a commit runs: at 10,000 devices a job is one reading, and a full
+    /// queue parks every session on the queue's semaphore, a second wake-up
+    /// per message that saturated the gateway at 1,024 (docs/performance.md,
+    /// "The writer queue").
     pub queue_capacity: usize,
     /// SQLite only: readings are indexed per device (sealed) once this many
     /// wait unindexed in memory (they are durable already; the bound is on
@@ -423,7 +427,7 @@ impl Default for Storage {
             batch_max_rows: 8192,
             batch_delay_us: 0,
             min_commit_interval_us: 1_000,
-            queue_capacity: 1024,
+            queue_capacity: 4096,
             seal_rows: 200_000,
             seal_after_ms: 10_000,
             chunk_span: Span::from_ms(86_400_000),
