@@ -322,15 +322,16 @@ impl AckCell {
         // n <= ACK_FRAME_LEN, which fits a u8.
         self.written.store(n as u8, Ordering::Relaxed);
         slow.sent = ack.seq;
+        let wire = crate::metrics::wire();
+        wire.bytes_out.increment(n as u64);
         if n as usize != ACK_FRAME_LEN {
-            // The session writes the rest, and everything after it.
+            // The session writes the rest, and everything after it (and
+            // counts the frame).
             self.wire.store(0, Ordering::Relaxed);
             return false;
         }
         drop(slow);
-        let wire = crate::metrics::wire();
         wire.frame_out(furrow_proto::MessageType::Ack, ACK_FRAME_LEN);
-        wire.bytes_out.increment(ACK_FRAME_LEN as u64);
         let latency = ack.read_at.elapsed();
         wire.ack_latency.record(latency.as_secs_f64());
         crate::live::live().ack_latency(latency);

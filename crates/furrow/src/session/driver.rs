@@ -1018,9 +1018,7 @@ impl Session {
                 () = timer.as_mut(), if wake_at.is_some() => Woke::Timer,
             };
             if let Some(ack) = armed.and_then(crate::writer::Armed::disarm) {
-                if ack.written == furrow_proto::message::ACK_FRAME_LEN {
-                    self.conn.stats.bytes_out += ack.written as u64;
-                }
+                self.conn.stats.bytes_out += ack.written as u64;
                 live.m.on_writer_ack(ack);
             }
             match woke {
