@@ -572,18 +572,14 @@ impl Machine {
     /// [`crate::writer::AckCell::arm`]): it is not sent again, and the rest
     /// of a frame it only began comes before anything else.
     pub fn on_writer_ack(&mut self, ack: crate::writer::WriterAck) {
-        if ack.written < furrow_proto::message::ACK_FRAME_LEN {
-            self.out.queue_ack_rest(ack.seq, ack.written);
-        } else {
-            self.out.count_written_elsewhere();
-        }
+        self.out.writer_ack(ack.seq, ack.written);
         self.acks.acked_elsewhere(ack.seq);
         // Its latency was measured where it was written.
-        self.committed = self.committed.max(self.id.cell.committed());
+        let committed = self.id.cell.committed();
         while self
             .read_marks
             .front()
-            .is_some_and(|&(ticket, _)| ticket <= self.committed)
+            .is_some_and(|&(ticket, _)| ticket <= committed)
         {
             self.read_marks.pop_front();
         }

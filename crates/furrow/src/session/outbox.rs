@@ -7,7 +7,7 @@
 //! ([`Outbox::release_idle`]).
 
 use bytes::BytesMut;
-use furrow_proto::message::encode_ack;
+use furrow_proto::message::{ack_frame, encode_ack, ACK_FRAME_LEN};
 use furrow_proto::{Message, MessageType};
 
 /// Encoded frames waiting for the transport.
@@ -50,23 +50,20 @@ impl Outbox {
     pub fn queue_ack(&mut self, seq: u64) {
         encode_ack(seq, &mut self.buf);
         self.frames += 1;
-        crate::metrics::wire().frame_out(MessageType::Ack, furrow_proto::HEADER_LEN + 8);
+        crate::metrics::wire().frame_out(MessageType::Ack, ACK_FRAME_LEN);
     }
 
-    /// Queues what the storage writer did not write of ACK `seq`'s frame
-    /// (its first `written` bytes reached the socket; the outbox is empty:
-    /// nothing was queued while the writer held the socket).
-    pub fn queue_ack_rest(&mut self, seq: u64, written: usize) {
-        let frame = furrow_proto::message::ack_frame(seq);
-        self.buf
-            .extend_from_slice(&frame[written.min(frame.len())..]);
+    /// ACK `seq`, of which the storage writer wrote the first `written`
+    /// bytes to the socket: counted, and the rest of a frame it only
+    /// began queued (the outbox is empty then: nothing was queued while
+    /// the writer held the socket).
+    pub fn writer_ack(&mut self, seq: u64, written: usize) {
         self.frames += 1;
-        crate::metrics::wire().frame_out(MessageType::Ack, frame.len());
-    }
-
-    /// Counts an ACK frame the storage writer wrote whole.
-    pub fn count_written_elsewhere(&mut self) {
-        self.frames += 1;
+        if written < ACK_FRAME_LEN {
+            self.buf.extend_from_slice(&ack_frame(seq)[written..]);
+            // A whole frame the writer counted itself.
+            crate::metrics::wire().frame_out(MessageType::Ack, ACK_FRAME_LEN);
+        }
     }
 
     /// Bytes waiting.
