@@ -546,7 +546,9 @@ pub struct Sessions {
     /// the device sends, its keepalive runs out or the gateway has
     /// something for it. A session woken for its device's frame parks
     /// again as soon as that is ACKed, unless the device is chatty. 0
-    /// never parks.
+    /// never parks. Short by default: the fewer sessions hold a task at
+    /// once after a burst of connections, the less freed memory the
+    /// allocator keeps (docs/performance.md, "Parking sooner").
     pub park_after_ms: u64,
     /// A device whose last two frames came less than this apart is chatty:
     /// its session parks only after this long quiet (at least
@@ -563,7 +565,7 @@ pub struct Sessions {
 impl Default for Sessions {
     fn default() -> Self {
         Self {
-            park_after_ms: 250,
+            park_after_ms: 5,
             park_chatty_ms: 2_000,
             trim_after: 256,
             takeover_wait_ms: 5_000,
