@@ -556,7 +556,9 @@ pub struct Sessions {
     /// task instead of paying a wake-up for each message.
     pub park_chatty_ms: u64,
     /// Once this many session tasks, and at least half of them, have ended
-    /// or parked since the busiest moment, the gateway gives the heap pages
+    /// or parked since the busiest moment, or this many connections have
+    /// opened since the last time and their burst is over (the last second
+    /// brought at most an eighth of them), the gateway gives the heap pages
     /// they freed back to the system (glibc's malloc_trim, checked once a
     /// second) and SQLite empties its page caches. 0 never does.
     pub trim_after: usize,

@@ -7,10 +7,20 @@
 //! 400 bytes per connection stay resident for nothing. `malloc_trim` hands
 //! every whole free page back to the kernel (docs/performance.md, "Memory
 //! per idle connection"). It walks the heap, so it runs only when there
-//! is something to give back: after at least `sessions.trim_after` session
-//! tasks, and at least half of them, have ended or parked since the
-//! busiest moment, checked once a second. A steady fleet whose tasks come
-//! and go at the same rate does not trigger it.
+//! is something to give back, checked once a second, after either
+//!
+//! * at least `sessions.trim_after` session tasks, and at least half of
+//!   them, have ended or parked since the busiest moment (a busy fleet
+//!   that went quiet), or
+//! * at least `sessions.trim_after` connections have opened since the last
+//!   trim and the burst is over: the last second brought fewer than an
+//!   eighth of them. Sessions that park a few milliseconds after WELCOME
+//!   never pile up as tasks, yet every handshake leaves its transient
+//!   memory between the long-lived objects allocated meanwhile.
+//!
+//! A steady fleet whose tasks come and go at the same rate triggers
+//! neither, and a steady trickle of reconnections at most once every
+//! eight seconds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,6 +31,13 @@ use tracing::debug;
 /// Session tasks alive now, and the most alive since the last trim.
 static ALIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Connections opened since the process started.
+static OPENED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a connection the listener accepted (before its handshake).
+pub fn connection_opened() {
+    OPENED.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Counts one session task while it lives (connection tasks hold one).
 #[derive(Debug)]
@@ -47,13 +64,33 @@ impl Drop for TaskAlive {
     }
 }
 
-/// Whether enough tasks have gone since the busiest moment (`peak`) that
-/// their memory is worth giving back: at least `after` (0: never) and at
-/// least half of them. The half keeps a fleet whose active sessions swing
-/// by a few hundred around thousands from trimming every second (each
-/// trim's pages would only be faulted back in).
-pub fn worth_trimming(peak: usize, alive: usize, after: usize) -> bool {
-    after > 0 && peak.saturating_sub(alive) >= after.max(peak / 2)
+/// What the once-a-second check looks at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// The most session tasks alive at once since the last trim.
+    pub peak: usize,
+    /// Session tasks alive now.
+    pub alive: usize,
+    /// Connections opened since the last trim.
+    pub opened: usize,
+    /// Of those, the ones opened since the previous check (a second ago).
+    pub opened_lately: usize,
+}
+
+/// Whether the memory freed since the last trim is worth giving back
+/// (`after` = 0: never): enough tasks have gone since the busiest moment,
+/// at least `after` and at least half of them (the half keeps a fleet whose
+/// active sessions swing by a few hundred around thousands from trimming
+/// every second: each trim's pages would only be faulted back in); or
+/// enough connections opened, at least `after`, and their burst is over,
+/// the last second having brought at most an eighth of them.
+pub fn worth_trimming(a: Activity, after: usize) -> bool {
+    if after == 0 {
+        return false;
+    }
+    let tasks_went = a.peak.saturating_sub(a.alive) >= after.max(a.peak / 2);
+    let burst_over = a.opened >= after && a.opened_lately.saturating_mul(8) <= a.opened;
+    tasks_went || burst_over
 }
 
 /// Checks once a second until `stop`, trimming when [`worth_trimming`];
@@ -69,6 +106,9 @@ where
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // OPENED at the last trim and at the previous check.
+    let mut opened_at_trim = OPENED.load(Ordering::Relaxed);
+    let mut opened_at_check = opened_at_trim;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -76,12 +116,21 @@ where
         }
         let alive = ALIVE.load(Ordering::Relaxed);
         let peak = PEAK.load(Ordering::Relaxed);
-        if !worth_trimming(peak, alive, after) {
+        let opened_now = OPENED.load(Ordering::Relaxed);
+        let activity = Activity {
+            peak,
+            alive,
+            opened: opened_now.wrapping_sub(opened_at_trim),
+            opened_lately: opened_now.wrapping_sub(opened_at_check),
+        };
+        opened_at_check = opened_now;
+        if !worth_trimming(activity, after) {
             continue;
         }
         // From here the busiest moment is now: tasks that start and end
-        // later count from this level.
+        // later count from this level, connections from this count.
         PEAK.store(alive, Ordering::Relaxed);
+        opened_at_trim = opened_now;
         release().await;
         // It walks every arena under its lock: off the workers.
         let started = std::time::Instant::now();
@@ -92,6 +141,7 @@ where
                 freed,
                 alive,
                 peak,
+                opened = activity.opened,
                 took_us = started.elapsed().as_micros() as u64,
                 "gave freed heap pages back"
             );
@@ -131,21 +181,63 @@ fn resident() -> u64 {
 mod tests {
     use super::*;
 
+    fn tasks(peak: usize, alive: usize) -> Activity {
+        Activity {
+            peak,
+            alive,
+            ..Activity::default()
+        }
+    }
+
+    fn opened(opened: usize, opened_lately: usize) -> Activity {
+        Activity {
+            opened,
+            opened_lately,
+            ..Activity::default()
+        }
+    }
+
     #[test]
     fn trims_only_after_enough_tasks_went() {
-        assert!(!worth_trimming(1_000, 900, 256), "100 gone: not yet");
-        assert!(worth_trimming(400, 144, 256));
-        assert!(worth_trimming(1_250, 0, 256), "a burst that parked");
-        assert!(worth_trimming(12_000, 6_000, 256), "half went");
+        assert!(!worth_trimming(tasks(1_000, 900), 256), "100 gone: not yet");
+        assert!(worth_trimming(tasks(400, 144), 256));
+        assert!(worth_trimming(tasks(1_250, 0), 256), "a burst that parked");
+        assert!(worth_trimming(tasks(12_000, 6_000), 256), "half went");
         assert!(
-            !worth_trimming(12_000, 11_000, 256),
+            !worth_trimming(tasks(12_000, 11_000), 256),
             "a steady fleet's swing"
         );
         assert!(
-            !worth_trimming(1_000, 1_200, 256),
+            !worth_trimming(tasks(1_000, 1_200), 256),
             "more alive than the peak"
         );
-        assert!(!worth_trimming(10_000, 0, 0), "0 turns it off");
+        assert!(!worth_trimming(tasks(10_000, 0), 0), "0 turns it off");
+    }
+
+    #[test]
+    fn trims_once_a_burst_of_connections_is_over() {
+        // 1,000 devices connected and parked within milliseconds: no task
+        // piled up, but their handshakes' memory is there to give back.
+        assert!(worth_trimming(opened(1_000, 0), 256), "the burst is over");
+        assert!(!worth_trimming(opened(1_000, 600), 256), "still connecting");
+        assert!(!worth_trimming(opened(200, 0), 256), "too few");
+        assert!(!worth_trimming(opened(10_000, 0), 0), "0 turns it off");
+    }
+
+    #[test]
+    fn a_steady_trickle_of_connections_trims_seldom() {
+        // 100 connections a second, every second: the check sees
+        // `opened` grow by 100 a tick and trims when a tick brings at most
+        // an eighth of what came since the last trim.
+        let (mut since, mut trims) = (0, 0);
+        for _ in 0..80 {
+            since += 100;
+            if worth_trimming(opened(since, 100), 256) {
+                trims += 1;
+                since = 0;
+            }
+        }
+        assert_eq!(trims, 10, "once every 8 s over 80 s");
     }
 
     #[test]

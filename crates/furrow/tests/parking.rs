@@ -503,3 +503,33 @@ async fn a_session_woken_by_a_frame_parks_again_once_it_is_acked() {
         assert_eq!(stored_seqs_in(&db, id), vec![1, 2], "{id}");
     }
 }
+
+/// Sessions that park a few milliseconds after WELCOME never pile up as
+/// tasks, so the tasks' rule (at least `sessions.trim_after` gone since
+/// the busiest moment) never fires for them; yet their handshakes leave
+/// freed memory between the objects that stay. Once such a burst of
+/// connections is over, that memory goes back as well: 600 devices
+/// connected 20 at a time (never 256 tasks at once) into a gateway that
+/// parks after 5 ms, and a trim follows. Checked to fail with the tasks'
+/// rule alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_that_parked_at_once_gives_its_memory_back() {
+    const N: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _cfg, creds) = Fleet::start_parking_after(dir.path(), "burst", N, 5).await;
+    let mut devices = Vec::with_capacity(N);
+    for chunk in creds.chunks(20) {
+        devices.extend(fleet.connect(chunk, 600).await);
+    }
+    fleet.until_parked(N).await;
+    let started = Instant::now();
+    while fleet.metric("furrow_memory_trims_total").await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no trim after a burst of {N} connections that parked\n{}",
+            fleet.gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(devices);
+}

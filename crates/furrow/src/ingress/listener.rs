@@ -75,6 +75,7 @@ pub async fn accept_loop<H, F>(
                 backoff = Duration::from_millis(5);
                 streak = false;
                 metrics::counter!("furrow_connections_accepted_total").increment(1);
+                crate::memory::connection_opened();
                 let id = next_conn_id();
                 let fut = handler(stream, peer, Instant::now(), id);
                 // A panic ends one connection, not the server. Caught inside
