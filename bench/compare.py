@@ -244,9 +244,14 @@ def main():
                   "burst's tasks freed back to the system (`sessions.trim_after`) "
                   "(docs/performance.md); the parking-off column is the same build with "
                   "`park_after_ms = 0`.\n")
-        md.append("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
-                  "| Furrow / Mosquitto |")
-        md.append("|---|---|---|---|---|")
+        md.append("The anonymous columns count the heap alone (`RssAnon`); the rest of the "
+                  "growth is file-backed pages, mostly each server's own code faulted in on "
+                  "first use, shared with the page cache and paid once, not per connection "
+                  "(a larger share of the total at 1,000 connections).\n")
+        header = ("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
+                  "| Furrow / Mosquitto | Furrow anonymous | Mosquitto anonymous |")
+        md.append(header)
+        md.append("|---|---|---|---|---|---|---|")
         def idle_row(n, tls=None, extra=(), label=""):
             """Furrow parked, Furrow with parking off, Mosquitto: one row."""
             f = one("furrow", "idle", "--devices", n, "--duration", 4, *extra, tls=tls)
@@ -254,7 +259,10 @@ def main():
                       env={"FURROW_SESSIONS__PARK_AFTER_MS": "0"})
             m = one("mosquitto", "idle", "--devices", n, "--duration", 4, *extra, tls=tls)
             fb, ob, mb = (r["memory"]["bytes_per_connection"] for r in (f, off, m))
-            return f"| {n:,}{label} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x |"
+            fa, ma = (r["memory"].get("anon_bytes_per_connection") for r in (f, m))
+            anon = lambda v: "-" if v is None else f"{v:,.0f}"
+            return (f"| {n:,}{label} | {fb:,.0f} | {ob:,.0f} | {mb:,.0f} | {fb / mb:.2f}x "
+                    f"| {anon(fa)} | {anon(ma)} |")
 
         for n in ([1000, 10000] if opts.quick else [1000, 10000, 19000]):
             md.append(idle_row(n))
@@ -279,9 +287,8 @@ def main():
                   "after it; OpenSSL for Mosquitto; ECDSA P-256 from `furrow certs`; TLS 1.2 keeps "
                   "a server-side session cache entry per device for resumption, TLS 1.3 resumes "
                   "from tickets):\n")
-        md.append("| TLS connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
-                  "| Furrow / Mosquitto |")
-        md.append("|---|---|---|---|---|")
+        md.append(header.replace("| connections", "| TLS connections"))
+        md.append("|---|---|---|---|---|---|---|")
         md.extend(rows)
         md.append("\nGoal (issue 14): at most 3,000 bytes per TLS connection.\n")
 

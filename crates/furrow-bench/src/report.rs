@@ -48,6 +48,13 @@ pub struct MemoryReport {
     pub rss_after_kib: u64,
     /// The growth divided by the connections held.
     pub bytes_per_connection: f64,
+    /// The growth of anonymous memory alone (`RssAnon`: the heap and
+    /// stacks, private to the process) divided by the connections held.
+    /// The rest of the growth is file-backed pages, mostly the server's
+    /// own code faulted in on first use: shared with the page cache and
+    /// paid once, not per connection. None where /proc does not say.
+    #[serde(default)]
+    pub anon_bytes_per_connection: Option<f64>,
 }
 
 /// What an authflood run measured over its window.
@@ -268,6 +275,12 @@ impl Report {
                 "  memory     server RSS {} -> {} KiB: {:.0} bytes per connection",
                 m.rss_before_kib, m.rss_after_kib, m.bytes_per_connection
             );
+            if let Some(anon) = m.anon_bytes_per_connection {
+                let _ = writeln!(
+                    s,
+                    "             of which anonymous (heap): {anon:.0} bytes per connection"
+                );
+            }
         }
         if self.errors.is_empty() {
             let _ = writeln!(s, "  errors     none; {} reconnects", self.reconnects);

@@ -72,13 +72,23 @@ fn open_files_limit() -> Option<usize> {
 
 /// The server's resident memory, KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+    status_kib(pid, "VmRSS:")?.ok_or_else(|| BenchError::Invalid(format!("no VmRSS for pid {pid}")))
+}
+
+/// The server's resident anonymous memory (heap, stacks), KiB, from /proc;
+/// None on kernels that do not split RSS (before Linux 4.5).
+pub fn rss_anon_kib(pid: u32) -> Result<Option<u64>, BenchError> {
+    status_kib(pid, "RssAnon:")
+}
+
+/// One `KEY: N kB` line of /proc/PID/status.
+fn status_kib(pid: u32, key: &str) -> Result<Option<u64>, BenchError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
+    Ok(status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| BenchError::Invalid(format!("no VmRSS for pid {pid}")))
+        .and_then(|v| v.parse().ok()))
 }
 
 /// The server's CPU time (user + system), seconds, from /proc. Linux
@@ -248,7 +258,12 @@ pub fn run(
             args.tls12,
         )?;
     }
-    let rss_before = args.server_pid.map(rss_kib).transpose()?;
+    // Resident memory before any device connects: all of it, and the
+    // anonymous part.
+    let rss_before = match args.server_pid {
+        Some(pid) => Some((rss_kib(pid)?, rss_anon_kib(pid)?)),
+        None => None,
+    };
     let n_workers = args.worker_count();
     let per_worker = args.devices.div_ceil(n_workers);
     if let Some(limit) = open_files_limit() {
@@ -310,7 +325,10 @@ pub fn run(
     Ok(report)
 }
 
-fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchError> {
+fn drive(
+    c: &mut Coordinator,
+    rss_before: Option<(u64, Option<u64>)>,
+) -> Result<Report, BenchError> {
     let args = c.args.clone();
     let second = Duration::from_secs(1);
     let n = args.devices as u64;
@@ -396,13 +414,20 @@ fn drive(c: &mut Coordinator, rss_before: Option<u64>) -> Result<Report, BenchEr
             for _ in 0..args.duration {
                 s = c.tick(second, "hold")?;
             }
-            if let (Some(pid), Some(before)) = (args.server_pid, rss_before) {
+            if let (Some(pid), Some((before, anon_before))) = (args.server_pid, rss_before) {
                 let after = rss_kib(pid)?;
+                let per_connection = |before: u64, after: u64| {
+                    after.saturating_sub(before) as f64 * 1024.0 / s.connected.max(1) as f64
+                };
+                let anon = match (anon_before, rss_anon_kib(pid)?) {
+                    (Some(b), Some(a)) => Some(per_connection(b, a)),
+                    _ => None,
+                };
                 memory = Some(MemoryReport {
                     rss_before_kib: before,
                     rss_after_kib: after,
-                    bytes_per_connection: after.saturating_sub(before) as f64 * 1024.0
-                        / s.connected.max(1) as f64,
+                    bytes_per_connection: per_connection(before, after),
+                    anon_bytes_per_connection: anon,
                 });
             }
         }
@@ -498,6 +523,9 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_s(pid).expect("cpu") > 0.0);
         assert!(rss_kib(pid).expect("rss") > 0);
+        // This test process has a heap, so anonymous memory above zero.
+        let anon = rss_anon_kib(pid).expect("status").expect("RssAnon");
+        assert!(anon > 0 && anon <= rss_kib(pid).expect("rss"));
         assert!(cpu_s(u32::MAX).is_err());
         // The threads' split adds up to no more than the process (threads
         // that ended are in the process figure only).
