@@ -234,14 +234,14 @@ def main():
         md.append(f"\nGoal: p99 at most 5 ms: **{'met' if a['p99'] <= 5000 else 'NOT met'}**.\n")
 
     if want("idle"):
-        # b. idle memory. Held 4 s: quiet sessions park 250 ms after their last frame.
+        # b. idle memory. Held 4 s: quiet sessions park 5 ms after their last frame.
         print("b. idle connections", flush=True)
         md.append("## b. Memory per idle connection\n")
         md.append("Server RSS growth while N authenticated connections are held for 4 s, divided "
                   "by N (kernel socket memory not included, the same for all). Furrow parks a "
-                  "session quiet for `sessions.park_after_ms` (250 ms; 2 s for a device sending more often than every 2 s): "
+                  "session quiet for `sessions.park_after_ms` (5 ms; 2 s for a device sending more often than every 2 s): "
                   "no task, no buffer, and once the connection burst is over it gives the heap pages the "
-                  "burst's tasks freed back to the system (`sessions.trim_after`) "
+                  "burst's handshakes and tasks freed back to the system (`sessions.trim_after`) "
                   "(docs/performance.md); the parking-off column is the same build with "
                   "`park_after_ms = 0`.\n")
         md.append("The anonymous columns count the heap alone (`RssAnon`); the rest of the "
