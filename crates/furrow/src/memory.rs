@@ -13,7 +13,7 @@
 //!   them, have ended or parked since the busiest moment (a busy fleet
 //!   that went quiet), or
 //! * at least `sessions.trim_after` connections have opened since the last
-//!   trim and the burst is over: the last second brought fewer than an
+//!   trim and the burst is over: the last second brought at most an
 //!   eighth of them. Sessions that park a few milliseconds after WELCOME
 //!   never pile up as tasks, yet every handshake leaves its transient
 //!   memory between the long-lived objects allocated meanwhile.
