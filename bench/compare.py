@@ -250,8 +250,9 @@ def main():
                   "(a larger share of the total at 1,000 connections).\n")
         header = ("| connections | Furrow bytes/conn | Furrow, parking off | Mosquitto bytes/conn "
                   "| Furrow / Mosquitto | Furrow anonymous | Mosquitto anonymous |")
+        separator = "|---" * (header.count("|") - 1) + "|"
         md.append(header)
-        md.append("|---|---|---|---|---|---|---|")
+        md.append(separator)
         def idle_row(n, tls=None, extra=(), label=""):
             """Furrow parked, Furrow with parking off, Mosquitto: one row."""
             f = one("furrow", "idle", "--devices", n, "--duration", 4, *extra, tls=tls)
@@ -288,7 +289,7 @@ def main():
                   "a server-side session cache entry per device for resumption, TLS 1.3 resumes "
                   "from tickets):\n")
         md.append(header.replace("| connections", "| TLS connections"))
-        md.append("|---|---|---|---|---|---|---|")
+        md.append(separator)
         md.extend(rows)
         md.append("\nGoal (issue 14): at most 3,000 bytes per TLS connection.\n")
 

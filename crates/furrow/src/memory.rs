@@ -31,13 +31,6 @@ use tracing::debug;
 /// Session tasks alive now, and the most alive since the last trim.
 static ALIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
-/// Connections opened since the process started.
-static OPENED: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts a connection the listener accepted (before its handshake).
-pub fn connection_opened() {
-    OPENED.fetch_add(1, Ordering::Relaxed);
-}
 
 /// Counts one session task while it lives (connection tasks hold one).
 #[derive(Debug)]
@@ -106,8 +99,10 @@ where
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // OPENED at the last trim and at the previous check.
-    let mut opened_at_trim = OPENED.load(Ordering::Relaxed);
+    // Connections accepted (every listener) at the last trim and at the
+    // previous check.
+    let opened = crate::ingress::listener::connections_opened;
+    let mut opened_at_trim = opened();
     let mut opened_at_check = opened_at_trim;
     loop {
         tokio::select! {
@@ -116,12 +111,12 @@ where
         }
         let alive = ALIVE.load(Ordering::Relaxed);
         let peak = PEAK.load(Ordering::Relaxed);
-        let opened_now = OPENED.load(Ordering::Relaxed);
+        let opened_now = opened();
         let activity = Activity {
             peak,
             alive,
-            opened: opened_now.wrapping_sub(opened_at_trim),
-            opened_lately: opened_now.wrapping_sub(opened_at_check),
+            opened: opened_now.saturating_sub(opened_at_trim) as usize,
+            opened_lately: opened_now.saturating_sub(opened_at_check) as usize,
         };
         opened_at_check = opened_now;
         if !worth_trimming(activity, after) {

@@ -45,10 +45,18 @@ mod libc_codes {
     pub const ENOBUFS: i32 = 105;
 }
 
-/// The next connection id, unique across the listeners of the process.
+/// The id the next connection gets (ids start at 1).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The next connection id, unique across the listeners of the process
+/// (TCP, TLS and QUIC alike): one per connection accepted.
 pub fn next_conn_id() -> u64 {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Connections accepted since the process started: the ids handed out.
+pub fn connections_opened() -> u64 {
+    NEXT_ID.load(Ordering::Relaxed) - 1
 }
 
 /// Accepts until `shutdown`, spawning `handler` for each connection on
@@ -75,7 +83,6 @@ pub async fn accept_loop<H, F>(
                 backoff = Duration::from_millis(5);
                 streak = false;
                 metrics::counter!("furrow_connections_accepted_total").increment(1);
-                crate::memory::connection_opened();
                 let id = next_conn_id();
                 let fut = handler(stream, peer, Instant::now(), id);
                 // A panic ends one connection, not the server. Caught inside

@@ -165,7 +165,6 @@ pub async fn accept_loop<H, F>(
             incoming.refuse();
             continue;
         };
-        crate::memory::connection_opened();
         let id = next_conn_id();
         let handler = handler.clone();
         spawn_contained(tracker, id, async move {
