@@ -391,10 +391,13 @@ pub struct Storage {
     /// "The writer queue").
     pub queue_capacity: usize,
     /// SQLite only: readings are indexed per device (sealed) once this many
-    /// wait unindexed in memory (they are durable already; the bound is on
-    /// memory and on the scan at the next start)...
+    /// wait unindexed in memory, 24 bytes each (they are durable already;
+    /// the bound is on memory and on the scan at the next start): the
+    /// devices with the most go first...
     pub seal_rows: usize,
-    /// ...or once the oldest has waited this long.
+    /// ...or once a device's oldest has waited this long. A seal costs
+    /// about one index page per device it takes, so a device waits for
+    /// a posting's worth of readings: a minute of a quiet fleet.
     pub seal_after_ms: u64,
     /// Readings are stored in one table (SQLite) or partition (PostgreSQL)
     /// per span of arrival time (`1d`, `6h`, ...); retention drops whole
@@ -428,8 +431,8 @@ impl Default for Storage {
             batch_delay_us: 0,
             min_commit_interval_us: 1_000,
             queue_capacity: 4096,
-            seal_rows: 200_000,
-            seal_after_ms: 10_000,
+            seal_rows: 1_000_000,
+            seal_after_ms: 60_000,
             chunk_span: Span::from_ms(86_400_000),
             retention: Span::OFF,
             max_bytes: 0,

@@ -39,13 +39,17 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn options() -> SqliteOptions {
+/// `by_rows`: seals take the devices with the most rows (never any by
+/// age), and one chunk holds everything, so that rounds leave devices
+/// behind; else every round takes every device, and each append opens a
+/// chunk.
+fn options(by_rows: bool) -> SqliteOptions {
     SqliteOptions {
         log: LogOptions {
             // Seal often and in chunks of every size.
             seal_rows: 13,
-            seal_after_ms: 0,
-            chunk_span_ms: 0,
+            seal_after_ms: if by_rows { 1 << 50 } else { 0 },
+            chunk_span_ms: if by_rows { 1 << 50 } else { 0 },
             // One device per slice: a seal's round spans many slices, with
             // appends and reopens between them.
             slice_budget: Duration::ZERO,
@@ -171,10 +175,10 @@ async fn check(store: &SqliteStore, model: &Model, keys: &[i64], probe: u64) {
     }
 }
 
-async fn run(steps: Vec<Step>) {
+async fn run(steps: Vec<Step>, by_rows: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.db");
-    let mut store = SqliteStore::open(&path, options()).unwrap();
+    let mut store = SqliteStore::open(&path, options(by_rows)).unwrap();
     let mut keys = Vec::new();
     for i in 0..5 {
         store.create_device(&device(i), [1; 32]).await.unwrap();
@@ -224,7 +228,7 @@ async fn run(steps: Vec<Step>) {
                 drop(store);
                 // The writer thread lets go of its connection once its
                 // queue closes; the lock file is released at once.
-                store = SqliteStore::open(&path, options()).unwrap();
+                store = SqliteStore::open(&path, options(by_rows)).unwrap();
             }
             Step::Pause => tokio::time::sleep(Duration::from_millis(250)).await,
         }
@@ -233,15 +237,18 @@ async fn run(steps: Vec<Step>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
-    fn the_log_reads_like_the_model(steps in prop::collection::vec(step(), 1..25)) {
+    fn the_log_reads_like_the_model(
+        steps in prop::collection::vec(step(), 1..25),
+        by_rows in any::<bool>(),
+    ) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run(steps));
+        rt.block_on(run(steps, by_rows));
     }
 }
 
