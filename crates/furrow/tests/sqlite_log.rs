@@ -502,6 +502,17 @@ async fn retention_drops_whole_old_chunks_and_keeps_last_seq() {
         )
         .unwrap();
     assert_eq!(tables, 0);
+    // Its postings went with it (each device's first ones); the rest stay.
+    let postings = |chunk: i64| -> i64 {
+        c.query_row(
+            "SELECT COUNT(*) FROM postings WHERE chunk = ?1",
+            [chunk],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(postings(1), 0);
+    assert!(postings(2) > 0);
     let rows: i64 = c
         .query_row("SELECT COUNT(*) FROM telemetry", [], |r| r.get(0))
         .unwrap();

@@ -242,6 +242,12 @@ CREATE INDEX job_devices_by_device ON job_devices (device, state);
     // The device's reported version when its firmware job last looked at
     // it: a tick looks again only at devices that reported since.
     Migration::Sql("ALTER TABLE job_devices ADD COLUMN reported_seen INTEGER NOT NULL DEFAULT 0;"),
+    // Postings keep only their key: each index put a page of its own per
+    // device into every seal (reads by time and retention walk the key;
+    // telemetry.rs, "Postings").
+    Migration::Sql(
+        "DROP INDEX IF EXISTS postings_by_time; DROP INDEX IF EXISTS postings_by_chunk;",
+    ),
 ];
 
 /// Once a device uses its new token, its `furrow.token` commands are moot
