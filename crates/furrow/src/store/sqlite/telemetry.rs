@@ -167,7 +167,7 @@ pub(super) struct TailRow {
 type Placed = (i64, TailRow);
 
 /// One device's rows not yet in a posting, in seq (and arrival) order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(super) struct DeviceTail {
     rows: Vec<TailRow>,
     /// The chunk of `rows[0]`...
