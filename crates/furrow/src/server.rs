@@ -447,6 +447,7 @@ impl Server {
                 batch_max_rows: cfg.storage.batch_max_rows,
                 batch_delay: Duration::from_micros(cfg.storage.batch_delay_us),
                 min_commit_interval: Duration::from_micros(cfg.storage.min_commit_interval_us),
+                pace_timer: writer::PaceTimer::Precise,
                 queue_capacity: cfg.storage.queue_capacity,
                 healthy: Arc::clone(&commits_ok),
             },

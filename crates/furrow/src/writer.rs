@@ -18,7 +18,8 @@
 //! for many devices instead of one for each, while a job arriving after a
 //! pause is committed at once: the wait is only ever paid when commits
 //! would otherwise follow each other closer than the interval
-//! (docs/performance.md, "Commit pacing").
+//! (docs/performance.md, "Commit pacing"). The wait ends on a timerfd,
+//! not Tokio's millisecond timer ([`pause`]).
 //!
 //! Backpressure: the queue holds at most `queue_capacity` jobs. A full queue
 //! makes sessions stop reading their sockets (see `session`), so a slow disk
@@ -38,6 +39,9 @@ use crate::devices::registry::HandleState;
 use crate::publish::Events;
 use crate::store::prelude::*;
 use crate::store::{Batch, DeviceKey, ReportRecord, TelemetryRecord};
+
+mod pause;
+pub use pause::PaceTimer;
 
 /// Where the writer reports a session's progress; also the session's one
 /// wakeup for other events (see [`crate::devices::registry::SessionHandle::kick`]),
@@ -389,6 +393,9 @@ pub struct WriterConfig {
     pub batch_delay: Duration,
     /// Commits start at least this far apart (zero: back to back).
     pub min_commit_interval: Duration,
+    /// What times the wait: a timerfd, or Tokio's timer where the clock is
+    /// paused (tests, simulation).
+    pub pace_timer: PaceTimer,
     /// Queue capacity, in jobs.
     pub queue_capacity: usize,
     /// Set while commits succeed, cleared while they fail (for `/readyz`).
@@ -424,8 +431,7 @@ async fn run(
     // per job: a timer made afresh for each job that arrives while the
     // batch waits registers and deregisters under the timer wheel's lock
     // each time (half a registration per message at 10,000 quiet devices).
-    let pause = tokio::time::sleep_until(tokio::time::Instant::now());
-    tokio::pin!(pause);
+    let mut pause = pause::Pause::new(cfg.pace_timer);
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut rows = jobs[0].records.len() + jobs[0].reports.len();
@@ -439,7 +445,7 @@ async fn run(
         };
         let waits = deadline > arrived;
         if waits && pause.deadline() != deadline {
-            pause.as_mut().reset(deadline);
+            pause.reset(deadline);
         }
         while rows < cfg.batch_max_rows {
             let job = match rx.try_recv() {
@@ -454,7 +460,7 @@ async fn run(
                             Some(job) => job,
                             None => break,
                         },
-                        () = pause.as_mut() => break,
+                        () = pause.wait() => break,
                     }
                 }
             };
@@ -634,6 +640,14 @@ mod tests {
     }
 
     fn start(interval_ms: u64, max_rows: usize) -> (Arc<Commits>, WriterTx) {
+        start_with(interval_ms, max_rows, PaceTimer::Runtime)
+    }
+
+    fn start_with(
+        interval_ms: u64,
+        max_rows: usize,
+        pace_timer: PaceTimer,
+    ) -> (Arc<Commits>, WriterTx) {
         let store = Arc::new(Commits::default());
         let (tx, _task) = spawn(
             Arc::clone(&store) as Arc<dyn TelemetryStore>,
@@ -641,6 +655,7 @@ mod tests {
                 batch_max_rows: max_rows,
                 batch_delay: Duration::ZERO,
                 min_commit_interval: Duration::from_millis(interval_ms),
+                pace_timer,
                 queue_capacity: 64,
                 healthy: Arc::default(),
             },
@@ -777,6 +792,40 @@ mod tests {
             "the first is at once"
         );
         assert_eq!((c[1].0 - t0, c[1].1), (Duration::from_millis(10), 4));
+        assert!(cells.iter().all(|c| c.committed() == 1));
+    }
+
+    /// The gateway's own timer (a timerfd, on the real clock) paces the
+    /// same way: the jobs behind a commit wait for the interval and go
+    /// together.
+    #[tokio::test]
+    async fn the_precise_timer_paces_and_gathers_too() {
+        let (store, tx) = start_with(200, 1_000, PaceTimer::Precise);
+        let commits = || store.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cells: Vec<Arc<AckCell>> = (0..5).map(|_| Arc::default()).collect();
+        tx.send(job(&cells[0], 0, 1)).await.ok();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while commits().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for (i, cell) in cells.iter().enumerate().skip(1) {
+            tx.send(job(cell, i as DeviceKey, 1)).await.ok();
+        }
+        while commits().len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let c = commits();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(
+            (c[0].1, c[1].1),
+            (1, 4),
+            "the four behind the first go together"
+        );
+        assert!(
+            c[1].0 - c[0].0 >= Duration::from_millis(200),
+            "the second waited out the interval: {:?}",
+            c[1].0 - c[0].0
+        );
         assert!(cells.iter().all(|c| c.committed() == 1));
     }
 

@@ -52,7 +52,7 @@ use furrow::store::{
     Appended, Batch, DeviceAuth, DeviceKey, DeviceSeqs, StorageInfo, StoreError, StoredTelemetry,
     TelemetryRange, TelemetryStore,
 };
-use furrow::writer::{self, WriterConfig, WriterTx};
+use furrow::writer::{self, PaceTimer, WriterConfig, WriterTx};
 use furrow_proto::{FrameDecoder, Goodbye, GoodbyeCode, Message, Str, Telemetry};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
@@ -217,6 +217,8 @@ impl Gateway {
                 batch_max_rows: 64,
                 batch_delay: Duration::ZERO,
                 min_commit_interval: Duration::from_micros(cfg.storage.min_commit_interval_us),
+                // The simulation's clock is paused; a timerfd would not follow it.
+                pace_timer: PaceTimer::Runtime,
                 queue_capacity: queue,
                 healthy: Arc::default(),
             },
