@@ -82,7 +82,12 @@ impl Pause {
     /// `select!` that drops it leaves the pause armed for the next call.
     pub(super) async fn wait(&mut self) {
         match self {
-            Pause::Precise { fd, .. } => loop {
+            Pause::Precise { fd, deadline } => loop {
+                // The expiry may have been read already (a wait for the
+                // same deadline again): the clock, not the fd, decides.
+                if Instant::now() >= *deadline {
+                    return;
+                }
                 let Ok(mut guard) = fd.readable().await else {
                     return;
                 };
@@ -166,6 +171,18 @@ mod tests {
         pause.wait().await;
         assert!(Instant::now() >= deadline);
         assert_eq!(pause.deadline(), deadline);
+    }
+
+    #[tokio::test]
+    async fn a_second_wait_for_a_deadline_that_passed_ends_at_once() {
+        let mut pause = Pause::new(PaceTimer::Precise);
+        pause.reset(Instant::now() + Duration::from_millis(1));
+        pause.wait().await;
+        // The writer skips the reset when a batch's deadline equals the
+        // last one; the timerfd's expiry has been read by then.
+        tokio::time::timeout(Duration::from_secs(5), pause.wait())
+            .await
+            .expect("a deadline that has passed must not be waited for again");
     }
 
     #[tokio::test]
