@@ -1,14 +1,13 @@
 //! The writer's wait before a paced commit, to the tenth of a millisecond.
 //!
 //! Tokio's timer wheel ticks once a millisecond and rounds every deadline
-//! up to the next tick, so the default 1 ms pacing interval made a batch
-//! wait 1-2 ms, not up to 1: about a millisecond at the median of every
-//! ACK while a fleet is quiet enough to be paced. A timerfd registered in
-//! the runtime's own reactor (epoll) wakes at the deadline itself, for
-//! one `timerfd_settime` per paced commit (a few hundred to a thousand a
-//! second, against tens of thousands of messages). Tokio's timer stays
-//! for tests and simulations that run on a paused clock, which a timerfd
-//! would not follow, and where no timerfd can be made.
+//! up to the next tick, so a 1 ms pacing interval made a batch wait 1-2 ms,
+//! and the ACK tail with it. A timerfd registered in the runtime's own
+//! reactor (epoll) wakes at the deadline itself, for one `timerfd_settime`
+//! per paced commit (at most one per interval). Tokio's timer stays for
+//! tests and simulations that run on a paused clock, which a timerfd would
+//! not follow, and where no timerfd can be made (docs/performance.md,
+//! "Pacing on a timerfd").
 
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
