@@ -172,6 +172,11 @@ impl TlsConn {
                 }
                 Next::PeerClosed => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Next::Read => {
+                    // While the device answers (a round trip), hold no
+                    // buffer: a burst of handshakes waits here, and what
+                    // it holds is what it scatters the long-lived objects
+                    // allocated meanwhile over (docs/performance.md).
+                    tls.release_buffers();
                     stream.readable().await?;
                     match tls.read_from(stream, HANDSHAKE_READ) {
                         Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
