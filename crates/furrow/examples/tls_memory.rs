@@ -11,8 +11,6 @@
 //! floor under `bench/compare.py`'s TLS idle row, without the allocator's
 //! fragmentation or the rest of the session.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -21,51 +19,13 @@ use furrow::ingress::tls_conn::TlsConn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static BYTES: Cell<i64> = const { Cell::new(0) };
-    static ALLOCS: Cell<i64> = const { Cell::new(0) };
-}
-
-/// Counts this thread's live bytes while `COUNTING` is set.
-struct Counting;
-
-fn note(bytes: i64, allocs: i64) {
-    let _ = COUNTING.try_with(|c| {
-        if c.get() {
-            BYTES.with(|b| b.set(b.get() + bytes));
-            ALLOCS.with(|a| a.set(a.get() + allocs));
-        }
-    });
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// counting touches only thread-locals of plain integers (const-initialised,
-// so it never allocates).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size() as i64, 1);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note(-(layout.size() as i64), -1);
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        note(new as i64 - layout.size() as i64, 0);
-        // SAFETY: forwarded with the caller's arguments.
-        unsafe { System.realloc(ptr, layout, new) }
-    }
-}
+#[path = "../tests/support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting::Counting = counting::Counting;
 
-fn counted() -> (i64, i64) {
-    (BYTES.with(Cell::get), ALLOCS.with(Cell::get))
-}
+use counting::counted;
 
 const N: usize = 200;
 
@@ -136,7 +96,7 @@ fn measure(version: &'static rustls::SupportedProtocolVersion) -> anyhow::Result
         for _ in 0..N {
             let (tcp, _) = listener.accept().await?;
             let config = state.current();
-            COUNTING.with(|c| c.set(true));
+            counting::on(true);
             let before = counted();
             let mut plain = BytesMut::new();
             let (mut tls, _, _) = TlsConn::accept(&tcp, config, &[], &mut plain).await?;
@@ -157,10 +117,10 @@ fn measure(version: &'static rustls::SupportedProtocolVersion) -> anyhow::Result
                 let _ = tls.write_to(&tcp);
             }
             drop(plain);
-            COUNTING.with(|c| c.set(false));
+            counting::on(false);
             conns.push((tcp, tls));
         }
-        COUNTING.with(|c| c.set(true));
+        counting::on(true);
         let traffic = counted();
         for (_, tls) in conns.iter_mut() {
             tls.release_idle();
@@ -174,7 +134,7 @@ fn measure(version: &'static rustls::SupportedProtocolVersion) -> anyhow::Result
             tls.park();
         }
         let parked = counted();
-        COUNTING.with(|c| c.set(false));
+        counting::on(false);
         Ok::<_, anyhow::Error>((at_handshake, traffic, idle, parked))
     })?;
     devices

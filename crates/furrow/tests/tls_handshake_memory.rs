@@ -4,16 +4,14 @@
 //! In a burst of connections hundreds of handshakes wait at once, a round
 //! trip each, and the long-lived objects allocated meanwhile (registry
 //! entries, records, parked sessions) land between whatever they hold:
-//! those pages stay resident after the burst (docs/performance.md, "Over
-//! TLS"). So a waiting handshake holds rustls' state and nothing else: no
-//! ciphertext buffer either way.
+//! those pages stay resident after the burst (docs/performance.md, "A
+//! burst of handshakes, and what it leaves behind"). So a waiting handshake
+//! holds rustls' state and nothing else: no ciphertext buffer either way.
 //!
 //! The server side runs on this test's thread, whose allocations a counting
 //! allocator tallies; the devices, on a thread of their own, send a
 //! ClientHello, read the start of the server's flight and go quiet.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
@@ -23,45 +21,11 @@ use furrow::ingress::tls_conn::TlsConn;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static BYTES: Cell<i64> = const { Cell::new(0) };
-}
-
-/// Counts this thread's live bytes while `COUNTING` is set.
-struct Counting;
-
-fn note(bytes: i64) {
-    let _ = COUNTING.try_with(|c| {
-        if c.get() {
-            BYTES.with(|b| b.set(b.get() + bytes));
-        }
-    });
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// counting touches only const-initialised thread-locals of plain integers,
-// so it never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size() as i64);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note(-(layout.size() as i64));
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        note(new as i64 - layout.size() as i64);
-        // SAFETY: forwarded with the caller's arguments.
-        unsafe { System.realloc(ptr, layout, new) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting::Counting = counting::Counting;
 
 const N: usize = 40;
 
@@ -131,10 +95,8 @@ fn a_handshake_waiting_for_the_device_holds_no_buffer() {
     });
 
     let per_handshake = rt.block_on(async {
-        let before = {
-            COUNTING.with(|c| c.set(true));
-            BYTES.with(Cell::get)
-        };
+        counting::on(true);
+        let before = counting::counted().0;
         let mut tasks = Vec::new();
         for _ in 0..N {
             let (tcp, _) = listener.accept().await.expect("accept");
@@ -151,8 +113,8 @@ fn a_handshake_waiting_for_the_device_holds_no_buffer() {
             .expect("join")
             .expect("devices");
         tokio::task::yield_now().await;
-        let held = BYTES.with(Cell::get) - before;
-        COUNTING.with(|c| c.set(false));
+        let held = counting::counted().0 - before;
+        counting::on(false);
         go_tx.send(()).expect("release the devices");
         for t in tasks {
             let _ = t.await;
