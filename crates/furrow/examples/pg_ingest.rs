@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release -p furrow --example pg_ingest -- \
 //!     --database postgres://postgres@127.0.0.1:5432/postgres \
-//!     [--rows-per-batch 8192,1024] [--devices 100] [--seconds 10] [--rounds 3] [--payload 40]
+//!     [--rows-per-batch 8192,1024] [--devices 100] [--seconds 10] [--rounds 3] [--payload 40] [--run 32]
 //! ```
 //!
 //! Why it exists: issue 6 asked that deduplicated batch writes reach at
@@ -21,13 +21,15 @@
 //! * (k) the same COPY into a table keyed by `PRIMARY KEY (device, seq)`,
 //!   unpartitioned: 0.1's layout, whose unique key refused duplicates.
 //! * (s) `PostgresStore::append`, the gateway's own path, one batch at a
-//!   time, awaited, as the writer calls it: lock the batch's devices, skip
-//!   seqs at or below their watermarks, COPY, raise the watermarks.
+//!   time, awaited, as the writer calls it: raise the batch's devices'
+//!   watermarks in one `UPDATE` that returns the ones it found, skip seqs
+//!   at or below those, COPY the rest.
 //! * (s') the same with one already stored row in every batch (a retried
 //!   commit, a takeover race): it is skipped, the rest stored.
 //!
 //! Batches are shaped like the gateway's: rows from many devices, in runs
-//! of consecutive seqs per device (one socket read's worth), interleaved.
+//! of consecutive seqs per device (`--run`: 32 is one socket read's worth
+//! flat out, 2 a quiet fleet's), interleaved.
 //! It creates its own database on the server (`furrow_pg_ingest_<pid>`),
 //! migrates it with the store, and drops it at the end.
 
@@ -65,11 +67,12 @@ struct Args {
     /// Payload bytes per row.
     #[arg(long, default_value_t = 40)]
     payload: usize,
+    /// Consecutive seqs of one device in a row of the batch: 32 is about
+    /// one socket read's worth of frames, as the gateway sees them flat
+    /// out; 2 is a batch at 10,000 devices x 5 msgs/s.
+    #[arg(long, default_value_t = 32)]
+    run: usize,
 }
-
-/// Consecutive seqs of one device in a row of the batch: about one socket
-/// read's worth of frames, as the gateway sees them flat out.
-const RUN: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
@@ -99,10 +102,11 @@ struct Gen {
     next_seq: Vec<u64>,
     cursor: usize,
     payloads: Vec<Bytes>,
+    run: usize,
 }
 
 impl Gen {
-    fn new(keys: Vec<i64>, payload: usize) -> Self {
+    fn new(keys: Vec<i64>, payload: usize, run: usize) -> Self {
         let mut x: u32 = 0x1234_5678;
         let payloads = (0..256)
             .map(|_| {
@@ -121,6 +125,7 @@ impl Gen {
             next_seq: vec![1; n],
             cursor: 0,
             payloads,
+            run: run.max(1),
         }
     }
 
@@ -135,7 +140,7 @@ impl Gen {
         while records.len() < rows {
             let d = self.cursor % self.keys.len();
             self.cursor += 1;
-            for _ in 0..RUN.min(rows - records.len()) {
+            for _ in 0..self.run.min(rows - records.len()) {
                 let seq = self.next_seq[d];
                 self.next_seq[d] += 1;
                 records.push(TelemetryRecord {
@@ -326,10 +331,10 @@ async fn run(args: &Args, url: &str, admin: &Client) -> anyhow::Result<()> {
     // The partition for now, so that the raw COPYs have somewhere to go
     // (the store creates partitions as it needs them).
     store
-        .append(Arc::new(Gen::new(vec![keys[0]], 8).batch(1)))
+        .append(Arc::new(Gen::new(vec![keys[0]], 8, 1).batch(1)))
         .await?;
     let mut conns = Conns { store, copy };
-    let mut gen = Gen::new(keys, args.payload);
+    let mut gen = Gen::new(keys, args.payload, args.run);
     let secs = Duration::from_secs(args.seconds);
 
     for &rows in &args.rows_per_batch {

@@ -224,6 +224,11 @@ CREATE INDEX job_devices_by_device ON job_devices (device, state);
     // The device's reported version when its firmware job last looked at
     // it: a tick looks again only at devices that reported since.
     "ALTER TABLE job_devices ADD COLUMN reported_seen bigint NOT NULL DEFAULT 0;",
+    // The watermark a batch's UPDATE found (set in the same statement that
+    // raises it, and returned): the batch reads and raises its devices'
+    // watermarks in one statement instead of a `SELECT ... FOR UPDATE`
+    // and an `UPDATE` (PostgreSQL 15's RETURNING shows new values only).
+    "ALTER TABLE devices ADD COLUMN prev_seq bigint NOT NULL DEFAULT 0;",
 ];
 
 pub(crate) mod batch;
@@ -424,7 +429,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name(&opts.application_name);
         }
-        let build = |size: usize| {
+        let build = |config: &tokio_postgres::Config, size: usize| {
             let mgr = Manager::from_config(
                 config.clone(),
                 tls.clone(),
@@ -441,8 +446,21 @@ impl PostgresStore {
                 .build()
                 .map_err(|e| StoreError::Config(e.to_string()))
         };
-        // The writer commits one batch at a time: one connection.
-        let (pool, writer) = (build(opts.pool_size.max(1))?, build(1)?);
+        // The writer commits one batch at a time: one connection. Its
+        // watermark UPDATE locks the batch's device rows in the order it
+        // joins them; without hash joins that is key order (an index
+        // nested loop over the sorted keys, or a merge join on the primary
+        // key), so two instances' writers never deadlock over devices.
+        let mut writer_config = config.clone();
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c enable_hashjoin=off"),
+            None => "-c enable_hashjoin=off".to_string(),
+        };
+        writer_config.options(&options);
+        let (pool, writer) = (
+            build(&config, opts.pool_size.max(1))?,
+            build(&writer_config, 1)?,
+        );
         let lookups = {
             let pool = pool.clone();
             batch::Batcher::start(2, move |ids| lookup_batch(pool.clone(), ids))
