@@ -451,6 +451,8 @@ impl PostgresStore {
         // joins them; without hash joins that is key order (an index
         // nested loop over the sorted keys, or a merge join on the primary
         // key), so two instances' writers never deadlock over devices.
+        // (Were one ever to, PostgreSQL would abort a batch and the writer
+        // retry it: the watermarks keep that exactly once.)
         let mut writer_config = config.clone();
         let options = match config.get_options() {
             Some(o) => format!("{o} -c enable_hashjoin=off"),

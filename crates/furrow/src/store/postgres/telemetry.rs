@@ -12,8 +12,8 @@
 //! touches in one `UPDATE` that locks their rows and returns the
 //! watermarks it found (two instances racing over a device during a
 //! takeover wait for each other), drop readings at or below those, and
-//! binary-`COPY` the rest. Nothing is ever stored twice, and `last_seq` is one row
-//! read that survives retention.
+//! binary-`COPY` the rest. Nothing is ever stored twice, and `last_seq`
+//! is one row read that survives retention.
 //!
 //! Retention drops whole partitions, never rows: a chunk whose upper bound
 //! is older than `retention`, or the oldest closed chunks while telemetry
