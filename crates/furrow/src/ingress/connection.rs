@@ -687,6 +687,10 @@ fn read_direct<B: bytes::BufMut>(
 pub trait Socket {
     /// One read into `buf`'s spare room (`spare` bytes reserved).
     fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize>;
+    /// One read of up to `room` bytes through the thread's scratch,
+    /// appended to `buf` at their exact size: for a buffer that holds
+    /// nothing (see [`read_into_scratch`]).
+    fn read_scratch(&self, buf: &mut Vec<u8>, room: usize) -> io::Result<usize>;
     /// One write of what `bytes` the socket takes now.
     fn write_some(&self, bytes: &[u8]) -> io::Result<usize>;
 }
@@ -694,6 +698,10 @@ pub trait Socket {
 impl Socket for TcpStream {
     fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize> {
         read_short_clears(self, buf, spare)
+    }
+
+    fn read_scratch(&self, buf: &mut Vec<u8>, room: usize) -> io::Result<usize> {
+        read_into_scratch(self, buf, room)
     }
 
     fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
@@ -704,6 +712,10 @@ impl Socket for TcpStream {
 impl Socket for std::net::TcpStream {
     fn read_into(&self, buf: &mut Vec<u8>, spare: usize) -> io::Result<usize> {
         read_direct(self, buf, spare)
+    }
+
+    fn read_scratch(&self, buf: &mut Vec<u8>, room: usize) -> io::Result<usize> {
+        read_direct(self, buf, room)
     }
 
     fn write_some(&self, bytes: &[u8]) -> io::Result<usize> {
@@ -763,7 +775,11 @@ thread_local! {
 /// heap's bins, split and released again for every message, and the read
 /// is as wide as ever (narrower reads cost more syscalls when many devices
 /// stream at once).
-fn read_into_scratch(stream: &TcpStream, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+fn read_into_scratch<B: bytes::BufMut>(
+    stream: &TcpStream,
+    buf: &mut B,
+    chunk: usize,
+) -> io::Result<usize> {
     via_scratch(buf, chunk, |mut room| {
         read_short_clears(stream, &mut room, chunk)
     })

@@ -385,8 +385,16 @@ impl TlsConn {
         ))
     }
 
-    /// One non-blocking read of up to `chunk` bytes of ciphertext.
+    /// One non-blocking read of up to `chunk` bytes of ciphertext. With no
+    /// buffer held (an idle session released it, or a handshake waiting
+    /// for the device's next flight), the read goes through the thread's
+    /// scratch and only what came is kept: a quiet device's record costs an
+    /// allocation of its own size, not a `chunk`-sized one from the heap's
+    /// bins freed again after every message.
     pub fn read_from(&mut self, stream: &dyn Socket, chunk: usize) -> io::Result<usize> {
+        if self.incoming.capacity() == 0 {
+            return stream.read_scratch(&mut self.incoming, chunk);
+        }
         self.incoming.reserve(chunk);
         let spare = self.incoming.capacity() - self.incoming.len();
         stream.read_into(&mut self.incoming, spare)
@@ -824,6 +832,42 @@ mod tests {
     /// is handed over too: records both ways, split anywhere, a tampered
     /// one refused, a renegotiation refused with a warning while the
     /// connection goes on, close_notify.
+    /// A read with no buffer held keeps only the bytes that came (through
+    /// the thread's scratch), not a read chunk's worth of capacity; with
+    /// a partial record held, reads reserve as before.
+    #[tokio::test]
+    async fn a_read_without_a_buffer_keeps_only_what_came() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut device = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (gateway, _) = listener.accept().await.unwrap();
+        let (config, _) = configs();
+        let mut tls = TlsConn::new(config, &[]).unwrap();
+        assert_eq!(tls.incoming.capacity(), 0);
+
+        tokio::io::AsyncWriteExt::write_all(&mut device, &[7; 100])
+            .await
+            .unwrap();
+        gateway.readable().await.unwrap();
+        let n = tls.read_from(&gateway, 16_384).unwrap();
+        assert_eq!(n, 100);
+        assert_eq!(&tls.incoming[..], &[7; 100][..]);
+        assert!(
+            tls.incoming.capacity() < 1024,
+            "an idle read held {} bytes of capacity",
+            tls.incoming.capacity()
+        );
+
+        tokio::io::AsyncWriteExt::write_all(&mut device, &[8; 50])
+            .await
+            .unwrap();
+        gateway.readable().await.unwrap();
+        assert_eq!(tls.read_from(&gateway, 16_384).unwrap(), 50);
+        assert_eq!(tls.incoming.len(), 150);
+        assert!(tls.incoming.capacity() >= 16_384);
+    }
+
     #[test]
     fn tls12_is_handed_over_too() {
         let tls12: Vec<_> = rustls::crypto::ring::default_provider()
