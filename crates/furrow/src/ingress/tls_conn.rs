@@ -828,10 +828,6 @@ mod tests {
         assert!(p.server.process(&mut p.plain, None).is_err());
     }
 
-    /// TLS 1.2 (rustls's client, every TLS 1.2 suite the gateway takes)
-    /// is handed over too: records both ways, split anywhere, a tampered
-    /// one refused, a renegotiation refused with a warning while the
-    /// connection goes on, close_notify.
     /// A read with no buffer held keeps only the bytes that came (through
     /// the thread's scratch), not a read chunk's worth of capacity; with
     /// a partial record held, reads reserve as before.
@@ -868,6 +864,10 @@ mod tests {
         assert!(tls.incoming.capacity() >= 16_384);
     }
 
+    /// TLS 1.2 (rustls's client, every TLS 1.2 suite the gateway takes)
+    /// is handed over too: records both ways, split anywhere, a tampered
+    /// one refused, a renegotiation refused with a warning while the
+    /// connection goes on, close_notify.
     #[test]
     fn tls12_is_handed_over_too() {
         let tls12: Vec<_> = rustls::crypto::ring::default_provider()
