@@ -8,9 +8,10 @@
 # instead of SQLite. PostgreSQL itself is not pinned: it runs on either CPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release -q -p furrow
 # GATEWAY_BIN runs another build (the gateway and the generator alike), to
-# compare two builds side by side with the same script.
+# compare two builds side by side with the same script; without it, the
+# release build is brought up to date first.
+[[ -n ${GATEWAY_BIN:-} ]] || cargo build --release -q -p furrow
 furrow=${GATEWAY_BIN:-target/release/furrow}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
