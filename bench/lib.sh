@@ -30,6 +30,26 @@ make_certs() {
     "$furrow" certs server --name localhost --out "$certs" >/dev/null
 }
 
+# A gateway with a TLS listener beside the plain one and, given `quic`, a
+# QUIC listener too, all on a fresh development CA (make_certs): sets
+# $tls_port, $quic_port (with `quic`) and $ca, the generator's flags that
+# trust the gateway. The scripts remove $certs when they are done.
+#   start_secure_gateway [quic] [ENV=VALUE ...]
+start_secure_gateway() {
+    local listeners=()
+    make_certs
+    tls_port=$(free_port)
+    listeners+=(FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key"
+        FURROW_TLS__LISTEN="127.0.0.1:$tls_port")
+    if [[ ${1:-} == quic ]]; then
+        shift
+        quic_port=$(free_port udp)
+        listeners+=(FURROW_QUIC__LISTEN="127.0.0.1:$quic_port")
+    fi
+    ca=(--tls-ca "$certs/ca.pem" --tls-server-name localhost)
+    start_gateway "${listeners[@]}" "$@"
+}
+
 start_gateway() {
     dir=$(mktemp -d)
     port=$(free_port)

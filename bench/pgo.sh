@@ -38,13 +38,8 @@ echo "pgo: training" >&2
 (
     export GATEWAY_BIN="target/pgo-generate/$host/release/furrow"
     source bench/lib.sh
-    make_certs
-    tls_port=$(free_port)
-    quic_port=$(free_port udp)
-    start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
-        FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_QUIC__LISTEN="127.0.0.1:$quic_port"
+    start_secure_gateway quic
     out=$(mktemp -d)
-    ca=(--tls-ca "$certs/ca.pem" --tls-server-name localhost)
     # An instrumented build is slower: a run that ends with errors (a
     # handshake timeout in a storm) has still left its counts.
     train() { echo "pgo:   $*" >&2; bench_json pgo "$@" --server-pid "$gw" >/dev/null || echo "pgo:   (ended with errors)" >&2; }

@@ -17,13 +17,8 @@ rounds=${1:-3}
 devices=${2:-100}
 storm=${3:-2000}
 cargo build --release -q -p furrow --example quic_migration
-make_certs
-tls_port=$(free_port)
-quic_port=$(free_port udp)
 api_port=$(free_port)
-start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
-    FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_QUIC__LISTEN="127.0.0.1:$quic_port" \
-    FURROW_API__LISTEN="127.0.0.1:$api_port"
+start_secure_gateway quic FURROW_API__LISTEN="127.0.0.1:$api_port"
 # The gateway's own count of 0-RTT resumptions by outcome.
 zero_rtt() {
     curl -s "http://127.0.0.1:$api_port/metrics" | python3 -c "
@@ -38,7 +33,6 @@ print(' '.join(f'{k}={v}' for k, v in sorted(c.items())) or 'none')"
 # buffer (all sockets of the machine: run nothing else meanwhile).
 udp_drops() { awk '/^Udp:/ { if (h) print $6; h = 1 }' /proc/net/snmp; }
 out=$(mktemp -d)
-ca=(--tls-ca "$certs/ca.pem" --tls-server-name localhost)
 for r in $(seq "$rounds"); do
     echo "round $r"
     for v in tls quic; do

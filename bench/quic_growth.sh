@@ -12,11 +12,7 @@
 source "$(dirname "$0")/lib.sh"
 rows=("$@")
 [ ${#rows[@]} -gt 0 ] || rows=(100x500 1000x50 10000x5 10000x1)
-make_certs
-tls_port=$(free_port)
-quic_port=$(free_port udp)
-start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
-    FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_QUIC__LISTEN="127.0.0.1:$quic_port"
+start_secure_gateway quic
 out=$(mktemp -d)
 for row in "${rows[@]}"; do
     n=${row%x*}
@@ -24,7 +20,7 @@ for row in "${rows[@]}"; do
     for v in tls quic; do
         if [ $v = tls ]; then a="127.0.0.1:$tls_port"; t=--tls; else a="127.0.0.1:$quic_port"; t=--quic; fi
         f=$(bench_json "g-$v-$n-$rate" steady "$a" --devices "$n" --ramp 1000 --rate "$rate" --window 256 \
-            --duration 8 --warmup 3 --server-pid "$gw" $t --tls-ca "$certs/ca.pem" --tls-server-name localhost)
+            --duration 8 --warmup 3 --server-pid "$gw" $t "${ca[@]}")
         python3 -c "
 import json; r=json.load(open('$f'))
 print(f'$row {\"$v\":4} acked/s {r[\"msgs_per_s\"]:>8.0f}  ack p50 {r[\"ack_us\"][\"p50\"]/1000:7.2f} ms  p99 {r[\"ack_us\"][\"p99\"]/1000:8.2f} ms  cpu/msg {r.get(\"server_cpu_us_per_msg\") or 0:6.2f} us  errors {r[\"errors\"]}')"

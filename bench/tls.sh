@@ -13,11 +13,8 @@ source "$(dirname "$0")/lib.sh"
 rounds=${1:-3}
 devices=${2:-100}
 storm=${3:-2000}
-make_certs
-tls_port=$(free_port)
 api_port=$(free_port)
-start_gateway FURROW_TLS__CERT_FILE="$certs/server.pem" FURROW_TLS__KEY_FILE="$certs/server.key" \
-    FURROW_TLS__LISTEN="127.0.0.1:$tls_port" FURROW_API__LISTEN="127.0.0.1:$api_port"
+start_secure_gateway FURROW_API__LISTEN="127.0.0.1:$api_port"
 # The gateway's own count of TLS handshakes by outcome (full, resumed).
 handshakes() {
     curl -s "http://127.0.0.1:$api_port/metrics" | python3 -c "
@@ -29,7 +26,7 @@ for l in sys.stdin:
 print(' '.join(f'{k}={v}' for k, v in sorted(c.items())))"
 }
 out=$(mktemp -d)
-tls=(--tls --tls-ca "$certs/ca.pem" --tls-server-name localhost)
+tls=(--tls "${ca[@]}")
 for r in $(seq "$rounds"); do
     echo "round $r"
     for v in plain tls; do
