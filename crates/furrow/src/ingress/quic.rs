@@ -96,29 +96,40 @@ pub fn server_config(
 /// default buffer (208 KiB) 2,000 devices reconnecting at once lost most
 /// of them, and each loss costs the device a retransmission timeout
 /// (docs/performance.md, "QUIC"). The kernel caps the size at
-/// `net.core.rmem_max` / `wmem_max`; a capped size is logged, and
-/// `furrow_quic_socket_buffer_bytes{direction}` shows what was granted.
+/// `net.core.rmem_max` / `wmem_max` unless the gateway may override the
+/// cap (`CAP_NET_ADMIN`: `SO_RCVBUFFORCE`, as quic-go does); a capped size
+/// is logged, and `furrow_quic_socket_buffer_bytes{direction}` shows what
+/// was granted.
 pub fn bind_socket(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a refused size leaves the default, reported below.
     let _ = socket.set_recv_buffer_size(buffer);
     let _ = socket.set_send_buffer_size(buffer);
+    // Linux grants min(asked, cap) and reports twice that (the doubling
+    // covers its bookkeeping): less, and the sysctl capped it. A gateway
+    // allowed past the cap takes the size asked for; any other gets EPERM,
+    // which leaves the capped size.
+    let asked = buffer.saturating_mul(2);
+    if socket.recv_buffer_size()? < asked {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, buffer);
+    }
+    if socket.send_buffer_size()? < asked {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, buffer);
+    }
     for (direction, got) in [
         ("receive", socket.recv_buffer_size()?),
         ("send", socket.send_buffer_size()?),
     ] {
         metrics::gauge!("furrow_quic_socket_buffer_bytes", "direction" => direction)
             .set(got as f64);
-        // Linux grants min(asked, cap) and reports twice that (the
-        // doubling covers its bookkeeping): less, and the sysctl capped it.
-        if got < buffer.saturating_mul(2) {
+        if got < asked {
             tracing::warn!(
                 direction,
                 asked = buffer,
                 granted = got,
                 "QUIC socket buffer capped by the kernel: raise net.core.rmem_max and wmem_max \
-                 for reconnect storms without losses"
+                 (or grant CAP_NET_ADMIN) for reconnect storms without losses"
             );
         }
     }
@@ -431,13 +442,32 @@ mod tests {
         assert_eq!(server_probes(false).await, 0, "discovery off: none");
     }
 
+    /// Whether this process may set socket buffers past the kernel's cap
+    /// (CAP_NET_ADMIN in its effective set, bit 12).
+    fn may_override_cap() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .expect("CapEff");
+        u64::from_str_radix(eff.trim(), 16).expect("hex") & (1 << 12) != 0
+    }
+
     #[test]
     fn the_listener_socket_gets_the_buffers_asked_for_up_to_the_kernels_cap() {
-        for asked in [256 * 1024, 1024 * 1024] {
+        let above = 2 * cap("rmem_max").max(cap("wmem_max"));
+        for asked in [256 * 1024, 1024 * 1024, above] {
             let socket = bind_socket("127.0.0.1:0".parse().unwrap(), asked).unwrap();
             let s = socket2::SockRef::from(&socket);
-            // Linux grants min(asked, cap) and reports twice that.
-            let want = |cap: usize| 2 * asked.min(cap);
+            // Linux grants min(asked, cap) and reports twice that; a
+            // process with CAP_NET_ADMIN gets what it asked for.
+            let want = |cap: usize| {
+                2 * if may_override_cap() {
+                    asked
+                } else {
+                    asked.min(cap)
+                }
+            };
             assert_eq!(s.recv_buffer_size().unwrap(), want(cap("rmem_max")));
             assert_eq!(s.send_buffer_size().unwrap(), want(cap("wmem_max")));
         }
