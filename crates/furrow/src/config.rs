@@ -660,9 +660,8 @@ pub struct Quic {
     /// Receive and send buffer of the QUIC listener's UDP socket, bytes:
     /// room for a reconnect storm's first flights, which UDP would drop
     /// (the kernel caps it at net.core.rmem_max / wmem_max unless the
-    /// gateway holds CAP_NET_ADMIN). Larger absorbs larger storms, but
-    /// under sustained overload holds a longer queue: more latency
-    /// instead of drops.
+    /// gateway holds CAP_NET_ADMIN). Larger absorbs larger storms; it is
+    /// also a longer queue when the gateway is overloaded for good.
     pub socket_buffer_bytes: usize,
     /// Path MTU discovery: probe each connection's path for datagrams
     /// larger than QUIC's 1,200-byte floor (up to 1,452). Off by default:
@@ -677,7 +676,7 @@ impl Default for Quic {
         Self {
             listen: None,
             session_cache: 100_000,
-            socket_buffer_bytes: 4 * 1024 * 1024,
+            socket_buffer_bytes: 16 * 1024 * 1024,
             mtu_discovery: false,
         }
     }
