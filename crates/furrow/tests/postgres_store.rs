@@ -1,7 +1,8 @@
 //! The PostgreSQL store's own layout, against a throwaway cluster the test
 //! starts (`support/postgres.rs`): a 0.1 database migrated forward,
 //! partitions created on demand by several instances at once, retention
-//! and the size cap dropping whole partitions while `last_seq` survives.
+//! and the size cap dropping whole partitions while `last_seq` survives,
+//! and a batch that fails early leaving the writer's connection usable.
 //! What both backends share is in `store_conformance.rs`.
 
 mod support;
@@ -391,4 +392,49 @@ async fn two_instances_writing_the_same_devices_never_deadlock() {
     for &k in &keys {
         assert_eq!(one.device_seqs(k).await.unwrap().stored, 80);
     }
+}
+
+/// A batch whose first statements fail leaves no transaction open on the
+/// writer's connection: `BEGIN` goes out with the watermark `UPDATE`
+/// (one round trip for both), so a failure there would otherwise hand the
+/// pool a connection inside an aborted transaction, and every later batch
+/// would fail on it. The failure is made by a trigger on `devices` that
+/// refuses one watermark; once it is gone, the same batch is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_early_leaves_the_writer_usable() {
+    let pg = Postgres::start();
+    let url = pg.fresh_db().await;
+    let store = PostgresStore::connect(&url, options(HOUR, 0, 0))
+        .await
+        .unwrap();
+    let k = device_key(&store, "early").await;
+    let now = furrow::clock::now_ms();
+    append(&store, vec![rec(k, 1, now)]).await;
+    let admin = store.pool().get().await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse_13() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+             CREATE TRIGGER refuse_13 BEFORE UPDATE ON devices FOR EACH ROW
+               WHEN (NEW.stored_seq = 13) EXECUTE FUNCTION refuse_13();",
+        )
+        .await
+        .unwrap();
+    let batch = Arc::new(Batch {
+        records: vec![rec(k, 13, now + 1)],
+        rejections: vec![],
+        reports: Vec::new(),
+    });
+    for _ in 0..3 {
+        let err = store.append(Arc::clone(&batch)).await.unwrap_err();
+        assert!(err.to_string().contains("refused for the test"), "{err}");
+    }
+    admin
+        .batch_execute("DROP TRIGGER refuse_13 ON devices")
+        .await
+        .unwrap();
+    store.append(Arc::clone(&batch)).await.unwrap();
+    store.append(batch).await.unwrap();
+    assert_eq!(seqs(&store, "early").await, vec![1, 13]);
+    assert_eq!(store.device_seqs(k).await.unwrap().stored, 13);
 }

@@ -127,7 +127,7 @@ async fn device_key(
 /// Applies a batch's reports in order inside the writer's transaction
 /// (which holds its devices' rows locked); returns those refused.
 pub(super) async fn apply_reports(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &impl GenericClient,
     reports: &[ReportRecord],
     now_ms: u64,
 ) -> Result<Appended, StoreError> {

@@ -322,8 +322,20 @@ async fn load_chunks(tx: &deadpool_postgres::Transaction<'_>) -> Result<Vec<Chun
 /// that are new; the rest are duplicates. One statement where a
 /// `SELECT ... FOR UPDATE` and an `UPDATE` took two: the row locks were
 /// a tenth to a fifth of a batch's time (docs/postgres.md).
+///
+/// Two round trips, not five: `BEGIN`, the `UPDATE` and the start of the
+/// `COPY` go out together (tokio-postgres sends requests made at once
+/// without waiting for the answers before them, and PostgreSQL runs them
+/// in order), and so do the rows, the end of the `COPY` and `COMMIT`. A
+/// small batch's time is mostly its round trips, each a wake-up of the
+/// writer and of PostgreSQL's backend (docs/postgres.md, "Round trips").
+/// Nothing is decided before its answer: the rows are filtered by the
+/// watermarks the `UPDATE` returned, and a `COMMIT` after a failed
+/// statement only ends the aborted transaction (PostgreSQL answers it with
+/// `ROLLBACK`), while the batch reports the error it saw. On any error the
+/// caller closes the connection instead of returning it to the pool.
 async fn write_batch(
-    client: &mut deadpool_postgres::Object,
+    client: &deadpool_postgres::Object,
     records: &[&TelemetryRecord],
     rejections: &[(DeviceKey, u64)],
     reports: &[ReportRecord],
@@ -357,33 +369,68 @@ async fn write_batch(
         rejected.push(m.rejected.map(i));
     }
 
-    let tx = client.transaction().await?;
+    // Prepared once per connection (cached after that: no round trip).
+    // Seqs compare as u64: flipping the sign bit (`#` is XOR) maps u64
+    // order onto bigint order. A NULL raises nothing.
+    let update = client
+        .prepare_cached(
+            "UPDATE devices d SET prev_seq = d.stored_seq,
+                stored_seq = CASE WHEN (u.stored # $5) > (d.stored_seq # $5)
+                    THEN u.stored ELSE d.stored_seq END,
+                last_seen_ms = CASE WHEN (u.stored # $5) > (d.stored_seq # $5)
+                    THEN u.seen ELSE d.last_seen_ms END,
+                rejected_seq = CASE WHEN (u.rejected # $5) > (d.rejected_seq # $5)
+                    THEN u.rejected ELSE d.rejected_seq END
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[])
+                  AS u(id, stored, seen, rejected)
+             WHERE d.id = u.id
+             RETURNING d.id, d.prev_seq",
+        )
+        .await?;
+    let copy = if records.is_empty() {
+        None
+    } else {
+        Some(
+            client
+                .prepare_cached(&format!(
+                    "COPY telemetry ({COPY_COLUMNS}) FROM STDIN BINARY"
+                ))
+                .await?,
+        )
+    };
+
+    // The first round trip: BEGIN, the watermarks, the COPY's start.
+    // tokio-postgres queues a request when its future is first polled, so
+    // the order of the first polls is the order PostgreSQL runs them in:
+    // `biased` makes it top to bottom (the UPDATE must never run before
+    // BEGIN, in a transaction of its own). `instances_share_partitions`
+    // in tests/postgres_store.rs fails if a failed COPY keeps its raised
+    // watermarks.
+    let (begun, watermarks, sink) = tokio::join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        async {
+            if id.is_empty() {
+                Ok(Vec::new())
+            } else {
+                client
+                    .query(&update, &[&id, &stored, &seen, &rejected, &i64::MIN])
+                    .await
+            }
+        },
+        async {
+            match &copy {
+                Some(stmt) => client.copy_in::<_, bytes::Bytes>(stmt).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    );
+    begun?;
     let mut found: HashMap<DeviceKey, u64> = HashMap::with_capacity(n);
-    if !id.is_empty() {
-        // Seqs compare as u64: flipping the sign bit (`#` is XOR) maps
-        // u64 order onto bigint order. A NULL raises nothing.
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE devices d SET prev_seq = d.stored_seq,
-                    stored_seq = CASE WHEN (u.stored # $5) > (d.stored_seq # $5)
-                        THEN u.stored ELSE d.stored_seq END,
-                    last_seen_ms = CASE WHEN (u.stored # $5) > (d.stored_seq # $5)
-                        THEN u.seen ELSE d.last_seen_ms END,
-                    rejected_seq = CASE WHEN (u.rejected # $5) > (d.rejected_seq # $5)
-                        THEN u.rejected ELSE d.rejected_seq END
-                 FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[])
-                      AS u(id, stored, seen, rejected)
-                 WHERE d.id = u.id
-                 RETURNING d.id, d.prev_seq",
-            )
-            .await?;
-        for r in tx
-            .query(&stmt, &[&id, &stored, &seen, &rejected, &i64::MIN])
-            .await?
-        {
-            found.insert(r.try_get(0)?, r.try_get::<_, i64>(1)? as u64);
-        }
+    for r in watermarks? {
+        found.insert(r.try_get(0)?, r.try_get::<_, i64>(1)? as u64);
     }
+    let sink = sink?;
 
     // A device without a row (deleted while its readings queued) has no
     // watermark: its readings are stored, as they were before.
@@ -404,13 +451,11 @@ async fn write_batch(
         kept.push(r);
     }
 
-    if !kept.is_empty() {
-        let stmt = tx
-            .prepare_cached(&format!(
-                "COPY telemetry ({COPY_COLUMNS}) FROM STDIN BINARY"
-            ))
-            .await?;
-        let sink = tx.copy_in(&stmt).await?;
+    // The second: the rows, the COPY's end and (without reports) COMMIT.
+    let copied = async {
+        let Some(sink) = sink else {
+            return Ok(());
+        };
         let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
         let mut writer = std::pin::pin!(writer);
         for r in &kept {
@@ -424,16 +469,34 @@ async fn write_batch(
             ];
             writer.as_mut().write(&row).await?;
         }
-        writer.finish().await?;
-    }
-
-    let appended = if reports.is_empty() {
-        Appended::default()
-    } else {
-        super::state::apply_reports(&tx, reports, now_ms()).await?
+        writer.finish().await.map(|_| ())
     };
-    tx.commit().await?;
+    if reports.is_empty() {
+        let (copied, committed) = tokio::join!(copied, client.batch_execute("COMMIT"));
+        copied?;
+        committed?;
+        return Ok((duplicates, Appended::default()));
+    }
+    copied.await?;
+    let appended = super::state::apply_reports(client, reports, now_ms()).await?;
+    client.batch_execute("COMMIT").await?;
     Ok((duplicates, appended))
+}
+
+/// The writer's connection while a batch's transaction may be open. It
+/// goes back to the pool only once `COMMIT` succeeded; in any other case
+/// (an error, or the batch's future dropped midway) it is closed instead,
+/// and PostgreSQL rolls the transaction back. (`BEGIN` goes out with the
+/// batch's first statements, so there is no tokio-postgres `Transaction`
+/// to roll back on drop.)
+struct Held(Option<deadpool_postgres::Object>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 /// Several devices' watermarks in one statement, on `client` (the
@@ -476,8 +539,15 @@ impl TelemetryStore for PostgresStore {
         let mut records: Vec<&TelemetryRecord> = batch.records.iter().collect();
         records.sort_by_key(|r| (r.device, r.seq));
         self.ensure_chunks(&records).await?;
-        let mut client = self.writer_client().await?;
-        match write_batch(&mut client, &records, &batch.rejections, &batch.reports).await {
+        let client = self.writer_client().await?;
+        let mut held = Held(None);
+        let client = held.0.insert(client);
+        let written = write_batch(client, &records, &batch.rejections, &batch.reports).await;
+        if written.is_ok() {
+            // Committed: back to the pool.
+            held.0 = None;
+        }
+        match written {
             Ok((duplicates, appended)) => {
                 if duplicates > 0 {
                     metrics::counter!("furrow_store_duplicate_rows_total").increment(duplicates);
